@@ -1,0 +1,49 @@
+"""ckpt: manage the checkpoints training runs leave behind.
+
+import ckpt
+ws = ckpt.Workspace.init("runs")
+task = ws.create_task("unet-shapes", arch="ckpt.zoo:UNet", arch_kwargs={"classes": 2})
+n = task.save(model.state_dict(), step=500, epoch=1, metrics={"val_iou": 0.41})
+task.finish()
+"""
+
+from .errors import (
+    BusyError,
+    CheckpointNotFound,
+    CkptError,
+    ConflictError,
+    IntegrityError,
+    ManifestError,
+    ModelNotFound,
+    NotFoundError,
+    TaskNotFound,
+    UnsafeFileError,
+    UsageError,
+    WorkspaceNotFound,
+)
+from .manifest import Checkpoint
+from .models import Model
+from .workspace import Task, TaskSummary, Workspace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BusyError",
+    "Checkpoint",
+    "CheckpointNotFound",
+    "CkptError",
+    "ConflictError",
+    "IntegrityError",
+    "ManifestError",
+    "Model",
+    "ModelNotFound",
+    "NotFoundError",
+    "Task",
+    "TaskNotFound",
+    "TaskSummary",
+    "UnsafeFileError",
+    "UsageError",
+    "Workspace",
+    "WorkspaceNotFound",
+    "__version__",
+]

@@ -1,0 +1,147 @@
+"""What every command shares: the workspace option, output to stdout/stderr, and the error mapping."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ..errors import CkptError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed without a terminal.")]
+
+
+class State:
+    workspace: str | None = None
+
+
+STATE = State()
+
+
+def open_workspace() -> Any:
+    from ..workspace import Workspace
+
+    return Workspace.open(STATE.workspace)
+
+
+def handle_errors(fn: F) -> F:
+    """The one place that turns exceptions into a one-line message on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CkptError as e:
+            err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except BrokenPipeError:
+            raise typer.Exit(1) from None
+        except Exception as e:  # a bug: still one line, the traceback only on request
+            if os.environ.get("CKPT_DEBUG"):
+                raise
+            err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def command(app: typer.Typer, name: str | None = None, **kw: Any) -> Callable[[F], F]:
+    """Register a command on `app` with the shared error handling."""
+
+    def deco(fn: F) -> F:
+        app.command(name, **kw)(handle_errors(fn))
+        return fn
+
+    return deco
+
+
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=False)
+
+
+def table(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, right: Sequence[str] = ()
+) -> None:
+    """Print a Rich table on stdout."""
+    from rich.table import Table
+
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    console().print(t)
+
+
+def is_tty() -> bool:
+    try:
+        return sys.stdin.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal; without one (and without --yes) fail with a hint to pass --yes."""
+    if yes:
+        return
+    if not is_tty():
+        raise UsageError(f"{question.rstrip('?')}: refusing without a terminal", hint="pass --yes")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        err("aborted; nothing changed")
+        raise typer.Exit(1)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def human_time(iso: str | None) -> str:
+    if not iso:
+        return ""
+    return iso[:19].replace("T", " ")
+
+
+def fmt_metric(v: float | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"

@@ -1,0 +1,136 @@
+"""Commands about models: promote, models (list, show, rename)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+from ._common import JsonOpt, command, err, fmt_metric, human_size, human_time, open_workspace, out, print_json, table
+from ._render import model_json
+
+models_app = typer.Typer(
+    help="The models: checkpoints promoted under a title. Without a subcommand: list them.",
+    rich_markup_mode=None,
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(models_app, name="models")
+
+
+@command(app, "promote")
+def promote(
+    task: Annotated[str, typer.Argument(help="The task.")],
+    number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
+    title: Annotated[str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .).")] = "",
+    best: Annotated[
+        str | None, typer.Option("--best", help="Pick the checkpoint with the best value of this metric.")
+    ] = None,
+    minimize: Annotated[bool, typer.Option("--min", help="With --best: lower is better (losses).")] = False,
+    copy: Annotated[bool, typer.Option("--copy", help="Store a verified copy instead of a hard link.")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Make a named model from a checkpoint: ckpt promote TASK 7 --title unet-7."""
+    from ..errors import UsageError
+    from ..models import promote as do_promote
+
+    if not title:
+        raise UsageError("missing --title", hint=f"e.g. ckpt promote {task} {number or 'N'} --title {task}-best")
+    ws = open_workspace()
+    res = do_promote(ws, task, number, title=title, best=best, minimize=minimize, copy=copy)
+    if json:
+        print_json(model_json(ws, res.model))
+        return
+    m = res.model
+    if best is not None:
+        err(f"chose {res.chosen_by}")
+    out(f"model '{m.title}' from checkpoint {m.checkpoint} of task '{m.task}' ({m.storage}, {human_size(m.size)})")
+
+
+def _render_models(models: list, json: bool) -> None:  # type: ignore[type-arg]
+    ws = open_workspace()
+    if json:
+        print_json([model_json(ws, m) for m in models])
+        return
+    if not models:
+        err("no models yet; make one with: ckpt promote TASK N --title TITLE")
+        return
+    table(
+        ["title", "task", "checkpoint", "metrics", "size", "storage", "created"],
+        [
+            [
+                m.title,
+                m.task,
+                m.checkpoint,
+                "  ".join(f"{k}={fmt_metric(v)}" for k, v in m.metrics.items()),
+                human_size(m.size),
+                m.storage,
+                human_time(m.created),
+            ]
+            for m in models
+        ],
+        right=["checkpoint", "size"],
+    )
+
+
+@models_app.callback()
+def models_default(ctx: typer.Context, json: JsonOpt = False) -> None:
+    """Every model: title, task, checkpoint, metrics, size, storage, created."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _list(json)
+
+
+@command(models_app, "list")
+def models_list(json: JsonOpt = False) -> None:
+    """Every model: title, task, checkpoint, metrics, size, storage, created."""
+    _list(json)
+
+
+def _list(json: bool) -> None:
+    from ._common import handle_errors
+
+    @handle_errors
+    def run() -> None:
+        ws = open_workspace()
+        models, errors = ws.models.read_all()
+        for e in errors:
+            err(f"warning: skipped a model: {e}")
+        _render_models(models, json)
+
+    run()
+
+
+@command(models_app, "show")
+def models_show(title: Annotated[str, typer.Argument(help="The model's title.")], json: JsonOpt = False) -> None:
+    """One model in full."""
+    ws = open_workspace()
+    m = ws.models[title]
+    data = model_json(ws, m)
+    if json:
+        print_json(data)
+        return
+    for k, v in data.items():
+        if k == "metrics":
+            for mk, mv in m.metrics.items():
+                out(f"{'metric':10} {mk} = {fmt_metric(mv)}")
+        elif v is not None:
+            out(f"{k:10} {v}")
+
+
+@command(models_app, "rename")
+def models_rename(
+    old: Annotated[str, typer.Argument(help="The current title.")],
+    new: Annotated[str, typer.Argument(help="The new title.")],
+    json: JsonOpt = False,
+) -> None:
+    """Rename a model; its source checkpoint is untouched."""
+    from ..models import rename
+
+    ws = open_workspace()
+    m = rename(ws, old, new)
+    if json:
+        print_json(model_json(ws, m))
+    else:
+        out(f"model '{old}' is now '{new}'")

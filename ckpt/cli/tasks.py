@@ -1,0 +1,221 @@
+"""Commands about the workspace and its tasks: init, tasks, list, show, finish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import app
+from ._common import (
+    JsonOpt,
+    command,
+    err,
+    fmt_metric,
+    human_size,
+    human_time,
+    open_workspace,
+    out,
+    print_json,
+    table,
+)
+from ._render import checkpoint_json, metric_or_none, model_json
+
+
+@command(app, "init")
+def init(
+    path: Annotated[
+        Path | None, typer.Argument(help="Folder to make a workspace (default: the current folder).")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Make a workspace (a folder with ckpt.toml); an existing one is left as it is."""
+    from ..workspace import Workspace
+
+    ws = Workspace.init(path or Path("."))
+    if json:
+        print_json({"workspace": str(ws.root.resolve())})
+    else:
+        out(f"workspace ready at {ws.root.resolve()}")
+
+
+@command(app, "tasks")
+def tasks_list(json: JsonOpt = False) -> None:
+    """Every task: status, number of checkpoints, size on disk, latest metrics."""
+    ws = open_workspace()
+    rows, errors = ws.tasks()
+    for e in errors:
+        err(f"warning: skipped a task: {e}")
+    if json:
+        print_json(
+            [
+                {
+                    "name": r.name,
+                    "status": r.status,
+                    "checkpoints": r.checkpoints,
+                    "size": r.size,
+                    "created": r.created,
+                    "latest": r.latest,
+                    "latest_metrics": {k: metric_or_none(v) for k, v in r.latest_metrics.items()},
+                }
+                for r in rows
+            ]
+        )
+        return
+    if not rows:
+        err("no tasks yet; training scripts create them with ckpt.Workspace.create_task")
+        return
+    table(
+        ["task", "status", "checkpoints", "size", "latest metrics"],
+        [
+            [
+                r.name,
+                r.status,
+                r.checkpoints,
+                human_size(r.size),
+                "  ".join(f"{k}={fmt_metric(v)}" for k, v in r.latest_metrics.items()),
+            ]
+            for r in rows
+        ],
+        right=["checkpoints", "size"],
+    )
+
+
+_FIELDS = ("number", "step", "epoch", "size", "created")
+
+
+def _sort_key(field: str) -> Any:
+    if field in _FIELDS:
+        return lambda cp: (getattr(cp, field) is None, getattr(cp, field) or 0)
+    return lambda cp: (field not in cp.metrics, cp.metrics.get(field, 0))
+
+
+@command(app, "list")
+def list_checkpoints(
+    task: Annotated[str, typer.Argument(help="The task.")],
+    sort: Annotated[
+        str | None, typer.Option("--sort", help="Sort by a metric (or number, step, epoch, size, created).")
+    ] = None,
+    desc: Annotated[bool, typer.Option("--desc/--asc", help="Sort order (default ascending).")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them."""
+    from ..errors import UsageError
+
+    ws = open_workspace()
+    t = ws.task(task)
+    cps = t.checkpoints
+    t.refresh_cache()
+    latest = cps[-1].number if cps else None
+    models = ws.models_of(task)
+    if sort is not None:
+        if sort not in _FIELDS and not any(sort in cp.metrics for cp in cps):
+            known = sorted({k for cp in cps for k in cp.metrics})
+            raise UsageError(
+                f"cannot sort by '{sort}': no checkpoint records it",
+                hint=f"use one of: {', '.join([*_FIELDS, *known])}",
+            )
+        key = _sort_key(sort)
+        present = [cp for cp in cps if not key(cp)[0]]
+        missing = [cp for cp in cps if key(cp)[0]]
+        cps = sorted(present, key=key, reverse=desc) + missing
+    if json:
+        print_json([checkpoint_json(ws, t, cp, cp.number == latest, models.get(cp.number, [])) for cp in cps])
+        return
+    if not cps:
+        err(f"task '{task}' has no checkpoints yet")
+        return
+    metric_names: list[str] = []
+    for cp in cps:
+        for k in cp.metrics:
+            if k not in metric_names:
+                metric_names.append(k)
+    rows = []
+    for cp in cps:
+        rows.append(
+            [
+                cp.number,
+                cp.step,
+                cp.epoch,
+                *[fmt_metric(cp.metrics.get(m)) for m in metric_names],
+                human_size(cp.size),
+                human_time(cp.created),
+                ", ".join(models.get(cp.number, [])),
+                "latest" if cp.number == latest else "",
+            ]
+        )
+    table(
+        ["#", "step", "epoch", *metric_names, "size", "created", "models", ""],
+        rows,
+        title=f"{task} ({t.status})",
+        right=["#", "step", "epoch", *metric_names, "size"],
+    )
+
+
+@command(app, "show")
+def show(
+    task: Annotated[str, typer.Argument(help="The task.")],
+    number: Annotated[int, typer.Argument(help="The checkpoint number.")],
+    json: JsonOpt = False,
+) -> None:
+    """One checkpoint in full: path, sha256, size, metrics and the tensors it holds (read without unpickling)."""
+    from ..formats import inspect_file
+
+    ws = open_workspace()
+    t = ws.task(task)
+    cp = t.checkpoint(number)
+    latest = t.latest()
+    models = ws.models_of(task).get(number, [])
+    info = inspect_file(t.path_of(cp))
+    data = checkpoint_json(ws, t, cp, latest is not None and latest.number == number, models)
+    data["format"] = info.format
+    data["parameters"] = info.parameters
+    data["tensors"] = [{"name": x.name, "shape": x.shape, "dtype": x.dtype} for x in info.tensors]
+    data["unsafe_globals"] = info.unsafe_globals
+    if json:
+        print_json(data)
+        return
+    for key in ("number", "path", "sha256", "step", "epoch"):
+        if data.get(key) is not None:
+            out(f"{key:10} {data[key]}")
+    out(f"{'size':10} {human_size(cp.size)} ({cp.size} bytes)")
+    out(f"{'created':10} {cp.created}")
+    for k, v in cp.metrics.items():
+        out(f"{'metric':10} {k} = {fmt_metric(v)}")
+    if models:
+        out(f"{'models':10} {', '.join(models)}")
+    out(f"{'format':10} {info.format}" + (f" ({info.note})" if info.note else ""))
+    out(f"{'params':10} {info.parameters:,} in {len(info.tensors)} tensors")
+    if info.unsafe_globals:
+        err(f"warning: loading this file needs full unpickling of: {', '.join(info.unsafe_globals)}")
+    if info.tensors:
+        table(
+            ["tensor", "shape", "dtype"],
+            [[x.name, "×".join(map(str, x.shape)) or "scalar", x.dtype] for x in info.tensors],
+        )
+
+
+@command(app, "finish")
+def finish(
+    task: Annotated[str, typer.Argument(help="The task.")],
+    failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,
+    title: Annotated[str | None, typer.Option("--title", help="Title for the model (default: TASK-NUMBER).")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Mark a task finished and promote its latest checkpoint to a model (or --failed: promote nothing)."""
+    from ..models import finish as do_finish
+
+    ws = open_workspace()
+    res = do_finish(ws, task, failed=failed, title=title)
+    if json:
+        print_json(
+            {
+                "task": res.task,
+                "status": res.status,
+                "model": model_json(ws, res.model) if res.model else None,
+                "note": res.note,
+            }
+        )
+        return
+    out(f"task '{res.task}' is {res.status}: {res.note}")

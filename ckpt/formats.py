@@ -1,0 +1,355 @@
+"""Reading checkpoint files: torch zip archives, safetensors, Lightning, and folders of files.
+
+`inspect_file` never imports torch and never runs code from the file: it reads the zip index and
+interprets the pickle with stand-ins for every global. `load_state_dict` imports torch and loads
+with `weights_only=True`, always passed explicitly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CkptError, IntegrityError, UnsafeFileError
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+_DTYPE_NAMES = {
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "uint16",
+    "uint32",
+    "uint64",
+}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+}
+# Globals torch's weights_only loader accepts; anything else needs full unpickling.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("builtins", "set"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("builtins", "frozenset"),
+    ("builtins", "bytearray"),
+    ("torch.nn.parameter", "Parameter"),
+    ("_codecs", "encode"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+}
+
+
+@dataclass(slots=True)
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(slots=True)
+class FileInfo:
+    """What a checkpoint file holds, read without loading it."""
+
+    format: str  # "torch-zip", "safetensors", "directory", "unknown"
+    tensors: list[TensorInfo] = field(default_factory=list)
+    unsafe_globals: list[str] = field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+
+# --- a pickle interpreter that builds nothing real ----------------------------------------------
+
+
+class _Storage:
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+class _Tensor:
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: list[int], dtype: str):
+        self.shape = shape
+        self.dtype = dtype
+
+
+class _Global:
+    """A stand-in for any global the pickle names; calling it builds another stand-in."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = (self.module, self.name)
+        if key in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3")):
+            storage, _offset, size = args[0], args[1], args[2]
+            dtype = storage.dtype if isinstance(storage, _Storage) else "unknown"
+            return _Tensor([int(s) for s in size], dtype)
+        if key in (
+            ("torch._utils", "_rebuild_parameter"),
+            ("torch._utils", "_rebuild_parameter_with_state"),
+            ("torch.nn.parameter", "Parameter"),
+        ):
+            return args[0] if args else None
+        if key == ("collections", "OrderedDict"):
+            return OrderedDict(*args)
+        if key == ("torch", "Size"):
+            return tuple(args[0]) if args else ()
+        return _Opaque(self)
+
+    def __repr__(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+class _Opaque:
+    def __init__(self, origin: _Global):
+        self.origin = origin
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.seen_globals: list[str] = []
+
+    def find_class(self, module: str, name: str) -> Any:  # never imports
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in _DTYPE_NAMES:
+            return name
+        if (module, name) not in _SAFE_GLOBALS and not (module == "builtins" and name in {"dict", "list", "tuple"}):
+            self.seen_globals.append(f"{module}.{name}")
+        return _Global(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ('storage', storage_type, key, location, numel)
+        if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage":
+            st = pid[1]
+            return _Storage(st if isinstance(st, str) else "unknown")
+        return _Storage("unknown")
+
+
+def _walk(obj: Any, prefix: str, out: list[TensorInfo], depth: int = 0) -> None:
+    if depth > 50:
+        return
+    if isinstance(obj, _Tensor):
+        out.append(TensorInfo(prefix or "<tensor>", obj.shape, obj.dtype))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _walk(v, f"{prefix}.{k}" if prefix else str(k), out, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _walk(v, f"{prefix}.{i}" if prefix else str(i), out, depth + 1)
+
+
+def _inspect_torch_zip(path: Path) -> FileInfo:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pkl:
+                return FileInfo("unknown", note="a zip archive without data.pkl")
+            data = zf.read(pkl[0])
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
+    up = _ScanUnpickler(data)
+    try:
+        obj = up.load()
+    except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
+        raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
+    tensors: list[TensorInfo] = []
+    _walk(obj, "", tensors)
+    return FileInfo("torch-zip", tensors, sorted(set(up.seen_globals)))
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the offset where tensor data begins."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise IntegrityError(f"'{path}' is too short to be safetensors", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 1024 * 1024:
+                raise IntegrityError(f"'{path}' has an implausible safetensors header", path=path)
+            raw = f.read(n)
+    except OSError as e:
+        raise IntegrityError(f"cannot read '{path}': {e.strerror}", path=path) from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"'{path}' has a corrupt safetensors header", path=path) from None
+    return header, 8 + n
+
+
+def _inspect_safetensors(path: Path) -> FileInfo:
+    header, _ = read_safetensors_header(path)
+    tensors = []
+    for name, meta in header.items():
+        if name == "__metadata__" or not isinstance(meta, dict):
+            continue
+        shape = meta.get("shape", [])
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise IntegrityError(f"'{path}': tensor '{name}' has a corrupt shape", path=path)
+        tensors.append(TensorInfo(name, shape, _SAFETENSORS_DTYPES.get(str(meta.get("dtype")), str(meta.get("dtype")))))
+    return FileInfo("safetensors", tensors)
+
+
+def weights_file(path: Path) -> Path:
+    """For a checkpoint folder, the file that holds the model weights; for a file, the file itself."""
+    if not path.is_dir():
+        return path
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+        if (path / name).is_file():
+            return path / name
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt"):
+        found = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("optimizer"))
+        if found:
+            return found[0]
+    raise IntegrityError(f"checkpoint folder '{path}' holds no weights file", path=path)
+
+
+def inspect_file(path: Path) -> FileInfo:
+    """What the checkpoint at `path` holds (tensor names, shapes, dtypes), without running any of it.
+
+    Raises IntegrityError for a corrupt file.
+    """
+    path = weights_file(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise IntegrityError(f"cannot read '{path}': {e.strerror}", path=path) from None
+    if magic[:4] == b"PK\x03\x04":
+        return _inspect_torch_zip(path)
+    if len(magic) == 8 and struct.unpack("<Q", magic)[0] < 100 * 1024 * 1024:
+        try:
+            return _inspect_safetensors(path)
+        except IntegrityError:
+            pass
+    return FileInfo("unknown", note="not a torch archive or safetensors file")
+
+
+# --- loading (needs torch) ----------------------------------------------------------------------
+
+
+def load_state_dict(path: Path, *, unsafe: bool = False, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint's tensors safely: safetensors, or `torch.load(weights_only=True)`.
+
+    Lightning checkpoints give their `state_dict`. Raises UnsafeFileError (exit 6) for a file that
+    needs full unpickling, naming the offending global, unless `unsafe` is true.
+    """
+    import torch
+
+    path = weights_file(Path(path))
+    info_format = inspect_file(path).format
+    if info_format == "safetensors":
+        return _load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=not unsafe)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            f"'{path}' needs full unpickling to load ({_offending_global(str(e))})",
+            path=path,
+            hint="load only files you trust, with --unsafe-load",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise IntegrityError(f"cannot load '{path}': {first}", path=path) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CkptError(f"'{path}' does not hold a state dict (it holds a {type(obj).__name__})", path=path)
+    return obj
+
+
+def _offending_global(message: str) -> str:
+    for line in message.splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip().rstrip(".")
+    return "it names a global outside torch's safe list"
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    import torch
+
+    header, start = read_safetensors_header(path)
+    dtypes = {k: getattr(torch, v) for k, v in _SAFETENSORS_DTYPES.items() if hasattr(torch, v)}
+    data = path.read_bytes()
+    out: dict[str, Any] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = dtypes[meta["dtype"]]
+            a, b = meta["data_offsets"]
+            buf = bytearray(data[start + a : start + b])
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(meta["shape"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise IntegrityError(f"'{path}': tensor '{name}' is corrupt ({e})", path=path) from None
+    return out

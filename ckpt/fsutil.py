@@ -1,0 +1,358 @@
+"""The file-system steps of the core, in one small module.
+
+Every file-system call the core makes that changes something goes through here, so that a second
+implementation (object storage) can replace it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import BusyError, CkptError, ConflictError
+
+CHUNK = 4 * 1024 * 1024
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+def lock_timeout() -> float:
+    """Seconds a mutating command waits for a lock: `CKPT_LOCK_TIMEOUT`, else 30."""
+    raw = os.environ.get("CKPT_LOCK_TIMEOUT")
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            pass
+    return DEFAULT_LOCK_TIMEOUT
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`; raise BusyError after `timeout` seconds."""
+    from filelock import FileLock, Timeout  # imported here: keeps `import ckpt` light
+
+    wait = lock_timeout() if timeout is None else timeout
+    lock = FileLock(str(lock_path), timeout=wait)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BusyError(
+            f"{what} is locked by another ckpt process (waited {wait:g} s)",
+            path=lock_path,
+            hint="try again later, or raise CKPT_LOCK_TIMEOUT",
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def temp_path(folder: Path, name: str) -> Path:
+    """A fresh temporary name in `folder` for a file that will become `name` (`.name.<rand>.tmp`)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; finished files get the usual umask mode
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: temp file in the same folder, write, fsync, os.replace.
+
+    The temporary file is removed when anything fails, so no `*.tmp` is left behind.
+    """
+    tmp = temp_path(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append `data` to `path` in one write and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HashingWriter:
+    """Wraps a binary file: counts and sha256-hashes everything written through it."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b: bytes) -> int:  # torch.save and shutil call this
+        self.sha.update(b)
+        self.size += len(b)
+        return self._f.write(b)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+def write_new_file(folder: Path, name: str, produce: Callable[[HashingWriter], None]) -> tuple[Path, int, str]:
+    """Write a temporary file in `folder` through `produce`, fsync it; return (temp path, size, sha256).
+
+    The caller renames the temp file into place. On failure the temp file is removed.
+    """
+    tmp = temp_path(folder, name)
+    try:
+        with open(tmp, "wb") as f:
+            w = HashingWriter(f)
+            produce(w)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp, w.size, w.sha.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read once."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def hash_tree(path: Path) -> tuple[str, int]:
+    """(sha256, size) of a file, or of a directory's files in sorted relative-path order."""
+    if not path.is_dir():
+        return sha256_file(path), path.stat().st_size
+    outer = hashlib.sha256()
+    total = 0
+    for rel in sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()):
+        digest = sha256_file(path / rel)
+        total += (path / rel).stat().st_size
+        outer.update(f"{digest}  {rel}\n".encode())
+    return outer.hexdigest(), total
+
+
+# --- renames that never overwrite -------------------------------------------------------------
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc: ctypes.CDLL | None = None
+
+
+def _renameat2(src: Path, dst: Path) -> bool:
+    """rename(2) with RENAME_NOREPLACE; False when the platform lacks it."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        fn = _libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    res = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+    if res == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def move_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` inside one file system; raise ConflictError if `dst` exists.
+
+    Never copies: a move between file systems is an error, not a slow copy.
+    """
+    try:
+        if _renameat2(src, dst):
+            return
+    except FileExistsError:
+        raise ConflictError(f"'{dst}' already exists", path=dst) from None
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise CkptError(f"cannot move '{src}' to '{dst}': different file systems", path=src) from None
+        raise
+    # Fallback without RENAME_NOREPLACE: callers hold the lock for this folder, so check-then-rename is safe.
+    if os.path.lexists(dst):
+        raise ConflictError(f"'{dst}' already exists", path=dst)
+    os.rename(src, dst)
+
+
+def link_new(src: Path, dst: Path) -> None:
+    """Hard-link `src` as `dst`; dst must not exist."""
+    os.link(src, dst, follow_symlinks=False)
+
+
+_FICLONE = 0x40049409
+
+
+def reflink_new(src: Path, dst: Path) -> bool:
+    """Make `dst` a reflink (copy-on-write clone) of `src`; False, with no file left, where unsupported."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except BaseException:
+        os.close(sfd)
+        raise
+    ok = False
+    try:
+        fcntl.ioctl(dfd, _FICLONE, sfd)
+        os.fsync(dfd)
+        ok = True
+    except OSError:
+        ok = False
+    finally:
+        os.close(dfd)
+        os.close(sfd)
+        if not ok:
+            # a failed clone leaves an empty file: remove it
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+    return ok
+
+
+def copy_new(src: Path, dst: Path) -> str:
+    """Copy `src` to a new file `dst` (via a temp name), fsynced; return the copy's sha256."""
+    tmp, _, digest = write_new_file(dst.parent, dst.name, lambda w: _copy_into(src, w))
+    try:
+        move_noreplace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return digest
+
+
+def _copy_into(src: Path, w: HashingWriter) -> None:
+    with open(src, "rb") as f:
+        while chunk := f.read(CHUNK):
+            w.write(chunk)
+
+
+def is_symlink(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a file or a folder without ever following a symlink (a link is removed, not its target)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux has fd-based rmtree
+            raise CkptError("this platform cannot delete folders without following symlinks", path=path)
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def make_dirs(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def remove_file(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def inode_key(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path` without following a symlink, or None if it is gone."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def disk_usage(path: Path, seen: set[tuple[int, int]]) -> int:
+    """Bytes allocated under `path` (like `du -B1`, files only), counting each inode once via `seen`."""
+    total = 0
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return 0
+    seen.add(key)
+    if stat.S_ISDIR(st.st_mode):
+        total += st.st_blocks * 512
+        with os.scandir(path) as it:
+            for entry in it:
+                total += disk_usage(Path(entry.path), seen)
+    else:
+        total += st.st_blocks * 512
+    return total
+
+
+def atomic_write_nosync(path: Path, data: bytes) -> None:
+    """Replace `path` atomically without fsync: for derived caches, which may be lost but never torn."""
+    tmp = temp_path(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,439 @@
+"""Manifests: the TOML files that are the source of truth, and the JSON cache derived from them.
+
+Formats (documented in docs/formats.md):
+- `ckpt.toml`: `format`, optional `[settings]`.
+- `tasks/<task>/task.toml`: a header (`format`, `name`, `status`, `created`, ...) followed by one
+  `[[checkpoints]]` table per checkpoint. Saving appends a table; only status changes and the trash
+  rewrite the file (atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from . import fsutil
+from .errors import ManifestError
+
+FORMAT = 1
+STATUSES = ("running", "finished", "failed")
+
+
+def parse_toml(data: bytes | str, path: Path) -> dict[str, Any]:
+    """Parse TOML text, turning every failure (tomllib also raises RecursionError, ValueError) into ManifestError."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text", path=path) from None
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ManifestError(f"{path}: not valid TOML ({msg})", path=path) from None
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{what} manifest {path} is missing", path=path) from None
+    except IsADirectoryError:
+        raise ManifestError(f"{what} manifest {path} is a directory", path=path) from None
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}", path=path) from None
+    if not data.strip():
+        raise ManifestError(f"{what} manifest {path} is empty", path=path)
+    return parse_toml(data, path)
+
+
+def check_format(doc: dict[str, Any], path: Path) -> int:
+    version = doc.get("format")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ManifestError(f"{path}: 'format' must be an integer, got {version!r}", path=path)
+    if version > FORMAT:
+        raise ManifestError(
+            f"{path}: format {version} is newer than this ckpt understands ({FORMAT})",
+            path=path,
+            hint="upgrade ckpt",
+        )
+    if version < 1:
+        raise ManifestError(f"{path}: unknown format {version}", path=path)
+    return version
+
+
+def drop_none(value: Any) -> Any:
+    """tomli-w has no null: drop None from dicts (recursively) before writing."""
+    if isinstance(value, dict):
+        return {k: drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_none(v) for v in value if v is not None]
+    return value
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    return tomli_w.dumps(drop_none(doc)).encode("utf-8")
+
+
+# --- typed getters ------------------------------------------------------------------------------
+
+
+def _get(
+    doc: dict[str, Any], key: str, types: type | tuple[type, ...], path: Path, where: str, required: bool = True
+) -> Any:
+    if key not in doc:
+        if required:
+            raise ManifestError(f"{path}: {where}missing '{key}'", path=path)
+        return None
+    value = doc[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ManifestError(f"{path}: {where}'{key}' has the wrong type (bool)", path=path)
+    if not isinstance(value, types):
+        raise ManifestError(f"{path}: {where}'{key}' has the wrong type ({type(value).__name__})", path=path)
+    return value
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """One saved state of a task, as its record in the task manifest says."""
+
+    number: int
+    file: str  # relative to the task folder, e.g. "checkpoints/000007.pt"
+    size: int
+    sha256: str
+    created: str
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    original_name: str | None = None
+    task: str = ""
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "number": self.number,
+            "file": self.file,
+            "step": self.step,
+            "epoch": self.epoch,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created": self.created,
+            "original_name": self.original_name,
+        }
+        if self.metrics:
+            rec["metrics"] = dict(self.metrics)
+        return {k: v for k, v in rec.items() if v is not None}
+
+    @classmethod
+    def from_record(cls, rec: Any, path: Path, task: str) -> Checkpoint:
+        if not isinstance(rec, dict):
+            raise ManifestError(f"{path}: a [[checkpoints]] entry is not a table", path=path)
+        number = _get(rec, "number", int, path, "checkpoint: ")
+        where = f"checkpoint {number}: "
+        if number < 1:
+            raise ManifestError(f"{path}: {where}'number' must be at least 1", path=path)
+        file = _get(rec, "file", str, path, where)
+        if file.startswith("/") or ".." in Path(file).parts or "\\" in file or "\0" in file:
+            raise ManifestError(f"{path}: {where}'file' must stay inside the task folder", path=path)
+        metrics = _get(rec, "metrics", dict, path, where, required=False) or {}
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ManifestError(f"{path}: {where}metric '{k}' is not a number", path=path)
+        return cls(
+            number=number,
+            file=file,
+            size=_get(rec, "size", int, path, where),
+            sha256=_get(rec, "sha256", str, path, where),
+            created=_get(rec, "created", str, path, where),
+            step=_get(rec, "step", int, path, where, required=False),
+            epoch=_get(rec, "epoch", int, path, where, required=False),
+            metrics={str(k): v for k, v in metrics.items()},
+            original_name=_get(rec, "original_name", str, path, where, required=False),
+            task=task,
+        )
+
+
+def record_bytes(cp: Checkpoint) -> bytes:
+    """The TOML text appended to a task manifest for one checkpoint."""
+    return b"\n" + dumps({"checkpoints": [cp.to_record()]})
+
+
+def metric_json(value: float) -> float | None:
+    """JSON has no NaN or infinity: such metrics become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- the task manifest -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TaskHeader:
+    name: str
+    status: str
+    created: str
+    finished: str | None = None
+    last_number: int = 0
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "name": self.name,
+            "status": self.status,
+            "created": self.created,
+            "finished": self.finished,
+            "last_number": self.last_number,
+        }
+        if self.arch is not None:
+            # JSON inside TOML: keyword arguments round-trip exactly, None included (TOML has no null)
+            doc["arch"] = {"factory": self.arch, "kwargs": json.dumps(self.arch_kwargs or {}, sort_keys=True)}
+        if self.settings:
+            doc["settings"] = self.settings
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], path: Path) -> TaskHeader:
+        check_format(doc, path)
+        status = _get(doc, "status", str, path, "")
+        if status not in STATUSES:
+            raise ManifestError(f"{path}: unknown status {status!r} (expected one of {', '.join(STATUSES)})", path=path)
+        arch = arch_kwargs = None
+        if "arch" in doc:
+            a = _get(doc, "arch", dict, path, "")
+            arch = _get(a, "factory", str, path, "arch: ")
+            raw = _get(a, "kwargs", (str, dict), path, "arch: ", required=False)
+            if isinstance(raw, str):
+                try:
+                    arch_kwargs = json.loads(raw)
+                except ValueError:
+                    raise ManifestError(f"{path}: arch: 'kwargs' is not a JSON object", path=path) from None
+            else:
+                arch_kwargs = raw
+            if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
+                raise ManifestError(f"{path}: arch: 'kwargs' is not a JSON object", path=path)
+        last = _get(doc, "last_number", int, path, "", required=False) or 0
+        return cls(
+            name=_get(doc, "name", str, path, ""),
+            status=status,
+            created=_get(doc, "created", str, path, ""),
+            finished=_get(doc, "finished", str, path, "", required=False),
+            last_number=last,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+            settings=_get(doc, "settings", dict, path, "", required=False) or {},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "created": self.created,
+            "finished": self.finished,
+            "last_number": self.last_number,
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "settings": self.settings,
+        }
+
+
+@dataclass(slots=True)
+class TaskState:
+    """A parsed task manifest: its header and its checkpoints by number."""
+
+    header: TaskHeader
+    checkpoints: dict[int, Checkpoint]
+
+    @property
+    def max_number(self) -> int:
+        return max(self.header.last_number, max(self.checkpoints, default=0))
+
+
+def parse_task(data: bytes, path: Path, task: str) -> TaskState:
+    doc = parse_toml(data, path)
+    header = TaskHeader.from_doc(doc, path)
+    cps = _get(doc, "checkpoints", list, path, "", required=False) or []
+    return TaskState(header, _index(cps, path, task))
+
+
+def _index(records: list[Any], path: Path, task: str) -> dict[int, Checkpoint]:
+    out: dict[int, Checkpoint] = {}
+    for rec in records:
+        cp = Checkpoint.from_record(rec, path, task)
+        if cp.number in out:
+            raise ManifestError(f"{path}: checkpoint {cp.number} is recorded twice", path=path)
+        out[cp.number] = cp
+    return out
+
+
+def task_bytes(state: TaskState) -> bytes:
+    doc = state.header.to_doc()
+    doc["last_number"] = state.max_number
+    if state.checkpoints:  # an empty inline array would make appended [[checkpoints]] tables invalid
+        doc["checkpoints"] = [state.checkpoints[n].to_record() for n in sorted(state.checkpoints)]
+    return dumps(doc)
+
+
+# --- incremental reading with a derived cache -----------------------------------------------------
+
+_FINGERPRINT = 64
+CACHE_VERSION = 1
+
+
+@dataclass(slots=True)
+class _Seen:
+    ino: int
+    size: int
+    tail: bytes
+
+
+class TaskReader:
+    """Reads a task manifest, re-parsing only what was appended since the last read.
+
+    Saving appends `[[checkpoints]]` tables, and every other change replaces the file (a new inode),
+    so a file with the same inode whose bytes up to the size we saw are unchanged (checked by the
+    last 64 bytes) only grew: parsing the appended bytes alone is enough. The JSON cache next to
+    the manifest holds the same state between processes; it is never the source of truth.
+    """
+
+    def __init__(self, manifest: Path, cache: Path | None, task: str):
+        self.manifest = manifest
+        self.cache = cache
+        self.task = task
+        self.state: TaskState | None = None
+        self._seen: _Seen | None = None
+
+    def read(self, use_cache: bool = True) -> TaskState:
+        try:
+            fd = os.open(self.manifest, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ManifestError(f"task manifest {self.manifest} is missing", path=self.manifest) from None
+        except OSError as e:
+            raise ManifestError(f"cannot read {self.manifest}: {e.strerror}", path=self.manifest) from None
+        try:
+            st = os.fstat(fd)
+            if self.state is None and use_cache and self.cache is not None:
+                self._load_cache()
+            seen = self._seen
+            if self.state is not None and seen is not None and seen.ino == st.st_ino and st.st_size >= seen.size:
+                start = max(0, seen.size - len(seen.tail))
+                if os.pread(fd, seen.size - start, start) == seen.tail:
+                    if st.st_size == seen.size:
+                        return self.state
+                    grown = self._read_from(fd, seen.size)
+                    self._extend(grown, st.st_ino, seen.size + len(grown))
+                    return self.state
+            data = self._read_from(fd, 0)
+        finally:
+            os.close(fd)
+        if not data.strip():
+            raise ManifestError(f"task manifest {self.manifest} is empty", path=self.manifest)
+        self.state = parse_task(data, self.manifest, self.task)
+        self._seen = _Seen(st.st_ino, len(data), data[-_FINGERPRINT:])
+        self._changed = True
+        return self.state
+
+    @staticmethod
+    def _read_from(fd: int, offset: int) -> bytes:
+        chunks = []
+        while True:
+            b = os.pread(fd, 1 << 20, offset)
+            if not b:
+                break
+            chunks.append(b)
+            offset += len(b)
+        return b"".join(chunks)
+
+    def _extend(self, grown: bytes, ino: int, size: int) -> None:
+        assert self.state is not None and self._seen is not None
+        doc = parse_toml(grown, self.manifest)
+        if set(doc) - {"checkpoints"}:
+            # something other than appended checkpoints: read it all again
+            self.state = None
+            self._seen = None
+            self.read(use_cache=False)
+            return
+        new = _index(_get(doc, "checkpoints", list, self.manifest, "", required=False) or [], self.manifest, self.task)
+        for n, cp in new.items():
+            if n in self.state.checkpoints:
+                raise ManifestError(f"{self.manifest}: checkpoint {n} is recorded twice", path=self.manifest)
+            self.state.checkpoints[n] = cp
+        tail = (self._seen.tail + grown)[-_FINGERPRINT:]
+        self._seen = _Seen(ino, size, tail)
+        self._changed = True
+
+    def note_append(self, cp: Checkpoint, appended: bytes) -> None:
+        """Record that this process appended `appended` (the record of `cp`) to the manifest it last read."""
+        assert self.state is not None and self._seen is not None
+        self.state.checkpoints[cp.number] = cp
+        self._seen = _Seen(
+            self._seen.ino, self._seen.size + len(appended), (self._seen.tail + appended)[-_FINGERPRINT:]
+        )
+        self._changed = True
+
+    def forget(self) -> None:
+        self.state = None
+        self._seen = None
+
+    # -- the JSON cache --
+
+    def _load_cache(self) -> None:
+        assert self.cache is not None
+        self._changed = False
+        try:
+            raw = json.loads(self.cache.read_bytes())
+            if raw.get("v") != CACHE_VERSION:
+                return
+            header = TaskHeader(**raw["header"])
+            cps = {}
+            for rec in raw["checkpoints"]:
+                cp = Checkpoint(**rec)
+                cps[cp.number] = cp
+            self.state = TaskState(header, cps)
+            self._seen = _Seen(raw["ino"], raw["size"], bytes.fromhex(raw["tail"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            self.state = None
+            self._seen = None
+
+    def save_cache(self) -> None:
+        """Write the cache if this reader learned something new; failures are ignored (it is only a cache)."""
+        if self.cache is None or self.state is None or self._seen is None or not getattr(self, "_changed", False):
+            return
+        doc = {
+            "v": CACHE_VERSION,
+            "ino": self._seen.ino,
+            "size": self._seen.size,
+            "tail": self._seen.tail.hex(),
+            "header": self.state.header.to_json(),
+            "checkpoints": [_cp_json(cp) for cp in self.state.checkpoints.values()],
+        }
+        try:
+            fsutil.atomic_write_nosync(self.cache, json.dumps(doc, separators=(",", ":")).encode())
+            self._changed = False
+        except OSError:
+            pass
+
+
+def _cp_json(cp: Checkpoint) -> dict[str, Any]:
+    return {
+        "number": cp.number,
+        "file": cp.file,
+        "size": cp.size,
+        "sha256": cp.sha256,
+        "created": cp.created,
+        "step": cp.step,
+        "epoch": cp.epoch,
+        "metrics": cp.metrics,
+        "original_name": cp.original_name,
+        "task": cp.task,
+    }

@@ -1,0 +1,366 @@
+"""Models: checkpoints promoted under a title, stored as `models/<title>/` with a `model.toml`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsutil
+from .errors import CkptError, ConflictError, IntegrityError, ManifestError, ModelNotFound, UsageError
+from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
+from .names import check_task_name, check_title
+from .timeutil import now_iso
+
+if TYPE_CHECKING:
+    from .workspace import Task, Workspace
+
+MODEL_FILE = "model.toml"
+STORAGES = ("hardlink", "reflink", "copy")
+
+
+@dataclass(slots=True)
+class Model:
+    """A checkpoint promoted under a title. The folder name is the title."""
+
+    title: str
+    task: str
+    checkpoint: int
+    file: str  # the weights file inside the model folder
+    sha256: str
+    size: int
+    created: str
+    storage: str
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    folder: Path = Path()
+
+    @property
+    def path(self) -> Path:
+        """The model's weights file."""
+        return self.folder / self.file
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "task": self.task,
+            "checkpoint": self.checkpoint,
+            "file": self.file,
+            "sha256": self.sha256,
+            "size": self.size,
+            "created": self.created,
+            "storage": self.storage,
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_doc(cls, title: str, doc: dict[str, Any], folder: Path) -> Model:
+        path = folder / MODEL_FILE
+        check_format(doc, path)
+
+        def get(key: str, typ: type | tuple[type, ...], required: bool = True) -> Any:
+            v = doc.get(key)
+            if v is None:
+                if required:
+                    raise ManifestError(f"{path}: missing '{key}'", path=path)
+                return None
+            if isinstance(v, bool) or not isinstance(v, typ):
+                raise ManifestError(f"{path}: '{key}' has the wrong type ({type(v).__name__})", path=path)
+            return v
+
+        file = get("file", str)
+        if "/" in file or "\\" in file or file in ("", ".", "..") or file == MODEL_FILE:
+            raise ManifestError(f"{path}: 'file' must name a file inside the model folder", path=path)
+        storage = get("storage", str)
+        if storage not in STORAGES:
+            raise ManifestError(f"{path}: unknown storage {storage!r}", path=path)
+        metrics = get("metrics", dict, required=False) or {}
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ManifestError(f"{path}: metric '{k}' is not a number", path=path)
+        return cls(
+            title=title,
+            task=get("task", str),
+            checkpoint=get("checkpoint", int),
+            file=file,
+            sha256=get("sha256", str),
+            size=get("size", int),
+            created=get("created", str),
+            storage=storage,
+            step=get("step", int, required=False),
+            epoch=get("epoch", int, required=False),
+            metrics=dict(metrics),
+            folder=folder,
+        )
+
+    def load_state_dict(self, *, unsafe: bool = False) -> dict[str, Any]:
+        """The model's weights as a state dict, loaded safely (see ckpt.formats.load_state_dict)."""
+        from .formats import load_state_dict
+
+        return load_state_dict(self.path, unsafe=unsafe)
+
+
+class ModelIndex:
+    """Every model of a workspace: iterate, `len()`, `in`, and `index[title]`."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+
+    def titles(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.ws.models_dir))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(".")
+            and e.is_dir(follow_symlinks=False)
+            and os.path.exists(os.path.join(e.path, MODEL_FILE))
+        )
+
+    def __getitem__(self, title: str) -> Model:
+        check_title(title)
+        folder = self.ws.models_dir / title
+        if fsutil.is_symlink(folder) or not (folder / MODEL_FILE).is_file():
+            raise ModelNotFound(f"model '{title}' does not exist", hint="see: ckpt models")
+        return Model.from_doc(title, read_toml(folder / MODEL_FILE, "model"), folder)
+
+    def __contains__(self, title: object) -> bool:
+        return isinstance(title, str) and title in self.titles()
+
+    def __iter__(self) -> Iterator[Model]:
+        for title in self.titles():
+            yield self[title]
+
+    def __len__(self) -> int:
+        return len(self.titles())
+
+    def read_all(self) -> tuple[list[Model], list[CkptError]]:
+        """Every readable model, and the errors of the ones that could not be read."""
+        models: list[Model] = []
+        errors: list[CkptError] = []
+        for title in self.titles():
+            try:
+                models.append(self[title])
+            except CkptError as e:
+                errors.append(e)
+        return models, errors
+
+
+def models_by_checkpoint(ws: Workspace, task: str) -> dict[int, list[str]]:
+    """Titles of the models made from each checkpoint of `task` (unreadable models are skipped)."""
+    out: dict[int, list[str]] = {}
+    models, _ = ws.models.read_all()
+    for m in models:
+        if m.task == task:
+            out.setdefault(m.checkpoint, []).append(m.title)
+    return out
+
+
+@dataclass(slots=True)
+class PromoteResult:
+    model: Model
+    chosen_by: str  # "number", or why --best chose it
+
+
+def choose_best(cps: list[Checkpoint], metric: str, minimize: bool) -> Checkpoint:
+    """The checkpoint with the best value of `metric` (ties: the later checkpoint)."""
+    have = [cp for cp in cps if metric in cp.metrics and cp.metrics[metric] == cp.metrics[metric]]
+    if not have:
+        known = sorted({k for cp in cps for k in cp.metrics})
+        raise UsageError(
+            f"no checkpoint records metric '{metric}'",
+            hint=f"known metrics: {', '.join(known)}" if known else "this task records no metrics",
+        )
+    key = (lambda cp: (-cp.metrics[metric], cp.number)) if minimize else (lambda cp: (cp.metrics[metric], cp.number))
+    return max(have, key=key)
+
+
+def promote(
+    ws: Workspace,
+    task_name: str,
+    number: int | None,
+    *,
+    title: str,
+    best: str | None = None,
+    minimize: bool = False,
+    copy: bool = False,
+) -> PromoteResult:
+    """Make model `title` from checkpoint `number` of `task_name`, or from the best by metric `best`.
+
+    Raises UsageError (bad title, neither or both of number and best), NotFoundError (task,
+    checkpoint), ConflictError (title taken), IntegrityError (file missing or changed).
+    """
+    check_title(title)
+    check_task_name(task_name)
+    if (number is None) == (best is None):
+        raise UsageError("give a checkpoint number or --best METRIC (one of them)")
+    task = ws.task(task_name)
+    if (ws.models_dir / title).exists() or fsutil.is_symlink(ws.models_dir / title):
+        raise ConflictError(f"model '{title}' already exists", hint="choose another --title, or see: ckpt models")
+    # under the task lock, so a concurrent trash-unused sees this model before it decides
+    with task.lock():
+        if best is not None:
+            cp = choose_best(task.checkpoints, best, minimize)
+            direction = "lowest" if minimize else "highest"
+            why = f"checkpoint {cp.number} has the {direction} {best} ({cp.metrics[best]:g})"
+        else:
+            assert number is not None
+            cp = task.checkpoint(number)
+            why = f"checkpoint {cp.number}"
+        model = _make_model(ws, task, cp, title, copy)
+    return PromoteResult(model, why)
+
+
+def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+    src = task.path_of(cp)
+    if fsutil.is_symlink(src):
+        raise IntegrityError(
+            f"checkpoint {cp.number} of task '{task.name}' is a symlink; ckpt does not promote through links",
+            path=src,
+        )
+    if not src.is_file():
+        raise IntegrityError(
+            f"checkpoint {cp.number} of task '{task.name}' is missing its file {ws.rel(src)}",
+            path=src,
+            hint="run: ckpt doctor",
+        )
+    staging = ws.models_dir / f".staging-{title}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        dst = staging / Path(cp.file).name
+        storage = _store(src, dst, cp, copy)
+        model = Model(
+            title=title,
+            task=task.name,
+            checkpoint=cp.number,
+            file=dst.name,
+            sha256=cp.sha256,
+            size=cp.size,
+            created=now_iso(),
+            storage=storage,
+            step=cp.step,
+            epoch=cp.epoch,
+            metrics=dict(cp.metrics),
+            folder=ws.models_dir / title,
+        )
+        fsutil.atomic_write(staging / MODEL_FILE, dumps(model.to_doc()))
+        # the finished folder appears under its title in one rename that never replaces: one of two racers wins
+        try:
+            fsutil.move_noreplace(staging, ws.models_dir / title)
+        except ConflictError:
+            raise ConflictError(f"model '{title}' already exists", hint="choose another --title") from None
+        fsutil.fsync_dir(ws.models_dir)
+        return model
+    finally:
+        if staging.exists():
+            fsutil.remove_tree(staging)
+
+
+def _store(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
+    """Put the checkpoint's bytes at `dst`: a hard link, else a reflink, else a verified copy."""
+    if not copy:
+        # ckpt's checkpoint files are immutable once written, so sharing their inode with a model is safe
+        try:
+            fsutil.link_new(src, dst)
+            return "hardlink"
+        except OSError:
+            pass
+        if fsutil.reflink_new(src, dst):
+            return "reflink"
+    digest = fsutil.copy_new(src, dst)
+    if digest != cp.sha256:
+        fsutil.remove_file(dst)
+        raise IntegrityError(
+            f"checkpoint {cp.number} of task '{cp.task}' does not match its recorded sha256",
+            path=src,
+            hint=f"run: ckpt verify {cp.task}",
+        )
+    return "copy"
+
+
+@dataclass(slots=True)
+class FinishResult:
+    task: str
+    status: str
+    model: Model | None
+    note: str
+
+
+def finish_title(task: str, number: int) -> str:
+    suffix = f"-{number}"
+    return task[: 100 - len(suffix)] + suffix
+
+
+def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | None = None) -> FinishResult:
+    """Mark `task_name` finished and promote its latest checkpoint (or mark it failed, promoting nothing).
+
+    The model's title is `title`, else '<task>-<number>'. When that title is taken by a model of the
+    same checkpoint nothing new is made; when taken by another, '-2', '-3'... is appended.
+    """
+    if title is not None:
+        check_title(title)
+    task = ws.task(task_name)
+    model: Model | None = None
+    note = ""
+    with task.lock():
+        if failed:
+            task.set_status_locked("failed")
+            return FinishResult(task.name, "failed", None, "marked failed; nothing promoted")
+        cp = task.latest()
+        if cp is None:
+            note = "no checkpoint to promote"
+        else:
+            base = title or finish_title(task.name, cp.number)
+            candidate = base
+            for i in range(2, 1000):
+                existing = _existing(ws, candidate)
+                if existing is None:
+                    # promote first, mark finished last: after a crash between, finish again completes it
+                    model = _make_model(ws, task, cp, candidate, copy=False)
+                    note = f"promoted checkpoint {cp.number} as '{candidate}'"
+                    break
+                if existing.task == task.name and existing.checkpoint == cp.number:
+                    model = existing
+                    note = f"checkpoint {cp.number} is already model '{candidate}'"
+                    break
+                candidate = f"{base[: 100 - len(str(i)) - 1]}-{i}"
+        task.set_status_locked("finished")
+    return FinishResult(task.name, "finished", model, note)
+
+
+def _existing(ws: Workspace, title: str) -> Model | None:
+    folder = ws.models_dir / title
+    if not folder.exists() and not fsutil.is_symlink(folder):
+        return None
+    try:
+        return ws.models[title]
+    except CkptError:
+        return Model(title, "", 0, "", "", 0, "", "copy")  # unreadable: treat the title as taken
+
+
+def rename(ws: Workspace, old: str, new: str) -> Model:
+    """Rename model `old` to `new`; its source checkpoint is untouched. Raises ModelNotFound, ConflictError."""
+    check_title(old)
+    check_title(new)
+    model = ws.models[old]
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(CkptError):
+            # the source task's lock keeps trash-unused from deciding while the model has no folder name
+            stack.enter_context(ws.task(model.task).lock())
+        try:
+            fsutil.move_noreplace(ws.models_dir / old, ws.models_dir / new)
+        except ConflictError:
+            raise ConflictError(f"model '{new}' already exists", hint="choose another title") from None
+        except FileNotFoundError:
+            raise ModelNotFound(f"model '{old}' does not exist", hint="see: ckpt models") from None
+        fsutil.fsync_dir(ws.models_dir)
+    return ws.models[new]

@@ -1,0 +1,36 @@
+"""Validation of the names users give: task names and model titles."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UsageError
+
+_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
+
+
+def _describe(value: str) -> str:
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    return repr(shown)
+
+
+def check_name(value: object, what: str) -> str:
+    """Return `value` if it is a valid task name or model title, else raise UsageError.
+
+    Valid: 1-100 characters of letters, digits, '-', '_', '.'; not starting with '.'.
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        shown = _describe(value) if isinstance(value, str) else type(value).__name__
+        raise UsageError(
+            f"invalid {what} {shown}",
+            hint="use 1-100 letters, digits, '-', '_' or '.', not starting with '.'",
+        )
+    return value
+
+
+def check_task_name(value: object) -> str:
+    return check_name(value, "task name")
+
+
+def check_title(value: object) -> str:
+    return check_name(value, "model title")

@@ -1,0 +1,517 @@
+"""The workspace and its tasks: the library that training scripts call, and the core the CLI uses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsutil
+from .errors import (
+    CheckpointNotFound,
+    CkptError,
+    ConflictError,
+    ManifestError,
+    TaskNotFound,
+    UsageError,
+    WorkspaceNotFound,
+)
+from .manifest import (
+    FORMAT,
+    Checkpoint,
+    TaskHeader,
+    TaskReader,
+    TaskState,
+    check_format,
+    dumps,
+    read_toml,
+    record_bytes,
+    task_bytes,
+)
+from .names import check_task_name
+from .timeutil import now_iso
+
+if TYPE_CHECKING:
+    from .models import Model, ModelIndex
+
+WORKSPACE_FILE = "ckpt.toml"
+TASK_FILE = "task.toml"
+CACHE_FILE = ".task.cache.json"
+LOCK_FILE = ".lock"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def find_workspace(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:
+    """Where the workspace is: `explicit`, else `CKPT_WORKSPACE`, else the nearest `ckpt.toml` upwards.
+
+    Raises WorkspaceNotFound when none is found.
+    """
+    chosen = explicit if explicit not in (None, "") else os.environ.get("CKPT_WORKSPACE") or None
+    if chosen is not None:
+        root = Path(chosen).expanduser()
+        if not (root / WORKSPACE_FILE).is_file():
+            raise WorkspaceNotFound(
+                f"'{root}' is not a ckpt workspace (no {WORKSPACE_FILE})",
+                path=root,
+                hint=f"run: ckpt init {root}",
+            )
+        return root.resolve()
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / WORKSPACE_FILE).is_file():
+            return folder
+    raise WorkspaceNotFound(
+        f"no ckpt workspace here or above ({here})",
+        path=here,
+        hint="run: ckpt init, or pass --workspace/-w or set CKPT_WORKSPACE",
+    )
+
+
+@dataclass(slots=True)
+class TaskSummary:
+    """One row of `ckpt tasks`."""
+
+    name: str
+    status: str
+    checkpoints: int
+    size: int
+    created: str
+    latest: int | None
+    latest_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Workspace:
+    """A ckpt workspace: a folder with `ckpt.toml` at its root."""
+
+    def __init__(self, root: Path, settings: dict[str, Any] | None = None):
+        self.root = root
+        self.settings = settings or {}
+        self._tasks: dict[str, Task] = {}
+
+    # -- opening --
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str] = ".") -> Workspace:
+        """Create a workspace at `path` (the folder may exist) and return it; an existing one is opened."""
+        root = Path(path).expanduser()
+        if (root / WORKSPACE_FILE).exists():
+            return cls.open(root)
+        if root.exists() and not root.is_dir():
+            raise ConflictError(f"'{root}' exists and is not a folder", path=root)
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in ("tasks", "models", "trash"):
+            (root / sub).mkdir(exist_ok=True)
+        # the workspace file comes last: a folder is a workspace only once its layout exists
+        fsutil.atomic_write(root / WORKSPACE_FILE, dumps({"format": FORMAT, "settings": {}}))
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None = None) -> Workspace:
+        """Open the workspace at `path` (or found as find_workspace does); raises WorkspaceNotFound, ManifestError."""
+        root = find_workspace(path)
+        doc = read_toml(root / WORKSPACE_FILE, "workspace")
+        check_format(doc, root / WORKSPACE_FILE)
+        settings = doc.get("settings", {})
+        if not isinstance(settings, dict):
+            raise ManifestError(f"{root / WORKSPACE_FILE}: 'settings' must be a table", path=root / WORKSPACE_FILE)
+        for sub in ("tasks", "models", "trash"):
+            (root / sub).mkdir(exist_ok=True)
+        return cls(root, settings)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    # -- paths --
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def trash_dir(self) -> Path:
+        return self.root / "trash"
+
+    def rel(self, path: Path) -> str:
+        """`path` relative to the workspace root, with forward slashes."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    # -- tasks --
+
+    def create_task(
+        self,
+        name: str,
+        *,
+        arch: str | None = None,
+        arch_kwargs: Mapping[str, Any] | None = None,
+        exist_ok: bool = False,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Task:
+        """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
+
+        `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
+        arguments (JSON-serialisable; None is kept). Raises UsageError for a bad name, ConflictError
+        when it exists (without `exist_ok`).
+        """
+        check_task_name(name)
+        if arch is not None and (not isinstance(arch, str) or ":" not in arch):
+            raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
+        folder = self.tasks_dir / name
+        if (folder / TASK_FILE).exists():
+            if exist_ok:
+                return self.task(name)
+            raise ConflictError(f"task '{name}' already exists", path=folder, hint=f"see: ckpt list {name}")
+        header = TaskHeader(
+            name=name,
+            status="running",
+            created=now_iso(),
+            arch=arch,
+            arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
+            settings=dict(settings or {}),
+        )
+        try:
+            import json
+
+            json.dumps(header.arch_kwargs)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"architecture keyword arguments are not JSON-serialisable: {e}") from None
+        (folder / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        with fsutil.locked(folder / LOCK_FILE, f"task '{name}'"):
+            if (folder / TASK_FILE).exists():
+                if exist_ok:
+                    return self.task(name)
+                raise ConflictError(f"task '{name}' already exists", path=folder)
+            fsutil.atomic_write(folder / TASK_FILE, task_bytes(TaskState(header, {})))
+        return self.task(name)
+
+    def task(self, name: str) -> Task:
+        """The task called `name`; raises TaskNotFound."""
+        check_task_name(name)
+        if name in self._tasks:
+            return self._tasks[name]
+        folder = self.tasks_dir / name
+        if not (folder / TASK_FILE).is_file() or fsutil.is_symlink(folder):
+            if fsutil.is_symlink(folder):
+                raise TaskNotFound(
+                    f"task folder '{self.rel(folder)}' is a symlink; ckpt does not follow it", path=folder
+                )
+            raise TaskNotFound(f"task '{name}' does not exist", path=folder, hint="see: ckpt tasks")
+        t = Task(self, name)
+        self._tasks[name] = t
+        return t
+
+    def task_names(self) -> list[str]:
+        """Names of the task folders that hold a manifest, sorted."""
+        try:
+            entries = sorted(os.scandir(self.tasks_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        return [
+            e.name
+            for e in entries
+            if not e.name.startswith(".")
+            and e.is_dir(follow_symlinks=False)
+            and os.path.exists(os.path.join(e.path, TASK_FILE))
+        ]
+
+    def tasks(self) -> tuple[list[TaskSummary], list[CkptError]]:
+        """A summary of every task, and the errors of tasks that could not be read."""
+        rows: list[TaskSummary] = []
+        errors: list[CkptError] = []
+        for name in self.task_names():
+            try:
+                rows.append(self.task(name).summary())
+            except CkptError as e:
+                errors.append(e)
+        return rows, errors
+
+    # -- models (see models.py) --
+
+    @property
+    def models(self) -> ModelIndex:
+        """Every model of the workspace: iterable, `len()`, and indexable by title."""
+        from .models import ModelIndex
+
+        return ModelIndex(self)
+
+    def promote(
+        self,
+        task: str,
+        number: int | None = None,
+        *,
+        title: str,
+        best: str | None = None,
+        minimize: bool = False,
+        copy: bool = False,
+    ) -> Model:
+        """Make model `title` from checkpoint `number` of `task` (or the best by metric `best`)."""
+        from .models import promote
+
+        return promote(self, task, number, title=title, best=best, minimize=minimize, copy=copy).model
+
+    def models_of(self, task: str) -> dict[int, list[str]]:
+        """Titles of the models made from each checkpoint number of `task`."""
+        from .models import models_by_checkpoint
+
+        return models_by_checkpoint(self, task)
+
+
+class Task:
+    """One training run in a workspace: its manifest and its checkpoint files."""
+
+    def __init__(self, ws: Workspace, name: str):
+        self.ws = ws
+        self.name = name
+        self.folder = ws.tasks_dir / name
+        self.manifest = self.folder / TASK_FILE
+        self._reader = TaskReader(self.manifest, self.folder / CACHE_FILE, name)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r})"
+
+    # -- reading --
+
+    def state(self) -> TaskState:
+        """The manifest as it is now (re-reading only what changed)."""
+        state = self._reader.read()
+        if state.header.name != self.name:
+            raise ManifestError(
+                f"{self.manifest}: 'name' is {state.header.name!r} but the folder is '{self.name}'", path=self.manifest
+            )
+        return state
+
+    def refresh_cache(self) -> None:
+        self._reader.save_cache()
+
+    @property
+    def header(self) -> TaskHeader:
+        return self.state().header
+
+    @property
+    def status(self) -> str:
+        return self.header.status
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """The task's checkpoints in number order."""
+        cps = self.state().checkpoints
+        return [cps[n] for n in sorted(cps)]
+
+    def checkpoint(self, number: int) -> Checkpoint:
+        """Checkpoint `number`; raises CheckpointNotFound naming the numbers the task has."""
+        cps = self.state().checkpoints
+        if number in cps:
+            return cps[number]
+        if cps:
+            have = f"it has {_ranges(sorted(cps))}"
+        else:
+            have = "it has none"
+        raise CheckpointNotFound(
+            f"task '{self.name}' has no checkpoint {number} ({have})", hint=f"see: ckpt list {self.name}"
+        )
+
+    def latest(self) -> Checkpoint | None:
+        """The checkpoint with the highest number, or None."""
+        cps = self.state().checkpoints
+        return cps[max(cps)] if cps else None
+
+    def path_of(self, cp: Checkpoint) -> Path:
+        return self.folder / cp.file
+
+    def summary(self) -> TaskSummary:
+        st = self.state()
+        latest = max(st.checkpoints, default=None)
+        s = TaskSummary(
+            name=self.name,
+            status=st.header.status,
+            checkpoints=len(st.checkpoints),
+            size=sum(cp.size for cp in st.checkpoints.values()),
+            created=st.header.created,
+            latest=latest,
+            latest_metrics=dict(st.checkpoints[latest].metrics) if latest is not None else {},
+        )
+        self.refresh_cache()
+        return s
+
+    # -- writing --
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold this task's lock (every manifest change happens under it); raises BusyError."""
+        with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
+            yield
+
+    def save(
+        self,
+        obj: Any,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        suffix: str | None = None,
+    ) -> int:
+        """Save a checkpoint and return its number (1, 2, 3...).
+
+        `obj` is a state dict (or anything `torch.save` takes), bytes, or a path to an existing file
+        (copied; see `save_file`). The file is written under a temporary name, fsynced, and renamed into
+        place before its record is appended, so a record never points at a half-written file.
+        """
+        if isinstance(obj, str | os.PathLike):
+            return self.save_file(obj, step=step, epoch=epoch, metrics=metrics)
+        clean = _check_metrics(metrics)
+        _check_int(step, "step")
+        _check_int(epoch, "epoch")
+        if isinstance(obj, bytes | bytearray | memoryview):
+            data = bytes(obj)
+
+            def produce(w: fsutil.HashingWriter) -> None:
+                w.write(data)
+
+            ext = suffix or ".pt"
+        else:
+            import torch  # only a state dict needs torch
+
+            def produce(w: fsutil.HashingWriter) -> None:
+                torch.save(obj, w)  # type: ignore[arg-type]
+
+            ext = suffix or ".pt"
+        return self._commit_new(produce, ext, step, epoch, clean, None)
+
+    def save_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> int:
+        """Copy an existing checkpoint file written by someone else into the task; return its number."""
+        src = Path(path)
+        if not src.is_file():
+            raise CheckpointNotFound(f"'{src}' is not a file", path=src)
+        clean = _check_metrics(metrics)
+        _check_int(step, "step")
+        _check_int(epoch, "epoch")
+
+        def produce(w: fsutil.HashingWriter) -> None:
+            with open(src, "rb") as f:
+                shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
+
+        return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
+
+    def _commit_new(
+        self,
+        produce: Callable[[fsutil.HashingWriter], None],
+        ext: str,
+        step: int | None,
+        epoch: int | None,
+        metrics: dict[str, float],
+        original_name: str | None,
+    ) -> int:
+        if not ext.startswith(".") or "/" in ext or "\\" in ext or len(ext) > 20:
+            raise UsageError(f"invalid file suffix {ext!r}")
+        cdir = self.folder / CHECKPOINT_DIR
+        cdir.mkdir(exist_ok=True)
+        # the bytes are written and fsynced outside the lock, so a slow save never blocks other commands
+        tmp, size, digest = fsutil.write_new_file(cdir, "checkpoint" + ext, produce)
+        try:
+            with self.lock():
+                state = self.state()
+                if state.header.status != "running":
+                    raise ConflictError(
+                        f"task '{self.name}' is {state.header.status}; it takes no new checkpoints",
+                        hint="create a new task",
+                    )
+                number = state.max_number + 1
+                while True:
+                    target = cdir / f"{number:06d}{ext}"
+                    try:
+                        fsutil.move_noreplace(tmp, target)
+                        break
+                    except ConflictError:
+                        number += 1  # a file without a record (a crash after the rename): never reuse its number
+                fsutil.fsync_dir(cdir)
+                cp = Checkpoint(
+                    number=number,
+                    file=f"{CHECKPOINT_DIR}/{target.name}",
+                    size=size,
+                    sha256=digest,
+                    created=now_iso(),
+                    step=step,
+                    epoch=epoch,
+                    metrics=metrics,
+                    original_name=original_name,
+                    task=self.name,
+                )
+                # the record is appended only once the file is complete and in place
+                data = record_bytes(cp)
+                fsutil.append_durably(self.manifest, data)
+                self._reader.note_append(cp, data)
+        finally:
+            fsutil.remove_file(tmp)
+        return number
+
+    def _rewrite(self, state: TaskState) -> None:
+        """Replace the manifest with `state` (caller holds the lock)."""
+        fsutil.atomic_write(self.manifest, task_bytes(state))
+        self._reader.forget()
+
+    def set_status_locked(self, status: str) -> TaskHeader:
+        """Set the task's status (caller holds the lock)."""
+        state = self.state()
+        state.header.status = status
+        state.header.finished = now_iso() if status in ("finished", "failed") else None
+        self._rewrite(state)
+        return state.header
+
+    def finish(self, *, failed: bool = False, title: str | None = None) -> Model | None:
+        """Mark the task finished (or failed) and, unless failed, promote its latest checkpoint.
+
+        Returns the model made (None when failed or when the task has no checkpoint). The model's
+        title is `title`, else '<task>-<number>'; see models.finish for what happens when it is taken.
+        """
+        from .models import finish
+
+        return finish(self.ws, self.name, failed=failed, title=title).model
+
+
+def _check_int(value: object, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{what} must be an integer, got {value!r}")
+
+
+def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str) or not k:
+            raise UsageError(f"metric name {k!r} must be a non-empty string")
+        if hasattr(v, "item"):
+            v = v.item()  # a 0-d tensor or numpy scalar
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise UsageError(f"metric '{k}' must be a number, got {type(v).__name__}")
+        out[k] = v
+    return out
+
+
+def _ranges(numbers: list[int]) -> str:
+    """'1–10' or '1–3, 5, 8–9'."""
+    parts: list[str] = []
+    start = prev = numbers[0]
+    for n in numbers[1:] + [None]:  # type: ignore[list-item]
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
