@@ -43,6 +43,7 @@ TASK_FILE = "task.toml"
 CACHE_FILE = ".task.cache.json"
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
+PENDING_PREFIX = ".pending-"
 
 
 def find_workspace(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:
@@ -349,7 +350,20 @@ class Task:
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Hold this task's lock (every manifest change happens under it); raises BusyError."""
         with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
+            if self.pending_markers():
+                # an interrupted multi-step change (trash, restore) left a marker: finish or undo it first
+                from .trash import recover_task
+
+                recover_task(self)
             yield
+
+    def pending_markers(self) -> list[Path]:
+        """Markers (`.pending-<entry id>`) of interrupted trash operations on this task."""
+        try:
+            with os.scandir(self.folder) as it:
+                return [Path(e.path) for e in it if e.name.startswith(PENDING_PREFIX)]
+        except FileNotFoundError:
+            return []
 
     def save(
         self,
