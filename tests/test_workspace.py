@@ -129,7 +129,7 @@ def test_broken_manifest_is_one_clear_error(ws: ckpt.Workspace, content: bytes, 
     manifest.write_bytes(content)
     (ws.tasks_dir / "unet" / ".task.cache.json").unlink(missing_ok=True)
     with pytest.raises(ManifestError, match=match):
-        ckpt.Workspace.open(ws.root).task("unet").checkpoints
+        _ = ckpt.Workspace.open(ws.root).task("unet").checkpoints
 
 
 def test_atomic_write_leaves_nothing_when_replace_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
