@@ -84,7 +84,13 @@ def print_json(data: Any) -> None:
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    # piped output is for grep and friends: one row per line, never wrapped at 80 columns
+    return Console(file=stream, highlight=False, soft_wrap=False, width=None if tty else 4096)
 
 
 def table(
@@ -95,7 +101,7 @@ def table(
 
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for c in columns:
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold", no_wrap=c in right)
     for r in rows:
         t.add_row(*("" if v is None else str(v) for v in r))
     console().print(t)
