@@ -310,6 +310,55 @@ def make_dirs(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+def make_dir_new(path: Path) -> None:
+    """Create folder `path` (its parent exists); raise ConflictError if anything is there already."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        raise ConflictError(f"'{path}' already exists", path=path) from None
+
+
+def remove_empty_dirs(path: Path) -> bool:
+    """Remove folder `path` and its sub-folders bottom-up where empty; never follows a symlink or deletes a file.
+
+    Returns True when `path` is gone.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    with os.scandir(path) as it:
+        subdirs = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    for sub in subdirs:
+        remove_empty_dirs(sub)
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+def lstat_tree(path: Path) -> list[tuple[Path, os.stat_result]]:
+    """(path, lstat) of `path` and everything below it, never following a symlink; [] if it is gone."""
+    out: list[tuple[Path, os.stat_result]] = []
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return out
+    out.append((path, st))
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            with os.scandir(path) as it:
+                children = [Path(e.path) for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        for child in children:
+            out.extend(lstat_tree(child))
+    return out
+
+
 def remove_file(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

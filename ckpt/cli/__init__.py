@@ -45,8 +45,10 @@ def _root(
     STATE.workspace = workspace
 
 
+from . import imports as _imports  # noqa: E402,F401
 from . import models as _models  # noqa: E402,F401
 from . import tasks as _tasks  # noqa: E402,F401  (registers commands)
+from . import trash as _trash  # noqa: E402,F401
 
 
 def main() -> None:

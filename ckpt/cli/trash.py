@@ -1,0 +1,291 @@
+"""Commands about the trash: trash-unused, trash list / restore / empty, models remove, du, doctor."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Any
+
+import typer
+
+from . import app
+from ._common import (
+    JsonOpt,
+    YesOpt,
+    command,
+    confirm,
+    err,
+    human_size,
+    human_time,
+    open_workspace,
+    out,
+    print_json,
+    table,
+)
+from .models import models_app
+
+trash_app = typer.Typer(
+    help="The trash bin: list, restore and empty what trash-unused and models remove moved there.",
+    rich_markup_mode=None,
+    no_args_is_help=True,
+)
+app.add_typer(trash_app, name="trash")
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
+
+
+def _reason(*words: Any) -> str:
+    """The command line that made a trash entry, as a user would type it."""
+    return shlex.join(["ckpt", *(str(w) for w in words if w is not None and w != "")])
+
+
+def _numbers(numbers: list[int]) -> str:
+    from ..workspace import _ranges
+
+    return _ranges(numbers) if numbers else ""
+
+
+@command(app, "trash-unused")
+def trash_unused(
+    task: Annotated[str, typer.Argument(help="The task.")],
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")] = 0,
+    keep_best: Annotated[
+        int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")
+    ] = 0,
+    metric: Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")] = None,
+    minimize: Annotated[bool, typer.Option("--min", help="With --keep-best: lower is better (losses).")] = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Move every unused checkpoint of TASK to the trash, as one entry (restorable until emptied).
+
+    Used: a model was made from it, it is the latest, or --keep-last / --keep-best protect it.
+    """
+    from ..trash import KeepRules
+    from ..trash import trash_unused as do_trash
+
+    reason = _reason(
+        "trash-unused",
+        task,
+        *(["--keep-last", keep_last] if keep_last else []),
+        *(["--keep-best", keep_best] if keep_best else []),
+        *(["--metric", metric] if metric else []),
+        "--min" if minimize else None,
+    )
+    ws = open_workspace()
+    res = do_trash(ws, task, KeepRules(keep_last, keep_best, metric, minimize), reason=reason, dry_run=dry_run)
+    plan = res.plan
+    for w in plan.warnings:
+        err(f"warning: {w}")
+    if json:
+        print_json(
+            {
+                "task": task,
+                "dry_run": dry_run,
+                "entry": res.entry,
+                "trashed": plan.trashed,
+                "kept": [{"number": d.number, "reason": d.reason} for d in plan.kept],
+                "bytes_freed_on_empty": plan.bytes_freed_on_empty,
+            }
+        )
+        return
+    if dry_run:
+        if not plan.decisions:
+            err(f"task '{task}' has no checkpoints")
+            return
+        table(
+            ["#", "action", "why", "size"],
+            [[d.number, d.action, d.reason, human_size(d.size)] for d in plan.decisions],
+            title=f"{task}: dry run, nothing changed",
+            right=["#", "size"],
+        )
+        err(
+            f"would move {len(plan.trashed)} checkpoint(s) to the trash; emptying it would free "
+            f"{human_size(plan.bytes_freed_on_empty)}"
+        )
+        return
+    if res.entry is None:
+        out(f"nothing to trash in task '{task}': every checkpoint is used")
+        return
+    out(
+        f"moved {len(plan.trashed)} checkpoint(s) of task '{task}' ({_numbers(plan.trashed)}) to the trash "
+        f"as entry {res.entry}; emptying it frees {human_size(plan.bytes_freed_on_empty)}"
+    )
+    err(f"undo with: ckpt trash restore {res.entry}")
+
+
+def _entry_json(e: Any) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "kind": e.kind,
+        "task": e.task,
+        "checkpoints": e.numbers if e.kind == "checkpoints" else None,
+        "model": e.title,
+        "size": e.size,
+        "bytes_freed_on_empty": e.bytes,
+        "created": e.created,
+        "reason": e.reason,
+        "state": e.state,
+    }
+
+
+@command(trash_app, "list")
+def trash_list(json: JsonOpt = False) -> None:
+    """Every trash entry: id, task, checkpoints or model, size, created, and the command that made it."""
+    from ..trash import list_entries
+
+    ws = open_workspace()
+    entries, errors = list_entries(ws)
+    for e in errors:
+        err(f"warning: skipped a trash entry: {e}")
+    if json:
+        print_json([_entry_json(e) for e in entries])
+        return
+    if not entries:
+        err("the trash is empty")
+        return
+    table(
+        ["id", "task", "what", "size", "created", "state", "reason"],
+        [
+            [
+                e.id,
+                e.task,
+                f"model {e.title}" if e.kind == "model" else f"checkpoints {_numbers(e.numbers)}",
+                human_size(e.size),
+                human_time(e.created),
+                e.state,
+                e.reason,
+            ]
+            for e in entries
+        ],
+        right=["size"],
+    )
+
+
+@command(trash_app, "restore")
+def trash_restore(
+    entry: Annotated[str, typer.Argument(help="The trash entry id (see: ckpt trash list).")], json: JsonOpt = False
+) -> None:
+    """Put a trash entry's files and records back exactly as they were; refused if anything would be overwritten."""
+    from ..trash import restore
+
+    ws = open_workspace()
+    e = restore(ws, entry).entry
+    if json:
+        print_json(
+            {
+                "entry": e.id,
+                "kind": e.kind,
+                "task": e.task,
+                "checkpoints": e.numbers if e.kind == "checkpoints" else None,
+                "model": e.title,
+            }
+        )
+        return
+    if e.kind == "model":
+        out(f"restored model '{e.title}' from trash entry {e.id}")
+    else:
+        out(f"restored checkpoint(s) {_numbers(e.numbers)} of task '{e.task}' from trash entry {e.id}")
+
+
+@command(trash_app, "empty")
+def trash_empty(
+    entries: Annotated[list[str] | None, typer.Argument(help="Entry ids to delete (default: every entry).")] = None,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Only entries older than this: 45s, 30m, 12h, 7d, 2w.")
+    ] = None,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Delete trash entries for good: the only command that deletes checkpoint bytes. Asks first (or --yes)."""
+    from ..trash import empty, parse_age, plan_empty
+
+    age = parse_age(older_than) if older_than is not None else None
+    ws = open_workspace()
+    plan = plan_empty(ws, entries or None, age)
+    for entry_id, why in plan.skipped:
+        err(f"skipped {entry_id}: {why}")
+    if plan.entries:
+        confirm(f"delete {len(plan.entries)} trash entries ({human_size(plan.size)}) for good?", yes)
+    res = empty(ws, plan) if plan.entries or plan.leftovers else None
+    emptied = res.emptied if res else []
+    freed = res.bytes_freed if res else 0
+    if json:
+        print_json(
+            {
+                "emptied": emptied,
+                "bytes_freed": freed,
+                "skipped": [{"id": i, "reason": r} for i, r in (res.skipped if res else plan.skipped)],
+            }
+        )
+        return
+    if not emptied:
+        out("nothing to empty")
+        return
+    out(f"deleted {len(emptied)} trash entries; freed {human_size(freed)} ({freed} bytes)")
+
+
+@command(models_app, "remove")
+def models_remove(title: Annotated[str, typer.Argument(help="The model's title.")], json: JsonOpt = False) -> None:
+    """Move a model to the trash (restorable until emptied); its source checkpoint is untouched."""
+    from ..trash import trash_model
+
+    ws = open_workspace()
+    res = trash_model(ws, title, reason=_reason("models", "remove", title))
+    if json:
+        print_json(
+            {"entry": res.entry, "model": res.model.title, "task": res.model.task, "checkpoint": res.model.checkpoint}
+        )
+        return
+    out(f"moved model '{title}' to the trash as entry {res.entry}")
+    err(f"undo with: ckpt trash restore {res.entry}")
+
+
+@command(app, "du")
+def du(json: JsonOpt = False) -> None:
+    """Disk use of the workspace by task, models and trash; each file counted once however many links it has."""
+    from ..trash import disk_use
+
+    ws = open_workspace()
+    use = disk_use(ws)
+    if json:
+        print_json(
+            {
+                "tasks": use.tasks,
+                "by_task": use.by_task,
+                "models": use.models,
+                "trash": use.trash,
+                "other": use.other,
+                "total": use.total,
+            }
+        )
+        return
+    rows: list[list[Any]] = [[f"tasks/{name}", human_size(n)] for name, n in use.by_task.items()]
+    rows += [
+        ["tasks (all)", human_size(use.tasks)],
+        ["models", human_size(use.models)],
+        ["trash", human_size(use.trash)],
+        ["other", human_size(use.other)],
+        ["total", human_size(use.total)],
+    ]
+    table(["part", "size"], rows, right=["size"])
+
+
+@command(app, "doctor")
+def doctor(dry_run: DryRunOpt = False, json: JsonOpt = False) -> None:
+    """Finish or undo what interrupted commands left: trash operations, promote staging folders, temp files."""
+    from ..trash import recover_workspace
+
+    ws = open_workspace()
+    repairs = recover_workspace(ws, dry_run=dry_run)
+    if json:
+        print_json(
+            {
+                "dry_run": dry_run,
+                "repairs": [{"path": r.path, "problem": r.problem, "action": r.action} for r in repairs],
+            }
+        )
+        return
+    if not repairs:
+        out("nothing to repair")
+        return
+    table(["path", "problem", "action"], [[r.path, r.problem, r.action] for r in repairs])

@@ -1,0 +1,1043 @@
+"""The trash bin: trash-unused, models remove, trash list / restore / empty, du, and crash recovery.
+
+A trash entry is a folder `trash/<id>/` with an `entry.toml` (format in docs/trash.md) and the moved
+files: a task's checkpoint files under `files/<path in the task folder>`, or a model's whole folder
+as `model/`. Every move is a rename inside the workspace; only `empty` deletes bytes.
+
+Destructive work is planned first (a plan changes nothing; `--dry-run` renders it), then the same
+plan is executed in an order that a crash at any point leaves recoverable:
+
+1. the marker `tasks/<task>/.pending-<id>` (the next lock of the task recovers what follows),
+2. `entry.toml` in state "pending", with the checkpoint records in full, before anything moves,
+3. the files, by rename,
+4. the task manifest, rewritten without their records,
+5. the entry marked "complete", then the marker removed.
+
+Recovery (`recover_task`, run by `Task.lock`, and `recover_workspace`, run by `ckpt doctor`) undoes
+a trash that stopped before step 4 (the files go back) and finishes one that got past it. A restore
+(state "restoring") is always finished: its conflicts were checked before anything moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsutil
+from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
+from .manifest import FORMAT, Checkpoint, TaskState, check_format, dumps, read_toml
+from .timeutil import now_iso, parse_iso
+from .workspace import LOCK_FILE as TASK_LOCK
+from .workspace import PENDING_PREFIX
+
+if TYPE_CHECKING:
+    from .models import Model
+    from .workspace import Task, Workspace
+
+ENTRY_FILE = "entry.toml"
+FILES_DIR = "files"
+MODEL_DIR = "model"
+LOCK_FILE = ".lock"
+DELETING_PREFIX = ".deleting-"
+STAGING_PREFIX = ".staging-"
+KINDS = ("checkpoints", "model")
+STATES = ("pending", "complete", "restoring")
+STALE_AFTER = 3600.0  # seconds before doctor treats a temp file or staging folder as abandoned
+_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
+
+
+# --- entries ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Entry:
+    """One trash entry, as its `entry.toml` says."""
+
+    id: str
+    kind: str  # "checkpoints" or "model"
+    task: str | None
+    state: str  # "pending", "complete" or "restoring"
+    created: str
+    reason: str
+    size: int  # the moved files' sizes
+    bytes: int  # bytes that emptying would free, as counted when it was made
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    folder: Path = Path()
+
+    @property
+    def numbers(self) -> list[int]:
+        return [cp.number for cp in self.checkpoints]
+
+    @property
+    def title(self) -> str | None:
+        return None if self.model is None else str(self.model.get("title"))
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "task": self.task,
+            "created": self.created,
+            "reason": self.reason,
+            "size": self.size,
+            "bytes": self.bytes,
+        }
+        if self.model is not None:
+            doc["model"] = dict(self.model)
+        if self.checkpoints:
+            doc["checkpoints"] = [cp.to_record() for cp in self.checkpoints]
+        return doc
+
+
+def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
+    path = folder / ENTRY_FILE
+    check_format(doc, path)
+
+    def get(key: str, typ: type | tuple[type, ...], required: bool = True) -> Any:
+        v = doc.get(key)
+        if v is None and not required:
+            return None
+        if v is None or isinstance(v, bool) or not isinstance(v, typ):
+            raise ManifestError(f"{path}: '{key}' is missing or has the wrong type", path=path)
+        return v
+
+    kind = get("kind", str)
+    state = get("state", str)
+    if kind not in KINDS or state not in STATES:
+        raise ManifestError(f"{path}: unknown kind {kind!r} or state {state!r}", path=path)
+    task = get("task", str, required=(kind == "checkpoints"))
+    records = get("checkpoints", list, required=False) or []
+    cps = [Checkpoint.from_record(rec, path, task or "") for rec in records]
+    model = get("model", dict, required=(kind == "model"))
+    if model is not None and not isinstance(model.get("title"), str):
+        raise ManifestError(f"{path}: model has no title", path=path)
+    return Entry(
+        id=get("id", str),
+        kind=kind,
+        task=task,
+        state=state,
+        created=get("created", str),
+        reason=get("reason", str, required=False) or "",
+        size=get("size", int, required=False) or 0,
+        bytes=get("bytes", int, required=False) or 0,
+        checkpoints=cps,
+        model=model,
+        folder=folder,
+    )
+
+
+def check_entry_id(entry_id: str) -> str:
+    if not _ID.fullmatch(entry_id):
+        raise UsageError(
+            f"invalid trash entry id {entry_id!r}", hint="ids look like 20250101-120000-a1b2c3; see: ckpt trash list"
+        )
+    return entry_id
+
+
+def read_entry(ws: Workspace, entry_id: str) -> Entry:
+    """The trash entry `entry_id`; raises NotFoundError, ManifestError."""
+    check_entry_id(entry_id)
+    folder = ws.trash_dir / entry_id
+    if fsutil.is_symlink(folder) or not (folder / ENTRY_FILE).is_file():
+        raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list")
+    return _entry_from_doc(read_toml(folder / ENTRY_FILE, "trash entry"), folder)
+
+
+def _entry_or_none(ws: Workspace, entry_id: str) -> Entry | None:
+    try:
+        return read_entry(ws, entry_id)
+    except NotFoundError:
+        return None
+
+
+def entry_ids(ws: Workspace) -> list[str]:
+    """Ids of the folders in the trash that hold an entry, oldest first."""
+    try:
+        with os.scandir(ws.trash_dir) as it:
+            names = [e.name for e in it if _ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if os.path.isfile(os.path.join(ws.trash_dir, n, ENTRY_FILE)))
+
+
+def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
+    """Every readable trash entry (oldest first), and the errors of those that could not be read."""
+    entries: list[Entry] = []
+    errors: list[CkptError] = []
+    for entry_id in entry_ids(ws):
+        try:
+            entries.append(read_entry(ws, entry_id))
+        except CkptError as e:
+            errors.append(e)
+    return entries, errors
+
+
+def _new_entry(ws: Workspace) -> tuple[str, Path]:
+    """A fresh entry id and its (new, empty) folder."""
+    _check_trash_dir(ws)
+    for _ in range(100):
+        entry_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        try:
+            fsutil.make_dir_new(ws.trash_dir / entry_id)
+            return entry_id, ws.trash_dir / entry_id
+        except ConflictError:
+            continue
+    raise CkptError("could not make a new trash entry folder", path=ws.trash_dir)  # pragma: no cover
+
+
+def _check_trash_dir(ws: Workspace) -> None:
+    if fsutil.is_symlink(ws.trash_dir) or not ws.trash_dir.is_dir():
+        raise IntegrityError(
+            f"'{ws.rel(ws.trash_dir)}' is not a plain folder (a symlink?); ckpt moves nothing through links",
+            path=ws.trash_dir,
+        )
+
+
+def _write_entry(entry: Entry) -> None:
+    fsutil.atomic_write(entry.folder / ENTRY_FILE, dumps(entry.to_doc()))
+
+
+def _drop_entry(entry_folder: Path) -> None:
+    """Remove an entry whose files have all moved out: entry.toml, temp files, empty folders. Never a moved file."""
+    fsutil.remove_file(entry_folder / ENTRY_FILE)
+    for path, st in fsutil.lstat_tree(entry_folder):
+        if stat.S_ISREG(st.st_mode) and _is_temp(path.name):
+            fsutil.remove_file(path)
+    fsutil.remove_empty_dirs(entry_folder)
+    fsutil.fsync_dir(entry_folder.parent)
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+@contextlib.contextmanager
+def _trash_lock(ws: Workspace) -> Iterator[None]:
+    with fsutil.locked(ws.trash_dir / LOCK_FILE, "the trash"):
+        yield
+
+
+# --- trash-unused: plan, then execute -------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class KeepRules:
+    """What protects a checkpoint beyond models and the latest: the last N, the best N by a metric."""
+
+    keep_last: int = 0
+    keep_best: int = 0
+    metric: str | None = None
+    minimize: bool = False
+
+    def check(self) -> None:
+        if self.keep_last < 0 or self.keep_best < 0:
+            raise UsageError("--keep-last and --keep-best take a number of 0 or more")
+        if self.keep_best and not self.metric:
+            raise UsageError("--keep-best needs --metric", hint="e.g. --keep-best 3 --metric val_iou")
+        if self.metric and not self.keep_best:
+            raise UsageError("--metric goes with --keep-best N", hint=f"e.g. --keep-best 3 --metric {self.metric}")
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """What the plan does with one checkpoint, and why."""
+
+    number: int
+    action: str  # "keep" or "trash"
+    reason: str
+    size: int
+
+
+@dataclass(slots=True)
+class TrashPlan:
+    """What `trash-unused` will do; building it changes nothing. `execute()` (under the task lock) does it."""
+
+    task: Task
+    decisions: list[Decision]
+    checkpoints: list[Checkpoint]  # the ones to trash, by number
+    bytes_freed_on_empty: int
+    reason: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def trashed(self) -> list[int]:
+        return [cp.number for cp in self.checkpoints]
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "keep"]
+
+    def execute(self) -> str | None:
+        """Move the planned checkpoints to a new trash entry and return its id (None when there are none).
+
+        The caller holds the task lock and built the plan under it.
+        """
+        if not self.checkpoints:
+            return None
+        task = self.task
+        ws = task.ws
+        entry_id, folder = _new_entry(ws)
+        marker = task.folder / f"{PENDING_PREFIX}{entry_id}"
+        entry = Entry(
+            id=entry_id,
+            kind="checkpoints",
+            task=task.name,
+            state="pending",
+            created=now_iso(),
+            reason=self.reason,
+            size=sum(cp.size for cp in self.checkpoints),
+            bytes=self.bytes_freed_on_empty,
+            checkpoints=list(self.checkpoints),
+            folder=folder,
+        )
+        try:
+            # 1. the marker first: from here on the next lock of this task finishes or undoes what follows
+            fsutil.atomic_write(marker, entry_id.encode())
+            # 2. the entry record before anything moves: it names every file that may be in the trash
+            data = dumps(entry.to_doc())
+            fsutil.atomic_write(folder / ENTRY_FILE, data)
+            # 3. the files, by rename (never a copy)
+            made: set[Path] = set()
+            for cp in self.checkpoints:
+                dst = folder / FILES_DIR / cp.file
+                if dst.parent not in made:
+                    fsutil.make_dirs(dst.parent)
+                    made.add(dst.parent)
+                fsutil.move_noreplace(task.folder / cp.file, dst)
+            for d in {(task.folder / cp.file).parent for cp in self.checkpoints} | made:
+                fsutil.fsync_dir(d)
+            # 4. the manifest last: before this a crash is undone (files go back), after it finished
+            state = task.state()
+            gone = set(self.trashed)
+            kept = {n: cp for n, cp in state.checkpoints.items() if n not in gone}
+            task._rewrite(TaskState(replace(state.header, last_number=state.max_number), kept))
+            # 5. the entry complete, the marker removed
+            fsutil.atomic_write(folder / ENTRY_FILE, _with_state(data, "pending", "complete"))
+            fsutil.remove_file(marker)
+            fsutil.fsync_dir(task.folder)
+        except BaseException:
+            # put things right at once where the file system lets us; else the next lock of the task does
+            with contextlib.suppress(Exception):
+                recover_task(task)
+            raise
+        return entry_id
+
+
+def _with_state(data: bytes, old: str, new: str) -> bytes:
+    """The entry's TOML with its state changed (the top-level key comes before any table)."""
+    before, after = f'state = "{old}"'.encode(), f'state = "{new}"'.encode()
+    assert before in data
+    return data.replace(before, after, 1)
+
+
+@dataclass(slots=True)
+class TrashResult:
+    plan: TrashPlan
+    entry: str | None  # None on a dry run or when nothing was unused
+
+
+def trash_unused(
+    ws: Workspace, task_name: str, rules: KeepRules | None = None, *, reason: str = "", dry_run: bool = False
+) -> TrashResult:
+    """Move every unused checkpoint of `task_name` to one new trash entry (or, `dry_run`, only plan it).
+
+    A checkpoint is used when a model was made from it, when it is the latest, or when `rules`
+    protect it. Raises TaskNotFound, UsageError (rules), BusyError, ManifestError.
+    """
+    rules = rules or KeepRules()
+    rules.check()
+    task = ws.task(task_name)
+    reason = reason or f"trash_unused({task_name!r})"
+    if dry_run:
+        return TrashResult(plan_unused(task, rules, reason), None)
+    with task.lock():
+        # decided under the lock, from the manifest read under it: checkpoints saved meanwhile are not in
+        # the plan, and a promote (which takes this lock) cannot make a model from one we are moving
+        plan = plan_unused(task, rules, reason)
+        entry = plan.execute()
+    return TrashResult(plan, entry)
+
+
+def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
+    """Decide, for each checkpoint of `task`, keep or trash and why. Changes nothing."""
+    state = task.state()
+    cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
+    why: dict[int, list[str]] = {cp.number: [] for cp in cps}
+    warnings: list[str] = []
+    if task.pending_markers():
+        warnings.append("an interrupted trash operation on this task will be finished or undone first")
+    if cps:
+        why[cps[-1].number].append("latest")
+    models, model_errors = task.ws.models.read_all()
+    for e in model_errors:
+        warnings.append(f"a model could not be read, so the checkpoint it came from is not known: {e}")
+    titles: dict[int, list[str]] = {}
+    for m in models:
+        if m.task == task.name:
+            titles.setdefault(m.checkpoint, []).append(m.title)
+    for number, names in sorted(titles.items()):
+        if number in why:
+            why[number].append("model " + ", ".join(sorted(names)))
+    if rules.keep_last:
+        for cp in cps[-rules.keep_last :]:
+            why[cp.number].append(f"keep-last {rules.keep_last}")
+    if rules.keep_best and rules.metric:
+        metric = rules.metric
+        have = [cp for cp in cps if metric in cp.metrics and cp.metrics[metric] == cp.metrics[metric]]
+        if not have and cps:
+            known = sorted({k for cp in cps for k in cp.metrics})
+            raise UsageError(
+                f"no checkpoint of task '{task.name}' records metric '{metric}'",
+                hint=f"known metrics: {', '.join(known)}" if known else "this task records no metrics",
+            )
+        sign = -1 if rules.minimize else 1
+        have.sort(key=lambda cp: (sign * cp.metrics[metric], cp.number), reverse=True)
+        for cp in have[: rules.keep_best]:
+            why[cp.number].append(f"keep-best {rules.keep_best} by {metric} ({cp.metrics[metric]:g})")
+
+    decisions: list[Decision] = []
+    trash: list[Checkpoint] = []
+    dir_ok: dict[Path, bool] = {}
+    for cp in cps:
+        reasons = why[cp.number]
+        if not reasons:
+            problem = _unmovable(task, cp, dir_ok)
+            if problem:
+                reasons.append(problem)
+        if reasons:
+            decisions.append(Decision(cp.number, "keep", "; ".join(reasons), cp.size))
+        else:
+            decisions.append(Decision(cp.number, "trash", "unused", cp.size))
+            trash.append(cp)
+    return TrashPlan(task, decisions, trash, _bytes_freed(task, trash), reason, warnings)
+
+
+def _unmovable(task: Task, cp: Checkpoint, dir_ok: dict[Path, bool]) -> str | None:
+    """Why the file of `cp` cannot be moved (a symlink, missing, reached through a link), or None."""
+    path = task.path_of(cp)
+    folder = task.folder
+    for part in Path(cp.file).parts[:-1]:
+        folder = folder / part
+        if folder not in dir_ok:
+            dir_ok[folder] = not fsutil.is_symlink(folder)
+        if not dir_ok[folder]:
+            return f"skipped: {part}/ is a symlink; ckpt never moves files through links"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "skipped: its file is missing (see: ckpt doctor)"
+    if stat.S_ISLNK(st.st_mode):
+        return "skipped: its file is a symlink; ckpt never follows, moves or deletes through links"
+    if not stat.S_ISREG(st.st_mode):
+        return "skipped: its file is not a regular file"
+    return None
+
+
+def _bytes_freed(task: Task, cps: list[Checkpoint]) -> int:
+    """Sizes of the files whose every hard link would be gone: each inode once."""
+    seen: dict[tuple[int, int], list[int]] = {}  # inode -> [links among these files, nlink, size]
+    for cp in cps:
+        try:
+            st = os.lstat(task.path_of(cp))
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            seen[key][0] += 1
+        else:
+            seen[key] = [1, st.st_nlink, st.st_size]
+    return sum(size for links, nlink, size in seen.values() if links >= nlink)
+
+
+# --- models remove ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ModelTrashResult:
+    entry: str
+    model: Model
+
+
+def trash_model(ws: Workspace, title: str, reason: str = "") -> ModelTrashResult:
+    """Move model `title` (its whole folder) to a new trash entry; its source checkpoint is untouched.
+
+    Raises ModelNotFound, ManifestError (unreadable model), BusyError.
+    """
+    model = ws.models[title]
+    with _model_locks(ws, model.task):
+        model = ws.models[title]  # again, under the locks
+        src = ws.models_dir / title
+        entry_id, folder = _new_entry(ws)
+        entry = Entry(
+            id=entry_id,
+            kind="model",
+            task=model.task,
+            state="pending",
+            created=now_iso(),
+            reason=reason or f"trash_model({title!r})",
+            size=model.size,
+            bytes=_model_bytes(src),
+            model={"title": title, **{k: v for k, v in model.to_doc().items() if k != "format"}},
+            folder=folder,
+        )
+        # the entry before the move; a crash between is finished or undone by ckpt doctor
+        data = dumps(entry.to_doc())
+        fsutil.atomic_write(folder / ENTRY_FILE, data)
+        fsutil.move_noreplace(src, folder / MODEL_DIR)
+        fsutil.fsync_dir(ws.models_dir)
+        fsutil.fsync_dir(folder)
+        fsutil.atomic_write(folder / ENTRY_FILE, _with_state(data, "pending", "complete"))
+    return ModelTrashResult(entry_id, model)
+
+
+def _model_bytes(folder: Path) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for _, st in fsutil.lstat_tree(folder):
+        key = (st.st_dev, st.st_ino)
+        if stat.S_ISREG(st.st_mode) and key not in seen:
+            seen.add(key)
+            if st.st_nlink <= 1:
+                total += st.st_size
+    return total
+
+
+@contextlib.contextmanager
+def _model_locks(ws: Workspace, task_name: str | None) -> Iterator[None]:
+    """The model's source task lock where that task exists (a concurrent trash-unused sees a consistent set
+    of models), then the trash lock. Always in that order."""
+    with contextlib.ExitStack() as stack:
+        if task_name:
+            with contextlib.suppress(CkptError):
+                task = ws.task(task_name)
+                stack.enter_context(task.lock())
+        stack.enter_context(_trash_lock(ws))
+        yield
+
+
+# --- restore -----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RestoreResult:
+    entry: Entry
+
+
+def restore(ws: Workspace, entry_id: str) -> RestoreResult:
+    """Put the files and records of trash entry `entry_id` back exactly as they were; the entry is removed.
+
+    Raises NotFoundError, ConflictError (something would be overwritten, a number is back in the
+    manifest, or the entry is not complete; nothing is changed), IntegrityError (a file is missing).
+    """
+    entry = read_entry(ws, entry_id)
+    if entry.kind == "model":
+        return RestoreResult(_restore_model(ws, entry_id, entry.task))
+    task = _entry_task(ws, entry)
+    with task.lock():
+        entry = read_entry(ws, entry_id)  # again, under the lock
+        if entry.state != "complete":
+            raise ConflictError(f"trash entry '{entry_id}' is {entry.state}", hint="run: ckpt doctor")
+        state = task.state()
+        conflicts: list[str] = []
+        for cp in entry.checkpoints:
+            if cp.number in state.checkpoints:
+                conflicts.append(f"checkpoint {cp.number} is in the manifest of task '{task.name}' again")
+            dst = task.path_of(cp)
+            if os.path.lexists(dst):
+                conflicts.append(f"'{ws.rel(dst)}' exists")
+            src = entry.folder / FILES_DIR / cp.file
+            if not _is_regular(src):
+                raise IntegrityError(
+                    f"trash entry '{entry_id}' is missing the file of checkpoint {cp.number} ({ws.rel(src)})",
+                    path=src,
+                )
+        if conflicts:
+            shown = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+            raise ConflictError(f"restoring trash entry '{entry_id}' would overwrite: {shown}; nothing was changed")
+        marker = task.folder / f"{PENDING_PREFIX}{entry_id}"
+        try:
+            # marker, then the entry marked "restoring": from here on recovery finishes the restore
+            fsutil.atomic_write(marker, entry_id.encode())
+            _write_entry(replace(entry, state="restoring"))
+            _finish_restore(task, entry)
+            fsutil.remove_file(marker)
+            fsutil.fsync_dir(task.folder)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                recover_task(task)
+            raise
+    return RestoreResult(entry)
+
+
+def _finish_restore(task: Task, entry: Entry) -> None:
+    """Move back what is still in the trash, add the records not in the manifest, drop the entry."""
+    moved_to: set[Path] = set()
+    for cp in entry.checkpoints:
+        src = entry.folder / FILES_DIR / cp.file
+        dst = task.path_of(cp)
+        if os.path.lexists(src) and not os.path.lexists(dst):
+            fsutil.make_dirs(dst.parent)
+            fsutil.move_noreplace(src, dst)
+            moved_to.add(dst.parent)
+    for d in moved_to:
+        fsutil.fsync_dir(d)
+    # the manifest after the files: a record never points at a file that is not in place
+    state = task.state()
+    missing = {cp.number: replace(cp, task=task.name) for cp in entry.checkpoints if cp.number not in state.checkpoints}
+    if missing:
+        merged = dict(state.checkpoints)
+        merged.update(missing)
+        task._rewrite(TaskState(replace(state.header, last_number=state.max_number), merged))
+    _drop_entry(entry.folder)
+
+
+def _restore_model(ws: Workspace, entry_id: str, task_name: str | None) -> Entry:
+    with _model_locks(ws, task_name):
+        entry = read_entry(ws, entry_id)
+        if entry.state != "complete":
+            raise ConflictError(f"trash entry '{entry_id}' is {entry.state}", hint="run: ckpt doctor")
+        title = entry.title or ""
+        dst = ws.models_dir / title
+        if os.path.lexists(dst):
+            raise ConflictError(
+                f"model '{title}' exists again; restoring trash entry '{entry_id}' would overwrite it; "
+                "nothing was changed",
+                hint="rename that model first: ckpt models rename",
+            )
+        if not os.path.isdir(entry.folder / MODEL_DIR):
+            raise IntegrityError(f"trash entry '{entry_id}' is missing its model folder", path=entry.folder)
+        _write_entry(replace(entry, state="restoring"))
+        _finish_model_restore(ws, entry)
+    return entry
+
+
+def _finish_model_restore(ws: Workspace, entry: Entry) -> None:
+    src = entry.folder / MODEL_DIR
+    dst = ws.models_dir / (entry.title or "")
+    if os.path.lexists(src) and not os.path.lexists(dst):
+        fsutil.move_noreplace(src, dst)
+        fsutil.fsync_dir(ws.models_dir)
+    _drop_entry(entry.folder)
+
+
+def _entry_task(ws: Workspace, entry: Entry) -> Task:
+    from .errors import TaskNotFound
+
+    try:
+        return ws.task(entry.task or "")
+    except TaskNotFound:
+        raise NotFoundError(
+            f"task '{entry.task}' of trash entry '{entry.id}' no longer exists; its checkpoints cannot go back",
+            hint=f"the files are in {ws.rel(entry.folder)}",
+        ) from None
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+# --- empty -------------------------------------------------------------------------------------------
+
+
+_AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> timedelta:
+    """'7d', '12h', '30m', '2w', '45s' as a timedelta; raises UsageError."""
+    m = _AGE.fullmatch(text)
+    if not m:
+        raise UsageError(f"invalid age {text!r}", hint="use a number and a unit: 45s, 30m, 12h, 7d, 2w")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+@dataclass(slots=True)
+class EmptyPlan:
+    """The entries `empty` would delete; building it changes nothing."""
+
+    entries: list[Entry]
+    skipped: list[tuple[str, str]]  # (id, why)
+    leftovers: list[Path]  # `.deleting-*` folders of an interrupted empty
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+
+@dataclass(slots=True)
+class EmptyResult:
+    emptied: list[str]
+    bytes_freed: int
+    skipped: list[tuple[str, str]]
+
+
+def plan_empty(ws: Workspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
+    """Choose the entries to delete: `ids` (all when empty or None), only those older than `older_than`.
+
+    Raises NotFoundError for an id that is not in the trash.
+    """
+    chosen: list[Entry] = []
+    skipped: list[tuple[str, str]] = []
+    if ids:
+        candidates = [read_entry(ws, i) for i in dict.fromkeys(ids)]
+    else:
+        candidates, errors = list_entries(ws)
+        skipped.extend((str(e.path and Path(e.path).parent.name), f"unreadable: {e}") for e in errors)
+    cutoff = datetime.now(UTC) - older_than if older_than is not None else None
+    for e in candidates:
+        if e.state != "complete":
+            skipped.append((e.id, f"{e.state} (an interrupted operation; run: ckpt doctor)"))
+            continue
+        if cutoff is not None:
+            try:
+                if parse_iso(e.created) > cutoff:
+                    continue
+            except ValueError:
+                skipped.append((e.id, f"unreadable created time {e.created!r}"))
+                continue
+        chosen.append(e)
+    return EmptyPlan(chosen, skipped, _deleting_leftovers(ws))
+
+
+def _deleting_leftovers(ws: Workspace) -> list[Path]:
+    try:
+        with os.scandir(ws.trash_dir) as it:
+            return sorted(Path(e.path) for e in it if e.name.startswith(DELETING_PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def empty(ws: Workspace, plan: EmptyPlan) -> EmptyResult:
+    """Delete the planned entries for good; return the bytes actually freed (each inode once).
+
+    The only function of ckpt that deletes checkpoint bytes. Never follows a symlink.
+    """
+    _check_trash_dir(ws)
+    emptied: list[str] = []
+    skipped = list(plan.skipped)
+    doomed: list[Path] = list(plan.leftovers)
+    for planned in plan.entries:
+        with contextlib.ExitStack() as stack:
+            if planned.kind == "checkpoints":
+                with contextlib.suppress(CkptError):  # a task that is gone has no lock to take
+                    stack.enter_context(ws.task(planned.task or "").lock())
+            stack.enter_context(_trash_lock(ws))
+            entry = _entry_or_none(ws, planned.id)  # again, under the locks: a restore may have taken it
+            if entry is None or entry.state != "complete":
+                skipped.append((planned.id, "restored or changed meanwhile"))
+                continue
+            # one rename takes the entry out of the trash; deleting the renamed folder may then be interrupted
+            # and finished later (the next `trash empty` or `ckpt doctor`)
+            target = ws.trash_dir / f"{DELETING_PREFIX}{entry.id}"
+            fsutil.move_noreplace(entry.folder, target)
+            fsutil.fsync_dir(ws.trash_dir)
+            doomed.append(target)
+            emptied.append(entry.id)
+    freed = _delete_trees(doomed)
+    return EmptyResult(emptied, freed, skipped)
+
+
+def _delete_trees(paths: list[Path]) -> int:
+    """Delete these trees without following symlinks; the sizes of the files whose last link went."""
+    links: dict[tuple[int, int], list[int]] = {}  # inode -> [links inside, nlink, size]
+    for root in paths:
+        for _, st in fsutil.lstat_tree(root):
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in links:
+                links[key][0] += 1
+            else:
+                links[key] = [1, st.st_nlink, st.st_size]
+    for root in paths:
+        fsutil.remove_tree(root)
+    freed = 0
+    for inside, nlink, size in links.values():
+        if inside >= nlink:
+            freed += size
+    return freed
+
+
+# --- du ------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DiskUse:
+    """Bytes allocated (like `du -B1`), each inode counted once: in the first part that reaches it."""
+
+    by_task: dict[str, int]
+    models: int
+    trash: int
+    other: int  # ckpt.toml, the top-level folders themselves, anything else
+    total: int
+
+    @property
+    def tasks(self) -> int:
+        return sum(self.by_task.values())
+
+
+def disk_use(ws: Workspace) -> DiskUse:
+    """Disk use of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
+    checkpoint of a task costs nothing more."""
+    seen: set[tuple[int, int]] = set()
+    by_task: dict[str, int] = {}
+    for name in ws.task_names():
+        by_task[name] = _du(ws.tasks_dir / name, seen)
+    models = _du(ws.models_dir, seen)
+    trash = _du(ws.trash_dir, seen)
+    total = _du(ws.root, seen) + sum(by_task.values()) + models + trash
+    return DiskUse(by_task, models, trash, total - models - trash - sum(by_task.values()), total)
+
+
+def _du(path: Path, seen: set[tuple[int, int]]) -> int:
+    try:
+        return fsutil.disk_usage(path, seen)
+    except OSError:  # something vanished while we walked (a save or a trash at the same time)
+        return 0
+
+
+# --- recovery --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Repair:
+    """One thing recovery found, and what it did (or, on a dry run, would do)."""
+
+    path: str
+    problem: str
+    action: str
+
+
+def recover_task(task: Task) -> list[Repair]:
+    """Finish or undo the interrupted trash operations of `task` (those that left a `.pending-` marker).
+
+    The caller holds the task lock (Task.lock calls this). Never deletes a checkpoint file.
+    """
+    repairs: list[Repair] = []
+    for marker in sorted(task.pending_markers()):
+        repairs.append(_recover_marker(task, marker))
+    return repairs
+
+
+def _recover_marker(task: Task, marker: Path) -> Repair:
+    ws = task.ws
+    entry_id = marker.name[len(PENDING_PREFIX) :]
+    rel = ws.rel(marker)
+    if not _ID.fullmatch(entry_id):
+        fsutil.remove_file(marker)
+        return Repair(rel, "a pending marker that names no trash entry", "removed the marker")
+    folder = ws.trash_dir / entry_id
+    entry = _entry_or_none(ws, entry_id)
+    if entry is None:
+        # the marker comes before the entry, and the entry is removed before the marker: nothing of it is moved
+        _drop_entry(folder)
+        fsutil.remove_file(marker)
+        fsutil.fsync_dir(task.folder)
+        return Repair(rel, "an interrupted trash with no entry record (nothing had moved)", "removed the marker")
+    if entry.kind != "checkpoints" or entry.task != task.name:
+        fsutil.remove_file(marker)
+        return Repair(rel, f"a pending marker for trash entry '{entry_id}' of another task", "removed the marker")
+    repair = _recover_entry(task, entry)
+    fsutil.remove_file(marker)
+    fsutil.fsync_dir(task.folder)
+    return repair
+
+
+def _recover_entry(task: Task, entry: Entry) -> Repair:
+    """Recover a checkpoint entry of `task` (lock held): undo a pending trash, finish a restore."""
+    ws = task.ws
+    rel = ws.rel(entry.folder)
+    if entry.state == "complete":
+        return Repair(rel, f"trash entry '{entry.id}' was complete but its marker was left", "removed the marker")
+    if entry.state == "restoring":
+        _finish_restore(task, entry)
+        return Repair(rel, f"an interrupted restore of trash entry '{entry.id}'", "finished the restore")
+    state = task.state()
+    if any(n in state.checkpoints for n in entry.numbers):
+        # the manifest was not rewritten yet: the checkpoints are still the task's; put the files back
+        moved: set[Path] = set()
+        for cp in entry.checkpoints:
+            src = entry.folder / FILES_DIR / cp.file
+            dst = task.path_of(cp)
+            if os.path.lexists(src):
+                if os.path.lexists(dst):
+                    raise IntegrityError(
+                        f"checkpoint {cp.number} of task '{task.name}' is both in the task and in trash entry "
+                        f"'{entry.id}'; nothing was changed",
+                        path=src,
+                        hint=f"compare {ws.rel(dst)} with {ws.rel(src)} and remove one",
+                    )
+                fsutil.move_noreplace(src, dst)
+                moved.add(dst.parent)
+        for d in moved:
+            fsutil.fsync_dir(d)
+        _drop_entry(entry.folder)
+        return Repair(rel, f"an interrupted trash-unused ('{entry.id}')", "undone: the files are back in the task")
+    # the manifest was rewritten: the move is done, only the entry's state is behind
+    _write_entry(replace(entry, state="complete"))
+    return Repair(rel, f"an interrupted trash-unused ('{entry.id}')", "finished: the entry is complete")
+
+
+def _has_files(folder: Path) -> bool:
+    return any(not stat.S_ISDIR(st.st_mode) and not _is_temp(p.name) for p, st in fsutil.lstat_tree(folder))
+
+
+def _recover_model_entry(ws: Workspace, entry: Entry) -> Repair:
+    """Recover a model entry (trash lock held): finish or undo a pending remove, finish a restore."""
+    rel = ws.rel(entry.folder)
+    if entry.state == "restoring":
+        _finish_model_restore(ws, entry)
+        return Repair(rel, f"an interrupted restore of model '{entry.title}'", "finished the restore")
+    if os.path.lexists(entry.folder / MODEL_DIR):
+        _write_entry(replace(entry, state="complete"))
+        return Repair(rel, f"an interrupted remove of model '{entry.title}'", "finished: the entry is complete")
+    _drop_entry(entry.folder)
+    return Repair(rel, f"an interrupted remove of model '{entry.title}'", "undone: the model had not moved")
+
+
+def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: float = STALE_AFTER) -> list[Repair]:
+    """Find and repair what interrupted commands left anywhere in the workspace (`ckpt doctor`).
+
+    Pending markers and trash entries, `.deleting-*` folders of an interrupted empty, `models/.staging-*`
+    folders of an interrupted promote, and `.<name>.<rand>.tmp` files: the last two only when older than
+    `stale_after` seconds (a live command may be writing them). Never deletes a recorded checkpoint file.
+    With `dry_run`, changes nothing and says what it would do.
+    """
+    repairs: list[Repair] = []
+    now = time.time()
+    # 1. tasks with markers, under their locks (Task.lock recovers them)
+    for name in ws.task_names():
+        try:
+            task = ws.task(name)
+        except CkptError:
+            continue
+        markers = task.pending_markers()
+        if not markers:
+            continue
+        if dry_run:
+            repairs.extend(
+                Repair(ws.rel(m), "an interrupted trash or restore", "would finish or undo it") for m in markers
+            )
+            continue
+        with fsutil.locked(task.folder / TASK_LOCK, f"task '{name}'"):
+            repairs.extend(recover_task(task))
+    # 2. entries still pending or restoring without a marker (models; or a marker removed by hand)
+    entries, errors = list_entries(ws)
+    for err in errors:
+        repairs.append(Repair(ws.rel(Path(err.path)) if err.path else "trash", str(err), "left alone"))
+    for entry in entries:
+        if entry.state == "complete":
+            continue
+        if dry_run:
+            repairs.append(
+                Repair(ws.rel(entry.folder), f"trash entry '{entry.id}' is {entry.state}", "would recover it")
+            )
+            continue
+        if entry.kind == "model":
+            with _model_locks(ws, entry.task):
+                fresh = _entry_or_none(ws, entry.id)
+                if fresh is not None and fresh.state != "complete":
+                    repairs.append(_recover_model_entry(ws, fresh))
+        else:
+            try:
+                task = ws.task(entry.task or "")
+            except CkptError:
+                repairs.append(Repair(ws.rel(entry.folder), f"entry '{entry.id}' of a task that is gone", "left alone"))
+                continue
+            with fsutil.locked(task.folder / TASK_LOCK, f"task '{task.name}'"):
+                fresh = _entry_or_none(ws, entry.id)
+                if fresh is not None and fresh.state != "complete":
+                    repairs.append(_recover_entry(task, fresh))
+    # 3. folders in the trash: `.deleting-*` (committed to deletion) and entry folders with no entry.toml
+    for path in _deleting_leftovers(ws):
+        repairs.append(Repair(ws.rel(path), "an interrupted trash empty", "would delete it" if dry_run else "deleted"))
+        if not dry_run:
+            _delete_trees([path])
+    try:
+        with os.scandir(ws.trash_dir) as it:
+            loose = [Path(e.path) for e in it if _ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        loose = []
+    for folder in sorted(loose):
+        if (folder / ENTRY_FILE).exists() or os.path.lexists(folder / ENTRY_FILE):
+            continue
+        if _has_files(folder):
+            repairs.append(Repair(ws.rel(folder), "a trash folder with files but no entry.toml", "left alone"))
+        elif now - _mtime(folder) > 60 or dry_run:
+            # a fresh empty folder may be an entry being made right now
+            repairs.append(Repair(ws.rel(folder), "an empty trash folder", "would remove it" if dry_run else "removed"))
+            if not dry_run:
+                _drop_entry(folder)
+    # 4. staging folders of promote, and temp files: only when stale
+    try:
+        with os.scandir(ws.models_dir) as it:
+            staging = [Path(e.path) for e in it if e.name.startswith(STAGING_PREFIX)]
+    except FileNotFoundError:
+        staging = []
+    for folder in sorted(staging):
+        age = now - max((st.st_mtime for _, st in fsutil.lstat_tree(folder)), default=now)
+        if age < stale_after:
+            repairs.append(Repair(ws.rel(folder), "a promote's staging folder", "left alone: it may be in use"))
+            continue
+        repairs.append(
+            Repair(
+                ws.rel(folder), "an interrupted promote's staging folder", "would delete it" if dry_run else "deleted"
+            )
+        )
+        if not dry_run:
+            fsutil.remove_tree(folder)
+    for path in _temp_files(ws):
+        if now - _mtime(path) < stale_after:
+            continue
+        repairs.append(
+            Repair(ws.rel(path), "a temp file of an interrupted write", "would delete it" if dry_run else "deleted")
+        )
+        if not dry_run:
+            fsutil.remove_file(path)
+    return repairs
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return time.time()
+
+
+def _temp_files(ws: Workspace) -> list[Path]:
+    """`.<name>.<rand>.tmp` regular files where ckpt writes: the root, task folders and their checkpoints/,
+    model folders, trash entries."""
+    folders = [ws.root]
+    for name in ws.task_names():
+        folders += [ws.tasks_dir / name, ws.tasks_dir / name / "checkpoints"]
+    for parent in (ws.models_dir, ws.trash_dir):
+        try:
+            with os.scandir(parent) as it:
+                folders += [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            pass
+    out: list[Path] = []
+    for folder in folders:
+        if fsutil.is_symlink(folder):
+            continue
+        try:
+            with os.scandir(folder) as it:
+                out += [Path(e.path) for e in it if _is_temp(e.name) and e.is_file(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return sorted(out)
