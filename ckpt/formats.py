@@ -214,7 +214,7 @@ def _inspect_torch_zip(path: Path) -> FileInfo:
             data = zf.read(pkl[0])
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
-    up = _ScanUnpickler(data)
+    up = _ScalarUnpickler(data)  # tolerant stand-ins: Lightning's hyper_parameters are dict subclasses
     try:
         obj = up.load()
     except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
@@ -222,6 +222,57 @@ def _inspect_torch_zip(path: Path) -> FileInfo:
     tensors: list[TensorInfo] = []
     _walk(obj, "", tensors)
     return FileInfo("torch-zip", tensors, sorted(set(up.seen_globals)))
+
+
+class _Tolerant(dict):  # type: ignore[type-arg]
+    """Stand-in class for an unknown global: takes any arguments, any state, and items or appends, so
+    NEWOBJ and dict/list subclasses (Lightning's AttributeDict in `hyper_parameters`) load as stand-ins."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _ScalarUnpickler(_ScanUnpickler):
+    def find_class(self, module: str, name: str) -> Any:  # never imports
+        found = super().find_class(module, name)
+        if isinstance(found, _Global) and (module, name) not in _SAFE_GLOBALS:
+            return type(name, (_Tolerant,), {"__module__": "ckpt.formats.standin"})
+        return found
+
+
+def top_level_scalars(path: Path) -> dict[str, int | float | str | bool]:
+    """The top-level numbers, strings and booleans of a torch zip checkpoint's pickled dict.
+
+    Lightning stores `epoch` and `global_step` there. Nothing is imported or run: every global is a
+    stand-in. Returns {} for a file that is not a torch zip or not a dict; raises IntegrityError when corrupt.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pkl:
+                return {}
+            data = zf.read(pkl[0])
+    except zipfile.BadZipFile:
+        return {}
+    except (OSError, EOFError, ValueError) as e:
+        raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
+    try:
+        obj = _ScalarUnpickler(data).load()
+    except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
+        raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:

@@ -227,7 +227,7 @@ def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: boo
             f"checkpoint {cp.number} of task '{task.name}' is a symlink; ckpt does not promote through links",
             path=src,
         )
-    if not src.is_file():
+    if not (src.is_file() or src.is_dir()):
         raise IntegrityError(
             f"checkpoint {cp.number} of task '{task.name}' is missing its file {ws.rel(src)}",
             path=src,
@@ -267,6 +267,8 @@ def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: boo
 
 def _store(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
     """Put the checkpoint's bytes at `dst`: a hard link, else a reflink, else a verified copy."""
+    if src.is_dir():
+        return _store_tree(src, dst, cp, copy)
     if not copy:
         # ckpt's checkpoint files are immutable once written, so sharing their inode with a model is safe
         try:
@@ -285,6 +287,23 @@ def _store(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
             hint=f"run: ckpt verify {cp.task}",
         )
     return "copy"
+
+
+def _store_tree(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
+    """A directory checkpoint (a Hugging Face folder): linked file by file, else copied and verified."""
+    storage = fsutil.place_tree_new(src, dst, "copy" if copy else "link")
+    if storage == "copy":
+        files = fsutil.tree_files(dst)
+        digests = fsutil.sha256_many([dst / rel for rel, _ in files])
+        pairs = [(rel, d) for (rel, _), d in zip(files, digests, strict=True) if isinstance(d, str)]
+        if len(pairs) != len(files) or fsutil.tree_digest(pairs) != cp.sha256:
+            fsutil.remove_tree(dst)
+            raise IntegrityError(
+                f"checkpoint {cp.number} of task '{cp.task}' does not match its recorded sha256",
+                path=src,
+                hint=f"run: ckpt verify {cp.task}",
+            )
+    return storage
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .errors import (
     CheckpointNotFound,
     CkptError,
     ConflictError,
+    IntegrityError,
     ManifestError,
     TaskNotFound,
     UsageError,
@@ -475,6 +477,108 @@ class Task:
             fsutil.remove_file(tmp)
         return number
 
+    def add_existing(self, items: list[Incoming], *, mode: str = "link") -> list[Checkpoint]:
+        """Add files or folders that already exist (import, scan --add) as new checkpoints, in order.
+
+        `mode` is "link" (hard link, else reflink, else copy), "copy" or "move"; the source is never
+        modified except by "move". Each item's size and sha256 are known (hashed by the caller); a copy
+        that does not match them raises IntegrityError. Returns the new records. Raises ConflictError
+        when the task is not running, BusyError when its lock is taken.
+        """
+        if mode not in ("link", "copy", "move"):
+            raise UsageError(f"unknown mode {mode!r}", hint="use link, copy or move")
+        if not items:
+            return []
+        cdir = self.folder / CHECKPOINT_DIR
+        fsutil.make_dirs(cdir)
+        staged: list[tuple[Incoming, Path, str]] = []
+        added: list[Checkpoint] = []
+        try:
+            # linking or copying happens outside the lock, under temporary names, as in _commit_new
+            for item in items:
+                tmp = cdir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+                if item.source.is_dir():
+                    listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
+                    how = fsutil.place_tree_new(item.source, tmp, mode, listed)
+                else:
+                    how = fsutil.place_new(item.source, tmp, mode)
+                staged.append((item, tmp, how))
+                if how == "copy":
+                    _check_copy(item, tmp)
+            with self.lock():
+                state = self.state()
+                if state.header.status != "running":
+                    raise ConflictError(
+                        f"task '{self.name}' is {state.header.status}; it takes no new checkpoints",
+                        hint="import into a new task with --task",
+                    )
+                number = state.max_number
+                placed: list[Checkpoint] = []
+                renamed: list[tuple[Path, Path]] = []
+                try:
+                    self._place_locked(staged, cdir, number, placed, renamed)
+                    fsutil.fsync_dir(cdir)
+                    # records are appended (in one write) only once every file is in place; a crash between
+                    # leaves numbered files without records, which `ckpt scan TASK --add` takes back in
+                    chunks = [record_bytes(cp) for cp in placed]
+                    fsutil.append_durably(self.manifest, b"".join(chunks))
+                except BaseException:
+                    for target, tmp in reversed(renamed):  # nothing was recorded: back to the staging names
+                        with contextlib.suppress(OSError, CkptError):
+                            fsutil.move_noreplace(target, tmp)
+                    raise
+                for cp, data in zip(placed, chunks, strict=True):
+                    self._reader.note_append(cp, data)
+                added = placed
+        finally:
+            for item, tmp, how in staged:
+                if not os.path.lexists(tmp):
+                    continue
+                if how == "move":  # not committed: put the source back (if that fails, the file stays here)
+                    with contextlib.suppress(OSError, CkptError):
+                        fsutil.move_noreplace(tmp, item.source)
+                    continue
+                fsutil.remove_tree(tmp)
+        for item, _, how in staged:
+            if mode == "move" and how != "move":
+                fsutil.remove_tree(item.source)  # moved across file systems: the source goes once committed
+        return added
+
+    def _place_locked(
+        self,
+        staged: list[tuple[Incoming, Path, str]],
+        cdir: Path,
+        number: int,
+        placed: list[Checkpoint],
+        renamed: list[tuple[Path, Path]],
+    ) -> None:
+        """Rename staged files to their numbers (caller holds the lock), filling `placed` and `renamed`."""
+        for item, tmp, _ in staged:
+            ext = "" if tmp.is_dir() else _suffix(item.original_name)
+            number += 1
+            while True:
+                target = cdir / f"{number:06d}{ext}"
+                try:
+                    fsutil.move_noreplace(tmp, target)
+                    break
+                except ConflictError:
+                    number += 1  # a file without a record: never reuse its number
+            renamed.append((target, tmp))
+            placed.append(
+                Checkpoint(
+                    number=number,
+                    file=f"{CHECKPOINT_DIR}/{target.name}",
+                    size=item.size,
+                    sha256=item.sha256,
+                    created=item.created or now_iso(),
+                    step=item.step,
+                    epoch=item.epoch,
+                    metrics=dict(item.metrics),
+                    original_name=item.original_name,
+                    task=self.name,
+                )
+            )
+
     def _rewrite(self, state: TaskState) -> None:
         """Replace the manifest with `state` (caller holds the lock)."""
         fsutil.atomic_write(self.manifest, task_bytes(state))
@@ -529,3 +633,39 @@ def _ranges(numbers: list[int]) -> str:
         if n is not None:
             start = prev = n
     return ", ".join(parts)
+
+
+STAGING_PREFIX = ".import-"
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A file or folder to add to a task as it is (see Task.add_existing)."""
+
+    source: Path
+    original_name: str
+    size: int
+    sha256: str  # of the file; of a folder, fsutil.tree_digest of its files
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: str | None = None
+    files: list[tuple[str, int, str]] | None = None  # a folder's (relative path, size, sha256), if known
+
+
+def _suffix(name: str) -> str:
+    ext = Path(name).suffix
+    return ext if 1 < len(ext) <= 20 and ext[1:].replace("_", "").isalnum() else ""
+
+
+def _check_copy(item: Incoming, copied: Path) -> None:
+    """A copy must hold the bytes that were hashed: the source may have changed in between."""
+    if copied.is_dir():
+        files = fsutil.tree_files(copied)
+        digests = fsutil.sha256_many([copied / rel for rel, _ in files])
+        pairs = [(rel, d) for (rel, _), d in zip(files, digests, strict=True) if isinstance(d, str)]
+        ok = len(pairs) == len(files) and fsutil.tree_digest(pairs) == item.sha256
+    else:
+        ok = fsutil.sha256_file(copied) == item.sha256
+    if not ok:
+        raise IntegrityError(f"'{item.source}' changed while it was being imported", path=item.source)

@@ -1,0 +1,193 @@
+"""Commands that bring runs in and check them: import, scan, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import app
+from ._common import JsonOpt, command, err, fmt_metric, human_size, open_workspace, out, print_json, table
+from ._render import metric_or_none
+
+
+def _metrics(m: dict[str, float]) -> dict[str, float | None]:
+    return {k: metric_or_none(v) for k, v in m.items()}
+
+
+@command(app, "import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A run folder (or one checkpoint file or folder).")],
+    task: Annotated[
+        str | None, typer.Option("--task", "-t", help="The task to import into (default: named after the folder).")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto, lightning (*.ckpt), huggingface (checkpoint-N/) or files.")
+    ] = "auto",
+    link: Annotated[
+        bool, typer.Option("--link", help="Hard-link the files in (the default; no bytes copied).")
+    ] = False,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy the files in.")] = False,
+    move: Annotated[bool, typer.Option("--move", help="Move the files in (the source folder loses them).")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Import a Lightning, Hugging Face Trainer or plain folder of checkpoints into a task.
+
+    Importing the same folder again adds only what is new.
+    """
+    from ..errors import UsageError
+    from ..importer import import_path
+
+    if link + copy + move > 1:
+        raise UsageError("give at most one of --link, --copy, --move")
+    mode = "copy" if copy else "move" if move else "link"
+    ws = open_workspace()
+    res = import_path(ws, path, task=task, fmt=fmt, mode=mode)
+    if json:
+        print_json(
+            {
+                "task": res.task,
+                "format": res.format,
+                "mode": res.mode,
+                "created_task": res.created_task,
+                "added": res.added,
+                "checkpoints": [
+                    {
+                        "source": r.source,
+                        "original_name": r.original_name,
+                        "action": r.action,
+                        "number": r.number,
+                        "step": r.step,
+                        "epoch": r.epoch,
+                        "metrics": _metrics(r.metrics),
+                        "size": r.size,
+                        "sha256": r.sha256 or None,
+                        "note": r.note,
+                    }
+                    for r in res.rows
+                ],
+            }
+        )
+        return
+    table(
+        ["#", "original name", "step", "epoch", "metrics", "size", "", "note"],
+        [
+            [
+                r.number,
+                r.original_name,
+                r.step,
+                r.epoch,
+                "  ".join(f"{k}={fmt_metric(v)}" for k, v in r.metrics.items()),
+                human_size(r.size) if r.size else "",
+                r.action,
+                r.note,
+            ]
+            for r in res.rows
+        ],
+        right=["#", "step", "epoch", "size"],
+    )
+    how = {"link": "linked", "copy": "copied", "move": "moved"}[res.mode]
+    made = " (new task)" if res.created_task else ""
+    err(f"{res.added} of {len(res.rows)} {res.format} checkpoints {how} into task '{res.task}'{made}")
+
+
+def _unknown_json(u: Any) -> dict[str, Any]:
+    return {"path": u.rel, "kind": u.kind, "size": u.size, "modified": u.modified, "addable": u.addable}
+
+
+@command(app, "scan")
+def scan(
+    task: Annotated[str, typer.Argument(help="The task.")],
+    add: Annotated[
+        bool, typer.Option("--add", help="Add the checkpoint files found as new checkpoints (moved into checkpoints/).")
+    ] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Files in a task folder that its manifest does not know (written by a script itself); --add takes them in."""
+    from ..importer import scan as do_scan
+
+    ws = open_workspace()
+    res = do_scan(ws, task, add=add)
+    if json:
+        print_json(
+            {
+                "task": res.task,
+                "unknown": [_unknown_json(u) for u in res.unknown],
+                "temporary": [_unknown_json(u) for u in res.temporary],
+                "added": [
+                    {"number": cp.number, "original_name": cp.original_name, "path": f"tasks/{task}/{cp.file}"}
+                    for cp in res.added
+                ],
+            }
+        )
+        return
+    for cp in res.added:
+        out(f"added {cp.original_name} as checkpoint {cp.number}")
+    if res.unknown:
+        table(
+            ["unknown", "kind", "size", "modified", "addable"],
+            [[u.rel, u.kind, human_size(u.size), u.modified[:19], "yes" if u.addable else "no"] for u in res.unknown],
+            right=["size"],
+        )
+    for u in res.temporary:
+        err(f"note: {u.rel} is a temporary file of an unfinished save or import")
+    if not res.unknown and not res.added:
+        err(f"task '{task}': every file is known to the manifest")
+    elif res.unknown and not add and any(u.addable for u in res.unknown):
+        err(f"add them with: ckpt scan {task} --add")
+
+
+@command(app, "verify")
+def verify(
+    tasks: Annotated[list[str] | None, typer.Argument(help="Tasks to verify (default: all).")] = None,
+    models: Annotated[bool, typer.Option("--models", help="Verify the models too.")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Re-hash checkpoint files against their recorded sha256; report missing, changed and unknown files.
+
+    Exits with 6 when anything is wrong.
+    """
+    from ..importer import verify as do_verify
+
+    ws = open_workspace()
+    res = do_verify(ws, tasks or None, models=models)
+    if json:
+        print_json(
+            {
+                "ok": res.ok,
+                "tasks": res.tasks,
+                "models": res.models,
+                "checked": res.checked,
+                "files": res.files,
+                "bytes": res.bytes,
+                "seconds": round(res.seconds, 3),
+                "problems": [
+                    {
+                        "kind": p.kind,
+                        "path": p.path,
+                        "task": p.task,
+                        "number": p.number,
+                        "model": p.model,
+                        "expected": p.expected,
+                        "actual": p.actual,
+                        "note": p.note,
+                    }
+                    for p in res.problems
+                ],
+                "temporary": res.temporary,
+            }
+        )
+    else:
+        if res.problems:
+            table(
+                ["problem", "path", "task", "#", "model", "note"],
+                [[p.kind, p.path, p.task, p.number, p.model, p.note] for p in res.problems],
+            )
+        rate = res.bytes / res.seconds / 2**20 if res.seconds > 0 else 0.0
+        err(
+            f"checked {res.checked} checkpoints and models: {len(res.problems)} problems "
+            f"({res.files} files, {human_size(res.bytes)} hashed at {rate:.0f} MiB/s)"
+        )
+    if not res.ok:
+        raise typer.Exit(6)

@@ -1,0 +1,712 @@
+"""Bring your own runs: import Lightning, Hugging Face and plain checkpoint folders; scan and verify tasks.
+
+Importing plans first (find, parse names, hash on all cores, match against what the task already
+holds), then hands the new checkpoints to `Task.add_existing`, which links them in under the task lock.
+Formats and numbering rules are documented in docs/import.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsutil
+from .errors import CkptError, IntegrityError, NotFoundError, TaskNotFound, UsageError
+from .names import check_task_name
+from .workspace import CACHE_FILE, CHECKPOINT_DIR, LOCK_FILE, PENDING_PREFIX, STAGING_PREFIX, TASK_FILE, Incoming
+
+if TYPE_CHECKING:
+    from .manifest import Checkpoint
+    from .workspace import Task, Workspace
+
+FORMATS = ("auto", "lightning", "huggingface", "files")
+MODES = ("link", "copy", "move")
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_HF_DIR = re.compile(r"checkpoint-(\d+)")
+_LAST = re.compile(r"last(-v\d+)?")
+_KEY = re.compile(r"(?:^|(?<=-))([A-Za-z_][A-Za-z0-9_.@]*)=")
+_VERSION = re.compile(r"-v\d+$")
+_INT = re.compile(r"[+-]?\d+")
+_NUMBERS = re.compile(r"\d+")
+_NAMED_NUMBER = re.compile(r"(?i)(step|epoch|iter|it)[_\-=]?(\d+)")
+# log_history keys that describe the run's speed, not the model
+_HF_NOISE = ("_runtime", "_per_second", "total_flos")
+
+
+# --- what a source holds ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Found:
+    """A checkpoint found in a source folder, before it is imported."""
+
+    path: Path
+    name: str  # the original name: the path relative to the folder imported
+    is_dir: bool = False
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    mtime: float = 0.0
+    size: int = 0
+    sha256: str = ""
+    files: list[tuple[str, int, str]] | None = None
+    note: str | None = None
+    is_last: bool = False
+
+
+@dataclass(slots=True)
+class ImportRow:
+    """One source checkpoint and what import did with it: added, already (imported before), duplicate, skipped."""
+
+    source: str
+    original_name: str
+    action: str
+    number: int | None
+    step: int | None
+    epoch: int | None
+    metrics: dict[str, float]
+    size: int
+    sha256: str
+    note: str | None = None
+
+
+@dataclass(slots=True)
+class ImportResult:
+    task: str
+    format: str
+    mode: str
+    created_task: bool
+    rows: list[ImportRow]
+
+    @property
+    def added(self) -> int:
+        return sum(r.action == "added" for r in self.rows)
+
+
+def parse_lightning_name(name: str) -> tuple[int | None, int | None, dict[str, float]]:
+    """(epoch, step, metrics) from a ModelCheckpoint file name such as `epoch=3-step=120-val_loss=0.230.ckpt`.
+
+    Pieces are `key=value` joined by `-` (Lightning's CHECKPOINT_JOIN_CHAR), with an optional prefix and a
+    `-vN` version suffix; a value may be negative. Pieces that are not numbers are ignored.
+    """
+    stem = name[: -len(".ckpt")] if name.endswith(".ckpt") else Path(name).stem
+    stem = _VERSION.sub("", stem)
+    keys = list(_KEY.finditer(stem))
+    epoch = step = None
+    metrics: dict[str, float] = {}
+    for i, m in enumerate(keys):
+        end = keys[i + 1].start() - 1 if i + 1 < len(keys) else len(stem)
+        raw = stem[m.end() : end]
+        key = m.group(1)
+        value: float
+        if _INT.fullmatch(raw):
+            value = int(raw)
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+        if key in ("epoch", "step") and isinstance(value, int):
+            if key == "epoch":
+                epoch = value
+            else:
+                step = value
+        else:
+            metrics[key] = value
+    return epoch, step, metrics
+
+
+def parse_plain_name(name: str) -> tuple[int | None, int | None]:
+    """(epoch, step) named in a plain file name such as `model_epoch5_step500.pt`, where present."""
+    epoch = step = None
+    for m in _NAMED_NUMBER.finditer(Path(name).stem):
+        if m.group(1).lower() == "epoch":
+            epoch = int(m.group(2))
+        else:
+            step = int(m.group(2))
+    return epoch, step
+
+
+def hf_metrics(state: dict[str, Any], step: int) -> tuple[int | None, dict[str, float]]:
+    """(whole epoch, metrics) at `step` from a Trainer's `trainer_state.json`: its `log_history` entries
+    whose `step` is `step` (eval_loss, loss, learning_rate...), speed figures left out. A fractional
+    epoch is kept as the metric `epoch`."""
+    metrics: dict[str, float] = {}
+    epoch: float | None = None
+    history = state.get("log_history")
+    for entry in history if isinstance(history, list) else []:
+        if not isinstance(entry, dict) or entry.get("step") != step:
+            continue
+        for k, v in entry.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or k == "step":
+                continue
+            if k == "epoch":
+                epoch = v
+            elif not k.endswith(_HF_NOISE):
+                metrics[k] = v
+    if epoch is None and state.get("global_step") == step and isinstance(state.get("epoch"), int | float):
+        epoch = state["epoch"]
+    if epoch is None or isinstance(epoch, bool):
+        return None, metrics
+    if float(epoch).is_integer():
+        return int(epoch), metrics
+    metrics["epoch"] = float(epoch)
+    return None, metrics
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.stat(path, follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.name
+    return rel if rel not in ("", ".") else path.name
+
+
+def _walk_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under `root` with one of `suffixes` (no symlinks, no hidden files), in path order."""
+    out: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if not f.startswith(".") and f.endswith(suffixes):
+                out.append(Path(folder) / f)
+    return out
+
+
+def detect_format(path: Path) -> str:
+    """The format of `path`: "huggingface" (checkpoint-N folders), "lightning" (*.ckpt files), else "files"."""
+    if path.is_dir():
+        if _HF_DIR.fullmatch(path.name) or any(
+            _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
+        ):
+            return "huggingface"
+        return "lightning" if _walk_files(path, (".ckpt",)) else "files"
+    return "lightning" if path.suffix == ".ckpt" else "files"
+
+
+def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
+    """The `*.ckpt` files of a Lightning run (`lightning_logs/version_N/checkpoints/`), in step order."""
+    root = path if path.is_dir() else path.parent
+    files = _walk_files(path, (".ckpt",)) if path.is_dir() else [path]
+    found: list[Found] = []
+    skipped: list[ImportRow] = []
+    for f in files:
+        name = _rel(f, root)
+        if f.is_symlink():  # save_last="link" makes last.ckpt a symlink to the checkpoint it repeats
+            skipped.append(_skip(f, name, f"a symlink (to {os.readlink(f)}); not imported"))
+            continue
+        epoch, step, metrics = parse_lightning_name(f.name)
+        found.append(Found(f, name, epoch=epoch, step=step, metrics=metrics, mtime=_mtime(f), is_last=_is_last(f.name)))
+    from .formats import top_level_scalars
+
+    for c in found:
+        if c.step is None or c.epoch is None:
+            # the name lacks them: read them from the file without unpickling anything
+            try:
+                inside = top_level_scalars(c.path)
+            except IntegrityError:
+                inside = {}
+            inner_step, inner_epoch = inside.get("global_step"), inside.get("epoch")
+            if c.step is None and isinstance(inner_step, int) and not isinstance(inner_step, bool):
+                c.step = inner_step
+            if c.epoch is None and isinstance(inner_epoch, int) and not isinstance(inner_epoch, bool):
+                c.epoch = inner_epoch
+    found.sort(key=lambda c: (c.step is None, c.step or 0, c.epoch or 0, c.is_last, c.mtime, c.name))
+    return found, skipped
+
+
+def _is_last(filename: str) -> bool:
+    return filename.endswith(".ckpt") and bool(_LAST.fullmatch(filename[: -len(".ckpt")]))
+
+
+def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
+    """The `checkpoint-N/` folders of a Trainer's output_dir, in numeric order of N."""
+    if _HF_DIR.fullmatch(path.name):
+        root, dirs = path.parent, [path]
+    else:
+        root = path
+        dirs = [Path(e.path) for e in os.scandir(path) if _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    top = _read_json(root / "trainer_state.json")
+    best = top.get("best_model_checkpoint")
+    best_step = int(top["global_step"]) if isinstance(top.get("global_step"), int) else -1
+    found: list[Found] = []
+    for d in dirs:
+        step = int(_HF_DIR.fullmatch(d.name).group(1))  # type: ignore[union-attr]
+        state = _read_json(d / "trainer_state.json")
+        if not isinstance(state.get("log_history"), list) or not state["log_history"]:
+            state = top
+        epoch, metrics = hf_metrics(state, step)
+        if isinstance(state.get("best_model_checkpoint"), str) and step >= best_step:
+            best, best_step = state["best_model_checkpoint"], step  # the latest state knows the final best
+        found.append(Found(d, _rel(d, root), is_dir=True, step=step, epoch=epoch, metrics=metrics, mtime=_mtime(d)))
+    found.sort(key=lambda c: (c.step, c.name))  # numerically: checkpoint-4 before checkpoint-12
+    if isinstance(best, str):
+        for c in found:
+            if Path(best).name == c.path.name:
+                c.note = "the Trainer's best_model_checkpoint"
+    return found, []
+
+
+def find_files(path: Path) -> tuple[list[Found], list[ImportRow]]:
+    """Plain checkpoint files; numbered by the numbers in their names when every name has one, else by mtime."""
+    root = path if path.is_dir() else path.parent
+    files = _walk_files(path, FILE_SUFFIXES) if path.is_dir() else [path]
+    found: list[Found] = []
+    skipped: list[ImportRow] = []
+    for f in files:
+        name = _rel(f, root)
+        if f.is_symlink():
+            skipped.append(_skip(f, name, "a symlink; not imported"))
+            continue
+        epoch, step = parse_plain_name(f.name)
+        found.append(Found(f, name, epoch=epoch, step=step, mtime=_mtime(f)))
+    order_by_plain_name(found)
+    return found, skipped
+
+
+def order_by_plain_name(found: list[Found]) -> None:
+    """Sort in place: by the numbers in the names when every name has one (so 10 after 9), else by mtime."""
+    if found and all(_NUMBERS.search(Path(c.name).name) for c in found):
+        found.sort(key=lambda c: ([int(n) for n in _NUMBERS.findall(Path(c.name).name)], c.name))
+    else:
+        found.sort(key=lambda c: (c.mtime, c.name))
+
+
+def _skip(path: Path, name: str, note: str) -> ImportRow:
+    return ImportRow(str(path), name, "skipped", None, None, None, {}, 0, "", note)
+
+
+def hash_found(found: list[Found]) -> None:
+    """Fill size and sha256 of every candidate (a folder's sha256 is fsutil.tree_digest), on all cores."""
+    jobs: list[Path] = []
+    trees: list[tuple[Found, list[tuple[str, int]]]] = []
+    for c in found:
+        if c.is_dir:
+            files = fsutil.tree_files(c.path)
+            trees.append((c, files))
+            jobs.extend(c.path / rel for rel, _ in files)
+        else:
+            jobs.append(c.path)
+    digests = fsutil.sha256_many(jobs)
+    for d in digests:
+        if isinstance(d, OSError):
+            raise CkptError(f"cannot read '{d.filename}': {d.strerror}", path=d.filename)
+    it = iter(digests)
+    tree_of = {id(c): files for c, files in trees}
+    for c in found:
+        if c.is_dir:
+            files = tree_of[id(c)]
+            c.files = [(rel, size, str(next(it))) for rel, size in files]
+            c.size = sum(size for _, size in files)
+            c.sha256 = fsutil.tree_digest([(rel, d) for rel, _, d in c.files])
+            if files:
+                c.mtime = max(c.mtime, max(_mtime(c.path / rel) for rel, _ in files))
+        else:
+            c.sha256 = str(next(it))
+            c.size = c.path.stat().st_size
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+
+def default_task_name(path: Path, fmt: str) -> str:
+    """A task name from the source path: its folder name, skipping Lightning's `checkpoints` folder."""
+    p = path.resolve()
+    if not p.is_dir() or (fmt == "huggingface" and _HF_DIR.fullmatch(p.name)):
+        p = p.parent
+    if p.name == "checkpoints" and p.parent != p:
+        p = p.parent
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", p.name).lstrip(".-")[:100]
+    return name or "imported"
+
+
+def plan(path: Path, fmt: str = "auto") -> tuple[str, list[Found], list[ImportRow]]:
+    """What `path` holds: (format, checkpoints in import order with sizes and hashes, skipped rows)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
+    if not os.path.lexists(path):
+        raise NotFoundError(f"'{path}' does not exist", path=path)
+    if fsutil.is_symlink(path):
+        path = path.resolve()
+    if fmt == "auto":
+        fmt = detect_format(path)
+    finder = {"lightning": find_lightning, "huggingface": find_huggingface, "files": find_files}[fmt]
+    if fmt == "huggingface" and not path.is_dir():
+        raise UsageError(f"'{path}' is a file; a Hugging Face checkpoint is a checkpoint-N folder")
+    found, skipped = finder(path)
+    if not found and not skipped:
+        raise NotFoundError(
+            f"no {fmt} checkpoints in '{path}'",
+            path=path,
+            hint="pass --format (lightning: *.ckpt, huggingface: checkpoint-N/, files: *.pt *.pth *.bin *.safetensors)",
+        )
+    hash_found(found)
+    return fmt, found, skipped
+
+
+def import_path(
+    ws: Workspace, path: str | os.PathLike[str], *, task: str | None = None, fmt: str = "auto", mode: str = "link"
+) -> ImportResult:
+    """Import the checkpoints under `path` into task `task` (created if needed; default: named after the folder).
+
+    Already-imported checkpoints (same sha256 and size as a record of the task) and repeats (`last.ckpt`,
+    identical bytes under two names) are not numbered again, so importing twice changes nothing.
+    Raises NotFoundError, UsageError, ConflictError (task not running), BusyError, IntegrityError.
+    """
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}", hint="use --link, --copy or --move")
+    src = Path(path).expanduser()
+    fmt, found, skipped = plan(src, fmt)
+    name = task or default_task_name(src, fmt)
+    check_task_name(name)
+    created = False
+    try:
+        t = ws.task(name)
+    except TaskNotFound:
+        t = ws.create_task(name, exist_ok=True)
+        created = True
+    rows, new = _match(t, found)
+    added = t.add_existing(new, mode=mode)
+    by_source = {str(item.source): cp for item, cp in zip(new, added, strict=True)}
+    for r in rows:
+        if r.action == "added":
+            r.number = by_source[r.source].number
+    t.refresh_cache()
+    return ImportResult(t.name, fmt, mode, created, rows + skipped)
+
+
+def _match(t: Task, found: list[Found]) -> tuple[list[ImportRow], list[Incoming]]:
+    """Rows for every candidate, and the Incoming items of those the task does not hold yet."""
+    known: dict[tuple[str, int], Checkpoint] = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
+    # of identical files in this import, the named one is kept and last.ckpt is the repeat
+    first: dict[tuple[str, int], Found] = {}
+    for c in sorted(found, key=lambda c: c.is_last):
+        first.setdefault((c.sha256, c.size), c)
+    rows: list[ImportRow] = []
+    new: list[Incoming] = []
+    for c in found:
+        key = (c.sha256, c.size)
+        row = ImportRow(str(c.path), c.name, "added", None, c.step, c.epoch, dict(c.metrics), c.size, c.sha256, c.note)
+        if key in known:
+            cp = known[key]
+            row.number = cp.number
+            same = cp.original_name == c.name
+            row.action = "already" if same else "duplicate"
+            row.note = "imported before" if same else f"same bytes as checkpoint {cp.number} ({cp.original_name})"
+        elif first[key] is not c:
+            row.action = "duplicate"
+            row.note = f"same bytes as {first[key].name}"
+        else:
+            new.append(
+                Incoming(
+                    source=c.path,
+                    original_name=c.name,
+                    size=c.size,
+                    sha256=c.sha256,
+                    step=c.step,
+                    epoch=c.epoch,
+                    metrics=dict(c.metrics),
+                    created=_iso(c.mtime) if c.mtime else None,
+                    files=c.files,
+                )
+            )
+        rows.append(row)
+    return rows, new
+
+
+# --- scan -------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Unknown:
+    """A file or folder in a task folder that the manifest does not know."""
+
+    path: Path
+    rel: str  # relative to the workspace
+    kind: str  # "file" or "dir"
+    size: int
+    modified: str
+    addable: bool  # a checkpoint file (by suffix) or a folder holding weights
+
+
+@dataclass(slots=True)
+class ScanResult:
+    task: str
+    unknown: list[Unknown]
+    temporary: list[Unknown]  # ckpt's own in-progress names (*.tmp, .import-*): never added
+    added: list[Checkpoint] = field(default_factory=list)
+
+
+_OWNED = {TASK_FILE, CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
+
+
+def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
+    """Files in a task folder that its manifest does not know; with `add`, checkpoint-like ones are added
+    (moved into checkpoints/ under new numbers, ordered as plain files are). Raises TaskNotFound, BusyError."""
+    t = ws.task(task_name)
+    result = _scan(ws, t)
+    if add:
+        candidates = [u for u in result.unknown if u.addable]
+        if candidates:
+            with t.lock():  # scanned again under the lock: a file can only be added while nothing else moves
+                fresh = {u.rel for u in _scan(ws, t).unknown}
+            candidates = [u for u in candidates if u.rel in fresh]
+            found = [_found_of(u, t) for u in candidates]
+            order_by_plain_name(found)
+            hash_found(found)
+            items = [
+                Incoming(
+                    source=c.path,
+                    original_name=c.name,
+                    size=c.size,
+                    sha256=c.sha256,
+                    step=c.step,
+                    epoch=c.epoch,
+                    metrics=dict(c.metrics),
+                    created=_iso(c.mtime) if c.mtime else None,
+                    files=c.files,
+                )
+                for c in found
+            ]
+            result.added = t.add_existing(items, mode="move")
+            added = {u.rel for u in candidates}
+            result.unknown = [u for u in result.unknown if u.rel not in added]
+            t.refresh_cache()
+    return result
+
+
+def _found_of(u: Unknown, t: Task) -> Found:
+    name = u.path.relative_to(t.folder).as_posix()
+    base = u.path.name
+    if u.kind == "dir":
+        m = _HF_DIR.fullmatch(base)
+        if m:
+            epoch, metrics = hf_metrics(_read_json(u.path / "trainer_state.json"), int(m.group(1)))
+            return Found(
+                u.path, name, is_dir=True, step=int(m.group(1)), epoch=epoch, metrics=metrics, mtime=_mtime(u.path)
+            )
+        return Found(u.path, name, is_dir=True, mtime=_mtime(u.path))
+    if "=" in base:
+        epoch, step, metrics = parse_lightning_name(base)
+        return Found(u.path, name, epoch=epoch, step=step, metrics=metrics, mtime=_mtime(u.path))
+    epoch, step = parse_plain_name(base)
+    return Found(u.path, name, epoch=epoch, step=step, mtime=_mtime(u.path))
+
+
+def _unknown(ws: Workspace, path: Path) -> Unknown:
+    st = os.stat(path, follow_symlinks=False)
+    if path.is_dir() and not path.is_symlink():
+        try:
+            files = fsutil.tree_files(path)
+            size = sum(s for _, s in files)
+            from .formats import weights_file
+
+            weights_file(path)
+            addable = True
+        except CkptError:
+            size, addable = 0, False
+        return Unknown(path, ws.rel(path), "dir", size, _iso(st.st_mtime), addable)
+    addable = path.suffix in FILE_SUFFIXES and not path.is_symlink() and not path.name.startswith(".")
+    return Unknown(path, ws.rel(path), "file", st.st_size, _iso(st.st_mtime), addable)
+
+
+def _scan(ws: Workspace, t: Task) -> ScanResult:
+    known = {cp.file for cp in t.checkpoints}
+    unknown: list[Unknown] = []
+    temporary: list[Unknown] = []
+    with os.scandir(t.folder) as it:
+        top = sorted(it, key=lambda e: e.name)
+    for e in top:
+        if e.name in _OWNED or e.name.startswith(PENDING_PREFIX) or e.name.startswith(".lock"):
+            continue
+        (temporary if e.name.startswith(".") else unknown).append(_unknown(ws, Path(e.path)))
+    cdir = t.folder / CHECKPOINT_DIR
+    if cdir.is_dir() and not cdir.is_symlink():
+        with os.scandir(cdir) as it:
+            inner = sorted(it, key=lambda e: e.name)
+        for e in inner:
+            if f"{CHECKPOINT_DIR}/{e.name}" in known:
+                continue
+            if e.name.startswith(".") and (e.name.endswith(".tmp") or e.name.startswith(STAGING_PREFIX)):
+                temporary.append(_unknown(ws, Path(e.path)))
+            else:
+                unknown.append(_unknown(ws, Path(e.path)))
+    return ScanResult(t.name, unknown, temporary)
+
+
+# --- verify -----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Problem:
+    """Something verify found wrong: missing, changed (size or sha256), unknown (a file no record names)."""
+
+    kind: str
+    path: str
+    task: str | None = None
+    number: int | None = None
+    model: str | None = None
+    expected: str | None = None
+    actual: str | None = None
+    note: str | None = None
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    tasks: list[str]
+    models: list[str]
+    checked: int  # checkpoints and models checked
+    files: int  # files hashed (each inode once)
+    bytes: int  # bytes hashed
+    seconds: float
+    problems: list[Problem]
+    temporary: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(slots=True)
+class _Target:
+    """One checkpoint or model to check: a file or a folder."""
+
+    path: Path
+    rel: str
+    size: int
+    sha256: str
+    task: str | None
+    number: int | None
+    model: str | None
+    files: list[tuple[str, int]] = field(default_factory=list)
+
+
+def verify(ws: Workspace, tasks: list[str] | None = None, *, models: bool = False) -> VerifyResult:
+    """Re-hash every checkpoint of `tasks` (default: all) and, with `models`, every model, against the
+    recorded sha256; report missing, changed and unknown files. Files are hashed on all cores, each
+    inode read once (a model hard-linked to its checkpoint is read once). Raises TaskNotFound."""
+    start = time.perf_counter()
+    names = list(tasks) if tasks else ws.task_names()
+    task_objs = [ws.task(n) for n in names]
+    targets: list[_Target] = []
+    problems: list[Problem] = []
+    temporary: list[str] = []
+    for t in task_objs:
+        for cp in t.checkpoints:
+            p = t.path_of(cp)
+            targets.append(_Target(p, ws.rel(p), cp.size, cp.sha256, t.name, cp.number, None))
+        sr = _scan(ws, t)
+        problems += [Problem("unknown", u.rel, task=t.name, note=f"a {u.kind} no record names") for u in sr.unknown]
+        temporary += [u.rel for u in sr.temporary]
+    model_titles: list[str] = []
+    if models:
+        found_models, errors = ws.models.read_all()
+        for e in errors:
+            problems.append(Problem("unreadable", str(e.path or ""), note=str(e)))
+        for m in found_models:
+            if tasks and m.task not in names:
+                continue
+            model_titles.append(m.title)
+            targets.append(_Target(m.path, ws.rel(m.path), m.size, m.sha256, m.task, m.checkpoint, m.title))
+    found_problems, files_hashed, bytes_hashed = _check(targets)
+    problems += found_problems
+    # a checkpoint trashed while we hashed is not a problem: keep only what the manifests still name
+    still = {(t.name, cp.number) for t in task_objs for cp in t.checkpoints}
+    problems = [p for p in problems if p.model is not None or p.number is None or (p.task, p.number) in still]
+    return VerifyResult(
+        names,
+        model_titles,
+        len(targets),
+        files_hashed,
+        bytes_hashed,
+        time.perf_counter() - start,
+        problems,
+        temporary,
+    )
+
+
+def _check(targets: list[_Target]) -> tuple[list[Problem], int, int]:
+    """The problems of `targets`, and how many files and bytes were hashed."""
+    problems: list[Problem] = []
+    jobs: dict[tuple[int, int], Path] = {}
+    plans: list[tuple[_Target, list[tuple[str, tuple[int, int]]]]] = []
+    for tg in targets:
+        where = {"task": tg.task, "number": tg.number, "model": tg.model}
+        if not os.path.lexists(tg.path):
+            problems.append(Problem("missing", tg.rel, **where, expected=tg.sha256))  # type: ignore[arg-type]
+            continue
+        if fsutil.is_symlink(tg.path):
+            problems.append(Problem("changed", tg.rel, **where, note="is a symlink"))  # type: ignore[arg-type]
+            continue
+        try:
+            if tg.path.is_dir():
+                entries = [(rel, tg.path / rel) for rel, _ in fsutil.tree_files(tg.path)]
+            else:
+                entries = [("", tg.path)]
+        except (CkptError, OSError) as e:
+            problems.append(Problem("changed", tg.rel, **where, note=str(e)))  # type: ignore[arg-type]
+            continue
+        size = 0
+        keyed: list[tuple[str, tuple[int, int]]] = []
+        for rel, p in entries:
+            st = os.stat(p, follow_symlinks=False)
+            size += st.st_size
+            key = (st.st_dev, st.st_ino)
+            jobs.setdefault(key, p)
+            keyed.append((rel, key))
+        if size != tg.size:
+            problems.append(
+                Problem("changed", tg.rel, **where, expected=tg.sha256, note=f"size {size}, recorded {tg.size}")  # type: ignore[arg-type]
+            )
+            continue
+        plans.append((tg, keyed))
+    # only the inodes still needed are hashed, largest first so the cores finish together
+    needed = {key for _, keyed in plans for _, key in keyed}
+    order = sorted(needed, key=lambda k: -_size(jobs[k]))
+    digests = dict(zip(order, fsutil.sha256_many([jobs[k] for k in order]), strict=True))
+    for tg, keyed in plans:
+        where = {"task": tg.task, "number": tg.number, "model": tg.model}
+        got = [digests[key] for _, key in keyed]
+        errs = [g for g in got if isinstance(g, OSError)]
+        if errs:
+            problems.append(Problem("missing", tg.rel, **where, expected=tg.sha256, note=str(errs[0])))  # type: ignore[arg-type]
+            continue
+        if keyed and keyed[0][0] == "":
+            actual = str(got[0])
+        else:
+            actual = fsutil.tree_digest([(rel, str(d)) for (rel, _), d in zip(keyed, got, strict=True)])
+        if actual != tg.sha256:
+            problems.append(Problem("changed", tg.rel, **where, expected=tg.sha256, actual=actual))  # type: ignore[arg-type]
+    return problems, len(order), sum(_size(jobs[k]) for k in order)
+
+
+def _size(p: Path) -> int:
+    try:
+        return os.stat(p, follow_symlinks=False).st_size
+    except OSError:
+        return 0
