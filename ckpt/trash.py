@@ -405,7 +405,7 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
         sign = -1 if rules.minimize else 1
         have.sort(key=lambda cp: (sign * cp.metrics[metric], cp.number), reverse=True)
         for cp in have[: rules.keep_best]:
-            why[cp.number].append(f"keep-best {rules.keep_best} by {metric} ({cp.metrics[metric]:g})")
+            why[cp.number].append(f"keep-best {rules.keep_best} by {metric} ({cp.metrics[metric]:.4g})")
 
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
