@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -54,7 +56,57 @@ from . import trash as _trash  # noqa: E402,F401
 def main() -> None:
     """Entry point of the `ckpt` script."""
     try:
-        app()
+        with _only_invoked(sys.argv[1:]):
+            app()
     except KeyboardInterrupt:  # pragma: no cover
         err("interrupted")
         sys.exit(130)
+
+
+def _invoked(argv: list[str]) -> str | None:
+    """The command `argv` names after the root options, or None (help, version, anything unusual)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-w", "--workspace"):
+            i += 2
+        elif arg.startswith("--workspace=") or (arg.startswith("-w") and not arg.startswith("--")):
+            i += 1
+        else:
+            return None if arg.startswith("-") else arg
+    return None
+
+
+@contextlib.contextmanager
+def _only_invoked(argv: list[str]) -> Iterator[None]:
+    """Show Typer only the command being run, for the duration of the call.
+
+    Typer turns every registered command into a Click command (signatures, type hints) at each start,
+    which costs more than a millisecond a command; `ckpt list` needs only `list`. Help, version, and
+    a name that is no command (Click suggests one) get the whole app.
+    """
+    name = _invoked(argv)
+    commands, groups = app.registered_commands, app.registered_groups
+    keep_c = [c for c in commands if _command_name(c) == name]
+    keep_g = [g for g in groups if _group_name(g) == name]
+    if name is None or not (keep_c or keep_g):
+        yield
+        return
+    app.registered_commands, app.registered_groups = keep_c, keep_g
+    try:
+        yield
+    finally:
+        app.registered_commands, app.registered_groups = commands, groups
+
+
+def _command_name(command: typer.models.CommandInfo) -> str | None:
+    if command.name:
+        return command.name
+    return typer.main.get_command_name(command.callback.__name__) if command.callback else None
+
+
+def _group_name(group: typer.models.TyperInfo) -> str | None:
+    for name in (group.name, group.typer_instance.info.name if group.typer_instance else None):
+        if isinstance(name, str):
+            return name
+    return None

@@ -78,7 +78,16 @@ def err(text: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    """JSON on stdout: indented for a person at a terminal, one line for a script.
+
+    Indenting makes Python use its pure-Python encoder: 0.8 s for 10,000 checkpoints against 0.04 s
+    for the C one (benchmarks/README.md). The separators are the same either way.
+    """
+    try:
+        indent = 2 if sys.stdout.isatty() else None
+    except (AttributeError, ValueError):
+        indent = None
+    sys.stdout.write(json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def console(stderr: bool = False) -> Any:

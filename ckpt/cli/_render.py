@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import isfinite
 from typing import Any
 
 from ..manifest import Checkpoint, metric_json
@@ -9,6 +10,41 @@ from ..manifest import Checkpoint, metric_json
 
 def metric_or_none(v: float) -> float | None:
     return metric_json(v)
+
+
+def checkpoint_path(ws: Any, task: Any, cp: Checkpoint, prefix: str | None = None) -> str:
+    """`ws.rel(task.path_of(cp))` without building two Paths per checkpoint (10,000 of them in `ckpt list`)."""
+    parts = cp.file.split("/")
+    if "" in parts or "." in parts:  # a name pathlib would normalise: let it
+        return str(ws.rel(task.path_of(cp)))
+    return f"{prefix or ws.rel(task.folder)}/{cp.file}"
+
+
+def checkpoints_json(
+    ws: Any, task: Any, cps: list[Checkpoint], latest: int | None, models: dict[int, list[str]]
+) -> list[dict[str, Any]]:
+    """`checkpoint_json` of many checkpoints of one task, written for speed (`ckpt list` of 10,000)."""
+    prefix = ws.rel(task.folder)
+    rows = []
+    for cp in cps:
+        metrics: dict[str, float | None] | dict[str, float] = cp.metrics
+        if not all(map(isfinite, cp.metrics.values())):
+            metrics = {k: metric_json(v) for k, v in cp.metrics.items()}
+        rows.append(
+            {
+                "number": cp.number,
+                "step": cp.step,
+                "epoch": cp.epoch,
+                "metrics": metrics,
+                "size": cp.size,
+                "created": cp.created,
+                "path": checkpoint_path(ws, task, cp, prefix),
+                "sha256": cp.sha256,
+                "latest": cp.number == latest,
+                "models": sorted(models.get(cp.number, ())),
+            }
+        )
+    return rows
 
 
 def checkpoint_json(ws: Any, task: Any, cp: Checkpoint, latest: bool, models: list[str]) -> dict[str, Any]:
@@ -19,7 +55,7 @@ def checkpoint_json(ws: Any, task: Any, cp: Checkpoint, latest: bool, models: li
         "metrics": {k: metric_json(v) for k, v in cp.metrics.items()},
         "size": cp.size,
         "created": cp.created,
-        "path": ws.rel(task.path_of(cp)),
+        "path": checkpoint_path(ws, task, cp),
         "sha256": cp.sha256,
         "latest": latest,
         "models": sorted(models),

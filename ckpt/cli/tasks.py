@@ -20,7 +20,7 @@ from ._common import (
     print_json,
     table,
 )
-from ._render import checkpoint_json, metric_or_none, model_json
+from ._render import checkpoint_json, checkpoints_json, metric_or_none, model_json
 
 
 @command(app, "init")
@@ -121,7 +121,7 @@ def list_checkpoints(
         missing = [cp for cp in cps if key(cp)[0]]
         cps = sorted(present, key=key, reverse=desc) + missing
     if json:
-        print_json([checkpoint_json(ws, t, cp, cp.number == latest, models.get(cp.number, [])) for cp in cps])
+        print_json(checkpoints_json(ws, t, cps, latest, models))
         return
     if not cps:
         err(f"task '{task}' has no checkpoints yet")
