@@ -309,15 +309,18 @@ class TrashPlan:
             data = dumps(entry.to_doc())
             fsutil.atomic_write(folder / ENTRY_FILE, data)
             # 3. the files, by rename (never a copy)
-            made: set[Path] = set()
+            made: set[str] = set()
+            files = folder / FILES_DIR
             for cp in self.checkpoints:
-                dst = folder / FILES_DIR / cp.file
-                if dst.parent not in made:
+                dst = files / cp.file
+                parent = os.path.dirname(cp.file)
+                if parent not in made:
                     fsutil.make_dirs(dst.parent)
-                    made.add(dst.parent)
+                    made.add(parent)
                 fsutil.move_noreplace(task.folder / cp.file, dst)
-            for d in {(task.folder / cp.file).parent for cp in self.checkpoints} | made:
-                fsutil.fsync_dir(d)
+            for parent in made:
+                fsutil.fsync_dir(task.folder / parent)
+                fsutil.fsync_dir(files / parent)
             # 4. the manifest last: before this a crash is undone (files go back), after it finished
             state = task.state()
             gone = set(self.trashed)
@@ -409,11 +412,12 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
 
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
-    dir_ok: dict[Path, bool] = {}
+    stats: list[os.stat_result] = []
+    dir_ok: dict[str, bool] = {}
     for cp in cps:
         reasons = why[cp.number]
         if not reasons:
-            problem = _unmovable(task, cp, dir_ok)
+            problem, st = _unmovable(task, cp, dir_ok)
             if problem:
                 reasons.append(problem)
         if reasons:
@@ -421,43 +425,46 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
         else:
             decisions.append(Decision(cp.number, "trash", "unused", cp.size))
             trash.append(cp)
-    return TrashPlan(task, decisions, trash, _bytes_freed(task, trash), reason, warnings)
+            assert st is not None
+            stats.append(st)
+    return TrashPlan(task, decisions, trash, _bytes_freed(task, trash, stats), reason, warnings)
 
 
-def _unmovable(task: Task, cp: Checkpoint, dir_ok: dict[Path, bool]) -> str | None:
-    """Why the file of `cp` cannot be moved (a symlink, missing, reached through a link), or None."""
-    path = task.path_of(cp)
-    folder = task.folder
-    for part in Path(cp.file).parts[:-1]:
-        folder = folder / part
+def _unmovable(task: Task, cp: Checkpoint, dir_ok: dict[str, bool]) -> tuple[str | None, os.stat_result | None]:
+    """Why the file of `cp` cannot be moved (a symlink, missing, reached through a link), or its lstat."""
+    # plain strings, not Path: this runs once per checkpoint, a thousand times on a big task
+    folder = str(task.folder)
+    parts = cp.file.split("/")
+    for part in parts[:-1]:
+        folder = os.path.join(folder, part)
         if folder not in dir_ok:
-            dir_ok[folder] = not fsutil.is_symlink(folder)
+            dir_ok[folder] = not fsutil.is_symlink(Path(folder))
         if not dir_ok[folder]:
-            return f"skipped: {part}/ is a symlink; ckpt never moves files through links"
+            return f"skipped: {part}/ is a symlink; ckpt never moves files through links", None
     try:
-        st = os.lstat(path)
+        st = os.lstat(os.path.join(folder, parts[-1]))
     except FileNotFoundError:
-        return "skipped: its file is missing (see: ckpt doctor)"
+        return "skipped: its file is missing (see: ckpt doctor)", None
     if stat.S_ISLNK(st.st_mode):
-        return "skipped: its file is a symlink; ckpt never follows, moves or deletes through links"
-    if not stat.S_ISREG(st.st_mode):
-        return "skipped: its file is not a regular file"
-    return None
+        return "skipped: its file is a symlink; ckpt never follows, moves or deletes through links", None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return "skipped: its file is not a regular file or folder", None
+    return None, st
 
 
-def _bytes_freed(task: Task, cps: list[Checkpoint]) -> int:
-    """Sizes of the files whose every hard link would be gone: each inode once."""
+def _bytes_freed(task: Task, cps: list[Checkpoint], stats: list[os.stat_result]) -> int:
+    """Sizes of the files whose every hard link would be gone: each inode once (folders: their files)."""
     seen: dict[tuple[int, int], list[int]] = {}  # inode -> [links among these files, nlink, size]
-    for cp in cps:
-        try:
-            st = os.lstat(task.path_of(cp))
-        except OSError:
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            seen[key][0] += 1
-        else:
-            seen[key] = [1, st.st_nlink, st.st_size]
+    for cp, top in zip(cps, stats, strict=True):
+        tree = fsutil.lstat_tree(task.path_of(cp)) if stat.S_ISDIR(top.st_mode) else [(None, top)]
+        for _, st in tree:
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                seen[key][0] += 1
+            else:
+                seen[key] = [1, st.st_nlink, st.st_size]
     return sum(size for links, nlink, size in seen.values() if links >= nlink)
 
 
@@ -558,7 +565,7 @@ def restore(ws: Workspace, entry_id: str) -> RestoreResult:
             if os.path.lexists(dst):
                 conflicts.append(f"'{ws.rel(dst)}' exists")
             src = entry.folder / FILES_DIR / cp.file
-            if not _is_regular(src):
+            if not _is_file_or_folder(src):
                 raise IntegrityError(
                     f"trash entry '{entry_id}' is missing the file of checkpoint {cp.number} ({ws.rel(src)})",
                     path=src,
@@ -644,9 +651,11 @@ def _entry_task(ws: Workspace, entry: Entry) -> Task:
         ) from None
 
 
-def _is_regular(path: Path) -> bool:
+def _is_file_or_folder(path: Path) -> bool:
+    """A regular file or a folder (a directory checkpoint), not a symlink."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        mode = os.lstat(path).st_mode
+        return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
     except OSError:
         return False
 

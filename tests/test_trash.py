@@ -339,3 +339,24 @@ def test_library_api(ws: ckpt.Workspace) -> None:
     trash.restore(ws, res.entry)
     assert [cp.number for cp in ws.task("unet").checkpoints] == [1, 2, 3, 4, 5]
     json.dumps(trash.disk_use(ws).by_task)
+
+
+def test_directory_checkpoints_move_whole(ws: ckpt.Workspace, tmp_path: Path, run_json: Any) -> None:
+    from ckpt.fsutil import hash_tree
+    from ckpt.workspace import Incoming
+
+    task = make_task(ws, n=1)
+    hf = tmp_path / "hf-model"
+    (hf / "sub").mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (hf / "sub" / "model.safetensors").write_bytes(os.urandom(3000))
+    digest, size = hash_tree(hf)
+    task.add_existing([Incoming(hf, "hf-model", size, digest, is_dir=True)], mode="copy")
+    task.save(b"latest")
+    data = run_json("trash-unused", "unet")
+    assert data["trashed"] == [1, 2]
+    assert data["bytes_freed_on_empty"] == 1000 + 2 + 3000
+    moved = ws.trash_dir / data["entry"] / "files" / "checkpoints" / "000002"
+    assert hash_tree(moved) == (digest, size)
+    run_json("trash", "restore", data["entry"])
+    assert hash_tree(task.folder / "checkpoints" / "000002") == (digest, size)

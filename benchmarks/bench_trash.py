@@ -1,0 +1,80 @@
+"""trash-unused on a task of 1,000 checkpoints, against one `mv` of the same 1,000 files.
+
+The figure is the time trash-unused takes beyond ckpt's own start-up (a `ckpt tasks --json` timed
+in the same run), divided by the time of one `mv` of the same files into a folder on the same file
+system. Target: at most 3.
+
+    python benchmarks/bench_trash.py [--checkpoints 1000] [--repeat 7]
+
+The last lines are `RATIO <name> <value> <target>`, one per figure, for benchmarks/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ckpt
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "CKPT_WORKSPACE")}
+CKPT = [sys.executable, "-m", "ckpt"]
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, env=ENV, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def build(root: Path, n: int) -> None:
+    ws = ckpt.Workspace.init(root)
+    task = ws.create_task("big")
+    for i in range(n):
+        task.save(os.urandom(1024), step=i, metrics={"val_iou": (i % 97) / 100})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoints", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-trash-") as tmp:
+        base = Path(tmp)
+        template = base / "template"
+        build(template, args.checkpoints)
+        subprocess.run([*CKPT, "-w", str(template), "tasks", "--json"], env=ENV, check=True, stdout=subprocess.DEVNULL)
+        startup, trash, mv = [], [], []
+        for i in range(args.repeat):
+            # a fresh copy each time: trash-unused changes the workspace
+            ws = base / f"ws-{i}"
+            shutil.copytree(template, ws, symlinks=True)
+            startup.append(timed([*CKPT, "-w", str(ws), "tasks", "--json"]))
+            trash.append(timed([*CKPT, "-w", str(ws), "trash-unused", "big", "--json"]))
+            moved = base / f"mv-{i}"
+            shutil.copytree(template, moved, symlinks=True)
+            cdir = moved / "tasks" / "big" / "checkpoints"
+            files = sorted(str(p) for p in cdir.iterdir())
+            dest = moved / "trash" / "by-mv"
+            dest.mkdir()
+            mv.append(timed(["mv", *files, str(dest)]))
+            shutil.rmtree(ws)
+            shutil.rmtree(moved)
+    t_start, t_trash, t_mv = (statistics.median(x) for x in (startup, trash, mv))
+    beyond = max(0.0, t_trash - t_start)
+    ratio = beyond / t_mv
+    print(f"checkpoints          {args.checkpoints}")
+    print(f"ckpt tasks --json    {t_start * 1000:8.1f} ms (start-up)")
+    print(f"ckpt trash-unused    {t_trash * 1000:8.1f} ms ({beyond * 1000:.1f} ms beyond start-up)")
+    print(f"mv of the same files {t_mv * 1000:8.1f} ms")
+    print(f"RATIO trash_unused_vs_mv {ratio:.2f} <=3")
+
+
+if __name__ == "__main__":
+    main()
