@@ -58,6 +58,7 @@ class Found:
     files: list[tuple[str, int, str]] | None = None
     note: str | None = None
     is_last: bool = False
+    dev: int = -1
 
 
 @dataclass(slots=True)
@@ -175,27 +176,46 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _dev(path: Path) -> int:
+    try:
+        return os.stat(path, follow_symlinks=False).st_dev
+    except OSError:
+        return -1
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        rel = path.relative_to(root).as_posix()
-    except ValueError:
-        rel = path.name
-    return rel if rel not in ("", ".") else path.name
+    full, base = str(path), str(root).rstrip("/") + "/"
+    return full[len(base) :] if full.startswith(base) and len(full) > len(base) else path.name
 
 
-def _walk_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files under `root` with one of `suffixes` (no symlinks, no hidden files), in path order."""
-    out: list[Path] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if not f.startswith(".") and f.endswith(suffixes):
-                out.append(Path(folder) / f)
+def _walk_files(root: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, os.stat_result | None]]:
+    """Files under `root` with one of `suffixes` (no hidden ones), in path order, with their lstat
+    (None for a symlink, which is never followed)."""
+    out: list[tuple[Path, os.stat_result | None]] = []
+
+    def walk(folder: str) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                walk(e.path)
+            elif e.name.endswith(suffixes):
+                link = e.is_symlink()
+                if link or e.is_file(follow_symlinks=False):
+                    out.append((Path(e.path), None if link else e.stat(follow_symlinks=False)))
+
+    walk(str(root))
     return out
+
+
+def _single(path: Path) -> list[tuple[Path, os.stat_result | None]]:
+    return [(path, None if path.is_symlink() else os.stat(path, follow_symlinks=False))]
 
 
 def detect_format(path: Path) -> str:
@@ -212,16 +232,28 @@ def detect_format(path: Path) -> str:
 def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
     """The `*.ckpt` files of a Lightning run (`lightning_logs/version_N/checkpoints/`), in step order."""
     root = path if path.is_dir() else path.parent
-    files = _walk_files(path, (".ckpt",)) if path.is_dir() else [path]
+    files = _walk_files(path, (".ckpt",)) if path.is_dir() else _single(path)
     found: list[Found] = []
     skipped: list[ImportRow] = []
-    for f in files:
+    for f, st in files:
         name = _rel(f, root)
-        if f.is_symlink():  # save_last="link" makes last.ckpt a symlink to the checkpoint it repeats
+        if st is None:  # save_last="link" makes last.ckpt a symlink to the checkpoint it repeats
             skipped.append(_skip(f, name, f"a symlink (to {os.readlink(f)}); not imported"))
             continue
         epoch, step, metrics = parse_lightning_name(f.name)
-        found.append(Found(f, name, epoch=epoch, step=step, metrics=metrics, mtime=_mtime(f), is_last=_is_last(f.name)))
+        found.append(
+            Found(
+                f,
+                name,
+                epoch=epoch,
+                step=step,
+                metrics=metrics,
+                mtime=st.st_mtime,
+                size=st.st_size,
+                dev=st.st_dev,
+                is_last=_is_last(f.name),
+            )
+        )
     from .formats import top_level_scalars
 
     for c in found:
@@ -263,7 +295,9 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
         epoch, metrics = hf_metrics(state, step)
         if isinstance(state.get("best_model_checkpoint"), str) and step >= best_step:
             best, best_step = state["best_model_checkpoint"], step  # the latest state knows the final best
-        found.append(Found(d, _rel(d, root), is_dir=True, step=step, epoch=epoch, metrics=metrics, mtime=_mtime(d)))
+        found.append(
+            Found(d, _rel(d, root), is_dir=True, step=step, epoch=epoch, metrics=metrics, mtime=_mtime(d), dev=_dev(d))
+        )
     found.sort(key=lambda c: (c.step, c.name))  # numerically: checkpoint-4 before checkpoint-12
     if isinstance(best, str):
         for c in found:
@@ -275,16 +309,16 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
 def find_files(path: Path) -> tuple[list[Found], list[ImportRow]]:
     """Plain checkpoint files; numbered by the numbers in their names when every name has one, else by mtime."""
     root = path if path.is_dir() else path.parent
-    files = _walk_files(path, FILE_SUFFIXES) if path.is_dir() else [path]
+    files = _walk_files(path, FILE_SUFFIXES) if path.is_dir() else _single(path)
     found: list[Found] = []
     skipped: list[ImportRow] = []
-    for f in files:
+    for f, st in files:
         name = _rel(f, root)
-        if f.is_symlink():
+        if st is None:
             skipped.append(_skip(f, name, "a symlink; not imported"))
             continue
         epoch, step = parse_plain_name(f.name)
-        found.append(Found(f, name, epoch=epoch, step=step, mtime=_mtime(f)))
+        found.append(Found(f, name, epoch=epoch, step=step, mtime=st.st_mtime, size=st.st_size, dev=st.st_dev))
     order_by_plain_name(found)
     return found, skipped
 
@@ -328,7 +362,6 @@ def hash_found(found: list[Found]) -> None:
                 c.mtime = max(c.mtime, max(_mtime(c.path / rel) for rel, _ in files))
         else:
             c.sha256 = str(next(it))
-            c.size = c.path.stat().st_size
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -433,6 +466,8 @@ def _match(t: Task, found: list[Found]) -> tuple[list[ImportRow], list[Incoming]
                     metrics=dict(c.metrics),
                     created=_iso(c.mtime) if c.mtime else None,
                     files=c.files,
+                    is_dir=c.is_dir,
+                    dev=c.dev,
                 )
             )
         rows.append(row)
@@ -490,6 +525,8 @@ def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
                     metrics=dict(c.metrics),
                     created=_iso(c.mtime) if c.mtime else None,
                     files=c.files,
+                    is_dir=c.is_dir,
+                    dev=c.dev,
                 )
                 for c in found
             ]
@@ -513,9 +550,9 @@ def _found_of(u: Unknown, t: Task) -> Found:
         return Found(u.path, name, is_dir=True, mtime=_mtime(u.path))
     if "=" in base:
         epoch, step, metrics = parse_lightning_name(base)
-        return Found(u.path, name, epoch=epoch, step=step, metrics=metrics, mtime=_mtime(u.path))
+        return Found(u.path, name, epoch=epoch, step=step, metrics=metrics, mtime=_mtime(u.path), size=u.size)
     epoch, step = parse_plain_name(base)
-    return Found(u.path, name, epoch=epoch, step=step, mtime=_mtime(u.path))
+    return Found(u.path, name, epoch=epoch, step=step, mtime=_mtime(u.path), size=u.size)
 
 
 def _unknown(ws: Workspace, path: Path) -> Unknown:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -494,8 +496,13 @@ class Task:
         staged: list[tuple[Incoming, Path, str]] = []
         added: list[Checkpoint] = []
         try:
-            # linking or copying happens outside the lock, under temporary names, as in _commit_new
+            # copying happens outside the lock, under temporary names, as in _commit_new; a file that can be
+            # hard-linked is linked straight to its numbered name under the lock (a link is never half-made)
+            cdev = os.stat(cdir).st_dev
             for item in items:
+                if mode == "link" and not item.is_dir and item.dev == cdev:
+                    staged.append((item, item.source, "direct"))
+                    continue
                 tmp = cdir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
                 if item.source.is_dir():
                     listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
@@ -520,19 +527,22 @@ class Task:
                     fsutil.fsync_dir(cdir)
                     # records are appended (in one write) only once every file is in place; a crash between
                     # leaves numbered files without records, which `ckpt scan TASK --add` takes back in
-                    chunks = [record_bytes(cp) for cp in placed]
+                    chunks = [_record_bytes_fast(cp) for cp in placed]
                     fsutil.append_durably(self.manifest, b"".join(chunks))
                 except BaseException:
                     for target, tmp in reversed(renamed):  # nothing was recorded: back to the staging names
                         with contextlib.suppress(OSError, CkptError):
-                            fsutil.move_noreplace(target, tmp)
+                            if tmp == target:
+                                os.unlink(target)  # a direct link: the source still has the bytes
+                            else:
+                                fsutil.move_noreplace(target, tmp)
                     raise
                 for cp, data in zip(placed, chunks, strict=True):
                     self._reader.note_append(cp, data)
                 added = placed
         finally:
             for item, tmp, how in staged:
-                if not os.path.lexists(tmp):
+                if how == "direct" or not os.path.lexists(tmp):
                     continue
                 if how == "move":  # not committed: put the source back (if that fails, the file stays here)
                     with contextlib.suppress(OSError, CkptError):
@@ -553,17 +563,24 @@ class Task:
         renamed: list[tuple[Path, Path]],
     ) -> None:
         """Rename staged files to their numbers (caller holds the lock), filling `placed` and `renamed`."""
-        for item, tmp, _ in staged:
-            ext = "" if tmp.is_dir() else _suffix(item.original_name)
+        for item, tmp, how in staged:
+            ext = "" if item.is_dir else _suffix(item.original_name)
             number += 1
             while True:
                 target = cdir / f"{number:06d}{ext}"
                 try:
-                    fsutil.move_noreplace(tmp, target)
+                    if how == "direct":
+                        how = _link_or_copy_locked(item.source, target)
+                        tmp = target  # on failure there is nothing to put back: the new name goes
+                    else:
+                        how = "staged"
+                        fsutil.move_noreplace(tmp, target)
                     break
                 except ConflictError:
                     number += 1  # a file without a record: never reuse its number
             renamed.append((target, tmp))
+            if how == "copy":  # the link was refused and the copy made under the lock must match the hash
+                _check_copy(item, target)
             placed.append(
                 Checkpoint(
                     number=number,
@@ -651,6 +668,57 @@ class Incoming:
     metrics: dict[str, float] = field(default_factory=dict)
     created: str | None = None
     files: list[tuple[str, int, str]] | None = None  # a folder's (relative path, size, sha256), if known
+    is_dir: bool = False
+    dev: int = -1  # st_dev of the source: a hard link needs the same file system
+
+
+def _link_or_copy_locked(src: Path, target: Path) -> str:
+    """Hard-link `src` as `target`; where the link is refused, copy (ConflictError when `target` exists)."""
+    try:
+        fsutil.link_new(src, target)
+        return "direct"
+    except FileExistsError:
+        raise ConflictError(f"'{target}' already exists", path=target) from None
+    except OSError:
+        return fsutil.place_new(src, target, "link")
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_PLAIN_STRING = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII without '"' and '\\': written as is
+
+
+def _literal(value: object) -> str | None:
+    """The TOML literal tomli-w writes for a plain int, finite float or simple ASCII string; None otherwise."""
+    if isinstance(value, str):
+        return f'"{value}"' if _PLAIN_STRING.fullmatch(value) else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return None
+
+
+def _record_bytes_fast(cp: Checkpoint) -> bytes:
+    """record_bytes(cp), byte for byte, without tomli-w's per-character escaping (much faster on imports of
+    thousands); anything unusual (quoted keys, escapes, NaN) goes through tomli-w."""
+    lines = ["\n[[checkpoints]]"]
+    for k, v in cp.to_record().items():
+        if k == "metrics":
+            lines.append("\n[checkpoints.metrics]")
+            for mk, mv in v.items():
+                lit = _literal(mv)
+                if lit is None or not _BARE_KEY.fullmatch(mk):
+                    return record_bytes(cp)
+                lines.append(f"{mk} = {lit}")
+            continue
+        lit = _literal(v)
+        if lit is None:
+            return record_bytes(cp)
+        lines.append(f"{k} = {lit}")
+    lines.append("")
+    return "\n".join(lines).encode()
 
 
 def _suffix(name: str) -> str:

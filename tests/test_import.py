@@ -394,7 +394,6 @@ def test_trash_unused_keeps_promoted_lightning_import(
     assert len(list((version / "checkpoints").iterdir())) == 4  # the source is never touched
 
 
-@pytest.mark.xfail(reason="trash-unused skips directory checkpoints for now", strict=False)
 def test_trash_unused_keeps_promoted_hf_import(tmp_path: Path, ws: ckpt.Workspace, run: Any, run_json: Any) -> None:
     _needs_trash(run)
     out = hf_tree(tmp_path, steps=(4, 8, 12, 16), losses=(0.9, 0.3, 0.6, 0.7))
@@ -407,3 +406,25 @@ def test_trash_unused_keeps_promoted_hf_import(tmp_path: Path, ws: ckpt.Workspac
     assert run_json("verify", "hf", "--models")["ok"] is True
     assert (out / "checkpoint-4" / "model.safetensors").exists()  # the source is never touched
     assert left == [2, 4]
+
+
+def test_fast_record_bytes_match_tomli_w() -> None:
+    """Import writes thousands of records; its fast writer must give exactly what tomli-w gives."""
+    from ckpt.manifest import Checkpoint, record_bytes
+    from ckpt.workspace import _record_bytes_fast
+
+    base = {
+        "number": 7,
+        "file": "checkpoints/000007",
+        "size": 10,
+        "sha256": "ab" * 32,
+        "created": "2024-01-01T00:00:00+00:00",
+    }
+    cases = [
+        Checkpoint(**base),
+        Checkpoint(**base, step=5, epoch=0, original_name="checkpoint-5", metrics={"eval_loss": 0.25, "n": 3}),
+        Checkpoint(**base, original_name='we"ird\\name é.ckpt', metrics={"val/loss": float("nan"), "a b": 1e-05}),
+        Checkpoint(**base, metrics={"x": float("inf"), "y": -0.0, "z": 1e300}),
+    ]
+    for cp in cases:
+        assert _record_bytes_fast(cp) == record_bytes(cp)

@@ -89,7 +89,7 @@ def import_(
     )
     how = {"link": "linked", "copy": "copied", "move": "moved"}[res.mode]
     made = " (new task)" if res.created_task else ""
-    err(f"{res.added} of {len(res.rows)} {res.format} checkpoints {how} into task '{res.task}'{made}")
+    err(f"{res.added} of {len(res.rows)} checkpoints ({res.format}) {how} into task '{res.task}'{made}")
 
 
 def _unknown_json(u: Any) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""`ckpt verify` on 8 checkpoints of 128 MiB (in the page cache) against a single-threaded
+`hashlib.file_digest` loop over the same files, in the same run.
+
+The figure is the loop's time over verify's own time (the `seconds` of `ckpt verify --json`: the work
+of the command, not the interpreter's start, which is printed too). Target: at least 1.6.
+Prints `RATIO verify_8x128MiB_vs_file_digest_loop <value> >=1.6` last.
+Run: python benchmarks/bench_verify.py [--quick]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUICK = "--quick" in sys.argv[1:]
+FILES = 8
+SIZE = (32 if QUICK else 128) * 2**20
+REPEATS = 3 if QUICK else 5
+
+
+def ckpt_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "ckpt"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ckpt"]
+
+
+def env_for(ws: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG", "PYTHONPATH"):
+        env.pop(var, None)  # users run with compiled bytecode
+    env["CKPT_WORKSPACE"] = str(ws)
+    return env
+
+
+def digest_loop(paths: list[Path]) -> float:
+    start = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            hashlib.file_digest(f, "sha256")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-verify-"))
+    try:
+        src = tmp / "run"
+        src.mkdir()
+        for i in range(FILES):
+            block = os.urandom(2**20)  # each file different: import keeps one of identical files
+            with open(src / f"model_{i}.pt", "wb") as f:
+                for j in range(SIZE // 2**20):
+                    f.write(block[j:] + block[:j])  # distinct bytes per MiB, cheap to make
+        ws = tmp / "ws"
+        env = env_for(ws)
+        subprocess.run([*ckpt_cmd(), "init", str(ws)], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [*ckpt_cmd(), "import", str(src), "--task", "big", "--move"], env=env, check=True, capture_output=True
+        )
+        paths = sorted((ws / "tasks" / "big" / "checkpoints").iterdir())
+        digest_loop(paths)  # warm the page cache
+        loop: list[float] = []
+        inner: list[float] = []
+        wall: list[float] = []
+        for _ in range(REPEATS):  # interleaved, so drift on the machine hits both alike
+            loop.append(digest_loop(paths))
+            start = time.perf_counter()
+            proc = subprocess.run([*ckpt_cmd(), "verify", "big", "--json"], env=env, capture_output=True)
+            wall.append(time.perf_counter() - start)
+            if proc.returncode != 0:
+                sys.exit(f"ckpt verify failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
+            inner.append(json.loads(proc.stdout)["seconds"])
+        start = time.perf_counter()
+        subprocess.run(["sha256sum", *map(str, paths)], check=True, capture_output=True)
+        sha256sum = time.perf_counter() - start
+        total = FILES * SIZE / 2**20
+        lp, i, w = (statistics.median(x) for x in (loop, inner, wall))
+        print(
+            f"{FILES} files of {SIZE // 2**20} MiB in the page cache, {os.cpu_count()} cores, medians of {REPEATS}:",
+            file=sys.stderr,
+        )
+        print(f"  hashlib.file_digest loop  {lp:.3f} s  {total / lp:.0f} MiB/s", file=sys.stderr)
+        print(f"  ckpt verify (command)     {i:.3f} s  {total / i:.0f} MiB/s", file=sys.stderr)
+        print(f"  ckpt verify (process)     {w:.3f} s  {total / w:.0f} MiB/s (with interpreter start)", file=sys.stderr)
+        print(f"  sha256sum (once)          {sha256sum:.3f} s  {total / sha256sum:.0f} MiB/s", file=sys.stderr)
+        print(f"  process over loop: {lp / w:.2f}x", file=sys.stderr)
+        print(f"RATIO verify_8x128MiB_vs_file_digest_loop {lp / i:.2f} >=1.6")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
