@@ -137,7 +137,7 @@ def parse_plain_name(name: str) -> tuple[int | None, int | None]:
 def hf_metrics(state: dict[str, Any], step: int) -> tuple[int | None, dict[str, float]]:
     """(whole epoch, metrics) at `step` from a Trainer's `trainer_state.json`: its `log_history` entries
     whose `step` is `step` (eval_loss, loss, learning_rate...), speed figures left out. A fractional
-    epoch is kept as the metric `epoch`."""
+    epoch is kept as the metric `hf_epoch` (the Trainer counts epochs as a float)."""
     metrics: dict[str, float] = {}
     epoch: float | None = None
     history = state.get("log_history")
@@ -157,7 +157,7 @@ def hf_metrics(state: dict[str, Any], step: int) -> tuple[int | None, dict[str, 
         return None, metrics
     if float(epoch).is_integer():
         return int(epoch), metrics
-    metrics["epoch"] = float(epoch)
+    metrics["hf_epoch"] = float(epoch)
     return None, metrics
 
 

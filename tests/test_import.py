@@ -161,8 +161,8 @@ def test_hf_metrics_at_step() -> None:
         ],
     }
     assert hf_metrics(state, 8) == (1, {"eval_loss": 0.4, "loss": 0.7, "learning_rate": 1e-5})
-    assert hf_metrics(state, 4) == (None, {"loss": 0.9, "epoch": 0.5})
-    assert hf_metrics(state, 12) == (None, {"epoch": 1.5})
+    assert hf_metrics(state, 4) == (None, {"loss": 0.9, "hf_epoch": 0.5})
+    assert hf_metrics(state, 12) == (None, {"hf_epoch": 1.5})
 
 
 # --- Lightning ------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_hf_import_numeric_order_metrics_and_promote(tmp_path: Path, ws: ckpt.Wo
     # numeric order: checkpoint-12 comes after checkpoint-8 (string order would put it first)
     assert [(c["number"], c["step"]) for c in cps] == [(1, 4), (2, 8), (3, 12)]
     assert cps[1]["metrics"]["eval_loss"] == 0.4 and cps[1]["epoch"] == 1
-    assert cps[0]["metrics"]["epoch"] == 0.5 and cps[0]["epoch"] is None
+    assert cps[0]["metrics"]["hf_epoch"] == 0.5 and cps[0]["epoch"] is None
     assert "eval_runtime" not in cps[1]["metrics"] and "eval_samples_per_second" not in cps[1]["metrics"]
     assert cps[1]["path"] == "tasks/hf/checkpoints/000002"
     folder = out / "checkpoint-8"
