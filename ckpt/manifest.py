@@ -434,3 +434,88 @@ class TaskReader:
 
 # the cache's columns: Checkpoint's fields in order, less `task` (the reader's)
 _COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "metrics", "original_name")
+
+
+# --- the workspace's summary cache -------------------------------------------------------------------
+
+
+class SummaryCache:
+    """`ckpt tasks`'s rows, kept by the fingerprint of the manifest each came from; never the source of truth.
+
+    Reading 1,000 per-task caches costs more than ckpt's start-up, so `Workspace.tasks` keeps every
+    task's summary in one file, with the manifest's (inode, size, mtime, last 64 bytes) from the read
+    that produced it. A row is used only while its manifest still has that fingerprint: saving appends
+    (size and mtime change) and every other change replaces the file (new inode), as TaskReader relies
+    on. Each entry is consistent on its own, so concurrent writers, a lost or torn write (it is
+    replaced atomically) or a stale copy can only cost a re-read, never a wrong row.
+    """
+
+    def __init__(self, path: Path, fields: tuple[str, ...]):
+        self.path = path
+        self.fields = list(fields)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._changed = False
+        try:
+            raw = json.loads(path.read_bytes())
+            if raw.get("v") == CACHE_VERSION and raw.get("fields") == self.fields and isinstance(raw["tasks"], dict):
+                self.entries = raw["tasks"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+
+    def get(self, name: str, manifest: Path) -> dict[str, Any] | None:
+        """The summary of task `name` when its manifest is unchanged since it was cached, else None."""
+        entry = self.entries.get(name)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            fd = os.open(manifest, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            ino, size, mtime, tail, summary = entry["ino"], entry["size"], entry["mtime"], entry["tail"], entry["row"]
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime) or not isinstance(summary, dict):
+                return None
+            want = bytes.fromhex(tail)
+            if os.pread(fd, len(want), size - len(want)) != want:
+                return None
+            return summary
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            os.close(fd)
+
+    def put(self, name: str, reader: TaskReader, summary: dict[str, Any]) -> None:
+        """Keep `summary`, which was made from what `reader` last read."""
+        seen = reader._seen
+        if seen is None:
+            return
+        try:
+            st = os.stat(reader.manifest)
+        except OSError:
+            return
+        if st.st_ino != seen.ino or st.st_size != seen.size:
+            return  # changed since it was read: do not pair this mtime with the older content
+        self.entries[name] = {
+            "ino": seen.ino,
+            "size": seen.size,
+            "mtime": st.st_mtime_ns,
+            "tail": seen.tail.hex(),
+            "row": summary,
+        }
+        self._changed = True
+
+    def save(self, names: list[str]) -> None:
+        """Write the cache, keeping the tasks in `names` only; failures are ignored (it is only a cache)."""
+        keep = set(names)
+        if set(self.entries) - keep:
+            self.entries = {k: v for k, v in self.entries.items() if k in keep}
+            self._changed = True
+        if not self._changed:
+            return
+        doc = {"v": CACHE_VERSION, "fields": self.fields, "tasks": self.entries}
+        try:
+            fsutil.atomic_write_nosync(self.path, json.dumps(doc, separators=(",", ":")).encode())
+            self._changed = False
+        except (OSError, ValueError, TypeError):
+            pass
