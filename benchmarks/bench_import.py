@@ -70,6 +70,7 @@ def main() -> None:
             f"  ckpt import --link        {i * 1000:.0f} ms ({beyond * 1000:.0f} ms beyond start-up)", file=sys.stderr
         )
         print(f"  cp -al                    {c * 1000:.0f} ms", file=sys.stderr)
+        print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
         print(f"RATIO import_1000_links_vs_cp_al {beyond / c:.2f} <=3")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -225,8 +225,22 @@ def detect_format(path: Path) -> str:
             _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
         ):
             return "huggingface"
-        return "lightning" if _walk_files(path, (".ckpt",)) else "files"
+        return "lightning" if _any_file(str(path), ".ckpt") else "files"
     return "lightning" if path.suffix == ".ckpt" else "files"
+
+
+def _any_file(folder: str, suffix: str) -> bool:
+    """Whether a file ending in `suffix` lies below `folder` (hidden folders skipped); stops at the first."""
+    subdirs = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if e.name.endswith(suffix) and not e.is_dir(follow_symlinks=False):
+                return True
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.path)
+    return any(_any_file(d, suffix) for d in subdirs)
 
 
 def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
@@ -339,14 +353,17 @@ def hash_found(found: list[Found]) -> None:
     """Fill size and sha256 of every candidate (a folder's sha256 is fsutil.tree_digest), on all cores."""
     jobs: list[Path] = []
     trees: list[tuple[Found, list[tuple[str, int]]]] = []
+    total = 0
     for c in found:
         if c.is_dir:
             files = fsutil.tree_files(c.path)
             trees.append((c, files))
             jobs.extend(c.path / rel for rel, _ in files)
+            total += sum(size for _, size in files)
         else:
             jobs.append(c.path)
-    digests = fsutil.sha256_many(jobs)
+            total += c.size
+    digests = fsutil.sha256_many(jobs, workers=_workers(total))
     for d in digests:
         if isinstance(d, OSError):
             raise CkptError(f"cannot read '{d.filename}': {d.strerror}", path=d.filename)
@@ -724,8 +741,10 @@ def _check(targets: list[_Target]) -> tuple[list[Problem], int, int]:
         plans.append((tg, keyed))
     # only the inodes still needed are hashed, largest first so the cores finish together
     needed = {key for _, keyed in plans for _, key in keyed}
-    order = sorted(needed, key=lambda k: -_size(jobs[k]))
-    digests = dict(zip(order, fsutil.sha256_many([jobs[k] for k in order]), strict=True))
+    sizes = {k: _size(jobs[k]) for k in needed}
+    order = sorted(needed, key=lambda k: -sizes[k])
+    hashed = fsutil.sha256_many([jobs[k] for k in order], workers=_workers(sum(sizes.values())))
+    digests = dict(zip(order, hashed, strict=True))
     for tg, keyed in plans:
         where = {"task": tg.task, "number": tg.number, "model": tg.model}
         got = [digests[key] for _, key in keyed]
@@ -739,7 +758,12 @@ def _check(targets: list[_Target]) -> tuple[list[Problem], int, int]:
             actual = fsutil.tree_digest([(rel, str(d)) for (rel, _), d in zip(keyed, got, strict=True)])
         if actual != tg.sha256:
             problems.append(Problem("changed", tg.rel, **where, expected=tg.sha256, actual=actual))  # type: ignore[arg-type]
-    return problems, len(order), sum(_size(jobs[k]) for k in order)
+    return problems, len(order), sum(sizes.values())
+
+
+def _workers(total_bytes: int) -> int | None:
+    """One thread for a few MiB (threads cost more than they save on small files), else one per core."""
+    return 1 if total_bytes < 16 * 2**20 else None
 
 
 def _size(p: Path) -> int:

@@ -740,7 +740,7 @@ def _record_bytes_fast(cp: Checkpoint) -> bytes:
 
 
 def _suffix(name: str) -> str:
-    ext = Path(name).suffix
+    ext = os.path.splitext(name)[1]
     return ext if 1 < len(ext) <= 20 and ext[1:].replace("_", "").isalnum() else ""
 
 
