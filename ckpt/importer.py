@@ -431,6 +431,10 @@ def import_path(
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="use --link, --copy or --move")
     src = Path(path).expanduser()
+    if src.resolve().is_relative_to(ws.root.resolve()):
+        raise UsageError(
+            f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
+        )
     fmt, found, skipped = plan(src, fmt)
     name = task or default_task_name(src, fmt)
     check_task_name(name)
@@ -441,11 +445,16 @@ def import_path(
         t = ws.create_task(name, exist_ok=True)
         created = True
     rows, new = _match(t, found)
-    added = t.add_existing(new, mode=mode)
-    by_source = {str(item.source): cp for item, cp in zip(new, added, strict=True)}
+    added = t.add_existing(new, mode=mode, unique=True)
+    by_source = {cp.original_name: cp for cp in added}
+    known = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
     for r in rows:
         if r.action == "added":
-            r.number = by_source[r.source].number
+            if r.original_name in by_source:
+                r.number = by_source[r.original_name].number
+            else:  # another import added the same bytes meanwhile
+                r.action, r.note = "already", "added by another import meanwhile"
+                r.number = known[(r.sha256, r.size)].number
     t.refresh_cache()
     return ImportResult(t.name, fmt, mode, created, rows + skipped)
 

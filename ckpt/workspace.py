@@ -497,8 +497,11 @@ class Task:
             fsutil.remove_file(tmp)
         return number
 
-    def add_existing(self, items: list[Incoming], *, mode: str = "link") -> list[Checkpoint]:
+    def add_existing(self, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
         """Add files or folders that already exist (import, scan --add) as new checkpoints, in order.
+
+        With `unique`, an item whose sha256 and size a record already has (checked under the lock, so two
+        imports at once do not both add it) is left out.
 
         `mode` is "link" (hard link, else reflink, else copy), "copy" or "move"; the source is never
         modified except by "move". Each item's size and sha256 are known (hashed by the caller); a copy
@@ -537,6 +540,11 @@ class Task:
                         f"task '{self.name}' is {state.header.status}; it takes no new checkpoints",
                         hint="import into a new task with --task",
                     )
+                if unique:
+                    have = {(cp.sha256, cp.size) for cp in state.checkpoints.values()}
+                    for x in [x for x in staged if (x[0].sha256, x[0].size) in have]:
+                        staged.remove(x)
+                        _unstage(x)
                 number = state.max_number
                 placed: list[Checkpoint] = []
                 renamed: list[tuple[Path, Path]] = []
@@ -737,6 +745,16 @@ def _record_bytes_fast(cp: Checkpoint) -> bytes:
         lines.append(f"{k} = {lit}")
     lines.append("")
     return "\n".join(lines).encode()
+
+
+def _unstage(staged: tuple[Incoming, Path, str]) -> None:
+    """Undo the staging of an item that turned out to be recorded already."""
+    item, tmp, how = staged
+    if how == "move":
+        with contextlib.suppress(OSError, CkptError):
+            fsutil.move_noreplace(tmp, item.source)
+    elif how != "direct":
+        fsutil.remove_tree(tmp)
 
 
 def _suffix(name: str) -> str:

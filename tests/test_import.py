@@ -428,3 +428,24 @@ def test_fast_record_bytes_match_tomli_w() -> None:
     ]
     for cp in cases:
         assert _record_bytes_fast(cp) == record_bytes(cp)
+
+
+def test_two_imports_at_once_add_each_checkpoint_once(tmp_path: Path, ws: ckpt.Workspace) -> None:
+    version = lightning_tree(tmp_path)
+    ws.create_task("pl")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "ckpt", "import", str(version), "--task", "pl", "--json"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert sum(json.loads(o[0])["added"] for o in outs) == 3
+    cps = ws.task("pl").checkpoints
+    assert [cp.step for cp in cps] == [50, 100, 150]
+    assert not [p for p in (ws.root / "tasks/pl/checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_import_from_inside_the_workspace_is_refused(ws: ckpt.Workspace, run: Any) -> None:
+    task = ws.create_task("t")
+    task.save(b"abc")
+    r = run("import", str(task.folder / "checkpoints"), "--task", "again")
+    assert r.exit_code == 2 and "ckpt scan" in r.stderr
