@@ -122,7 +122,7 @@ def train(
     seed: int = 0,
     train_size: int = 384,
     val_size: int = 48,
-    held_out: int = 8,
+    held_out: int = 16,
     image_size: int = 64,
     width: int = 16,
     depth: int = 3,

@@ -49,6 +49,7 @@ def _root(
 
 from . import imports as _imports  # noqa: E402,F401
 from . import models as _models  # noqa: E402,F401
+from . import preview as _preview  # noqa: E402,F401
 from . import tasks as _tasks  # noqa: E402,F401  (registers commands)
 from . import trash as _trash  # noqa: E402,F401
 

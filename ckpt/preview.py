@@ -1,0 +1,756 @@
+"""Segmentation preview: run checkpoints on images and draw one picture that compares them.
+
+The only core module that needs torch (and numpy, Pillow); the CLI imports it inside its commands, so
+no other command pays for torch. Everything here returns dataclasses and raises CkptError subclasses.
+See docs/preview.md for the options, the picture's layout and the safety rules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsutil
+from .errors import CkptError, NotFoundError, UnsafeFileError, UsageError
+
+try:
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+except ImportError as e:  # pragma: no cover - the dev extra installs them
+    raise CkptError(
+        f"preview needs torch, numpy and Pillow ({e.name} is missing)", hint="pip install 'ckpt[torch]'"
+    ) from None
+
+from .formats import fit_state_dict, load_state_dict, require_safe_torch
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IGNORE = 255  # mask value left out of the metrics (as in Pascal VOC)
+# the picture's layout in pixels: see `layout`
+PAD, HEADER, LABEL, LEGEND_LINE, LEGEND_ITEM = 8, 22, 18, 22, 130
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+]
+
+Progress = Callable[[int, int], None]  # (images × checkpoints done, total)
+
+
+class ArchitectureError(UsageError):
+    """The network could not be built: a bad 'module:factory', a missing module, or wrong keyword arguments."""
+
+
+@dataclass(slots=True)
+class Source:
+    """One set of weights to preview: a task's checkpoint (`number`) or a model (`model`)."""
+
+    path: Path
+    number: int | None = None
+    model: str | None = None
+    task: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    arch_from_manifest: bool = True
+
+    @property
+    def label(self) -> str:
+        return self.model if self.model is not None else f"#{self.number}"
+
+
+@dataclass(slots=True)
+class PreviewOptions:
+    """What to preview on and how. None means: from the task manifest's `settings.preview`, else the default."""
+
+    images: list[Path]
+    masks: Path | None = None
+    out: Path = Path("preview.png")
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    size: tuple[int, int] | None = None  # (width, height) to resize to; default: each image's own size
+    classes: list[str] | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    unsafe_load: bool = False
+    save_masks: Path | None = None
+    cell: int = 160
+
+
+@dataclass(slots=True)
+class CheckpointResult:
+    """One source's result: mean IoU and Dice over all images (None without masks), and per image."""
+
+    label: str
+    number: int | None
+    model: str | None
+    task: str | None
+    path: Path
+    miou: float | None
+    dice: float | None
+    image_miou: list[float | None]
+
+
+@dataclass(slots=True)
+class PreviewResult:
+    output: Path
+    size: tuple[int, int]
+    images: list[Path]
+    masks: list[Path] | None
+    classes: list[str]
+    checkpoints: list[CheckpointResult]
+    device: str
+    seconds: float
+    saved_masks: Path | None = None
+
+
+# --- choosing what to preview ---------------------------------------------------------------------
+
+
+def task_sources(ws: Workspace, task: str, numbers: Sequence[int]) -> list[Source]:
+    """Sources for checkpoints `numbers` of `task` (all of them when empty); raises NotFoundError."""
+    t = ws.task(task)
+    header = t.header
+    cps = [t.checkpoint(n) for n in numbers] if numbers else t.checkpoints
+    if not cps:
+        raise NotFoundError(f"task '{task}' has no checkpoints to preview", hint=f"see: ckpt list {task}")
+    return [
+        Source(
+            t.path_of(cp),
+            number=cp.number,
+            task=task,
+            arch=header.arch,
+            arch_kwargs=dict(header.arch_kwargs or {}),
+            settings=_preview_settings(header.settings),
+        )
+        for cp in cps
+    ]
+
+
+def model_sources(ws: Workspace, titles: Sequence[str]) -> list[Source]:
+    """Sources for models `titles`; the architecture comes from each model's task when it still exists."""
+    from .errors import TaskNotFound
+
+    out = []
+    for title in titles:
+        m = ws.models[title]
+        src = Source(m.path, model=title, task=m.task)
+        try:
+            header = ws.task(m.task).header
+            src.arch, src.arch_kwargs = header.arch, dict(header.arch_kwargs or {})
+            src.settings = _preview_settings(header.settings)
+        except TaskNotFound:
+            pass
+        out.append(src)
+    return out
+
+
+def _preview_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    value = settings.get("preview", {})
+    return value if isinstance(value, dict) else {}
+
+
+# --- building the network -------------------------------------------------------------------------
+
+
+def build_network(factory: str, kwargs: dict[str, Any], *, from_manifest: bool = False) -> torch.nn.Module:
+    """Import `factory` ("package.module:name") and call it with `kwargs`; return the torch module.
+
+    A factory named by a manifest must be a `torch.nn.Module` class: a function could do anything when
+    called, so it is accepted only when the user names it with --arch. Raises ArchitectureError
+    (exit 2), or UnsafeFileError (exit 6) for a manifest naming a function.
+    """
+    module_name, sep, attr = factory.partition(":")
+    if not sep or not module_name or not attr:
+        raise ArchitectureError(f"invalid architecture {factory!r}", hint="use 'package.module:factory'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ArchitectureError(
+            f"cannot import module '{module_name}' for architecture '{factory}' ({e})",
+            hint="install the package that defines it, or pass --arch package.module:factory",
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ArchitectureError(
+                f"module '{module_name}' has no '{attr}' (architecture '{factory}')",
+                hint="pass --arch package.module:factory",
+            ) from None
+    is_module_class = inspect.isclass(obj) and issubclass(obj, torch.nn.Module)
+    if from_manifest and not is_module_class:
+        raise UnsafeFileError(
+            f"the manifest's architecture '{factory}' is not a torch.nn.Module class; calling it could run anything",
+            hint=f"if you trust it, pass --arch {factory}",
+        )
+    if not callable(obj):
+        raise ArchitectureError(f"architecture '{factory}' is not callable")
+    try:
+        net = obj(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ArchitectureError(
+            f"cannot build '{factory}' with keyword arguments {json.dumps(kwargs, sort_keys=True)}: {e}",
+            hint="fix --arch-kwargs (a JSON object)",
+        ) from None
+    if not isinstance(net, torch.nn.Module):
+        raise ArchitectureError(f"'{factory}' returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _in_channels(net: torch.nn.Module) -> int:
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            return m.in_channels if isinstance(m, torch.nn.Conv2d) else 3
+    return 3
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available, else the CPU; raises UsageError for an unavailable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here", hint="use --device cpu or auto")
+        return torch.device(device)
+    raise UsageError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+
+
+# --- images and masks -----------------------------------------------------------------------------
+
+
+def collect_images(paths: Sequence[Path]) -> list[Path]:
+    """The PNG and JPEG files named by `paths` (files, or folders read non-recursively, sorted by name)."""
+    if not paths:
+        raise UsageError("no images given", hint="pass --images FILE_OR_FOLDER")
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            inside = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not inside:
+                raise UsageError(f"image folder '{p}' holds no PNG or JPEG files", path=p)
+            found.extend(inside)
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UsageError(f"'{p}' is not a PNG or JPEG file", path=p)
+            found.append(p)
+        else:
+            raise NotFoundError(f"image path '{p}' does not exist", path=p, hint="pass --images FILE_OR_FOLDER")
+    return found
+
+
+def match_masks(images: Sequence[Path], masks: Path) -> list[Path]:
+    """The mask of each image: a PNG of the same name (stem) in folder `masks` (or `masks` itself for one image)."""
+    if masks.is_file():
+        if len(images) != 1:
+            raise UsageError(f"--masks '{masks}' is a file but there are {len(images)} images; pass a folder")
+        return [masks]
+    if not masks.is_dir():
+        raise NotFoundError(f"mask folder '{masks}' does not exist", path=masks)
+    out = []
+    for img in images:
+        candidates = [masks / f"{img.stem}.png", masks / img.name]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            raise NotFoundError(
+                f"image '{img.name}' has no mask in '{masks}' (looked for {img.stem}.png)",
+                path=img,
+                hint="masks are PNG files named like their images",
+            )
+        out.append(hit)
+    return out
+
+
+def _open_image(path: Path, channels: int) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read image '{path}': {e}", path=path) from None
+
+
+def read_mask(path: Path, size: tuple[int, int], classes: int) -> np.ndarray:
+    """A mask as class indices (H, W), uint8. 0/255 masks become 0/1; 255 elsewhere means "ignore"."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im if im.mode in ("L", "P", "I", "I;16") else im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read mask '{path}': {e}", path=path) from None
+    if arr.ndim == 3:
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise UsageError(f"mask '{path}' is a colour image", path=path, hint="masks hold class indices (or 0/255)")
+        arr = arr[..., 0]
+    if (arr.shape[1], arr.shape[0]) != size:
+        raise UsageError(
+            f"mask '{path}' is {arr.shape[1]}×{arr.shape[0]} but its image is {size[0]}×{size[1]}", path=path
+        )
+    values = np.unique(arr)
+    if set(values.tolist()) <= {0, 255}:
+        return (arr == 255).astype(np.uint8)
+    bad = [int(v) for v in values if v >= classes and v != IGNORE]
+    if bad:
+        raise UsageError(
+            f"mask '{path}' holds class {bad[0]} but the network predicts {classes} classes (0–{classes - 1})",
+            path=path,
+        )
+    return arr.astype(np.uint8)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def confusion(pred: np.ndarray, target: np.ndarray, classes: int) -> np.ndarray:
+    """The classes × classes confusion matrix (rows: truth), ignoring target pixels equal to 255."""
+    keep = target != IGNORE
+    idx = target[keep].astype(np.int64) * classes + pred[keep].astype(np.int64)
+    return np.bincount(idx, minlength=classes * classes).reshape(classes, classes)
+
+
+def miou_dice(conf: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean IoU and mean Dice over the classes present in the truth or the prediction."""
+    tp = np.diag(conf).astype(np.float64)
+    fp, fn = conf.sum(0) - tp, conf.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return None, None
+    iou = tp[present] / (tp + fp + fn)[present]
+    dice = 2 * tp[present] / (2 * tp + fp + fn)[present]
+    return float(iou.mean()), float(dice.mean())
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def _floats(value: Any, what: str, channels: int, default: float) -> list[float]:
+    if value is None:
+        return [default] * channels
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise UsageError(f"{what} must be a number or a list of numbers, got {value!r}")
+    if len(value) == 1:
+        value = value * channels
+    if len(value) != channels:
+        raise UsageError(f"{what} has {len(value)} values but the network takes {channels} channels")
+    if what == "std" and any(v <= 0 for v in value):
+        raise UsageError("std values must be positive")
+    return [float(v) for v in value]
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    raise UsageError(f"size must be [width, height] in pixels, got {value!r}")
+
+
+def _network_output(out: Any) -> torch.Tensor:
+    """The logits from what a network returned: a tensor, {"out": ...} (torchvision), .logits (HF), a tuple."""
+    if isinstance(out, dict):
+        out = out.get("out", next(iter(out.values()), None))
+    elif hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, list | tuple):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        raise ArchitectureError("the network's output is not an (N, classes, H, W) tensor; preview cannot use it")
+    return out
+
+
+@dataclass(slots=True)
+class _Net:
+    net: torch.nn.Module
+    channels: int
+    multiple: int
+
+
+class _Inputs:
+    """Normalised, padded image batches, made once per (normalisation, size) and reused for every checkpoint."""
+
+    def __init__(self, images: list[Image.Image], device: torch.device, batch_size: int, channels_last: bool):
+        self.images, self.device, self.batch_size, self.channels_last = images, device, batch_size, channels_last
+        self._cache: dict[Any, list[tuple[list[int], torch.Tensor, tuple[int, int]]]] = {}
+
+    def batches(
+        self, channels: int, mean: list[float], std: list[float], size: tuple[int, int] | None, multiple: int
+    ) -> list[tuple[list[int], torch.Tensor, tuple[int, int]]]:
+        """[(image indices, batch tensor, (height, width) before padding)], images of one size per batch."""
+        key = (channels, tuple(mean), tuple(std), size, multiple)
+        if key in self._cache:
+            return self._cache[key]
+        groups: dict[tuple[int, int], list[int]] = {}
+        arrays = []
+        for i, im in enumerate(self.images):
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None and im.size != size:
+                im = im.resize(size, Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32).reshape(im.size[1], im.size[0], -1) / 255.0
+            arrays.append(arr)
+            groups.setdefault(arr.shape[:2], []).append(i)
+        m = torch.tensor(mean).view(1, -1, 1, 1)
+        s = torch.tensor(std).view(1, -1, 1, 1)
+        out = []
+        for (h, w), idx in groups.items():
+            for start in range(0, len(idx), self.batch_size):
+                part = idx[start : start + self.batch_size]
+                x = torch.from_numpy(np.stack([arrays[i] for i in part])).permute(0, 3, 1, 2)
+                x = (x - m) / s
+                ph, pw = (-h) % multiple, (-w) % multiple
+                if ph or pw:
+                    x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+                fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+                out.append((part, x.to(self.device).contiguous(memory_format=fmt), (h, w)))
+        self._cache[key] = out
+        return out
+
+
+def predict(
+    net: torch.nn.Module, batches: list[tuple[list[int], torch.Tensor, tuple[int, int]]], n_images: int
+) -> tuple[list[np.ndarray], int]:
+    """Class-index predictions (H, W) per image, and the number of classes the network predicts."""
+    preds: list[np.ndarray] = [np.zeros((0, 0), np.uint8)] * n_images
+    classes = 2
+    with torch.inference_mode():
+        for idx, x, (h, w) in batches:
+            logits = _network_output(net(x))
+            if logits.shape[-2:] != x.shape[-2:]:  # networks that predict at a lower resolution
+                logits = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear")
+            logits = logits[..., :h, :w]
+            if logits.shape[1] == 1:
+                labels = (logits[:, 0] > 0).to(torch.uint8)
+            else:
+                classes = logits.shape[1]
+                labels = logits.argmax(1).to(torch.uint8)
+            for i, p in zip(idx, labels.cpu().numpy(), strict=True):
+                preds[i] = p
+    return preds, classes
+
+
+def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Progress | None = None) -> PreviewResult:
+    """Preview `sources` on `options.images`: predict, score against the masks, write the picture.
+
+    Returns a PreviewResult. Raises UsageError (exit 2; ArchitectureError and StateDictMismatch among
+    them), NotFoundError (3) for missing images or masks, UnsafeFileError (6) for a file that needs
+    full unpickling, IntegrityError (6) for a corrupt one.
+    """
+    started = time.perf_counter()
+    require_safe_torch()
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if options.cell < 32:
+        raise UsageError("the cell size must be at least 32 pixels")
+    if not sources:
+        raise UsageError("nothing to preview")
+    device = resolve_device(options.device)
+    image_paths = collect_images(options.images)
+    mask_paths = match_masks(image_paths, options.masks) if options.masks is not None else None
+    if options.arch_kwargs is not None and options.arch is None and any(s.arch is None for s in sources):
+        raise UsageError("--arch-kwargs needs an architecture", hint="pass --arch package.module:factory")
+    for src in sources:
+        if options.arch is not None:
+            src.arch, src.arch_from_manifest = options.arch, False
+        if options.arch_kwargs is not None:
+            src.arch_kwargs = dict(options.arch_kwargs)
+        if src.arch is None:
+            what = f"task '{src.task}'" if src.task else f"model '{src.label}'"
+            raise UsageError(
+                f"{what} records no architecture", hint="pass --arch package.module:factory [--arch-kwargs JSON]"
+            )
+
+    # every network is built before any image is read, so a wrong architecture fails fast
+    nets: dict[tuple[str, str, bool], _Net] = {}
+    for src in sources:
+        assert src.arch is not None
+        key = (src.arch, json.dumps(src.arch_kwargs, sort_keys=True), src.arch_from_manifest)
+        if key not in nets:
+            net = build_network(src.arch, src.arch_kwargs, from_manifest=src.arch_from_manifest)
+            net = net.to(device).eval()
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            nets[key] = _Net(net, _in_channels(net), int(getattr(net, "input_multiple", 32)))
+    settings = next((s.settings for s in sources if s.settings), {})
+    classes_names = options.classes or settings.get("classes")
+    pil_images = [_open_image(p, 3) for p in image_paths]
+    inputs = _Inputs(pil_images, device, options.batch_size, channels_last=True)
+
+    total = len(sources) * len(image_paths)
+    done = 0
+    if progress:
+        progress(done, total)
+    preds: list[list[np.ndarray]] = []
+    n_classes = 2
+    for src in sources:
+        assert src.arch is not None
+        entry = nets[(src.arch, json.dumps(src.arch_kwargs, sort_keys=True), src.arch_from_manifest)]
+        state = load_state_dict(src.path, unsafe=options.unsafe_load)
+        expected = {k: tuple(v.shape) for k, v in entry.net.state_dict().items()}
+        entry.net.load_state_dict(fit_state_dict(state, expected, path=src.path), strict=True)
+        mean = _floats(_pick(options.mean, src.settings, "mean"), "mean", entry.channels, 0.0)
+        std = _floats(_pick(options.std, src.settings, "std"), "std", entry.channels, 1.0)
+        size = options.size or _size(src.settings.get("size"))
+        batches = inputs.batches(entry.channels, mean, std, size, entry.multiple)
+        p, c = predict(entry.net, batches, len(pil_images))
+        n_classes = max(n_classes, c)
+        if size is not None:  # back to each image's own size, for the metrics and the picture
+            p = [_resize_mask(a, im.size) for a, im in zip(p, pil_images, strict=True)]
+        preds.append(p)
+        done += len(pil_images)
+        if progress:
+            progress(done, total)
+
+    masks = (
+        [read_mask(m, im.size, n_classes) for m, im in zip(mask_paths, pil_images, strict=True)]
+        if mask_paths is not None
+        else None
+    )
+    results = []
+    for src, p in zip(sources, preds, strict=True):
+        miou = dice = None
+        per_image: list[float | None] = [None] * len(p)
+        if masks is not None:
+            confs = [confusion(a, m, n_classes) for a, m in zip(p, masks, strict=True)]
+            miou, dice = miou_dice(sum(confs[1:], confs[0]))
+            per_image = [miou_dice(c)[0] for c in confs]
+        results.append(CheckpointResult(src.label, src.number, src.model, src.task, src.path, miou, dice, per_image))
+
+    names = _class_names(classes_names, n_classes)
+    picture = render_grid(pil_images, image_paths, masks, preds, results, names, options.cell)
+    out = options.out
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out '{out}' must end in .png")
+    if out.parent and not out.parent.is_dir():
+        fsutil.make_dirs(out.parent)
+    buf = _png_bytes(picture)
+    fsutil.atomic_write(out, buf)
+    if options.save_masks is not None:
+        _save_masks(options.save_masks, image_paths, sources, preds)
+    return PreviewResult(
+        output=out,
+        size=picture.size,
+        images=image_paths,
+        masks=mask_paths,
+        classes=names,
+        checkpoints=results,
+        device=str(device),
+        seconds=time.perf_counter() - started,
+        saved_masks=options.save_masks,
+    )
+
+
+def _pick(flag: Any, settings: dict[str, Any], key: str) -> Any:
+    return flag if flag is not None else settings.get(key)
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+
+
+def _class_names(names: Any, n: int) -> list[str]:
+    given = [str(x) for x in names] if isinstance(names, list) else []
+    return [given[i] if i < len(given) else f"class {i}" for i in range(n)]
+
+
+def _png_bytes(picture: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _save_masks(folder: Path, images: list[Path], sources: Sequence[Source], preds: list[list[np.ndarray]]) -> None:
+    for src, p in zip(sources, preds, strict=True):
+        sub = folder / (src.model if src.model is not None else f"{src.task}-{src.number}")
+        fsutil.make_dirs(sub)
+        for img, mask in zip(images, p, strict=True):
+            fsutil.atomic_write(sub / f"{img.stem}.png", _png_bytes(Image.fromarray(mask)))
+
+
+# --- the picture ----------------------------------------------------------------------------------
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """The overlay colour of class `index` (class 0, the background, is left uncoloured)."""
+    if index <= len(PALETTE):
+        return PALETTE[(index - 1) % len(PALETTE)]
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def layout(rows: int, columns: int, classes: int, cell: int) -> tuple[int, int]:
+    """The picture's (width, height): a header, `rows` rows of `columns` cells with a label line, a legend."""
+    width = PAD + columns * (cell + PAD)
+    per_line = max(1, (width - PAD) // LEGEND_ITEM)
+    legend_lines = math.ceil(classes / per_line)
+    return width, HEADER + rows * (cell + LABEL) + PAD + legend_lines * LEGEND_LINE + PAD
+
+
+def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.6) -> Image.Image:
+    """`image` in grey with each non-background class of `mask` tinted in its colour."""
+    base = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
+    lut = np.array([(0, 0, 0)] + [class_colour(i) for i in range(1, 256)], dtype=np.float32)
+    colours = lut[mask]
+    a = np.where((mask > 0) & (mask != IGNORE), alpha, 0.0)[..., None]
+    return Image.fromarray((base * (1 - a) + colours * a).astype(np.uint8))
+
+
+def _font(size: int = 12) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow before 10.1
+        return ImageFont.load_default()
+
+
+def _fit(im: Image.Image, cell: int) -> Image.Image:
+    w, h = im.size
+    scale = cell / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return im.resize(new, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int, font: Any) -> None:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    draw.text(xy, text, fill=(20, 20, 20), font=font)
+
+
+def render_grid(
+    images: list[Image.Image],
+    paths: list[Path],
+    masks: list[np.ndarray] | None,
+    preds: list[list[np.ndarray]],
+    results: list[CheckpointResult],
+    class_names: list[str],
+    cell: int,
+) -> Image.Image:
+    """The comparison picture: a row per image; input, ground truth, then each checkpoint's overlay."""
+    headers = ["input"] + (["ground truth"] if masks is not None else [])
+    for r in results:
+        headers.append(f"{r.label}  mIoU {r.miou:.3f}" if r.miou is not None else r.label)
+    width, height = layout(len(images), len(headers), len(class_names), cell)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
+    for c, title in enumerate(headers):
+        _text(draw, (PAD + c * (cell + PAD), 4), title, cell, font)
+    for row, im in enumerate(images):
+        y = HEADER + row * (cell + LABEL)
+        tiles: list[tuple[Image.Image, str]] = [(im.convert("RGB"), paths[row].name)]
+        if masks is not None:
+            tiles.append((overlay(im, masks[row]), ""))
+        for r, p in zip(results, preds, strict=True):
+            v = r.image_miou[row]
+            tiles.append((overlay(im, p[row]), f"IoU {v:.3f}" if v is not None else ""))
+        for c, (tile, label) in enumerate(tiles):
+            x = PAD + c * (cell + PAD)
+            fitted = _fit(tile, cell)
+            canvas.paste(fitted, (x + (cell - fitted.size[0]) // 2, y + (cell - fitted.size[1]) // 2))
+            _text(draw, (x, y + cell + 2), label, cell, font)
+    y = HEADER + len(images) * (cell + LABEL) + PAD
+    per_line = max(1, (width - PAD) // LEGEND_ITEM)
+    for i, name in enumerate(class_names):
+        line, col = divmod(i, per_line)
+        x, yy = PAD + col * LEGEND_ITEM, y + line * LEGEND_LINE
+        colour = class_colour(i) if i else (255, 255, 255)
+        draw.rectangle((x, yy + 2, x + 14, yy + 16), fill=colour, outline=(90, 90, 90))
+        _text(draw, (x + 20, yy + 2), f"{i} {name}", LEGEND_ITEM - 26, font)
+    return canvas
+
+
+# --- the demo -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DemoResult:
+    workspace: Path
+    task: str
+    train_seconds: float
+    preview: PreviewResult
+
+
+def demo_numbers(epochs: int) -> list[int]:
+    """The checkpoints the demo compares: 3, 7 and 10 of 10 epochs (the same fractions of fewer)."""
+    return sorted({max(1, round(epochs * f)) for f in (0.3, 0.7, 1.0)})
+
+
+def load_training_example() -> Any:
+    """The module examples/train_unet.py of the source checkout this ckpt runs from."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_unet.py"
+    if not path.is_file():
+        raise NotFoundError(
+            f"the demo needs examples/train_unet.py, which is not next to this ckpt ({path.parent})",
+            hint="install ckpt from a source checkout: pip install -e .",
+        )
+    name = "ckpt_examples_train_unet"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_demo(
+    path: Path,
+    *,
+    epochs: int = 10,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    train_options: dict[str, Any] | None = None,
+) -> DemoResult:
+    """Train the example UNet into a fresh workspace at `path`, then preview three of its checkpoints.
+
+    `train_options` go to the example's `train` (tests make it small). Raises ConflictError when
+    `path` exists and is not an empty folder.
+    """
+    from .errors import ConflictError
+    from .workspace import Workspace
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConflictError(
+            f"'{path}' already exists and is not empty; the demo needs a fresh folder",
+            path=path,
+            hint="pass another PATH, or remove it",
+        )
+    if epochs < 1:
+        raise UsageError("epochs must be at least 1")
+    example = load_training_example()
+    trained = example.train(path, epochs=epochs, seed=seed, log=log, **(train_options or {}))
+    ws = Workspace.open(path)
+    sources = task_sources(ws, trained.task, demo_numbers(epochs))
+    options = PreviewOptions(images=[trained.images], masks=trained.masks, out=ws.root / "preview.png")
+    result = run_preview(sources, options, progress)
+    return DemoResult(ws.root, trained.task, trained.seconds, result)
