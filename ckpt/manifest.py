@@ -15,6 +15,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -423,7 +424,7 @@ class TaskReader:
             "size": self._seen.size,
             "tail": self._seen.tail.hex(),
             "header": self.state.header.to_json(),
-            "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in _COLUMNS},
+            "checkpoints": {k: list(map(attrgetter(k), cps)) for k in _COLUMNS},
         }
         try:
             fsutil.atomic_write_nosync(self.cache, json.dumps(doc, separators=(",", ":")).encode())

@@ -14,10 +14,10 @@ def metric_or_none(v: float) -> float | None:
 
 def checkpoint_path(ws: Any, task: Any, cp: Checkpoint, prefix: str | None = None) -> str:
     """`ws.rel(task.path_of(cp))` without building two Paths per checkpoint (10,000 of them in `ckpt list`)."""
-    parts = cp.file.split("/")
-    if "" in parts or "." in parts:  # a name pathlib would normalise: let it
+    file = cp.file
+    if "//" in file or "/." in file or file[:1] == "." or file[-1:] == "/":  # pathlib may normalise it: let it
         return str(ws.rel(task.path_of(cp)))
-    return f"{prefix or ws.rel(task.folder)}/{cp.file}"
+    return f"{prefix or ws.rel(task.folder)}/{file}"
 
 
 def checkpoints_json(
@@ -41,7 +41,7 @@ def checkpoints_json(
                 "path": checkpoint_path(ws, task, cp, prefix),
                 "sha256": cp.sha256,
                 "latest": cp.number == latest,
-                "models": sorted(models.get(cp.number, ())),
+                "models": sorted(models[cp.number]) if cp.number in models else [],
             }
         )
     return rows
