@@ -34,7 +34,7 @@ _KEY = re.compile(r"(?:^|(?<=-))([A-Za-z_][A-Za-z0-9_.@]*)=")
 _VERSION = re.compile(r"-v\d+$")
 _INT = re.compile(r"[+-]?\d+")
 _NUMBERS = re.compile(r"\d+")
-_NAMED_NUMBER = re.compile(r"(?i)(step|epoch|iter|it)[_\-=]?(\d+)")
+_NAMED_NUMBER = re.compile(r"(?i)(?<![a-z])(step|epoch|iter|it)[_\-=]?(\d+)")
 # log_history keys that describe the run's speed, not the model
 _HF_NOISE = ("_runtime", "_per_second", "total_flos")
 

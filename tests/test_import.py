@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.importer import hf_metrics, parse_lightning_name
+from ckpt.importer import hf_metrics, parse_lightning_name, parse_plain_name
 
 
 class AttributeDict(dict):  # type: ignore[type-arg]
@@ -148,6 +148,20 @@ def hf_tree(root: Path, steps: tuple[int, ...] = (4, 8, 12), losses: tuple[float
 )
 def test_parse_lightning_name(name: str, expected: tuple[Any, ...]) -> None:
     assert parse_lightning_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("model_epoch5_step500.pt", (5, 500)),
+        ("step-7.bin", (None, 7)),
+        ("it100.safetensors", (None, 100)),
+        ("split_3.pt", (None, None)),
+        ("final.pth", (None, None)),
+    ],
+)
+def test_parse_plain_name(name: str, expected: tuple[Any, ...]) -> None:
+    assert parse_plain_name(name) == expected
 
 
 def test_hf_metrics_at_step() -> None:
