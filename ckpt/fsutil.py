@@ -457,11 +457,14 @@ def _sha256_path(path: Path, buf: bytearray) -> str:
     return sha.hexdigest()
 
 
-def sha256_many(paths: list[Path], workers: int | None = None) -> list[str | OSError]:
+def sha256_many(
+    paths: list[Path], workers: int | None = None, done: Callable[[int], None] | None = None
+) -> list[str | OSError]:
     """The sha256 of each file in `paths` (or the OSError reading it), hashed on all cores, each read once.
 
     Each thread takes the next file from a shared counter (no future per file, so thousands of small
-    files cost little more than their bytes); give the largest files first for an even finish.
+    files cost little more than their bytes); give the largest files first for an even finish. `done`
+    is called with each file's index once it is hashed (from the hashing threads).
     """
     n = min(workers or os.cpu_count() or 1, len(paths))
     results: list[str | OSError] = [""] * len(paths)
@@ -474,6 +477,8 @@ def sha256_many(paths: list[Path], workers: int | None = None) -> list[str | OSE
                 results[i] = _sha256_path(paths[i], buf)
             except OSError as e:
                 results[i] = e
+            if done is not None:
+                done(i)
 
     if n <= 1:
         work()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -669,10 +670,17 @@ class _Target:
     files: list[tuple[str, int]] = field(default_factory=list)
 
 
-def verify(ws: Workspace, tasks: list[str] | None = None, *, models: bool = False) -> VerifyResult:
+def verify(
+    ws: Workspace,
+    tasks: list[str] | None = None,
+    *,
+    models: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyResult:
     """Re-hash every checkpoint of `tasks` (default: all) and, with `models`, every model, against the
     recorded sha256; report missing, changed and unknown files. Files are hashed on all cores, each
-    inode read once (a model hard-linked to its checkpoint is read once). Raises TaskNotFound."""
+    inode read once (a model hard-linked to its checkpoint is read once). `progress(bytes, total)` is
+    called as files are hashed (from worker threads). Raises TaskNotFound."""
     start = time.perf_counter()
     names = list(tasks) if tasks else ws.task_names()
     task_objs = [ws.task(n) for n in names]
@@ -696,7 +704,7 @@ def verify(ws: Workspace, tasks: list[str] | None = None, *, models: bool = Fals
                 continue
             model_titles.append(m.title)
             targets.append(_Target(m.path, ws.rel(m.path), m.size, m.sha256, m.task, m.checkpoint, m.title))
-    found_problems, files_hashed, bytes_hashed = _check(targets)
+    found_problems, files_hashed, bytes_hashed = _check(targets, progress)
     problems += found_problems
     # a checkpoint trashed while we hashed is not a problem: keep only what the manifests still name
     still = {(t.name, cp.number) for t in task_objs for cp in t.checkpoints}
@@ -713,7 +721,9 @@ def verify(ws: Workspace, tasks: list[str] | None = None, *, models: bool = Fals
     )
 
 
-def _check(targets: list[_Target]) -> tuple[list[Problem], int, int]:
+def _check(
+    targets: list[_Target], progress: Callable[[int, int], None] | None = None
+) -> tuple[list[Problem], int, int]:
     """The problems of `targets`, and how many files and bytes were hashed."""
     problems: list[Problem] = []
     jobs: dict[tuple[int, int], Path] = {}
@@ -752,7 +762,13 @@ def _check(targets: list[_Target]) -> tuple[list[Problem], int, int]:
     needed = {key for _, keyed in plans for _, key in keyed}
     sizes = {k: _size(jobs[k]) for k in needed}
     order = sorted(needed, key=lambda k: -sizes[k])
-    hashed = fsutil.sha256_many([jobs[k] for k in order], workers=_workers(sum(sizes.values())))
+    total = sum(sizes.values())
+
+    def done(i: int) -> None:
+        if progress is not None:
+            progress(sizes[order[i]], total)
+
+    hashed = fsutil.sha256_many([jobs[k] for k in order], workers=_workers(total), done=done)
     digests = dict(zip(order, hashed, strict=True))
     for tg, keyed in plans:
         where = {"task": tg.task, "number": tg.number, "model": tg.model}

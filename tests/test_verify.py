@@ -124,3 +124,12 @@ def test_scan_adds_a_numbered_file_left_without_record(ws: ckpt.Workspace, run_j
     assert [(c["number"], c["original_name"]) for c in res["added"]] == [(3, "checkpoints/000003.pt")]
     assert task.checkpoint(3).sha256 == fsutil.sha256_file(task.folder / "checkpoints/000003.pt")
     assert task.save(b"next") == 4
+
+
+def test_verify_reports_progress(ws: ckpt.Workspace) -> None:
+    from ckpt.importer import verify
+
+    make_task(ws, "a", n=4, size=3000)
+    seen: list[tuple[int, int]] = []
+    res = verify(ws, ["a"], progress=lambda n, total: seen.append((n, total)))
+    assert res.ok and sum(n for n, _ in seen) == 12000 and {t for _, t in seen} == {12000}

@@ -8,7 +8,19 @@ from typing import Annotated, Any
 import typer
 
 from . import app
-from ._common import JsonOpt, command, err, fmt_metric, human_size, open_workspace, out, print_json, table
+from ._common import (
+    JsonOpt,
+    command,
+    console,
+    err,
+    fmt_metric,
+    human_size,
+    is_tty,
+    open_workspace,
+    out,
+    print_json,
+    table,
+)
 from ._render import metric_or_none
 
 
@@ -151,7 +163,17 @@ def verify(
     from ..importer import verify as do_verify
 
     ws = open_workspace()
-    res = do_verify(ws, tasks or None, models=models)
+    if json or not is_tty():
+        res = do_verify(ws, tasks or None, models=models)
+    else:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+            job = bar.add_task("hashing", total=None)
+            res = do_verify(
+                ws, tasks or None, models=models, progress=lambda n, total: bar.update(job, advance=n, total=total)
+            )
     if json:
         print_json(
             {
