@@ -350,7 +350,7 @@ def _skip(path: Path, name: str, note: str) -> ImportRow:
     return ImportRow(str(path), name, "skipped", None, None, None, {}, 0, "", note)
 
 
-def hash_found(found: list[Found]) -> None:
+def hash_found(found: list[Found], progress: Callable[[int, int], None] | None = None) -> None:
     """Fill size and sha256 of every candidate (a folder's sha256 is fsutil.tree_digest), on all cores."""
     jobs: list[Path] = []
     trees: list[tuple[Found, list[tuple[str, int]]]] = []
@@ -364,7 +364,14 @@ def hash_found(found: list[Found]) -> None:
         else:
             jobs.append(c.path)
             total += c.size
-    digests = fsutil.sha256_many(jobs, workers=_workers(total))
+    done = None
+    if progress is not None:
+        sizes = [os.stat(j).st_size for j in jobs]
+
+        def done(i: int) -> None:
+            progress(sizes[i], total)
+
+    digests = fsutil.sha256_many(jobs, workers=_workers(total), done=done)
     for d in digests:
         if isinstance(d, OSError):
             raise CkptError(f"cannot read '{d.filename}': {d.strerror}", path=d.filename)
@@ -396,7 +403,9 @@ def default_task_name(path: Path, fmt: str) -> str:
     return name or "imported"
 
 
-def plan(path: Path, fmt: str = "auto") -> tuple[str, list[Found], list[ImportRow]]:
+def plan(
+    path: Path, fmt: str = "auto", progress: Callable[[int, int], None] | None = None
+) -> tuple[str, list[Found], list[ImportRow]]:
     """What `path` holds: (format, checkpoints in import order with sizes and hashes, skipped rows)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
@@ -416,12 +425,18 @@ def plan(path: Path, fmt: str = "auto") -> tuple[str, list[Found], list[ImportRo
             path=path,
             hint="pass --format (lightning: *.ckpt, huggingface: checkpoint-N/, files: *.pt *.pth *.bin *.safetensors)",
         )
-    hash_found(found)
+    hash_found(found, progress)
     return fmt, found, skipped
 
 
 def import_path(
-    ws: Workspace, path: str | os.PathLike[str], *, task: str | None = None, fmt: str = "auto", mode: str = "link"
+    ws: Workspace,
+    path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    fmt: str = "auto",
+    mode: str = "link",
+    progress: Callable[[int, int], None] | None = None,
 ) -> ImportResult:
     """Import the checkpoints under `path` into task `task` (created if needed; default: named after the folder).
 
@@ -436,7 +451,7 @@ def import_path(
         raise UsageError(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
         )
-    fmt, found, skipped = plan(src, fmt)
+    fmt, found, skipped = plan(src, fmt, progress)
     name = task or default_task_name(src, fmt)
     check_task_name(name)
     created = False

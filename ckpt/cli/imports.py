@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +24,20 @@ from ._common import (
     table,
 )
 from ._render import metric_or_none
+
+
+@contextlib.contextmanager
+def _hashing_progress(wanted: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar of bytes hashed on stderr, on a terminal only; yields the callback (or None)."""
+    if not (wanted and is_tty()):
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+        job = bar.add_task("hashing", total=None)
+        yield lambda n, total: bar.update(job, advance=n, total=total)
 
 
 def _metrics(m: dict[str, float]) -> dict[str, float | None]:
@@ -55,7 +71,8 @@ def import_(
         raise UsageError("give at most one of --link, --copy, --move")
     mode = "copy" if copy else "move" if move else "link"
     ws = open_workspace()
-    res = import_path(ws, path, task=task, fmt=fmt, mode=mode)
+    with _hashing_progress(not json) as progress:
+        res = import_path(ws, path, task=task, fmt=fmt, mode=mode, progress=progress)
     if json:
         print_json(
             {
@@ -163,17 +180,8 @@ def verify(
     from ..importer import verify as do_verify
 
     ws = open_workspace()
-    if json or not is_tty():
-        res = do_verify(ws, tasks or None, models=models)
-    else:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, console=console(stderr=True), transient=True) as bar:
-            job = bar.add_task("hashing", total=None)
-            res = do_verify(
-                ws, tasks or None, models=models, progress=lambda n, total: bar.update(job, advance=n, total=total)
-            )
+    with _hashing_progress(not json) as progress:
+        res = do_verify(ws, tasks or None, models=models, progress=progress)
     if json:
         print_json(
             {
