@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-QUICK = "--quick" in sys.argv[1:]
+QUICK = "--quick" in sys.argv[1:] or os.environ.get("CKPT_BENCH_QUICK") == "1"
 N = 1000
 SIZE = 4 * 1024  # bytes per checkpoint: small, so the figure is the per-file work (hashing is measured in bench_verify)
 REPEATS = 3 if QUICK else 7

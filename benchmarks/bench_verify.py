@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-QUICK = "--quick" in sys.argv[1:]
+QUICK = "--quick" in sys.argv[1:] or os.environ.get("CKPT_BENCH_QUICK") == "1"
 FILES = 8
 SIZE = (32 if QUICK else 128) * 2**20
 REPEATS = 3 if QUICK else 5
