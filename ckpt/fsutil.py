@@ -457,6 +457,14 @@ def _sha256_path(path: Path, buf: bytearray) -> str:
     return sha.hexdigest()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def sha256_many(
     paths: list[Path], workers: int | None = None, done: Callable[[int], None] | None = None
 ) -> list[str | OSError]:
@@ -466,7 +474,7 @@ def sha256_many(
     files cost little more than their bytes); give the largest files first for an even finish. `done`
     is called with each file's index once it is hashed (from the hashing threads).
     """
-    n = min(workers or os.cpu_count() or 1, len(paths))
+    n = min(workers or usable_cores(), len(paths))
     results: list[str | OSError] = [""] * len(paths)
     counter = itertools.count()
 
