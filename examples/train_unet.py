@@ -1,6 +1,6 @@
 """Train ckpt's small UNet on synthetic shapes and keep a checkpoint per epoch with ckpt.
 
-    python examples/train_unet.py [WORKSPACE] [--epochs 10] [--seed 0]
+    python examples/train_unet.py [WORKSPACE] [--epochs 10] [--seed 0] [--train-size 384] [--threads N]
 
 The dataset is made in code (seeded, nothing downloaded): coloured disks, squares and triangles on
 textured noise, one class per shape kind plus background. Every epoch saves a checkpoint through the
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="unet-shapes")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=384, help=argparse.SUPPRESS)
+    parser.add_argument("--train-size", type=int, default=384, help="training images per epoch (default 384)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     try:
