@@ -32,7 +32,7 @@ def write_big(path: Path) -> None:
 
 
 def main() -> None:
-    repeats = 3 if QUICK else 5
+    repeats = 3 if QUICK else 7
     ck = ckpt_script()
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-promote-"))
     try:
