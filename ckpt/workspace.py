@@ -211,6 +211,10 @@ class Workspace:
             return self._tasks[name]
         folder = self.tasks_dir / name
         if not (folder / TASK_FILE).is_file() or fsutil.is_symlink(folder):
+            if folder.is_dir() and not fsutil.is_symlink(folder) and (folder / CHECKPOINT_DIR).is_dir():
+                raise ManifestError(
+                    f"task manifest {self.rel(folder / TASK_FILE)} is missing", path=folder, hint="run: ckpt doctor"
+                )
             if fsutil.is_symlink(folder):
                 raise TaskNotFound(
                     f"task folder '{self.rel(folder)}' is a symlink; ckpt does not follow it", path=folder

@@ -48,7 +48,9 @@ def run_json(run: Callable[..., Any]) -> Callable[..., Any]:
     return invoke
 
 
-def make_task(ws: ckpt.Workspace, name: str = "unet", n: int = 5, metric: str = "val_iou", size: int = 1000) -> ckpt.Task:
+def make_task(
+    ws: ckpt.Workspace, name: str = "unet", n: int = 5, metric: str = "val_iou", size: int = 1000
+) -> ckpt.Task:
     """A task with `n` checkpoints of plain bytes; metric rises with the number (loss falls)."""
     task = ws.create_task(name, arch="ckpt.zoo:UNet", arch_kwargs={"classes": 2})
     for i in range(1, n + 1):

@@ -170,3 +170,10 @@ def test_library_models_api(ws: ckpt.Workspace) -> None:
     assert [x.title for x in ws.models] == ["unet-2"]
     done = ws.task("unet").finish()
     assert done is not None and done.title == "unet-3" and ws.task("unet").status == "finished"
+
+
+def test_missing_task_manifest_is_named(ws: ckpt.Workspace) -> None:
+    make_task(ws, n=1)
+    (ws.tasks_dir / "unet" / "task.toml").unlink()
+    with pytest.raises(ManifestError, match="task.toml is missing"):
+        ckpt.Workspace.open(ws.root).task("unet")
