@@ -467,6 +467,8 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
         raise UsageError("the cell size must be at least 32 pixels")
     if not sources:
         raise UsageError("nothing to preview")
+    if options.out.suffix.lower() != ".png":
+        raise UsageError(f"--out '{options.out}' must end in .png")
     device = resolve_device(options.device)
     image_paths = collect_images(options.images)
     mask_paths = match_masks(image_paths, options.masks) if options.masks is not None else None
@@ -541,8 +543,6 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
     names = _class_names(classes_names, n_classes)
     picture = render_grid(pil_images, image_paths, masks, preds, results, names, options.cell)
     out = options.out
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out '{out}' must end in .png")
     if out.parent and not out.parent.is_dir():
         fsutil.make_dirs(out.parent)
     buf = _png_bytes(picture)
