@@ -456,7 +456,7 @@ def import_path(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
         )
     fmt, found, skipped = plan(src, fmt, progress)
-    name = task or default_task_name(src, fmt)
+    name = task if task is not None else default_task_name(src, fmt)
     check_task_name(name)
     created = False
     try:
