@@ -215,6 +215,19 @@ def test_lightning_and_dataparallel_checkpoints_load(run, ws, trained, tmp_path)
     assert len(mious) == 4 and len(set(mious)) == 1
 
 
+def test_fused_network_predicts_the_same(trained):
+    from ckpt.preview import fuse_for_inference
+
+    net = UNet(**KWARGS)
+    net.load_state_dict(trained["state"])
+    net.eval()
+    fused = fuse_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
+
+
 def test_fit_state_dict_lists_missing_and_unexpected_keys():
     expected = {"a.weight": (2,), "b.weight": (3,)}
     state = {"model.a.weight": torch.zeros(2), "model.b.weight": torch.zeros(3), "loss.weight": torch.zeros(1)}
