@@ -100,9 +100,9 @@ while time.monotonic() < end:
             ck("models", "remove", rng.choice(models)["title"])
         time.sleep(rng.uniform(0, 0.1))
     elif name == "empty":
-        time.sleep(rng.uniform(0.5, 1.5))
+        time.sleep(rng.uniform(1, 2.5))
         entries = {e["id"]: e for e in listed("trash", "list")}
-        chosen = [i for i in entries if rng.random() < 0.2]
+        chosen = [i for i in entries if rng.random() < 0.05]
         if chosen:
             r = ck("trash", "empty", *chosen, "--yes", "--json")
             if r.exit_code == 0:
