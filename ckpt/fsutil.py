@@ -256,7 +256,7 @@ _AT_FDCWD = -100
 _libc: ctypes.CDLL | None = None
 
 
-def _renameat2(src: Path, dst: Path) -> bool:
+def _renameat2(src: str | Path, dst: str | Path) -> bool:
     """rename(2) with RENAME_NOREPLACE; False when the platform lacks it."""
     global _libc
     try:
@@ -274,7 +274,7 @@ def _renameat2(src: Path, dst: Path) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
-def move_noreplace(src: Path, dst: Path) -> None:
+def move_noreplace(src: str | Path, dst: str | Path) -> None:
     """Rename `src` to `dst` inside one file system; raise ConflictError if `dst` exists.
 
     Never copies: a move between file systems is an error, not a slow copy.

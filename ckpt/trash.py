@@ -328,13 +328,17 @@ class TrashPlan:
             # 3. the files, by rename (never a copy)
             made: set[str] = set()
             files = folder / FILES_DIR
+            src_root, dst_root = str(task.folder), str(files)
             for cp in self.checkpoints:
-                dst = files / cp.file
-                parent = os.path.dirname(cp.file)
+                name = cp.file
+                parent = os.path.dirname(name)
                 if parent not in made:
-                    fsutil.make_dirs(dst.parent)
+                    fsutil.make_dirs((files / name).parent)
                     made.add(parent)
-                fsutil.move_noreplace(task.folder / cp.file, dst)
+                if _plain_name(name):  # plain strings: two Paths per file cost more than the rename itself
+                    fsutil.move_noreplace(f"{src_root}/{name}", f"{dst_root}/{name}")
+                else:
+                    fsutil.move_noreplace(task.folder / name, files / name)
             for parent in made:
                 fsutil.fsync_dir(task.folder / parent)
                 fsutil.fsync_dir(files / parent)
@@ -353,6 +357,11 @@ class TrashPlan:
                 recover_task(task)
             raise
         return entry_id
+
+
+def _plain_name(file: str) -> bool:
+    """True when pathlib would leave the relative name `file` as it is (so a joined string equals the Path)."""
+    return bool(file) and not ("//" in file or "/." in file or file[:1] in "./" or file[-1:] == "/")
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -377,6 +386,11 @@ def _entry_bytes(entry: Entry) -> bytes:
 
 
 def _plain_value(v: Any) -> str | None:
+    t = type(v)  # the exact built-in types first: what records hold
+    if t is int:
+        return str(v) if -(2**63) <= v < 2**63 else None
+    if t is str:
+        return f'"{v}"' if _PLAIN_STR.fullmatch(v) else None
     if isinstance(v, bool):
         return None
     if isinstance(v, int):
@@ -388,16 +402,26 @@ def _plain_value(v: Any) -> str | None:
     return None
 
 
+_bare_keys: dict[str, bool] = {}  # the same few keys in every record: checked once each
+
+
+def _bare_key(k: str) -> bool:
+    ok = _bare_keys.get(k)
+    if ok is None:
+        ok = _bare_keys[k] = _BARE_KEY.fullmatch(k) is not None
+    return ok
+
+
 def _plain_record(rec: dict[str, Any]) -> bytes | None:
     lines = ["\n[[checkpoints]]"]
     for k, v in rec.items():
-        if not _BARE_KEY.fullmatch(k):
+        if not _bare_key(k):
             return None
         if isinstance(v, dict):
             parts = []
             for mk, mv in v.items():
                 text = _plain_value(mv)
-                if text is None or not _BARE_KEY.fullmatch(mk):
+                if text is None or not _bare_key(mk):
                     return None
                 parts.append(f"{mk} = {text}")
             lines.append(f"{k} = {{ {', '.join(parts)} }}" if parts else f"{k} = {{}}")
