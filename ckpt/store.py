@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
 COMMIT_TRIES = 100
+HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
 
 def unsupported(what: str) -> UsageError:
@@ -205,15 +206,22 @@ class StoreTask(Task):
         self.key = f"tasks/{name}/{TASK_FILE}"
         self._state: TaskState | None = None
         self._etag = ""
+        self._read_at = 0.0
 
     @property
     def storage(self) -> Storage:
         return self.ws.storage
 
     def reload(self) -> TaskState:
-        """Read the manifest (one GET); raises TaskNotFound, ManifestError."""
+        """Read the manifest (a GET; a 304 without a body when unchanged); raises TaskNotFound, ManifestError."""
         try:
-            data, etag = self.storage.get(self.key)
+            if self._state is not None:
+                got = self.storage.get_if_changed(self.key, self._etag)
+                if got is None:
+                    return self._state
+                data, etag = got
+            else:
+                data, etag = self.storage.get(self.key)
         except FileNotFoundError:
             raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
         if not data.strip():
@@ -222,11 +230,15 @@ class StoreTask(Task):
         if state.header.name != self.name:
             raise ManifestError(f"{self.key}: 'name' is {state.header.name!r} but the folder is '{self.name}'")
         self._state, self._etag = state, etag
+        self._read_at = time.monotonic()
         return state
 
     def state(self) -> TaskState:
-        """The manifest as last read by this object (read once; `reload` reads it again)."""
-        return self._state if self._state is not None else self.reload()
+        """The manifest as it is now. Within one command (`HOLD` seconds) the last read is reused; after that
+        it is revalidated with a conditional GET, so a long-lived handle sees other machines' saves."""
+        if self._state is not None and time.monotonic() - self._read_at < HOLD:
+            return self._state
+        return self.reload()
 
     def refresh_cache(self) -> None:
         pass
@@ -251,11 +263,11 @@ class StoreTask(Task):
         after COMMIT_TRIES lost races.
         """
         for attempt in range(COMMIT_TRIES):
-            state = self.reload() if attempt or self._state is None else self._state
+            state = self.reload() if attempt or self._state is None else self.state()
             result = change(state)
             try:
                 self._etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
-                self._state = state
+                self._state, self._read_at = state, time.monotonic()
                 return result
             except PreconditionFailed:
                 self._state = None

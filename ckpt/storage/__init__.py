@@ -48,6 +48,10 @@ class Storage(ABC):
         """(bytes, etag) of `key`; raises FileNotFoundError."""
 
     @abstractmethod
+    def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
+        """(bytes, etag) of `key` when its etag is no longer `etag`, else None (a 304: no body sent)."""
+
+    @abstractmethod
     def head(self, key: str) -> Blob | None:
         """Size and etag of `key`, or None when it does not exist."""
 
