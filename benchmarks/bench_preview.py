@@ -5,7 +5,8 @@
 Both paths use the same UNet (ckpt.zoo:UNet, the demo's size) and the same three checkpoint files,
 loaded with ckpt.formats.load_state_dict. The naive loop is what a first script does: one image at a
 time, the default memory format, `torch.no_grad()`, the prediction as a class-index array. The preview
-path is `ckpt.preview.run_preview` end to end: batches, `torch.inference_mode`, channels-last, and it
+path is `ckpt.preview.run_preview` end to end: batches, `torch.inference_mode`, channels-last,
+convolutions with their batch norms folded in, and it
 also writes the comparison picture. Each path runs in its own child process, alternately, so each
 has its own peak memory (ru_maxrss, and tracemalloc's peak for the Python/numpy heap); the times
 are the medians of the repeats, measured inside the children (torch's import excluded).
@@ -72,7 +73,15 @@ def child(mode: str, root: Path, device: str) -> None:
 
     import ckpt
     from ckpt.formats import load_state_dict
-    from ckpt.preview import PreviewOptions, _Inputs, build_network, predict, run_preview, task_sources
+    from ckpt.preview import (
+        PreviewOptions,
+        _Inputs,
+        build_network,
+        fuse_for_inference,
+        predict,
+        run_preview,
+        task_sources,
+    )
     from ckpt.zoo import UNet
 
     ws = ckpt.Workspace.open(root / "ws")
@@ -81,7 +90,7 @@ def child(mode: str, root: Path, device: str) -> None:
     tracemalloc.start()
     start = time.perf_counter()
     if mode == "preview":
-        options = PreviewOptions(images=[root / "images"], out=root / "preview.png", device=device, batch_size=16)
+        options = PreviewOptions(images=[root / "images"], out=root / "preview.png", device=device)
         run_preview(sources, options)
     elif mode == "inference":  # the preview's own steps without the picture: batches, inference_mode, channels-last
         dev = torch.device(device)
@@ -90,10 +99,11 @@ def child(mode: str, root: Path, device: str) -> None:
         for p in paths:
             with Image.open(p) as im:
                 images.append(im.convert("RGB"))
-        inputs = _Inputs(images, dev, 16, channels_last=True)
+        inputs = _Inputs(images, dev, 8, channels_last=True)
         for src in sources:
             net.load_state_dict(load_state_dict(src.path))
-            predict(net, inputs.batches(3, MEAN, STD, None, 8), len(images))
+            infer = fuse_for_inference(net).to(memory_format=torch.channels_last)
+            predict(infer, inputs.batches(3, MEAN, STD, None, 8), len(images))
     else:  # naive: one image at a time, default memory format
         dev = torch.device(device)
         net = UNet(**KWARGS).to(dev).eval()

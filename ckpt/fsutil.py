@@ -23,22 +23,78 @@ from .errors import BusyError, CkptError, ConflictError
 
 CHUNK = 4 * 1024 * 1024
 DEFAULT_LOCK_TIMEOUT = 30.0
+HOLDER_SUFFIX = ".holder"  # next to a lock file: who holds it (pid, host, command), for the BusyError message
+
+_wait: float | None = None  # set by `ckpt --wait SECONDS` (set_lock_timeout); wins over CKPT_LOCK_TIMEOUT
+
+
+def set_lock_timeout(seconds: float | None) -> None:
+    """Make every later lock wait at most `seconds` (None: back to CKPT_LOCK_TIMEOUT, else 30 s)."""
+    global _wait
+    _wait = None if seconds is None else max(0.0, float(seconds))
 
 
 def lock_timeout() -> float:
-    """Seconds a mutating command waits for a lock: `CKPT_LOCK_TIMEOUT`, else 30."""
+    """Seconds a mutating command waits for a lock: `--wait`, else `CKPT_LOCK_TIMEOUT`, else 30."""
+    if _wait is not None:
+        return _wait
     raw = os.environ.get("CKPT_LOCK_TIMEOUT")
     if raw:
         try:
-            return max(0.0, float(raw))
+            value = float(raw)
+            if value == value:  # not NaN
+                return max(0.0, value)
         except ValueError:
             pass
     return DEFAULT_LOCK_TIMEOUT
 
 
+def _write_holder(path: str) -> None:
+    import sys
+    import time
+
+    argv = [os.path.basename(sys.argv[0]) if sys.argv else "?", *sys.argv[1:]]
+    command = " ".join(argv)[:200].replace("\n", " ")
+    text = f"{os.getpid()}\n{os.uname().nodename}\n{time.time():.0f}\n{command}\n"
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+
+
+def lock_holder(lock_path: Path) -> str | None:
+    """Who holds the lock at `lock_path`, as its holder file says ("pid 12 on host (command), for 3 s"), or None.
+
+    None when the file is missing or unreadable, or names a process of this host that is gone.
+    """
+    import time
+
+    try:
+        with open(f"{lock_path}{HOLDER_SUFFIX}", "rb") as f:
+            lines = f.read(4096).decode("utf-8", "replace").split("\n")
+        pid, host, since, command = int(lines[0]), lines[1], float(lines[2]), lines[3]
+    except (OSError, ValueError, IndexError):
+        return None
+    if host == os.uname().nodename:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # a stale file: its writer is gone (and so is its lock)
+        except OSError:
+            pass
+    age = max(0.0, time.time() - since)
+    return f"pid {pid} on {host} ({command or '?'}), holding it for {age:.0f} s"
+
+
 @contextlib.contextmanager
 def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path`; raise BusyError after `timeout` seconds."""
+    """Hold an exclusive lock on `lock_path`; raise BusyError (naming the holder if known) after `timeout` s.
+
+    The lock is flock(2)-based: the kernel drops it when its holder dies, so a killed process never
+    leaves a workspace locked.
+    """
     from filelock import FileLock, Timeout  # imported here: keeps `import ckpt` light
 
     wait = lock_timeout() if timeout is None else timeout
@@ -46,14 +102,21 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
     try:
         lock.acquire()
     except Timeout:
+        holder = lock_holder(lock_path)
+        by = f"by {holder}" if holder else "by another ckpt process"
         raise BusyError(
-            f"{what} is locked by another ckpt process (waited {wait:g} s)",
+            f"{what} is locked {by}; gave up after waiting {wait:g} s",
             path=lock_path,
-            hint="try again later, or raise CKPT_LOCK_TIMEOUT",
+            hint="try again later, or wait longer with --wait SECONDS (or CKPT_LOCK_TIMEOUT)",
         ) from None
+    holder_file = f"{lock_path}{HOLDER_SUFFIX}"
+    _write_holder(holder_file)
     try:
         yield
     finally:
+        # removed while still held: a later holder's file is never removed by us
+        with contextlib.suppress(OSError):
+            os.unlink(holder_file)
         lock.release()
 
 
@@ -291,6 +354,21 @@ def is_symlink(path: Path) -> bool:
         return stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def symlink_on_path(base: Path, rel: str) -> str | None:
+    """The first part of `rel` (below `base`, the last part included) that is a symlink, or None.
+
+    lstat alone does not see a linked folder half way (`checkpoints/` -> elsewhere): every part is checked.
+    """
+    path = base
+    for part in rel.split("/"):
+        if not part:
+            continue
+        path = path / part
+        if is_symlink(path):
+            return part
+    return None
 
 
 def remove_tree(path: Path) -> None:

@@ -399,7 +399,11 @@ def default_task_name(path: Path, fmt: str) -> str:
         p = p.parent
     if p.name == "checkpoints" and p.parent != p:
         p = p.parent
-    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", p.name).lstrip(".-")[:100]
+    raw = p.name
+    if re.fullmatch(r"version_\d+", raw) and p.parent.name == "lightning_logs" and p.parent.parent.name:
+        # lightning_logs/version_3 says little: name it after the project folder, as <project>-version_3
+        raw = f"{p.parent.parent.name}-{raw}"
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", raw).lstrip(".-")[:100]
     return name or "imported"
 
 
@@ -456,7 +460,7 @@ def import_path(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
         )
     fmt, found, skipped = plan(src, fmt, progress)
-    name = task or default_task_name(src, fmt)
+    name = task if task is not None else default_task_name(src, fmt)
     check_task_name(name)
     created = False
     try:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, ModelNotFound, UsageError
 from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
-from .names import check_task_name, check_title
+from .names import case_twin, check_task_name, check_title
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -210,6 +210,7 @@ def promote(
     task = ws.task(task_name)
     if (ws.models_dir / title).exists() or fsutil.is_symlink(ws.models_dir / title):
         raise ConflictError(f"model '{title}' already exists", hint="choose another --title, or see: ckpt models")
+    _check_case_twin(ws, title)
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
         if best is not None:
@@ -226,7 +227,7 @@ def promote(
 
 def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
     src = task.path_of(cp)
-    if fsutil.is_symlink(src):
+    if fsutil.symlink_on_path(task.folder, cp.file) is not None:
         raise IntegrityError(
             f"checkpoint {cp.number} of task '{task.name}' is a symlink; ckpt does not promote through links",
             path=src,
@@ -364,9 +365,26 @@ def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | 
     return FinishResult(task.name, "finished", model, note)
 
 
+def _check_case_twin(ws: Workspace, title: str, renaming: str | None = None) -> None:
+    """Refuse a new title that differs from an existing model's only in case (one folder on macOS, Windows)."""
+    try:
+        twin = case_twin(title, (t for t in os.listdir(ws.models_dir) if t != renaming))
+    except FileNotFoundError:
+        return
+    if twin is not None:
+        raise ConflictError(
+            f"model title '{title}' differs from model '{twin}' only in case",
+            hint="titles must stay distinct on case-insensitive file systems; choose another title",
+        )
+
+
 def _existing(ws: Workspace, title: str) -> Model | None:
     folder = ws.models_dir / title
     if not folder.exists() and not fsutil.is_symlink(folder):
+        try:
+            _check_case_twin(ws, title)
+        except ConflictError:
+            return Model(title, "", 0, "", "", 0, "", "copy")  # a title differing only in case: taken
         return None
     try:
         return ws.models[title]
@@ -383,6 +401,7 @@ def rename(ws: Workspace, old: str, new: str) -> Model:
     check_title(old)
     check_title(new)
     model = ws.models[old]
+    _check_case_twin(ws, new, renaming=old)
     with contextlib.ExitStack() as stack:
         with contextlib.suppress(CkptError):
             # the source task's lock keeps trash-unused from deciding while the model has no folder name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from .errors import UsageError
 
@@ -34,3 +35,16 @@ def check_task_name(value: object) -> str:
 
 def check_title(value: object) -> str:
     return check_name(value, "model title")
+
+
+def case_twin(name: str, existing: Iterable[str]) -> str | None:
+    """The name in `existing` that differs from `name` only in case, or None.
+
+    Two such names would be one folder on a case-insensitive file system (macOS, Windows), so ckpt
+    refuses a new task or title whose case-folded form is already taken.
+    """
+    folded = name.casefold()
+    for other in existing:
+        if other != name and other.casefold() == folded:
+            return other
+    return None

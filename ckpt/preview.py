@@ -7,6 +7,7 @@ See docs/preview.md for the options, the picture's layout and the safety rules.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -90,7 +91,7 @@ class PreviewOptions:
     size: tuple[int, int] | None = None  # (width, height) to resize to; default: each image's own size
     classes: list[str] | None = None
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 8
     unsafe_load: bool = False
     save_masks: Path | None = None
     cell: int = 160
@@ -215,6 +216,29 @@ def build_network(factory: str, kwargs: dict[str, Any], *, from_manifest: bool =
     if not isinstance(net, torch.nn.Module):
         raise ArchitectureError(f"'{factory}' returned a {type(net).__name__}, not a torch.nn.Module")
     return net
+
+
+def fuse_for_inference(net: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of `net` with every Conv2d that an nn.Sequential runs straight into a BatchNorm2d
+    folded into one convolution (the same function; about a quarter faster on a CPU)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(net).eval()
+    for mod in fused.modules():
+        if not isinstance(mod, torch.nn.Sequential):
+            continue
+        for i in range(len(mod) - 1):
+            conv, bn = mod[i], mod[i + 1]
+            if (
+                type(conv) is torch.nn.Conv2d
+                and type(bn) is torch.nn.BatchNorm2d
+                and bn.running_mean is not None
+                and bn.running_var is not None
+                and conv.out_channels == bn.num_features
+            ):
+                mod[i] = fuse_conv_bn_eval(conv, bn)
+                mod[i + 1] = torch.nn.Identity()
+    return fused
 
 
 def _in_channels(net: torch.nn.Module) -> int:
@@ -467,6 +491,8 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
         raise UsageError("the cell size must be at least 32 pixels")
     if not sources:
         raise UsageError("nothing to preview")
+    if options.out.suffix.lower() != ".png":
+        raise UsageError(f"--out '{options.out}' must end in .png")
     device = resolve_device(options.device)
     image_paths = collect_images(options.images)
     mask_paths = match_masks(image_paths, options.masks) if options.masks is not None else None
@@ -510,11 +536,12 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
         state = load_state_dict(src.path, unsafe=options.unsafe_load)
         expected = {k: tuple(v.shape) for k, v in entry.net.state_dict().items()}
         entry.net.load_state_dict(fit_state_dict(state, expected, path=src.path), strict=True)
+        infer = fuse_for_inference(entry.net).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         mean = _floats(_pick(options.mean, src.settings, "mean"), "mean", entry.channels, 0.0)
         std = _floats(_pick(options.std, src.settings, "std"), "std", entry.channels, 1.0)
         size = options.size or _size(src.settings.get("size"))
         batches = inputs.batches(entry.channels, mean, std, size, entry.multiple)
-        p, c = predict(entry.net, batches, len(pil_images))
+        p, c = predict(infer, batches, len(pil_images))
         n_classes = max(n_classes, c)
         if size is not None:  # back to each image's own size, for the metrics and the picture
             p = [_resize_mask(a, im.size) for a, im in zip(p, pil_images, strict=True)]
@@ -541,8 +568,6 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
     names = _class_names(classes_names, n_classes)
     picture = render_grid(pil_images, image_paths, masks, preds, results, names, options.cell)
     out = options.out
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out '{out}' must end in .png")
     if out.parent and not out.parent.is_dir():
         fsutil.make_dirs(out.parent)
     buf = _png_bytes(picture)

@@ -284,6 +284,9 @@ class StoreTask(Task):
     def pending_markers(self) -> list[Path]:
         return []
 
+    def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
+        return []  # object storage has no symlinks
+
     def local_path(self, cp: Checkpoint) -> Path:
         """The checkpoint downloaded into the local cache (by sha256: downloaded once), for reading."""
         return download_cached(self.storage, _key(self.path_of(cp)), cp.sha256, cp.file)

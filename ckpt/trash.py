@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
 from .manifest import FORMAT, Checkpoint, TaskState, check_format, dumps, read_toml
+from .names import _describe
 from .timeutil import now_iso, parse_iso
 from .workspace import LOCK_FILE as TASK_LOCK
 from .workspace import PENDING_PREFIX
@@ -141,7 +142,8 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
 def check_entry_id(entry_id: str) -> str:
     if not _ID.fullmatch(entry_id):
         raise UsageError(
-            f"invalid trash entry id {entry_id!r}", hint="ids look like 20250101-120000-a1b2c3; see: ckpt trash list"
+            f"invalid trash entry id {_describe(entry_id)}",
+            hint="ids look like 20250101-120000-a1b2c3; see: ckpt trash list",
         )
     return entry_id
 
@@ -150,7 +152,9 @@ def read_entry(ws: Workspace, entry_id: str) -> Entry:
     """The trash entry `entry_id`; raises NotFoundError, ManifestError."""
     check_entry_id(entry_id)
     folder = ws.trash_dir / entry_id
-    if fsutil.is_symlink(folder) or not (folder / ENTRY_FILE).is_file():
+    if fsutil.is_symlink(folder) or fsutil.is_symlink(folder / ENTRY_FILE):
+        raise IntegrityError(f"trash entry '{entry_id}' is a symlink; ckpt does not follow it", path=folder)
+    if not (folder / ENTRY_FILE).is_file():
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list")
     return _entry_from_doc(read_toml(folder / ENTRY_FILE, "trash entry"), folder)
 
@@ -185,6 +189,19 @@ def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
             entries.append(read_entry(ws, entry_id))
         except CkptError as e:
             errors.append(e)
+    try:
+        with os.scandir(ws.trash_dir) as it:
+            links = sorted(e.name for e in it if _ID.fullmatch(e.name) and e.is_symlink())
+    except FileNotFoundError:
+        links = []
+    for name in links:  # reported, never followed: emptying removes the link only, restoring refuses it
+        errors.append(
+            IntegrityError(
+                f"trash entry '{name}' is a symlink; ckpt does not follow it",
+                path=ws.trash_dir / name / ENTRY_FILE,
+                hint=f"remove the link {ws.rel(ws.trash_dir / name)} by hand",
+            )
+        )
     return entries, errors
 
 
@@ -641,6 +658,15 @@ def restore(ws: Workspace, entry_id: str) -> RestoreResult:
             if os.path.lexists(dst):
                 conflicts.append(f"'{ws.rel(dst)}' exists")
             src = entry.folder / FILES_DIR / cp.file
+            link = fsutil.symlink_on_path(entry.folder, f"{FILES_DIR}/{cp.file}") or fsutil.symlink_on_path(
+                task.folder, cp.file
+            )
+            if link is not None:
+                raise IntegrityError(
+                    f"restoring checkpoint {cp.number} of trash entry '{entry_id}' would go through the symlink "
+                    f"'{link}'; ckpt never moves files through links; nothing was changed",
+                    path=src,
+                )
             if not _is_file_or_folder(src):
                 raise IntegrityError(
                     f"trash entry '{entry_id}' is missing the file of checkpoint {cp.number} ({ws.rel(src)})",
@@ -699,7 +725,7 @@ def _restore_model(ws: Workspace, entry_id: str, task_name: str | None) -> Entry
                 "nothing was changed",
                 hint="rename that model first: ckpt models rename",
             )
-        if not os.path.isdir(entry.folder / MODEL_DIR):
+        if fsutil.is_symlink(entry.folder / MODEL_DIR) or not os.path.isdir(entry.folder / MODEL_DIR):
             raise IntegrityError(f"trash entry '{entry_id}' is missing its model folder", path=entry.folder)
         _write_entry(replace(entry, state="restoring"))
         _finish_model_restore(ws, entry)

@@ -37,7 +37,7 @@ from .manifest import (
     record_bytes,
     task_bytes,
 )
-from .names import check_task_name
+from .names import case_twin, check_task_name
 from .storage import is_url
 from .timeutil import now_iso
 
@@ -208,6 +208,14 @@ class Workspace:
             if exist_ok:
                 return self.task(name)
             raise ConflictError(f"task '{name}' already exists", path=folder, hint=f"see: ckpt list {name}")
+        with contextlib.suppress(FileNotFoundError):
+            twin = case_twin(name, os.listdir(self.tasks_dir))
+            if twin is not None:
+                raise ConflictError(
+                    f"task '{name}' differs from task '{twin}' only in case",
+                    path=folder,
+                    hint="names must stay distinct on case-insensitive file systems; choose another name",
+                )
         header = TaskHeader(
             name=name,
             status="running",
@@ -337,7 +345,12 @@ class Task:
 
     def state(self) -> TaskState:
         """The manifest as it is now (re-reading only what changed)."""
-        state = self._reader.read()
+        try:
+            state = self._reader.read()
+        except ManifestError as e:
+            if e.hint is None:
+                e.hint = "see: ckpt doctor --dry-run"  # it cuts off a record a crash left incomplete
+            raise
         if state.header.name != self.name:
             raise ManifestError(
                 f"{self.manifest}: 'name' is {state.header.name!r} but the folder is '{self.name}'", path=self.manifest
@@ -385,6 +398,26 @@ class Task:
     def local_path(self, cp: Checkpoint) -> Path:
         """A local path to the checkpoint's file, for reading (object storage: downloaded to a cache)."""
         return self.path_of(cp)
+
+    def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
+        """The checkpoints of `cps` reached through a symlink, with the linked part; one scandir per folder."""
+        folders: dict[str, tuple[str | None, set[str]]] = {}
+        out: list[tuple[Checkpoint, str]] = []
+        for cp in cps:
+            parent, _, name = cp.file.rpartition("/")
+            if parent not in folders:
+                through = fsutil.symlink_on_path(self.folder, parent) if parent else None
+                names: set[str] = set()
+                if through is None:
+                    with contextlib.suppress(OSError), os.scandir(self.folder / parent) as it:
+                        names = {e.name for e in it if e.is_symlink()}
+                folders[parent] = (through, names)
+            through, names = folders[parent]
+            if through is not None:
+                out.append((cp, through + "/"))
+            elif name in names:
+                out.append((cp, cp.file))
+        return out
 
     def summary(self) -> TaskSummary:
         st = self.state()

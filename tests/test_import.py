@@ -463,3 +463,12 @@ def test_import_from_inside_the_workspace_is_refused(ws: ckpt.Workspace, run: An
     task.save(b"abc")
     r = run("import", str(task.folder / "checkpoints"), "--task", "again")
     assert r.exit_code == 2 and "ckpt scan" in r.stderr
+
+
+def test_lightning_version_folder_named_after_project(tmp_path: Path, ws: ckpt.Workspace, run_json: Any) -> None:
+    cdir = tmp_path / "segproj" / "lightning_logs" / "version_2" / "checkpoints"
+    cdir.mkdir(parents=True)
+    (cdir / "epoch=0-step=10.ckpt").write_bytes(b"a" * 10)
+    (cdir / "epoch=1-step=20.ckpt").write_bytes(b"b" * 10)
+    res = run_json("import", str(cdir.parent), "--format", "lightning")
+    assert res["task"] == "segproj-version_2"

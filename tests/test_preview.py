@@ -127,6 +127,17 @@ def test_wrong_architecture_or_kwargs_is_a_usage_error(preview, trained, tmp_pat
     assert not (tmp_path / "x.png").exists()
 
 
+def tiny_unet(**kwargs: Any) -> torch.nn.Module:
+    """A factory function, as torchvision's model builders are."""
+    return UNet(**{**KWARGS, **kwargs})
+
+
+def test_factory_function_named_on_the_command_line(preview, trained, tmp_path):
+    result = preview("tiny", "2", *_args(trained, tmp_path / "f.png"), "--arch", f"{__name__}:tiny_unet", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoints"][0]["miou"] is not None
+
+
 def test_manifest_naming_a_function_is_refused(run, ws, trained, tmp_path):
     marker = tmp_path / "ran"
     task = ws.create_task("evil-arch", arch="os:system", arch_kwargs={"command": f"touch {marker}"})
@@ -148,6 +159,8 @@ def test_missing_images_and_masks_are_not_found(preview, trained, tmp_path):
     assert "image 'im1.png' has no mask" in result.stderr
     result = preview("tiny", "1", "--masks", str(masks))
     assert result.exit_code == 2 and "--images" in result.stderr
+    result = preview("tiny", "1", "--images", str(trained["images"]), "--out", str(tmp_path / "x.jpg"))
+    assert result.exit_code == 2 and "must end in .png" in result.stderr
     result = preview("tiny", "9", "--images", str(trained["images"]))
     assert result.exit_code == 3 and "has no checkpoint 9" in result.stderr
 
@@ -200,6 +213,19 @@ def test_lightning_and_dataparallel_checkpoints_load(run, ws, trained, tmp_path)
     assert result.exit_code == 0, result.output
     mious = [c["miou"] for c in json.loads(result.stdout)["checkpoints"]]
     assert len(mious) == 4 and len(set(mious)) == 1
+
+
+def test_fused_network_predicts_the_same(trained):
+    from ckpt.preview import fuse_for_inference
+
+    net = UNet(**KWARGS)
+    net.load_state_dict(trained["state"])
+    net.eval()
+    fused = fuse_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_state_dict_lists_missing_and_unexpected_keys():

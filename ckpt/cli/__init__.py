@@ -36,6 +36,15 @@ def _root(
             "--workspace", "-w", help="The workspace folder (else CKPT_WORKSPACE, else the nearest ckpt.toml above)."
         ),
     ] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            min=0,
+            metavar="SECONDS",
+            help="Wait this long for a lock another ckpt holds, then exit 5 (else CKPT_LOCK_TIMEOUT, else 30).",
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -45,6 +54,9 @@ def _root(
     Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.
     """
     STATE.workspace = workspace
+    from ..fsutil import set_lock_timeout
+
+    set_lock_timeout(wait)  # always set: in-process callers (tests) run several commands in one process
 
 
 from . import imports as _imports  # noqa: E402,F401
@@ -69,9 +81,9 @@ def _invoked(argv: list[str]) -> str | None:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-w", "--workspace"):
+        if arg in ("-w", "--workspace", "--wait"):
             i += 2
-        elif arg.startswith("--workspace=") or (arg.startswith("-w") and not arg.startswith("--")):
+        elif arg.startswith(("--workspace=", "--wait=")) or (arg.startswith("-w") and not arg.startswith("--")):
             i += 1
         else:
             return None if arg.startswith("-") else arg

@@ -148,7 +148,7 @@ def preview(
         str | None, typer.Option("--size", help="Resize images to WIDTHxHEIGHT first (default: their own size).")
     ] = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = 8,
     unsafe_load: Annotated[
         bool, typer.Option("--unsafe-load", help="Allow files that need full unpickling (runs their code!).")
     ] = False,

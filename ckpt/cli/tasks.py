@@ -107,6 +107,8 @@ def list_checkpoints(
     t = ws.task(task)
     cps = t.checkpoints
     t.refresh_cache()
+    for cp, link in t.linked(cps):
+        err(f"warning: checkpoint {cp.number} is reached through symlink '{link}'; ckpt never moves or deletes it")
     latest = cps[-1].number if cps else None
     models = ws.models_of(task)
     if sort is not None:

@@ -271,12 +271,22 @@ def du(json: JsonOpt = False) -> None:
 
 
 @command(app, "doctor")
-def doctor(dry_run: DryRunOpt = False, json: JsonOpt = False) -> None:
-    """Finish or undo what interrupted commands left: trash operations, promote staging folders, temp files."""
-    from ..trash import recover_workspace
+def doctor(
+    dry_run: DryRunOpt = False,
+    forget_missing: Annotated[
+        bool, typer.Option("--forget-missing", help="Drop the records of checkpoints whose file is gone.")
+    ] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Finish or undo what interrupted commands left, and check records against files.
+
+    Trash operations, promote staging folders and temp files are recovered; an incomplete last record
+    of a manifest is cut off; records without a file and files without a record are reported.
+    """
+    from ..doctor import doctor as do_doctor
 
     ws = open_workspace()
-    repairs = recover_workspace(ws, dry_run=dry_run)
+    repairs = do_doctor(ws, dry_run=dry_run, forget_missing=forget_missing)
     if json:
         print_json(
             {
