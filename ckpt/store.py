@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
+NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
@@ -310,7 +311,7 @@ class StoreTask(Task):
         try:
             tmp, size, digest = fsutil.write_new_file(tmpdir, "checkpoint" + ext, produce)
             cp = Checkpoint(0, "", size, digest, now_iso(), step, epoch, metrics, original_name, self.name)
-            number, _ = self._upload_numbered(cp, ext, lambda key: self.storage.upload(key, tmp, if_none_match=True))
+            number, _ = self._upload_numbered(cp, ext, lambda key: self.storage.upload(key, tmp))
         finally:
             fsutil.remove_tree(tmpdir)
         return number
@@ -320,37 +321,41 @@ class StoreTask(Task):
         return ConflictError(f"task '{self.name}' is {status}; it takes no new checkpoints", hint="create a new task")
 
     def _upload_numbered(self, cp: Checkpoint, ext: str, put: Callable[[str], object]) -> tuple[int, Checkpoint]:
-        """Claim the next free number by creating its object (If-None-Match), then commit the record."""
-        number = self.state().max_number + 1
-        while True:
-            file = f"{CHECKPOINT_DIR}/{number:06d}{ext}"
-            try:
-                put(f"tasks/{self.name}/{file}")
-                break
-            except PreconditionFailed:
-                number += 1  # an object without a record (another writer, or a crash): never reuse its number
+        """Claim the next free number, upload the bytes under it, then commit the record (If-Match)."""
+        number = self._claim_number()
+        file = f"{CHECKPOINT_DIR}/{number:06d}{ext}"
         made = replace(cp, number=number, file=file)
 
         def add(state: TaskState) -> None:
             if state.header.status != "running":
                 raise self._not_running()
-            if number <= state.max_number:
-                raise _Renumber()  # the number was recorded and trashed meanwhile: never reuse it
+            if number in state.checkpoints:  # a workspace copied in without its claims
+                raise ConflictError(f"checkpoint {number} of task '{self.name}' exists; save again")
             state.checkpoints[number] = made
 
         try:
+            # the number is ours alone (its claim is never deleted), so a plain upload overwrites nothing recorded
+            put(f"tasks/{self.name}/{file}")
             self.update(add)
-        except _Renumber:
-            # move the uploaded object to a fresh number on the server, then commit that
-            old = f"tasks/{self.name}/{file}"
-            renumbered = self._upload_numbered(cp, ext, lambda key: self.storage.copy(old, key))
-            self.storage.delete([old])
-            return renumbered
         except BaseException:
             with contextlib.suppress(Exception):
                 self.storage.delete([f"tasks/{self.name}/{file}"])
             raise
         return number, made
+
+    def _claim_number(self) -> int:
+        """A checkpoint number no writer ever had: `numbers/<n>` created with If-None-Match.
+
+        Claims are tiny objects that stay when a checkpoint goes to the trash, so a number is never reused
+        even by a writer that read the manifest before the checkpoint was recorded and trashed.
+        """
+        number = self.state().max_number + 1
+        while True:
+            try:
+                self.storage.put(f"tasks/{self.name}/{NUMBERS_DIR}/{number:06d}", b"", if_none_match=True)
+                return number
+            except PreconditionFailed:
+                number += 1  # claimed by another writer (or by one that crashed): never reuse it
 
     def add_existing(self, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
         """Upload local files (import into a remote workspace): each claims its number, then its record."""
@@ -385,7 +390,7 @@ class StoreTask(Task):
         return added
 
     def _upload_new(self, source: Path, key: str) -> None:
-        self.storage.upload(key, source, if_none_match=True)
+        self.storage.upload(key, source)
 
     def set_status(self, status: str) -> TaskHeader:
         def change(state: TaskState) -> TaskHeader:
@@ -394,10 +399,6 @@ class StoreTask(Task):
             return state.header
 
         return self.update(change)
-
-
-class _Renumber(Exception):
-    pass
 
 
 def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
@@ -494,8 +495,14 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
             raise IntegrityError(
                 f"checkpoint {cp.number} of task '{task.name}' is missing its file {src}", hint="run: ckpt verify"
             )
-        for b in blobs:
-            ws.storage.copy(b.key, f"models/{title}/{name}{b.key[len(src) :]}")
+        try:
+            for b in blobs:
+                ws.storage.copy(b.key, f"models/{title}/{name}{b.key[len(src) :]}")
+        except FileNotFoundError:  # trashed between the listing and the copy
+            raise IntegrityError(
+                f"checkpoint {cp.number} of task '{task.name}' was moved away meanwhile",
+                hint=f"see: ckpt list {task.name}",
+            ) from None
         model = Model(
             title=title,
             task=task.name,

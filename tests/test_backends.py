@@ -225,12 +225,17 @@ def test_s3_concurrent_processes_lose_nothing(s3_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, s3_url, str(w), str(per)], stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", _WORKER, s3_url, str(w), str(per)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for w in range(workers)
     ]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    done = [p.communicate(timeout=120) for p in procs]
+    outs = [o for o, _ in done]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in done]
     numbers = [int(x) for o in outs for x in o.split("|")[0].split()]
     wins = [w for o in outs for w in o.split("|")[1].split()]
     assert len(set(numbers)) == len(numbers) == workers * per  # every save got its own number

@@ -56,16 +56,19 @@ class S3Storage(Storage):
     def _path(self, key: str) -> str:
         return f"{self.bucket}/{self.prefix}{key}"
 
+    def _url_of(self, kw: dict[str, Any]) -> str:
+        return f"s3://{self.bucket}/{kw.get('Key', '')}"
+
     def _call(self, method: str, **kw: Any) -> Any:
         try:
             return self.fs.call_s3(method, Bucket=self.bucket, **kw)
         except OSError as e:
             if _conflict(e):
-                raise PreconditionFailed(f"{self.url}/{kw.get('Key', '')} changed or exists already") from None
+                raise PreconditionFailed(f"{self._url_of(kw)} changed or exists already") from None
             if _code(e) == "NoSuchBucket":
                 raise CkptError(f"bucket '{self.bucket}' does not exist", hint="create it first") from None
             if _missing(e):
-                raise FileNotFoundError(f"{self.url}/{kw.get('Key', '')}") from None
+                raise FileNotFoundError(self._url_of(kw)) from None
             raise
 
     def get(self, key: str) -> tuple[bytes, str]:
