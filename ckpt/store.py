@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import random
 import secrets
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +42,7 @@ from .errors import (
     WorkspaceNotFound,
 )
 from .manifest import (
+    _COLUMNS,
     FORMAT,
     Checkpoint,
     TaskHeader,
@@ -63,6 +67,7 @@ T = TypeVar("T")
 CLAIM_FILE = ".claim"
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
+MANIFEST_CACHE_VERSION = 1
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
 
@@ -215,15 +220,19 @@ class StoreTask(Task):
 
     def reload(self) -> TaskState:
         """Read the manifest (a GET; a 304 without a body when unchanged); raises TaskNotFound, ManifestError."""
+        if self._state is None:
+            self._state, self._etag = _load_manifest_cache(self._cache_file())
         try:
             if self._state is not None:
                 got = self.storage.get_if_changed(self.key, self._etag)
                 if got is None:
+                    self._read_at = time.monotonic()
                     return self._state
                 data, etag = got
             else:
                 data, etag = self.storage.get(self.key)
         except FileNotFoundError:
+            self._state = None
             raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
         if not data.strip():
             raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
@@ -232,7 +241,12 @@ class StoreTask(Task):
             raise ManifestError(f"{self.key}: 'name' is {state.header.name!r} but the folder is '{self.name}'")
         self._state, self._etag = state, etag
         self._read_at = time.monotonic()
+        _save_manifest_cache(self._cache_file(), state, etag)
         return state
+
+    def _cache_file(self) -> Path:
+        digest = hashlib.sha256(f"{self.ws.url}/{self.key}".encode()).hexdigest()[:32]
+        return cache_dir() / "manifests" / f"{digest}.json"
 
     def state(self) -> TaskState:
         """The manifest as it is now. Within one command (`HOLD` seconds) the last read is reused; after that
@@ -269,6 +283,7 @@ class StoreTask(Task):
             try:
                 self._etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
                 self._state, self._read_at = state, time.monotonic()
+                _save_manifest_cache(self._cache_file(), state, self._etag)
                 return result
             except PreconditionFailed:
                 self._state = None
@@ -399,6 +414,36 @@ class StoreTask(Task):
             return state.header
 
         return self.update(change)
+
+
+def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str]:
+    """The parsed manifest and its ETag from the local cache, or (None, ""): parsing 10,000 records of TOML
+    takes 1.5 s, loading them as JSON columns a tenth of that, and a 304 confirms they are current."""
+    try:
+        raw = json.loads(path.read_bytes())
+        if raw.get("v") != MANIFEST_CACHE_VERSION:
+            return None, ""
+        cols = [raw["checkpoints"][k] for k in _COLUMNS]
+        task = raw["header"]["name"]
+        cps = dict(zip(cols[0], map(Checkpoint, *cols, repeat(task, len(cols[0]))), strict=True))
+        return TaskState(TaskHeader(**raw["header"]), cps), str(raw["etag"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, ""
+
+
+def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
+    cps = state.checkpoints.values()
+    doc = {
+        "v": MANIFEST_CACHE_VERSION,
+        "etag": etag,
+        "header": state.header.to_json(),
+        "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in _COLUMNS},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write_nosync(path, json.dumps(doc, separators=(",", ":")).encode())
+    except (OSError, ValueError, TypeError):
+        pass  # only a cache
 
 
 def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
@@ -657,8 +702,7 @@ def _execute_trash(
     moved = [k for cp in cps for k in objects.get(cp.file, [])]
     # 2. server-side copies under the entry; 3. the manifest without the records (If-Match): before it, a
     # crash leaves the checkpoints as they were plus a "pending" entry that restore/empty settle
-    for k in moved:
-        ws.storage.copy(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}")
+    ws.storage.copy_many([(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}") for k in moved])
     gone = {cp.number for cp in cps}
 
     def drop(state: TaskState) -> None:
@@ -764,10 +808,10 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
     if entry.state != "restoring":
         _put_entry(ws, replace(entry, state="restoring"))
     # the objects back first, then the records (If-Match): a record never names an object not in place
-    for k in copies:
-        dst = f"tasks/{task.name}/{k[len(prefix) :]}"
-        if entry.state != "restoring" or ws.storage.head(dst) is None:
-            ws.storage.copy(k, dst)
+    back = [(k, f"tasks/{task.name}/{k[len(prefix) :]}") for k in copies]
+    if entry.state == "restoring":  # an interrupted restore: what was copied back already stays
+        back = [(k, dst) for k, dst in back if ws.storage.head(dst) is None]
+    ws.storage.copy_many(back)
     numbers = {cp.number: replace(cp, task=task.name) for cp in entry.checkpoints}
 
     def add(st: TaskState) -> None:

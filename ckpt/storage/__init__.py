@@ -75,6 +75,11 @@ class Storage(ABC):
     def copy(self, src: str, dst: str) -> None:
         """Copy `src` to `dst` on the server: no byte passes through this process. Raises FileNotFoundError."""
 
+    def copy_many(self, pairs: list[tuple[str, str]]) -> None:
+        """`copy` of each (src, dst), several at a time where the backend can; raises FileNotFoundError."""
+        for src, dst in pairs:
+            self.copy(src, dst)
+
     @abstractmethod
     def children(self, prefix: str) -> list[str]:
         """Names of the 'folders' right below `prefix` (which ends with '/'): one LIST with a delimiter."""

@@ -3,6 +3,7 @@ them: AWS_* environment variables, profiles, AWS_ENDPOINT_URL for MinIO and the 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from ..errors import CkptError, UsageError
 from . import Blob, PreconditionFailed, Storage
 
 _READ_BLOCK = 8 * 2**20
-_BATCH = 1000  # keys per LIST page and per DeleteObjects request (the S3 maximum)
+_BATCH = 1000
+COPY_CONCURRENCY = 32  # keys per LIST page and per DeleteObjects request (the S3 maximum)
 
 
 def _code(e: BaseException) -> str:
@@ -150,6 +152,35 @@ class S3Storage(Storage):
             if _code(e) not in ("InvalidRequest", "EntityTooLarge"):
                 raise
             self.fs.copy(self._path(src), self._path(dst))  # over 5 GiB: s3fs copies part by part, still server-side
+
+    def copy_many(self, pairs: list[tuple[str, str]]) -> None:
+        # S3 has no batch copy: one CopyObject each, COPY_CONCURRENCY in flight (each is a server-side copy)
+        small = asyncio.Semaphore(COPY_CONCURRENCY)
+        large: list[tuple[str, str]] = []
+
+        async def one(src: str, dst: str) -> None:
+            async with small:
+                try:
+                    await self.fs._call_s3(
+                        "copy_object",
+                        Bucket=self.bucket,
+                        Key=self._key(dst),
+                        CopySource={"Bucket": self.bucket, "Key": self._key(src)},
+                    )
+                except OSError as e:
+                    if _code(e) in ("InvalidRequest", "EntityTooLarge"):
+                        large.append((src, dst))
+                    elif _missing(e):
+                        raise FileNotFoundError(f"s3://{self.bucket}/{self._key(src)}") from None
+                    else:
+                        raise
+
+        async def all_of() -> None:
+            await asyncio.gather(*(one(s, d) for s, d in pairs))
+
+        sync(self.fs.loop, all_of)
+        for src, dst in large:
+            self.copy(src, dst)
 
     def children(self, prefix: str) -> list[str]:
         names: list[str] = []
