@@ -249,3 +249,33 @@ def test_s3_concurrent_processes_lose_nothing(s3_url: str) -> None:
     from ckpt.importer import verify
 
     assert verify(ws, models=True).ok
+
+
+def test_preview_checkpoint_and_model(run: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from PIL import Image
+
+    from ckpt.zoo import UNet
+
+    kwargs = {"in_channels": 3, "classes": 2, "width": 4, "depth": 2}
+    task = any_ws.create_task("tiny", arch="ckpt.zoo:UNet", arch_kwargs=kwargs)
+    torch.manual_seed(0)
+    task.save(UNet(**kwargs).state_dict(), step=1)
+    any_ws.promote("tiny", 1, title="tiny-1")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = tmp_path / "images" / "im.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(image)
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 2).astype(np.uint8)).save(tmp_path / "masks" / "im.png")
+    scores = []
+    for what in (["tiny", "1"], ["--model", "tiny-1"]):
+        out = tmp_path / f"{what[-1]}.png"
+        args = ["--images", str(image), "--masks", str(tmp_path / "masks"), "--out", str(out), "--json"]
+        result = run("preview", *what, *args)
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout)["checkpoints"][0]["miou"])
+        assert out.is_file()
+    assert scores[0] == scores[1]  # the model is the checkpoint's bytes
+    if any_ws.remote:  # the weights were downloaded once into the local cache, by sha256
+        assert len(list((Path(os.environ["CKPT_CACHE"]) / "objects").rglob("*.pt"))) == 1
