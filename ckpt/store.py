@@ -102,8 +102,22 @@ class StoreWorkspace(Workspace):
     @classmethod
     def init_url(cls, url: str) -> StoreWorkspace:
         storage = open_storage(url)
-        with contextlib.suppress(PreconditionFailed):  # made by another process meanwhile: open it
-            storage.put(WORKSPACE_FILE, dumps({"format": FORMAT, "settings": {}}), if_none_match=True)
+        if storage.head(WORKSPACE_FILE) is None:
+            data = dumps({"format": FORMAT, "settings": {}})
+            with contextlib.suppress(PreconditionFailed):  # made by another process meanwhile: open it
+                storage.put(WORKSPACE_FILE, data, if_none_match=True)
+                # every guarantee rests on conditional writes: a service that ignores them must not be used
+                try:
+                    storage.put(WORKSPACE_FILE, data, if_none_match=True)
+                except PreconditionFailed:
+                    pass
+                else:
+                    storage.delete([WORKSPACE_FILE])
+                    raise CkptError(
+                        f"{storage.url} ignores conditional writes (If-None-Match); concurrent ckpt commands "
+                        "could lose updates there",
+                        hint="see docs/s3.md for the services that support them",
+                    )
         return cls.open_url(url, storage)
 
     @classmethod

@@ -279,3 +279,16 @@ def test_preview_checkpoint_and_model(run: Any, any_ws: ckpt.Workspace, tmp_path
     assert scores[0] == scores[1]  # the model is the checkpoint's bytes
     if any_ws.remote:  # the weights were downloaded once into the local cache, by sha256
         assert len(list((Path(os.environ["CKPT_CACHE"]) / "objects").rglob("*.pt"))) == 1
+
+
+def test_s3_init_refuses_a_service_without_conditional_writes(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt.storage.s3 import S3Storage
+
+    real = S3Storage.put
+
+    def ignoring(self: Any, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        return real(self, key, data)  # what a service that drops the headers does
+
+    monkeypatch.setattr(S3Storage, "put", ignoring)
+    with pytest.raises(ckpt.CkptError, match="ignores conditional writes"):
+        ckpt.Workspace.init(s3_url)
