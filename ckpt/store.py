@@ -68,6 +68,7 @@ CLAIM_FILE = ".claim"
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
 MANIFEST_CACHE_VERSION = 1
+STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
 
@@ -716,19 +717,41 @@ def _execute_trash(
     moved = [k for cp in cps for k in objects.get(cp.file, [])]
     # 2. server-side copies under the entry; 3. the manifest without the records (If-Match): before it, a
     # crash leaves the checkpoints as they were plus a "pending" entry that restore/empty settle
-    ws.storage.copy_many([(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}") for k in moved])
     gone = {cp.number for cp in cps}
+    try:
+        ws.storage.copy_many([(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}") for k in moved])
+    except FileNotFoundError:
+        raise _abandon(ws, task, entry.id) from None
 
     def drop(state: TaskState) -> None:
+        if not gone <= state.checkpoints.keys():
+            raise _Overlap
         state.header.last_number = state.max_number
         for n in gone:
-            state.checkpoints.pop(n, None)
+            del state.checkpoints[n]
 
-    task.update(drop)
+    try:
+        task.update(drop)
+    except _Overlap:
+        raise _abandon(ws, task, entry.id) from None
     # 4. the originals deleted, 5. the entry complete: a "pending" entry whose records are gone is finished
     ws.storage.delete(moved)
     _put_entry(ws, replace(entry, state="complete"))
     return entry.id
+
+
+class _Overlap(Exception):
+    pass
+
+
+def _abandon(ws: StoreWorkspace, task: Task, entry_id: str) -> ConflictError:
+    """Another trash moved some of the same checkpoints first (two trash-unused at once): drop this entry whole."""
+    _delete_entry(ws, entry_id)
+    return ConflictError(
+        f"checkpoints of task '{task.name}' were moved to the trash by another command meanwhile; nothing "
+        "was changed by this one",
+        hint=f"see: ckpt trash list; run again: ckpt trash-unused {task.name}",
+    )
 
 
 def _read_entry(ws: StoreWorkspace, entry_id: str) -> Entry:
@@ -768,11 +791,18 @@ def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
         return entry
     try:
         task = ws.task(entry.task or "")
-        state = task.state() if isinstance(task, StoreTask) else None
+        state = task.reload() if isinstance(task, StoreTask) else None
     except TaskNotFound:
         state = None
     if state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints):
-        # the manifest never changed: the checkpoints are where they were; drop the copies and the entry
+        # the manifest never changed: the checkpoints are where they were. Without a lock, a trash still running
+        # on another machine looks the same, so only an entry older than STALE_PENDING is undone
+        try:
+            age = (datetime.now(UTC) - parse_iso(entry.created)).total_seconds()
+        except ValueError:
+            age = 0.0
+        if age < STALE_PENDING:
+            return entry
         _delete_entry(ws, entry.id)
         return replace(entry, state="gone")
     base = f"tasks/{entry.task}/"
@@ -803,6 +833,11 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
         raise unsupported("restoring a model")
     if entry.state == "gone":
         raise NotFoundError(f"trash entry '{entry_id}' was an interrupted trash, undone", hint="see: ckpt trash list")
+    if entry.state == "pending":
+        raise ConflictError(
+            f"trash entry '{entry_id}' is still being made (or was interrupted less than an hour ago)",
+            hint="try again later",
+        )
     task = ws.task(entry.task or "")
     assert isinstance(task, StoreTask)
     state = task.reload()
@@ -852,7 +887,8 @@ def plan_empty(ws: StoreWorkspace, ids: list[str] | None, older_than: timedelta 
         if e.state == "gone":
             continue
         if e.state != "complete":
-            skipped.append((e.id, f"{e.state} (an interrupted restore; run: ckpt trash restore {e.id})"))
+            why = "being made, or interrupted in the last hour" if e.state == "pending" else "an interrupted restore"
+            skipped.append((e.id, f"{e.state}: {why}; see docs/s3.md"))
             continue
         if cutoff is not None and parse_iso(e.created) > cutoff:
             continue

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import ckpt
+from ckpt.trash import trash_unused
 from tests.conftest import make_task, put_bytes
 
 
@@ -292,3 +293,92 @@ def test_s3_init_refuses_a_service_without_conditional_writes(s3_url: str, monke
     monkeypatch.setattr(S3Storage, "put", ignoring)
     with pytest.raises(ckpt.CkptError, match="ignores conditional writes"):
         ckpt.Workspace.init(s3_url)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_s3_trash_interrupted_before_the_manifest_is_undone(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the entry and its copies, before the manifest commit: the checkpoints never moved."""
+    from ckpt import store
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=4)
+
+    def crash(self: Any, change: Any) -> Any:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(store.StoreTask, "update", crash)
+        with pytest.raises(_Crash):
+            trash_unused(ckpt.Workspace.open(s3_url), "unet")
+    assert [b.key.split("/")[1] for b in ws.storage.list_prefix("trash/")]  # the pending entry is there
+    listed = run_json("trash", "list")  # young: it may be a trash still running elsewhere, so it is left alone
+    assert [e["state"] for e in listed] == ["pending"]
+    assert run_json("trash", "empty", "--yes")["emptied"] == []
+    monkeypatch.setattr(store, "STALE_PENDING", 0.0)
+    assert run_json("trash", "list") == []  # once stale, settled: undone
+    assert ws.storage.list_prefix("trash/") == []
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4]
+    assert run_json("verify")["ok"]
+
+
+def test_s3_trash_interrupted_after_the_manifest_is_finished(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the manifest commit, before the originals are deleted: the trash is completed."""
+    from ckpt.storage.s3 import S3Storage
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=4)
+    real = S3Storage.delete
+
+    def crash(self: Any, keys: list[str]) -> None:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(S3Storage, "delete", crash)
+        with pytest.raises(_Crash):
+            trash_unused(ckpt.Workspace.open(s3_url), "unet")
+    assert S3Storage.delete is real
+    assert [r["number"] for r in run_json("list", "unet")] == [4]
+    entries = run_json("trash", "list")  # settles the pending entry: the originals go, the entry completes
+    assert [(e["checkpoints"], e["state"]) for e in entries] == [([1, 2, 3], "complete")]
+    assert sorted(b.key for b in ws.storage.list_prefix("tasks/unet/checkpoints/")) == [
+        "tasks/unet/checkpoints/000004.pt"
+    ]
+    assert run_json("trash", "restore", entries[0]["id"])["checkpoints"] == [1, 2, 3]
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4]
+    assert run_json("verify")["ok"]
+
+
+def test_s3_two_trash_unused_at_once_make_one_entry(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt.storage.s3 import S3Storage
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=4)
+    real = S3Storage.copy_many
+    other: list[str | None] = []
+
+    def racing(self: Any, pairs: list[tuple[str, str]]) -> None:
+        if not other:  # the other machine's trash-unused runs to the end while this one copies
+            other.append(None)
+            other[0] = trash_unused(ckpt.Workspace.open(s3_url), "unet").entry
+        real(self, pairs)
+
+    monkeypatch.setattr(S3Storage, "copy_many", racing)
+    with pytest.raises(ckpt.errors.ConflictError, match="by another command"):
+        trash_unused(ckpt.Workspace.open(s3_url), "unet")
+    monkeypatch.setattr(S3Storage, "copy_many", real)
+    entries = run_json("trash", "list")
+    assert [(e["id"], e["checkpoints"]) for e in entries] == [(other[0], [1, 2, 3])]
+    assert run_json("trash", "restore", entries[0]["id"])["checkpoints"] == [1, 2, 3]
+    assert run_json("verify")["ok"]
