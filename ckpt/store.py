@@ -54,7 +54,7 @@ from .manifest import (
     task_bytes,
 )
 from .models import MODEL_FILE, FinishResult, Model, ModelIndex, PromoteResult, choose_best, finish_title
-from .names import check_task_name, check_title
+from .names import case_twin, check_task_name, check_title
 from .storage import PreconditionFailed, Storage, open_storage
 from .timeutil import now_iso, parse_iso
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, Incoming, Task, TaskSummary, Workspace
@@ -174,11 +174,15 @@ class StoreWorkspace(Workspace):
             settings=dict(settings or {}),
         )
         try:
-            import json
-
             json.dumps(header.arch_kwargs)
         except (TypeError, ValueError) as e:
             raise UsageError(f"architecture keyword arguments are not JSON-serialisable: {e}") from None
+        twin = case_twin(name, self.task_names())
+        if twin is not None:
+            raise ConflictError(
+                f"task '{name}' differs from task '{twin}' only in case",
+                hint="names must stay distinct on case-insensitive file systems; choose another name",
+            )
         try:
             self.storage.put(f"tasks/{name}/{TASK_FILE}", task_bytes(TaskState(header, {})), if_none_match=True)
         except PreconditionFailed:
@@ -544,6 +548,12 @@ def _claim(ws: StoreWorkspace, title: str) -> None:
 
 
 def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> Model:
+    twin = case_twin(title, ws.models.titles())
+    if twin is not None:
+        raise ConflictError(
+            f"model title '{title}' differs from model '{twin}' only in case",
+            hint="titles must stay distinct on case-insensitive file systems; choose another title",
+        )
     # the title is claimed first (If-None-Match), so a losing racer never touches the winner's objects;
     # the weights are copied on the server, and model.toml comes last: a model never names missing weights
     _claim(ws, title)

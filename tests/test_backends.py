@@ -154,6 +154,12 @@ def test_library_open_and_errors(any_ws: ckpt.Workspace) -> None:
     assert any_ws.create_task("unet", exist_ok=True).name == "unet"
     with pytest.raises(ckpt.errors.CheckpointNotFound, match="it has none"):
         any_ws.task("unet").checkpoint(3)
+    with pytest.raises(ckpt.errors.ConflictError, match="only in case"):
+        any_ws.create_task("UNet")
+    any_ws.task("unet").save(b"x")
+    any_ws.promote("unet", 1, title="best")
+    with pytest.raises(ckpt.errors.ConflictError, match="only in case"):
+        any_ws.promote("unet", 1, title="Best")
 
 
 # --- object storage only -------------------------------------------------------------------------------
