@@ -429,7 +429,7 @@ class TaskReader:
         try:
             fsutil.atomic_write_nosync(self.cache, json.dumps(doc, separators=(",", ":")).encode())
             self._changed = False
-        except OSError:
+        except (OSError, TypeError, ValueError):  # TOML-only values (a datetime in arch kwargs) have no JSON
             pass
 
 
