@@ -517,6 +517,23 @@ class StoreModelIndex(ModelIndex):
     def __contains__(self, title: object) -> bool:
         return isinstance(title, str) and title in self.titles()
 
+    def read_all(self) -> tuple[list[Model], list[CkptError]]:
+        # one LIST, then every model.toml at once (several GETs in flight), not one round trip after another
+        titles = self.titles()
+        models: list[Model] = []
+        errors: list[CkptError] = []
+        for title, data in zip(
+            titles, self.ws.storage.get_many([f"models/{t}/{MODEL_FILE}" for t in titles]), strict=True
+        ):
+            folder = Path("models") / title
+            try:
+                if data is None:
+                    raise ModelNotFound(f"model '{title}' does not exist", hint="see: ckpt models")
+                models.append(Model.from_doc(title, parse_toml(data, folder / MODEL_FILE), folder))
+            except CkptError as e:
+                errors.append(e)
+        return models, errors
+
 
 def promote(
     ws: StoreWorkspace,

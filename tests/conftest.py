@@ -126,4 +126,5 @@ def put_bytes(ws: ckpt.Workspace, key: str, data: bytes) -> None:
     if ws.remote:
         ws.storage.put(key, data)  # type: ignore[attr-defined]
     else:
+        (ws.root / key).parent.mkdir(parents=True, exist_ok=True)
         (ws.root / key).write_bytes(data)

@@ -81,6 +81,16 @@ def test_promote_and_models(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> 
     assert run_json("verify", "--models")["ok"]
 
 
+def test_unreadable_model_is_a_warning(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=2)
+    any_ws.promote("unet", 1, title="good")
+    put_bytes(any_ws, "models/broken/model.toml", b"format = [")
+    result = run("models", "--json")
+    assert result.exit_code == 0, result.output
+    assert [m["title"] for m in json.loads(result.stdout)] == ["good"]
+    assert "skipped a model" in result.stderr and "broken" in result.stderr
+
+
 def test_finish(run_json: Any, any_ws: ckpt.Workspace) -> None:
     make_task(any_ws, "unet", n=3)
     res = run_json("finish", "unet")

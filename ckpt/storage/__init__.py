@@ -47,6 +47,16 @@ class Storage(ABC):
     def get(self, key: str) -> tuple[bytes, str]:
         """(bytes, etag) of `key`; raises FileNotFoundError."""
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The bytes of each key (None where it does not exist), several requests in flight where the backend can."""
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(self.get(key)[0])
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
     @abstractmethod
     def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
         """(bytes, etag) of `key` when its etag is no longer `etag`, else None (a 304: no body sent)."""

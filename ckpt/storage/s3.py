@@ -78,6 +78,26 @@ class S3Storage(Storage):
         assert got is not None
         return got
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        limit = asyncio.Semaphore(COPY_CONCURRENCY)
+
+        async def one(key: str) -> bytes | None:
+            async with limit:
+                try:
+                    resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+                except OSError as e:
+                    if _missing(e):
+                        return None
+                    raise
+                async with resp["Body"] as body:
+                    data: bytes = await body.read()
+                    return data
+
+        async def all_of() -> list[bytes | None]:
+            return list(await asyncio.gather(*(one(k) for k in keys)))
+
+        return sync(self.fs.loop, all_of)
+
     def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
         return self._get(key, etag)
 
