@@ -451,7 +451,11 @@ def import_path(
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="use --link, --copy or --move")
     src = Path(path).expanduser()
-    if src.resolve().is_relative_to(ws.root.resolve()):
+    if ws.remote and mode == "move":
+        from .store import unsupported
+
+        raise unsupported("import --move")
+    if not ws.remote and src.resolve().is_relative_to(ws.root.resolve()):
         raise UsageError(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
         )
@@ -549,6 +553,10 @@ _OWNED = {TASK_FILE, CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
 def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
     """Files in a task folder that its manifest does not know; with `add`, checkpoint-like ones are added
     (moved into checkpoints/ under new numbers, ordered as plain files are). Raises TaskNotFound, BusyError."""
+    if ws.remote:
+        from .store import unsupported
+
+        raise unsupported("ckpt scan")
     t = ws.task(task_name)
     result = _scan(ws, t)
     if add:
@@ -700,6 +708,10 @@ def verify(
     recorded sha256; report missing, changed and unknown files. Files are hashed on all cores, each
     inode read once (a model hard-linked to its checkpoint is read once). `progress(bytes, total)` is
     called as files are hashed (from worker threads). Raises TaskNotFound."""
+    if ws.remote:
+        from . import store
+
+        return store.verify(ws, tasks, models=models, progress=progress)  # type: ignore[arg-type]
     start = time.perf_counter()
     names = list(tasks) if tasks else ws.task_names()
     task_objs = [ws.task(n) for n in names]

@@ -199,6 +199,10 @@ def promote(
     Raises UsageError (bad title, neither or both of number and best), NotFoundError (task,
     checkpoint), ConflictError (title taken), IntegrityError (file missing or changed).
     """
+    if ws.remote:
+        from . import store
+
+        return store.promote(ws, task_name, number, title=title, best=best, minimize=minimize, copy=copy)  # type: ignore[arg-type]
     check_title(title)
     check_task_name(task_name)
     if (number is None) == (best is None):
@@ -326,6 +330,10 @@ def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | 
     The model's title is `title`, else '<task>-<number>'. When that title is taken by a model of the
     same checkpoint nothing new is made; when taken by another, '-2', '-3'... is appended.
     """
+    if ws.remote:
+        from . import store
+
+        return store.finish(ws, task_name, failed=failed, title=title)  # type: ignore[arg-type]
     if title is not None:
         check_title(title)
     task = ws.task(task_name)
@@ -386,6 +394,10 @@ def _existing(ws: Workspace, title: str) -> Model | None:
 
 def rename(ws: Workspace, old: str, new: str) -> Model:
     """Rename model `old` to `new`; its source checkpoint is untouched. Raises ModelNotFound, ConflictError."""
+    if ws.remote:
+        from .store import unsupported
+
+        raise unsupported("renaming a model")
     check_title(old)
     check_title(new)
     model = ws.models[old]

@@ -137,7 +137,7 @@ def task_sources(ws: Workspace, task: str, numbers: Sequence[int]) -> list[Sourc
         raise NotFoundError(f"task '{task}' has no checkpoints to preview", hint=f"see: ckpt list {task}")
     return [
         Source(
-            t.path_of(cp),
+            t.local_path(cp),
             number=cp.number,
             task=task,
             arch=header.arch,
@@ -155,7 +155,7 @@ def model_sources(ws: Workspace, titles: Sequence[str]) -> list[Source]:
     out = []
     for title in titles:
         m = ws.models[title]
-        src = Source(m.path, model=title, task=m.task)
+        src = Source(ws.model_local_path(m), model=title, task=m.task)
         try:
             header = ws.task(m.task).header
             src.arch, src.arch_kwargs = header.arch, dict(header.arch_kwargs or {})

@@ -178,6 +178,10 @@ def entry_ids(ws: Workspace) -> list[str]:
 
 def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
     """Every readable trash entry (oldest first), and the errors of those that could not be read."""
+    if ws.remote:
+        from . import store
+
+        return store.list_entries(ws)  # type: ignore[arg-type]
     entries: list[Entry] = []
     errors: list[CkptError] = []
     for entry_id in entry_ids(ws):
@@ -454,6 +458,10 @@ def trash_unused(
     A checkpoint is used when a model was made from it, when it is the latest, or when `rules`
     protect it. Raises TaskNotFound, UsageError (rules), BusyError, ManifestError.
     """
+    if ws.remote:
+        from . import store
+
+        return store.trash_unused(ws, task_name, rules, reason=reason, dry_run=dry_run)  # type: ignore[arg-type]
     rules = rules or KeepRules()
     rules.check()
     task = ws.task(task_name)
@@ -468,14 +476,9 @@ def trash_unused(
     return TrashResult(plan, entry)
 
 
-def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
-    """Decide, for each checkpoint of `task`, keep or trash and why. Changes nothing."""
-    state = task.state()
-    cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
+def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: list[str]) -> dict[int, list[str]]:
+    """Why each of `cps` (the task's checkpoints in number order) is used: latest, a model, a keep rule."""
     why: dict[int, list[str]] = {cp.number: [] for cp in cps}
-    warnings: list[str] = []
-    if task.pending_markers():
-        warnings.append("an interrupted trash operation on this task will be finished or undone first")
     if cps:
         why[cps[-1].number].append("latest")
     models, model_errors = task.ws.models.read_all()
@@ -504,6 +507,17 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
         have.sort(key=lambda cp: (sign * cp.metrics[metric], cp.number), reverse=True)
         for cp in have[: rules.keep_best]:
             why[cp.number].append(f"keep-best {rules.keep_best} by {metric} ({cp.metrics[metric]:.4g})")
+    return why
+
+
+def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
+    """Decide, for each checkpoint of `task`, keep or trash and why. Changes nothing."""
+    state = task.state()
+    cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
+    warnings: list[str] = []
+    if task.pending_markers():
+        warnings.append("an interrupted trash operation on this task will be finished or undone first")
+    why = keep_reasons(task, cps, rules, warnings)
 
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
@@ -577,6 +591,10 @@ def trash_model(ws: Workspace, title: str, reason: str = "") -> ModelTrashResult
 
     Raises ModelNotFound, ManifestError (unreadable model), BusyError.
     """
+    if ws.remote:
+        from .store import unsupported
+
+        raise unsupported("ckpt models remove")
     model = ws.models[title]
     with _model_locks(ws, model.task):
         model = ws.models[title]  # again, under the locks
@@ -643,6 +661,10 @@ def restore(ws: Workspace, entry_id: str) -> RestoreResult:
     Raises NotFoundError, ConflictError (something would be overwritten, a number is back in the
     manifest, or the entry is not complete; nothing is changed), IntegrityError (a file is missing).
     """
+    if ws.remote:
+        from . import store
+
+        return store.restore(ws, entry_id)  # type: ignore[arg-type]
     entry = read_entry(ws, entry_id)
     if entry.kind == "model":
         return RestoreResult(_restore_model(ws, entry_id, entry.task))
@@ -804,6 +826,10 @@ def plan_empty(ws: Workspace, ids: list[str] | None = None, older_than: timedelt
 
     Raises NotFoundError for an id that is not in the trash.
     """
+    if ws.remote:
+        from . import store
+
+        return store.plan_empty(ws, ids, older_than)  # type: ignore[arg-type]
     chosen: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     if ids:
@@ -840,6 +866,10 @@ def empty(ws: Workspace, plan: EmptyPlan) -> EmptyResult:
 
     The only function of ckpt that deletes checkpoint bytes. Never follows a symlink.
     """
+    if ws.remote:
+        from . import store
+
+        return store.empty(ws, plan)  # type: ignore[arg-type]
     _check_trash_dir(ws)
     emptied: list[str] = []
     skipped = list(plan.skipped)
@@ -907,6 +937,10 @@ class DiskUse:
 def disk_use(ws: Workspace) -> DiskUse:
     """Disk use of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
     checkpoint of a task costs nothing more."""
+    if ws.remote:
+        from .store import unsupported
+
+        raise unsupported("ckpt du")
     seen: set[tuple[int, int]] = set()
     by_task: dict[str, int] = {}
     for name in ws.task_names():
@@ -1031,6 +1065,10 @@ def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: floa
     `stale_after` seconds (a live command may be writing them). Never deletes a recorded checkpoint file.
     With `dry_run`, changes nothing and says what it would do.
     """
+    if ws.remote:
+        from .store import unsupported
+
+        raise unsupported("ckpt doctor")
     repairs: list[Repair] = []
     now = time.time()
     # 1. tasks with markers, under their locks (Task.lock recovers them)

@@ -38,6 +38,7 @@ from .manifest import (
     task_bytes,
 )
 from .names import case_twin, check_task_name
+from .storage import is_url
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -95,7 +96,9 @@ _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
 
 
 class Workspace:
-    """A ckpt workspace: a folder with `ckpt.toml` at its root."""
+    """A ckpt workspace: a folder with `ckpt.toml` at its root, or a URL (`s3://bucket/prefix`, see ckpt.store)."""
+
+    remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace)
 
     def __init__(self, root: Path, settings: dict[str, Any] | None = None):
         self.root = root
@@ -106,7 +109,14 @@ class Workspace:
 
     @classmethod
     def init(cls, path: str | os.PathLike[str] = ".") -> Workspace:
-        """Create a workspace at `path` (the folder may exist) and return it; an existing one is opened."""
+        """Create a workspace at `path` (the folder may exist) and return it; an existing one is opened.
+
+        `path` may be a URL (`s3://bucket/prefix`): the workspace is then made in object storage.
+        """
+        if is_url(path):
+            from .store import StoreWorkspace
+
+            return StoreWorkspace.init_url(str(path))
         root = Path(path).expanduser()
         if (root / WORKSPACE_FILE).exists():
             return cls.open(root)
@@ -121,7 +131,15 @@ class Workspace:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None) -> Workspace:
-        """Open the workspace at `path` (or found as find_workspace does); raises WorkspaceNotFound, ManifestError."""
+        """Open the workspace at `path` (or found as find_workspace does); raises WorkspaceNotFound, ManifestError.
+
+        `path` (or `CKPT_WORKSPACE`) may be a URL such as `s3://bucket/prefix` (needs the `s3` extra).
+        """
+        chosen = path if path not in (None, "") else os.environ.get("CKPT_WORKSPACE") or None
+        if is_url(chosen):
+            from .store import StoreWorkspace
+
+            return StoreWorkspace.open_url(str(chosen))
         root = find_workspace(path)
         doc = read_toml(root / WORKSPACE_FILE, "workspace")
         check_format(doc, root / WORKSPACE_FILE)
@@ -134,6 +152,15 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
+
+    @property
+    def location(self) -> str:
+        """Where the workspace is, as a user would name it: an absolute folder or a URL."""
+        return str(self.root.resolve())
+
+    def model_local_path(self, model: Model) -> Path:
+        """A local path to the model's weights, for reading (object storage: downloaded to a cache)."""
+        return model.path
 
     # -- paths --
 
@@ -367,6 +394,10 @@ class Task:
 
     def path_of(self, cp: Checkpoint) -> Path:
         return self.folder / cp.file
+
+    def local_path(self, cp: Checkpoint) -> Path:
+        """A local path to the checkpoint's file, for reading (object storage: downloaded to a cache)."""
+        return self.path_of(cp)
 
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
         """The checkpoints of `cps` reached through a symlink, with the linked part; one scandir per folder."""

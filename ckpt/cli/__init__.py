@@ -33,7 +33,9 @@ def _root(
     workspace: Annotated[
         str | None,
         typer.Option(
-            "--workspace", "-w", help="The workspace folder (else CKPT_WORKSPACE, else the nearest ckpt.toml above)."
+            "--workspace",
+            "-w",
+            help="The workspace folder or s3://bucket/prefix (else CKPT_WORKSPACE, else the nearest ckpt.toml above).",
         ),
     ] = None,
     wait: Annotated[

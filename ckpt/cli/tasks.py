@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -26,18 +25,19 @@ from ._render import checkpoint_json, checkpoints_json, metric_or_none, model_js
 @command(app, "init")
 def init(
     path: Annotated[
-        Path | None, typer.Argument(help="Folder to make a workspace (default: the current folder).")
+        str | None,
+        typer.Argument(help="Folder (or s3://bucket/prefix) to make a workspace (default: the current folder)."),
     ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Make a workspace (a folder with ckpt.toml); an existing one is left as it is."""
     from ..workspace import Workspace
 
-    ws = Workspace.init(path or Path("."))
+    ws = Workspace.init(path or ".")
     if json:
-        print_json({"workspace": str(ws.root.resolve())})
+        print_json({"workspace": ws.location})
     else:
-        out(f"workspace ready at {ws.root.resolve()}")
+        out(f"workspace ready at {ws.location}")
 
 
 @command(app, "tasks")
@@ -169,7 +169,7 @@ def show(
     cp = t.checkpoint(number)
     latest = t.latest()
     models = ws.models_of(task).get(number, [])
-    info = inspect_file(t.path_of(cp))
+    info = inspect_file(t.local_path(cp))
     data = checkpoint_json(ws, t, cp, latest is not None and latest.number == number, models)
     data["format"] = info.format
     data["parameters"] = info.parameters

@@ -1,0 +1,116 @@
+"""Object storage behind a workspace URL (`s3://bucket/prefix`): the few operations the core needs.
+
+A local workspace keeps using `fsutil` (hard links, renames, file locks, appends); a workspace named by
+a URL is served by `ckpt.store`, written against `Storage` alone. The backend is chosen from the URL
+in `Workspace.open`/`Workspace.init`; no command knows which one it has. Nothing here is imported by
+`import ckpt`: s3fs is imported only when an `s3://` URL is opened.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConflictError, UsageError
+
+SCHEMES = ("s3://",)
+
+
+def is_url(location: object) -> bool:
+    """Whether `location` names a workspace in object storage rather than a folder."""
+    return isinstance(location, str) and location.startswith(SCHEMES)
+
+
+class PreconditionFailed(ConflictError):
+    """A conditional write lost a race: the object exists (If-None-Match) or changed (If-Match)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Blob:
+    key: str  # relative to the workspace root, '/'-separated
+    size: int
+    etag: str
+
+
+class Storage(ABC):
+    """A flat key space under the workspace root, with conditional writes.
+
+    Keys are relative to the root and '/'-separated. Writes are whole objects; there is no append,
+    rename or lock. `put` with `if_none_match` creates only; with `if_match` replaces only the version
+    read (its ETag). Both raise PreconditionFailed when the condition does not hold.
+    """
+
+    url: str
+
+    @abstractmethod
+    def get(self, key: str) -> tuple[bytes, str]:
+        """(bytes, etag) of `key`; raises FileNotFoundError."""
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The bytes of each key (None where it does not exist), several requests in flight where the backend can."""
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(self.get(key)[0])
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    @abstractmethod
+    def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
+        """(bytes, etag) of `key` when its etag is no longer `etag`, else None (a 304: no body sent)."""
+
+    @abstractmethod
+    def head(self, key: str) -> Blob | None:
+        """Size and etag of `key`, or None when it does not exist."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        """Write `data` at `key` (optionally conditional); return the new etag."""
+
+    @abstractmethod
+    def upload(self, key: str, source: Path, *, if_none_match: bool = False) -> str:
+        """Upload local file `source` to `key` (multipart when large); return the etag."""
+
+    @abstractmethod
+    def download(self, key: str, dest: Path) -> None:
+        """Download `key` to local file `dest`; raises FileNotFoundError."""
+
+    @abstractmethod
+    def sha256(self, key: str) -> str:
+        """The sha256 of `key`'s bytes, streamed (they pass through this process once); raises FileNotFoundError."""
+
+    @abstractmethod
+    def copy(self, src: str, dst: str) -> None:
+        """Copy `src` to `dst` on the server: no byte passes through this process. Raises FileNotFoundError."""
+
+    def copy_many(self, pairs: list[tuple[str, str]]) -> None:
+        """`copy` of each (src, dst), several at a time where the backend can; raises FileNotFoundError."""
+        for src, dst in pairs:
+            self.copy(src, dst)
+
+    @abstractmethod
+    def children(self, prefix: str) -> list[str]:
+        """Names of the 'folders' right below `prefix` (which ends with '/'): one LIST with a delimiter."""
+
+    @abstractmethod
+    def list_prefix(self, prefix: str) -> list[Blob]:
+        """Every object whose key starts with `prefix`, in key order (one request per 1,000 keys)."""
+
+    @abstractmethod
+    def delete(self, keys: list[str]) -> None:
+        """Delete `keys` (missing ones are ignored); batched, 1,000 keys a request."""
+
+
+def open_storage(url: str) -> Storage:
+    """The storage for workspace URL `url`; raises UsageError for an unknown scheme or a missing extra."""
+    if url.startswith("s3://"):
+        try:
+            from .s3 import S3Storage
+        except ImportError as e:
+            raise UsageError(
+                f"s3:// workspaces need s3fs ({e.name} is not installed)", hint="pip install 'ckpt[s3]'"
+            ) from None
+        return S3Storage(url)
+    raise UsageError(f"unknown workspace URL {url!r}", hint="use a folder or s3://bucket/prefix")

@@ -1,0 +1,1010 @@
+"""Workspaces in object storage (`s3://bucket/prefix`): the core of docs/s3.md, written against `Storage` alone.
+
+The layout under the URL is the local one (ckpt.toml, tasks/<task>/task.toml, models/<title>/, trash/<id>/)
+with the same TOML formats. There are no locks, renames or appends, so:
+
+- a task manifest is one object, replaced whole with If-Match on the ETag it was read with; a lost race
+  re-reads and re-applies the change (`StoreTask.update`), so no update is ever lost;
+- a checkpoint's number is claimed by creating its object with If-None-Match, then its record is committed;
+- a model's title is claimed by creating `models/<title>/.claim` with If-None-Match before anything else;
+- promotion and trash moves are server-side copies: no checkpoint byte passes through the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import random
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import fsutil
+from .errors import (
+    BusyError,
+    CkptError,
+    ConflictError,
+    IntegrityError,
+    ManifestError,
+    ModelNotFound,
+    NotFoundError,
+    TaskNotFound,
+    UsageError,
+    WorkspaceNotFound,
+)
+from .manifest import (
+    _COLUMNS,
+    FORMAT,
+    Checkpoint,
+    TaskHeader,
+    TaskState,
+    check_format,
+    dumps,
+    parse_task,
+    parse_toml,
+    task_bytes,
+)
+from .models import MODEL_FILE, FinishResult, Model, ModelIndex, PromoteResult, choose_best, finish_title
+from .names import case_twin, check_task_name, check_title
+from .storage import PreconditionFailed, Storage, open_storage
+from .timeutil import now_iso, parse_iso
+from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, Incoming, Task, TaskSummary, Workspace
+
+if TYPE_CHECKING:
+    from .importer import VerifyResult
+    from .trash import EmptyPlan, EmptyResult, Entry, KeepRules, RestoreResult, TrashResult
+
+T = TypeVar("T")
+CLAIM_FILE = ".claim"
+NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
+COMMIT_TRIES = 100
+MANIFEST_CACHE_VERSION = 1
+STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
+HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
+
+
+def unsupported(what: str) -> UsageError:
+    """The error of a command that object-storage workspaces do not have yet (exit 2)."""
+    return UsageError(f"{what} is not supported on s3:// workspaces yet", hint="see docs/s3.md")
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints are kept (`CKPT_CACHE`, else ~/.cache/ckpt)."""
+    root = os.environ.get("CKPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckpt"
+    )
+    return Path(root)
+
+
+def _key(path: Path | PurePosixPath) -> str:
+    return PurePosixPath(path).as_posix()
+
+
+class StoreWorkspace(Workspace):
+    """A workspace in object storage. Paths (`tasks_dir`, `Task.folder`, `Model.folder`) are keys relative to
+    the workspace URL; nothing of it is on the local disk."""
+
+    remote = True
+
+    def __init__(self, storage: Storage, settings: dict[str, Any] | None = None):
+        super().__init__(Path(), settings)
+        self.storage = storage
+        self.url = storage.url
+
+    @classmethod
+    def init_url(cls, url: str) -> StoreWorkspace:
+        storage = open_storage(url)
+        if storage.head(WORKSPACE_FILE) is None:
+            data = dumps({"format": FORMAT, "settings": {}})
+            with contextlib.suppress(PreconditionFailed):  # made by another process meanwhile: open it
+                storage.put(WORKSPACE_FILE, data, if_none_match=True)
+                # every guarantee rests on conditional writes: a service that ignores them must not be used
+                try:
+                    storage.put(WORKSPACE_FILE, data, if_none_match=True)
+                except PreconditionFailed:
+                    pass
+                else:
+                    storage.delete([WORKSPACE_FILE])
+                    raise CkptError(
+                        f"{storage.url} ignores conditional writes (If-None-Match); concurrent ckpt commands "
+                        "could lose updates there",
+                        hint="see docs/s3.md for the services that support them",
+                    )
+        return cls.open_url(url, storage)
+
+    @classmethod
+    def open_url(cls, url: str, storage: Storage | None = None) -> StoreWorkspace:
+        storage = storage or open_storage(url)
+        try:
+            data, _ = storage.get(WORKSPACE_FILE)
+        except FileNotFoundError:
+            raise WorkspaceNotFound(
+                f"'{storage.url}' is not a ckpt workspace (no {WORKSPACE_FILE})", hint=f"run: ckpt init {storage.url}"
+            ) from None
+        where = Path(WORKSPACE_FILE)
+        doc = parse_toml(data, where)
+        check_format(doc, where)
+        settings = doc.get("settings", {})
+        if not isinstance(settings, dict):
+            raise ManifestError(f"{storage.url}/{WORKSPACE_FILE}: 'settings' must be a table")
+        return cls(storage, settings)
+
+    def __repr__(self) -> str:
+        return f"Workspace({self.url!r})"
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    def rel(self, path: Path) -> str:
+        return _key(path)
+
+    def model_local_path(self, model: Model) -> Path:
+        return download_cached(self.storage, _key(model.path), model.sha256, model.file)
+
+    # -- tasks --
+
+    def create_task(
+        self,
+        name: str,
+        *,
+        arch: str | None = None,
+        arch_kwargs: Mapping[str, Any] | None = None,
+        exist_ok: bool = False,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Task:
+        check_task_name(name)
+        if arch is not None and (not isinstance(arch, str) or ":" not in arch):
+            raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
+        header = TaskHeader(
+            name=name,
+            status="running",
+            created=now_iso(),
+            arch=arch,
+            arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
+            settings=dict(settings or {}),
+        )
+        try:
+            json.dumps(header.arch_kwargs)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"architecture keyword arguments are not JSON-serialisable: {e}") from None
+        twin = case_twin(name, self.task_names())
+        if twin is not None:
+            raise ConflictError(
+                f"task '{name}' differs from task '{twin}' only in case",
+                hint="names must stay distinct on case-insensitive file systems; choose another name",
+            )
+        try:
+            self.storage.put(f"tasks/{name}/{TASK_FILE}", task_bytes(TaskState(header, {})), if_none_match=True)
+        except PreconditionFailed:
+            if not exist_ok:
+                raise ConflictError(f"task '{name}' already exists", hint=f"see: ckpt list {name}") from None
+        return self.task(name)
+
+    def task(self, name: str) -> Task:
+        check_task_name(name)
+        if name in self._tasks:
+            return self._tasks[name]
+        t = StoreTask(self, name)
+        t.reload()  # raises TaskNotFound
+        self._tasks[name] = t
+        return t
+
+    def task_names(self) -> list[str]:
+        # one LIST with a delimiter: the task "folders"; a folder without task.toml is reported by tasks()
+        return [n for n in self.storage.children("tasks/") if not n.startswith(".")]
+
+    def tasks(self) -> tuple[list[TaskSummary], list[CkptError]]:
+        rows: list[TaskSummary] = []
+        errors: list[CkptError] = []
+        for name in self.task_names():
+            try:
+                rows.append(self.task(name).summary())
+            except CkptError as e:
+                errors.append(e)
+        return rows, errors
+
+    @property
+    def models(self) -> ModelIndex:
+        return StoreModelIndex(self)
+
+
+class StoreTask(Task):
+    """A task in object storage: its manifest is one object, committed with If-Match (see `update`)."""
+
+    ws: StoreWorkspace
+
+    def __init__(self, ws: StoreWorkspace, name: str):
+        self.ws = ws
+        self.name = name
+        self.folder = Path("tasks") / name
+        self.manifest = self.folder / TASK_FILE
+        self.key = f"tasks/{name}/{TASK_FILE}"
+        self._state: TaskState | None = None
+        self._etag = ""
+        self._read_at = 0.0
+
+    @property
+    def storage(self) -> Storage:
+        return self.ws.storage
+
+    def reload(self) -> TaskState:
+        """Read the manifest (a GET; a 304 without a body when unchanged); raises TaskNotFound, ManifestError."""
+        if self._state is None:
+            self._state, self._etag = _load_manifest_cache(self._cache_file())
+        try:
+            if self._state is not None:
+                got = self.storage.get_if_changed(self.key, self._etag)
+                if got is None:
+                    self._read_at = time.monotonic()
+                    return self._state
+                data, etag = got
+            else:
+                data, etag = self.storage.get(self.key)
+        except FileNotFoundError:
+            self._state = None
+            raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
+        if not data.strip():
+            raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
+        state = parse_task(data, self.manifest, self.name)
+        if state.header.name != self.name:
+            raise ManifestError(f"{self.key}: 'name' is {state.header.name!r} but the folder is '{self.name}'")
+        self._state, self._etag = state, etag
+        self._read_at = time.monotonic()
+        _save_manifest_cache(self._cache_file(), state, etag)
+        return state
+
+    def _cache_file(self) -> Path:
+        digest = hashlib.sha256(f"{self.ws.url}/{self.key}".encode()).hexdigest()[:32]
+        return cache_dir() / "manifests" / f"{digest}.json"
+
+    def state(self) -> TaskState:
+        """The manifest as it is now. Within one command (`HOLD` seconds) the last read is reused; after that
+        it is revalidated with a conditional GET, so a long-lived handle sees other machines' saves."""
+        if self._state is not None and time.monotonic() - self._read_at < HOLD:
+            return self._state
+        return self.reload()
+
+    def refresh_cache(self) -> None:
+        pass
+
+    def summary(self) -> TaskSummary:
+        st = self.state()
+        latest = max(st.checkpoints, default=None)
+        return TaskSummary(
+            name=self.name,
+            status=st.header.status,
+            checkpoints=len(st.checkpoints),
+            size=sum(cp.size for cp in st.checkpoints.values()),
+            created=st.header.created,
+            latest=latest,
+            latest_metrics=dict(st.checkpoints[latest].metrics) if latest is not None else {},
+        )
+
+    def update(self, change: Callable[[TaskState], T]) -> T:
+        """Apply `change` to the latest manifest and commit it with If-Match; on a lost race, read and apply again.
+
+        `change` mutates the state it is given and may raise to abandon the commit. Raises BusyError
+        after COMMIT_TRIES lost races.
+        """
+        for attempt in range(COMMIT_TRIES):
+            state = self.reload() if attempt or self._state is None else self.state()
+            result = change(state)
+            try:
+                self._etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
+                self._state, self._read_at = state, time.monotonic()
+                _save_manifest_cache(self._cache_file(), state, self._etag)
+                return result
+            except PreconditionFailed:
+                self._state = None
+                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+        raise BusyError(f"task '{self.name}' changed {COMMIT_TRIES} times while committing; try again")
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
+        # object storage has no locks: the changes of this module commit with If-Match instead; a caller
+        # that wants a lock is a local code path not ported here
+        raise unsupported("this operation")
+        yield  # pragma: no cover
+
+    def pending_markers(self) -> list[Path]:
+        return []
+
+    def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
+        return []  # object storage has no symlinks
+
+    def local_path(self, cp: Checkpoint) -> Path:
+        """The checkpoint downloaded into the local cache (by sha256: downloaded once), for reading."""
+        return download_cached(self.storage, _key(self.path_of(cp)), cp.sha256, cp.file)
+
+    # -- writing --
+
+    def _commit_new(
+        self,
+        produce: Callable[[fsutil.HashingWriter], None],
+        ext: str,
+        step: int | None,
+        epoch: int | None,
+        metrics: dict[str, float],
+        original_name: str | None,
+    ) -> int:
+        if not ext.startswith(".") or "/" in ext or "\\" in ext or len(ext) > 20:
+            raise UsageError(f"invalid file suffix {ext!r}")
+        if self.state().header.status != "running":
+            raise self._not_running()
+        tmpdir = Path(tempfile.mkdtemp(prefix="ckpt-upload-"))
+        try:
+            tmp, size, digest = fsutil.write_new_file(tmpdir, "checkpoint" + ext, produce)
+            cp = Checkpoint(0, "", size, digest, now_iso(), step, epoch, metrics, original_name, self.name)
+            number, _ = self._upload_numbered(cp, ext, lambda key: self.storage.upload(key, tmp))
+        finally:
+            fsutil.remove_tree(tmpdir)
+        return number
+
+    def _not_running(self) -> ConflictError:
+        status = self.state().header.status
+        return ConflictError(f"task '{self.name}' is {status}; it takes no new checkpoints", hint="create a new task")
+
+    def _upload_numbered(self, cp: Checkpoint, ext: str, put: Callable[[str], object]) -> tuple[int, Checkpoint]:
+        """Claim the next free number, upload the bytes under it, then commit the record (If-Match)."""
+        number = self._claim_number()
+        file = f"{CHECKPOINT_DIR}/{number:06d}{ext}"
+        made = replace(cp, number=number, file=file)
+
+        def add(state: TaskState) -> None:
+            if state.header.status != "running":
+                raise self._not_running()
+            if number in state.checkpoints:  # a workspace copied in without its claims
+                raise ConflictError(f"checkpoint {number} of task '{self.name}' exists; save again")
+            state.checkpoints[number] = made
+
+        try:
+            # the number is ours alone (its claim is never deleted), so a plain upload overwrites nothing recorded
+            put(f"tasks/{self.name}/{file}")
+            self.update(add)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.storage.delete([f"tasks/{self.name}/{file}"])
+            raise
+        return number, made
+
+    def _claim_number(self) -> int:
+        """A checkpoint number no writer ever had: `numbers/<n>` created with If-None-Match.
+
+        Claims are tiny objects that stay when a checkpoint goes to the trash, so a number is never reused
+        even by a writer that read the manifest before the checkpoint was recorded and trashed.
+        """
+        number = self.state().max_number + 1
+        while True:
+            try:
+                self.storage.put(f"tasks/{self.name}/{NUMBERS_DIR}/{number:06d}", b"", if_none_match=True)
+                return number
+            except PreconditionFailed:
+                number += 1  # claimed by another writer (or by one that crashed): never reuse it
+
+    def add_existing(self, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
+        """Upload local files (import into a remote workspace): each claims its number, then its record."""
+        if mode not in ("link", "copy"):
+            raise unsupported(f"--{mode} import")
+        added: list[Checkpoint] = []
+        if self.state().header.status != "running":
+            raise self._not_running()
+        have = {(cp.sha256, cp.size) for cp in self.state().checkpoints.values()} if unique else set()
+        for item in items:
+            if (item.sha256, item.size) in have:
+                continue
+            if item.is_dir:
+                raise unsupported("importing a folder checkpoint")
+            ext = os.path.splitext(item.original_name)[1]
+            ext = ext if 1 < len(ext) <= 20 and ext[1:].replace("_", "").isalnum() else ""
+            cp = Checkpoint(
+                0,
+                "",
+                item.size,
+                item.sha256,
+                item.created or now_iso(),
+                item.step,
+                item.epoch,
+                dict(item.metrics),
+                item.original_name,
+                self.name,
+            )
+            _, made = self._upload_numbered(cp, ext, functools.partial(self._upload_new, item.source))
+            added.append(made)
+            have.add((made.sha256, made.size))
+        return added
+
+    def _upload_new(self, source: Path, key: str) -> None:
+        self.storage.upload(key, source)
+
+    def set_status_locked(self, status: str) -> TaskHeader:
+        return self.set_status(status)
+
+    def _rewrite(self, state: TaskState) -> None:
+        raise unsupported("rewriting a manifest without a conditional commit")
+
+    def set_status(self, status: str) -> TaskHeader:
+        def change(state: TaskState) -> TaskHeader:
+            state.header.status = status
+            state.header.finished = now_iso() if status in ("finished", "failed") else None
+            return state.header
+
+        return self.update(change)
+
+
+def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str]:
+    """The parsed manifest and its ETag from the local cache, or (None, ""): parsing 10,000 records of TOML
+    takes 1.5 s, loading them as JSON columns a tenth of that, and a 304 confirms they are current."""
+    try:
+        raw = json.loads(path.read_bytes())
+        if raw.get("v") != MANIFEST_CACHE_VERSION:
+            return None, ""
+        cols = [raw["checkpoints"][k] for k in _COLUMNS]
+        task = raw["header"]["name"]
+        cps = dict(zip(cols[0], map(Checkpoint, *cols, repeat(task, len(cols[0]))), strict=True))
+        return TaskState(TaskHeader(**raw["header"]), cps), str(raw["etag"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, ""
+
+
+def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
+    cps = state.checkpoints.values()
+    doc = {
+        "v": MANIFEST_CACHE_VERSION,
+        "etag": etag,
+        "header": state.header.to_json(),
+        "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in _COLUMNS},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write_nosync(path, json.dumps(doc, separators=(",", ":")).encode())
+    except (OSError, ValueError, TypeError):
+        pass  # only a cache
+
+
+def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
+    """`key` in the local cache under its sha256 (downloaded once, then reused); returns the local path."""
+    folder = cache_dir() / "objects" / sha256[:2]
+    dest = folder / f"{sha256}{os.path.splitext(name)[1]}"
+    if dest.is_file():
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = fsutil.temp_path(folder, dest.name)
+    try:
+        storage.download(key, tmp)
+        if fsutil.sha256_file(tmp) != sha256:
+            raise IntegrityError(f"{storage.url}/{key} does not match its recorded sha256", hint="run: ckpt verify")
+        os.replace(tmp, dest)
+    except FileNotFoundError:
+        raise IntegrityError(f"{storage.url}/{key} is missing", hint="run: ckpt verify") from None
+    finally:
+        fsutil.remove_file(tmp)
+    return dest
+
+
+# --- models --------------------------------------------------------------------------------------------
+
+
+class StoreModelIndex(ModelIndex):
+    ws: StoreWorkspace
+
+    def _keys(self) -> set[str]:
+        return {b.key for b in self.ws.storage.list_prefix("models/")}
+
+    def titles(self) -> list[str]:
+        suffix = "/" + MODEL_FILE
+        keys = self._keys()
+        return sorted(k[len("models/") : -len(suffix)] for k in keys if k.endswith(suffix) and k.count("/") == 2)
+
+    def __getitem__(self, title: str) -> Model:
+        check_title(title)
+        folder = Path("models") / title
+        try:
+            data, _ = self.ws.storage.get(f"models/{title}/{MODEL_FILE}")
+        except FileNotFoundError:
+            raise ModelNotFound(f"model '{title}' does not exist", hint="see: ckpt models") from None
+        return Model.from_doc(title, parse_toml(data, folder / MODEL_FILE), folder)
+
+    def __contains__(self, title: object) -> bool:
+        return isinstance(title, str) and title in self.titles()
+
+    def read_all(self) -> tuple[list[Model], list[CkptError]]:
+        # one LIST, then every model.toml at once (several GETs in flight), not one round trip after another
+        titles = self.titles()
+        models: list[Model] = []
+        errors: list[CkptError] = []
+        for title, data in zip(
+            titles, self.ws.storage.get_many([f"models/{t}/{MODEL_FILE}" for t in titles]), strict=True
+        ):
+            folder = Path("models") / title
+            try:
+                if data is None:
+                    raise ModelNotFound(f"model '{title}' does not exist", hint="see: ckpt models")
+                models.append(Model.from_doc(title, parse_toml(data, folder / MODEL_FILE), folder))
+            except CkptError as e:
+                errors.append(e)
+        return models, errors
+
+
+def promote(
+    ws: StoreWorkspace,
+    task_name: str,
+    number: int | None,
+    *,
+    title: str,
+    best: str | None = None,
+    minimize: bool = False,
+    copy: bool = False,
+) -> PromoteResult:
+    check_title(title)
+    check_task_name(task_name)
+    if (number is None) == (best is None):
+        raise UsageError("give a checkpoint number or --best METRIC (one of them)")
+    task = ws.task(task_name)
+    if best is not None:
+        cp = choose_best(task.checkpoints, best, minimize)
+        direction = "lowest" if minimize else "highest"
+        why = f"checkpoint {cp.number} has the {direction} {best} ({cp.metrics[best]:g})"
+    else:
+        assert number is not None
+        cp = task.checkpoint(number)
+        why = f"checkpoint {cp.number}"
+    return PromoteResult(_make_model(ws, task, cp, title), why)
+
+
+def _claim(ws: StoreWorkspace, title: str) -> None:
+    try:
+        ws.storage.put(f"models/{title}/{CLAIM_FILE}", f"{now_iso()}\n".encode(), if_none_match=True)
+    except PreconditionFailed:
+        raise ConflictError(
+            f"model '{title}' already exists", hint="choose another --title, or see: ckpt models"
+        ) from None
+
+
+def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> Model:
+    twin = case_twin(title, ws.models.titles())
+    if twin is not None:
+        raise ConflictError(
+            f"model title '{title}' differs from model '{twin}' only in case",
+            hint="titles must stay distinct on case-insensitive file systems; choose another title",
+        )
+    # the title is claimed first (If-None-Match), so a losing racer never touches the winner's objects;
+    # the weights are copied on the server, and model.toml comes last: a model never names missing weights
+    _claim(ws, title)
+    src = _key(task.path_of(cp))
+    name = PurePosixPath(cp.file).name
+    try:
+        blobs = [b for b in ws.storage.list_prefix(src) if b.key == src or b.key.startswith(src + "/")]
+        if not blobs:
+            raise IntegrityError(
+                f"checkpoint {cp.number} of task '{task.name}' is missing its file {src}", hint="run: ckpt verify"
+            )
+        try:
+            for b in blobs:
+                ws.storage.copy(b.key, f"models/{title}/{name}{b.key[len(src) :]}")
+        except FileNotFoundError:  # trashed between the listing and the copy
+            raise IntegrityError(
+                f"checkpoint {cp.number} of task '{task.name}' was moved away meanwhile",
+                hint=f"see: ckpt list {task.name}",
+            ) from None
+        model = Model(
+            title=title,
+            task=task.name,
+            checkpoint=cp.number,
+            file=name,
+            sha256=cp.sha256,
+            size=cp.size,
+            created=now_iso(),
+            storage="copy",
+            step=cp.step,
+            epoch=cp.epoch,
+            metrics=dict(cp.metrics),
+            folder=Path("models") / title,
+        )
+        ws.storage.put(f"models/{title}/{MODEL_FILE}", dumps(model.to_doc()))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{title}/")])
+        raise
+    return model
+
+
+def finish(ws: StoreWorkspace, task_name: str, *, failed: bool = False, title: str | None = None) -> FinishResult:
+    if title is not None:
+        check_title(title)
+    task = ws.task(task_name)
+    assert isinstance(task, StoreTask)
+    if failed:
+        task.set_status("failed")
+        return FinishResult(task.name, "failed", None, "marked failed; nothing promoted")
+    model: Model | None = None
+    note = "no checkpoint to promote"
+    cp = task.latest()
+    if cp is not None:
+        base = title or finish_title(task.name, cp.number)
+        candidate = base
+        for i in range(2, 1000):
+            try:
+                # promote first, mark finished last: after a crash between, finish again completes it
+                model = _make_model(ws, task, cp, candidate)
+                note = f"promoted checkpoint {cp.number} as '{candidate}'"
+                break
+            except ConflictError:
+                existing = _existing(ws, candidate)
+                if existing is not None and existing.task == task.name and existing.checkpoint == cp.number:
+                    model = existing
+                    note = f"checkpoint {cp.number} is already model '{candidate}'"
+                    break
+            candidate = f"{base[: 100 - len(str(i)) - 1]}-{i}"
+    task.set_status("finished")
+    return FinishResult(task.name, "finished", model, note)
+
+
+def _existing(ws: StoreWorkspace, title: str) -> Model | None:
+    try:
+        return ws.models[title]
+    except CkptError:
+        return None
+
+
+# --- trash ---------------------------------------------------------------------------------------------
+
+
+def trash_unused(
+    ws: StoreWorkspace, task_name: str, rules: KeepRules | None, *, reason: str = "", dry_run: bool = False
+) -> TrashResult:
+    from .trash import Decision, KeepRules, TrashPlan, TrashResult, keep_reasons
+
+    rules = rules or KeepRules()
+    rules.check()
+    task = ws.task(task_name)
+    assert isinstance(task, StoreTask)
+    reason = reason or f"trash_unused({task_name!r})"
+    state = task.reload()
+    cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
+    warnings: list[str] = []
+    why = keep_reasons(task, cps, rules, warnings)
+    objects = _objects(ws, task)
+    decisions: list[Decision] = []
+    trash: list[Checkpoint] = []
+    for cp in cps:
+        reasons = why[cp.number]
+        if not reasons and not objects.get(cp.file):
+            reasons.append("skipped: its file is missing (see: ckpt verify)")
+        if reasons:
+            decisions.append(Decision(cp.number, "keep", "; ".join(reasons), cp.size))
+        else:
+            decisions.append(Decision(cp.number, "trash", "unused", cp.size))
+            trash.append(cp)
+    # objects share nothing (a model is a copy): emptying frees every byte moved
+    plan = TrashPlan(task, decisions, trash, sum(cp.size for cp in trash), reason, warnings)
+    if dry_run or not trash:
+        return TrashResult(plan, None)
+    return TrashResult(plan, _execute_trash(ws, task, plan.checkpoints, plan.bytes_freed_on_empty, reason, objects))
+
+
+def _objects(ws: StoreWorkspace, task: Task) -> dict[str, list[str]]:
+    """The object keys of each checkpoint file of `task` (a folder checkpoint has several), from one LIST."""
+    out: dict[str, list[str]] = {}
+    base = f"tasks/{task.name}/"
+    for b in ws.storage.list_prefix(base + CHECKPOINT_DIR + "/"):
+        rel = b.key[len(base) :]
+        parts = rel.split("/")
+        out.setdefault("/".join(parts[:2]), []).append(b.key)
+    return out
+
+
+def _new_entry_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _entry_key(entry_id: str) -> str:
+    from .trash import ENTRY_FILE
+
+    return f"trash/{entry_id}/{ENTRY_FILE}"
+
+
+def _put_entry(ws: StoreWorkspace, entry: Entry, *, new: bool = False) -> None:
+    ws.storage.put(_entry_key(entry.id), dumps(entry.to_doc()), if_none_match=new)
+
+
+def _execute_trash(
+    ws: StoreWorkspace,
+    task: StoreTask,
+    cps: list[Checkpoint],
+    freed: int,
+    reason: str,
+    objects: dict[str, list[str]],
+) -> str:
+    from .trash import FILES_DIR, Entry
+
+    for _ in range(100):
+        entry = Entry(
+            id=_new_entry_id(),
+            kind="checkpoints",
+            task=task.name,
+            state="pending",
+            created=now_iso(),
+            reason=reason,
+            size=sum(cp.size for cp in cps),
+            bytes=freed,
+            checkpoints=list(cps),
+            folder=Path("trash") / "x",
+        )
+        try:
+            # 1. the entry record first (If-None-Match claims the id): it names every object that may be copied
+            _put_entry(ws, entry, new=True)
+            break
+        except PreconditionFailed:
+            continue
+    base = f"tasks/{task.name}/"
+    moved = [k for cp in cps for k in objects.get(cp.file, [])]
+    # 2. server-side copies under the entry; 3. the manifest without the records (If-Match): before it, a
+    # crash leaves the checkpoints as they were plus a "pending" entry that restore/empty settle
+    gone = {cp.number for cp in cps}
+    try:
+        ws.storage.copy_many([(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}") for k in moved])
+    except FileNotFoundError:
+        raise _abandon(ws, task, entry.id) from None
+
+    def drop(state: TaskState) -> None:
+        if not gone <= state.checkpoints.keys():
+            raise _Overlap
+        state.header.last_number = state.max_number
+        for n in gone:
+            del state.checkpoints[n]
+
+    try:
+        task.update(drop)
+    except _Overlap:
+        raise _abandon(ws, task, entry.id) from None
+    # 4. the originals deleted, 5. the entry complete: a "pending" entry whose records are gone is finished
+    ws.storage.delete(moved)
+    _put_entry(ws, replace(entry, state="complete"))
+    return entry.id
+
+
+class _Overlap(Exception):
+    pass
+
+
+def _abandon(ws: StoreWorkspace, task: Task, entry_id: str) -> ConflictError:
+    """Another trash moved some of the same checkpoints first (two trash-unused at once): drop this entry whole."""
+    _delete_entry(ws, entry_id)
+    return ConflictError(
+        f"checkpoints of task '{task.name}' were moved to the trash by another command meanwhile; nothing "
+        "was changed by this one",
+        hint=f"see: ckpt trash list; run again: ckpt trash-unused {task.name}",
+    )
+
+
+def _read_entry(ws: StoreWorkspace, entry_id: str) -> Entry:
+    from .trash import _entry_from_doc, check_entry_id
+
+    check_entry_id(entry_id)
+    try:
+        data, _ = ws.storage.get(_entry_key(entry_id))
+    except FileNotFoundError:
+        raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list") from None
+    folder = Path("trash") / entry_id
+    from .trash import ENTRY_FILE
+
+    return _entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder)
+
+
+def list_entries(ws: StoreWorkspace) -> tuple[list[Entry], list[CkptError]]:
+    from .trash import _ID
+
+    entries: list[Entry] = []
+    errors: list[CkptError] = []
+    for entry_id in ws.storage.children("trash/"):
+        if not _ID.fullmatch(entry_id):
+            continue
+        try:
+            entries.append(_settle(ws, _read_entry(ws, entry_id)))
+        except NotFoundError:
+            continue  # copies without their record (an interrupted empty): not an entry
+        except CkptError as e:
+            errors.append(e)
+    return [e for e in entries if e.state != "gone"], errors
+
+
+def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
+    """A "pending" entry of an interrupted trash: finished when its records left the manifest, else undone."""
+    if entry.state != "pending" or entry.kind != "checkpoints":
+        return entry
+    try:
+        task = ws.task(entry.task or "")
+        state = task.reload() if isinstance(task, StoreTask) else None
+    except TaskNotFound:
+        state = None
+    if state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints):
+        # the manifest never changed: the checkpoints are where they were. Without a lock, a trash still running
+        # on another machine looks the same, so only an entry older than STALE_PENDING is undone
+        try:
+            age = (datetime.now(UTC) - parse_iso(entry.created)).total_seconds()
+        except ValueError:
+            age = 0.0
+        if age < STALE_PENDING:
+            return entry
+        _delete_entry(ws, entry.id)
+        return replace(entry, state="gone")
+    base = f"tasks/{entry.task}/"
+    ws.storage.delete([k for cp in entry.checkpoints for k in _keys_of(ws, base + cp.file)])
+    done = replace(entry, state="complete")
+    _put_entry(ws, done)
+    return done
+
+
+def _keys_of(ws: StoreWorkspace, key: str) -> list[str]:
+    return [b.key for b in ws.storage.list_prefix(key) if b.key == key or b.key.startswith(key + "/")]
+
+
+def _delete_entry(ws: StoreWorkspace, entry_id: str) -> int:
+    """Delete the entry's objects, its record last (a record never names objects that are already gone)."""
+    blobs = ws.storage.list_prefix(f"trash/{entry_id}/")
+    record = _entry_key(entry_id)
+    ws.storage.delete([b.key for b in blobs if b.key != record])
+    ws.storage.delete([record])
+    return sum(b.size for b in blobs if b.key != record)
+
+
+def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
+    from .trash import FILES_DIR, RestoreResult
+
+    entry = _settle(ws, _read_entry(ws, entry_id))
+    if entry.kind == "model":
+        raise unsupported("restoring a model")
+    if entry.state == "gone":
+        raise NotFoundError(f"trash entry '{entry_id}' was an interrupted trash, undone", hint="see: ckpt trash list")
+    if entry.state == "pending":
+        raise ConflictError(
+            f"trash entry '{entry_id}' is still being made (or was interrupted less than an hour ago)",
+            hint="try again later",
+        )
+    task = ws.task(entry.task or "")
+    assert isinstance(task, StoreTask)
+    state = task.reload()
+    present = _objects(ws, task)
+    conflicts = [
+        f"checkpoint {cp.number} is in the manifest of task '{task.name}' again"
+        for cp in entry.checkpoints
+        if cp.number in state.checkpoints
+    ]
+    conflicts += [f"'tasks/{task.name}/{cp.file}' exists" for cp in entry.checkpoints if cp.file in present]
+    if conflicts and entry.state != "restoring":
+        raise ConflictError(
+            f"restoring trash entry '{entry_id}' would overwrite: {'; '.join(conflicts[:5])}; nothing was changed"
+        )
+    prefix = f"trash/{entry_id}/{FILES_DIR}/"
+    copies = [b.key for b in ws.storage.list_prefix(prefix)]
+    if entry.state != "restoring":
+        _put_entry(ws, replace(entry, state="restoring"))
+    # the objects back first, then the records (If-Match): a record never names an object not in place
+    back = [(k, f"tasks/{task.name}/{k[len(prefix) :]}") for k in copies]
+    if entry.state == "restoring":  # an interrupted restore: what was copied back already stays
+        back = [(k, dst) for k, dst in back if ws.storage.head(dst) is None]
+    ws.storage.copy_many(back)
+    numbers = {cp.number: replace(cp, task=task.name) for cp in entry.checkpoints}
+
+    def add(st: TaskState) -> None:
+        for n, cp in numbers.items():
+            st.checkpoints.setdefault(n, cp)
+
+    task.update(add)
+    _delete_entry(ws, entry_id)
+    return RestoreResult(entry)
+
+
+def plan_empty(ws: StoreWorkspace, ids: list[str] | None, older_than: timedelta | None) -> EmptyPlan:
+    from .trash import EmptyPlan
+
+    skipped: list[tuple[str, str]] = []
+    if ids:
+        candidates = [_settle(ws, _read_entry(ws, i)) for i in dict.fromkeys(ids)]
+    else:
+        candidates, errors = list_entries(ws)
+        skipped += [("?", f"unreadable: {e}") for e in errors]
+    cutoff = datetime.now(UTC) - older_than if older_than is not None else None
+    chosen = []
+    for e in candidates:
+        if e.state == "gone":
+            continue
+        if e.state != "complete":
+            why = "being made, or interrupted in the last hour" if e.state == "pending" else "an interrupted restore"
+            skipped.append((e.id, f"{e.state}: {why}; see docs/s3.md"))
+            continue
+        if cutoff is not None and parse_iso(e.created) > cutoff:
+            continue
+        chosen.append(e)
+    return EmptyPlan(chosen, skipped, [])
+
+
+def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
+    from .trash import EmptyResult
+
+    emptied: list[str] = []
+    freed = 0
+    for e in plan.entries:
+        freed += _delete_entry(ws, e.id)
+        emptied.append(e.id)
+    return EmptyResult(emptied, freed, list(plan.skipped))
+
+
+# --- verify --------------------------------------------------------------------------------------------
+
+
+def verify(
+    ws: StoreWorkspace,
+    tasks: list[str] | None = None,
+    *,
+    models: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyResult:
+    """Re-hash every checkpoint (and model) object against its recorded sha256: the bytes are streamed
+    through this process once. Missing, changed and unknown objects are reported."""
+    from .importer import Problem, VerifyResult
+
+    start = time.perf_counter()
+    names = list(tasks) if tasks else ws.task_names()
+    problems: list[Problem] = []
+    jobs: list[tuple[str, Checkpoint | Model, str | None]] = []  # (key, record, model title)
+    sizes: dict[str, int] = {}  # every object of the tasks (and models) verified: one LIST each
+    for name in names:
+        t = ws.task(name)
+        objects = _objects(ws, t)
+        for cp in t.checkpoints:
+            jobs.append((f"tasks/{name}/{cp.file}", cp, None))
+            objects.pop(cp.file, None)
+        for file in objects:
+            problems.append(Problem("unknown", f"tasks/{name}/{file}", task=name, note="an object no record names"))
+        sizes.update((b.key, b.size) for b in ws.storage.list_prefix(f"tasks/{name}/{CHECKPOINT_DIR}/"))
+    titles: list[str] = []
+    if models:
+        found, errors = ws.models.read_all()
+        problems += [Problem("unreadable", "", note=str(e)) for e in errors]
+        sizes.update((b.key, b.size) for b in ws.storage.list_prefix("models/"))
+        for m in found:
+            if tasks and m.task not in names:
+                continue
+            titles.append(m.title)
+            jobs.append((_key(m.path), m, m.title))
+    total = sum(r.size for _, r, _ in jobs)
+    hashed = 0
+    files = 0
+    for key, rec, title in jobs:
+        number = rec.number if isinstance(rec, Checkpoint) else rec.checkpoint
+        where: dict[str, Any] = {"task": rec.task, "number": number, "model": title}
+        blobs = (
+            {k: n for k, n in sizes.items() if k == key or k.startswith(key + "/")}
+            if key not in sizes
+            else {key: sizes[key]}
+        )
+        if not blobs:
+            problems.append(Problem("missing", key, **where, expected=rec.sha256))
+            continue
+        size = sum(blobs.values())
+        if size != rec.size:
+            note = f"size {size}, recorded {rec.size}"
+            problems.append(Problem("changed", key, **where, expected=rec.sha256, note=note))
+            continue
+        if list(blobs) == [key]:
+            actual = ws.storage.sha256(key)
+        else:
+            actual = fsutil.tree_digest([(k[len(key) + 1 :], ws.storage.sha256(k)) for k in sorted(blobs)])
+        files += len(blobs)
+        hashed += size
+        if progress is not None:
+            progress(size, total)
+        if actual != rec.sha256:
+            problems.append(Problem("changed", key, **where, expected=rec.sha256, actual=actual))
+    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, [])

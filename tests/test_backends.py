@@ -1,0 +1,400 @@
+"""The commands against both backends: a local folder and an s3:// workspace (moto's server on loopback).
+
+One suite, parametrized by the `backend` fixture: every test here runs once per backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ckpt
+from ckpt.trash import trash_unused
+from tests.conftest import make_task, put_bytes
+
+
+def test_init_and_tasks(run: Any, run_json: Any, backend: str) -> None:
+    result = run("init", backend, "--json")
+    assert result.exit_code == 0, result.output
+    ws = ckpt.Workspace.open(backend)
+    assert json.loads(result.stdout) == {"workspace": ws.location}
+    assert run("init", backend).exit_code == 0  # an existing workspace is left as it is
+    make_task(ws, "unet", n=2)
+    make_task(ws, "resnet", n=1)
+    rows = run_json("tasks")
+    assert [(r["name"], r["checkpoints"], r["size"], r["latest"]) for r in rows] == [
+        ("resnet", 1, 1000, 1),
+        ("unet", 2, 2000, 2),
+    ]
+
+
+def test_save_and_list(run_json: Any, any_ws: ckpt.Workspace) -> None:
+    task = make_task(any_ws, "unet", n=3)
+    assert task.save(b"more", step=400, metrics={"val_iou": 0.9}) == 4
+    rows = run_json("list", "unet")
+    assert [r["number"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["path"] == "tasks/unet/checkpoints/000001.pt"
+    assert rows[3]["size"] == 4 and rows[3]["latest"] and rows[3]["metrics"] == {"val_iou": 0.9}
+    import hashlib
+
+    assert rows[3]["sha256"] == hashlib.sha256(b"more").hexdigest()
+    assert [r["number"] for r in run_json("list", "unet", "--sort", "val_iou", "--desc")][:1] == [4]
+    # a fresh handle reads what was committed
+    assert [cp.number for cp in ckpt.Workspace.open(any_ws.location).task("unet").checkpoints] == [1, 2, 3, 4]
+
+
+def test_show(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "w.safetensors"
+    save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(src))
+    number = any_ws.create_task("unet").save_file(src, step=7)
+    shown = run_json("show", "unet", str(number))
+    assert shown["format"] == "safetensors" and shown["step"] == 7
+    assert shown["tensors"] == [{"name": "w", "shape": [2, 3], "dtype": "float32"}]
+    assert shown["path"] == f"tasks/unet/checkpoints/{number:06d}.safetensors"
+
+
+def test_promote_and_models(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=3)
+    model = run_json("promote", "unet", "2", "--title", "unet-best")
+    assert (model["title"], model["checkpoint"], model["size"]) == ("unet-best", 2, 1000)
+    taken = run("promote", "unet", "3", "--title", "unet-best")
+    assert taken.exit_code == 4 and "already exists" in taken.stderr
+    best = run_json("promote", "unet", "--best", "loss", "--min", "--title", "low-loss")
+    assert best["checkpoint"] == 3
+    assert [m["title"] for m in run_json("models")] == ["low-loss", "unet-best"]
+    shown = run_json("models", "show", "unet-best")
+    assert shown["sha256"] == any_ws.task("unet").checkpoint(2).sha256
+    assert shown["path"] == f"models/unet-best/{Path(shown['path']).name}"
+    assert [r["models"] for r in run_json("list", "unet")] == [[], ["unet-best"], ["low-loss"]]
+    # the model's bytes are its own: they survive the checkpoint going to the trash and the trash emptied
+    assert run("trash-unused", "unet").exit_code == 0
+    assert run("trash", "empty", "--yes").exit_code == 0
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_unreadable_model_is_a_warning(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=2)
+    any_ws.promote("unet", 1, title="good")
+    put_bytes(any_ws, "models/broken/model.toml", b"format = [")
+    result = run("models", "--json")
+    assert result.exit_code == 0, result.output
+    assert [m["title"] for m in json.loads(result.stdout)] == ["good"]
+    assert "skipped a model" in result.stderr and "broken" in result.stderr
+
+
+def test_finish(run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=3)
+    res = run_json("finish", "unet")
+    assert res["status"] == "finished" and res["model"]["title"] == "unet-3"
+    assert run_json("tasks")[0]["status"] == "finished"
+    with pytest.raises(ckpt.CkptError, match="finished"):
+        ckpt.Workspace.open(any_ws.location).task("unet").save(b"late")
+    again = run_json("finish", "unet")
+    assert again["model"]["title"] == "unet-3" and "already" in again["note"]
+
+
+def test_trash_unused_restore_empty(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=6)
+    any_ws.promote("unet", 2, title="keep-me")
+    dry = run_json("trash-unused", "unet", "--keep-last", "2", "--dry-run")
+    assert dry["trashed"] == [1, 3, 4] and dry["entry"] is None
+    assert dry["bytes_freed_on_empty"] == 3000
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4, 5, 6]
+    res = run_json("trash-unused", "unet", "--keep-last", "2")
+    assert res["trashed"] == [1, 3, 4]
+    assert [r["number"] for r in run_json("list", "unet")] == [2, 5, 6]
+    entries = run_json("trash", "list")
+    assert [(e["id"], e["checkpoints"], e["state"]) for e in entries] == [(res["entry"], [1, 3, 4], "complete")]
+    # numbers are never reused, even after a trash
+    assert any_ws.task("unet").save(b"x") == 7
+    assert run_json("trash", "restore", res["entry"])["checkpoints"] == [1, 3, 4]
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4, 5, 6, 7]
+    assert run_json("trash", "list") == []
+    assert run_json("verify")["ok"]
+    second = run_json("trash-unused", "unet")["entry"]
+    missing = run("trash", "restore", "20200101-000000-000000")
+    assert missing.exit_code == 3
+    emptied = run_json("trash", "empty", "--yes")
+    assert emptied["emptied"] == [second] and emptied["bytes_freed"] >= 5 * 1000
+    assert run_json("trash", "list") == []
+    assert [r["number"] for r in run_json("list", "unet")] == [2, 7]
+
+
+def test_verify_finds_changed_and_missing(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=3)
+    assert run_json("verify")["ok"]
+    put_bytes(any_ws, "tasks/unet/checkpoints/000002.pt", b"x" * 1000)
+    put_bytes(any_ws, "tasks/unet/checkpoints/000009.pt", b"stray")
+    result = run("verify", "--json")
+    assert result.exit_code == 6
+    problems = {(p["kind"], p["path"]) for p in json.loads(result.stdout)["problems"]}
+    assert ("changed", "tasks/unet/checkpoints/000002.pt") in problems
+    assert ("unknown", "tasks/unet/checkpoints/000009.pt") in problems
+
+
+def test_import_from_local_folder(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    src = tmp_path / "lightning"
+    src.mkdir()
+    for epoch in range(3):
+        (src / f"epoch={epoch}-step={(epoch + 1) * 10}.ckpt").write_bytes(os.urandom(300))
+    res = run_json("import", str(src), "--task", "lit")
+    assert [r["action"] for r in res["checkpoints"]] == ["added"] * 3
+    rows = run_json("list", "lit")
+    assert [(r["number"], r["epoch"], r["step"]) for r in rows] == [(1, 0, 10), (2, 1, 20), (3, 2, 30)]
+    again = run_json("import", str(src), "--task", "lit")
+    assert [r["action"] for r in again["checkpoints"]] == ["already"] * 3
+    assert run_json("verify")["ok"]
+
+
+def test_library_open_and_errors(any_ws: ckpt.Workspace) -> None:
+    with pytest.raises(ckpt.errors.TaskNotFound):
+        any_ws.task("nope")
+    any_ws.create_task("unet")
+    with pytest.raises(ckpt.errors.ConflictError):
+        any_ws.create_task("unet")
+    assert any_ws.create_task("unet", exist_ok=True).name == "unet"
+    with pytest.raises(ckpt.errors.CheckpointNotFound, match="it has none"):
+        any_ws.task("unet").checkpoint(3)
+    with pytest.raises(ckpt.errors.ConflictError, match="only in case"):
+        any_ws.create_task("UNet")
+    any_ws.task("unet").save(b"x")
+    any_ws.promote("unet", 1, title="best")
+    with pytest.raises(ckpt.errors.ConflictError, match="only in case"):
+        any_ws.promote("unet", 1, title="Best")
+
+
+# --- object storage only -------------------------------------------------------------------------------
+
+
+def test_s3_unsupported_commands_say_so(run: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+    for args in (["du"], ["doctor"], ["scan", "unet"], ["models", "remove", "m"], ["models", "rename", "m", "n"]):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "not supported on s3:// workspaces yet" in result.stderr
+
+
+def test_s3_missing_workspace_and_bucket(run: Any, s3_url: str) -> None:
+    result = run("-w", s3_url + "-none", "tasks")
+    assert result.exit_code == 3 and "not a ckpt workspace" in result.stderr
+    with pytest.raises(ckpt.CkptError, match="bucket 'no-such-bucket-x' does not exist"):
+        ckpt.Workspace.init("s3://no-such-bucket-x/ws")
+
+
+def test_s3_conditional_writes(s3_url: str) -> None:
+    from ckpt.storage import PreconditionFailed, open_storage
+
+    st = open_storage(s3_url)
+    etag = st.put("a", b"1", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        st.put("a", b"2", if_none_match=True)
+    newer = st.put("a", b"3", if_match=etag)
+    with pytest.raises(PreconditionFailed):
+        st.put("a", b"4", if_match=etag)  # a stale ETag loses
+    assert st.get("a") == (b"3", newer)
+
+
+def test_s3_lost_manifest_race_is_retried(s3_url: str) -> None:
+    """Two handles on one task: the second commit finds the manifest changed, re-reads it, and keeps both."""
+    ws_a = ckpt.Workspace.init(s3_url)
+    ws_a.create_task("unet")
+    a = ws_a.task("unet")
+    b = ckpt.Workspace.open(s3_url).task("unet")
+    a.state()
+    b.state()  # both read the same version
+    assert a.save(b"from a") == 1
+    assert b.save(b"from b") == 2  # b's first If-Match fails; it re-reads and commits on top
+    assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == [1, 2]
+
+
+_WORKER = r"""
+import sys, ckpt
+url, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = ckpt.Workspace.open(url).task("shared")
+mine = [t.save(f"{who}-{i}".encode(), step=i, metrics={"who": float(who)}) for i in range(n)]
+won = []
+for title in ("best", f"p-{who}", "contested"):
+    try:
+        ckpt.Workspace.open(url).promote("shared", mine[-1], title=title)
+        won.append(title)
+    except ckpt.errors.ConflictError:
+        pass
+print(" ".join(map(str, mine)), "|", " ".join(won))
+"""
+
+
+def test_s3_concurrent_processes_lose_nothing(s3_url: str) -> None:
+    ws = ckpt.Workspace.init(s3_url)
+    ws.create_task("shared")
+    workers, per = 4, 5
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, s3_url, str(w), str(per)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for w in range(workers)
+    ]
+    done = [p.communicate(timeout=120) for p in procs]
+    outs = [o for o, _ in done]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in done]
+    numbers = [int(x) for o in outs for x in o.split("|")[0].split()]
+    wins = [w for o in outs for w in o.split("|")[1].split()]
+    assert len(set(numbers)) == len(numbers) == workers * per  # every save got its own number
+    task = ckpt.Workspace.open(s3_url).task("shared")
+    assert sorted(cp.number for cp in task.checkpoints) == sorted(numbers)
+    assert wins.count("best") == 1 and wins.count("contested") == 1  # one winner per title
+    assert sorted(ws.models.titles()) == sorted(["best", "contested", *(f"p-{w}" for w in range(workers))])
+    for m in ws.models:
+        cp = task.checkpoint(m.checkpoint)
+        assert m.sha256 == cp.sha256  # each model is the checkpoint its record names
+    from ckpt.importer import verify
+
+    assert verify(ws, models=True).ok
+
+
+def test_preview_checkpoint_and_model(run: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from PIL import Image
+
+    from ckpt.zoo import UNet
+
+    kwargs = {"in_channels": 3, "classes": 2, "width": 4, "depth": 2}
+    task = any_ws.create_task("tiny", arch="ckpt.zoo:UNet", arch_kwargs=kwargs)
+    torch.manual_seed(0)
+    task.save(UNet(**kwargs).state_dict(), step=1)
+    any_ws.promote("tiny", 1, title="tiny-1")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = tmp_path / "images" / "im.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(image)
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 2).astype(np.uint8)).save(tmp_path / "masks" / "im.png")
+    scores = []
+    for what in (["tiny", "1"], ["--model", "tiny-1"]):
+        out = tmp_path / f"{what[-1]}.png"
+        args = ["--images", str(image), "--masks", str(tmp_path / "masks"), "--out", str(out), "--json"]
+        result = run("preview", *what, *args)
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout)["checkpoints"][0]["miou"])
+        assert out.is_file()
+    assert scores[0] == scores[1]  # the model is the checkpoint's bytes
+    if any_ws.remote:  # the weights were downloaded once into the local cache, by sha256
+        assert len(list((Path(os.environ["CKPT_CACHE"]) / "objects").rglob("*.pt"))) == 1
+
+
+def test_s3_init_refuses_a_service_without_conditional_writes(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt.storage.s3 import S3Storage
+
+    real = S3Storage.put
+
+    def ignoring(self: Any, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        return real(self, key, data)  # what a service that drops the headers does
+
+    monkeypatch.setattr(S3Storage, "put", ignoring)
+    with pytest.raises(ckpt.CkptError, match="ignores conditional writes"):
+        ckpt.Workspace.init(s3_url)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_s3_trash_interrupted_before_the_manifest_is_undone(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the entry and its copies, before the manifest commit: the checkpoints never moved."""
+    from ckpt import store
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=4)
+
+    def crash(self: Any, change: Any) -> Any:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(store.StoreTask, "update", crash)
+        with pytest.raises(_Crash):
+            trash_unused(ckpt.Workspace.open(s3_url), "unet")
+    assert [b.key.split("/")[1] for b in ws.storage.list_prefix("trash/")]  # the pending entry is there
+    listed = run_json("trash", "list")  # young: it may be a trash still running elsewhere, so it is left alone
+    assert [e["state"] for e in listed] == ["pending"]
+    assert run_json("trash", "empty", "--yes")["emptied"] == []
+    monkeypatch.setattr(store, "STALE_PENDING", 0.0)
+    assert run_json("trash", "list") == []  # once stale, settled: undone
+    assert ws.storage.list_prefix("trash/") == []
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4]
+    assert run_json("verify")["ok"]
+
+
+def test_s3_trash_interrupted_after_the_manifest_is_finished(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the manifest commit, before the originals are deleted: the trash is completed."""
+    from ckpt.storage.s3 import S3Storage
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=4)
+    real = S3Storage.delete
+
+    def crash(self: Any, keys: list[str]) -> None:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(S3Storage, "delete", crash)
+        with pytest.raises(_Crash):
+            trash_unused(ckpt.Workspace.open(s3_url), "unet")
+    assert S3Storage.delete is real
+    assert [r["number"] for r in run_json("list", "unet")] == [4]
+    entries = run_json("trash", "list")  # settles the pending entry: the originals go, the entry completes
+    assert [(e["checkpoints"], e["state"]) for e in entries] == [([1, 2, 3], "complete")]
+    assert sorted(b.key for b in ws.storage.list_prefix("tasks/unet/checkpoints/")) == [
+        "tasks/unet/checkpoints/000004.pt"
+    ]
+    assert run_json("trash", "restore", entries[0]["id"])["checkpoints"] == [1, 2, 3]
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4]
+    assert run_json("verify")["ok"]
+
+
+def test_s3_two_trash_unused_at_once_make_one_entry(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt.storage.s3 import S3Storage
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=4)
+    real = S3Storage.copy_many
+    other: list[str | None] = []
+
+    def racing(self: Any, pairs: list[tuple[str, str]]) -> None:
+        if not other:  # the other machine's trash-unused runs to the end while this one copies
+            other.append(None)
+            other[0] = trash_unused(ckpt.Workspace.open(s3_url), "unet").entry
+        real(self, pairs)
+
+    monkeypatch.setattr(S3Storage, "copy_many", racing)
+    with pytest.raises(ckpt.errors.ConflictError, match="by another command"):
+        trash_unused(ckpt.Workspace.open(s3_url), "unet")
+    monkeypatch.setattr(S3Storage, "copy_many", real)
+    entries = run_json("trash", "list")
+    assert [(e["id"], e["checkpoints"]) for e in entries] == [(other[0], [1, 2, 3])]
+    assert run_json("trash", "restore", entries[0]["id"])["checkpoints"] == [1, 2, 3]
+    assert run_json("verify")["ok"]
