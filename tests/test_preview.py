@@ -228,6 +228,26 @@ def test_fused_network_predicts_the_same(trained):
         torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
 
 
+def test_fused_network_follows_each_new_state_dict(trained):
+    from ckpt.preview import FusedNetwork
+
+    net = UNet(**KWARGS).eval()
+    net.load_state_dict(trained["state"])
+    fused = FusedNetwork(net)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    other = UNet(**KWARGS)
+    with torch.no_grad():  # batch-norm statistics that differ from the trained ones
+        for m in other.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    for state in (other.state_dict(), trained["state"]):
+        net.load_state_dict(state)
+        with torch.inference_mode():
+            torch.testing.assert_close(fused.refresh()(x), net(x), rtol=1e-4, atol=1e-4)
+
+
 def test_fit_state_dict_lists_missing_and_unexpected_keys():
     expected = {"a.weight": (2,), "b.weight": (3,)}
     state = {"model.a.weight": torch.zeros(2), "model.b.weight": torch.zeros(3), "loss.weight": torch.zeros(1)}
