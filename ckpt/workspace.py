@@ -49,6 +49,7 @@ TASK_FILE = "task.toml"
 CACHE_FILE = ".task.cache.json"
 SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see manifest.SummaryCache)
 LOCK_FILE = ".lock"
+CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
 CHECKPOINT_DIR = "checkpoints"
 PENDING_PREFIX = ".pending-"
 
@@ -208,14 +209,7 @@ class Workspace:
             if exist_ok:
                 return self.task(name)
             raise ConflictError(f"task '{name}' already exists", path=folder, hint=f"see: ckpt list {name}")
-        with contextlib.suppress(FileNotFoundError):
-            twin = case_twin(name, os.listdir(self.tasks_dir))
-            if twin is not None:
-                raise ConflictError(
-                    f"task '{name}' differs from task '{twin}' only in case",
-                    path=folder,
-                    hint="names must stay distinct on case-insensitive file systems; choose another name",
-                )
+        self._refuse_case_twin(name)  # before anything is written; again under the creation lock below
         header = TaskHeader(
             name=name,
             status="running",
@@ -230,14 +224,29 @@ class Workspace:
             json.dumps(header.arch_kwargs)
         except (TypeError, ValueError) as e:
             raise UsageError(f"architecture keyword arguments are not JSON-serialisable: {e}") from None
-        (folder / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        with fsutil.locked(folder / LOCK_FILE, f"task '{name}'"):
-            if (folder / TASK_FILE).exists():
-                if exist_ok:
-                    return self.task(name)
-                raise ConflictError(f"task '{name}' already exists", path=folder)
-            fsutil.atomic_write(folder / TASK_FILE, task_bytes(TaskState(header, {})))
+        fsutil.make_dirs(self.tasks_dir)
+        # one creation at a time in the workspace: two processes creating `A` and `a` must not both pass
+        # the case check before either folder exists
+        with fsutil.locked(self.tasks_dir / CREATE_LOCK_FILE, "task creation"):
+            self._refuse_case_twin(name)
+            (folder / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+            with fsutil.locked(folder / LOCK_FILE, f"task '{name}'"):
+                if (folder / TASK_FILE).exists():
+                    if exist_ok:
+                        return self.task(name)
+                    raise ConflictError(f"task '{name}' already exists", path=folder)
+                fsutil.atomic_write(folder / TASK_FILE, task_bytes(TaskState(header, {})))
         return self.task(name)
+
+    def _refuse_case_twin(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            twin = case_twin(name, os.listdir(self.tasks_dir))
+            if twin is not None:
+                raise ConflictError(
+                    f"task '{name}' differs from task '{twin}' only in case",
+                    path=self.tasks_dir / name,
+                    hint="names must stay distinct on case-insensitive file systems; choose another name",
+                )
 
     def task(self, name: str) -> Task:
         """The task called `name`; raises TaskNotFound."""

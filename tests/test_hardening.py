@@ -147,6 +147,31 @@ def test_names_differing_only_in_case_are_refused(ws: ckpt.Workspace, tmp_path: 
     assert "unet-2-2" in result.stdout
 
 
+def test_tasks_differing_only_in_case_created_at_once_give_one_task(ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """Two processes creating `runN` and `RUNn` at the same moment: one wins, the other gets a conflict."""
+    script = (
+        "import sys, time, ckpt\n"
+        "ws = ckpt.Workspace.open(sys.argv[1])\n"
+        "start = float(sys.argv[2])\n"
+        "for i in range(12):\n"
+        "    while time.time() < start + 0.25 * i: pass\n"
+        "    name = f'run{i}' if sys.argv[3] == 'lower' else f'RUN{i}'\n"
+        "    try:\n"
+        "        ws.create_task(name)\n"
+        "    except ckpt.ConflictError:\n"
+        "        pass\n"
+    )
+    start = time.time() + 1.0
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(ws.root), repr(start), case]) for case in ("lower", "upper")
+    ]
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+    names = ckpt.Workspace.open(ws.root).task_names()
+    for i in range(12):
+        assert len([n for n in names if n.lower() == f"run{i}"]) == 1, names
+
+
 # --- symlinks that leave the workspace -------------------------------------------------------------------
 
 
