@@ -790,16 +790,21 @@ def demo_numbers(epochs: int) -> list[int]:
 
 
 def load_training_example() -> Any:
-    """The module examples/train_unet.py of the source checkout this ckpt runs from."""
+    """examples/train_unet.py: from the source checkout this ckpt runs from, else as installed (ckpt._examples)."""
     import importlib.util
     import sys
 
     path = Path(__file__).resolve().parent.parent / "examples" / "train_unet.py"
     if not path.is_file():
-        raise NotFoundError(
-            f"the demo needs examples/train_unet.py, which is not next to this ckpt ({path.parent})",
-            hint="install ckpt from a source checkout: pip install -e .",
-        )
+        try:
+            return importlib.import_module("ckpt._examples.train_unet")
+        except ModuleNotFoundError as e:
+            if e.name not in ("ckpt._examples", "ckpt._examples.train_unet"):
+                raise
+            raise NotFoundError(
+                "the demo needs examples/train_unet.py, which this installation of ckpt lacks",
+                hint="reinstall ckpt (pip install 'ckpt[torch]'), or from a source checkout: pip install -e .",
+            ) from None
     name = "ckpt_examples_train_unet"
     if name in sys.modules:
         return sys.modules[name]
