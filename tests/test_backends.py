@@ -248,8 +248,22 @@ def test_scan_and_add(run_json: Any, any_ws: ckpt.Workspace) -> None:
     row = run_json("list", "unet")[2]
     assert (row["epoch"], row["step"], row["metrics"]) == (4, 50, {"val_loss": 0.5})
     assert [u["path"] for u in run_json("scan", "unet")["unknown"]] == ["tasks/unet/notes.txt"]
+    # a folder checkpoint (Hugging Face) is added whole
+    put_bytes(any_ws, "tasks/unet/checkpoint-70/model.safetensors", b"m" * 100)
+    put_bytes(any_ws, "tasks/unet/checkpoint-70/config.json", b"{}")
+    folder = run_json("scan", "unet")["unknown"][0]
+    assert (folder["path"], folder["kind"], folder["size"], folder["addable"]) == (
+        "tasks/unet/checkpoint-70",
+        "dir",
+        102,
+        True,
+    )
+    assert [(a["number"], a["path"]) for a in run_json("scan", "unet", "--add")["added"]] == [
+        (4, "tasks/unet/checkpoints/000004")
+    ]
+    assert run_json("list", "unet")[3]["step"] == 70
     remove_bytes(any_ws, "tasks/unet/notes.txt")
-    assert run_json("verify", "unet")["checked"] == 3
+    assert run_json("verify", "unet")["checked"] == 4
 
 
 def test_doctor_reports_missing_and_unknown(run_json: Any, any_ws: ckpt.Workspace) -> None:
@@ -537,3 +551,115 @@ def test_s3_two_trash_unused_at_once_make_one_entry(
     assert [(e["id"], e["checkpoints"]) for e in entries] == [(other[0], [1, 2, 3])]
     assert run_json("trash", "restore", entries[0]["id"])["checkpoints"] == [1, 2, 3]
     assert run_json("verify")["ok"]
+
+
+def test_s3_models_remove_interrupted_before_the_model_goes_is_undone(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the entry record, while copying: the model is whole; doctor undoes the entry once stale."""
+    from ckpt import store
+    from ckpt.storage.s3 import S3Storage
+    from ckpt.trash import trash_model
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+
+    def crash(self: Any, pairs: list[tuple[str, str]]) -> None:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(S3Storage, "copy_many", crash)
+        with pytest.raises(_Crash):
+            trash_model(ckpt.Workspace.open(s3_url), "m")
+    assert [m["title"] for m in run_json("models")] == ["m"]
+    assert [e["state"] for e in run_json("trash", "list")] == ["pending"]
+    young = run_json("doctor")["repairs"]
+    assert [r["action"][:10] for r in young] == ["left alone"]
+    monkeypatch.setattr(store, "STALE_PENDING", 0.0)
+    undone = run_json("doctor")["repairs"]
+    assert [(r["problem"], r["action"]) for r in undone] == [
+        (f"trash entry '{young[0]['path'].split('/')[1]}' is pending", "undone: nothing had moved")
+    ]
+    assert run_json("trash", "list") == [] and ws.storage.list_prefix("trash/") == []
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_models_remove_interrupted_after_the_record_is_finished(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after model.toml was deleted, before the weights and the claim: the remove is finished."""
+    from ckpt import store
+    from ckpt.trash import trash_model
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+
+    def crash(ws_: Any, title: str, keys: list[str]) -> None:
+        ws_.storage.delete([f"models/{title}/model.toml"])
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "_drop_model", crash)
+        with pytest.raises(_Crash):
+            trash_model(ckpt.Workspace.open(s3_url), "m")
+    assert run_json("models") == []
+    entries = run_json("trash", "list")  # settled: the weights and the claim go, the entry completes
+    assert [(e["kind"], e["state"]) for e in entries] == [("model", "complete")]
+    assert ws.storage.list_prefix("models/") == []
+    run_json("trash", "restore", entries[0]["id"])
+    assert [m["title"] for m in run_json("models")] == ["m"]
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_two_models_removes_at_once_make_one_entry(
+    run: Any, run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt.storage.s3 import S3Storage
+    from ckpt.trash import trash_model
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+    real = S3Storage.copy_many
+    other: list[str] = []
+
+    def racing(self: Any, pairs: list[tuple[str, str]]) -> None:
+        if not other:  # the other machine's remove runs to the end while this one copies
+            other.append("")
+            other[0] = trash_model(ckpt.Workspace.open(s3_url), "m").entry
+        real(self, pairs)
+
+    monkeypatch.setattr(S3Storage, "copy_many", racing)
+    with pytest.raises(ckpt.errors.ModelNotFound, match="meanwhile"):
+        trash_model(ckpt.Workspace.open(s3_url), "m")
+    monkeypatch.setattr(S3Storage, "copy_many", real)
+    assert [e["id"] for e in run_json("trash", "list")] == other
+    run_json("trash", "restore", other[0])
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_doctor_cleans_what_interrupted_commands_left(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=1)
+    put_bytes(ws, "models/old/.claim", b"2020-01-01T00:00:00.000000+00:00\n")  # a promote that crashed long ago
+    put_bytes(ws, "models/old/000001.pt", b"x" * 1000)
+    put_bytes(ws, "models/new/.claim", f"{ckpt.timeutil.now_iso()}\n".encode())  # a promote running now
+    put_bytes(ws, "trash/20200101-000000-abcdef/files/checkpoints/000001.pt", b"y")  # an empty cut short
+    dry = {r["path"]: r["action"] for r in run_json("doctor", "--dry-run")["repairs"]}
+    assert dry == {
+        "models/old": "would delete it",
+        "models/new": "left alone: it may be in use",
+        "trash/20200101-000000-abcdef": "would delete it",
+    }
+    done = {r["path"]: r["action"] for r in run_json("doctor")["repairs"]}
+    assert done["models/old"] == "deleted" and done["trash/20200101-000000-abcdef"] == "deleted"
+    assert sorted(b.key for b in ws.storage.list_prefix("models/")) == ["models/new/.claim"]
+    assert ws.storage.list_prefix("trash/") == []
