@@ -1121,7 +1121,7 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
             created=now_iso(),
             reason=reason or f"trash_model({title!r})",
             size=model.size,
-            bytes=sum(b.size for b in blobs if not b.key.endswith("/" + MODEL_FILE)),
+            bytes=sum(b.size for b in blobs if b.key != folder + MODEL_FILE),
             model={"title": title, **{k: v for k, v in model.to_doc().items() if k != "format"}},
             folder=Path("trash") / entry_id,
         ),
@@ -1197,9 +1197,10 @@ def _restore_model(ws: StoreWorkspace, entry: Entry) -> Entry:
     copies = [b.key for b in ws.storage.list_prefix(prefix)]
     if not any(k == prefix + MODEL_FILE for k in copies):
         raise IntegrityError(f"trash entry '{entry.id}' is missing its model record", hint="see: ckpt doctor")
+    record = f"models/{title}/{MODEL_FILE}"
     back = [(k, f"models/{title}/{k[len(prefix) :]}") for k in copies]
-    ws.storage.copy_many([(k, dst) for k, dst in back if not dst.endswith("/" + MODEL_FILE)])
-    ws.storage.copy_many([(k, dst) for k, dst in back if dst.endswith("/" + MODEL_FILE)])
+    ws.storage.copy_many([(k, dst) for k, dst in back if dst != record])
+    ws.storage.copy_many([(k, dst) for k, dst in back if dst == record])
     _delete_entry(ws, entry.id)
     return entry
 
@@ -1222,9 +1223,10 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
     # old one go (record first): a crash between leaves both titles, each whole
     renamed = replace(model, title=new, folder=Path("models") / new)
     blobs, _ = _model_keys(ws, old)
+    folder = f"models/{old}/"
     try:
         ws.storage.copy_many(
-            [(b.key, f"models/{new}/{b.key[len(f'models/{old}/') :]}") for b in blobs if not b.key.endswith(MODEL_FILE)]
+            [(b.key, f"models/{new}/{b.key[len(folder) :]}") for b in blobs if b.key != folder + MODEL_FILE]
         )
         ws.storage.put(f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()))
     except BaseException:

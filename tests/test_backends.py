@@ -663,3 +663,32 @@ def test_s3_doctor_cleans_what_interrupted_commands_left(
     assert done["models/old"] == "deleted" and done["trash/20200101-000000-abcdef"] == "deleted"
     assert sorted(b.key for b in ws.storage.list_prefix("models/")) == ["models/new/.claim"]
     assert ws.storage.list_prefix("trash/") == []
+
+
+def test_s3_rename_racing_for_one_title(run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one rename copies under the new title, another machine's rename or promote to it loses."""
+    from ckpt.models import rename
+    from ckpt.storage.s3 import S3Storage
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="a")
+    ws.promote("unet", 2, title="b")
+    real = S3Storage.copy_many
+    lost: list[str] = []
+
+    def racing(self: Any, pairs: list[tuple[str, str]]) -> None:
+        if not lost:
+            lost.append("")
+            other = ckpt.Workspace.open(s3_url)
+            for attempt in (lambda: rename(other, "b", "x"), lambda: other.promote("unet", 2, title="x")):
+                with pytest.raises(ckpt.errors.ConflictError, match="already exists"):
+                    attempt()
+        real(self, pairs)
+
+    monkeypatch.setattr(S3Storage, "copy_many", racing)
+    assert rename(ckpt.Workspace.open(s3_url), "a", "x").checkpoint == 1
+    monkeypatch.setattr(S3Storage, "copy_many", real)
+    assert [(m["title"], m["checkpoint"]) for m in run_json("models")] == [("b", 2), ("x", 1)]
+    assert run_json("verify", "--models")["ok"]
