@@ -1034,14 +1034,14 @@ def verify(
     problems: list[Problem] = []
     jobs: list[tuple[str, Checkpoint | Model, str | None]] = []  # (key, record, model title)
     sizes: dict[str, int] = {}  # every object of the tasks (and models) verified: one LIST each
+    temporary: list[str] = []
     for name in names:
         t = ws.task(name)
-        objects = _objects(ws, t)
         for cp in t.checkpoints:
             jobs.append((f"tasks/{name}/{cp.file}", cp, None))
-            objects.pop(cp.file, None)
-        for file in objects:
-            problems.append(Problem("unknown", f"tasks/{name}/{file}", task=name, note="an object no record names"))
+        unknown, temp = _unknown_objects(ws, t)  # what the local verify reports too: anything in the task folder
+        problems += [Problem("unknown", u.rel, task=name, note=f"a {u.kind} no record names") for u in unknown]
+        temporary += [u.rel for u in temp]
         sizes.update((b.key, b.size) for b in ws.storage.list_prefix(f"tasks/{name}/{CHECKPOINT_DIR}/"))
     titles: list[str] = []
     if models:
@@ -1082,7 +1082,7 @@ def verify(
             progress(size, total)
         if actual != rec.sha256:
             problems.append(Problem("changed", key, **where, expected=rec.sha256, actual=actual))
-    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, [])
+    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, temporary)
 
 
 # --- models remove and rename --------------------------------------------------------------------------

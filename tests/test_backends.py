@@ -134,11 +134,13 @@ def test_verify_finds_changed_and_missing(run: Any, run_json: Any, any_ws: ckpt.
     assert run_json("verify")["ok"]
     put_bytes(any_ws, "tasks/unet/checkpoints/000002.pt", b"x" * 1000)
     put_bytes(any_ws, "tasks/unet/checkpoints/000009.pt", b"stray")
+    put_bytes(any_ws, "tasks/unet/notes.txt", b"hello")
     result = run("verify", "--json")
     assert result.exit_code == 6
     problems = {(p["kind"], p["path"]) for p in json.loads(result.stdout)["problems"]}
     assert ("changed", "tasks/unet/checkpoints/000002.pt") in problems
     assert ("unknown", "tasks/unet/checkpoints/000009.pt") in problems
+    assert ("unknown", "tasks/unet/notes.txt") in problems
 
 
 def test_import_from_local_folder(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
