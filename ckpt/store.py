@@ -1229,9 +1229,11 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
             [(b.key, f"models/{new}/{b.key[len(folder) :]}") for b in blobs if b.key != folder + MODEL_FILE]
         )
         ws.storage.put(f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()))
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
             ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{new}/")])
+        if isinstance(e, FileNotFoundError):  # removed or renamed by another machine meanwhile
+            raise ModelNotFound(f"model '{old}' was removed or renamed meanwhile", hint="see: ckpt models") from None
         raise
     _drop_model(ws, old, [b.key for b in blobs])
     return renamed

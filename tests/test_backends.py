@@ -694,3 +694,35 @@ def test_s3_rename_racing_for_one_title(run_json: Any, s3_url: str, monkeypatch:
     monkeypatch.setattr(S3Storage, "copy_many", real)
     assert [(m["title"], m["checkpoint"]) for m in run_json("models")] == [("b", 2), ("x", 1)]
     assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_import_move_keeps_the_source_until_its_record_is_committed(
+    run_json: Any, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt import store
+    from ckpt.importer import import_path
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ckpt.Workspace.init(s3_url)
+    src = tmp_path / "out"
+    src.mkdir()
+    for step in (1, 2):
+        (src / f"step={step}.ckpt").write_bytes(os.urandom(100))
+    real = store.StoreTask.update
+    commits: list[int] = []
+
+    def second_commit_fails(self: Any, change: Any) -> Any:
+        commits.append(1)
+        if len(commits) == 2:  # the second record's commit
+            raise _Crash
+        return real(self, change)
+
+    monkeypatch.setattr(store.StoreTask, "update", second_commit_fails)
+    with pytest.raises(_Crash):
+        import_path(ckpt.Workspace.open(s3_url), src, task="lit", mode="move")
+    monkeypatch.setattr(store.StoreTask, "update", real)
+    assert sorted(p.name for p in src.iterdir()) == ["step=2.ckpt"]  # only the committed one went
+    assert [r["step"] for r in run_json("list", "lit")] == [1]
+    again = run_json("import", str(src), "--task", "lit", "--move")
+    assert [r["action"] for r in again["checkpoints"]] == ["added"] and list(src.iterdir()) == []
+    assert run_json("verify")["ok"]
