@@ -9,7 +9,10 @@ fresh process). Figures:
   byte (target ~0: the copy is server-side), and, against a checkpoint 1/16 the size, how many more
   bytes the big one cost per extra checkpoint byte (~0: they do not grow with the checkpoint);
 - `ckpt trash-unused` of 1,000 checkpoints: requests (one server-side copy per checkpoint, the rest a
-  handful) and bytes (the records, never the checkpoints).
+  handful) and bytes (the records, never the checkpoints);
+- `ckpt models rename` of the big model: bytes through the client per checkpoint byte (~0: a server-side copy);
+- `ckpt du` of the whole workspace: requests (the workspace file, the task listing, one LIST page per 1,000
+  objects).
 
 The 10,000 and 1,000 records are written into the manifest directly (the public format), with one small
 object per checkpoint where the command needs the objects: saving them one by one would only measure
@@ -194,6 +197,17 @@ def main() -> None:
     ratio("s3_trash_1000_requests_beyond_one_copy_each", reqs - moved, "<=20")
     ratio("s3_trash_1000_kib_through_client", (sent + received) / 2**10, "-")
     ratio("s3_trash_1000_seconds", seconds, "-")
+
+    # models rename of the big model: a server-side copy, as promote
+    reqs, sent, received, seconds = measure(counter, env, "models", "rename", f"m{big}", "renamed")
+    info(f"models rename of {big / 2**20:.0f} MiB: {reqs} requests, {sent + received} bytes through the client")
+    ratio(f"s3_rename_{label}_client_bytes_per_checkpoint_byte", (sent + received) / big, "<=0.001")
+
+    # du: one LIST of the whole prefix
+    objects = len(ws.storage.list_prefix(""))
+    reqs, sent, received, seconds = measure(counter, env, "du", "--json")
+    info(f"du of {objects} objects: {reqs} requests, {received / 2**10:.0f} KiB received, {seconds:.2f} s")
+    ratio("s3_du_requests", reqs, "-")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -15,12 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import fsutil
+from .backend import per_backend
 from .errors import CkptError, ManifestError
 from .manifest import TaskState, parse_task
 from .trash import Repair, recover_workspace
 from .workspace import LOCK_FILE, Task, Workspace
 
 
+@per_backend
 def doctor(ws: Workspace, *, dry_run: bool = False, forget_missing: bool = False) -> list[Repair]:
     """Recover interrupted operations, then check every task's records against its files; see the module."""
     repairs = recover_workspace(ws, dry_run=dry_run)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
+from .backend import per_backend
 from .errors import CkptError, IntegrityError, NotFoundError, TaskNotFound, UsageError
 from .names import check_task_name
 from .workspace import CACHE_FILE, CHECKPOINT_DIR, LOCK_FILE, PENDING_PREFIX, STAGING_PREFIX, TASK_FILE, Incoming
@@ -451,11 +452,7 @@ def import_path(
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="use --link, --copy or --move")
     src = Path(path).expanduser()
-    if ws.remote and mode == "move":
-        from .store import unsupported
-
-        raise unsupported("import --move")
-    if not ws.remote and src.resolve().is_relative_to(ws.root.resolve()):
+    if ws.holds(src):
         raise UsageError(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
         )
@@ -550,13 +547,10 @@ class ScanResult:
 _OWNED = {TASK_FILE, CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
 
 
+@per_backend
 def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
     """Files in a task folder that its manifest does not know; with `add`, checkpoint-like ones are added
     (moved into checkpoints/ under new numbers, ordered as plain files are). Raises TaskNotFound, BusyError."""
-    if ws.remote:
-        from .store import unsupported
-
-        raise unsupported("ckpt scan")
     t = ws.task(task_name)
     result = _scan(ws, t)
     if add:
@@ -697,6 +691,7 @@ class _Target:
     files: list[tuple[str, int]] = field(default_factory=list)
 
 
+@per_backend
 def verify(
     ws: Workspace,
     tasks: list[str] | None = None,
@@ -708,10 +703,6 @@ def verify(
     recorded sha256; report missing, changed and unknown files. Files are hashed on all cores, each
     inode read once (a model hard-linked to its checkpoint is read once). `progress(bytes, total)` is
     called as files are hashed (from worker threads). Raises TaskNotFound."""
-    if ws.remote:
-        from . import store
-
-        return store.verify(ws, tasks, models=models, progress=progress)  # type: ignore[arg-type]
     start = time.perf_counter()
     names = list(tasks) if tasks else ws.task_names()
     task_objs = [ws.task(n) for n in names]

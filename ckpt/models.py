@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
+from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, ModelNotFound, UsageError
 from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
 from .names import case_twin, check_task_name, check_title
@@ -184,6 +185,7 @@ def choose_best(cps: list[Checkpoint], metric: str, minimize: bool) -> Checkpoin
     return max(have, key=key)
 
 
+@per_backend
 def promote(
     ws: Workspace,
     task_name: str,
@@ -199,10 +201,6 @@ def promote(
     Raises UsageError (bad title, neither or both of number and best), NotFoundError (task,
     checkpoint), ConflictError (title taken), IntegrityError (file missing or changed).
     """
-    if ws.remote:
-        from . import store
-
-        return store.promote(ws, task_name, number, title=title, best=best, minimize=minimize, copy=copy)  # type: ignore[arg-type]
     check_title(title)
     check_task_name(task_name)
     if (number is None) == (best is None):
@@ -324,16 +322,13 @@ def finish_title(task: str, number: int) -> str:
     return task[: 100 - len(suffix)] + suffix
 
 
+@per_backend
 def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | None = None) -> FinishResult:
     """Mark `task_name` finished and promote its latest checkpoint (or mark it failed, promoting nothing).
 
     The model's title is `title`, else '<task>-<number>'. When that title is taken by a model of the
     same checkpoint nothing new is made; when taken by another, '-2', '-3'... is appended.
     """
-    if ws.remote:
-        from . import store
-
-        return store.finish(ws, task_name, failed=failed, title=title)  # type: ignore[arg-type]
     if title is not None:
         check_title(title)
     task = ws.task(task_name)
@@ -392,12 +387,9 @@ def _existing(ws: Workspace, title: str) -> Model | None:
         return Model(title, "", 0, "", "", 0, "", "copy")  # unreadable: treat the title as taken
 
 
+@per_backend
 def rename(ws: Workspace, old: str, new: str) -> Model:
     """Rename model `old` to `new`; its source checkpoint is untouched. Raises ModelNotFound, ConflictError."""
-    if ws.remote:
-        from .store import unsupported
-
-        raise unsupported("renaming a model")
     check_title(old)
     check_title(new)
     model = ws.models[old]

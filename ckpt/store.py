@@ -26,9 +26,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import fsutil
+from .backend import F
 from .errors import (
     BusyError,
     CkptError,
@@ -55,13 +56,23 @@ from .manifest import (
 )
 from .models import MODEL_FILE, FinishResult, Model, ModelIndex, PromoteResult, choose_best, finish_title
 from .names import case_twin, check_task_name, check_title
-from .storage import PreconditionFailed, Storage, open_storage
+from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .timeutil import now_iso, parse_iso
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:
-    from .importer import VerifyResult
-    from .trash import EmptyPlan, EmptyResult, Entry, KeepRules, RestoreResult, TrashResult
+    from .importer import Found, ScanResult, Unknown, VerifyResult
+    from .trash import (
+        DiskUse,
+        EmptyPlan,
+        EmptyResult,
+        Entry,
+        KeepRules,
+        ModelTrashResult,
+        Repair,
+        RestoreResult,
+        TrashResult,
+    )
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
@@ -150,6 +161,16 @@ class StoreWorkspace(Workspace):
 
     def model_local_path(self, model: Model) -> Path:
         return download_cached(self.storage, _key(model.path), model.sha256, model.file)
+
+    def implementation(self, name: str, local: F) -> F:
+        """This module's function `name` (see `OPERATIONS`) in place of the local one."""
+        impl = OPERATIONS.get(name)
+        if impl is None:
+            raise unsupported(name.replace("_", " "))
+        return cast(F, impl)
+
+    def holds(self, path: Path) -> bool:
+        return False  # a local path is never inside a bucket
 
     # -- tasks --
 
@@ -354,8 +375,13 @@ class StoreTask(Task):
         status = self.state().header.status
         return ConflictError(f"task '{self.name}' is {status}; it takes no new checkpoints", hint="create a new task")
 
-    def _upload_numbered(self, cp: Checkpoint, ext: str, put: Callable[[str], object]) -> tuple[int, Checkpoint]:
-        """Claim the next free number, upload the bytes under it, then commit the record (If-Match)."""
+    def _upload_numbered(
+        self, cp: Checkpoint, ext: str, put: Callable[[str], object], *, unique: bool = False
+    ) -> tuple[int, Checkpoint]:
+        """Claim the next free number, upload the bytes under it, then commit the record (If-Match).
+
+        With `unique`, a record of the same sha256 and size committed meanwhile (another import or scan of
+        the same bytes) wins: the upload is deleted and _Duplicate raised."""
         number = self._claim_number()
         file = f"{CHECKPOINT_DIR}/{number:06d}{ext}"
         made = replace(cp, number=number, file=file)
@@ -365,6 +391,8 @@ class StoreTask(Task):
                 raise self._not_running()
             if number in state.checkpoints:  # a workspace copied in without its claims
                 raise ConflictError(f"checkpoint {number} of task '{self.name}' exists; save again")
+            if unique and any((c.sha256, c.size) == (cp.sha256, cp.size) for c in state.checkpoints.values()):
+                raise _Duplicate
             state.checkpoints[number] = made
 
         try:
@@ -373,7 +401,7 @@ class StoreTask(Task):
             self.update(add)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.storage.delete([f"tasks/{self.name}/{file}"])
+                self.storage.delete(_keys_of(self.ws, f"tasks/{self.name}/{file}"))
             raise
         return number, made
 
@@ -392,9 +420,11 @@ class StoreTask(Task):
                 number += 1  # claimed by another writer (or by one that crashed): never reuse it
 
     def add_existing(self, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
-        """Upload local files (import into a remote workspace): each claims its number, then its record."""
-        if mode not in ("link", "copy"):
-            raise unsupported(f"--{mode} import")
+        """Upload local files and folders (import into a remote workspace): each claims its number, is uploaded
+        (a folder as one object per file under `checkpoints/<n>/`), then its record is committed. With "move",
+        the local source is deleted once its record is committed, never before."""
+        if mode not in ("link", "copy", "move"):
+            raise UsageError(f"unknown mode {mode!r}", hint="use link, copy or move")
         added: list[Checkpoint] = []
         if self.state().header.status != "running":
             raise self._not_running()
@@ -403,9 +433,10 @@ class StoreTask(Task):
             if (item.sha256, item.size) in have:
                 continue
             if item.is_dir:
-                raise unsupported("importing a folder checkpoint")
-            ext = os.path.splitext(item.original_name)[1]
-            ext = ext if 1 < len(ext) <= 20 and ext[1:].replace("_", "").isalnum() else ""
+                ext = ""
+            else:
+                ext = os.path.splitext(item.original_name)[1]
+                ext = ext if 1 < len(ext) <= 20 and ext[1:].replace("_", "").isalnum() else ""
             cp = Checkpoint(
                 0,
                 "",
@@ -418,13 +449,23 @@ class StoreTask(Task):
                 item.original_name,
                 self.name,
             )
-            _, made = self._upload_numbered(cp, ext, functools.partial(self._upload_new, item.source))
+            upload = functools.partial(self._upload_tree if item.is_dir else self._upload_new, item.source)
+            try:
+                _, made = self._upload_numbered(cp, ext, upload, unique=unique)
+            except _Duplicate:
+                continue
             added.append(made)
             have.add((made.sha256, made.size))
+            if mode == "move":  # the record is committed: only now may the source go
+                fsutil.remove_tree(item.source)
         return added
 
     def _upload_new(self, source: Path, key: str) -> None:
         self.storage.upload(key, source)
+
+    def _upload_tree(self, source: Path, key: str) -> None:
+        for rel, _ in fsutil.tree_files(source):
+            self.storage.upload(f"{key}/{rel}", source / rel)
 
     def set_status_locked(self, status: str) -> TaskHeader:
         return self.set_status(status)
@@ -472,12 +513,17 @@ def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
 
 
 def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
-    """`key` in the local cache under its sha256 (downloaded once, then reused); returns the local path."""
+    """`key` in the local cache under its sha256 (downloaded once, then reused); returns the local path.
+
+    A folder checkpoint (the objects under `key/`) is downloaded as a folder and checked by its tree digest."""
     folder = cache_dir() / "objects" / sha256[:2]
     dest = folder / f"{sha256}{os.path.splitext(name)[1]}"
-    if dest.is_file():
+    if dest.is_file() or dest.is_dir():
         return dest
     folder.mkdir(parents=True, exist_ok=True)
+    inside = [b.key for b in storage.list_prefix(key + "/")] if not os.path.splitext(name)[1] else []
+    if inside:
+        return _download_tree(storage, key, inside, sha256, dest)
     tmp = fsutil.temp_path(folder, dest.name)
     try:
         storage.download(key, tmp)
@@ -489,6 +535,29 @@ def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
     finally:
         fsutil.remove_file(tmp)
     return dest
+
+
+def _download_tree(storage: Storage, key: str, keys: list[str], sha256: str, dest: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        for k in keys:
+            target = tmp / k[len(key) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            storage.download(k, target)
+        digest = fsutil.tree_digest([(k[len(key) + 1 :], fsutil.sha256_file(tmp / k[len(key) + 1 :])) for k in keys])
+        if digest != sha256:
+            raise IntegrityError(f"{storage.url}/{key}/ does not match its recorded sha256", hint="run: ckpt verify")
+        with contextlib.suppress(OSError):  # another process finished the same download first: keep its copy
+            os.rename(tmp, dest)
+    except FileNotFoundError:
+        raise IntegrityError(f"{storage.url}/{key}/ is missing", hint="run: ckpt verify") from None
+    finally:
+        fsutil.remove_tree(tmp)
+    return dest
+
+
+class _Duplicate(Exception):
+    pass
 
 
 # --- models --------------------------------------------------------------------------------------------
@@ -660,7 +729,7 @@ def _existing(ws: StoreWorkspace, title: str) -> Model | None:
 
 
 def trash_unused(
-    ws: StoreWorkspace, task_name: str, rules: KeepRules | None, *, reason: str = "", dry_run: bool = False
+    ws: StoreWorkspace, task_name: str, rules: KeepRules | None = None, *, reason: str = "", dry_run: bool = False
 ) -> TrashResult:
     from .trash import Decision, KeepRules, TrashPlan, TrashResult, keep_reasons
 
@@ -820,8 +889,10 @@ def list_entries(ws: StoreWorkspace) -> tuple[list[Entry], list[CkptError]]:
 
 def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
     """A "pending" entry of an interrupted trash: finished when its records left the manifest, else undone."""
-    if entry.state != "pending" or entry.kind != "checkpoints":
+    if entry.state != "pending":
         return entry
+    if entry.kind == "model":
+        return _settle_model(ws, entry)
     try:
         task = ws.task(entry.task or "")
         state = task.reload() if isinstance(task, StoreTask) else None
@@ -830,11 +901,7 @@ def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
     if state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints):
         # the manifest never changed: the checkpoints are where they were. Without a lock, a trash still running
         # on another machine looks the same, so only an entry older than STALE_PENDING is undone
-        try:
-            age = (datetime.now(UTC) - parse_iso(entry.created)).total_seconds()
-        except ValueError:
-            age = 0.0
-        if age < STALE_PENDING:
+        if _age(entry.created) < STALE_PENDING:
             return entry
         _delete_entry(ws, entry.id)
         return replace(entry, state="gone")
@@ -843,6 +910,14 @@ def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
     done = replace(entry, state="complete")
     _put_entry(ws, done)
     return done
+
+
+def _age(created: str) -> float:
+    """Seconds since the ISO time `created` (0 when unreadable: treated as young)."""
+    try:
+        return (datetime.now(UTC) - parse_iso(created)).total_seconds()
+    except ValueError:
+        return 0.0
 
 
 def _keys_of(ws: StoreWorkspace, key: str) -> list[str]:
@@ -862,8 +937,8 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
     from .trash import FILES_DIR, RestoreResult
 
     entry = _settle(ws, _read_entry(ws, entry_id))
-    if entry.kind == "model":
-        raise unsupported("restoring a model")
+    if entry.kind == "model" and entry.state in ("complete", "restoring"):
+        return RestoreResult(_restore_model(ws, entry))
     if entry.state == "gone":
         raise NotFoundError(f"trash entry '{entry_id}' was an interrupted trash, undone", hint="see: ckpt trash list")
     if entry.state == "pending":
@@ -905,7 +980,7 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
     return RestoreResult(entry)
 
 
-def plan_empty(ws: StoreWorkspace, ids: list[str] | None, older_than: timedelta | None) -> EmptyPlan:
+def plan_empty(ws: StoreWorkspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
     from .trash import EmptyPlan
 
     skipped: list[tuple[str, str]] = []
@@ -959,14 +1034,14 @@ def verify(
     problems: list[Problem] = []
     jobs: list[tuple[str, Checkpoint | Model, str | None]] = []  # (key, record, model title)
     sizes: dict[str, int] = {}  # every object of the tasks (and models) verified: one LIST each
+    temporary: list[str] = []
     for name in names:
         t = ws.task(name)
-        objects = _objects(ws, t)
         for cp in t.checkpoints:
             jobs.append((f"tasks/{name}/{cp.file}", cp, None))
-            objects.pop(cp.file, None)
-        for file in objects:
-            problems.append(Problem("unknown", f"tasks/{name}/{file}", task=name, note="an object no record names"))
+        unknown, temp = _unknown_objects(ws, t)  # what the local verify reports too: anything in the task folder
+        problems += [Problem("unknown", u.rel, task=name, note=f"a {u.kind} no record names") for u in unknown]
+        temporary += [u.rel for u in temp]
         sizes.update((b.key, b.size) for b in ws.storage.list_prefix(f"tasks/{name}/{CHECKPOINT_DIR}/"))
     titles: list[str] = []
     if models:
@@ -1007,4 +1082,435 @@ def verify(
             progress(size, total)
         if actual != rec.sha256:
             problems.append(Problem("changed", key, **where, expected=rec.sha256, actual=actual))
-    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, [])
+    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, temporary)
+
+
+# --- models remove and rename --------------------------------------------------------------------------
+
+
+def _model_keys(ws: StoreWorkspace, title: str) -> tuple[list[Blob], str | None]:
+    """The objects of model folder `title` other than its claim, and the claim's key (None when absent)."""
+    folder = f"models/{title}/"
+    blobs = ws.storage.list_prefix(folder)
+    claim = folder + CLAIM_FILE
+    return [b for b in blobs if b.key != claim], claim if any(b.key == claim for b in blobs) else None
+
+
+def _drop_model(ws: StoreWorkspace, title: str, keys: list[str]) -> None:
+    """Delete a model: its record first (it leaves every listing at once), its weights, its claim last (the
+    title stays taken until nothing of the folder is left)."""
+    record = f"models/{title}/{MODEL_FILE}"
+    ws.storage.delete([record])
+    ws.storage.delete([k for k in keys if k != record])
+    ws.storage.delete([f"models/{title}/{CLAIM_FILE}"])
+
+
+def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashResult:
+    from .trash import MODEL_DIR, Entry, ModelTrashResult
+
+    model = ws.models[title]
+    folder = f"models/{title}/"
+    blobs, _ = _model_keys(ws, title)
+    entry = _create_entry(
+        ws,
+        lambda entry_id: Entry(
+            id=entry_id,
+            kind="model",
+            task=model.task,
+            state="pending",
+            created=now_iso(),
+            reason=reason or f"trash_model({title!r})",
+            size=model.size,
+            bytes=sum(b.size for b in blobs if b.key != folder + MODEL_FILE),
+            model={"title": title, **{k: v for k, v in model.to_doc().items() if k != "format"}},
+            folder=Path("trash") / entry_id,
+        ),
+    )
+    # 1. the entry record (written above), 2. server-side copies under it, 3. the model deleted (model.toml
+    # first), 4. the entry complete: a crash before 3 leaves the model whole, after it the copies are whole
+    try:
+        ws.storage.copy_many([(b.key, f"trash/{entry.id}/{MODEL_DIR}/{b.key[len(folder) :]}") for b in blobs])
+    except FileNotFoundError:
+        _delete_entry(ws, entry.id)
+        raise ModelNotFound(f"model '{title}' was removed or renamed meanwhile", hint="see: ckpt models") from None
+    if ws.storage.head(folder + MODEL_FILE) is None:  # another remove or rename won: this entry is not needed
+        _delete_entry(ws, entry.id)
+        raise ModelNotFound(f"model '{title}' was removed or renamed meanwhile", hint="see: ckpt models")
+    _drop_model(ws, title, [b.key for b in blobs])
+    _put_entry(ws, replace(entry, state="complete"))
+    return ModelTrashResult(entry.id, model)
+
+
+def _create_entry(ws: StoreWorkspace, make: Callable[[str], Entry]) -> Entry:
+    """A new entry record under a fresh id (If-None-Match claims the id)."""
+    while True:
+        entry = make(_new_entry_id())
+        try:
+            _put_entry(ws, entry, new=True)
+            return entry
+        except PreconditionFailed:
+            continue
+
+
+def _settle_model(ws: StoreWorkspace, entry: Entry) -> Entry:
+    """A "pending" model entry: finished when the model's record is gone (its copies are whole), else undone
+    once stale (a younger one may be a remove still running on another machine)."""
+    title = entry.title or ""
+    blobs, claim = _model_keys(ws, title)
+    if any(b.key == f"models/{title}/{MODEL_FILE}" for b in blobs):
+        if _age(entry.created) < STALE_PENDING:
+            return entry
+        _delete_entry(ws, entry.id)
+        return replace(entry, state="gone")
+    # the record went, so every copy was made; what is left of the folder is this model's, unless a new
+    # promote claimed the title after this remove freed it (its claim is then younger than the entry)
+    if claim is None or _claim_time(ws, title) <= entry.created:
+        _drop_model(ws, title, [b.key for b in blobs])
+    done = replace(entry, state="complete")
+    _put_entry(ws, done)
+    return done
+
+
+def _claim_time(ws: StoreWorkspace, title: str) -> str:
+    try:
+        return ws.storage.get(f"models/{title}/{CLAIM_FILE}")[0].decode().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return ""
+
+
+def _restore_model(ws: StoreWorkspace, entry: Entry) -> Entry:
+    """Claim the title again, copy the weights back, then model.toml last; the entry goes."""
+    from .trash import MODEL_DIR
+
+    title = entry.title or ""
+    if entry.state != "restoring":  # an interrupted restore holds the claim already
+        try:
+            _claim(ws, title)
+        except ConflictError:
+            raise ConflictError(
+                f"model '{title}' exists again; restoring trash entry '{entry.id}' would overwrite it; "
+                "nothing was changed",
+                hint="rename that model first: ckpt models rename",
+            ) from None
+        _put_entry(ws, replace(entry, state="restoring"))
+    prefix = f"trash/{entry.id}/{MODEL_DIR}/"
+    copies = [b.key for b in ws.storage.list_prefix(prefix)]
+    if not any(k == prefix + MODEL_FILE for k in copies):
+        raise IntegrityError(f"trash entry '{entry.id}' is missing its model record", hint="see: ckpt doctor")
+    record = f"models/{title}/{MODEL_FILE}"
+    back = [(k, f"models/{title}/{k[len(prefix) :]}") for k in copies]
+    ws.storage.copy_many([(k, dst) for k, dst in back if dst != record])
+    ws.storage.copy_many([(k, dst) for k, dst in back if dst == record])
+    _delete_entry(ws, entry.id)
+    return entry
+
+
+def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
+    check_title(old)
+    check_title(new)
+    model = ws.models[old]
+    twin = case_twin(new, [t for t in ws.models.titles() if t != old])
+    if twin is not None:
+        raise ConflictError(
+            f"model title '{new}' differs from model '{twin}' only in case",
+            hint="titles must stay distinct on case-insensitive file systems; choose another title",
+        )
+    try:
+        _claim(ws, new)
+    except ConflictError:
+        raise ConflictError(f"model '{new}' already exists", hint="choose another title") from None
+    # the new title is claimed, its weights copied on the server and its record written; only then does the
+    # old one go (record first): a crash between leaves both titles, each whole
+    renamed = replace(model, title=new, folder=Path("models") / new)
+    blobs, _ = _model_keys(ws, old)
+    folder = f"models/{old}/"
+    try:
+        ws.storage.copy_many(
+            [(b.key, f"models/{new}/{b.key[len(folder) :]}") for b in blobs if b.key != folder + MODEL_FILE]
+        )
+        ws.storage.put(f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()))
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{new}/")])
+        if isinstance(e, FileNotFoundError):  # removed or renamed by another machine meanwhile
+            raise ModelNotFound(f"model '{old}' was removed or renamed meanwhile", hint="see: ckpt models") from None
+        raise
+    _drop_model(ws, old, [b.key for b in blobs])
+    return renamed
+
+
+# --- du, scan, doctor ----------------------------------------------------------------------------------
+
+
+def disk_use(ws: StoreWorkspace) -> DiskUse:
+    """Bytes stored under the workspace by task, models and trash: one LIST of the whole prefix (a request per
+    1,000 objects). Objects share nothing, so every object counts once, where its key is."""
+    from .trash import DiskUse
+
+    by_task = dict.fromkeys(ws.task_names(), 0)
+    models = trash = other = 0
+    for b in ws.storage.list_prefix(""):
+        top, _, rest = b.key.partition("/")
+        name = rest.partition("/")[0]
+        if top == "tasks" and name in by_task:
+            by_task[name] += b.size
+        elif top == "models" and rest:
+            models += b.size
+        elif top == "trash" and rest:
+            trash += b.size
+        else:
+            other += b.size
+    return DiskUse(by_task, models, trash, other, sum(by_task.values()) + models + trash + other)
+
+
+def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult:
+    """Objects under a task that its manifest does not know; with `add`, checkpoint-like ones are added: each
+    claims a number, is copied under it on the server, is recorded, and only then is the original deleted."""
+    from .importer import ScanResult
+
+    task = ws.task(task_name)
+    assert isinstance(task, StoreTask)
+    result = ScanResult(task.name, *_unknown_objects(ws, task))
+    if not add:
+        return result
+    candidates = [u for u in result.unknown if u.addable]
+    found = _found_of_objects(ws, task, candidates)
+    added: set[str] = set()
+    for c, u in found:
+        try:
+            result.added.append(_adopt(ws, task, c, u))
+        except _Duplicate:
+            continue  # added by another scan meanwhile
+        added.add(u.rel)
+    result.unknown = [u for u in result.unknown if u.rel not in added]
+    return result
+
+
+def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], list[Unknown]]:
+    from .importer import FILE_SUFFIXES, Unknown
+
+    base = f"tasks/{task.name}/"
+    known = {cp.file for cp in task.checkpoints}
+    groups: dict[str, list[Blob]] = {}
+    for b in ws.storage.list_prefix(base):
+        rel = b.key[len(base) :]
+        parts = rel.split("/")
+        if rel == TASK_FILE or parts[0] == NUMBERS_DIR:
+            continue
+        top = "/".join(parts[:2]) if parts[0] == CHECKPOINT_DIR and len(parts) > 1 else parts[0]
+        if top not in known:
+            groups.setdefault(top, []).append(b)
+    unknown: list[Unknown] = []
+    temporary: list[Unknown] = []
+    for top in sorted(groups, key=lambda t: (t.startswith(CHECKPOINT_DIR + "/"), t)):  # as the local scan
+        blobs = groups[top]
+        key = base + top
+        name = PurePosixPath(top).name
+        modified = datetime.fromtimestamp(max(b.modified for b in blobs), UTC).isoformat(timespec="microseconds")
+        if [b.key for b in blobs] == [key]:
+            addable = PurePosixPath(name).suffix in FILE_SUFFIXES and not name.startswith(".")
+            u = Unknown(Path(key), key, "file", blobs[0].size, modified, addable)
+        else:
+            inside = [b.key[len(key) + 1 :] for b in blobs]
+            u = Unknown(Path(key), key, "dir", sum(b.size for b in blobs), modified, _weights_in(inside) is not None)
+        (temporary if name.startswith(".") else unknown).append(u)
+    return unknown, temporary
+
+
+def _weights_in(names: list[str]) -> str | None:
+    """The weights file of a folder checkpoint among its files' relative names (as formats.weights_file)."""
+    top = [n for n in names if "/" not in n]
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+        if name in top:
+            return name
+    for suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+        found = sorted(n for n in top if n.endswith(suffix) and not n.startswith("optimizer"))
+        if found:
+            return found[0]
+    return None
+
+
+def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown]) -> list[tuple[Found, Unknown]]:
+    """What each object's name says (as the local scan reads file names), in the order they will be numbered."""
+    from .importer import _HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
+
+    pairs: dict[int, Unknown] = {}
+    found: list[Found] = []
+    base = f"tasks/{task.name}/"
+    for u in candidates:
+        name, leaf = u.rel[len(base) :], PurePosixPath(u.rel).name
+        mtime = parse_iso(u.modified).timestamp()
+        if u.kind == "dir":
+            c = Found(Path(u.rel), name, is_dir=True, mtime=mtime)
+            m = _HF_DIR.fullmatch(leaf)
+            if m:
+                try:
+                    state = json.loads(ws.storage.get(f"{u.rel}/trainer_state.json")[0])
+                except (FileNotFoundError, ValueError):
+                    state = {}
+                c.step = int(m.group(1))
+                c.epoch, c.metrics = hf_metrics(state if isinstance(state, dict) else {}, c.step)
+        elif "=" in leaf:
+            epoch, step, metrics = parse_lightning_name(leaf)
+            c = Found(Path(u.rel), name, epoch=epoch, step=step, metrics=metrics, mtime=mtime, size=u.size)
+        else:
+            epoch, step = parse_plain_name(leaf)
+            c = Found(Path(u.rel), name, epoch=epoch, step=step, mtime=mtime, size=u.size)
+        pairs[id(c)] = u
+        found.append(c)
+    order_by_plain_name(found)
+    return [(c, pairs[id(c)]) for c in found]
+
+
+def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpoint:
+    """Number object (or folder) `u` of the task: copied on the server under a claimed number, recorded, and
+    only then the original deleted (a crash before leaves it where it was, and the copy unrecorded)."""
+    keys = [u.rel] if u.kind == "file" else [b.key for b in ws.storage.list_prefix(u.rel + "/")]
+    if u.kind == "file":
+        digest, size, ext = ws.storage.sha256(u.rel), u.size, os.path.splitext(u.rel)[1]
+    else:
+        files = [(k[len(u.rel) + 1 :], ws.storage.sha256(k)) for k in keys]
+        digest, size, ext = fsutil.tree_digest(files), u.size, ""
+    cp = Checkpoint(0, "", size, digest, now_iso(), c.step, c.epoch, dict(c.metrics), c.name, task.name)
+
+    def copy(dst: str) -> None:
+        ws.storage.copy_many([(k, dst + k[len(u.rel) :]) for k in keys])
+
+    _, made = task._upload_numbered(cp, ext, copy, unique=True)
+    ws.storage.delete(keys)
+    return made
+
+
+def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False) -> list[Repair]:
+    """What interrupted commands left (trash entries pending or restoring, objects of an interrupted empty,
+    model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""
+    from .trash import Repair
+
+    repairs = _recover(ws, dry_run)
+    for name in ws.task_names():
+        try:
+            task = ws.task(name)
+            state = task.state()
+        except CkptError as problem:
+            repairs.append(Repair(f"tasks/{name}", str(problem), "left alone"))
+            continue
+        assert isinstance(task, StoreTask)
+        repairs += _check_task(ws, task, state, dry_run, forget_missing)
+    models, errors = ws.models.read_all()
+    for error in errors:
+        repairs.append(Repair(ws.rel(Path(error.path)) if error.path else "models", str(error), "left alone"))
+    have = {b.key for b in ws.storage.list_prefix("models/")}
+    for m in models:
+        key = _key(m.path)
+        if key not in have and not any(k.startswith(key + "/") for k in have):
+            repairs.append(Repair(key, f"model '{m.title}' has no weights file", "left alone: remove or restore it"))
+    return repairs
+
+
+def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
+    from .trash import _ID, STALE_AFTER, Repair
+
+    repairs: list[Repair] = []
+    for entry_id in ws.storage.children("trash/"):
+        if not _ID.fullmatch(entry_id):
+            continue
+        rel = f"trash/{entry_id}"
+        try:
+            entry = _read_entry(ws, entry_id)
+        except NotFoundError:  # the record is written first and deleted last: only an interrupted empty
+            repairs.append(Repair(rel, "an interrupted trash empty", "would delete it" if dry_run else "deleted"))
+            if not dry_run:
+                _delete_entry(ws, entry_id)
+            continue
+        except CkptError as e:
+            repairs.append(Repair(rel, str(e), "left alone"))
+            continue
+        if entry.state == "complete":
+            continue
+        what = f"trash entry '{entry_id}' is {entry.state}"
+        if dry_run:
+            repairs.append(Repair(rel, what, "would recover it"))
+            continue
+        if entry.state == "restoring":
+            try:
+                restore(ws, entry_id)
+                action = "finished the restore"
+            except CkptError as e:
+                action = f"left alone: {e}"
+        else:
+            settled = _settle(ws, entry).state
+            action = {
+                "complete": "finished: the entry is complete",
+                "gone": "undone: nothing had moved",
+            }.get(settled, "left alone: less than an hour old, it may still be running on another machine")
+        repairs.append(Repair(rel, what, action))
+    # model folders with a claim but no record: a promote or rename interrupted after its claim
+    folders: dict[str, set[str]] = {}
+    for b in ws.storage.list_prefix("models/"):
+        title, _, rest = b.key[len("models/") :].partition("/")
+        folders.setdefault(title, set()).add(rest)
+    for title, names in sorted(folders.items()):
+        if MODEL_FILE in names:
+            continue
+        rel = f"models/{title}"
+        if CLAIM_FILE in names and _age(_claim_time(ws, title)) < STALE_AFTER:
+            repairs.append(Repair(rel, "a model folder without model.toml", "left alone: it may be in use"))
+            continue
+        what = "an interrupted promote (a model folder without model.toml)"
+        repairs.append(Repair(rel, what, "would delete it" if dry_run else "deleted"))
+        if not dry_run:
+            _drop_model(ws, title, [f"{rel}/{n}" for n in names if n != CLAIM_FILE])
+    return repairs
+
+
+def _check_task(
+    ws: StoreWorkspace, task: StoreTask, state: TaskState, dry_run: bool, forget_missing: bool
+) -> list[Repair]:
+    from .trash import Repair
+
+    repairs: list[Repair] = []
+    objects = _objects(ws, task)
+    missing = [cp for cp in state.checkpoints.values() if cp.file not in objects]
+    if missing:
+        if forget_missing and not dry_run:
+            gone = {cp.number for cp in missing}
+
+            def forget(st: TaskState) -> None:
+                # last_number keeps the highest number; the claims stay too: a forgotten number is never reused
+                st.header.last_number = st.max_number
+                for n in gone:
+                    st.checkpoints.pop(n, None)
+
+            task.update(forget)
+            action = "forgot the record (its number is not reused)"
+        elif forget_missing:
+            action = "would forget the record"
+        else:
+            action = "left alone: put the file back, or forget the record with: ckpt doctor --forget-missing"
+        for cp in sorted(missing, key=lambda c: c.number):
+            repairs.append(
+                Repair(_key(task.path_of(cp)), f"checkpoint {cp.number} of task '{task.name}' has no file", action)
+            )
+    for u in _unknown_objects(ws, task)[0]:
+        how = f"ckpt scan {task.name} --add" if u.addable else "move it out of the task folder"
+        repairs.append(Repair(u.rel, f"a {u.kind} no record of task '{task.name}' names", f"left alone: {how}"))
+    return repairs
+
+
+# the implementations StoreWorkspace gives for the core operations marked `per_backend` (same names and
+# signatures as the local ones); an operation missing here is refused with exit 2
+OPERATIONS: dict[str, Callable[..., Any]] = {
+    "promote": promote,
+    "finish": finish,
+    "trash_unused": trash_unused,
+    "list_entries": list_entries,
+    "restore": restore,
+    "plan_empty": plan_empty,
+    "empty": empty,
+    "verify": verify,
+    "trash_model": trash_model,
+    "rename": rename,
+    "disk_use": disk_use,
+    "scan": scan,
+    "doctor": doctor,
+}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
+from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
 from .manifest import FORMAT, Checkpoint, TaskState, check_format, dumps, read_toml
 from .names import _describe
@@ -176,12 +177,9 @@ def entry_ids(ws: Workspace) -> list[str]:
     return sorted(n for n in names if os.path.isfile(os.path.join(ws.trash_dir, n, ENTRY_FILE)))
 
 
+@per_backend
 def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
     """Every readable trash entry (oldest first), and the errors of those that could not be read."""
-    if ws.remote:
-        from . import store
-
-        return store.list_entries(ws)  # type: ignore[arg-type]
     entries: list[Entry] = []
     errors: list[CkptError] = []
     for entry_id in entry_ids(ws):
@@ -450,6 +448,7 @@ class TrashResult:
     entry: str | None  # None on a dry run or when nothing was unused
 
 
+@per_backend
 def trash_unused(
     ws: Workspace, task_name: str, rules: KeepRules | None = None, *, reason: str = "", dry_run: bool = False
 ) -> TrashResult:
@@ -458,10 +457,6 @@ def trash_unused(
     A checkpoint is used when a model was made from it, when it is the latest, or when `rules`
     protect it. Raises TaskNotFound, UsageError (rules), BusyError, ManifestError.
     """
-    if ws.remote:
-        from . import store
-
-        return store.trash_unused(ws, task_name, rules, reason=reason, dry_run=dry_run)  # type: ignore[arg-type]
     rules = rules or KeepRules()
     rules.check()
     task = ws.task(task_name)
@@ -586,15 +581,12 @@ class ModelTrashResult:
     model: Model
 
 
+@per_backend
 def trash_model(ws: Workspace, title: str, reason: str = "") -> ModelTrashResult:
     """Move model `title` (its whole folder) to a new trash entry; its source checkpoint is untouched.
 
     Raises ModelNotFound, ManifestError (unreadable model), BusyError.
     """
-    if ws.remote:
-        from .store import unsupported
-
-        raise unsupported("ckpt models remove")
     model = ws.models[title]
     with _model_locks(ws, model.task):
         model = ws.models[title]  # again, under the locks
@@ -655,16 +647,13 @@ class RestoreResult:
     entry: Entry
 
 
+@per_backend
 def restore(ws: Workspace, entry_id: str) -> RestoreResult:
     """Put the files and records of trash entry `entry_id` back exactly as they were; the entry is removed.
 
     Raises NotFoundError, ConflictError (something would be overwritten, a number is back in the
     manifest, or the entry is not complete; nothing is changed), IntegrityError (a file is missing).
     """
-    if ws.remote:
-        from . import store
-
-        return store.restore(ws, entry_id)  # type: ignore[arg-type]
     entry = read_entry(ws, entry_id)
     if entry.kind == "model":
         return RestoreResult(_restore_model(ws, entry_id, entry.task))
@@ -821,15 +810,12 @@ class EmptyResult:
     skipped: list[tuple[str, str]]
 
 
+@per_backend
 def plan_empty(ws: Workspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
     """Choose the entries to delete: `ids` (all when empty or None), only those older than `older_than`.
 
     Raises NotFoundError for an id that is not in the trash.
     """
-    if ws.remote:
-        from . import store
-
-        return store.plan_empty(ws, ids, older_than)  # type: ignore[arg-type]
     chosen: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     if ids:
@@ -861,15 +847,12 @@ def _deleting_leftovers(ws: Workspace) -> list[Path]:
         return []
 
 
+@per_backend
 def empty(ws: Workspace, plan: EmptyPlan) -> EmptyResult:
     """Delete the planned entries for good; return the bytes actually freed (each inode once).
 
     The only function of ckpt that deletes checkpoint bytes. Never follows a symlink.
     """
-    if ws.remote:
-        from . import store
-
-        return store.empty(ws, plan)  # type: ignore[arg-type]
     _check_trash_dir(ws)
     emptied: list[str] = []
     skipped = list(plan.skipped)
@@ -934,13 +917,10 @@ class DiskUse:
         return sum(self.by_task.values())
 
 
+@per_backend
 def disk_use(ws: Workspace) -> DiskUse:
     """Disk use of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
     checkpoint of a task costs nothing more."""
-    if ws.remote:
-        from .store import unsupported
-
-        raise unsupported("ckpt du")
     seen: set[tuple[int, int]] = set()
     by_task: dict[str, int] = {}
     for name in ws.task_names():
@@ -1057,6 +1037,7 @@ def _recover_model_entry(ws: Workspace, entry: Entry) -> Repair:
     return Repair(rel, f"an interrupted remove of model '{entry.title}'", "undone: the model had not moved")
 
 
+@per_backend
 def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: float = STALE_AFTER) -> list[Repair]:
     """Find and repair what interrupted commands left anywhere in the workspace (`ckpt doctor`).
 
@@ -1065,10 +1046,6 @@ def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: floa
     `stale_after` seconds (a live command may be writing them). Never deletes a recorded checkpoint file.
     With `dry_run`, changes nothing and says what it would do.
     """
-    if ws.remote:
-        from .store import unsupported
-
-        raise unsupported("ckpt doctor")
     repairs: list[Repair] = []
     now = time.time()
     # 1. tasks with markers, under their locks (Task.lock recovers them)

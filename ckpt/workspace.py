@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
+from .backend import F
 from .errors import (
     CheckpointNotFound,
     CkptError,
@@ -99,7 +100,7 @@ _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
 class Workspace:
     """A ckpt workspace: a folder with `ckpt.toml` at its root, or a URL (`s3://bucket/prefix`, see ckpt.store)."""
 
-    remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace)
+    remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace); informational only
 
     def __init__(self, root: Path, settings: dict[str, Any] | None = None):
         self.root = root
@@ -162,6 +163,15 @@ class Workspace:
     def model_local_path(self, model: Model) -> Path:
         """A local path to the model's weights, for reading (object storage: downloaded to a cache)."""
         return model.path
+
+    def implementation(self, name: str, local: F) -> F:
+        """The implementation of core operation `name` (marked `ckpt.backend.per_backend`) for this workspace:
+        `local`, the function's own body, for a folder."""
+        return local
+
+    def holds(self, path: Path) -> bool:
+        """Whether local `path` is inside this workspace."""
+        return path.resolve().is_relative_to(self.root.resolve())
 
     # -- paths --
 

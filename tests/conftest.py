@@ -128,3 +128,11 @@ def put_bytes(ws: ckpt.Workspace, key: str, data: bytes) -> None:
     else:
         (ws.root / key).parent.mkdir(parents=True, exist_ok=True)
         (ws.root / key).write_bytes(data)
+
+
+def remove_bytes(ws: ckpt.Workspace, key: str) -> None:
+    """Delete the file (object) `key`, relative to the workspace root, behind ckpt's back."""
+    if ws.remote:
+        ws.storage.delete([key])  # type: ignore[attr-defined]
+    else:
+        (ws.root / key).unlink()

@@ -16,7 +16,7 @@ import pytest
 
 import ckpt
 from ckpt.trash import trash_unused
-from tests.conftest import make_task, put_bytes
+from tests.conftest import make_task, put_bytes, remove_bytes
 
 
 def test_init_and_tasks(run: Any, run_json: Any, backend: str) -> None:
@@ -134,11 +134,13 @@ def test_verify_finds_changed_and_missing(run: Any, run_json: Any, any_ws: ckpt.
     assert run_json("verify")["ok"]
     put_bytes(any_ws, "tasks/unet/checkpoints/000002.pt", b"x" * 1000)
     put_bytes(any_ws, "tasks/unet/checkpoints/000009.pt", b"stray")
+    put_bytes(any_ws, "tasks/unet/notes.txt", b"hello")
     result = run("verify", "--json")
     assert result.exit_code == 6
     problems = {(p["kind"], p["path"]) for p in json.loads(result.stdout)["problems"]}
     assert ("changed", "tasks/unet/checkpoints/000002.pt") in problems
     assert ("unknown", "tasks/unet/checkpoints/000009.pt") in problems
+    assert ("unknown", "tasks/unet/notes.txt") in problems
 
 
 def test_import_from_local_folder(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
@@ -172,18 +174,171 @@ def test_library_open_and_errors(any_ws: ckpt.Workspace) -> None:
         any_ws.promote("unet", 1, title="Best")
 
 
+def test_models_remove_and_restore(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=3)
+    any_ws.promote("unet", 2, title="m")
+    any_ws.promote("unet", 3, title="other")
+    res = run_json("models", "remove", "m")
+    assert (res["model"], res["task"], res["checkpoint"]) == ("m", "unet", 2)
+    assert [m["title"] for m in run_json("models")] == ["other"]
+    assert run("models", "remove", "m").exit_code == 3
+    entries = run_json("trash", "list")
+    assert [(e["id"], e["kind"], e["state"]) for e in entries] == [(res["entry"], "model", "complete")]
+    # the title is free while the model is in the trash; taken again, restoring would overwrite: refused
+    any_ws.promote("unet", 1, title="m")
+    refused = run("trash", "restore", res["entry"])
+    assert refused.exit_code == 4 and "exists again" in refused.stderr
+    assert run_json("models", "remove", "m")["checkpoint"] == 1
+    run_json("trash", "restore", res["entry"])
+    shown = run_json("models", "show", "m")
+    assert (shown["checkpoint"], shown["sha256"]) == (2, any_ws.task("unet").checkpoint(2).sha256)
+    assert run_json("verify", "--models")["ok"]
+    assert [e["kind"] for e in run_json("trash", "list")] == ["model"]
+    emptied = run_json("trash", "empty", "--yes")
+    assert len(emptied["emptied"]) == 1
+    assert run_json("trash", "list") == []
+    assert run_json("doctor")["repairs"] == []
+
+
+def test_models_rename(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=2)
+    any_ws.promote("unet", 1, title="a")
+    any_ws.promote("unet", 2, title="b")
+    renamed = run_json("models", "rename", "a", "c")
+    assert (renamed["title"], renamed["checkpoint"]) == ("c", 1)
+    assert renamed["path"] == f"models/c/{Path(renamed['path']).name}"
+    assert [m["title"] for m in run_json("models")] == ["b", "c"]
+    taken = run("models", "rename", "c", "b")
+    assert taken.exit_code == 4 and "already exists" in taken.stderr
+    assert run("models", "rename", "nope", "d").exit_code == 3
+    twin = run("models", "rename", "c", "B")
+    assert twin.exit_code == 4 and "only in case" in twin.stderr
+    assert [r["models"] for r in run_json("list", "unet")] == [["c"], ["b"]]
+    assert run_json("verify", "--models")["ok"]
+    assert run_json("promote", "unet", "2", "--title", "a")["title"] == "a"  # the old title is free again
+
+
+def test_du(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=3)
+    make_task(any_ws, "resnet", n=1)
+    before = run_json("du")
+    assert set(before) == {"tasks", "by_task", "models", "trash", "other", "total"}
+    assert sorted(before["by_task"]) == ["resnet", "unet"]
+    assert before["by_task"]["unet"] >= 3000 and before["by_task"]["resnet"] >= 1000
+    assert before["tasks"] == sum(before["by_task"].values())
+    assert before["total"] == before["tasks"] + before["models"] + before["trash"] + before["other"]
+    run_json("trash-unused", "unet")
+    after = run_json("du")
+    assert after["trash"] >= 2000 and after["by_task"]["unet"] <= before["by_task"]["unet"] - 2000
+    assert run("du").exit_code == 0
+
+
+def test_scan_and_add(run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=2)
+    assert run_json("scan", "unet")["unknown"] == []
+    put_bytes(any_ws, "tasks/unet/checkpoints/epoch=4-step=50-val_loss=0.5.ckpt", b"w" * 300)
+    put_bytes(any_ws, "tasks/unet/notes.txt", b"hello")
+    found = run_json("scan", "unet")
+    assert [(u["path"], u["kind"], u["size"], u["addable"]) for u in found["unknown"]] == [
+        ("tasks/unet/notes.txt", "file", 5, False),
+        ("tasks/unet/checkpoints/epoch=4-step=50-val_loss=0.5.ckpt", "file", 300, True),
+    ]
+    assert found["unknown"][1]["modified"][:2] == "20" and found["added"] == []
+    res = run_json("scan", "unet", "--add")
+    assert [(a["number"], a["path"]) for a in res["added"]] == [(3, "tasks/unet/checkpoints/000003.ckpt")]
+    assert [u["path"] for u in res["unknown"]] == ["tasks/unet/notes.txt"]
+    row = run_json("list", "unet")[2]
+    assert (row["epoch"], row["step"], row["metrics"]) == (4, 50, {"val_loss": 0.5})
+    assert [u["path"] for u in run_json("scan", "unet")["unknown"]] == ["tasks/unet/notes.txt"]
+    # a folder checkpoint (Hugging Face) is added whole
+    put_bytes(any_ws, "tasks/unet/checkpoint-70/model.safetensors", b"m" * 100)
+    put_bytes(any_ws, "tasks/unet/checkpoint-70/config.json", b"{}")
+    folder = run_json("scan", "unet")["unknown"][0]
+    assert (folder["path"], folder["kind"], folder["size"], folder["addable"]) == (
+        "tasks/unet/checkpoint-70",
+        "dir",
+        102,
+        True,
+    )
+    assert [(a["number"], a["path"]) for a in run_json("scan", "unet", "--add")["added"]] == [
+        (4, "tasks/unet/checkpoints/000004")
+    ]
+    assert run_json("list", "unet")[3]["step"] == 70
+    remove_bytes(any_ws, "tasks/unet/notes.txt")
+    assert run_json("verify", "unet")["checked"] == 4
+
+
+def test_doctor_reports_missing_and_unknown(run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=3)
+    assert run_json("doctor") == {"dry_run": False, "repairs": []}
+    remove_bytes(any_ws, "tasks/unet/checkpoints/000002.pt")
+    put_bytes(any_ws, "tasks/unet/checkpoints/stray.pt", b"s")
+    repairs = {r["path"]: r for r in run_json("doctor")["repairs"]}
+    assert set(repairs) == {"tasks/unet/checkpoints/000002.pt", "tasks/unet/checkpoints/stray.pt"}
+    assert "has no file" in repairs["tasks/unet/checkpoints/000002.pt"]["problem"]
+    assert "ckpt scan unet --add" in repairs["tasks/unet/checkpoints/stray.pt"]["action"]
+    dry = run_json("doctor", "--forget-missing", "--dry-run")
+    assert (
+        dry["dry_run"]
+        and "would forget" in {r["path"]: r for r in dry["repairs"]}["tasks/unet/checkpoints/000002.pt"]["action"]
+    )
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3]
+    done = {r["path"]: r["action"] for r in run_json("doctor", "--forget-missing")["repairs"]}
+    assert done["tasks/unet/checkpoints/000002.pt"].startswith("forgot the record")
+    assert [r["number"] for r in run_json("list", "unet")] == [1, 3]
+    assert any_ws.task("unet").save(b"next") == 4  # a forgotten number is never reused
+
+
+def test_import_move(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    src = tmp_path / "out"
+    src.mkdir()
+    for epoch in range(2):
+        (src / f"epoch={epoch}-step={epoch + 1}.ckpt").write_bytes(os.urandom(200))
+    res = run_json("import", str(src), "--task", "lit", "--move")
+    assert res["mode"] == "move" and [r["action"] for r in res["checkpoints"]] == ["added"] * 2
+    assert list(src.iterdir()) == []  # the sources go once their records are committed
+    assert [(r["number"], r["step"]) for r in run_json("list", "lit")] == [(1, 1), (2, 2)]
+    assert run_json("verify")["ok"]
+
+
+def test_import_folder_checkpoints(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "hf"
+    for step in (10, 20):
+        folder = src / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": np.full((2, 2), step, dtype=np.float32)}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text("{}")
+        state = {"epoch": step / 10, "log_history": [{"step": step, "eval_loss": 1 / step}]}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+    res = run_json("import", str(src), "--task", "hf")
+    assert [r["action"] for r in res["checkpoints"]] == ["added"] * 2
+    rows = run_json("list", "hf")
+    assert [(r["number"], r["step"]) for r in rows] == [(1, 10), (2, 20)]
+    assert rows[1]["metrics"]["eval_loss"] == pytest.approx(0.05)
+    shown = run_json("show", "hf", "2")
+    assert shown["tensors"] == [{"name": "w", "shape": [2, 2], "dtype": "float32"}]
+    any_ws.promote("hf", 2, title="hf-best")
+    assert run_json("verify", "--models")["ok"]
+    run_json("trash-unused", "hf", "--keep-last", "0")
+    entry = run_json("trash", "list")[0]
+    assert entry["checkpoints"] == [1]
+    run_json("trash", "restore", entry["id"])
+    assert run_json("verify", "--models")["ok"]
+    assert run_json("import", str(src), "--task", "hf")["checkpoints"][0]["action"] == "already"
+
+
 # --- object storage only -------------------------------------------------------------------------------
 
 
-def test_s3_unsupported_commands_say_so(run: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+def test_s3_operation_without_an_implementation_is_refused(s3_url: str) -> None:
+    from ckpt.trash import recover_workspace
+
     ws = ckpt.Workspace.init(s3_url)
-    make_task(ws, "unet", n=2)
-    ws.promote("unet", 1, title="m")
-    for args in (["du"], ["doctor"], ["scan", "unet"], ["models", "remove", "m"], ["models", "rename", "m", "n"]):
-        result = run(*args)
-        assert result.exit_code == 2, (args, result.output)
-        assert "not supported on s3:// workspaces yet" in result.stderr
+    with pytest.raises(ckpt.errors.UsageError, match="not supported on s3:// workspaces yet"):
+        recover_workspace(ws)
 
 
 def test_s3_missing_workspace_and_bucket(run: Any, s3_url: str) -> None:
@@ -397,4 +552,177 @@ def test_s3_two_trash_unused_at_once_make_one_entry(
     entries = run_json("trash", "list")
     assert [(e["id"], e["checkpoints"]) for e in entries] == [(other[0], [1, 2, 3])]
     assert run_json("trash", "restore", entries[0]["id"])["checkpoints"] == [1, 2, 3]
+    assert run_json("verify")["ok"]
+
+
+def test_s3_models_remove_interrupted_before_the_model_goes_is_undone(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the entry record, while copying: the model is whole; doctor undoes the entry once stale."""
+    from ckpt import store
+    from ckpt.storage.s3 import S3Storage
+    from ckpt.trash import trash_model
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+
+    def crash(self: Any, pairs: list[tuple[str, str]]) -> None:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(S3Storage, "copy_many", crash)
+        with pytest.raises(_Crash):
+            trash_model(ckpt.Workspace.open(s3_url), "m")
+    assert [m["title"] for m in run_json("models")] == ["m"]
+    assert [e["state"] for e in run_json("trash", "list")] == ["pending"]
+    young = run_json("doctor")["repairs"]
+    assert [r["action"][:10] for r in young] == ["left alone"]
+    monkeypatch.setattr(store, "STALE_PENDING", 0.0)
+    undone = run_json("doctor")["repairs"]
+    assert [(r["problem"], r["action"]) for r in undone] == [
+        (f"trash entry '{young[0]['path'].split('/')[1]}' is pending", "undone: nothing had moved")
+    ]
+    assert run_json("trash", "list") == [] and ws.storage.list_prefix("trash/") == []
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_models_remove_interrupted_after_the_record_is_finished(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after model.toml was deleted, before the weights and the claim: the remove is finished."""
+    from ckpt import store
+    from ckpt.trash import trash_model
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+
+    def crash(ws_: Any, title: str, keys: list[str]) -> None:
+        ws_.storage.delete([f"models/{title}/model.toml"])
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "_drop_model", crash)
+        with pytest.raises(_Crash):
+            trash_model(ckpt.Workspace.open(s3_url), "m")
+    assert run_json("models") == []
+    entries = run_json("trash", "list")  # settled: the weights and the claim go, the entry completes
+    assert [(e["kind"], e["state"]) for e in entries] == [("model", "complete")]
+    assert ws.storage.list_prefix("models/") == []
+    run_json("trash", "restore", entries[0]["id"])
+    assert [m["title"] for m in run_json("models")] == ["m"]
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_two_models_removes_at_once_make_one_entry(
+    run: Any, run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt.storage.s3 import S3Storage
+    from ckpt.trash import trash_model
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="m")
+    real = S3Storage.copy_many
+    other: list[str] = []
+
+    def racing(self: Any, pairs: list[tuple[str, str]]) -> None:
+        if not other:  # the other machine's remove runs to the end while this one copies
+            other.append("")
+            other[0] = trash_model(ckpt.Workspace.open(s3_url), "m").entry
+        real(self, pairs)
+
+    monkeypatch.setattr(S3Storage, "copy_many", racing)
+    with pytest.raises(ckpt.errors.ModelNotFound, match="meanwhile"):
+        trash_model(ckpt.Workspace.open(s3_url), "m")
+    monkeypatch.setattr(S3Storage, "copy_many", real)
+    assert [e["id"] for e in run_json("trash", "list")] == other
+    run_json("trash", "restore", other[0])
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_doctor_cleans_what_interrupted_commands_left(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=1)
+    put_bytes(ws, "models/old/.claim", b"2020-01-01T00:00:00.000000+00:00\n")  # a promote that crashed long ago
+    put_bytes(ws, "models/old/000001.pt", b"x" * 1000)
+    put_bytes(ws, "models/new/.claim", f"{ckpt.timeutil.now_iso()}\n".encode())  # a promote running now
+    put_bytes(ws, "trash/20200101-000000-abcdef/files/checkpoints/000001.pt", b"y")  # an empty cut short
+    dry = {r["path"]: r["action"] for r in run_json("doctor", "--dry-run")["repairs"]}
+    assert dry == {
+        "models/old": "would delete it",
+        "models/new": "left alone: it may be in use",
+        "trash/20200101-000000-abcdef": "would delete it",
+    }
+    done = {r["path"]: r["action"] for r in run_json("doctor")["repairs"]}
+    assert done["models/old"] == "deleted" and done["trash/20200101-000000-abcdef"] == "deleted"
+    assert sorted(b.key for b in ws.storage.list_prefix("models/")) == ["models/new/.claim"]
+    assert ws.storage.list_prefix("trash/") == []
+
+
+def test_s3_rename_racing_for_one_title(run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one rename copies under the new title, another machine's rename or promote to it loses."""
+    from ckpt.models import rename
+    from ckpt.storage.s3 import S3Storage
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="a")
+    ws.promote("unet", 2, title="b")
+    real = S3Storage.copy_many
+    lost: list[str] = []
+
+    def racing(self: Any, pairs: list[tuple[str, str]]) -> None:
+        if not lost:
+            lost.append("")
+            other = ckpt.Workspace.open(s3_url)
+            for attempt in (lambda: rename(other, "b", "x"), lambda: other.promote("unet", 2, title="x")):
+                with pytest.raises(ckpt.errors.ConflictError, match="already exists"):
+                    attempt()
+        real(self, pairs)
+
+    monkeypatch.setattr(S3Storage, "copy_many", racing)
+    assert rename(ckpt.Workspace.open(s3_url), "a", "x").checkpoint == 1
+    monkeypatch.setattr(S3Storage, "copy_many", real)
+    assert [(m["title"], m["checkpoint"]) for m in run_json("models")] == [("b", 2), ("x", 1)]
+    assert run_json("verify", "--models")["ok"]
+
+
+def test_s3_import_move_keeps_the_source_until_its_record_is_committed(
+    run_json: Any, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt import store
+    from ckpt.importer import import_path
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ckpt.Workspace.init(s3_url)
+    src = tmp_path / "out"
+    src.mkdir()
+    for step in (1, 2):
+        (src / f"step={step}.ckpt").write_bytes(os.urandom(100))
+    real = store.StoreTask.update
+    commits: list[int] = []
+
+    def second_commit_fails(self: Any, change: Any) -> Any:
+        commits.append(1)
+        if len(commits) == 2:  # the second record's commit
+            raise _Crash
+        return real(self, change)
+
+    monkeypatch.setattr(store.StoreTask, "update", second_commit_fails)
+    with pytest.raises(_Crash):
+        import_path(ckpt.Workspace.open(s3_url), src, task="lit", mode="move")
+    monkeypatch.setattr(store.StoreTask, "update", real)
+    assert sorted(p.name for p in src.iterdir()) == ["step=2.ckpt"]  # only the committed one went
+    assert [r["step"] for r in run_json("list", "lit")] == [1]
+    again = run_json("import", str(src), "--task", "lit", "--move")
+    assert [r["action"] for r in again["checkpoints"]] == ["added"] and list(src.iterdir()) == []
     assert run_json("verify")["ok"]

@@ -31,6 +31,7 @@ class Blob:
     key: str  # relative to the workspace root, '/'-separated
     size: int
     etag: str
+    modified: float = 0.0  # seconds since the epoch (LastModified), where the listing gives it
 
 
 class Storage(ABC):

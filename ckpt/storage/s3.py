@@ -33,6 +33,10 @@ def _conflict(e: BaseException) -> bool:
     return _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
+def _seconds(when: Any) -> float:
+    return when.timestamp() if hasattr(when, "timestamp") else 0.0
+
+
 def _missing(e: BaseException) -> bool:
     return isinstance(e, FileNotFoundError) or _code(e) in ("NoSuchKey", "404", "NotFound")
 
@@ -123,7 +127,7 @@ class S3Storage(Storage):
             resp = self._call("head_object", Key=self._key(key))
         except FileNotFoundError:
             return None
-        return Blob(key, int(resp["ContentLength"]), str(resp["ETag"]))
+        return Blob(key, int(resp["ContentLength"]), str(resp["ETag"]), _seconds(resp.get("LastModified")))
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         cond: dict[str, str] = {}
@@ -220,7 +224,7 @@ class S3Storage(Storage):
         while True:
             resp = self._call("list_objects_v2", **kw)
             for o in resp.get("Contents", []):
-                out.append(Blob(o["Key"][cut:], int(o["Size"]), str(o["ETag"])))
+                out.append(Blob(o["Key"][cut:], int(o["Size"]), str(o["ETag"]), _seconds(o.get("LastModified"))))
             if not resp.get("IsTruncated"):
                 return out
             kw["ContinuationToken"] = resp["NextContinuationToken"]
