@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ from .errors import (
 from .manifest import (
     FORMAT,
     Checkpoint,
+    RowCache,
     SummaryCache,
     TaskHeader,
     TaskReader,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
 CACHE_FILE = ".task.cache.json"
+LIST_CACHE_FILE = ".task.list.cache"  # rendered rows of `ckpt list --json` (see manifest.RowCache)
 SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see manifest.SummaryCache)
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
@@ -93,6 +96,24 @@ class TaskSummary:
 
 
 _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
+
+
+@dataclass(slots=True)
+class CachedRows:
+    """What `Task.keep_rows` kept: the text of every checkpoint's row, and which ones are reached through a symlink."""
+
+    text: memoryview
+    linked: list[tuple[int, str]]
+    raw_index: memoryview
+
+    def index(self) -> tuple[list[int], list[int]] | None:
+        """(numbers, starts): the checkpoint numbers (ascending) and where each one's row starts in `text`."""
+        return RowCache.parse_index(self.raw_index)
+
+
+# a folder whose mtime is this recent may change again within the same timestamp (coarse clocks, FAT's 2 s):
+# its scan is not kept
+SETTLED_NS = 2_000_000_000
 
 
 class Workspace:
@@ -337,6 +358,7 @@ class Task:
         self.folder = ws.tasks_dir / name
         self.manifest = self.folder / TASK_FILE
         self._reader = TaskReader(self.manifest, self.folder / CACHE_FILE, name)
+        self._marks: dict[str, list[Any] | None] | None = None  # what the last `linked` depended on
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -402,12 +424,15 @@ class Task:
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
         """The checkpoints of `cps` reached through a symlink, with the linked part; one scandir per folder."""
         folders: dict[str, tuple[str | None, set[str]]] = {}
+        marks: dict[str, list[Any] | None] = {}
         out: list[tuple[Checkpoint, str]] = []
         for cp in cps:
             parent, _, name = cp.file.rpartition("/")
             if parent not in folders:
                 through = fsutil.symlink_on_path(self.folder, parent) if parent else None
                 names: set[str] = set()
+                # the mark is taken before the scan: a change during or after it gives the folder a newer mtime
+                marks[parent] = self._folder_mark(parent, through, settled=True)
                 if through is None:
                     with contextlib.suppress(OSError), os.scandir(self.folder / parent) as it:
                         names = {e.name for e in it if e.is_symlink()}
@@ -417,7 +442,55 @@ class Task:
                 out.append((cp, through + "/"))
             elif name in names:
                 out.append((cp, cp.file))
+        self._marks = marks
         return out
+
+    def _folder_mark(self, parent: str, through: str | None, settled: bool = False) -> list[Any] | None:
+        """What `linked` found for folder `parent` depends on: its symlinked part, else its inode and mtime.
+
+        Making, removing or replacing an entry changes a folder's mtime, so an unchanged folder has the same
+        symlinks. With `settled`, None for a folder changed too recently to tell a later change apart.
+        """
+        if through is not None:
+            return ["link", through]
+        try:
+            st = os.lstat(self.folder / parent)
+        except OSError:
+            return ["none"]
+        if settled and st.st_mtime_ns > time.time_ns() - SETTLED_NS:
+            return None
+        return ["dir", st.st_ino, st.st_mtime_ns]
+
+    def keep_rows(
+        self, cps: list[Checkpoint], starts: list[int], text: bytes, linked: list[tuple[Checkpoint, str]]
+    ) -> None:
+        """Keep `text`, which holds the rendered row of each of `cps` (every checkpoint, in number order) at
+        `starts`, with `linked`, which `linked(cps)` has just returned, for `cached_rows`. It is a derived file
+        next to the manifest; failures are ignored."""
+        marks = self._marks
+        if not marks or any(m is None for m in marks.values()):
+            return
+        if {cp.file.rpartition("/")[0] for cp in cps} != set(marks):
+            return
+        extra = {"folders": marks, "linked": [[cp.number, link] for cp, link in linked]}
+        numbers = [cp.number for cp in cps]
+        RowCache(self.folder / LIST_CACHE_FILE).store(self._reader, numbers, starts, text, extra)
+
+    def cached_rows(self) -> CachedRows | None:
+        """What `keep_rows` kept, while the manifest and the checkpoints' folders are unchanged since; else None."""
+        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest)
+        if got is None:
+            return None
+        text, raw_index, extra = got
+        try:
+            for parent, mark in extra["folders"].items():
+                through = fsutil.symlink_on_path(self.folder, parent) if parent else None
+                if self._folder_mark(parent, through) != mark:
+                    return None
+            linked = [(int(n), str(link)) for n, link in extra["linked"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return CachedRows(text, linked, raw_index)
 
     def summary(self) -> TaskSummary:
         st = self.state()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from bisect import bisect_left
 from math import isfinite
 from typing import Any
 
@@ -24,6 +26,16 @@ def checkpoints_json(
     ws: Any, task: Any, cps: list[Checkpoint], latest: int | None, models: dict[int, list[str]]
 ) -> list[dict[str, Any]]:
     """`checkpoint_json` of many checkpoints of one task, written for speed (`ckpt list` of 10,000)."""
+    rows = _rows(ws, task, cps)
+    for row in rows:
+        number = row["number"]
+        row["latest"] = number == latest
+        row["models"] = sorted(models[number]) if number in models else []
+    return rows
+
+
+def _rows(ws: Any, task: Any, cps: list[Checkpoint]) -> list[dict[str, Any]]:
+    """The rows of `checkpoints_json` less `latest` and `models`, the keys that change after a record is written."""
     prefix = ws.rel(task.folder)
     rows = []
     for cp in cps:
@@ -40,11 +52,86 @@ def checkpoints_json(
                 "created": cp.created,
                 "path": checkpoint_path(ws, task, cp, prefix),
                 "sha256": cp.sha256,
-                "latest": cp.number == latest,
-                "models": sorted(models[cp.number]) if cp.number in models else [],
             }
         )
     return rows
+
+
+# `ckpt list --json` of every checkpoint, kept as text (Task.keep_rows) while the records are unchanged: rendered
+# with every `latest` false and `models` empty, then patched where they differ. The C encoder writes ", " and ": "
+# between items, the two keys come last in a row, and '{"number": ' never occurs inside a JSON string (its quote
+# would be escaped), so each row starts exactly where the text has `[` or `}, ` before '{"number": '.
+_ROW_START = b'{"number": '
+_ROW_CUT = b"}, " + _ROW_START
+_PLAIN_END = b', "latest": false, "models": []}'
+
+
+def plain_rows(ws: Any, task: Any, cps: list[Checkpoint]) -> tuple[bytes, list[int]] | None:
+    """`checkpoints_json` of `cps` with no latest and no models, as one line of UTF-8 JSON, and the offset where
+    each checkpoint's row starts; None where the rows cannot be told apart (not expected)."""
+    text = json.dumps(checkpoints_json(ws, task, cps, None, {}), ensure_ascii=False, allow_nan=False).encode()
+    if not cps:
+        return text, []
+    parts = text[1:-1].split(_ROW_CUT)
+    if len(parts) != len(cps) or not parts[0].startswith(_ROW_START):
+        return None
+    starts = [1]
+    at = 1  # in `text`, just after the last cut
+    for part in parts[:-1]:
+        at += len(part) + len(_ROW_CUT)
+        starts.append(at - len(_ROW_START))
+    return text, starts
+
+
+def splice_rows(
+    text: bytes | memoryview, numbers: list[int], starts: list[int], models: dict[int, list[str]]
+) -> list[bytes | memoryview] | None:
+    """The one-line JSON of `checkpoints_json` of every checkpoint of a task, byte for byte, as pieces to write in
+    turn: `plain_rows`' text with the last row made the latest and the checkpoints in `models` given their titles.
+
+    `numbers` (ascending) and `starts` (where each one's row starts in `text`) may be empty when `models` is.
+    None when `text` does not hold those rows where `starts` says.
+    """
+    view = memoryview(text)
+    if view == b"[]":
+        return [view]
+    if len(numbers) != len(starts) or (models and not numbers):
+        return None
+    last = len(numbers) - 1
+    titled: dict[int, list[str]] = {}
+    for number, titles in models.items():
+        i = bisect_left(numbers, number)
+        if i < len(numbers) and numbers[i] == number:
+            titled[i] = titles
+    pieces: list[bytes | memoryview] = []
+    done = 0
+    for i in sorted(titled):
+        if i == last:
+            break
+        end = starts[i + 1] - 2  # just after the row's closing brace
+        if not _is_row(view, numbers[i], starts[i], end, b", ") or done > starts[i]:
+            return None
+        made = json.dumps(sorted(titled[i]), ensure_ascii=False).encode()
+        pieces += [view[done : end - len(_PLAIN_END)], b', "latest": false, "models": ' + made + b"}"]
+        done = end
+    end = len(view) - 1
+    if (numbers and not _is_row(view, numbers[last], starts[last], end, b"]")) or done > end - len(_PLAIN_END):
+        return None
+    if view[end - len(_PLAIN_END) :] != _PLAIN_END + b"]":
+        return None
+    made = json.dumps(sorted(titled.get(last, [])), ensure_ascii=False).encode()
+    pieces += [view[done : end - len(_PLAIN_END)], b', "latest": true, "models": ' + made + b"}]"]
+    return pieces
+
+
+def _is_row(view: memoryview, number: int, start: int, end: int, after: bytes) -> bool:
+    """Whether checkpoint `number`'s row, rendered plain, spans view[start:end] and `after` follows it."""
+    head = b'%s%d, "' % (_ROW_START, number)
+    return (
+        view[start : start + len(head)] == head
+        and view[end - len(_PLAIN_END) : end] == _PLAIN_END
+        and view[end : end + len(after)] == after
+    )
 
 
 def checkpoint_json(ws: Any, task: Any, cp: Checkpoint, latest: bool, models: list[str]) -> dict[str, Any]:
