@@ -459,7 +459,7 @@ def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
     return {"ino": seen.ino, "size": seen.size, "mtime": st.st_mtime_ns, "tail": seen.tail.hex()}
 
 
-def unchanged(manifest: Path, mark: dict[str, Any]) -> bool:
+def unchanged(manifest: Path | str, mark: dict[str, Any]) -> bool:
     """Whether `manifest` still has the `fingerprint` `mark`; False for a malformed mark or a read error."""
     try:
         fd = os.open(manifest, os.O_RDONLY)
@@ -504,7 +504,7 @@ class SummaryCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
 
-    def get(self, name: str, manifest: Path) -> dict[str, Any] | None:
+    def get(self, name: str, manifest: Path | str) -> dict[str, Any] | None:
         """The summary of task `name` when its manifest is unchanged since it was cached, else None."""
         entry = self.entries.get(name)
         if not isinstance(entry, dict):

@@ -301,8 +301,9 @@ class Workspace:
         names = self.task_names()
         # one derived file instead of 1,000 per-task caches: ckpt tasks stays within its start-up time
         cache = SummaryCache(self.tasks_dir / SUMMARY_CACHE_FILE, _SUMMARY_FIELDS)
+        folder = str(self.tasks_dir)  # plain strings: 1,000 tasks' Path objects cost a visible part of the time
         for name in names:
-            hit = cache.get(name, self.tasks_dir / name / TASK_FILE)
+            hit = cache.get(name, os.path.join(folder, name, TASK_FILE))
             if hit is not None:
                 with contextlib.suppress(TypeError):
                     rows.append(TaskSummary(**hit))
@@ -359,6 +360,7 @@ class Task:
         self.manifest = self.folder / TASK_FILE
         self._reader = TaskReader(self.manifest, self.folder / CACHE_FILE, name)
         self._marks: dict[str, list[Any] | None] | None = None  # what the last `linked` depended on
+        self._marks_of: list[Checkpoint] | None = None  # ... and the checkpoints it was given
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -442,7 +444,7 @@ class Task:
                 out.append((cp, through + "/"))
             elif name in names:
                 out.append((cp, cp.file))
-        self._marks = marks
+        self._marks, self._marks_of = marks, cps
         return out
 
     def _folder_mark(self, parent: str, through: str | None, settled: bool = False) -> list[Any] | None:
@@ -465,13 +467,13 @@ class Task:
         self, cps: list[Checkpoint], starts: list[int], text: bytes, linked: list[tuple[Checkpoint, str]]
     ) -> None:
         """Keep `text`, which holds the rendered row of each of `cps` (every checkpoint, in number order) at
-        `starts`, with `linked`, which `linked(cps)` has just returned, for `cached_rows`. It is a derived file
-        next to the manifest; failures are ignored."""
+        `starts`, with `linked`, which `linked(cps)` has just returned (the same list), for `cached_rows`. It is
+        a derived file next to the manifest; failures are ignored."""
         marks = self._marks
         if not marks or any(m is None for m in marks.values()):
             return
-        if {cp.file.rpartition("/")[0] for cp in cps} != set(marks):
-            return
+        if cps is not self._marks_of:
+            return  # the marks are of other checkpoints' folders
         extra = {"folders": marks, "linked": [[cp.number, link] for cp, link in linked]}
         numbers = [cp.number for cp in cps]
         RowCache(self.folder / LIST_CACHE_FILE).store(self._reader, numbers, starts, text, extra)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from bisect import bisect_left
+from itertools import accumulate
 from math import isfinite
+from operator import add
 from typing import Any
 
 from ..manifest import Checkpoint, metric_json
@@ -75,11 +78,9 @@ def plain_rows(ws: Any, task: Any, cps: list[Checkpoint]) -> tuple[bytes, list[i
     parts = text[1:-1].split(_ROW_CUT)
     if len(parts) != len(cps) or not parts[0].startswith(_ROW_START):
         return None
-    starts = [1]
-    at = 1  # in `text`, just after the last cut
-    for part in parts[:-1]:
-        at += len(part) + len(_ROW_CUT)
-        starts.append(at - len(_ROW_START))
+    # row i > 0 starts after the cuts before it, each cut less the '{"number": ' it took from the row
+    ends = accumulate(map(len, parts[:-1]))
+    starts = [1, *map(add, ends, range(1 + len(_ROW_CUT) - len(_ROW_START), sys.maxsize, len(_ROW_CUT)))]
     return text, starts
 
 
