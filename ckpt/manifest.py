@@ -459,8 +459,11 @@ def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
     return {"ino": seen.ino, "size": seen.size, "mtime": st.st_mtime_ns, "tail": seen.tail.hex()}
 
 
-def unchanged(manifest: Path | str, mark: dict[str, Any]) -> bool:
-    """Whether `manifest` still has the `fingerprint` `mark`; False for a malformed mark or a read error."""
+def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -> bool:
+    """Whether `manifest` still has the `fingerprint` `mark`; False for a malformed mark or a read error.
+
+    With `grown`, also True when the file only grew since (records appended), as TaskReader reads it.
+    """
     try:
         fd = os.open(manifest, os.O_RDONLY)
     except OSError:
@@ -468,7 +471,10 @@ def unchanged(manifest: Path | str, mark: dict[str, Any]) -> bool:
     try:
         st = os.fstat(fd)
         ino, size, mtime, tail = mark["ino"], mark["size"], mark["mtime"], mark["tail"]
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
+        if grown:
+            if st.st_ino != ino or st.st_size < size:
+                return False
+        elif (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
             return False
         want = bytes.fromhex(tail)
         return os.pread(fd, len(want), size - len(want)) == want
@@ -547,19 +553,21 @@ class RowCache:
     """Rendered text of every checkpoint of a task (`ckpt list --json`), kept with the `fingerprint` of the manifest
     it came from; never the source of truth.
 
-    Records are immutable once written, so their text stays right while the manifest is unchanged. The file
-    is the CRC-32 of the rest (8 hex digits and a newline), a JSON header line (the fingerprint and whatever the
-    caller keeps with the text), a JSON index line (the checkpoint numbers and where each one's row starts in
-    the text: parsed only when asked for), then the text. A stale, foreign, torn or damaged file is not used.
+    Records are immutable once written, so their text stays right while the manifest is unchanged (and the
+    text of the ones it had, while it only grows). The file is the CRC-32 of the rest (8 hex digits and a
+    newline), a JSON header line (the fingerprint, the form of the rows, whatever the caller keeps with the
+    text), a JSON index line (the checkpoint numbers and where each one's row starts in the text: parsed only
+    when asked for), then the text. A stale, foreign, torn or damaged file is not used.
     """
 
     def __init__(self, path: Path):
         self.path = path
 
-    def load(self, manifest: Path) -> tuple[memoryview, memoryview, dict[str, Any]] | None:
-        """(text, index, extra) as kept by `store`, when `manifest` is unchanged since; else None.
-
-        `index` is for `parse_index`."""
+    def load(
+        self, manifest: Path, form: str, grown: bool = False
+    ) -> tuple[memoryview, memoryview, dict[str, Any]] | None:
+        """(text, index, extra) as kept by `store` with the same `form`, when `manifest` is unchanged since (with
+        `grown`: or only grew by appended records); else None. `index` is for `parse_index`."""
         try:
             data = self.path.read_bytes()
             view = memoryview(data)
@@ -569,9 +577,9 @@ class RowCache:
             index_end = data.index(b"\n", head_end + 1)
             header = json.loads(view[9:head_end].tobytes())
             extra = header["extra"]
-            if header["v"] != ROWS_VERSION or not isinstance(extra, dict):
+            if header["v"] != ROWS_VERSION or header["form"] != form or not isinstance(extra, dict):
                 return None
-            if not unchanged(manifest, header["manifest"]):
+            if not unchanged(manifest, header["manifest"], grown):
                 return None
             return view[index_end + 1 :], view[head_end + 1 : index_end], extra
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -594,14 +602,21 @@ class RowCache:
             return None
 
     def store(
-        self, reader: TaskReader, numbers: list[int], starts: list[int], text: bytes, extra: dict[str, Any]
+        self,
+        reader: TaskReader,
+        form: str,
+        numbers: list[int],
+        starts: list[int],
+        text: bytes,
+        extra: dict[str, Any],
     ) -> None:
         """Keep `text`, holding one row per checkpoint number of `numbers` (ascending) at `starts`, made from what
-        `reader` last read. Failures are ignored (it is only a cache)."""
+        `reader` last read; `form` names how the rows were rendered (a change of rendering must change it).
+        Failures are ignored (it is only a cache)."""
         mark = fingerprint(reader)
         if mark is None or len(starts) != len(numbers):
             return
-        header = {"v": ROWS_VERSION, "manifest": mark, "extra": extra}
+        header = {"v": ROWS_VERSION, "manifest": mark, "form": form, "extra": extra}
         index = {"numbers": numbers, "starts": starts}
         try:
             rest = b"\n".join([json.dumps(doc, separators=(",", ":")).encode() for doc in (header, index)] + [text])

@@ -323,11 +323,19 @@ class StoreTask(Task):
         return []  # object storage has no symlinks
 
     def keep_rows(
-        self, cps: list[Checkpoint], starts: list[int], text: bytes, linked: list[tuple[Checkpoint, str]]
+        self,
+        form: str,
+        cps: list[Checkpoint],
+        starts: list[int],
+        text: bytes,
+        linked: list[tuple[Checkpoint, str]],
     ) -> None:
         pass  # the manifest is revalidated by ETag; its local copy is the cache here
 
-    def cached_rows(self) -> CachedRows | None:
+    def rows_before_appends(self, form: str) -> CachedRows | None:
+        return None
+
+    def cached_rows(self, form: str) -> CachedRows | None:
         return None
 
     def local_path(self, cp: Checkpoint) -> Path:

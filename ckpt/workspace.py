@@ -464,11 +464,16 @@ class Task:
         return ["dir", st.st_ino, st.st_mtime_ns]
 
     def keep_rows(
-        self, cps: list[Checkpoint], starts: list[int], text: bytes, linked: list[tuple[Checkpoint, str]]
+        self,
+        form: str,
+        cps: list[Checkpoint],
+        starts: list[int],
+        text: bytes,
+        linked: list[tuple[Checkpoint, str]],
     ) -> None:
-        """Keep `text`, which holds the rendered row of each of `cps` (every checkpoint, in number order) at
-        `starts`, with `linked`, which `linked(cps)` has just returned (the same list), for `cached_rows`. It is
-        a derived file next to the manifest; failures are ignored."""
+        """Keep `text`, which holds the row of each of `cps` (every checkpoint, in number order), rendered as
+        `form` names, at `starts`, with `linked`, which `linked(cps)` has just returned (the same list), for
+        `cached_rows`. It is a derived file next to the manifest; failures are ignored."""
         marks = self._marks
         if not marks or any(m is None for m in marks.values()):
             return
@@ -476,11 +481,18 @@ class Task:
             return  # the marks are of other checkpoints' folders
         extra = {"folders": marks, "linked": [[cp.number, link] for cp, link in linked]}
         numbers = [cp.number for cp in cps]
-        RowCache(self.folder / LIST_CACHE_FILE).store(self._reader, numbers, starts, text, extra)
+        RowCache(self.folder / LIST_CACHE_FILE).store(self._reader, form, numbers, starts, text, extra)
 
-    def cached_rows(self) -> CachedRows | None:
-        """What `keep_rows` kept, while the manifest and the checkpoints' folders are unchanged since; else None."""
-        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest)
+    def rows_before_appends(self, form: str) -> CachedRows | None:
+        """What `keep_rows` kept as `form`, when the manifest only grew since: the rows of the checkpoints it had
+        then, which have not changed (their `linked` is not kept: folders change when files are added)."""
+        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest, form, grown=True)
+        return None if got is None else CachedRows(got[0], [], got[1])
+
+    def cached_rows(self, form: str) -> CachedRows | None:
+        """What `keep_rows` kept as `form`, while the manifest and the checkpoints' folders are unchanged since;
+        else None."""
+        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest, form)
         if got is None:
             return None
         text, raw_index, extra = got

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import ckpt
+from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.fsutil import hash_tree
 from ckpt.manifest import _COLUMNS, Checkpoint, TaskReader, parse_task
@@ -288,6 +289,45 @@ def test_kept_rows_follow_every_change(ws: ckpt.Workspace, tmp_path: Path, run: 
     assert listed()[-1]["models"] == ["T-5"]
     assert run("trash-unused", "T").exit_code == 0
     assert [r["number"] for r in listed()] == [2, 3, 5]
+
+
+def test_kept_rows_extended_after_appends(
+    ws: ckpt.Workspace, run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = make_task(ws, "T", n=4)
+    ws.promote("T", 4, title="four")
+    _settle(task)
+    assert run("list", "T", "--json").exit_code == 0
+    rendered: list[list[int]] = []
+    real = _render.plain_rows
+
+    def spy(ws: ckpt.Workspace, task: Task, cps: list[Checkpoint]) -> Any:
+        rendered.append([cp.number for cp in cps])
+        return real(ws, task, cps)
+
+    monkeypatch.setattr(_render, "plain_rows", spy)  # what extending the kept rows renders
+    for i in range(2):
+        task.save(b"x" * (i + 1), step=900 + i, metrics={"val_iou": float("nan")})
+
+    def same() -> None:
+        got, normal = run("list", "T", "--json"), run("list", "T", "--json", "--sort", "number")
+        assert got.exit_code == 0, got.output
+        assert got.stdout_bytes == normal.stdout_bytes
+
+    same()
+    assert rendered == [[5, 6]]  # the first four rows came from the kept text
+    used = _kept_rows_used(task)
+    same()
+    assert rendered == [[5, 6]] * 2 and used()  # the folder just changed: the six rows were not kept
+    _settle(task)
+    same()
+    assert rendered == [[5, 6]] * 3 and not used()  # now they are
+    same()
+    assert rendered == [[5, 6]] * 3  # and used as they are
+    assert json.loads(run("list", "T", "--json").stdout)[3]["models"] == ["four"]
+    assert run("finish", "T").exit_code == 0  # a rewrite: nothing kept is reused
+    same()
+    assert rendered == [[5, 6]] * 3
 
 
 def _rewrite_kept(path: Path, change: Callable[[dict[str, Any], dict[str, Any], bytes], bytes]) -> None:

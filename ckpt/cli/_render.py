@@ -10,6 +10,7 @@ from math import isfinite
 from operator import add
 from typing import Any
 
+from .. import __version__
 from ..manifest import Checkpoint, metric_json
 
 
@@ -67,6 +68,8 @@ def _rows(ws: Any, task: Any, cps: list[Checkpoint]) -> list[dict[str, Any]]:
 _ROW_START = b'{"number": '
 _ROW_CUT = b"}, " + _ROW_START
 _PLAIN_END = b', "latest": false, "models": []}'
+# how `plain_rows` renders, kept with the rows: the number must change whenever the text of a row does
+ROWS_FORM = f"ckpt {__version__}, list rows 1"
 
 
 def plain_rows(ws: Any, task: Any, cps: list[Checkpoint]) -> tuple[bytes, list[int]] | None:
@@ -82,6 +85,27 @@ def plain_rows(ws: Any, task: Any, cps: list[Checkpoint]) -> tuple[bytes, list[i
     ends = accumulate(map(len, parts[:-1]))
     starts = [1, *map(add, ends, range(1 + len(_ROW_CUT) - len(_ROW_START), sys.maxsize, len(_ROW_CUT)))]
     return text, starts
+
+
+def extend_rows(
+    ws: Any, task: Any, cps: list[Checkpoint], text: bytes | memoryview, numbers: list[int], starts: list[int]
+) -> tuple[bytes, list[int]] | None:
+    """`plain_rows` of `cps`, taking the rows of the first ones from `text` (kept with their `numbers` and
+    `starts`) and rendering only the rest; None where the kept checkpoints are not the first of `cps`."""
+    kept = len(numbers)
+    if not kept or kept > len(cps) or [cp.number for cp in cps[:kept]] != numbers:
+        return None
+    view = memoryview(text)
+    if view[-1:] != b"]" or len(starts) != kept:
+        return None
+    if kept == len(cps):
+        return view.tobytes(), starts
+    rendered = plain_rows(ws, task, cps[kept:])
+    if rendered is None:
+        return None
+    more, more_starts = rendered
+    # "[kept rows]" and "[more rows]" become "[kept rows, more rows]": the new rows move by len(view)
+    return b"".join([view[:-1], b", ", more[1:]]), [*starts, *(len(view) + s for s in more_starts)]
 
 
 def splice_rows(

@@ -22,8 +22,10 @@ from ._common import (
     table,
 )
 from ._render import (
+    ROWS_FORM,
     checkpoint_json,
     checkpoints_json,
+    extend_rows,
     metric_or_none,
     model_json,
     plain_rows,
@@ -119,7 +121,7 @@ def list_checkpoints(
     t = ws.task(task)
     # a script's plain listing reuses the rows' text kept from the last one while the task is unchanged
     plain = json and sort is None and not json_to_terminal()
-    cached = t.cached_rows() if plain else None
+    cached = t.cached_rows(ROWS_FORM) if plain else None
     pieces = _from_cache(cached, ws.models_of(task)) if cached is not None else None
     if cached is not None and pieces is not None:
         for number, link in cached.linked:
@@ -145,13 +147,13 @@ def list_checkpoints(
         missing = [cp for cp in cps if key(cp)[0]]
         cps = sorted(present, key=key, reverse=desc) + missing
     if json:
-        rendered = plain_rows(ws, t, cps) if plain else None
+        rendered = _plain_rows(ws, t, cps) if plain else None
         numbers = [cp.number for cp in cps]
         made = rendered and splice_rows(rendered[0], numbers, rendered[1], models)
         if not rendered or not made:
             print_json(checkpoints_json(ws, t, cps, latest, models))
             return
-        t.keep_rows(cps, rendered[1], rendered[0], linked)
+        t.keep_rows(ROWS_FORM, cps, rendered[1], rendered[0], linked)
         print_json_pieces(made)
         return
     if not cps:
@@ -188,6 +190,14 @@ def _from_cache(cached: CachedRows, models: dict[int, list[str]]) -> list[bytes 
     """`ckpt list --json`'s text from the rows the last listing kept; None if they cannot be used."""
     index = cached.index() if models else ([], [])
     return splice_rows(cached.text, *index, models) if index is not None else None
+
+
+def _plain_rows(ws: Any, t: Any, cps: list[Any]) -> tuple[bytes, list[int]] | None:
+    """`plain_rows` of every checkpoint; after appends, the rows kept before them are reused."""
+    kept = t.rows_before_appends(ROWS_FORM)
+    index = kept.index() if kept is not None else None
+    grown = extend_rows(ws, t, cps, kept.text, *index) if kept is not None and index is not None else None
+    return grown or plain_rows(ws, t, cps)
 
 
 def _linked_warning(number: int, link: str) -> str:
