@@ -4,6 +4,7 @@ cache) always agree with a fresh parse of task.toml. Speed itself is measured in
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -195,6 +196,7 @@ def _odd_task(ws: ckpt.Workspace, tmp_path: Path) -> ckpt.Task:
             "neg zero": -0.0,
             "ünï 名\u2028": 1e22,
             'q"}, {"number": 7, "x': 2.5,
+            "number": 7,
             "back\\slash\n\ttab": 3,
         },
     )
@@ -328,6 +330,23 @@ def test_kept_rows_extended_after_appends(
     assert run("finish", "T").exit_code == 0  # a rewrite: nothing kept is reused
     same()
     assert rendered == [[5, 6]] * 3
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "latin-1"])
+def test_json_pieces_written_as_print_json_writes(monkeypatch: pytest.MonkeyPatch, encoding: str) -> None:
+    from ckpt.cli._common import print_json, print_json_pieces
+
+    data = [{"name": "ünï", "n": 1}, {"name": "x", "n": None}]
+    text = json.dumps(data, ensure_ascii=False).encode()
+    written = []
+    for write in (lambda: print_json(data), lambda: print_json_pieces([text[:7], memoryview(text)[7:]])):
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding=encoding)
+        monkeypatch.setattr(sys, "stdout", stream)
+        write()
+        stream.flush()
+        written.append(raw.getvalue())
+    assert written[0] == written[1] == (json.dumps(data, ensure_ascii=False) + "\n").encode(encoding)
 
 
 def _rewrite_kept(path: Path, change: Callable[[dict[str, Any], dict[str, Any], bytes], bytes]) -> None:

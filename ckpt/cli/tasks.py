@@ -148,8 +148,7 @@ def list_checkpoints(
         cps = sorted(present, key=key, reverse=desc) + missing
     if json:
         rendered = _plain_rows(ws, t, cps) if plain else None
-        numbers = [cp.number for cp in cps]
-        made = rendered and splice_rows(rendered[0], numbers, rendered[1], models)
+        made = rendered and splice_rows(rendered[0], [cp.number for cp in cps], rendered[1], models)
         if not rendered or not made:
             print_json(checkpoints_json(ws, t, cps, latest, models))
             return
