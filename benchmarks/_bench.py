@@ -30,11 +30,21 @@ def ckpt_script() -> str:
     return found
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+if str(CHECKOUT) not in sys.path:
+    sys.path.insert(0, str(CHECKOUT))  # the scripts' own `import ckpt` (making data) gets this checkout too
+
+
 def bench_env(workspace: Path | None = None) -> dict[str, str]:
-    """The environment users have: compiled bytecode allowed (this machine sets PYTHONDONTWRITEBYTECODE)."""
+    """The environment users have: compiled bytecode allowed (this machine sets PYTHONDONTWRITEBYTECODE).
+
+    PYTHONPATH is this checkout alone, so the `ckpt` script runs the code next to the benchmark even where
+    the installed (editable) package points at another checkout; the baseline gets the same path.
+    """
     env = dict(os.environ)
-    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG", "PYTHONPROFILEIMPORTTIME", "PYTHONPATH"):
+    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG", "PYTHONPROFILEIMPORTTIME"):
         env.pop(var, None)
+    env["PYTHONPATH"] = str(CHECKOUT)
     if workspace is not None:
         env["CKPT_WORKSPACE"] = str(workspace)
     return env

@@ -21,7 +21,16 @@ from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, IntegrityError, NotFoundError, TaskNotFound, UsageError
 from .names import check_task_name
-from .workspace import CACHE_FILE, CHECKPOINT_DIR, LOCK_FILE, PENDING_PREFIX, STAGING_PREFIX, TASK_FILE, Incoming
+from .workspace import (
+    CACHE_FILE,
+    CHECKPOINT_DIR,
+    LIST_CACHE_FILE,
+    LOCK_FILE,
+    PENDING_PREFIX,
+    STAGING_PREFIX,
+    TASK_FILE,
+    Incoming,
+)
 
 if TYPE_CHECKING:
     from .manifest import Checkpoint
@@ -544,7 +553,7 @@ class ScanResult:
     added: list[Checkpoint] = field(default_factory=list)
 
 
-_OWNED = {TASK_FILE, CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
+_OWNED = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
 
 
 @per_backend

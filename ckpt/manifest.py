@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tomllib
+import zlib
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
@@ -437,6 +438,52 @@ class TaskReader:
 _COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "metrics", "original_name")
 
 
+# --- fingerprints of what a reader read -------------------------------------------------------------
+
+
+def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
+    """The manifest's (inode, size, mtime in ns, last 64 bytes) as `reader` last read it; None when it changed since.
+
+    Saving appends (size and mtime change) and every other change replaces the file (new inode), as
+    TaskReader relies on; the mtime also catches a file rewritten in place to the same size.
+    """
+    seen = reader._seen
+    if seen is None:
+        return None
+    try:
+        st = os.stat(reader.manifest)
+    except OSError:
+        return None
+    if st.st_ino != seen.ino or st.st_size != seen.size:
+        return None  # changed since it was read: do not pair this mtime with the older content
+    return {"ino": seen.ino, "size": seen.size, "mtime": st.st_mtime_ns, "tail": seen.tail.hex()}
+
+
+def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -> bool:
+    """Whether `manifest` still has the `fingerprint` `mark`; False for a malformed mark or a read error.
+
+    With `grown`, also True when the file only grew since (records appended), as TaskReader reads it.
+    """
+    try:
+        fd = os.open(manifest, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        ino, size, mtime, tail = mark["ino"], mark["size"], mark["mtime"], mark["tail"]
+        if grown:
+            if st.st_ino != ino or st.st_size < size:
+                return False
+        elif (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
+            return False
+        want = bytes.fromhex(tail)
+        return os.pread(fd, len(want), size - len(want)) == want
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
+
+
 # --- the workspace's summary cache -------------------------------------------------------------------
 
 
@@ -463,47 +510,22 @@ class SummaryCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
 
-    def get(self, name: str, manifest: Path) -> dict[str, Any] | None:
+    def get(self, name: str, manifest: Path | str) -> dict[str, Any] | None:
         """The summary of task `name` when its manifest is unchanged since it was cached, else None."""
         entry = self.entries.get(name)
         if not isinstance(entry, dict):
             return None
-        try:
-            fd = os.open(manifest, os.O_RDONLY)
-        except OSError:
+        summary = entry.get("row")
+        if not isinstance(summary, dict) or not unchanged(manifest, entry):
             return None
-        try:
-            st = os.fstat(fd)
-            ino, size, mtime, tail, summary = entry["ino"], entry["size"], entry["mtime"], entry["tail"], entry["row"]
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime) or not isinstance(summary, dict):
-                return None
-            want = bytes.fromhex(tail)
-            if os.pread(fd, len(want), size - len(want)) != want:
-                return None
-            return summary
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        finally:
-            os.close(fd)
+        return summary
 
     def put(self, name: str, reader: TaskReader, summary: dict[str, Any]) -> None:
         """Keep `summary`, which was made from what `reader` last read."""
-        seen = reader._seen
-        if seen is None:
+        mark = fingerprint(reader)
+        if mark is None:
             return
-        try:
-            st = os.stat(reader.manifest)
-        except OSError:
-            return
-        if st.st_ino != seen.ino or st.st_size != seen.size:
-            return  # changed since it was read: do not pair this mtime with the older content
-        self.entries[name] = {
-            "ino": seen.ino,
-            "size": seen.size,
-            "mtime": st.st_mtime_ns,
-            "tail": seen.tail.hex(),
-            "row": summary,
-        }
+        self.entries[name] = {**mark, "row": summary}
         self._changed = True
 
     def save(self, names: list[str]) -> None:
@@ -518,5 +540,86 @@ class SummaryCache:
         try:
             fsutil.atomic_write_nosync(self.path, json.dumps(doc, separators=(",", ":")).encode())
             self._changed = False
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+# --- rendered rows of one task ----------------------------------------------------------------------
+
+ROWS_VERSION = 1
+
+
+class RowCache:
+    """Rendered text of every checkpoint of a task (`ckpt list --json`), kept with the `fingerprint` of the manifest
+    it came from; never the source of truth.
+
+    Records are immutable once written, so their text stays right while the manifest is unchanged (and the
+    text of the ones it had, while it only grows). The file is the CRC-32 of the rest (8 hex digits and a
+    newline), a JSON header line (the fingerprint, the form of the rows, whatever the caller keeps with the
+    text), a JSON index line (the checkpoint numbers and where each one's row starts in the text: parsed only
+    when asked for), then the text. A stale, foreign, torn or damaged file is not used.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(
+        self, manifest: Path, form: str, grown: bool = False
+    ) -> tuple[memoryview, memoryview, dict[str, Any]] | None:
+        """(text, index, extra) as kept by `store` with the same `form`, when `manifest` is unchanged since (with
+        `grown`: or only grew by appended records); else None. `index` is for `parse_index`."""
+        try:
+            data = self.path.read_bytes()
+            view = memoryview(data)
+            if data[8:9] != b"\n" or int(data[:8], 16) != zlib.crc32(view[9:]):
+                return None
+            head_end = data.index(b"\n", 9)
+            index_end = data.index(b"\n", head_end + 1)
+            header = json.loads(view[9:head_end].tobytes())
+            extra = header["extra"]
+            if header["v"] != ROWS_VERSION or header["form"] != form or not isinstance(extra, dict):
+                return None
+            if not unchanged(manifest, header["manifest"], grown):
+                return None
+            return view[index_end + 1 :], view[head_end + 1 : index_end], extra
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    @staticmethod
+    def parse_index(index: memoryview) -> tuple[list[int], list[int]] | None:
+        """(numbers, starts) from `load`'s index: ascending numbers and each row's offset; None if malformed."""
+        try:
+            doc = json.loads(index.tobytes())
+            numbers, starts = doc["numbers"], doc["starts"]
+            if not isinstance(numbers, list) or not isinstance(starts, list) or len(numbers) != len(starts):
+                return None
+            if not all(type(n) is int for n in numbers) or not all(map(int.__lt__, numbers, numbers[1:])):
+                return None  # numbers are looked up by bisection: ascending integers only
+            if not all(type(n) is int for n in starts):
+                return None
+            return numbers, starts
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def store(
+        self,
+        reader: TaskReader,
+        form: str,
+        numbers: list[int],
+        starts: list[int],
+        text: bytes,
+        extra: dict[str, Any],
+    ) -> None:
+        """Keep `text`, holding one row per checkpoint number of `numbers` (ascending) at `starts`, made from what
+        `reader` last read; `form` names how the rows were rendered (a change of rendering must change it).
+        Failures are ignored (it is only a cache)."""
+        mark = fingerprint(reader)
+        if mark is None or len(starts) != len(numbers):
+            return
+        header = {"v": ROWS_VERSION, "manifest": mark, "form": form, "extra": extra}
+        index = {"numbers": numbers, "starts": starts}
+        try:
+            rest = b"\n".join([json.dumps(doc, separators=(",", ":")).encode() for doc in (header, index)] + [text])
+            fsutil.atomic_write_nosync(self.path, b"%08x\n" % zlib.crc32(rest) + rest)
         except (OSError, ValueError, TypeError):
             pass

@@ -58,7 +58,7 @@ from .models import MODEL_FILE, FinishResult, Model, ModelIndex, PromoteResult, 
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .timeutil import now_iso, parse_iso
-from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, Incoming, Task, TaskSummary, Workspace
+from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:
     from .importer import Found, ScanResult, Unknown, VerifyResult
@@ -342,6 +342,22 @@ class StoreTask(Task):
 
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
         return []  # object storage has no symlinks
+
+    def keep_rows(
+        self,
+        form: str,
+        cps: list[Checkpoint],
+        starts: list[int],
+        text: bytes,
+        linked: list[tuple[Checkpoint, str]],
+    ) -> None:
+        pass  # the manifest is revalidated by ETag; its local copy is the cache here
+
+    def rows_before_appends(self, form: str) -> CachedRows | None:
+        return None
+
+    def cached_rows(self, form: str) -> CachedRows | None:
+        return None
 
     def local_path(self, cp: Checkpoint) -> Path:
         """The checkpoint downloaded into the local cache (by sha256: downloaded once), for reading."""

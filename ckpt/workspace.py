@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,6 +29,7 @@ from .errors import (
 from .manifest import (
     FORMAT,
     Checkpoint,
+    RowCache,
     SummaryCache,
     TaskHeader,
     TaskReader,
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
 CACHE_FILE = ".task.cache.json"
+LIST_CACHE_FILE = ".task.list.cache"  # rendered rows of `ckpt list --json` (see manifest.RowCache)
 SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see manifest.SummaryCache)
 LOCK_FILE = ".lock"
 CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
@@ -95,6 +98,24 @@ class TaskSummary:
 
 
 _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
+
+
+@dataclass(slots=True)
+class CachedRows:
+    """What `Task.keep_rows` kept: the text of every checkpoint's row, and which ones are reached through a symlink."""
+
+    text: memoryview
+    linked: list[tuple[int, str]]
+    raw_index: memoryview
+
+    def index(self) -> tuple[list[int], list[int]] | None:
+        """(numbers, starts): the checkpoint numbers (ascending) and where each one's row starts in `text`."""
+        return RowCache.parse_index(self.raw_index)
+
+
+# a folder whose mtime is this recent may change again within the same timestamp (coarse clocks, FAT's 2 s):
+# its scan is not kept
+SETTLED_NS = 2_000_000_000
 
 
 class Workspace:
@@ -299,8 +320,9 @@ class Workspace:
         names = self.task_names()
         # one derived file instead of 1,000 per-task caches: ckpt tasks stays within its start-up time
         cache = SummaryCache(self.tasks_dir / SUMMARY_CACHE_FILE, _SUMMARY_FIELDS)
+        folder = str(self.tasks_dir)  # plain strings: 1,000 tasks' Path objects cost a visible part of the time
         for name in names:
-            hit = cache.get(name, self.tasks_dir / name / TASK_FILE)
+            hit = cache.get(name, os.path.join(folder, name, TASK_FILE))
             if hit is not None:
                 with contextlib.suppress(TypeError):
                     rows.append(TaskSummary(**hit))
@@ -356,6 +378,8 @@ class Task:
         self.folder = ws.tasks_dir / name
         self.manifest = self.folder / TASK_FILE
         self._reader = TaskReader(self.manifest, self.folder / CACHE_FILE, name)
+        self._marks: dict[str, list[Any] | None] | None = None  # what the last `linked` depended on
+        self._marks_of: list[Checkpoint] | None = None  # ... and the checkpoints it was given
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -421,12 +445,15 @@ class Task:
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
         """The checkpoints of `cps` reached through a symlink, with the linked part; one scandir per folder."""
         folders: dict[str, tuple[str | None, set[str]]] = {}
+        marks: dict[str, list[Any] | None] = {}
         out: list[tuple[Checkpoint, str]] = []
         for cp in cps:
             parent, _, name = cp.file.rpartition("/")
             if parent not in folders:
                 through = fsutil.symlink_on_path(self.folder, parent) if parent else None
                 names: set[str] = set()
+                # the mark is taken before the scan: a change during or after it gives the folder a newer mtime
+                marks[parent] = self._folder_mark(parent, through, settled=True)
                 if through is None:
                     with contextlib.suppress(OSError), os.scandir(self.folder / parent) as it:
                         names = {e.name for e in it if e.is_symlink()}
@@ -436,7 +463,67 @@ class Task:
                 out.append((cp, through + "/"))
             elif name in names:
                 out.append((cp, cp.file))
+        self._marks, self._marks_of = marks, cps
         return out
+
+    def _folder_mark(self, parent: str, through: str | None, settled: bool = False) -> list[Any] | None:
+        """What `linked` found for folder `parent` depends on: its symlinked part, else its inode and mtime.
+
+        Making, removing or replacing an entry changes a folder's mtime, so an unchanged folder has the same
+        symlinks. With `settled`, None for a folder changed too recently to tell a later change apart.
+        """
+        if through is not None:
+            return ["link", through]
+        try:
+            st = os.lstat(self.folder / parent)
+        except OSError:
+            return ["none"]
+        if settled and st.st_mtime_ns > time.time_ns() - SETTLED_NS:
+            return None
+        return ["dir", st.st_ino, st.st_mtime_ns]
+
+    def keep_rows(
+        self,
+        form: str,
+        cps: list[Checkpoint],
+        starts: list[int],
+        text: bytes,
+        linked: list[tuple[Checkpoint, str]],
+    ) -> None:
+        """Keep `text`, which holds the row of each of `cps` (every checkpoint, in number order), rendered as
+        `form` names, at `starts`, with `linked`, which `linked(cps)` has just returned (the same list), for
+        `cached_rows`. It is a derived file next to the manifest; failures are ignored."""
+        marks = self._marks
+        if not marks or any(m is None for m in marks.values()):
+            return
+        if cps is not self._marks_of:
+            return  # the marks are of other checkpoints' folders
+        extra = {"folders": marks, "linked": [[cp.number, link] for cp, link in linked]}
+        numbers = [cp.number for cp in cps]
+        RowCache(self.folder / LIST_CACHE_FILE).store(self._reader, form, numbers, starts, text, extra)
+
+    def rows_before_appends(self, form: str) -> CachedRows | None:
+        """What `keep_rows` kept as `form`, when the manifest only grew since: the rows of the checkpoints it had
+        then, which have not changed (their `linked` is not kept: folders change when files are added)."""
+        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest, form, grown=True)
+        return None if got is None else CachedRows(got[0], [], got[1])
+
+    def cached_rows(self, form: str) -> CachedRows | None:
+        """What `keep_rows` kept as `form`, while the manifest and the checkpoints' folders are unchanged since;
+        else None."""
+        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest, form)
+        if got is None:
+            return None
+        text, raw_index, extra = got
+        try:
+            for parent, mark in extra["folders"].items():
+                through = fsutil.symlink_on_path(self.folder, parent) if parent else None
+                if self._folder_mark(parent, through) != mark:
+                    return None
+            linked = [(int(n), str(link)) for n, link in extra["linked"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return CachedRows(text, linked, raw_index)
 
     def summary(self) -> TaskSummary:
         st = self.state()

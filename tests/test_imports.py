@@ -4,18 +4,25 @@ cache) always agree with a fresh parse of task.toml. Speed itself is measured in
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
 import sys
+import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import ckpt
+from ckpt.cli import _render
+from ckpt.cli._render import checkpoint_json
+from ckpt.fsutil import hash_tree
 from ckpt.manifest import _COLUMNS, Checkpoint, TaskReader, parse_task
-from ckpt.workspace import CACHE_FILE, SUMMARY_CACHE_FILE
+from ckpt.workspace import CACHE_FILE, LIST_CACHE_FILE, SUMMARY_CACHE_FILE, Incoming, Task
 
 from .conftest import make_task
 
@@ -161,6 +168,237 @@ def test_list_cache_damaged(ws: ckpt.Workspace, damage: str) -> None:
     _same(_listed(ws, "T"), _fresh(task))
     reader = TaskReader(task.manifest, cache, "T")
     assert sorted(reader.read().checkpoints) == [1, 2, 3, 4, 5]
+
+
+# --- the rendered rows of `ckpt list --json` ----------------------------------------------------------
+
+
+def _settle(task: ckpt.Task) -> None:
+    """Date the task's folders a minute back: the rows are kept only for folders that did not just change."""
+    old = time.time() - 60
+    for folder in (task.folder, task.folder / "checkpoints"):
+        os.utime(folder, (old, old), follow_symlinks=False)
+
+
+def _odd_task(ws: ckpt.Workspace, tmp_path: Path) -> ckpt.Task:
+    """Every kind of value a `ckpt list` row holds: odd metrics, no step, a folder, a symlink, models, the latest."""
+    task = ws.create_task("odd")
+    task.save(
+        b"a" * 10,
+        step=1,
+        epoch=0,
+        metrics={
+            "loss": 0.1 + 0.2,
+            "nan": float("nan"),
+            "inf": float("-inf"),
+            "tiny": 5e-324,
+            "big": 2**62,
+            "neg zero": -0.0,
+            "ünï 名\u2028": 1e22,
+            'q"}, {"number": 7, "x': 2.5,
+            "number": 7,
+            "back\\slash\n\ttab": 3,
+        },
+    )
+    task.save(b"b" * 20)  # no step, epoch or metrics
+    folder = tmp_path / "hf-model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "model.safetensors").write_bytes(os.urandom(300))
+    digest, size = hash_tree(folder)
+    task.add_existing([Incoming(folder, "hf-model", size, digest, is_dir=True, step=30)], mode="copy")
+    task.save(b"c" * 30, step=40, epoch=2, metrics={"val_iou": 0.5})
+    task.save(b"d" * 40, step=50, epoch=3, metrics={"val_iou": 0.75})
+    for number, title in ((1, "zeta"), (1, "alpha"), (5, "odd-last")):
+        ws.promote("odd", number, title=title)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"outside")
+    path = task.path_of(task.checkpoint(4))
+    path.unlink()
+    path.symlink_to(outside)
+    return task
+
+
+def _kept_rows_used(task: ckpt.Task) -> Callable[[], bool]:
+    """A probe: True when no command has rewritten the kept rows since it was made (the last listing used them)."""
+    before = os.stat(task.folder / LIST_CACHE_FILE).st_ino
+    return lambda: os.stat(task.folder / LIST_CACHE_FILE).st_ino == before
+
+
+def test_list_from_kept_rows_is_byte_for_byte_the_same(
+    ws: ckpt.Workspace, tmp_path: Path, run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = _odd_task(ws, tmp_path)
+    _settle(task)
+    first = run("list", "odd", "--json")  # renders the rows, and keeps them
+    assert first.exit_code == 0, first.output
+    assert (task.folder / LIST_CACHE_FILE).exists()
+    normal = run("list", "odd", "--json", "--sort", "number")  # never uses the kept rows
+    cps = task.checkpoints
+    models = ws.models_of("odd")
+    one_by_one = [checkpoint_json(ws, task, cp, cp is cps[-1], models.get(cp.number, [])) for cp in cps]
+    expected = (json.dumps(one_by_one, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+    def no_manifest(self: Task) -> None:
+        raise AssertionError("the manifest was read")
+
+    monkeypatch.setattr(Task, "state", no_manifest)
+    kept = run("list", "odd", "--json")
+    assert kept.exit_code == 0, kept.output
+    assert kept.stdout_bytes == first.stdout_bytes == normal.stdout_bytes == expected
+    assert kept.stderr == first.stderr == normal.stderr
+    assert "checkpoint 4 is reached through symlink 'checkpoints/000004.pt'" in kept.stderr
+    rows = json.loads(kept.stdout)
+    assert [r["models"] for r in rows] == [["alpha", "zeta"], [], [], [], ["odd-last"]]
+    assert [r["latest"] for r in rows] == [False, False, False, False, True]
+    assert rows[0]["metrics"]["nan"] is None and rows[0]["metrics"]["inf"] is None
+    assert rows[1]["step"] is None and rows[2]["path"] == "tasks/odd/checkpoints/000003"
+
+
+def test_kept_rows_follow_every_change(ws: ckpt.Workspace, tmp_path: Path, run: Callable[..., Any]) -> None:
+    task = make_task(ws, "T", n=4)
+
+    def listed() -> list[dict[str, Any]]:
+        got = run("list", "T", "--json")
+        normal = run("list", "T", "--json", "--sort", "number")
+        assert got.exit_code == 0, got.output
+        assert got.stdout_bytes == normal.stdout_bytes and got.stderr == normal.stderr
+        return json.loads(got.stdout)
+
+    listed()
+    assert not (task.folder / LIST_CACHE_FILE).exists()  # the checkpoints folder just changed: nothing kept
+    _settle(task)
+    listed()
+    used = _kept_rows_used(task)
+    ws.promote("T", 2, title="two")
+    assert listed()[1]["models"] == ["two"] and used()  # models are looked up on every listing
+    task.save(b"x" * 10, step=500, metrics={"val_iou": 0.9})  # an append
+    _settle(task)
+    rows = listed()
+    assert [r["latest"] for r in rows] == [False] * 4 + [True] and not used()
+    used = _kept_rows_used(task)
+    assert listed() == rows and used()
+    path = task.path_of(task.checkpoint(3))  # a file replaced by a symlink: its folder changes
+    path.unlink()
+    path.symlink_to(tmp_path)
+    _settle(task)
+    assert listed() == rows and "checkpoint 3 is reached through symlink" in run("list", "T", "--json").stderr
+    used = _kept_rows_used(task)
+    assert "checkpoint 3 is reached" in run("list", "T", "--json").stderr and used()
+    scan = run("scan", "T", "--json")
+    assert scan.exit_code == 0 and LIST_CACHE_FILE not in scan.stdout  # ckpt's own file, not an unknown one
+    assert run("finish", "T").exit_code == 0  # a rewrite (and a model of the latest)
+    assert listed()[-1]["models"] == ["T-5"]
+    assert run("trash-unused", "T").exit_code == 0
+    assert [r["number"] for r in listed()] == [2, 3, 5]
+
+
+def test_kept_rows_extended_after_appends(
+    ws: ckpt.Workspace, run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = make_task(ws, "T", n=4)
+    ws.promote("T", 4, title="four")
+    _settle(task)
+    assert run("list", "T", "--json").exit_code == 0
+    rendered: list[list[int]] = []
+    real = _render.plain_rows
+
+    def spy(ws: ckpt.Workspace, task: Task, cps: list[Checkpoint]) -> Any:
+        rendered.append([cp.number for cp in cps])
+        return real(ws, task, cps)
+
+    monkeypatch.setattr(_render, "plain_rows", spy)  # what extending the kept rows renders
+    for i in range(2):
+        task.save(b"x" * (i + 1), step=900 + i, metrics={"val_iou": float("nan")})
+
+    def same() -> None:
+        got, normal = run("list", "T", "--json"), run("list", "T", "--json", "--sort", "number")
+        assert got.exit_code == 0, got.output
+        assert got.stdout_bytes == normal.stdout_bytes
+
+    same()
+    assert rendered == [[5, 6]]  # the first four rows came from the kept text
+    used = _kept_rows_used(task)
+    same()
+    assert rendered == [[5, 6]] * 2 and used()  # the folder just changed: the six rows were not kept
+    _settle(task)
+    same()
+    assert rendered == [[5, 6]] * 3 and not used()  # now they are
+    same()
+    assert rendered == [[5, 6]] * 3  # and used as they are
+    assert json.loads(run("list", "T", "--json").stdout)[3]["models"] == ["four"]
+    assert run("finish", "T").exit_code == 0  # a rewrite: nothing kept is reused
+    same()
+    assert rendered == [[5, 6]] * 3
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "latin-1"])
+def test_json_pieces_written_as_print_json_writes(monkeypatch: pytest.MonkeyPatch, encoding: str) -> None:
+    from ckpt.cli._common import print_json, print_json_pieces
+
+    data = [{"name": "ünï", "n": 1}, {"name": "x", "n": None}]
+    text = json.dumps(data, ensure_ascii=False).encode()
+    written = []
+    for write in (lambda: print_json(data), lambda: print_json_pieces([text[:7], memoryview(text)[7:]])):
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding=encoding)
+        monkeypatch.setattr(sys, "stdout", stream)
+        write()
+        stream.flush()
+        written.append(raw.getvalue())
+    assert written[0] == written[1] == (json.dumps(data, ensure_ascii=False) + "\n").encode(encoding)
+
+
+def _rewrite_kept(path: Path, change: Callable[[dict[str, Any], dict[str, Any], bytes], bytes]) -> None:
+    """Change the kept rows' header, index or text and write them back with a right CRC."""
+    raw = path.read_bytes()[9:]
+    head, index, text = raw.split(b"\n", 2)
+    header, idx = json.loads(head), json.loads(index)
+    text = change(header, idx, text)
+    rest = b"\n".join([json.dumps(header).encode(), json.dumps(idx).encode(), text])
+    path.write_bytes(b"%08x\n" % zlib.crc32(rest) + rest)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "garbage",
+        "truncated",
+        "a byte changed",
+        "other version",
+        "other manifest",
+        "index unsorted",
+        "rows moved",
+        "a row misplaced",
+    ],
+)
+def test_kept_rows_damaged(ws: ckpt.Workspace, run: Callable[..., Any], damage: str) -> None:
+    task = make_task(ws, "T", n=5)
+    ws.promote("T", 2, title="two")
+    _settle(task)
+    normal = run("list", "T", "--json", "--sort", "number").stdout_bytes
+    assert run("list", "T", "--json").stdout_bytes == normal
+    kept = task.folder / LIST_CACHE_FILE
+    raw = kept.read_bytes()
+    match damage:
+        case "garbage":
+            kept.write_bytes(b"\x00\xffnot rows")
+        case "truncated":
+            kept.write_bytes(raw[: len(raw) // 2])
+        case "a byte changed":
+            kept.write_bytes(raw.replace(b'"latest": false', b'"latest": true ', 1))
+        case "other version":
+            _rewrite_kept(kept, lambda h, i, t: (h.update(v=99), t)[1])
+        case "other manifest":
+            _rewrite_kept(kept, lambda h, i, t: (h["manifest"].update(size=10), t)[1])
+        case "index unsorted":
+            _rewrite_kept(kept, lambda h, i, t: (i["numbers"].reverse(), t)[1])
+        case "rows moved":  # the index no longer says where the rows are
+            _rewrite_kept(kept, lambda h, i, t: b" " + t)
+        case "a row misplaced":  # checkpoint 3's row, which tells where the row of 2 (which gets a model) ends
+            _rewrite_kept(kept, lambda h, i, t: (i["starts"].__setitem__(2, i["starts"][2] - 1), t)[1])
+    assert run("list", "T", "--json").stdout_bytes == normal
+    assert run("list", "T", "--json").stdout_bytes == normal  # and from the rows kept again
 
 
 # --- the workspace's summary cache --------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,12 +14,26 @@ from ._common import (
     fmt_metric,
     human_size,
     human_time,
+    json_to_terminal,
     open_workspace,
     out,
     print_json,
+    print_json_pieces,
     table,
 )
-from ._render import checkpoint_json, checkpoints_json, metric_or_none, model_json
+from ._render import (
+    ROWS_FORM,
+    checkpoint_json,
+    checkpoints_json,
+    extend_rows,
+    metric_or_none,
+    model_json,
+    plain_rows,
+    splice_rows,
+)
+
+if TYPE_CHECKING:
+    from ..workspace import CachedRows
 
 
 @command(app, "init")
@@ -105,10 +119,20 @@ def list_checkpoints(
 
     ws = open_workspace()
     t = ws.task(task)
+    # a script's plain listing reuses the rows' text kept from the last one while the task is unchanged
+    plain = json and sort is None and not json_to_terminal()
+    cached = t.cached_rows(ROWS_FORM) if plain else None
+    pieces = _from_cache(cached, ws.models_of(task)) if cached is not None else None
+    if cached is not None and pieces is not None:
+        for number, link in cached.linked:
+            err(_linked_warning(number, link))
+        print_json_pieces(pieces)
+        return
     cps = t.checkpoints
     t.refresh_cache()
-    for cp, link in t.linked(cps):
-        err(f"warning: checkpoint {cp.number} is reached through symlink '{link}'; ckpt never moves or deletes it")
+    linked = t.linked(cps)
+    for cp, link in linked:
+        err(_linked_warning(cp.number, link))
     latest = cps[-1].number if cps else None
     models = ws.models_of(task)
     if sort is not None:
@@ -123,7 +147,13 @@ def list_checkpoints(
         missing = [cp for cp in cps if key(cp)[0]]
         cps = sorted(present, key=key, reverse=desc) + missing
     if json:
-        print_json(checkpoints_json(ws, t, cps, latest, models))
+        rendered = _plain_rows(ws, t, cps) if plain else None
+        made = rendered and splice_rows(rendered[0], [cp.number for cp in cps], rendered[1], models)
+        if not rendered or not made:
+            print_json(checkpoints_json(ws, t, cps, latest, models))
+            return
+        t.keep_rows(ROWS_FORM, cps, rendered[1], rendered[0], linked)
+        print_json_pieces(made)
         return
     if not cps:
         err(f"task '{task}' has no checkpoints yet")
@@ -153,6 +183,24 @@ def list_checkpoints(
         title=f"{task} ({t.status})",
         right=["#", "step", "epoch", *metric_names, "size"],
     )
+
+
+def _from_cache(cached: CachedRows, models: dict[int, list[str]]) -> list[bytes | memoryview] | None:
+    """`ckpt list --json`'s text from the rows the last listing kept; None if they cannot be used."""
+    index = cached.index() if models else ([], [])
+    return splice_rows(cached.text, *index, models) if index is not None else None
+
+
+def _plain_rows(ws: Any, t: Any, cps: list[Any]) -> tuple[bytes, list[int]] | None:
+    """`plain_rows` of every checkpoint; after appends, the rows kept before them are reused."""
+    kept = t.rows_before_appends(ROWS_FORM)
+    index = kept.index() if kept is not None else None
+    grown = extend_rows(ws, t, cps, kept.text, *index) if kept is not None and index is not None else None
+    return grown or plain_rows(ws, t, cps)
+
+
+def _linked_warning(number: int, link: str) -> str:
+    return f"warning: checkpoint {number} is reached through symlink '{link}'; ckpt never moves or deletes it"
 
 
 @command(app, "show")
