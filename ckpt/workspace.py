@@ -553,6 +553,20 @@ class Task:
                 recover_task(self)
             yield
 
+    def settle(self) -> bool:
+        """Finish or undo an interrupted trash or restore of this task, if one left a marker; whether one did.
+
+        What `lock()` does before every change, for the commands that only read (`list`, `show`), so that
+        they never show a record whose file an interrupted trash left in the trash. Costs one scandir of
+        the task folder when there is nothing to do; takes the task's lock (waiting as `lock` does) only
+        when there is.
+        """
+        if not self.pending_markers():
+            return False
+        with self.lock():
+            pass
+        return True
+
     def pending_markers(self) -> list[Path]:
         """Markers (`.pending-<entry id>`) of interrupted trash operations on this task."""
         try:

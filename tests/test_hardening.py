@@ -3,9 +3,11 @@ consistency checks of `ckpt doctor`. Every command runs through the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -365,3 +367,42 @@ def test_doctor_reports_missing_and_unrecorded_files(ws: ckpt.Workspace, run_jso
     assert [c["number"] for c in run_json("list", "unet")] == [1, 3, 4]
     assert ckpt.Workspace.open(ws.root).task("unet").save(b"x") == 5
     assert (task.folder / "checkpoints" / "stray.pt").read_bytes() == b"stray"
+
+
+# --- read-only commands after an interrupted trash -----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["list", "show"])
+def test_read_only_commands_finish_an_interrupted_trash_first(
+    ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch, run: Callable[..., Any], command: str
+) -> None:
+    """After a trash-unused that failed at any step, `list` and `show` see records and files that agree."""
+    from .test_trash_crash import Injector, check_consistent, originals
+
+    task = make_task(ws, n=5, size=300)
+    ws.promote("unet", 2, title="unet-2")
+    template = ws.root.parent / "template"
+    shutil.copytree(ws.root, template, symlinks=True)
+    cps = originals(task)
+    interrupted = 0
+    for at in range(1, 9):
+        root = ws.root.parent / f"{command}-{at}"
+        shutil.copytree(template, root, symlinks=True)
+        with monkeypatch.context() as m:
+            inj = Injector(m, at, sticky=True)
+            with contextlib.suppress(OSError):
+                trash.trash_unused(ckpt.Workspace.open(root), "unet")
+            inj.active = False
+        interrupted += any(p.name.startswith(".pending-") for p in (root / "tasks" / "unet").iterdir())
+        if command == "list":
+            result = run("-w", str(root), "list", "unet", "--json")
+            assert result.exit_code == 0, result.output
+            listed = [row["path"] for row in json.loads(result.stdout)]
+        else:
+            result = run("-w", str(root), "show", "unet", "1", "--json")
+            assert result.exit_code in (0, 3), result.output  # 3: checkpoint 1 went to the trash
+            listed = [json.loads(result.stdout)["path"]] if result.exit_code == 0 else []
+        for rel in listed:
+            assert (root / rel).is_file(), f"{command} showed {rel}, whose file is not in the task"
+        check_consistent(root, "unet", cps)
+    assert interrupted >= 3  # the failures left markers that only the read command cleared

@@ -119,6 +119,7 @@ def list_checkpoints(
 
     ws = open_workspace()
     t = ws.task(task)
+    t.settle()  # an interrupted trash is finished or undone first, as every locking command does
     # a script's plain listing reuses the rows' text kept from the last one while the task is unchanged
     plain = json and sort is None and not json_to_terminal()
     cached = t.cached_rows(ROWS_FORM) if plain else None
@@ -214,6 +215,7 @@ def show(
 
     ws = open_workspace()
     t = ws.task(task)
+    t.settle()
     cp = t.checkpoint(number)
     latest = t.latest()
     models = ws.models_of(task).get(number, [])
