@@ -1402,7 +1402,7 @@ def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = 
     model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""
     from .trash import Repair
 
-    repairs = _recover(ws, dry_run)
+    repairs = _recover(ws, dry_run) + _abort_stale_uploads(ws, dry_run)
     for name in ws.task_names():
         try:
             task = ws.task(name)
@@ -1476,6 +1476,24 @@ def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
         repairs.append(Repair(rel, what, "would delete it" if dry_run else "deleted"))
         if not dry_run:
             _drop_model(ws, title, [f"{rel}/{n}" for n in names if n != CLAIM_FILE])
+    return repairs
+
+
+def _abort_stale_uploads(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
+    """Multipart uploads a crashed save (or import) began and never finished: their parts are stored, and
+    billed, until aborted. One younger than an hour may be a save running on another machine."""
+    from .trash import STALE_AFTER, Repair
+
+    repairs: list[Repair] = []
+    for key, upload_id, age in ws.storage.incomplete_uploads(""):
+        what = "an unfinished multipart upload (a save that stopped)"
+        if age < STALE_AFTER:
+            repairs.append(Repair(key, what, "left alone: less than an hour old, it may still be running"))
+        elif dry_run:
+            repairs.append(Repair(key, what, "would abort it"))
+        else:
+            ws.storage.abort_upload(key, upload_id)
+            repairs.append(Repair(key, what, "aborted"))
     return repairs
 
 

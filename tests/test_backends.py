@@ -726,3 +726,34 @@ def test_s3_import_move_keeps_the_source_until_its_record_is_committed(
     again = run_json("import", str(src), "--task", "lit", "--move")
     assert [r["action"] for r in again["checkpoints"]] == ["added"] and list(src.iterdir()) == []
     assert run_json("verify")["ok"]
+
+
+def test_s3_doctor_aborts_multipart_uploads_a_crashed_save_left(
+    run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckpt.trash
+
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    make_task(ws, "unet", n=1)
+    storage: Any = ws.storage
+    key = "tasks/unet/checkpoints/000002.pt"
+    upload = storage._call("create_multipart_upload", Key=storage._key(key))["UploadId"]
+    storage._call("upload_part", Key=storage._key(key), UploadId=upload, PartNumber=1, Body=b"z" * 1000)
+    assert [(k, u) for k, u, _ in storage.incomplete_uploads("")] == [(key, upload)]
+    what = "an unfinished multipart upload (a save that stopped)"
+    # moto reports one fixed initiation date (in 2010) for every upload: the age limit is moved instead
+    stale = ckpt.trash.STALE_AFTER
+    monkeypatch.setattr(ckpt.trash, "STALE_AFTER", 1e12)
+    young = [r for r in run_json("doctor")["repairs"] if r["path"] == key]
+    assert [(r["problem"], r["action"]) for r in young] == [
+        (what, "left alone: less than an hour old, it may still be running")
+    ]
+    monkeypatch.setattr(ckpt.trash, "STALE_AFTER", stale)
+    dry = [r for r in run_json("doctor", "--dry-run")["repairs"] if r["path"] == key]
+    assert [r["action"] for r in dry] == ["would abort it"]
+    assert len(storage.incomplete_uploads("")) == 1
+    done = [r for r in run_json("doctor")["repairs"] if r["path"] == key]
+    assert [r["action"] for r in done] == ["aborted"]
+    assert storage.incomplete_uploads("") == []
+    assert run_json("verify")["ok"]

@@ -103,6 +103,15 @@ class Storage(ABC):
     def delete(self, keys: list[str]) -> None:
         """Delete `keys` (missing ones are ignored); batched, 1,000 keys a request."""
 
+    def incomplete_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """(key, upload id, seconds since it began) of each multipart upload under `prefix` that was never
+        completed or aborted (a save that stopped halfway); none on a backend without multipart uploads."""
+        return []
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort multipart upload `upload_id` of `key`, freeing the parts it stored."""
+        raise NotImplementedError
+
 
 def open_storage(url: str) -> Storage:
     """The storage for workspace URL `url`; raises UsageError for an unknown scheme or a missing extra."""

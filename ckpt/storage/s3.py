@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,23 @@ class S3Storage(Storage):
         sync(self.fs.loop, all_of)
         for src, dst in large:
             self.copy(src, dst)
+
+    def incomplete_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        out: list[tuple[str, str, float]] = []
+        kw: dict[str, Any] = {"Prefix": self._key(prefix)}
+        while True:
+            page = self._call("list_multipart_uploads", **kw)
+            for u in page.get("Uploads", []):
+                out.append((u["Key"][len(self.prefix) :], u["UploadId"], time.time() - _seconds(u.get("Initiated"))))
+            if not page.get("IsTruncated"):
+                return out
+            kw.update(KeyMarker=page.get("NextKeyMarker", ""), UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self._call("abort_multipart_upload", Key=self._key(key), UploadId=upload_id)
+        except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
+            pass
 
     def children(self, prefix: str) -> list[str]:
         names: list[str] = []
