@@ -336,11 +336,12 @@ class TrashPlan:
             src_root, dst_root = str(task.folder), str(files)
             for cp in self.checkpoints:
                 name = cp.file
-                parent = os.path.dirname(name)
+                plain = _plain_name(name)  # plain strings: two Paths per file cost more than the rename itself
+                parent = name.rpartition("/")[0] if plain else os.path.dirname(name)
                 if parent not in made:
                     fsutil.make_dirs((files / name).parent)
                     made.add(parent)
-                if _plain_name(name):  # plain strings: two Paths per file cost more than the rename itself
+                if plain:
                     fsutil.move_noreplace(f"{src_root}/{name}", f"{dst_root}/{name}")
                 else:
                     fsutil.move_noreplace(task.folder / name, files / name)
