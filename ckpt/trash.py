@@ -329,7 +329,8 @@ class TrashPlan:
             fsutil.fsync_dir(task.folder)  # the marker is on disk before anything moves
             # 2. the entry record before anything moves: it names every file that may be in the trash
             data = _entry_bytes(entry)
-            fsutil.atomic_write(folder / ENTRY_FILE, data)  # fsyncs the record, then its folder
+            # atomic_write fsyncs the record, then its folder: the whole record is on disk before the first rename
+            fsutil.atomic_write(folder / ENTRY_FILE, data)
             # 3. the files, by rename (never a copy)
             made: set[str] = set()
             files = folder / FILES_DIR
