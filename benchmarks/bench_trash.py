@@ -58,6 +58,9 @@ def main() -> None:
             # the copy has new inodes, so the manifest's derived cache is stale: refresh it untimed, so that
             # both timed commands read the cache and the difference is trash-unused's own work
             subprocess.run([*CKPT, "-w", str(ws), "tasks", "--json"], env=ENV, check=True, stdout=subprocess.DEVNULL)
+            # the copy's metadata is still in the file system's journal: without a sync, trash-unused's first
+            # fsync would commit the copy too (mv, which does not fsync, never pays for it)
+            os.sync()
             startup.append(timed([*CKPT, "-w", str(ws), "tasks", "--json"]))
             trash.append(timed([*CKPT, "-w", str(ws), "trash-unused", "big", "--json"]))
             moved = base / f"mv-{i}"
@@ -66,6 +69,7 @@ def main() -> None:
             files = sorted(str(p) for p in cdir.iterdir())
             dest = moved / "trash" / "by-mv"
             dest.mkdir()
+            os.sync()  # as before trash-unused: each command pays for its own writes only
             mv.append(timed(["mv", *files, str(dest)]))
             shutil.rmtree(ws)
             shutil.rmtree(moved)

@@ -172,6 +172,23 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def make_file_new(path: Path, data: bytes = b"") -> None:
+    """Create file `path` with `data`, not fsynced (the caller fsyncs the folder); ConflictError if it exists.
+
+    For marker files, whose name alone carries their meaning: torn or empty bytes after a crash do no harm.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except FileExistsError:
+        raise ConflictError(f"'{path}' already exists", path=path) from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def append_durably(path: Path, data: bytes) -> None:
     """Append `data` to `path` in one write and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)

@@ -323,9 +323,11 @@ class TrashPlan:
         )
         try:
             # 1. the marker first: from here on the next lock of this task finishes or undoes what follows
-            fsutil.atomic_write(marker, entry_id.encode())
+            fsutil.make_file_new(marker, entry_id.encode())  # only its name counts: its bytes need no fsync
+            fsutil.fsync_dir(task.folder)  # the marker is on disk before anything moves
             # 2. the entry record before anything moves: it names every file that may be in the trash
             data = _entry_bytes(entry)
+            # atomic_write fsyncs the record, then its folder: the whole record is on disk before the first rename
             fsutil.atomic_write(folder / ENTRY_FILE, data)
             # 3. the files, by rename (never a copy)
             made: set[str] = set()
@@ -333,26 +335,28 @@ class TrashPlan:
             src_root, dst_root = str(task.folder), str(files)
             for cp in self.checkpoints:
                 name = cp.file
-                parent = os.path.dirname(name)
+                plain = _plain_name(name)  # plain strings: two Paths per file cost more than the rename itself
+                parent = name.rpartition("/")[0] if plain else os.path.dirname(name)
                 if parent not in made:
                     fsutil.make_dirs((files / name).parent)
                     made.add(parent)
-                if _plain_name(name):  # plain strings: two Paths per file cost more than the rename itself
+                if plain:
                     fsutil.move_noreplace(f"{src_root}/{name}", f"{dst_root}/{name}")
                 else:
                     fsutil.move_noreplace(task.folder / name, files / name)
-            for parent in made:
+            for parent in made:  # the renames are on disk (both sides) before the manifest drops the records
                 fsutil.fsync_dir(task.folder / parent)
                 fsutil.fsync_dir(files / parent)
             # 4. the manifest last: before this a crash is undone (files go back), after it finished
             state = task.state()
             gone = set(self.trashed)
             kept = {n: cp for n, cp in state.checkpoints.items() if n not in gone}
+            # atomic_write fsyncs the manifest and the task folder: it is on disk before the entry says complete
             task._rewrite(TaskState(replace(state.header, last_number=state.max_number), kept))
-            # 5. the entry complete, the marker removed
+            # 5. the entry complete (on disk before the marker goes), the marker removed; no fsync after the
+            # removal: a marker that comes back after a crash names a complete entry, and is simply removed
             fsutil.atomic_write(folder / ENTRY_FILE, _with_state(data, "pending", "complete"))
             fsutil.remove_file(marker)
-            fsutil.fsync_dir(task.folder)
         except BaseException:
             # put things right at once where the file system lets us; else the next lock of the task does
             with contextlib.suppress(Exception):
@@ -368,7 +372,6 @@ def _plain_name(file: str) -> bool:
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PLAIN_STR = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII without '"' and '\\': needs no escaping in TOML
-_I64 = range(-(2**63), 2**63)
 
 
 def _entry_bytes(entry: Entry) -> bytes:
@@ -378,61 +381,74 @@ def _entry_bytes(entry: Entry) -> bytes:
     task; records hold only integers, finite floats and plain strings, which render the same way
     directly. A record with anything else (escapes, non-finite metrics, odd keys) goes through tomli-w.
     """
-    doc = entry.to_doc()
-    records = doc.pop("checkpoints", [])
-    chunks = [dumps(doc)]
-    for rec in records:
-        fast = _plain_record(rec)
-        chunks.append(fast if fast is not None else b"\n" + dumps({"checkpoints": [rec]}))
-    return b"".join(chunks)
+    chunks = [dumps(replace(entry, checkpoints=[]).to_doc()).decode()]
+    for cp in entry.checkpoints:
+        chunks.append(_plain_record(cp) or _tomli_record(cp))
+    return "".join(chunks).encode()
 
 
-def _plain_value(v: Any) -> str | None:
-    t = type(v)  # the exact built-in types first: what records hold
-    if t is int:
-        return str(v) if -(2**63) <= v < 2**63 else None
-    if t is str:
-        return f'"{v}"' if _PLAIN_STR.fullmatch(v) else None
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return str(v) if v in _I64 else None
-    if isinstance(v, float):
-        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else None
-    if isinstance(v, str):
-        return f'"{v}"' if _PLAIN_STR.fullmatch(v) else None
-    return None
-
-
-_bare_keys: dict[str, bool] = {}  # the same few keys in every record: checked once each
+_bare_keys: dict[str, bool] = {}  # the same few metric names in every record: checked once each
 
 
 def _bare_key(k: str) -> bool:
     ok = _bare_keys.get(k)
     if ok is None:
-        ok = _bare_keys[k] = _BARE_KEY.fullmatch(k) is not None
+        ok = _bare_keys[k] = type(k) is str and _BARE_KEY.fullmatch(k) is not None
     return ok
 
 
-def _plain_record(rec: dict[str, Any]) -> bytes | None:
-    lines = ["\n[[checkpoints]]"]
-    for k, v in rec.items():
-        if not _bare_key(k):
-            return None
-        if isinstance(v, dict):
-            parts = []
-            for mk, mv in v.items():
-                text = _plain_value(mv)
-                if text is None or not _bare_key(mk):
-                    return None
-                parts.append(f"{mk} = {text}")
-            lines.append(f"{k} = {{ {', '.join(parts)} }}" if parts else f"{k} = {{}}")
-            continue
-        text = _plain_value(v)
-        if text is None:
-            return None
-        lines.append(f"{k} = {text}")
-    return ("\n".join(lines) + "\n").encode()
+def _plain_record(cp: Checkpoint) -> str | None:
+    """The `[[checkpoints]]` table of `cp` (keys in `to_record` order, metrics inline), or None when a value
+    is not an exact int, a finite float or a plain string: straight from the fields, no dict per record."""
+    step, epoch, name, file, sha256, created = cp.step, cp.epoch, cp.original_name, cp.file, cp.sha256, cp.created
+    if not (
+        type(cp.number) is int
+        and type(cp.size) is int
+        and (step is None or type(step) is int)
+        and (epoch is None or type(epoch) is int)
+        and type(file) is str
+        and type(sha256) is str
+        and type(created) is str
+        and (name is None or type(name) is str)
+        # one match for all four strings: the character class holds for the whole iff for each part
+        and _PLAIN_STR.fullmatch(f"{file}{sha256}{created}{name or ''}")
+    ):
+        return None
+    metrics = ""
+    if cp.metrics:
+        parts = []
+        for k, v in cp.metrics.items():
+            t = type(v)
+            if t is float and v - v == 0.0:  # finite (inf - inf and nan - nan are nan)
+                parts.append(f"{k} = {v!r}")
+            elif t is int:
+                parts.append(f"{k} = {v}")
+            else:
+                return None
+            if not _bare_key(k):
+                return None
+        metrics = f"metrics = {{ {', '.join(parts)} }}\n"
+    return "".join(
+        (
+            f'\n[[checkpoints]]\nnumber = {cp.number}\nfile = "{file}"\n',
+            "" if step is None else f"step = {step}\n",
+            "" if epoch is None else f"epoch = {epoch}\n",
+            f'size = {cp.size}\nsha256 = "{sha256}"\ncreated = "{created}"\n',
+            "" if name is None else f'original_name = "{name}"\n',
+            metrics,
+        )
+    )
+
+
+def _tomli_record(cp: Checkpoint) -> str:
+    """The `[[checkpoints]]` table of `cp` through tomli-w (which, given one short record alone, would write
+    an inline array instead of a table)."""
+    rec = cp.to_record()
+    metrics = rec.pop("metrics", None)
+    text = "\n[[checkpoints]]\n" + dumps(rec).decode()
+    if metrics:
+        text += "\n[checkpoints.metrics]\n" + dumps(metrics).decode()
+    return text
 
 
 def _with_state(data: bytes, old: str, new: str) -> bytes:
@@ -444,6 +460,8 @@ def _with_state(data: bytes, old: str, new: str) -> bytes:
 
 @dataclass(slots=True)
 class TrashResult:
+    """What `trash_unused` did: its plan, and the new entry's id."""
+
     plan: TrashPlan
     entry: str | None  # None on a dry run or when nothing was unused
 
@@ -517,11 +535,12 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
     stats: list[os.stat_result] = []
-    dir_ok: dict[str, bool] = {}
+    folders: dict[str, tuple[str, str | None]] = {}
+    root = str(task.folder)
     for cp in cps:
         reasons = why[cp.number]
         if not reasons:
-            problem, st = _unmovable(task, cp, dir_ok)
+            problem, st = _unmovable(root, cp.file, folders)
             if problem:
                 reasons.append(problem)
         if reasons:
@@ -534,19 +553,27 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
     return TrashPlan(task, decisions, trash, _bytes_freed(task, trash, stats), reason, warnings)
 
 
-def _unmovable(task: Task, cp: Checkpoint, dir_ok: dict[str, bool]) -> tuple[str | None, os.stat_result | None]:
-    """Why the file of `cp` cannot be moved (a symlink, missing, reached through a link), or its lstat."""
+def _unmovable(
+    root: str, file: str, folders: dict[str, tuple[str, str | None]]
+) -> tuple[str | None, os.stat_result | None]:
+    """Why `file` (relative to the task folder `root`) cannot be moved (a symlink, missing, reached through
+    a link), or its lstat. `folders` caches each parent folder's path and problem: checked once, not per file."""
     # plain strings, not Path: this runs once per checkpoint, a thousand times on a big task
-    folder = str(task.folder)
-    parts = cp.file.split("/")
-    for part in parts[:-1]:
-        folder = os.path.join(folder, part)
-        if folder not in dir_ok:
-            dir_ok[folder] = not fsutil.is_symlink(Path(folder))
-        if not dir_ok[folder]:
-            return f"skipped: {part}/ is a symlink; ckpt never moves files through links", None
+    parent, _, name = file.rpartition("/")
+    known = folders.get(parent)
+    if known is None:
+        folder, problem = root, None
+        for part in parent.split("/") if parent else ():
+            folder = os.path.join(folder, part)
+            if fsutil.is_symlink(Path(folder)):
+                problem = f"skipped: {part}/ is a symlink; ckpt never moves files through links"
+                break
+        known = folders[parent] = (folder, problem)
+    folder, problem = known
+    if problem is not None:
+        return problem, None
     try:
-        st = os.lstat(os.path.join(folder, parts[-1]))
+        st = os.lstat(f"{folder}/{name}")
     except FileNotFoundError:
         return "skipped: its file is missing (see: ckpt doctor)", None
     if stat.S_ISLNK(st.st_mode):
@@ -577,6 +604,8 @@ def _bytes_freed(task: Task, cps: list[Checkpoint], stats: list[os.stat_result])
 
 @dataclass(slots=True)
 class ModelTrashResult:
+    """The trash entry a removed model went to, and the model."""
+
     entry: str
     model: Model
 
@@ -644,6 +673,8 @@ def _model_locks(ws: Workspace, task_name: str | None) -> Iterator[None]:
 
 @dataclass(slots=True)
 class RestoreResult:
+    """The trash entry that was restored (and is now gone)."""
+
     entry: Entry
 
 
@@ -691,11 +722,12 @@ def restore(ws: Workspace, entry_id: str) -> RestoreResult:
         marker = task.folder / f"{PENDING_PREFIX}{entry_id}"
         try:
             # marker, then the entry marked "restoring": from here on recovery finishes the restore
-            fsutil.atomic_write(marker, entry_id.encode())
+            fsutil.make_file_new(marker, entry_id.encode())  # only its name counts: its bytes need no fsync
+            fsutil.fsync_dir(task.folder)  # the marker is on disk before the entry changes
             _write_entry(replace(entry, state="restoring"))
             _finish_restore(task, entry)
+            # no fsync after the removal: a marker that comes back after a crash names no entry and is removed
             fsutil.remove_file(marker)
-            fsutil.fsync_dir(task.folder)
         except BaseException:
             with contextlib.suppress(Exception):
                 recover_task(task)
@@ -778,13 +810,13 @@ def _is_file_or_folder(path: Path) -> bool:
 # --- empty -------------------------------------------------------------------------------------------
 
 
-_AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
+_AGE = r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*"  # compiled on first use (re caches it): not at import
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_age(text: str) -> timedelta:
     """'7d', '12h', '30m', '2w', '45s' as a timedelta; raises UsageError."""
-    m = _AGE.fullmatch(text)
+    m = re.fullmatch(_AGE, text)
     if not m:
         raise UsageError(f"invalid age {text!r}", hint="use a number and a unit: 45s, 30m, 12h, 7d, 2w")
     return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
@@ -805,6 +837,8 @@ class EmptyPlan:
 
 @dataclass(slots=True)
 class EmptyResult:
+    """What `empty` deleted, the bytes that freed, and what it left and why."""
+
     emptied: list[str]
     bytes_freed: int
     skipped: list[tuple[str, str]]

@@ -372,6 +372,8 @@ def test_entry_toml_fast_path_parses_like_tomli_w() -> None:
         Checkpoint(4, "checkpoints/4.pt", 1, "y", "t", metrics={"nan": float("nan"), "a.b": 1.0, "neg": -0.0}),
         Checkpoint(5, "checkpoints/5.pt", 1, "y", "t", metrics={"i": 3, "inf": float("-inf")}, original_name="é.ckpt"),
         Checkpoint(6, "checkpoints/6.pt", 2**62, "y", "t", metrics={"x-y_z": 12345678901234567.0}),
+        Checkpoint(7, 'c/"', 1, "y", "t"),  # short and escaped: tomli-w alone would write it as an inline array
+        Checkpoint(8, "checkpoints/8.pt", True, "y", "t", step=False, metrics={"flag": True}),  # bools are no ints
     ]
     entry = trash.Entry("20250101-000000-abcdef", "checkpoints", "unet", "pending", "t", "ckpt x 'y'", 1, 1, odd)
     fast = tomllib.loads(trash._entry_bytes(entry).decode())

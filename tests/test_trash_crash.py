@@ -23,7 +23,7 @@ from ckpt import fsutil, trash
 
 from .conftest import make_task
 
-STEPS = ("atomic_write", "move_noreplace", "remove_file", "make_dirs", "make_dir_new")
+STEPS = ("atomic_write", "make_file_new", "move_noreplace", "remove_file", "make_dirs", "make_dir_new")
 
 
 def sha(path: Path) -> str:
