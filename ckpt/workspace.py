@@ -661,7 +661,8 @@ class Task:
             ext = "" if item.is_dir else _suffix(item.original_name)
             number += 1
             while True:
-                target = cdir / f"{number:06d}{ext}"
+                name = f"{number:06d}{ext}"
+                target = cdir / name
                 try:
                     if how == "direct":
                         how = _link_or_copy_locked(item.source, target)
@@ -678,7 +679,7 @@ class Task:
             placed.append(
                 Checkpoint(
                     number=number,
-                    file=f"{CHECKPOINT_DIR}/{target.name}",
+                    file=f"{CHECKPOINT_DIR}/{name}",
                     size=item.size,
                     sha256=item.sha256,
                     created=item.created or now_iso(),
@@ -797,22 +798,31 @@ def _literal(value: object) -> str | None:
 def _record_bytes_fast(cp: Checkpoint) -> bytes:
     """record_bytes(cp), byte for byte, without tomli-w's per-character escaping (much faster on imports of
     thousands); anything unusual (quoted keys, escapes, NaN) goes through tomli-w."""
-    lines = ["\n[[checkpoints]]"]
-    for k, v in cp.to_record().items():
-        if k == "metrics":
-            lines.append("\n[checkpoints.metrics]")
-            for mk, mv in v.items():
-                lit = _literal(mv)
-                if lit is None or not _BARE_KEY.fullmatch(mk):
-                    return record_bytes(cp)
-                lines.append(f"{mk} = {lit}")
-            continue
-        lit = _literal(v)
-        if lit is None:
-            return record_bytes(cp)
-        lines.append(f"{k} = {lit}")
-    lines.append("")
-    return "\n".join(lines).encode()
+    name = cp.original_name
+    if (
+        type(cp.number) is not int
+        or type(cp.size) is not int
+        or (cp.step is not None and type(cp.step) is not int)
+        or (cp.epoch is not None and type(cp.epoch) is not int)
+        or not _PLAIN_STRING.fullmatch(f"{cp.file}{cp.sha256}{cp.created}{name or ''}")
+    ):
+        return record_bytes(cp)
+    text = f'\n[[checkpoints]]\nnumber = {cp.number}\nfile = "{cp.file}"\n'
+    if cp.step is not None:
+        text += f"step = {cp.step}\n"
+    if cp.epoch is not None:
+        text += f"epoch = {cp.epoch}\n"
+    text += f'size = {cp.size}\nsha256 = "{cp.sha256}"\ncreated = "{cp.created}"\n'
+    if name is not None:
+        text += f'original_name = "{name}"\n'
+    if cp.metrics:
+        text += "\n[checkpoints.metrics]\n"
+        for mk, mv in cp.metrics.items():
+            lit = _literal(mv)
+            if lit is None or not _BARE_KEY.fullmatch(mk):
+                return record_bytes(cp)
+            text += f"{mk} = {lit}\n"
+    return text.encode()
 
 
 def _unstage(staged: tuple[Incoming, Path, str]) -> None:

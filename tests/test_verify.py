@@ -133,3 +133,21 @@ def test_verify_reports_progress(ws: ckpt.Workspace) -> None:
     seen: list[tuple[int, int]] = []
     res = verify(ws, ["a"], progress=lambda n, total: seen.append((n, total)))
     assert res.ok and sum(n for n, _ in seen) == 12000 and {t for _, t in seen} == {12000}
+
+
+def test_sha256_many_across_buffer_sizes(tmp_path: Path) -> None:
+    """Small files, files that fill the first buffer exactly, and files larger than the large one hash right
+    on one thread and on several (a thread switches to the large buffer at its first large file)."""
+    import hashlib
+
+    sizes = [0, 1, 4096, 256 << 10, (256 << 10) + 1, 3 << 20, fsutil.HASH_BUFFER, fsutil.HASH_BUFFER + 7, 7]
+    paths = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(size))
+        paths.append(p)
+    paths.append(tmp_path / "missing")
+    for workers in (1, 2, 3):
+        got = fsutil.sha256_many(paths, workers=workers)
+        assert got[:-1] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths[:-1]]
+        assert isinstance(got[-1], FileNotFoundError)
