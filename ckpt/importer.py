@@ -472,12 +472,14 @@ def import_path(
     rows, new = _match(t, found)
     added = t.add_existing(new, mode=mode, unique=True)
     by_source = {cp.original_name: cp for cp in added}
-    known = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
+    known: dict[tuple[str, int], Checkpoint] | None = None
     for r in rows:
         if r.action == "added":
             if r.original_name in by_source:
                 r.number = by_source[r.original_name].number
             else:  # another import added the same bytes meanwhile
+                if known is None:
+                    known = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
                 r.action, r.note = "already", "added by another import meanwhile"
                 r.number = known[(r.sha256, r.size)].number
     t.refresh_cache()

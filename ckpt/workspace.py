@@ -615,7 +615,7 @@ class Task:
                         _unstage(x)
                 number = state.max_number
                 placed: list[Checkpoint] = []
-                renamed: list[tuple[Path, Path]] = []
+                renamed: list[tuple[str, str | Path]] = []
                 try:
                     self._place_locked(staged, cdir, number, placed, renamed)
                     fsutil.fsync_dir(cdir)
@@ -624,12 +624,12 @@ class Task:
                     chunks = [_record_bytes_fast(cp) for cp in placed]
                     fsutil.append_durably(self.manifest, b"".join(chunks))
                 except BaseException:
-                    for target, tmp in reversed(renamed):  # nothing was recorded: back to the staging names
+                    for target, back in reversed(renamed):  # nothing was recorded: back to the staging names
                         with contextlib.suppress(OSError, CkptError):
-                            if tmp == target:
+                            if back == target:
                                 os.unlink(target)  # a direct link: the source still has the bytes
                             else:
-                                fsutil.move_noreplace(target, tmp)
+                                fsutil.move_noreplace(target, back)
                     raise
                 for cp, data in zip(placed, chunks, strict=True):
                     self._reader.note_append(cp, data)
@@ -654,28 +654,30 @@ class Task:
         cdir: Path,
         number: int,
         placed: list[Checkpoint],
-        renamed: list[tuple[Path, Path]],
+        renamed: list[tuple[str, str | Path]],
     ) -> None:
         """Rename staged files to their numbers (caller holds the lock), filling `placed` and `renamed`."""
+        folder = os.fspath(cdir)  # plain strings: a Path per file costs more than its link() on large imports
         for item, tmp, how in staged:
             ext = "" if item.is_dir else _suffix(item.original_name)
             number += 1
             while True:
                 name = f"{number:06d}{ext}"
-                target = cdir / name
+                target = f"{folder}/{name}"
+                back: str | Path = tmp
                 try:
                     if how == "direct":
                         how = _link_or_copy_locked(item.source, target)
-                        tmp = target  # on failure there is nothing to put back: the new name goes
+                        back = target  # on failure there is nothing to put back: the new name goes
                     else:
                         how = "staged"
                         fsutil.move_noreplace(tmp, target)
                     break
                 except ConflictError:
                     number += 1  # a file without a record: never reuse its number
-            renamed.append((target, tmp))
+            renamed.append((target, back))
             if how == "copy":  # the link was refused and the copy made under the lock must match the hash
-                _check_copy(item, target)
+                _check_copy(item, Path(target))
             placed.append(
                 Checkpoint(
                     number=number,
@@ -767,7 +769,7 @@ class Incoming:
     dev: int = -1  # st_dev of the source: a hard link needs the same file system
 
 
-def _link_or_copy_locked(src: Path, target: Path) -> str:
+def _link_or_copy_locked(src: Path, target: str) -> str:
     """Hard-link `src` as `target`; where the link is refused, copy (ConflictError when `target` exists)."""
     try:
         fsutil.link_new(src, target)
@@ -775,7 +777,7 @@ def _link_or_copy_locked(src: Path, target: Path) -> str:
     except FileExistsError:
         raise ConflictError(f"'{target}' already exists", path=target) from None
     except OSError:
-        return fsutil.place_new(src, target, "link")
+        return fsutil.place_new(src, Path(target), "link")
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")

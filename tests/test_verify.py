@@ -136,11 +136,12 @@ def test_verify_reports_progress(ws: ckpt.Workspace) -> None:
 
 
 def test_sha256_many_across_buffer_sizes(tmp_path: Path) -> None:
-    """Small files, files that fill the first buffer exactly, and files larger than the large one hash right
-    on one thread and on several (a thread switches to the large buffer at its first large file)."""
+    """Empty and small files, files that fill the read buffer exactly or just overflow it, and files of many
+    buffers hash right, on one thread and on several (the calling thread hashes too)."""
     import hashlib
 
-    sizes = [0, 1, 4096, 256 << 10, (256 << 10) + 1, 3 << 20, fsutil.HASH_BUFFER, fsutil.HASH_BUFFER + 7, 7]
+    buf = fsutil.HASH_BUFFER
+    sizes = [0, 1, 4096, buf - 1, buf, buf + 1, 3 * buf, 3 * buf + 7, 7]
     paths = []
     for i, size in enumerate(sizes):
         p = tmp_path / f"f{i}"
