@@ -29,8 +29,11 @@ def ckpt_cmd() -> list[str]:
 
 def env_for(ws: Path) -> dict[str, str]:
     env = dict(os.environ)
-    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG", "PYTHONPATH"):
+    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG"):
         env.pop(var, None)  # users run with compiled bytecode
+    # the checkout this script lives in, not whichever one is installed
+    checkout = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
     env["CKPT_WORKSPACE"] = str(ws)
     return env
 

@@ -1,9 +1,11 @@
 """`ckpt verify` on 8 checkpoints of 128 MiB (in the page cache) against a single-threaded
 `hashlib.file_digest` loop over the same files, in the same run.
 
-The figure is the loop's time over verify's own time (the `seconds` of `ckpt verify --json`: the work
-of the command, not the interpreter's start, which is printed too). Target: at least 1.6.
-Prints `RATIO verify_8x128MiB_vs_file_digest_loop <value> >=1.6` last.
+The figure is the loop's time over the wall time of the whole `ckpt verify --json` process, start-up
+included: what a user waits for. Target: at least 1.6. A second figure leaves ckpt's start-up out (a
+`ckpt tasks --json` timed in the same run is subtracted), and the `seconds` the command reports is printed.
+Prints `RATIO verify_8x128MiB_vs_file_digest_loop <value> >=1.6` and
+`RATIO verify_8x128MiB_beyond_startup_vs_file_digest_loop <value> >=1.6` last.
 Run: python benchmarks/bench_verify.py [--quick]
 """
 
@@ -33,8 +35,11 @@ def ckpt_cmd() -> list[str]:
 
 def env_for(ws: Path) -> dict[str, str]:
     env = dict(os.environ)
-    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG", "PYTHONPATH"):
+    for var in ("PYTHONDONTWRITEBYTECODE", "CKPT_DEBUG"):
         env.pop(var, None)  # users run with compiled bytecode
+    # the checkout this script lives in, not whichever one is installed
+    checkout = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
     env["CKPT_WORKSPACE"] = str(ws)
     return env
 
@@ -88,11 +93,16 @@ def main() -> None:
         )
         paths = sorted((ws / "tasks" / "big" / "checkpoints").iterdir())
         digest_loop(paths)  # warm the page cache
+        subprocess.run([*ckpt_cmd(), "tasks", "--json"], env=env, check=True, capture_output=True)
         loop: list[float] = []
         inner: list[float] = []
         wall: list[float] = []
-        for _ in range(REPEATS):  # interleaved, so drift on the machine hits both alike
+        startup: list[float] = []
+        for _ in range(REPEATS):  # interleaved, so drift on the machine hits all alike
             loop.append(digest_loop(paths))
+            start = time.perf_counter()
+            subprocess.run([*ckpt_cmd(), "tasks", "--json"], env=env, check=True, capture_output=True)
+            startup.append(time.perf_counter() - start)
             start = time.perf_counter()
             proc = subprocess.run([*ckpt_cmd(), "verify", "big", "--json"], env=env, capture_output=True)
             wall.append(time.perf_counter() - start)
@@ -103,22 +113,25 @@ def main() -> None:
         subprocess.run(["sha256sum", *map(str, paths)], check=True, capture_output=True)
         sha256sum = time.perf_counter() - start
         total = FILES * SIZE / 2**20
-        lp, i, w = (statistics.median(x) for x in (loop, inner, wall))
+        lp, i, w, s = (statistics.median(x) for x in (loop, inner, wall, startup))
+        beyond = max(w - s, 1e-9)
         print(
             f"{FILES} files of {SIZE // 2**20} MiB in the page cache, {os.cpu_count()} cores, medians of {REPEATS}:",
             file=sys.stderr,
         )
         print(f"  hashlib.file_digest loop  {lp:.3f} s  {total / lp:.0f} MiB/s", file=sys.stderr)
-        print(f"  ckpt verify (command)     {i:.3f} s  {total / i:.0f} MiB/s", file=sys.stderr)
-        print(f"  ckpt verify (process)     {w:.3f} s  {total / w:.0f} MiB/s (with interpreter start)", file=sys.stderr)
+        print(f"  ckpt verify (process)     {w:.3f} s  {total / w:.0f} MiB/s (start-up included)", file=sys.stderr)
+        print(f"  ckpt tasks --json         {s:.3f} s  (ckpt's start-up)", file=sys.stderr)
+        print(f"  verify beyond start-up    {beyond:.3f} s  {total / beyond:.0f} MiB/s", file=sys.stderr)
+        print(f"  ckpt verify (command)     {i:.3f} s  {total / i:.0f} MiB/s (its own `seconds`)", file=sys.stderr)
         print(f"  sha256sum (once)          {sha256sum:.3f} s  {total / sha256sum:.0f} MiB/s", file=sys.stderr)
-        print(f"  process over loop: {lp / w:.2f}x", file=sys.stderr)
         print(
             f"  ceiling: {os.cpu_count()} threads hash in-memory data {thread_ceiling():.2f}x as fast as one "
             f"(load average {os.getloadavg()[0]:.1f})",
             file=sys.stderr,
         )
-        print(f"RATIO verify_8x128MiB_vs_file_digest_loop {lp / i:.2f} >=1.6")
+        print(f"RATIO verify_8x128MiB_vs_file_digest_loop {lp / w:.2f} >=1.6")
+        print(f"RATIO verify_8x128MiB_beyond_startup_vs_file_digest_loop {lp / beyond:.2f} >=1.6")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

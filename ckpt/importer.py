@@ -109,28 +109,28 @@ def parse_lightning_name(name: str) -> tuple[int | None, int | None, dict[str, f
     """
     stem = name[: -len(".ckpt")] if name.endswith(".ckpt") else Path(name).stem
     stem = _VERSION.sub("", stem)
-    keys = list(_KEY.finditer(stem))
     epoch = step = None
     metrics: dict[str, float] = {}
-    for i, m in enumerate(keys):
-        end = keys[i + 1].start() - 1 if i + 1 < len(keys) else len(stem)
-        raw = stem[m.end() : end]
-        key = m.group(1)
+    parts = _KEY.split(stem)  # [prefix, key, value + "-", key, value + "-", ..., key, value]
+    last = len(parts) - 2
+    for i in range(1, len(parts), 2):
+        key = parts[i]
+        raw = parts[i + 1] if i == last else parts[i + 1][:-1]
         value: float
         if _INT.fullmatch(raw):
             value = int(raw)
+            if key == "epoch":
+                epoch = value
+                continue
+            if key == "step":
+                step = value
+                continue
         else:
             try:
                 value = float(raw)
             except ValueError:
                 continue
-        if key in ("epoch", "step") and isinstance(value, int):
-            if key == "epoch":
-                epoch = value
-            else:
-                step = value
-        else:
-            metrics[key] = value
+        metrics[key] = value
     return epoch, step, metrics
 
 
@@ -265,7 +265,8 @@ def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
         if st is None:  # save_last="link" makes last.ckpt a symlink to the checkpoint it repeats
             skipped.append(_skip(f, name, f"a symlink (to {os.readlink(f)}); not imported"))
             continue
-        epoch, step, metrics = parse_lightning_name(f.name)
+        filename = f.name
+        epoch, step, metrics = parse_lightning_name(filename)
         found.append(
             Found(
                 f,
@@ -276,14 +277,14 @@ def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
                 mtime=st.st_mtime,
                 size=st.st_size,
                 dev=st.st_dev,
-                is_last=_is_last(f.name),
+                is_last=filename.startswith("last") and _is_last(filename),
             )
         )
-    from .formats import top_level_scalars
-
     for c in found:
         if c.step is None or c.epoch is None:
             # the name lacks them: read them from the file without unpickling anything
+            from .formats import top_level_scalars  # imported only then: most names hold both
+
             try:
                 inside = top_level_scalars(c.path)
             except IntegrityError:
@@ -477,12 +478,14 @@ def import_path(
     rows, new = _match(t, found)
     added = t.add_existing(new, mode=mode, unique=True)
     by_source = {cp.original_name: cp for cp in added}
-    known = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
+    known: dict[tuple[str, int], Checkpoint] | None = None
     for r in rows:
         if r.action == "added":
             if r.original_name in by_source:
                 r.number = by_source[r.original_name].number
             else:  # another import added the same bytes meanwhile
+                if known is None:
+                    known = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
                 r.action, r.note = "already", "added by another import meanwhile"
                 r.number = known[(r.sha256, r.size)].number
     t.refresh_cache()

@@ -735,7 +735,7 @@ class Task:
                         _unstage(x)
                 number = state.max_number
                 placed: list[Checkpoint] = []
-                renamed: list[tuple[Path, Path]] = []
+                renamed: list[tuple[str, str | Path]] = []
                 try:
                     self._place_locked(staged, cdir, number, placed, renamed)
                     fsutil.fsync_dir(cdir)
@@ -744,12 +744,12 @@ class Task:
                     chunks = [_record_bytes_fast(cp) for cp in placed]
                     fsutil.append_durably(self.manifest, b"".join(chunks))
                 except BaseException:
-                    for target, tmp in reversed(renamed):  # nothing was recorded: back to the staging names
+                    for target, back in reversed(renamed):  # nothing was recorded: back to the staging names
                         with contextlib.suppress(OSError, CkptError):
-                            if tmp == target:
+                            if back == target:
                                 os.unlink(target)  # a direct link: the source still has the bytes
                             else:
-                                fsutil.move_noreplace(target, tmp)
+                                fsutil.move_noreplace(target, back)
                     raise
                 for cp, data in zip(placed, chunks, strict=True):
                     self._reader.note_append(cp, data)
@@ -774,31 +774,34 @@ class Task:
         cdir: Path,
         number: int,
         placed: list[Checkpoint],
-        renamed: list[tuple[Path, Path]],
+        renamed: list[tuple[str, str | Path]],
     ) -> None:
         """Rename staged files to their numbers (caller holds the lock), filling `placed` and `renamed`."""
+        folder = os.fspath(cdir)  # plain strings: a Path per file costs more than its link() on large imports
         for item, tmp, how in staged:
             ext = "" if item.is_dir else _suffix(item.original_name)
             number += 1
             while True:
-                target = cdir / f"{number:06d}{ext}"
+                name = f"{number:06d}{ext}"
+                target = f"{folder}/{name}"
+                back: str | Path = tmp
                 try:
                     if how == "direct":
                         how = _link_or_copy_locked(item.source, target)
-                        tmp = target  # on failure there is nothing to put back: the new name goes
+                        back = target  # on failure there is nothing to put back: the new name goes
                     else:
                         how = "staged"
                         fsutil.move_noreplace(tmp, target)
                     break
                 except ConflictError:
                     number += 1  # a file without a record: never reuse its number
-            renamed.append((target, tmp))
+            renamed.append((target, back))
             if how == "copy":  # the link was refused and the copy made under the lock must match the hash
-                _check_copy(item, target)
+                _check_copy(item, Path(target))
             placed.append(
                 Checkpoint(
                     number=number,
-                    file=f"{CHECKPOINT_DIR}/{target.name}",
+                    file=f"{CHECKPOINT_DIR}/{name}",
                     size=item.size,
                     sha256=item.sha256,
                     created=item.created or now_iso(),
@@ -886,7 +889,7 @@ class Incoming:
     dev: int = -1  # st_dev of the source: a hard link needs the same file system
 
 
-def _link_or_copy_locked(src: Path, target: Path) -> str:
+def _link_or_copy_locked(src: Path, target: str) -> str:
     """Hard-link `src` as `target`; where the link is refused, copy (ConflictError when `target` exists)."""
     try:
         fsutil.link_new(src, target)
@@ -894,7 +897,7 @@ def _link_or_copy_locked(src: Path, target: Path) -> str:
     except FileExistsError:
         raise ConflictError(f"'{target}' already exists", path=target) from None
     except OSError:
-        return fsutil.place_new(src, target, "link")
+        return fsutil.place_new(src, Path(target), "link")
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -917,22 +920,31 @@ def _literal(value: object) -> str | None:
 def _record_bytes_fast(cp: Checkpoint) -> bytes:
     """record_bytes(cp), byte for byte, without tomli-w's per-character escaping (much faster on imports of
     thousands); anything unusual (quoted keys, escapes, NaN) goes through tomli-w."""
-    lines = ["\n[[checkpoints]]"]
-    for k, v in cp.to_record().items():
-        if k == "metrics":
-            lines.append("\n[checkpoints.metrics]")
-            for mk, mv in v.items():
-                lit = _literal(mv)
-                if lit is None or not _BARE_KEY.fullmatch(mk):
-                    return record_bytes(cp)
-                lines.append(f"{mk} = {lit}")
-            continue
-        lit = _literal(v)
-        if lit is None:
-            return record_bytes(cp)
-        lines.append(f"{k} = {lit}")
-    lines.append("")
-    return "\n".join(lines).encode()
+    name = cp.original_name
+    if (
+        type(cp.number) is not int
+        or type(cp.size) is not int
+        or (cp.step is not None and type(cp.step) is not int)
+        or (cp.epoch is not None and type(cp.epoch) is not int)
+        or not _PLAIN_STRING.fullmatch(f"{cp.file}{cp.sha256}{cp.created}{name or ''}")
+    ):
+        return record_bytes(cp)
+    text = f'\n[[checkpoints]]\nnumber = {cp.number}\nfile = "{cp.file}"\n'
+    if cp.step is not None:
+        text += f"step = {cp.step}\n"
+    if cp.epoch is not None:
+        text += f"epoch = {cp.epoch}\n"
+    text += f'size = {cp.size}\nsha256 = "{cp.sha256}"\ncreated = "{cp.created}"\n'
+    if name is not None:
+        text += f'original_name = "{name}"\n'
+    if cp.metrics:
+        text += "\n[checkpoints.metrics]\n"
+        for mk, mv in cp.metrics.items():
+            lit = _literal(mv)
+            if lit is None or not _BARE_KEY.fullmatch(mk):
+                return record_bytes(cp)
+            text += f"{mk} = {lit}\n"
+    return text.encode()
 
 
 def _unstage(staged: tuple[Incoming, Path, str]) -> None:

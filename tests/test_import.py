@@ -439,6 +439,9 @@ def test_fast_record_bytes_match_tomli_w() -> None:
         Checkpoint(**base, step=5, epoch=0, original_name="checkpoint-5", metrics={"eval_loss": 0.25, "n": 3}),
         Checkpoint(**base, original_name='we"ird\\name é.ckpt', metrics={"val/loss": float("nan"), "a b": 1e-05}),
         Checkpoint(**base, metrics={"x": float("inf"), "y": -0.0, "z": 1e300}),
+        Checkpoint(**base, epoch=3, original_name="epoch=3-val_loss=0.5.ckpt", metrics={"val_loss": 0.5, "k": -2}),
+        Checkpoint(**base, step=0, original_name="a\tb.ckpt"),
+        Checkpoint(**{**base, "created": "2024-01-01T00:00:00.000001+00:00"}, step=12, epoch=1),
     ]
     for cp in cases:
         assert _record_bytes_fast(cp) == record_bytes(cp)

@@ -68,6 +68,23 @@ def test_installed_script_does_not_import_torch(ws: ckpt.Workspace) -> None:
     assert "ckpt.cli" in mods and "torch" not in mods
 
 
+def test_import_reads_inside_files_only_when_names_lack_epoch_or_step(tmp_path: Path, ws: ckpt.Workspace) -> None:
+    """`ckpt.formats` (pickle, decimal) is imported only for a Lightning name without its epoch or step."""
+    named = tmp_path / "named"
+    named.mkdir()
+    for i in range(3):
+        (named / f"epoch={i}-step={10 * (i + 1)}.ckpt").write_bytes(os.urandom(100))
+    mods = _loaded([*CKPT, "import", str(named), "--task", "named", "--json"], _env(ws))
+    assert "ckpt.importer" in mods and "ckpt.formats" not in mods and "torch" not in mods
+    assert [cp.step for cp in ws.task("named").checkpoints] == [10, 20, 30]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "last.ckpt").write_bytes(os.urandom(100))  # not a torch zip: read, found empty, imported anyway
+    mods = _loaded([*CKPT, "import", str(bare), "--task", "bare", "--json"], _env(ws))
+    assert "ckpt.formats" in mods and "torch" not in mods
+    assert [cp.original_name for cp in ws.task("bare").checkpoints] == ["last.ckpt"]
+
+
 # --- the per-task list cache ------------------------------------------------------------------------
 
 

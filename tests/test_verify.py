@@ -133,3 +133,22 @@ def test_verify_reports_progress(ws: ckpt.Workspace) -> None:
     seen: list[tuple[int, int]] = []
     res = verify(ws, ["a"], progress=lambda n, total: seen.append((n, total)))
     assert res.ok and sum(n for n, _ in seen) == 12000 and {t for _, t in seen} == {12000}
+
+
+def test_sha256_many_across_buffer_sizes(tmp_path: Path) -> None:
+    """Empty and small files, files that fill the read buffer exactly or just overflow it, and files of many
+    buffers hash right, on one thread and on several (the calling thread hashes too)."""
+    import hashlib
+
+    buf = fsutil.HASH_BUFFER
+    sizes = [0, 1, 4096, buf - 1, buf, buf + 1, 3 * buf, 3 * buf + 7, 7]
+    paths = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(size))
+        paths.append(p)
+    paths.append(tmp_path / "missing")
+    for workers in (1, 2, 3):
+        got = fsutil.sha256_many(paths, workers=workers)
+        assert got[:-1] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths[:-1]]
+        assert isinstance(got[-1], FileNotFoundError)
