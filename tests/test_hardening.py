@@ -406,3 +406,21 @@ def test_read_only_commands_finish_an_interrupted_trash_first(
             assert (root / rel).is_file(), f"{command} showed {rel}, whose file is not in the task"
         check_consistent(root, "unet", cps)
     assert interrupted >= 3  # the failures left markers that only the read command cleared
+
+
+def test_a_file_where_a_folder_belongs_is_a_clean_error(
+    ws: ckpt.Workspace, tmp_path: Path, run: Callable[..., Any]
+) -> None:
+    make_task(ws, n=3, size=100)
+    folder = ws.root / "tasks" / "unet" / "checkpoints"
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    def files() -> dict[str, tuple[str, int, int]]:  # derived caches (dot files) may be rewritten
+        return {k: v for k, v in snapshot(ws.root).items() if v[0] != "dir" and not os.path.basename(k).startswith(".")}
+
+    before = files()
+    for args in (["trash-unused", "unet"], ["promote", "unet", "1", "-t", "m"], ["show", "unet", "1"]):
+        result = run(*args)
+        assert result.exit_code in (1, 3, 6), (args, result.output)
+        assert_clean_error(result, result.exit_code)
+    assert files() == before

@@ -50,6 +50,13 @@ def handle_errors(fn: F) -> F:
             raise
         except BrokenPipeError:
             raise typer.Exit(1) from None
+        except OSError as e:  # the file system said no (permissions, a full or read-only disk, a file where a
+            # folder belongs): not a bug in ckpt, but nothing the core turned into a CkptError either
+            if os.environ.get("CKPT_DEBUG"):
+                raise
+            where = f": '{e.filename}'" if e.filename else ""
+            err(f"error: {e.strerror or e}{where}; check that path, and run `ckpt doctor` to see what is out of place")
+            raise typer.Exit(1) from None
         except Exception as e:  # a bug: still one line, the traceback only on request
             if os.environ.get("CKPT_DEBUG"):
                 raise
