@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -760,7 +759,7 @@ class Task:
                 if mode == "link" and not item.is_dir and item.dev == cdev:
                     staged.append((item, item.source, "direct"))
                     continue
-                tmp = cdir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+                tmp = cdir / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
                 if item.source.is_dir():
                     listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
                     how = fsutil.place_tree_new(item.source, tmp, mode, listed)
