@@ -306,7 +306,7 @@ class Workspace:
         return [name for name in self._task_folders() if os.path.exists(os.path.join(folder, name, TASK_FILE))]
 
     def _task_folders(self) -> list[str]:
-        """Names of the folders of tasks/ that are not hidden nor a symlink, sorted: the tasks, where a manifest is."""
+        """Names of the folders in tasks/ neither hidden nor a symlink, sorted; those holding a manifest are tasks."""
         try:
             with os.scandir(self.tasks_dir) as it:
                 names = [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
