@@ -139,7 +139,8 @@ def many_tasks(tmp: Path, ck: str, repeats: int) -> None:
     tasks = [ck, "tasks", "--json"]
     cold = run_once(tasks, env)
     res = interleaved({"baseline": BASELINE, "tasks": tasks}, env, repeats)
-    info(f"ckpt tasks --json, {MANY:,} tasks: warm {ms(res['tasks'])}, first run {ms(cold)}")
+    warm, base = ms(res["tasks"]), ms(res["baseline"])
+    info(f"ckpt tasks --json, {MANY:,} tasks: warm {warm}, first run {ms(cold)}; baseline {base}")
     ratio("tasks_1000_vs_import", res["tasks"] / res["baseline"], "<=2")
 
 

@@ -7,9 +7,7 @@ implementation (object storage) can replace it later.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import hashlib
 import itertools
 import os
 import shutil
@@ -17,9 +15,12 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import BusyError, CkptError, ConflictError
+
+if TYPE_CHECKING:
+    import ctypes
 
 CHUNK = 4 * 1024 * 1024
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -206,6 +207,8 @@ class HashingWriter:
     """Wraps a binary file: counts and sha256-hashes everything written through it."""
 
     def __init__(self, f: BinaryIO):
+        import hashlib  # here, not at the top: commands that only read never hash (its import is 3 ms)
+
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
@@ -249,12 +252,16 @@ def write_new_file(folder: Path, name: str, produce: Callable[[HashingWriter], N
 
 def sha256_file(path: Path) -> str:
     """The sha256 of a file's bytes, read once."""
+    import hashlib
+
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_tree(path: Path) -> tuple[str, int]:
     """(sha256, size) of a file, or of a directory's files in sorted relative-path order."""
+    import hashlib
+
     if not path.is_dir():
         return sha256_file(path), path.stat().st_size
     outer = hashlib.sha256()
@@ -276,6 +283,8 @@ _libc: ctypes.CDLL | None = None
 def _renameat2(src: str | Path, dst: str | Path) -> bool:
     """rename(2) with RENAME_NOREPLACE; False when the platform lacks it."""
     global _libc
+    import ctypes  # here: its import costs 2 ms, and only writers rename
+
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
@@ -536,6 +545,8 @@ def tree_digest(files: list[tuple[str, str]]) -> str:
     It is sha256 over the lines `<file sha256>  <relative path>\\n` in sorted path order (the format
     of `sha256sum`'s output), the same digest `hash_tree` gives.
     """
+    import hashlib
+
     outer = hashlib.sha256()
     for rel, digest in sorted(files):
         outer.update(f"{digest}  {rel}\n".encode())
@@ -543,6 +554,8 @@ def tree_digest(files: list[tuple[str, str]]) -> str:
 
 
 def _sha256_path(path: str | Path, buf: bytearray, view: memoryview) -> str:
+    import hashlib
+
     sha = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -544,6 +544,67 @@ class SummaryCache:
             pass
 
 
+class TaskRowsCache:
+    """Each task's row of `ckpt tasks --json` as rendered text, kept with the `stat` of the manifest it came from;
+    never the source of truth.
+
+    An entry is `[inode, size, mtime in ns, ctime in ns, text]`, so one `stat` of a manifest checks it. Every
+    change of a file gives it the current time as its ctime, which nothing can set back: the caller keeps only
+    rows of manifests unchanged for a while (a later change then gets another ctime even on a coarse clock),
+    taking the `stat` before reading the manifest. `form` names how the text was rendered. A stale, foreign or
+    damaged entry or file only costs a re-read.
+    """
+
+    def __init__(self, path: Path, form: str):
+        self.path = path
+        self.form = form
+        self.entries: dict[str, Any] = {}
+        self._changed = False
+        try:
+            raw = json.loads(path.read_bytes())
+            if raw.get("v") == TASK_ROWS_VERSION and raw.get("form") == form and isinstance(raw["tasks"], dict):
+                self.entries = raw["tasks"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+
+    def get(self, name: str, st: os.stat_result) -> str | None:
+        """The text kept for task `name` when its manifest's `st` is the one it was kept with, else None."""
+        entry = self.entries.get(name)
+        if type(entry) is not list or len(entry) != 5:
+            return None
+        ino, size, mtime, ctime, text = entry
+        if ino != st.st_ino or size != st.st_size or mtime != st.st_mtime_ns or ctime != st.st_ctime_ns:
+            return None
+        return text if type(text) is str else None
+
+    def put(self, name: str, st: os.stat_result, text: str) -> None:
+        """Keep `text`, rendered from the manifest read after `st` was taken."""
+        self.entries[name] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, text]
+        self._changed = True
+
+    def drop(self, name: str) -> None:
+        if self.entries.pop(name, None) is not None:
+            self._changed = True
+
+    def save(self, names: list[str]) -> None:
+        """Write the cache, keeping the tasks in `names` only; failures are ignored (it is only a cache)."""
+        keep = set(names)
+        if set(self.entries) - keep:
+            self.entries = {k: v for k, v in self.entries.items() if k in keep}
+            self._changed = True
+        if not self._changed:
+            return
+        doc = {"v": TASK_ROWS_VERSION, "form": self.form, "tasks": self.entries}
+        try:
+            fsutil.atomic_write_nosync(self.path, json.dumps(doc, separators=(",", ":")).encode())
+            self._changed = False
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+TASK_ROWS_VERSION = 1
+
+
 # --- rendered rows of one task ----------------------------------------------------------------------
 
 ROWS_VERSION = 1

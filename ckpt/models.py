@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +235,7 @@ def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: boo
             path=src,
             hint="run: ckpt doctor",
         )
-    staging = ws.models_dir / f".staging-{title}-{secrets.token_hex(4)}"
+    staging = ws.models_dir / f".staging-{title}-{os.urandom(4).hex()}"
     staging.mkdir()
     try:
         dst = staging / Path(cp.file).name

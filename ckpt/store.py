@@ -234,6 +234,10 @@ class StoreWorkspace(Workspace):
                 errors.append(e)
         return rows, errors
 
+    def tasks_rendered(self, form: str, render: Callable[[TaskSummary], str]) -> tuple[list[str], list[CkptError]]:
+        rows, errors = self.tasks()  # nothing kept: each manifest is read (or revalidated) anyway
+        return [render(r) for r in rows], errors
+
     @property
     def models(self) -> ModelIndex:
         return StoreModelIndex(self)

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +32,7 @@ from .manifest import (
     SummaryCache,
     TaskHeader,
     TaskReader,
+    TaskRowsCache,
     TaskState,
     check_format,
     dumps,
@@ -52,6 +52,7 @@ TASK_FILE = "task.toml"
 CACHE_FILE = ".task.cache.json"
 LIST_CACHE_FILE = ".task.list.cache"  # rendered rows of `ckpt list --json` (see manifest.RowCache)
 SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see manifest.SummaryCache)
+TASK_ROWS_CACHE_FILE = ".tasks.rows.cache.json"  # in tasks/: every task's rendered row (see manifest.TaskRowsCache)
 LOCK_FILE = ".lock"
 CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
 CHECKPOINT_DIR = "checkpoints"
@@ -301,23 +302,68 @@ class Workspace:
 
     def task_names(self) -> list[str]:
         """Names of the task folders that hold a manifest, sorted."""
+        folder = str(self.tasks_dir)
+        return [name for name in self._task_folders() if os.path.exists(os.path.join(folder, name, TASK_FILE))]
+
+    def _task_folders(self) -> list[str]:
+        """Names of the folders in tasks/ neither hidden nor a symlink, sorted; those holding a manifest are tasks."""
         try:
-            entries = sorted(os.scandir(self.tasks_dir), key=lambda e: e.name)
+            with os.scandir(self.tasks_dir) as it:
+                names = [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
-        return [
-            e.name
-            for e in entries
-            if not e.name.startswith(".")
-            and e.is_dir(follow_symlinks=False)
-            and os.path.exists(os.path.join(e.path, TASK_FILE))
-        ]
+        names.sort()
+        return names
 
     def tasks(self) -> tuple[list[TaskSummary], list[CkptError]]:
         """A summary of every task, and the errors of tasks that could not be read."""
-        rows: list[TaskSummary] = []
-        errors: list[CkptError] = []
         names = self.task_names()
+        summaries, errors = self._summaries(names, names)
+        return [s for s in summaries if s is not None], errors
+
+    def tasks_rendered(self, form: str, render: Callable[[TaskSummary], str]) -> tuple[list[str], list[CkptError]]:
+        """`render` of the summary of every task, in `tasks` order, and the errors of tasks that could not be read.
+
+        The text is kept in tasks/.tasks.rows.cache.json and used again while one `stat` of the task's manifest
+        is what it was (see manifest.TaskRowsCache); `form` names how `render` renders: a change must change it.
+        """
+        folder = str(self.tasks_dir)  # plain strings joined by hand: os.path.join is half the time of a stat
+        cache = TaskRowsCache(self.tasks_dir / TASK_ROWS_CACHE_FILE, form)
+        names: list[str] = []
+        texts: list[str | None] = []
+        missed: list[tuple[int, os.stat_result]] = []
+        for name in self._task_folders():
+            try:
+                st = os.stat(f"{folder}/{name}/{TASK_FILE}")
+            except (OSError, ValueError):
+                continue  # no manifest: not a task (task_names' os.path.exists)
+            text = cache.get(name, st)
+            if text is None:
+                missed.append((len(names), st))
+            names.append(name)
+            texts.append(text)
+        errors: list[CkptError] = []
+        if missed:
+            summaries, errors = self._summaries([names[i] for i, _ in missed], names)
+            settled = time.time_ns() - SETTLED_NS
+            for (i, st), summary in zip(missed, summaries, strict=True):
+                if summary is None:
+                    cache.drop(names[i])
+                    continue
+                texts[i] = text = render(summary)
+                # a manifest changed less than 2 s before its stat could change again with the same ctime
+                if st.st_ctime_ns <= settled:
+                    cache.put(names[i], st, text)
+                else:
+                    cache.drop(names[i])
+        cache.save(names)
+        return [t for t in texts if t is not None], errors
+
+    def _summaries(self, names: list[str], tasks: list[str]) -> tuple[list[TaskSummary | None], list[CkptError]]:
+        """The summary of each task of `names` (None for one that could not be read) and the errors; `tasks` are
+        all the tasks there are (the summary cache forgets the others)."""
+        rows: list[TaskSummary | None] = []
+        errors: list[CkptError] = []
         # one derived file instead of 1,000 per-task caches: ckpt tasks stays within its start-up time
         cache = SummaryCache(self.tasks_dir / SUMMARY_CACHE_FILE, _SUMMARY_FIELDS)
         folder = str(self.tasks_dir)  # plain strings: 1,000 tasks' Path objects cost a visible part of the time
@@ -332,10 +378,11 @@ class Workspace:
                 summary = task.summary()
             except CkptError as e:
                 errors.append(e)
+                rows.append(None)
                 continue
             rows.append(summary)
             cache.put(name, task._reader, {k: getattr(summary, k) for k in _SUMMARY_FIELDS})
-        cache.save(names)
+        cache.save(tasks)
         return rows, errors
 
     # -- models (see models.py) --
@@ -712,7 +759,7 @@ class Task:
                 if mode == "link" and not item.is_dir and item.dev == cdev:
                     staged.append((item, item.source, "direct"))
                     continue
-                tmp = cdir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+                tmp = cdir / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
                 if item.source.is_dir():
                     listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
                     how = fsutil.place_tree_new(item.source, tmp, mode, listed)

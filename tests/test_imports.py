@@ -18,11 +18,20 @@ from typing import Any
 import pytest
 
 import ckpt
+from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.fsutil import hash_tree
 from ckpt.manifest import _COLUMNS, Checkpoint, TaskReader, parse_task
-from ckpt.workspace import CACHE_FILE, LIST_CACHE_FILE, SUMMARY_CACHE_FILE, Incoming, Task
+from ckpt.workspace import (
+    CACHE_FILE,
+    LIST_CACHE_FILE,
+    SUMMARY_CACHE_FILE,
+    TASK_ROWS_CACHE_FILE,
+    Incoming,
+    Task,
+    Workspace,
+)
 
 from .conftest import make_task
 
@@ -491,3 +500,132 @@ def test_summary_cache_under_concurrent_writers(ws: ckpt.Workspace) -> None:
         assert p.wait(timeout=120) == 0
     assert _rows(_tasks(ws)) == _fresh_tasks(ws)
     assert _rows(_tasks(ws)) == _fresh_tasks(ws)  # and from the cache the last run wrote
+
+
+# --- the rendered rows of `ckpt tasks --json` ---------------------------------------------------------
+
+
+def _plain_tasks(ws: ckpt.Workspace) -> bytes:
+    """What `ckpt tasks --json` printed for a script before its rows were kept: every manifest read afresh."""
+    for path in (ws.tasks_dir / SUMMARY_CACHE_FILE, *ws.tasks_dir.glob("*/" + CACHE_FILE)):
+        path.unlink(missing_ok=True)
+    rows, _ = ckpt.Workspace.open(ws.root).tasks()
+    return (json.dumps([_render.task_json(r) for r in rows], ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def _read_tasks(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """A probe: the names of the tasks each later `ckpt tasks` had to summarise (not from its kept rows)."""
+    calls: list[list[str]] = []
+    summaries = Workspace._summaries
+
+    def recording(self: Workspace, names: list[str], tasks: list[str]) -> Any:
+        calls.append(list(names))
+        return summaries(self, names, tasks)
+
+    monkeypatch.setattr(Workspace, "_summaries", recording)
+    return calls
+
+
+def _odd_tasks(ws: ckpt.Workspace) -> None:
+    """Tasks with odd metrics, none, a finished one, a broken manifest, and folders that are not tasks."""
+    make_task(ws, "a", n=2)
+    ws.create_task("empty")
+    odd = ws.create_task("odd")
+    odd.save(b"x", step=1, metrics={"nan": float("nan"), "inf": float("inf"), "ünï 名\u2028": 1e22, 'q"}, {"': 0.3})
+    make_task(ws, "done", n=1).finish(failed=True)
+    ws.create_task("broken").manifest.write_text("format = 1\nname = 'broken'\nstatus = 'bogus'\n")
+    (ws.tasks_dir / "no-manifest" / "checkpoints").mkdir(parents=True)
+    (ws.tasks_dir / "dangling").mkdir()
+    (ws.tasks_dir / "dangling" / "task.toml").symlink_to(ws.root / "nowhere.toml")
+
+
+def test_tasks_from_kept_rows_is_byte_for_byte_the_same(
+    ws: ckpt.Workspace, run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workspace, "SETTLED_NS", 0)  # the manifests were just written: keep their rows all the same
+    _odd_tasks(ws)
+    first = run("tasks", "--json")  # renders every row, and keeps them
+    assert first.exit_code == 0, first.output
+    assert (ws.tasks_dir / TASK_ROWS_CACHE_FILE).exists()
+    calls = _read_tasks(monkeypatch)
+    kept = run("tasks", "--json")
+    assert kept.exit_code == 0, kept.output
+    assert calls == [["broken"]]  # only the task that has no row to keep is read again
+    assert kept.stdout_bytes == first.stdout_bytes == _plain_tasks(ws)
+    assert kept.stderr == first.stderr
+    assert kept.stderr.count("warning: skipped a task") == 1 and "'bogus'" in kept.stderr
+    rows = json.loads(kept.stdout)
+    assert [r["name"] for r in rows] == ["a", "done", "empty", "odd"]
+    assert rows[3]["latest_metrics"]["nan"] is None and rows[3]["latest_metrics"]["inf"] is None
+
+    # changed after the rows were kept: an append, a rewrite, a new task, a removed one, a mended one
+    ckpt.Workspace.open(ws.root).task("a").save(b"y" * 9, step=7, metrics={"loss": 0.5})
+    ckpt.Workspace.open(ws.root).task("odd").finish(failed=True)
+    make_task(ws, "new", n=1)
+    (ws.tasks_dir / "done" / "task.toml").unlink()
+    ckpt.Workspace.open(ws.root).tasks_dir.joinpath("broken", "task.toml").write_text(
+        "format = 1\nname = 'broken'\nstatus = 'running'\ncreated = '2026-01-01T00:00:00+00:00'\n"
+    )
+    calls.clear()
+    after = run("tasks", "--json")
+    assert after.exit_code == 0, after.output
+    assert calls == [["a", "broken", "new", "odd"]]
+    assert after.stderr == ""
+    again = run("tasks", "--json")
+    assert calls == [["a", "broken", "new", "odd"]]  # none read: every row kept
+    assert after.stdout_bytes == again.stdout_bytes == _plain_tasks(ws)
+    assert [r["name"] for r in json.loads(again.stdout)] == ["a", "broken", "empty", "new", "odd"]
+    assert json.loads(again.stdout)[0]["checkpoints"] == 3
+
+
+def test_tasks_keep_rows_of_settled_manifests_only(
+    ws: ckpt.Workspace, run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_task(ws, "a", n=2)
+    calls = _read_tasks(monkeypatch)
+    assert run("tasks", "--json").exit_code == 0
+    assert run("tasks", "--json").exit_code == 0
+    assert calls == [["a"], ["a"]]  # changed within 2 s: a later change could keep its ctime, so nothing is kept
+    monkeypatch.setattr(workspace, "SETTLED_NS", 0)
+    assert run("tasks", "--json").exit_code == 0
+    assert run("tasks", "--json").exit_code == 0
+    assert calls[2:] == [["a"]]  # read once, then kept
+    manifest = ws.tasks_dir / "a" / "task.toml"
+    os.chmod(manifest, manifest.stat().st_mode)  # the same bytes, inode, size and mtime: only the ctime changes
+    listed = run("tasks", "--json")
+    assert calls[3:] == [["a"]]
+    assert listed.stdout_bytes == _plain_tasks(ws)
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage", "not-a-list", "wrong-types", "other-form", "other-version"])
+def test_kept_task_rows_damaged(
+    ws: ckpt.Workspace, run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setattr(workspace, "SETTLED_NS", 0)
+    for name in ("a", "b"):
+        make_task(ws, name, n=2)
+    assert run("tasks", "--json").exit_code == 0
+    path = ws.tasks_dir / TASK_ROWS_CACHE_FILE
+    doc = json.loads(path.read_text())
+    match damage:
+        case "delete":
+            path.unlink()
+        case "garbage":
+            path.write_bytes(b"\x00{garbage")
+        case "not-a-list":
+            doc["tasks"]["a"] = {"row": "x"}
+        case "wrong-types":
+            doc["tasks"]["a"][4] = 7
+        case "other-form":
+            doc["form"] = "ckpt 0.0, tasks rows 0"
+        case "other-version":
+            doc["v"] = 99
+    if damage not in ("delete", "garbage"):
+        path.write_text(json.dumps(doc))
+    calls = _read_tasks(monkeypatch)
+    listed = run("tasks", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert calls == [["a"] if damage in ("not-a-list", "wrong-types") else ["a", "b"]]
+    assert run("tasks", "--json").stdout_bytes == listed.stdout_bytes  # and from the rows kept again
+    assert len(calls) == 1
+    assert listed.stdout_bytes == _plain_tasks(ws)

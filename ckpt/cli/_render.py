@@ -18,6 +18,29 @@ def metric_or_none(v: float) -> float | None:
     return metric_json(v)
 
 
+def task_json(r: Any) -> dict[str, Any]:
+    """One row of `ckpt tasks --json`, from a TaskSummary."""
+    return {
+        "name": r.name,
+        "status": r.status,
+        "checkpoints": r.checkpoints,
+        "size": r.size,
+        "created": r.created,
+        "latest": r.latest,
+        "latest_metrics": {k: metric_or_none(v) for k, v in r.latest_metrics.items()},
+    }
+
+
+# `ckpt tasks --json` for a script is its rows' text joined as the C encoder joins a list's items; each task's text
+# is kept (Workspace.tasks_rendered) with the form: the number must change whenever the text of a row does
+TASKS_FORM = f"ckpt {__version__}, tasks rows 1"
+
+
+def task_text(r: Any) -> str:
+    """`task_json` as the one-line JSON `print_json` writes for a script."""
+    return json.dumps(task_json(r), ensure_ascii=False, allow_nan=False)
+
+
 def checkpoint_path(ws: Any, task: Any, cp: Checkpoint, prefix: str | None = None) -> str:
     """`ws.rel(task.path_of(cp))` without building two Paths per checkpoint (10,000 of them in `ckpt list`)."""
     file = cp.file

@@ -23,13 +23,15 @@ from ._common import (
 )
 from ._render import (
     ROWS_FORM,
+    TASKS_FORM,
     checkpoint_json,
     checkpoints_json,
     extend_rows,
-    metric_or_none,
     model_json,
     plain_rows,
     splice_rows,
+    task_json,
+    task_text,
 )
 
 if TYPE_CHECKING:
@@ -58,24 +60,18 @@ def init(
 def tasks_list(json: JsonOpt = False) -> None:
     """Every task: status, number of checkpoints, size on disk, latest metrics."""
     ws = open_workspace()
+    if json and not json_to_terminal():
+        # a script's listing: each task's row is kept as text while its manifest is unchanged
+        texts, errors = ws.tasks_rendered(TASKS_FORM, task_text)
+        for e in errors:
+            err(f"warning: skipped a task: {e}")
+        out("[" + ", ".join(texts) + "]")  # what print_json writes for the rows: ", " between items
+        return
     rows, errors = ws.tasks()
     for e in errors:
         err(f"warning: skipped a task: {e}")
     if json:
-        print_json(
-            [
-                {
-                    "name": r.name,
-                    "status": r.status,
-                    "checkpoints": r.checkpoints,
-                    "size": r.size,
-                    "created": r.created,
-                    "latest": r.latest,
-                    "latest_metrics": {k: metric_or_none(v) for k, v in r.latest_metrics.items()},
-                }
-                for r in rows
-            ]
-        )
+        print_json([task_json(r) for r in rows])
         return
     if not rows:
         err("no tasks yet; training scripts create them with ckpt.Workspace.create_task")
