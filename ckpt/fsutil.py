@@ -357,7 +357,7 @@ class Mover:
         if src_fd is None:
             move_noreplace(self.src_root / rel, self.dst_root / rel)
         else:
-            move_noreplace(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            move_noreplace(name, name, src_fd, dst_fd)
 
     def sync(self) -> None:
         """fsync every folder a move touched, on both sides."""
