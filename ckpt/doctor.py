@@ -18,7 +18,8 @@ from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ManifestError
 from .manifest import TaskState, parse_task
-from .trash import Repair, recover_workspace
+from .trash import recover_workspace
+from .trash_results import Repair
 from .workspace import LOCK_FILE, Task, Workspace
 
 
@@ -119,4 +120,3 @@ def _check_task(ws: Workspace, task: Task, dry_run: bool, forget_missing: bool) 
         how = f"ckpt scan {task.name} --add" if u.addable else "move it out of the task folder"
         repairs.append(Repair(u.rel, f"a {u.kind} no record of task '{task.name}' names", f"left alone: {how}"))
     return repairs
-

@@ -62,17 +62,8 @@ from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, In
 
 if TYPE_CHECKING:
     from .importer import Found, ScanResult, Unknown, VerifyResult
-    from .trash import (
-        DiskUse,
-        EmptyPlan,
-        EmptyResult,
-        Entry,
-        KeepRules,
-        ModelTrashResult,
-        Repair,
-        RestoreResult,
-        TrashResult,
-    )
+    from .trash import Entry, KeepRules, TrashResult
+    from .trash_results import DiskUse, EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
@@ -954,7 +945,8 @@ def _delete_entry(ws: StoreWorkspace, entry_id: str) -> int:
 
 
 def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
-    from .trash import FILES_DIR, RestoreResult
+    from .trash import FILES_DIR
+    from .trash_results import RestoreResult
 
     entry = _settle(ws, _read_entry(ws, entry_id))
     if entry.kind == "model" and entry.state in ("complete", "restoring"):
@@ -1001,7 +993,7 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
 
 
 def plan_empty(ws: StoreWorkspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
-    from .trash import EmptyPlan
+    from .trash_results import EmptyPlan
 
     skipped: list[tuple[str, str]] = []
     if ids:
@@ -1025,7 +1017,7 @@ def plan_empty(ws: StoreWorkspace, ids: list[str] | None = None, older_than: tim
 
 
 def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
-    from .trash import EmptyResult
+    from .trash_results import EmptyResult
 
     emptied: list[str] = []
     freed = 0
@@ -1126,7 +1118,8 @@ def _drop_model(ws: StoreWorkspace, title: str, keys: list[str]) -> None:
 
 
 def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashResult:
-    from .trash import MODEL_DIR, Entry, ModelTrashResult
+    from .trash import MODEL_DIR, Entry
+    from .trash_results import ModelTrashResult
 
     model = ws.models[title]
     folder = f"models/{title}/"
@@ -1265,7 +1258,7 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
 def disk_use(ws: StoreWorkspace) -> DiskUse:
     """Bytes stored under the workspace by task, models and trash: one LIST of the whole prefix (a request per
     1,000 objects). Objects share nothing, so every object counts once, where its key is."""
-    from .trash import DiskUse
+    from .trash_results import DiskUse
 
     by_task = dict.fromkeys(ws.task_names(), 0)
     models = trash = other = 0
@@ -1404,7 +1397,7 @@ def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpo
 def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False) -> list[Repair]:
     """What interrupted commands left (trash entries pending or restoring, objects of an interrupted empty,
     model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""
-    from .trash import Repair
+    from .trash_results import Repair
 
     repairs = _recover(ws, dry_run) + _abort_stale_uploads(ws, dry_run)
     for name in ws.task_names():
@@ -1428,7 +1421,8 @@ def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = 
 
 
 def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
-    from .trash import _ID, STALE_AFTER, Repair
+    from .trash import _ID, STALE_AFTER
+    from .trash_results import Repair
 
     repairs: list[Repair] = []
     for entry_id in ws.storage.children("trash/"):
@@ -1486,7 +1480,8 @@ def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
 def _abort_stale_uploads(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
     """Multipart uploads a crashed save (or import) began and never finished: their parts are stored, and
     billed, until aborted. One younger than an hour may be a save running on another machine."""
-    from .trash import STALE_AFTER, Repair
+    from .trash import STALE_AFTER
+    from .trash_results import Repair
 
     repairs: list[Repair] = []
     for key, upload_id, age in ws.storage.incomplete_uploads(""):
@@ -1504,7 +1499,7 @@ def _abort_stale_uploads(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
 def _check_task(
     ws: StoreWorkspace, task: StoreTask, state: TaskState, dry_run: bool, forget_missing: bool
 ) -> list[Repair]:
-    from .trash import Repair
+    from .trash_results import Repair
 
     repairs: list[Repair] = []
     objects = _objects(ws, task)

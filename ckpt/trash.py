@@ -42,7 +42,7 @@ from .workspace import LOCK_FILE as TASK_LOCK
 from .workspace import PENDING_PREFIX
 
 if TYPE_CHECKING:
-    from .models import Model
+    from .trash_results import DiskUse, EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
     from .workspace import Task, Workspace
 
 ENTRY_FILE = "entry.toml"
@@ -55,6 +55,18 @@ KINDS = ("checkpoints", "model")
 STATES = ("pending", "complete", "restoring")
 STALE_AFTER = 3600.0  # seconds before doctor treats a temp file or staging folder as abandoned
 _ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
+
+
+_RESULTS = ("DiskUse", "EmptyPlan", "EmptyResult", "ModelTrashResult", "Repair", "RestoreResult")
+
+
+def __getattr__(name: str) -> Any:
+    """The result types that live in `ckpt.trash_results`, imported the first time one is asked for here."""
+    if name in _RESULTS:
+        from . import trash_results
+
+        return getattr(trash_results, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- entries ---------------------------------------------------------------------------------------
@@ -329,22 +341,23 @@ class TrashPlan:
             data = _entry_bytes(entry)
             # atomic_write fsyncs the record, then its folder: the whole record is on disk before the first rename
             fsutil.atomic_write(folder / ENTRY_FILE, data)
-            # 3. the files, by rename (never a copy)
-            made: set[str] = set()
+            # 3. the files, by rename (never a copy), through their folders opened once
             files = folder / FILES_DIR
-            src_root, dst_root = str(task.folder), str(files)
-            for cp in self.checkpoints:
-                name = cp.file
-                plain = _plain_name(name)  # plain strings: two Paths per file cost more than the rename itself
-                parent = name.rpartition("/")[0] if plain else os.path.dirname(name)
-                if parent not in made:
-                    fsutil.make_dirs((files / name).parent)
-                    made.add(parent)
-                if plain:
-                    fsutil.move_noreplace(f"{src_root}/{name}", f"{dst_root}/{name}")
-                else:
+            odd: set[str] = set()
+            with fsutil.Mover(task.folder, files) as mover:
+                for cp in self.checkpoints:
+                    name = cp.file
+                    if _plain_name(name):
+                        mover.move(name)
+                        continue
+                    parent = os.path.dirname(name)  # a name pathlib rewrites: moved by its Path, as planned
+                    if parent not in odd:
+                        fsutil.make_dirs((files / name).parent)
+                        odd.add(parent)
                     fsutil.move_noreplace(task.folder / name, files / name)
-            for parent in made:  # the renames are on disk (both sides) before the manifest drops the records
+                # the renames are on disk (both sides) before the manifest drops the records
+                mover.sync()
+            for parent in odd:
                 fsutil.fsync_dir(task.folder / parent)
                 fsutil.fsync_dir(files / parent)
             # 4. the manifest last: before this a crash is undone (files go back), after it finished
@@ -534,46 +547,63 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
 
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
-    stats: list[os.stat_result] = []
-    folders: dict[str, tuple[str, str | None]] = {}
+    # what emptying the entry would free: each inode once, and only when every link to it goes
+    links: dict[tuple[int, int], list[int]] = {}  # inode -> [links among the files to trash, nlink, size]
+    folders: dict[str, tuple[str, int | None, str | None]] = {}
     root = str(task.folder)
-    for cp in cps:
-        reasons = why[cp.number]
-        if not reasons:
-            problem, st = _unmovable(root, cp.file, folders)
-            if problem:
+    try:
+        for cp in cps:
+            reasons = why[cp.number]
+            if not reasons:
+                problem, top = _unmovable(root, cp.file, folders)
+                if problem is None:
+                    assert top is not None
+                    decisions.append(Decision(cp.number, "trash", "unused", cp.size))
+                    trash.append(cp)
+                    tree = fsutil.lstat_tree(task.path_of(cp)) if stat.S_ISDIR(top.st_mode) else ((None, top),)
+                    for _, st in tree:
+                        if stat.S_ISREG(st.st_mode):
+                            key = (st.st_dev, st.st_ino)
+                            if key in links:
+                                links[key][0] += 1
+                            else:
+                                links[key] = [1, st.st_nlink, st.st_size]
+                    continue
                 reasons.append(problem)
-        if reasons:
             decisions.append(Decision(cp.number, "keep", "; ".join(reasons), cp.size))
-        else:
-            decisions.append(Decision(cp.number, "trash", "unused", cp.size))
-            trash.append(cp)
-            assert st is not None
-            stats.append(st)
-    return TrashPlan(task, decisions, trash, _bytes_freed(task, trash, stats), reason, warnings)
+    finally:
+        for _, fd, _ in folders.values():
+            if fd is not None:
+                os.close(fd)
+    freed = sum(size for n, nlink, size in links.values() if n >= nlink)
+    return TrashPlan(task, decisions, trash, freed, reason, warnings)
 
 
 def _unmovable(
-    root: str, file: str, folders: dict[str, tuple[str, str | None]]
+    root: str, file: str, folders: dict[str, tuple[str, int | None, str | None]]
 ) -> tuple[str | None, os.stat_result | None]:
     """Why `file` (relative to the task folder `root`) cannot be moved (a symlink, missing, reached through
-    a link), or its lstat. `folders` caches each parent folder's path and problem: checked once, not per file."""
+    a link), or its lstat. `folders` keeps each parent folder's path, descriptor (closed by the caller) and
+    problem: checked and opened once, not per file."""
     # plain strings, not Path: this runs once per checkpoint, a thousand times on a big task
     parent, _, name = file.rpartition("/")
     known = folders.get(parent)
     if known is None:
-        folder, problem = root, None
+        folder, fd, problem = root, None, None
         for part in parent.split("/") if parent else ():
             folder = os.path.join(folder, part)
             if fsutil.is_symlink(Path(folder)):
                 problem = f"skipped: {part}/ is a symlink; ckpt never moves files through links"
                 break
-        known = folders[parent] = (folder, problem)
-    folder, problem = known
+        if problem is None:
+            with contextlib.suppress(OSError):  # a folder that is gone: its files are reported missing below
+                fd = fsutil.open_folder(folder)  # an lstat through it looks up one name, not the whole path
+        known = folders[parent] = (folder, fd, problem)
+    folder, fd, problem = known
     if problem is not None:
         return problem, None
     try:
-        st = os.lstat(f"{folder}/{name}")
+        st = os.lstat(name, dir_fd=fd) if fd is not None and name else os.lstat(f"{folder}/{name}")
     except FileNotFoundError:
         return "skipped: its file is missing (see: ckpt doctor)", None
     if stat.S_ISLNK(st.st_mode):
@@ -583,31 +613,7 @@ def _unmovable(
     return None, st
 
 
-def _bytes_freed(task: Task, cps: list[Checkpoint], stats: list[os.stat_result]) -> int:
-    """Sizes of the files whose every hard link would be gone: each inode once (folders: their files)."""
-    seen: dict[tuple[int, int], list[int]] = {}  # inode -> [links among these files, nlink, size]
-    for cp, top in zip(cps, stats, strict=True):
-        tree = fsutil.lstat_tree(task.path_of(cp)) if stat.S_ISDIR(top.st_mode) else [(None, top)]
-        for _, st in tree:
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                seen[key][0] += 1
-            else:
-                seen[key] = [1, st.st_nlink, st.st_size]
-    return sum(size for links, nlink, size in seen.values() if links >= nlink)
-
-
 # --- models remove ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ModelTrashResult:
-    """The trash entry a removed model went to, and the model."""
-
-    entry: str
-    model: Model
 
 
 @per_backend
@@ -616,6 +622,8 @@ def trash_model(ws: Workspace, title: str, reason: str = "") -> ModelTrashResult
 
     Raises ModelNotFound, ManifestError (unreadable model), BusyError.
     """
+    from .trash_results import ModelTrashResult
+
     model = ws.models[title]
     with _model_locks(ws, model.task):
         model = ws.models[title]  # again, under the locks
@@ -671,13 +679,6 @@ def _model_locks(ws: Workspace, task_name: str | None) -> Iterator[None]:
 # --- restore -----------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class RestoreResult:
-    """The trash entry that was restored (and is now gone)."""
-
-    entry: Entry
-
-
 @per_backend
 def restore(ws: Workspace, entry_id: str) -> RestoreResult:
     """Put the files and records of trash entry `entry_id` back exactly as they were; the entry is removed.
@@ -685,6 +686,8 @@ def restore(ws: Workspace, entry_id: str) -> RestoreResult:
     Raises NotFoundError, ConflictError (something would be overwritten, a number is back in the
     manifest, or the entry is not complete; nothing is changed), IntegrityError (a file is missing).
     """
+    from .trash_results import RestoreResult
+
     entry = read_entry(ws, entry_id)
     if entry.kind == "model":
         return RestoreResult(_restore_model(ws, entry_id, entry.task))
@@ -822,34 +825,14 @@ def parse_age(text: str) -> timedelta:
     return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
 
 
-@dataclass(slots=True)
-class EmptyPlan:
-    """The entries `empty` would delete; building it changes nothing."""
-
-    entries: list[Entry]
-    skipped: list[tuple[str, str]]  # (id, why)
-    leftovers: list[Path]  # `.deleting-*` folders of an interrupted empty
-
-    @property
-    def size(self) -> int:
-        return sum(e.size for e in self.entries)
-
-
-@dataclass(slots=True)
-class EmptyResult:
-    """What `empty` deleted, the bytes that freed, and what it left and why."""
-
-    emptied: list[str]
-    bytes_freed: int
-    skipped: list[tuple[str, str]]
-
-
 @per_backend
 def plan_empty(ws: Workspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
     """Choose the entries to delete: `ids` (all when empty or None), only those older than `older_than`.
 
     Raises NotFoundError for an id that is not in the trash.
     """
+    from .trash_results import EmptyPlan
+
     chosen: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     if ids:
@@ -887,6 +870,8 @@ def empty(ws: Workspace, plan: EmptyPlan) -> EmptyResult:
 
     The only function of ckpt that deletes checkpoint bytes. Never follows a symlink.
     """
+    from .trash_results import EmptyResult
+
     _check_trash_dir(ws)
     emptied: list[str] = []
     skipped = list(plan.skipped)
@@ -936,25 +921,12 @@ def _delete_trees(paths: list[Path]) -> int:
 # --- du ------------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class DiskUse:
-    """Bytes allocated (like `du -B1`), each inode counted once: in the first part that reaches it."""
-
-    by_task: dict[str, int]
-    models: int
-    trash: int
-    other: int  # ckpt.toml, the top-level folders themselves, anything else
-    total: int
-
-    @property
-    def tasks(self) -> int:
-        return sum(self.by_task.values())
-
-
 @per_backend
 def disk_use(ws: Workspace) -> DiskUse:
     """Disk use of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
     checkpoint of a task costs nothing more."""
+    from .trash_results import DiskUse
+
     seen: set[tuple[int, int]] = set()
     by_task: dict[str, int] = {}
     for name in ws.task_names():
@@ -975,15 +947,6 @@ def _du(path: Path, seen: set[tuple[int, int]]) -> int:
 # --- recovery --------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True, frozen=True)
-class Repair:
-    """One thing recovery found, and what it did (or, on a dry run, would do)."""
-
-    path: str
-    problem: str
-    action: str
-
-
 def recover_task(task: Task) -> list[Repair]:
     """Finish or undo the interrupted trash operations of `task` (those that left a `.pending-` marker).
 
@@ -996,6 +959,8 @@ def recover_task(task: Task) -> list[Repair]:
 
 
 def _recover_marker(task: Task, marker: Path) -> Repair:
+    from .trash_results import Repair
+
     ws = task.ws
     entry_id = marker.name[len(PENDING_PREFIX) :]
     rel = ws.rel(marker)
@@ -1021,6 +986,8 @@ def _recover_marker(task: Task, marker: Path) -> Repair:
 
 def _recover_entry(task: Task, entry: Entry) -> Repair:
     """Recover a checkpoint entry of `task` (lock held): undo a pending trash, finish a restore."""
+    from .trash_results import Repair
+
     ws = task.ws
     rel = ws.rel(entry.folder)
     if entry.state == "complete":
@@ -1060,6 +1027,8 @@ def _has_files(folder: Path) -> bool:
 
 def _recover_model_entry(ws: Workspace, entry: Entry) -> Repair:
     """Recover a model entry (trash lock held): finish or undo a pending remove, finish a restore."""
+    from .trash_results import Repair
+
     rel = ws.rel(entry.folder)
     if entry.state == "restoring":
         _finish_model_restore(ws, entry)
@@ -1080,6 +1049,8 @@ def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: floa
     `stale_after` seconds (a live command may be writing them). Never deletes a recorded checkpoint file.
     With `dry_run`, changes nothing and says what it would do.
     """
+    from .trash_results import Repair
+
     repairs: list[Repair] = []
     now = time.time()
     # 1. tasks with markers, under their locks (Task.lock recovers them)

@@ -77,6 +77,25 @@ def test_installed_script_does_not_import_torch(ws: ckpt.Workspace) -> None:
     assert "ckpt.cli" in mods and "torch" not in mods
 
 
+def test_trash_unused_leaves_the_other_trash_results_unimported(ws: ckpt.Workspace) -> None:
+    """trash-unused does not make the classes that only models remove, restore, empty, du and doctor return."""
+    make_task(ws, "T", n=3)
+    mods = _loaded([*CKPT, "trash-unused", "T", "--json"], _env(ws))
+    assert "ckpt.trash" in mods and "ckpt.trash_results" not in mods
+    assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("T").checkpoints] == [3]
+    mods = _loaded([*CKPT, "du", "--json"], _env(ws))
+    assert "ckpt.trash_results" in mods
+
+
+def test_trash_results_are_still_exported_by_ckpt_trash() -> None:
+    from ckpt import trash, trash_results
+
+    for name in ("DiskUse", "EmptyPlan", "EmptyResult", "ModelTrashResult", "Repair", "RestoreResult"):
+        assert getattr(trash, name) is getattr(trash_results, name)
+    with pytest.raises(AttributeError):
+        trash.NoSuchName  # noqa: B018
+
+
 def test_import_reads_inside_files_only_when_names_lack_epoch_or_step(tmp_path: Path, ws: ckpt.Workspace) -> None:
     """`ckpt.formats` (pickle, decimal) is imported only for a Lightning name without its epoch or step."""
     named = tmp_path / "named"

@@ -380,3 +380,56 @@ def test_entry_toml_fast_path_parses_like_tomli_w() -> None:
     slow = tomllib.loads(dumps(entry.to_doc()).decode())
     assert json.dumps(fast, sort_keys=True) == json.dumps(slow, sort_keys=True)  # NaN compares equal as text
     assert trash._with_state(trash._entry_bytes(entry), "pending", "complete").count(b'state = "complete"') == 1
+
+
+def test_trash_unused_moves_files_of_several_folders(ws: ckpt.Workspace, run_json: Any) -> None:
+    """A manifest another tool wrote: files in a sub-folder, at the top of the task, and a name pathlib rewrites."""
+    task = make_task(ws, n=4)
+    names = {1: "runs/a/000001.pt", 2: "000002.pt", 3: "checkpoints//000003.pt"}
+    text = task.manifest.read_text()
+    digests = {}
+    for n, name in names.items():
+        old = f"checkpoints/{n:06d}.pt"
+        digests[n] = sha(task.folder / old)
+        target = task.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (task.folder / old).rename(target)
+        text = text.replace(f'file = "{old}"', f'file = "{name}"')
+    task.manifest.write_text(text)
+    data = run_json("trash-unused", "unet")
+    assert data["trashed"] == [1, 2, 3] and data["bytes_freed_on_empty"] == 3000
+    files = ws.trash_dir / data["entry"] / "files"
+    for n, name in names.items():
+        assert sha(files / name) == digests[n] and not (task.folder / name).exists()
+    assert numbers(run_json) == [4]
+    run_json("trash", "restore", data["entry"])
+    assert numbers(run_json) == [1, 2, 3, 4]
+    assert all(sha(task.folder / name) == digests[n] for n, name in names.items())
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+def test_moves_through_open_folders_never_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool
+) -> None:
+    from ckpt import fsutil
+
+    if not renameat2:
+        monkeypatch.setattr(fsutil, "_renameat2", lambda *a: False)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    (dst / "sub").mkdir(parents=True)
+    for rel in ("x", "y", "sub/z", "sub/w"):
+        (src / rel).write_text(rel)
+    (dst / "sub" / "w").write_text("kept")
+    with fsutil.Mover(src, dst) as mover:
+        mover.move("x")
+        mover.move("sub/z")
+        with pytest.raises(ckpt.ConflictError):
+            mover.move("sub/w")
+        mover.move("y")
+        mover.sync()
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == ["sub/w", "sub/z", "x", "y"]
+    assert (dst / "sub" / "w").read_text() == "kept" and (src / "sub" / "w").read_text() == "sub/w"
+    assert (dst / "sub" / "z").read_text() == "sub/z"
+    with pytest.raises(ckpt.ConflictError):
+        fsutil.move_noreplace(src / "sub" / "w", dst / "sub" / "w")

@@ -31,6 +31,12 @@ trash_app = typer.Typer(
 app.add_typer(trash_app, name="trash")
 
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
+# trash-unused's options, declared once: Typer evaluates each annotation's text at every start, a name costs least
+TaskArg = Annotated[str, typer.Argument(help="The task.")]
+KeepLastOpt = Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")]
+KeepBestOpt = Annotated[int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")]
+MetricOpt = Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")]
+MinOpt = Annotated[bool, typer.Option("--min", help="With --keep-best: lower is better (losses).")]
 
 
 def _reason(*words: Any) -> str:
@@ -46,13 +52,11 @@ def _numbers(numbers: list[int]) -> str:
 
 @command(app, "trash-unused")
 def trash_unused(
-    task: Annotated[str, typer.Argument(help="The task.")],
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")] = 0,
-    keep_best: Annotated[
-        int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")
-    ] = 0,
-    metric: Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")] = None,
-    minimize: Annotated[bool, typer.Option("--min", help="With --keep-best: lower is better (losses).")] = False,
+    task: TaskArg,
+    keep_last: KeepLastOpt = 0,
+    keep_best: KeepBestOpt = 0,
+    metric: MetricOpt = None,
+    minimize: MinOpt = False,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
