@@ -92,6 +92,7 @@ def child(mode: str, root: Path, device: str) -> None:
     if device.startswith("cuda"):  # the CUDA context's start-up is not preview work: made before the clock
         torch.zeros(1, device=device)
         torch.cuda.synchronize()
+
     def once() -> None:
         if mode == "preview":
             options = PreviewOptions(images=[root / "images"], out=root / "preview.png", device=device)

@@ -174,10 +174,7 @@ def main() -> None:
         reqs, sent, received, seconds = measure(counter, env, "promote", "promo", str(number), "--title", f"m{size}")
         through = sent + received
         per_byte[size] = through / size
-        info(
-            f"promote of {size / 2**20:.0f} MiB: {reqs} requests, {through} bytes through the client, "
-            f"{seconds:.2f} s"
-        )
+        info(f"promote of {size / 2**20:.0f} MiB: {reqs} requests, {through} bytes through the client, {seconds:.2f} s")
     label = "64mib" if QUICK else "1gib"
     ratio(f"s3_promote_{label}_client_bytes_per_checkpoint_byte", per_byte[big], "<=0.001")
     ratio(f"s3_promote_{label}_client_bytes", per_byte[big] * big, "-")

@@ -948,7 +948,7 @@ def _link_or_copy_locked(src: Path, target: str) -> str:
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_PLAIN_STRING = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII without '"' and '\\': written as is
+_PLAIN_STRING = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII without '"' and '\\': written as is
 
 
 def _literal(value: object) -> str | None:

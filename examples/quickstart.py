@@ -51,9 +51,12 @@ def train(workspace: str, task_name: str = "spirals", epochs: int = 8, seed: int
         with torch.no_grad():
             val_loss = nn.functional.cross_entropy(model(vx), vy).item()
             val_acc = (model(vx).argmax(1) == vy).float().mean().item()
-        n = task.save(model.state_dict(), step=step, epoch=epoch,
-                      metrics={"train_loss": round(loss.item(), 4), "val_loss": round(val_loss, 4),
-                               "val_acc": round(val_acc, 4)})
+        n = task.save(
+            model.state_dict(),
+            step=step,
+            epoch=epoch,
+            metrics={"train_loss": round(loss.item(), 4), "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4)},
+        )
         print(f"epoch {epoch}: checkpoint {n}, val_acc {val_acc:.3f}", file=sys.stderr)
     model_made = task.finish()
     if model_made is not None:

@@ -185,9 +185,7 @@ def outside(tmp_path: Path) -> Path:
     return d
 
 
-def test_a_checkpoint_symlinked_outside(
-    ws: ckpt.Workspace, outside: Path, run: Callable[..., Any]
-) -> None:
+def test_a_checkpoint_symlinked_outside(ws: ckpt.Workspace, outside: Path, run: Callable[..., Any]) -> None:
     task = make_task(ws, n=4, size=100)
     target = outside / "precious.pt"
     digest = sha(target)
@@ -206,9 +204,7 @@ def test_a_checkpoint_symlinked_outside(
     assert path.is_symlink() and sha(target) == digest and os.listdir(outside) == ["precious.pt"]
 
 
-def test_a_checkpoints_folder_symlinked_outside(
-    ws: ckpt.Workspace, outside: Path, run: Callable[..., Any]
-) -> None:
+def test_a_checkpoints_folder_symlinked_outside(ws: ckpt.Workspace, outside: Path, run: Callable[..., Any]) -> None:
     task = make_task(ws, n=3, size=100)
     cdir = task.folder / "checkpoints"
     for p in cdir.iterdir():
@@ -415,6 +411,7 @@ def test_a_file_where_a_folder_belongs_is_a_clean_error(
     folder = ws.root / "tasks" / "unet" / "checkpoints"
     shutil.rmtree(folder)
     folder.write_text("not a folder")
+
     def files() -> dict[str, tuple[str, int, int]]:  # derived caches (dot files) may be rewritten
         return {k: v for k, v in snapshot(ws.root).items() if v[0] != "dir" and not os.path.basename(k).startswith(".")}
 

@@ -163,8 +163,13 @@ def test_concurrent_promote_cli_processes(ws: ckpt.Workspace) -> None:
     make_task(ws, n=2)
     env = {**os.environ, "CKPT_WORKSPACE": str(ws.root)}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "ckpt", "promote", "unet", str(n), "--title", "dup", "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-m", "ckpt", "promote", "unet", str(n), "--title", "dup", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for n in (1, 2)
     ]
     results = [(p.wait(timeout=60), p.communicate()) for p in procs]

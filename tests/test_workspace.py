@@ -119,8 +119,11 @@ def test_finished_task_takes_no_checkpoints(ws: ckpt.Workspace) -> None:
         (b"format = 1\nname = 3\nstatus='running'\ncreated='x'\n", "wrong type"),
         (b"format = 1\nname='unet'\nstatus='bogus'\ncreated='x'\n", "unknown status"),
         (b"a = " + b"[" * 5000 + b"]" * 5000, "not valid TOML"),
-        (b"format = 1\nname='unet'\nstatus='running'\ncreated='x'\n[[checkpoints]]\nnumber=1\nfile='../../x'\n"
-         b"size=1\nsha256='a'\ncreated='x'\n", "inside the task folder"),
+        (
+            b"format = 1\nname='unet'\nstatus='running'\ncreated='x'\n[[checkpoints]]\nnumber=1\nfile='../../x'\n"
+            b"size=1\nsha256='a'\ncreated='x'\n",
+            "inside the task folder",
+        ),
     ],
 )
 def test_broken_manifest_is_one_clear_error(ws: ckpt.Workspace, content: bytes, match: str) -> None:
