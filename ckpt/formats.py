@@ -212,7 +212,7 @@ def _inspect_torch_zip(path: Path) -> FileInfo:
             if not pkl:
                 return FileInfo("unknown", note="a zip archive without data.pkl")
             data = zf.read(pkl[0])
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # BadZipFile, OSError, zlib.error, and RuntimeError for an "encrypted" member...
         raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
     up = _ScalarUnpickler(data)  # tolerant stand-ins: Lightning's hyper_parameters are dict subclasses
     try:
@@ -264,7 +264,7 @@ def top_level_scalars(path: Path) -> dict[str, int | float | str | bool]:
             data = zf.read(pkl[0])
     except zipfile.BadZipFile:
         return {}
-    except (OSError, EOFError, ValueError) as e:
+    except Exception as e:  # OSError, zlib.error, and RuntimeError for an "encrypted" member...
         raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
     try:
         obj = _ScalarUnpickler(data).load()

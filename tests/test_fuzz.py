@@ -318,6 +318,27 @@ def test_fuzz_checkpoint_bytes_through_show_and_verify(fresh: Path) -> None:
     assert COUNTS["checkpoint bytes"] >= EXAMPLES
 
 
+def _encrypted(archive: bytes) -> bytes:
+    """`archive` with every member flagged as encrypted (bit 0 of the flags in each local and central header)."""
+    out = bytearray(archive)
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = out.find(sig)
+        while i >= 0:
+            out[i + at] |= 1
+            i = out.find(sig, i + 4)
+    return bytes(out)
+
+
+def test_checkpoint_with_an_encrypted_member_is_corrupt_not_an_internal_error(fresh: Path) -> None:
+    """Found by the fuzzer: zipfile raises RuntimeError ('password required') for an encrypted member."""
+    path = fresh / "tasks" / "unet" / "checkpoints" / "000004.pt"
+    path.unlink()
+    path.write_bytes(_encrypted(_zip({"archive/data.pkl": _PICKLE, "archive/version": b"3\n"})))
+    result = CliRunner().invoke(app, ["-w", str(fresh), "show", "unet", "4", "--json"])
+    assert result.exit_code == 6, result.output
+    assert result.stderr.startswith("error: ") and "corrupt" in result.stderr, result.stderr
+
+
 def test_fuzz_figures() -> None:
     """Prints how many examples ran per target (docs/reliability.md quotes them); runs last in this file."""
     print("fuzz examples:", json.dumps(COUNTS, sort_keys=True))
