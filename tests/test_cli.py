@@ -156,3 +156,27 @@ def test_installed_script_and_module(ws: ckpt.Workspace) -> None:
     assert res.returncode == 3 and res.stdout == "" and "Traceback" not in res.stderr
     res = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "promote" in res.stdout
+
+
+def test_the_process_ends_at_once_with_its_output_whole(ws: ckpt.Workspace) -> None:
+    """`main` ends the process without the interpreter's teardown: every byte written is still flushed,
+    the exit codes are the commands' own, and a reader that goes away early gives exit 1, quietly."""
+    task = make_task(ws, n=3)
+    for i in range(400):
+        task.save(b"x", step=i, metrics={"a_rather_long_metric_name_to_fill_the_pipe": i / 7})
+    env = {**os.environ, "CKPT_WORKSPACE": str(ws.root)}
+    cmd = [sys.executable, "-m", "ckpt"]
+    res = subprocess.run([*cmd, "list", "unet"], capture_output=True, text=True, env=env)  # the table, buffered
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("latest") and "403" in res.stdout  # the last row
+    res = subprocess.run([*cmd, "list", "unet", "--json"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and len(json.loads(res.stdout)) == 403
+    res = subprocess.run([*cmd, "show", "unet", "99999"], capture_output=True, text=True, env=env)
+    assert res.returncode == 3 and res.stderr.count("\n") == 1 and res.stdout == ""
+    res = subprocess.run([*cmd, "list"], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "Missing argument" in res.stderr
+    # a reader that reads nothing and goes away: the write (or the last flush) meets a closed pipe
+    proc = subprocess.Popen([*cmd, "list", "unet", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 1 and "Traceback" not in stderr and "Exception ignored" not in stderr

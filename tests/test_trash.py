@@ -407,10 +407,29 @@ def test_trash_unused_moves_files_of_several_folders(ws: ckpt.Workspace, run_jso
     assert all(sha(task.folder / name) == digests[n] for n, name in names.items())
 
 
+def test_mover_moves_into_a_new_folder_and_never_moves_a_name_twice(tmp_path: Path) -> None:
+    """The Mover renames into a folder just made (a new trash entry's), through open folders."""
+    from ckpt import fsutil
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    dst.mkdir()
+    for rel in ("x", "y", "sub/z", "sub/w"):
+        (src / rel).write_text(rel)
+    with fsutil.Mover(src, dst) as mover:
+        for rel in ("x", "sub/z", "sub/w", "y"):
+            mover.move(rel)
+        (src / "x").write_text("a new x")  # a file that appeared after the move: the Mover does not take it
+        with pytest.raises(ckpt.ConflictError):
+            mover.move("x")
+        mover.sync()
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == ["sub/w", "sub/z", "x", "y"]
+    assert all((dst / rel).read_text() == rel for rel in ("x", "y", "sub/z", "sub/w"))
+    assert (src / "x").read_text() == "a new x" and not (src / "sub" / "z").exists()
+
+
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
-def test_moves_through_open_folders_never_overwrite(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool
-) -> None:
+def test_move_noreplace_never_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
     from ckpt import fsutil
 
     if not renameat2:
@@ -418,18 +437,19 @@ def test_moves_through_open_folders_never_overwrite(
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "sub").mkdir(parents=True)
     (dst / "sub").mkdir(parents=True)
-    for rel in ("x", "y", "sub/z", "sub/w"):
+    for rel in ("sub/z", "sub/w"):
         (src / rel).write_text(rel)
     (dst / "sub" / "w").write_text("kept")
-    with fsutil.Mover(src, dst) as mover:
-        mover.move("x")
-        mover.move("sub/z")
-        with pytest.raises(ckpt.ConflictError):
-            mover.move("sub/w")
-        mover.move("y")
-        mover.sync()
-    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == ["sub/w", "sub/z", "x", "y"]
-    assert (dst / "sub" / "w").read_text() == "kept" and (src / "sub" / "w").read_text() == "sub/w"
-    assert (dst / "sub" / "z").read_text() == "sub/z"
     with pytest.raises(ckpt.ConflictError):
         fsutil.move_noreplace(src / "sub" / "w", dst / "sub" / "w")
+    src_fd, dst_fd = fsutil.open_folder(src / "sub"), fsutil.open_folder(dst / "sub")
+    assert src_fd is not None and dst_fd is not None
+    try:
+        with pytest.raises(ckpt.ConflictError):
+            fsutil.move_noreplace("w", "w", src_fd, dst_fd)
+        fsutil.move_noreplace("z", "z", src_fd, dst_fd)
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    assert (dst / "sub" / "w").read_text() == "kept" and (src / "sub" / "w").read_text() == "sub/w"
+    assert (dst / "sub" / "z").read_text() == "sub/z" and not (src / "sub" / "z").exists()
