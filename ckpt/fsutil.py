@@ -509,6 +509,19 @@ def make_dirs(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+def make_dirs_durably(path: Path) -> None:
+    """Create folder `path` and its missing parents, each new folder's name made durable in its parent (fsync)."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d)
+        fsync_dir(d.parent)
+
+
 def make_dir_new(path: Path) -> None:
     """Create folder `path` (its parent exists); raise ConflictError if anything is there already."""
     try:

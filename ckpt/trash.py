@@ -8,7 +8,8 @@ Destructive work is planned first (a plan changes nothing; `--dry-run` renders i
 plan is executed in an order that a crash at any point leaves recoverable:
 
 1. the marker `tasks/<task>/.pending-<id>` (the next lock of the task recovers what follows),
-2. `entry.toml` in state "pending", with the checkpoint records in full, before anything moves,
+2. `entry.toml` in state "pending", with the checkpoint records in full, before anything moves (the
+   entry's new folders each fsynced into their parent first),
 3. the files, by rename,
 4. the task manifest, rewritten without their records,
 5. the entry marked "complete", then the marker removed.
@@ -222,6 +223,7 @@ def _new_entry(ws: Workspace) -> tuple[str, Path]:
         entry_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
         try:
             fsutil.make_dir_new(ws.trash_dir / entry_id)
+            fsutil.fsync_dir(ws.trash_dir)  # the entry's folder is on disk before its record or any file goes in
             return entry_id, ws.trash_dir / entry_id
         except ConflictError:
             continue
@@ -339,10 +341,13 @@ class TrashPlan:
             fsutil.fsync_dir(task.folder)  # the marker is on disk before anything moves
             # 2. the entry record before anything moves: it names every file that may be in the trash
             data = _entry_bytes(entry)
+            # the folders the files go to, each durable in its parent before anything moves into it
+            files = folder / FILES_DIR
+            for parent in sorted({os.path.dirname(cp.file) for cp in self.checkpoints}):
+                fsutil.make_dirs_durably(files / parent)
             # atomic_write fsyncs the record, then its folder: the whole record is on disk before the first rename
             fsutil.atomic_write(folder / ENTRY_FILE, data)
             # 3. the files, by rename (never a copy), through their folders opened once
-            files = folder / FILES_DIR
             odd: set[str] = set()
             with fsutil.Mover(task.folder, files) as mover:
                 for cp in self.checkpoints:

@@ -453,3 +453,22 @@ def test_move_noreplace_never_overwrites(tmp_path: Path, monkeypatch: pytest.Mon
         os.close(dst_fd)
     assert (dst / "sub" / "w").read_text() == "kept" and (src / "sub" / "w").read_text() == "sub/w"
     assert (dst / "sub" / "z").read_text() == "sub/z" and not (src / "sub" / "z").exists()
+
+
+def test_new_folders_of_a_trash_entry_are_made_durable_in_their_parents(
+    ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch, run_json: Any
+) -> None:
+    """Every folder trash-unused makes (the entry's, files/, files/checkpoints/) is fsynced in its parent
+    before the first file moves: a crash cannot lose a folder that moved files are in."""
+    from ckpt import fsutil
+
+    make_task(ws, n=3)
+    events: list[str] = []
+    real_fsync_dir, real_rename = fsutil.fsync_dir, fsutil.rename_in
+    monkeypatch.setattr(fsutil, "fsync_dir", lambda p: (events.append(f"fsync {p}"), real_fsync_dir(p))[1])
+    monkeypatch.setattr(fsutil, "rename_in", lambda *a: (events.append("rename"), real_rename(*a))[1])
+    data = run_json("trash-unused", "unet")
+    entry = ws.trash_dir / data["entry"]
+    first_move = events.index("rename")
+    for parent in (ws.trash_dir, entry, entry / "files"):
+        assert f"fsync {parent}" in events[:first_move], parent

@@ -23,7 +23,16 @@ from ckpt import fsutil, trash
 
 from .conftest import make_task
 
-STEPS = ("atomic_write", "make_file_new", "move_noreplace", "rename_in", "remove_file", "make_dirs", "make_dir_new")
+STEPS = (
+    "atomic_write",
+    "make_file_new",
+    "move_noreplace",
+    "rename_in",
+    "remove_file",
+    "make_dirs",
+    "make_dirs_durably",
+    "make_dir_new",
+)
 
 
 def sha(path: Path) -> str:
@@ -198,7 +207,8 @@ import ckpt.fsutil as f
 from ckpt.cli import main
 delay = float(os.environ.get("SLOW_STEP", "0"))
 started = []
-for name in ("atomic_write", "move_noreplace", "rename_in", "remove_file", "make_dirs", "fsync_dir", "make_dir_new"):
+for name in ("atomic_write", "move_noreplace", "rename_in", "remove_file", "make_dirs", "make_dirs_durably",
+             "fsync_dir", "make_dir_new"):
     def step(*a, _fn=getattr(f, name), **k):
         if not started:
             started.append(1)
