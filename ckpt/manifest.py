@@ -26,6 +26,8 @@ from . import fsutil
 from .errors import ManifestError
 
 FORMAT = 1
+_TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
+_OWN_PREFIXES = (".lock", ".pending-", ".task.", ".import-")  # the task folder's own hidden files (workspace.py)
 STATUSES = ("running", "finished", "failed")
 
 
@@ -143,8 +145,16 @@ class Checkpoint:
         if number < 1:
             raise ManifestError(f"{path}: {where}'number' must be at least 1", path=path)
         file = _get(rec, "file", str, path, where)
-        if file.startswith("/") or ".." in Path(file).parts or "\\" in file or "\0" in file:
+        parts = Path(file).parts
+        if file.startswith("/") or ".." in parts or "\\" in file or "\0" in file:
             raise ManifestError(f"{path}: {where}'file' must stay inside the task folder", path=path)
+        if not parts or parts[0] == _TASK_FILE or parts[0].startswith(_OWN_PREFIXES):
+            # the task folder itself, its manifest, or a lock, cache or marker of ckpt's: never a checkpoint
+            raise ManifestError(
+                f"{path}: {where}'file' ({file!r}) must name a checkpoint inside the task folder, "
+                "not the folder itself or one of ckpt's own files",
+                path=path,
+            )
         metrics = _get(rec, "metrics", dict, path, where, required=False) or {}
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, int | float):

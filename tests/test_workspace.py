@@ -124,6 +124,14 @@ def test_finished_task_takes_no_checkpoints(ws: ckpt.Workspace) -> None:
             b"size=1\nsha256='a'\ncreated='x'\n",
             "inside the task folder",
         ),
+        *(
+            (
+                b"format = 1\nname='unet'\nstatus='running'\ncreated='x'\n[[checkpoints]]\nnumber=1\n"
+                + f"file='{name}'\nsize=1\nsha256='a'\ncreated='x'\n".encode(),
+                "not the folder itself or one of ckpt's own files",
+            )
+            for name in ("", ".", "./", "task.toml", "./task.toml", ".lock", ".pending-20260101-000000-abcdef")
+        ),
     ],
 )
 def test_broken_manifest_is_one_clear_error(ws: ckpt.Workspace, content: bytes, match: str) -> None:
@@ -180,3 +188,13 @@ def test_missing_task_manifest_is_named(ws: ckpt.Workspace) -> None:
     (ws.tasks_dir / "unet" / "task.toml").unlink()
     with pytest.raises(ManifestError, match="task.toml is missing"):
         ckpt.Workspace.open(ws.root).task("unet")
+
+
+def test_the_manifest_check_knows_every_file_of_the_task_folder() -> None:
+    """A record may not name the task's own files: manifest.py's list (it cannot import workspace.py) is whole."""
+    from ckpt import manifest, workspace
+
+    assert manifest._TASK_FILE == workspace.TASK_FILE
+    for own in (workspace.LOCK_FILE, workspace.CACHE_FILE, workspace.LIST_CACHE_FILE, workspace.STAGING_PREFIX):
+        assert own.startswith(manifest._OWN_PREFIXES), own
+    assert (workspace.PENDING_PREFIX + "x").startswith(manifest._OWN_PREFIXES)
