@@ -107,6 +107,8 @@ def _exit(code: object) -> NoReturn:
         status = status or 1
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(status)  # a profiler or coverage tool reports at the interpreter's exit: let it
     os._exit(status)
 
 
