@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import ckpt
 
 from .conftest import make_task
@@ -180,3 +182,19 @@ def test_the_process_ends_at_once_with_its_output_whole(ws: ckpt.Workspace) -> N
     proc.stdout.close()
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 1 and "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "collecting"), [(["list", "t"], False), (["-w", "x", "preview", "t", "1"], True), (["demo"], True)]
+)
+def test_short_commands_run_without_the_cyclic_collector(argv: list[str], collecting: bool) -> None:
+    """`main` turns the cyclic garbage collector off for short commands, not for those that run networks."""
+    code = (
+        "import gc, sys, typer, ckpt.cli as c\n"
+        "def run(self): sys.stdout.write(f'{gc.isenabled()}\\n'); raise SystemExit(0)\n"
+        "typer.Typer.__call__ = run\n"
+        f"sys.argv = ['ckpt', *{argv!r}]\n"
+        "c.main()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout == f"{collecting}\n", res.stderr
