@@ -311,3 +311,56 @@ def test_full_demo_improves(run, tmp_path):
     data = json.loads(result.stdout)
     miou = {c["number"]: c["miou"] for c in data["checkpoints"]}
     assert miou[10] > miou[7] > miou[3], miou
+
+
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_freed_memory_is_kept_only_while_inferring_on_the_cpu(monkeypatch):
+    from ckpt import preview
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(preview, "_glibc", lambda: libc)
+    with preview._reuse_freed_memory(torch.device("meta")):
+        pass
+    assert libc.calls == []
+    with pytest.raises(RuntimeError), preview._reuse_freed_memory(torch.device("cpu")):
+        assert [c[1] for c in libc.calls] == [preview._M_MMAP_THRESHOLD, preview._M_TRIM_THRESHOLD]
+        raise RuntimeError("inference failed")
+    # restored on the way out, even after an error, and the free memory given back
+    assert libc.calls[2:] == [
+        ("mallopt", preview._M_MMAP_THRESHOLD, 32 * 2**20),
+        ("mallopt", preview._M_TRIM_THRESHOLD, 64 * 2**20),
+        ("malloc_trim", 0),
+    ]
+
+
+def test_freed_activations_are_reused_without_page_faults():
+    import resource
+
+    from ckpt import preview
+
+    if preview._glibc() is None:
+        pytest.skip("glibc only")
+
+    def faults_of_allocation() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(64 * 2**20 // 4)  # above glibc's largest mmap threshold (32 MiB)
+        x.fill_(1.0)
+        del x
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    # by default each allocation this large is a fresh mapping, faulted in again (16,384 pages of 4 KiB)
+    with preview._reuse_freed_memory(torch.device("cpu")):
+        faults = [faults_of_allocation() for _ in range(3)]
+    assert faults[-1] < 1000, faults
