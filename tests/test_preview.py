@@ -364,3 +364,65 @@ def test_freed_activations_are_reused_without_page_faults():
     with preview._reuse_freed_memory(torch.device("cpu")):
         faults = [faults_of_allocation() for _ in range(3)]
     assert faults[-1] < 1000, faults
+
+
+def test_conv_relu_in_one_call_gives_the_same_values(trained):
+    from ckpt.preview import ConvReLU, FusedNetwork, _cpu_conv_relu
+
+    if _cpu_conv_relu() is None:
+        pytest.skip("this torch has no oneDNN convolution with a ReLU")
+    net = UNet(**KWARGS).eval()
+    net.load_state_dict(trained["state"])
+    fused = FusedNetwork(net).refresh()
+    assert sum(isinstance(m, ConvReLU) for m in fused.modules()) == 10  # two per block, five blocks
+    assert not any(isinstance(m, torch.nn.ReLU) for m in fused.modules())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = fused(x)
+    with torch.inference_mode():
+        plain = _without_conv_relu(fused)(x)
+    assert torch.equal(got, plain)
+    # with autograd recording (no backward in oneDNN's call) the eager path runs
+    assert fused(x).requires_grad
+
+
+def _without_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    from ckpt.preview import ConvReLU
+
+    out = copy.deepcopy(net)
+    for mod in out.modules():
+        if isinstance(mod, torch.nn.Sequential):
+            for i, m in enumerate(mod):
+                if isinstance(m, ConvReLU):
+                    mod[i] = torch.nn.Sequential(m.conv, torch.nn.ReLU())
+    return out
+
+
+def test_conv_relu_falls_back_to_eager_when_onednn_fails(trained, monkeypatch):
+    from ckpt import preview
+
+    net = UNet(**KWARGS).eval()
+    net.load_state_dict(trained["state"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = net(x)
+    calls = []
+
+    def failing(*args: Any) -> torch.Tensor:
+        calls.append(len(args))
+        raise RuntimeError("oneDNN cannot run this convolution")
+
+    monkeypatch.setattr(preview, "_cpu_conv_relu", lambda: failing)
+    fused = preview.FusedNetwork(net).refresh()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+        fused(x)
+    assert len(calls) == 10  # each ConvReLU tried once, then stayed on the eager path
+    # and a torch without the fused call keeps the plain ReLUs
+    monkeypatch.setattr(preview, "_cpu_conv_relu", lambda: None)
+    plain = preview.FusedNetwork(net).refresh()
+    assert not any(isinstance(m, preview.ConvReLU) for m in plain.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-4)
