@@ -25,6 +25,7 @@ import ckpt
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "CKPT_WORKSPACE")}
 CKPT = [sys.executable, "-m", "ckpt"]
+SETTLE_S = 2.1
 
 
 def timed(cmd: list[str]) -> float:
@@ -55,6 +56,10 @@ def main() -> None:
             # a fresh copy each time: trash-unused changes the workspace
             ws = base / f"ws-{i}"
             shutil.copytree(template, ws, symlinks=True)
+            # `ckpt tasks` keeps a task's row only once its manifest is 2 s old (workspace.SETTLED_NS: a newer
+            # one could change again within the same ctime tick); wait for that, or whether the timed start-up
+            # finds the row would depend on how long the copy and the sync took (it moved the figure by ±40 ms)
+            time.sleep(SETTLE_S)
             # the copy has new inodes, so the manifest's derived cache is stale: refresh it untimed, so that
             # both timed commands read the cache and the difference is trash-unused's own work
             subprocess.run([*CKPT, "-w", str(ws), "tasks", "--json"], env=ENV, check=True, stdout=subprocess.DEVNULL)

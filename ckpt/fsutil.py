@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -383,12 +383,31 @@ class Mover:
         try:
             rename_in(name, src_fd, dst_fd)
         except OSError as e:
-            if e.errno == errno.EXDEV:
-                raise CkptError(
-                    f"cannot move '{self.src_root / rel}' to '{self.dst_root / rel}': different file systems",
-                    path=self.src_root / rel,
-                ) from None
-            raise
+            raise self._error(e, rel) from None
+
+    def move_all(self, rels: Iterable[str]) -> None:
+        """`move` each of `rels` in turn; after the first file of each folder, with less work per file."""
+        rename = rename_in  # looked up once per call (the tests replace it to inject failures)
+        folders, moved = self._folders, self._moved
+        for rel in rels:
+            parent, _, name = rel.rpartition("/")
+            fds = folders.get(parent)
+            if fds is None or fds[0] is None or fds[1] is None or rel in moved:
+                self.move(rel)  # the first file of its folder, a platform without descriptors, or a repeat
+                continue
+            moved.add(rel)
+            try:
+                rename(name, fds[0], fds[1])
+            except OSError as e:
+                raise self._error(e, rel) from None
+
+    def _error(self, e: OSError, rel: str) -> Exception:
+        if e.errno == errno.EXDEV:
+            return CkptError(
+                f"cannot move '{self.src_root / rel}' to '{self.dst_root / rel}': different file systems",
+                path=self.src_root / rel,
+            )
+        return e
 
     def sync(self) -> None:
         """fsync every folder a move touched, on both sides."""

@@ -349,11 +349,12 @@ class TrashPlan:
             fsutil.atomic_write(folder / ENTRY_FILE, data)
             # 3. the files, by rename (never a copy), through their folders opened once
             odd: set[str] = set()
+            plain = [cp.file for cp in self.checkpoints if _plain_name(cp.file)]
             with fsutil.Mover(task.folder, files) as mover:
-                for cp in self.checkpoints:
+                mover.move_all(plain)
+                for cp in self.checkpoints if len(plain) < len(self.checkpoints) else ():
                     name = cp.file
                     if _plain_name(name):
-                        mover.move(name)
                         continue
                     parent = os.path.dirname(name)  # a name pathlib rewrites: moved by its Path, as planned
                     if parent not in odd:

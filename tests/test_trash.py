@@ -417,11 +417,13 @@ def test_mover_moves_into_a_new_folder_and_never_moves_a_name_twice(tmp_path: Pa
     for rel in ("x", "y", "sub/z", "sub/w"):
         (src / rel).write_text(rel)
     with fsutil.Mover(src, dst) as mover:
-        for rel in ("x", "sub/z", "sub/w", "y"):
-            mover.move(rel)
+        mover.move("x")
+        mover.move_all(["sub/z", "sub/w", "y"])
         (src / "x").write_text("a new x")  # a file that appeared after the move: the Mover does not take it
         with pytest.raises(ckpt.ConflictError):
             mover.move("x")
+        with pytest.raises(ckpt.ConflictError):
+            mover.move_all(["x"])
         mover.sync()
     assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == ["sub/w", "sub/z", "x", "y"]
     assert all((dst / rel).read_text() == rel for rel in ("x", "y", "sub/z", "sub/w"))
