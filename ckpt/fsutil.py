@@ -341,7 +341,7 @@ def rename_in(name: str, src_dir_fd: int, dst_dir_fd: int) -> None:
 
 
 class Mover:
-    """Moves files, by names relative to two folder trees, with `move_noreplace`; each folder is opened once.
+    """Moves files, by names relative to two folder trees, into a folder just made; each folder is opened once.
 
     A rename through open folders looks up one name on each side, not two whole paths: about a tenth
     less time for a thousand files. `sync()` makes the renames durable in every folder they touched;
