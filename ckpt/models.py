@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import fsutil
 from .backend import per_backend
-from .errors import CkptError, ConflictError, IntegrityError, ManifestError, ModelNotFound, UsageError
+from .errors import (
+    CheckpointNotFound,
+    CkptError,
+    ConflictError,
+    IntegrityError,
+    ManifestError,
+    ModelNotFound,
+    UsageError,
+)
 from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
 from .names import case_twin, check_task_name, check_title
 from .timeutil import now_iso
@@ -171,8 +179,14 @@ class PromoteResult:
     chosen_by: str  # "number", or why --best chose it
 
 
-def choose_best(cps: list[Checkpoint], metric: str, minimize: bool) -> Checkpoint:
-    """The checkpoint with the best value of `metric` (ties: the later checkpoint)."""
+def choose_best(cps: list[Checkpoint], metric: str, minimize: bool, task_name: str = "") -> Checkpoint:
+    """The checkpoint with the best value of `metric` (ties: the later checkpoint).
+
+    Raises CheckpointNotFound when there is none at all (a task that has saved nothing yet), UsageError when
+    none records `metric`.
+    """
+    if not cps:
+        raise CheckpointNotFound(f"task '{task_name}' has no checkpoints yet; there is nothing to promote")
     have = [cp for cp in cps if metric in cp.metrics and cp.metrics[metric] == cp.metrics[metric]]
     if not have:
         known = sorted({k for cp in cps for k in cp.metrics})
@@ -211,7 +225,7 @@ def promote(
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
         if best is not None:
-            cp = choose_best(task.checkpoints, best, minimize)
+            cp = choose_best(task.checkpoints, best, minimize, task.name)
             direction = "lowest" if minimize else "highest"
             why = f"checkpoint {cp.number} has the {direction} {best} ({cp.metrics[best]:g})"
         else:

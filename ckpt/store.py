@@ -631,7 +631,7 @@ def promote(
         raise UsageError("give a checkpoint number or --best METRIC (one of them)")
     task = ws.task(task_name)
     if best is not None:
-        cp = choose_best(task.checkpoints, best, minimize)
+        cp = choose_best(task.checkpoints, best, minimize, task.name)
         direction = "lowest" if minimize else "highest"
         why = f"checkpoint {cp.number} has the {direction} {best} ({cp.metrics[best]:g})"
     else:

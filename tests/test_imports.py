@@ -185,6 +185,36 @@ def test_list_cache_follows_a_rewrite(ws: ckpt.Workspace) -> None:
     _same(listed, _fresh(task))
 
 
+def _rewrite_in_place(task: ckpt.Task, old: bytes, new: bytes) -> None:
+    """Change bytes in the middle of task.toml, keeping its inode, size, last bytes and mtime: what a manifest
+    rewritten with other records of the same total length looks like when the new file gets the inode number
+    its predecessor freed (ext4 hands freed numbers out again at once)."""
+    data = task.manifest.read_bytes()
+    assert len(old) == len(new) and data.count(old) == 1 and data.index(old) < len(data) - 64
+    st = task.manifest.stat()
+    with open(task.manifest, "r+b") as f:
+        f.write(data.replace(old, new))
+    os.utime(task.manifest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = task.manifest.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def test_caches_see_a_rewrite_with_the_same_inode_size_and_last_bytes(ws: ckpt.Workspace) -> None:
+    task = make_task(ws, "T", n=4)
+    assert task.state().checkpoints[2].step == 200  # this process's reader has read it
+    _settle(task)
+    _listed(ws, "T")  # the JSON cache and the rendered rows, made from what it read
+    _listed(ws, "T")
+    assert (task.folder / LIST_CACHE_FILE).exists()
+    _rewrite_in_place(task, b"step = 200\n", b"step = 900\n")
+    assert task.state().checkpoints[2].step == 900  # the same reader
+    fresh = ckpt.Workspace.open(ws.root).task("T")  # a new one, from the JSON cache
+    assert fresh.state().checkpoints[2].step == 900
+    listed = _listed(ws, "T")  # the rendered rows
+    assert [r["step"] for r in listed] == [100, 900, 300, 400]
+    _same(listed, _fresh(task))
+
+
 @pytest.mark.parametrize("damage", ["delete", "garbage", "truncated", "wrong-types", "other-version", "lies"])
 def test_list_cache_damaged(ws: ckpt.Workspace, damage: str) -> None:
     task = make_task(ws, "T", n=5)

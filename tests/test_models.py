@@ -49,6 +49,13 @@ def test_promote_best(run: Any, run_json: Any, ws: ckpt.Workspace) -> None:
     assert r.exit_code == 2 and "val_iou" in r.stderr
 
 
+def test_promote_best_of_a_task_without_checkpoints_is_not_found(run: Any, ws: ckpt.Workspace) -> None:
+    ws.create_task("empty")
+    r = run("promote", "empty", "--best", "val_iou", "--title", "x")
+    assert r.exit_code == 3, r.output
+    assert "task 'empty' has no checkpoints yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_promote_copy_is_verified(run_json: Any, ws: ckpt.Workspace) -> None:
     task = make_task(ws, n=2)
     data = run_json("promote", "unet", "1", "--title", "copied", "--copy")
