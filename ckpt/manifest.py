@@ -290,7 +290,9 @@ def _index(records: list[Any], path: Path, task: str) -> dict[int, Checkpoint]:
 
 
 def task_bytes(state: TaskState) -> bytes:
-    doc = state.header.to_doc()
+    """The whole manifest of `state`, with a fresh `revision` (see TaskReader: every full write gets its own)."""
+    header = state.header.to_doc()
+    doc: dict[str, Any] = {"format": header.pop("format"), "revision": os.urandom(8).hex(), **header}
     doc["last_number"] = state.max_number
     if state.checkpoints:  # an empty inline array would make appended [[checkpoints]] tables invalid
         doc["checkpoints"] = [state.checkpoints[n].to_record() for n in sorted(state.checkpoints)]
@@ -300,6 +302,8 @@ def task_bytes(state: TaskState) -> bytes:
 # --- incremental reading with a derived cache -----------------------------------------------------
 
 _FINGERPRINT = 64
+_HEAD = 128  # the first bytes kept: `format` and `revision` come first in every manifest ckpt writes
+_REVISION = b'\nrevision = "'
 CACHE_VERSION = 3
 
 
@@ -309,6 +313,27 @@ class _Seen:
     size: int
     tail: bytes  # the last 64 bytes read
     crc: int  # CRC-32 of the first `size` bytes
+    head: bytes  # the first 128 bytes (fewer in a smaller file)
+
+
+def _same_prefix(fd: int, seen: _Seen) -> bool:
+    """Whether the open manifest's first `seen.size` bytes are still those `seen` describes (same inode assumed).
+
+    A manifest that ckpt wrote whole has a random `revision` near its start, new at every such write, and
+    appends never touch it: the same first bytes and the same last bytes mean the same file, checked in
+    two small reads. A manifest without one (written by another tool) is checked by the CRC-32 of all
+    those bytes.
+    """
+    if len(seen.head) > seen.size or len(seen.tail) > seen.size:
+        return False  # not what a read of `size` bytes gives (a damaged or lying cache)
+    if os.pread(fd, len(seen.head), 0) != seen.head:
+        return False
+    if os.pread(fd, len(seen.tail), seen.size - len(seen.tail)) != seen.tail:
+        return False
+    if _REVISION in seen.head:
+        return True
+    prefix = TaskReader._read_from(fd, 0, seen.size)
+    return len(prefix) == seen.size and zlib.crc32(prefix) == seen.crc
 
 
 class TaskReader:
@@ -316,12 +341,12 @@ class TaskReader:
 
     Saving appends `[[checkpoints]]` tables, and every other change replaces the file, so a file with
     the same inode whose bytes up to the size we saw are unchanged only grew: parsing the appended
-    bytes alone is enough. "Unchanged" is checked by the CRC-32 of those bytes, not by the inode and
-    the last bytes alone: a replacement often gets the inode number its predecessor freed, and a
-    manifest rewritten with other records of the same total length ends with the same latest record
-    (a trash and a restore in turn did this, and the stale state then went into the next rewrite).
-    Reading and checking a 10,000-record manifest this way costs about 1.5 ms. The JSON cache next
-    to the manifest holds the same state between processes; it is never the source of truth.
+    bytes alone is enough. The inode and the last bytes alone do not show "unchanged": a replacement
+    often gets the inode number its predecessor freed, and a manifest rewritten with other records of
+    the same total length ends with the same latest record (a trash and a restore in turn did this,
+    and the stale state went into the next rewrite: records lost). So every whole write carries a
+    new random `revision`, and `_same_prefix` compares the first bytes too. The JSON cache next to
+    the manifest holds the same state between processes; it is never the source of truth.
     """
 
     def __init__(self, manifest: Path, cache: Path | None, task: str):
@@ -343,19 +368,21 @@ class TaskReader:
             st = os.fstat(fd)
             if self.state is None and use_cache and self.cache is not None:
                 self._load_cache()
+            seen = self._seen
+            if self.state is not None and seen is not None and seen.ino == st.st_ino and st.st_size >= seen.size:
+                if _same_prefix(fd, seen):
+                    if st.st_size == seen.size:
+                        return self.state
+                    grown = self._read_from(fd, seen.size)
+                    self._extend(grown, st.st_ino, seen.size + len(grown))
+                    return self.state
             data = self._read_from(fd, 0)
         finally:
             os.close(fd)
-        seen = self._seen
-        if self.state is not None and seen is not None and seen.ino == st.st_ino and len(data) >= seen.size:
-            if zlib.crc32(memoryview(data)[: seen.size]) == seen.crc:
-                if len(data) > seen.size:
-                    self._extend(data[seen.size :], st.st_ino, len(data))
-                return self.state
         if not data.strip():
             raise ManifestError(f"task manifest {self.manifest} is empty", path=self.manifest)
         self.state = parse_task(data, self.manifest, self.task)
-        self._seen = _Seen(st.st_ino, len(data), data[-_FINGERPRINT:], zlib.crc32(data))
+        self._seen = _Seen(st.st_ino, len(data), data[-_FINGERPRINT:], zlib.crc32(data), data[:_HEAD])
         self._changed = True
         return self.state
 
@@ -386,7 +413,7 @@ class TaskReader:
                 raise ManifestError(f"{self.manifest}: checkpoint {n} is recorded twice", path=self.manifest)
             self.state.checkpoints[n] = cp
         tail = (self._seen.tail + grown)[-_FINGERPRINT:]
-        self._seen = _Seen(ino, size, tail, zlib.crc32(grown, self._seen.crc))
+        self._seen = _Seen(ino, size, tail, zlib.crc32(grown, self._seen.crc), self._seen.head)
         self._changed = True
 
     def note_append(self, cp: Checkpoint, appended: bytes) -> None:
@@ -398,6 +425,7 @@ class TaskReader:
             self._seen.size + len(appended),
             (self._seen.tail + appended)[-_FINGERPRINT:],
             zlib.crc32(appended, self._seen.crc),
+            self._seen.head,
         )
         self._changed = True
 
@@ -428,7 +456,7 @@ class TaskReader:
             if type(crc) is not int:
                 return
             self.state = TaskState(TaskHeader(**raw["header"]), cps)
-            self._seen = _Seen(raw["ino"], raw["size"], bytes.fromhex(raw["tail"]), crc)
+            self._seen = _Seen(raw["ino"], raw["size"], bytes.fromhex(raw["tail"]), crc, bytes.fromhex(raw["head"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.state = None
             self._seen = None
@@ -444,6 +472,7 @@ class TaskReader:
             "size": self._seen.size,
             "tail": self._seen.tail.hex(),
             "crc": self._seen.crc,
+            "head": self._seen.head.hex(),
             "header": self.state.header.to_json(),
             "checkpoints": {k: list(map(attrgetter(k), cps)) for k in _COLUMNS},
         }
@@ -462,12 +491,13 @@ _COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "met
 
 
 def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
-    """The manifest's (inode, size, mtime in ns, last 64 bytes, CRC-32) as `reader` last read it; None when it
-    changed since.
+    """The manifest's (inode, size, mtime in ns, first 128 and last 64 bytes, CRC-32) as `reader` last read it;
+    None when it changed since.
 
-    Saving appends (size and mtime change) and every other change replaces the file (new inode), as
-    TaskReader relies on; the mtime also catches a file rewritten in place to the same size, and the CRC-32
-    a replacement that got the same inode number, size and last bytes (TaskReader's docstring).
+    Saving appends (size and mtime change) and every other change replaces the file, as TaskReader relies
+    on; the mtime also catches a file rewritten in place to the same size, and the first bytes (the
+    manifest's `revision`, else the CRC-32) a replacement that got the same inode number, size and last
+    bytes (see `_same_prefix`).
     """
     seen = reader._seen
     if seen is None:
@@ -478,7 +508,14 @@ def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
         return None
     if st.st_ino != seen.ino or st.st_size != seen.size:
         return None  # changed since it was read: do not pair this mtime with the older content
-    return {"ino": seen.ino, "size": seen.size, "mtime": st.st_mtime_ns, "tail": seen.tail.hex(), "crc": seen.crc}
+    return {
+        "ino": seen.ino,
+        "size": seen.size,
+        "mtime": st.st_mtime_ns,
+        "tail": seen.tail.hex(),
+        "crc": seen.crc,
+        "head": seen.head.hex(),
+    }
 
 
 def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -> bool:
@@ -500,8 +537,8 @@ def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -
             return False
         if type(size) is not int or type(crc) is not int:
             return False
-        prefix = TaskReader._read_from(fd, 0, size)
-        return len(prefix) == size and zlib.crc32(prefix) == crc
+        seen = _Seen(ino, size, bytes.fromhex(mark["tail"]), crc, bytes.fromhex(mark["head"]))
+        return _same_prefix(fd, seen)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     finally:
