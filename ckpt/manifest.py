@@ -198,6 +198,10 @@ class TaskHeader:
     arch: str | None = None
     arch_kwargs: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # metric name -> "min" | "max": which way is better, as the library or an import recorded it
+    metric_modes: dict[str, str] = field(default_factory=dict)
+    # where an imported task's files came from and how: {"path": "/abs/run", "how": "link" | "copy" | "move"}
+    source: dict[str, str] | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -213,6 +217,10 @@ class TaskHeader:
             doc["arch"] = {"factory": self.arch, "kwargs": json.dumps(self.arch_kwargs or {}, sort_keys=True)}
         if self.settings:
             doc["settings"] = self.settings
+        if self.metric_modes:
+            doc["metric_modes"] = dict(self.metric_modes)
+        if self.source:
+            doc["source"] = dict(self.source)
         return doc
 
     @classmethod
@@ -236,6 +244,13 @@ class TaskHeader:
             if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
                 raise ManifestError(f"{path}: arch: 'kwargs' is not a JSON object", path=path)
         last = _get(doc, "last_number", int, path, "", required=False) or 0
+        modes = _get(doc, "metric_modes", dict, path, "", required=False) or {}
+        for k, v in modes.items():
+            if v not in ("min", "max"):
+                raise ManifestError(f'{path}: metric_modes: \'{k}\' must be "min" or "max"', path=path)
+        source = _get(doc, "source", dict, path, "", required=False)
+        if source is not None and not all(isinstance(v, str) for v in source.values()):
+            raise ManifestError(f"{path}: source: every value must be a string", path=path)
         return cls(
             name=_get(doc, "name", str, path, ""),
             status=status,
@@ -245,6 +260,8 @@ class TaskHeader:
             arch=arch,
             arch_kwargs=arch_kwargs,
             settings=_get(doc, "settings", dict, path, "", required=False) or {},
+            metric_modes={str(k): str(v) for k, v in modes.items()},
+            source={str(k): str(v) for k, v in source.items()} if source is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -257,6 +274,8 @@ class TaskHeader:
             "arch": self.arch,
             "arch_kwargs": self.arch_kwargs,
             "settings": self.settings,
+            "metric_modes": self.metric_modes,
+            "source": self.source,
         }
 
 
@@ -304,7 +323,7 @@ def task_bytes(state: TaskState) -> bytes:
 _FINGERPRINT = 64
 _HEAD = 128  # the first bytes kept: `format` and `revision` come first in every manifest ckpt writes
 _REVISION = b'\nrevision = "'
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @dataclass(slots=True)

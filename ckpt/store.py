@@ -54,6 +54,7 @@ from .manifest import (
     parse_toml,
     task_bytes,
 )
+from .metrics import check_modes
 from .models import MODEL_FILE, FinishResult, Model, ModelIndex, PromoteResult, choose_best, finish_title
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
@@ -69,7 +70,7 @@ T = TypeVar("T")
 CLAIM_FILE = ".claim"
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
-MANIFEST_CACHE_VERSION = 1
+MANIFEST_CACHE_VERSION = 2
 STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
@@ -173,6 +174,7 @@ class StoreWorkspace(Workspace):
         arch_kwargs: Mapping[str, Any] | None = None,
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
+        metric_modes: Mapping[str, str] | None = None,
     ) -> Task:
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
@@ -184,6 +186,7 @@ class StoreWorkspace(Workspace):
             arch=arch,
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
+            metric_modes=check_modes(metric_modes),
         )
         try:
             json.dumps(header.arch_kwargs)

@@ -40,6 +40,7 @@ from .manifest import (
     record_bytes,
     task_bytes,
 )
+from .metrics import check_modes
 from .names import case_twin, check_task_name
 from .storage import is_url
 from .timeutil import now_iso
@@ -226,6 +227,7 @@ class Workspace:
         arch_kwargs: Mapping[str, Any] | None = None,
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
+        metric_modes: Mapping[str, str] | None = None,
     ) -> Task:
         """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
 
@@ -249,6 +251,7 @@ class Workspace:
             arch=arch,
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
+            metric_modes=check_modes(metric_modes),
         )
         try:
             import json
