@@ -18,6 +18,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed without a terminal.")]
+# where a metric is chosen: its direction; without either, the task, ckpt.toml [metrics] or the name says
+MinOpt = Annotated[bool, typer.Option("--min", help="Lower is better (default: as the task or metric name says).")]
+MaxOpt = Annotated[bool, typer.Option("--max", help="Higher is better (default: as the task or metric name says).")]
+
+
+def direction_json(d: Any) -> dict[str, Any]:
+    """The `direction` and `direction_source` keys of a choice by metric (null when none was made)."""
+    return d.to_json() if d is not None else {"direction": None, "direction_source": None}
 
 
 class State:

@@ -7,7 +7,21 @@ from typing import Annotated
 import typer
 
 from . import app
-from ._common import JsonOpt, command, err, fmt_metric, human_size, human_time, open_workspace, out, print_json, table
+from ._common import (
+    JsonOpt,
+    MaxOpt,
+    MinOpt,
+    command,
+    direction_json,
+    err,
+    fmt_metric,
+    human_size,
+    human_time,
+    open_workspace,
+    out,
+    print_json,
+    table,
+)
 from ._render import model_json
 
 models_app = typer.Typer(
@@ -23,28 +37,36 @@ app.add_typer(models_app, name="models")
 def promote(
     task: Annotated[str, typer.Argument(help="The task.")],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
-    title: Annotated[str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .).")] = "",
+    title: Annotated[
+        str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
+    ] = "",
     best: Annotated[
         str | None, typer.Option("--best", help="Pick the checkpoint with the best value of this metric.")
     ] = None,
-    minimize: Annotated[bool, typer.Option("--min", help="With --best: lower is better (losses).")] = False,
+    minimize: MinOpt = False,
+    maximize: MaxOpt = False,
     copy: Annotated[bool, typer.Option("--copy", help="Store a verified copy instead of a hard link.")] = False,
     json: JsonOpt = False,
 ) -> None:
-    """Make a named model from a checkpoint: ckpt promote TASK 7 --title unet-7."""
+    """Make a named model from a checkpoint: ckpt promote TASK 7 --title unet-7 (again: no change, exit 0)."""
     from ..errors import UsageError
+    from ..metrics import flag_mode
     from ..models import promote as do_promote
 
-    if not title:
-        raise UsageError("missing --title", hint=f"e.g. ckpt promote {task} {number or 'N'} --title {task}-best")
+    mode = flag_mode(minimize, maximize)
+    if mode is not None and best is None:
+        raise UsageError(f"--{mode} goes with --best METRIC", hint=f"e.g. ckpt promote {task} --best val_loss --{mode}")
     ws = open_workspace()
-    res = do_promote(ws, task, number, title=title, best=best, minimize=minimize, copy=copy)
+    res = do_promote(ws, task, number, title=title or None, best=best, mode=mode, copy=copy)
     if json:
-        print_json(model_json(ws, res.model))
+        print_json({**model_json(ws, res.model), "unchanged": res.unchanged, **direction_json(res.direction)})
         return
     m = res.model
     if best is not None:
-        err(f"chose {res.chosen_by}")
+        err(res.chosen_by)
+    if res.unchanged:
+        out(f"model '{m.title}' is already checkpoint {m.checkpoint} of task '{m.task}'; nothing changed")
+        return
     out(f"model '{m.title}' from checkpoint {m.checkpoint} of task '{m.task}' ({m.storage}, {human_size(m.size)})")
 
 

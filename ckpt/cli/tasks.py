@@ -95,10 +95,23 @@ def tasks_list(json: JsonOpt = False) -> None:
 _FIELDS = ("number", "step", "epoch", "size", "created")
 
 
-def _sort_key(field: str) -> Any:
+def _sorted(t: Any, cps: list[Any], field: str, desc: bool | None) -> list[Any]:
+    """`cps` ordered by `field`: a plain field ascending (or `desc`); a metric best first by its direction
+    (or ascending / descending as asked). Missing and NaN values always last (ckpt.metrics.rank)."""
+    from ..metrics import rank
+
     if field in _FIELDS:
-        return lambda cp: (getattr(cp, field) is None, getattr(cp, field) or 0)
-    return lambda cp: (field not in cp.metrics, cp.metrics.get(field, 0))
+        present = [cp for cp in cps if getattr(cp, field) is not None]
+        missing = [cp for cp in cps if getattr(cp, field) is None]
+        return sorted(present, key=lambda cp: getattr(cp, field), reverse=bool(desc)) + missing
+    if desc is None:
+        better = t.direction(field, flags="--asc or --desc")
+        err(f"sorted by {field}, best first: {better.extreme} first ({better.explain()}); --asc / --desc to choose")
+        minimize = better.minimize
+    else:
+        minimize = not desc
+    ranked, missing = rank(cps, field, minimize, metrics_of=lambda cp: cp.metrics, tie=lambda cp: cp.number)
+    return ranked + missing
 
 
 @command(app, "list")
@@ -107,7 +120,10 @@ def list_checkpoints(
     sort: Annotated[
         str | None, typer.Option("--sort", help="Sort by a metric (or number, step, epoch, size, created).")
     ] = None,
-    desc: Annotated[bool, typer.Option("--desc/--asc", help="Sort order (default ascending).")] = False,
+    desc: Annotated[
+        bool | None,
+        typer.Option("--desc/--asc", help="Sort order (default: a metric best first, other fields ascending)."),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them."""
@@ -139,10 +155,7 @@ def list_checkpoints(
                 f"cannot sort by '{sort}': no checkpoint records it",
                 hint=f"use one of: {', '.join([*_FIELDS, *known])}",
             )
-        key = _sort_key(sort)
-        present = [cp for cp in cps if not key(cp)[0]]
-        missing = [cp for cp in cps if key(cp)[0]]
-        cps = sorted(present, key=key, reverse=desc) + missing
+        cps = _sorted(t, cps, sort, desc)
     if json:
         rendered = _plain_rows(ws, t, cps) if plain else None
         made = rendered and splice_rows(rendered[0], [cp.number for cp in cps], rendered[1], models)

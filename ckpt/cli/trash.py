@@ -10,9 +10,12 @@ import typer
 from . import app
 from ._common import (
     JsonOpt,
+    MaxOpt,
+    MinOpt,
     YesOpt,
     command,
     confirm,
+    direction_json,
     err,
     human_size,
     human_time,
@@ -36,7 +39,6 @@ TaskArg = Annotated[str, typer.Argument(help="The task.")]
 KeepLastOpt = Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")]
 KeepBestOpt = Annotated[int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")]
-MinOpt = Annotated[bool, typer.Option("--min", help="With --keep-best: lower is better (losses).")]
 
 
 def _reason(*words: Any) -> str:
@@ -57,6 +59,7 @@ def trash_unused(
     keep_best: KeepBestOpt = 0,
     metric: MetricOpt = None,
     minimize: MinOpt = False,
+    maximize: MaxOpt = False,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -64,19 +67,21 @@ def trash_unused(
 
     Used: a model was made from it, it is the latest, or --keep-last / --keep-best protect it.
     """
+    from ..metrics import flag_mode
     from ..trash import KeepRules
     from ..trash import trash_unused as do_trash
 
+    mode = flag_mode(minimize, maximize)
     reason = _reason(
         "trash-unused",
         task,
         *(["--keep-last", keep_last] if keep_last else []),
         *(["--keep-best", keep_best] if keep_best else []),
         *(["--metric", metric] if metric else []),
-        "--min" if minimize else None,
+        f"--{mode}" if mode else None,
     )
     ws = open_workspace()
-    res = do_trash(ws, task, KeepRules(keep_last, keep_best, metric, minimize), reason=reason, dry_run=dry_run)
+    res = do_trash(ws, task, KeepRules(keep_last, keep_best, metric, mode), reason=reason, dry_run=dry_run)
     plan = res.plan
     for w in plan.warnings:
         err(f"warning: {w}")
@@ -89,9 +94,14 @@ def trash_unused(
                 "trashed": plan.trashed,
                 "kept": [{"number": d.number, "reason": d.reason} for d in plan.kept],
                 "bytes_freed_on_empty": plan.bytes_freed_on_empty,
+                "not_freed": plan.held.to_json() if plan.held else None,
+                **direction_json(plan.direction),
             }
         )
         return
+    if plan.direction is not None:
+        d = plan.direction
+        err(f"keep-best: the {d.extreme} {d.metric} is best ({d.explain()})")
     if dry_run:
         if not plan.decisions:
             err(f"task '{task}' has no checkpoints")
@@ -106,6 +116,8 @@ def trash_unused(
             f"would move {len(plan.trashed)} checkpoint(s) to the trash; emptying it would free "
             f"{human_size(plan.bytes_freed_on_empty)}"
         )
+        if plan.held:
+            err(f"note: {human_size(plan.held.bytes)} stay on disk: {plan.held.why}")
         return
     if res.entry is None:
         out(f"nothing to trash in task '{task}': every checkpoint is used")
@@ -114,6 +126,8 @@ def trash_unused(
         f"moved {len(plan.trashed)} checkpoint(s) of task '{task}' ({_numbers(plan.trashed)}) to the trash "
         f"as entry {res.entry}; emptying it frees {human_size(plan.bytes_freed_on_empty)}"
     )
+    if plan.held:
+        err(f"note: {human_size(plan.held.bytes)} stay on disk: {plan.held.why}")
     err(f"undo with: ckpt trash restore {res.entry}")
 
 
@@ -218,6 +232,7 @@ def trash_empty(
             {
                 "emptied": emptied,
                 "bytes_freed": freed,
+                "not_freed": res.held.to_json() if res and res.held else None,
                 "skipped": [{"id": i, "reason": r} for i, r in (res.skipped if res else plan.skipped)],
             }
         )
@@ -226,6 +241,8 @@ def trash_empty(
         out("nothing to empty")
         return
     out(f"deleted {len(emptied)} trash entries; freed {human_size(freed)} ({freed} bytes)")
+    if res and res.held:
+        err(f"note: {human_size(res.held.bytes)} stay on disk: {res.held.why}")
 
 
 @command(models_app, "remove")
