@@ -101,7 +101,7 @@ def direction(
         return Direction(metric, by_name, "name")
     raise UsageError(
         f"cannot tell whether a higher or lower '{metric}' is better",
-        hint=f'pass --min or --max (or set it once: [metrics] {metric} = "min" in ckpt.toml)',
+        hint=f'pass {flags} (or set it once: [metrics] {metric} = "min" in ckpt.toml)',
     )
 
 
