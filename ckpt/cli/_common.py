@@ -35,6 +35,19 @@ class State:
 STATE = State()
 
 
+def again(*words: str) -> str:
+    """A ckpt command line to suggest, naming the workspace the way the user did (`-w`), if they did."""
+    import shlex
+
+    prefix = ["ckpt", "-w", STATE.workspace] if STATE.workspace else ["ckpt"]
+    return shlex.join([*prefix, *words])
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 problem', '2 problems'."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def open_workspace() -> Any:
     from ..workspace import Workspace
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import _complete, app
 from ._common import (
     JsonOpt,
     MaxOpt,
@@ -26,16 +26,16 @@ from ._render import model_json
 
 models_app = typer.Typer(
     help="The models: checkpoints promoted under a title. Without a subcommand: list them.",
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
     invoke_without_command=True,
     no_args_is_help=False,
 )
-app.add_typer(models_app, name="models")
+app.add_typer(models_app, name="models", rich_help_panel="Models")
 
 
-@command(app, "promote")
+@command(app, "promote", rich_help_panel="Models")
 def promote(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
     title: Annotated[
         str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
@@ -48,7 +48,12 @@ def promote(
     copy: Annotated[bool, typer.Option("--copy", help="Store a verified copy instead of a hard link.")] = False,
     json: JsonOpt = False,
 ) -> None:
-    """Make a named model from a checkpoint: ckpt promote TASK 7 --title unet-7 (again: no change, exit 0)."""
+    """Make a named model from a checkpoint (again: no change, exit 0).
+
+    Example: ckpt promote unet 7 --title unet-7
+
+    Example: ckpt promote unet --best val_loss   (the lowest loss, as unet-N)
+    """
     from ..errors import UsageError
     from ..metrics import flag_mode
     from ..models import promote as do_promote
@@ -106,7 +111,10 @@ def models_default(ctx: typer.Context, json: JsonOpt = False) -> None:
 
 @command(models_app, "list")
 def models_list(json: JsonOpt = False) -> None:
-    """Every model: title, task, checkpoint, metrics, size, storage, created."""
+    """Every model: title, task, checkpoint, metrics, size, storage, created.
+
+    Example: ckpt models list --json
+    """
     _list(json)
 
 
@@ -125,8 +133,14 @@ def _list(json: bool) -> None:
 
 
 @command(models_app, "show")
-def models_show(title: Annotated[str, typer.Argument(help="The model's title.")], json: JsonOpt = False) -> None:
-    """One model in full."""
+def models_show(
+    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=_complete.titles)],
+    json: JsonOpt = False,
+) -> None:
+    """One model in full: where it came from, its metrics, size and storage.
+
+    Example: ckpt models show unet-7 --json
+    """
     ws = open_workspace()
     m = ws.models[title]
     data = model_json(ws, m)
@@ -143,11 +157,14 @@ def models_show(title: Annotated[str, typer.Argument(help="The model's title.")]
 
 @command(models_app, "rename")
 def models_rename(
-    old: Annotated[str, typer.Argument(help="The current title.")],
+    old: Annotated[str, typer.Argument(help="The current title.", autocompletion=_complete.titles)],
     new: Annotated[str, typer.Argument(help="The new title.")],
     json: JsonOpt = False,
 ) -> None:
-    """Rename a model; its source checkpoint is untouched."""
+    """Rename a model; its source checkpoint is untouched.
+
+    Example: ckpt models rename unet-7 unet-release
+    """
     from ..models import rename
 
     ws = open_workspace()

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from . import app
+from . import _complete, app
 from ._common import (
     JsonOpt,
     command,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..workspace import CachedRows
 
 
-@command(app, "init")
+@command(app, "init", rich_help_panel="Tasks")
 def init(
     path: Annotated[
         str | None,
@@ -46,7 +46,10 @@ def init(
     ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Make a workspace (a folder with ckpt.toml); an existing one is left as it is."""
+    """Make a workspace (a folder with ckpt.toml, or s3://bucket/prefix); an existing one is left as it is.
+
+    Example: ckpt init runs
+    """
     from ..workspace import Workspace
 
     ws = Workspace.init(path or ".")
@@ -56,9 +59,12 @@ def init(
         out(f"workspace ready at {ws.location}")
 
 
-@command(app, "tasks")
+@command(app, "tasks", rich_help_panel="Tasks")
 def tasks_list(json: JsonOpt = False) -> None:
-    """Every task: status, number of checkpoints, size on disk, latest metrics."""
+    """Every task: status, number of checkpoints, size on disk, latest metrics.
+
+    Example: ckpt -w runs tasks --json
+    """
     ws = open_workspace()
     if json and not json_to_terminal():
         # a script's listing: each task's row is kept as text while its manifest is unchanged
@@ -114,9 +120,9 @@ def _sorted(t: Any, cps: list[Any], field: str, desc: bool | None) -> list[Any]:
     return ranked + missing
 
 
-@command(app, "list")
+@command(app, "list", rich_help_panel="Tasks")
 def list_checkpoints(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     sort: Annotated[
         str | None, typer.Option("--sort", help="Sort by a metric (or number, step, epoch, size, created).")
     ] = None,
@@ -126,14 +132,17 @@ def list_checkpoints(
     ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them."""
+    """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them.
+
+    Example: ckpt list unet --sort val_loss   (best first: a loss is better lower)
+    """
     from ..errors import UsageError
 
     ws = open_workspace()
     t = ws.task(task)
     t.settle()  # an interrupted trash is finished or undone first, as every locking command does
     # a script's plain listing reuses the rows' text kept from the last one while the task is unchanged
-    plain = json and sort is None and not json_to_terminal()
+    plain = json and sort is None and not desc and not json_to_terminal()
     cached = t.cached_rows(ROWS_FORM) if plain else None
     pieces = _from_cache(cached, ws.models_of(task)) if cached is not None else None
     if cached is not None and pieces is not None:
@@ -156,6 +165,8 @@ def list_checkpoints(
                 hint=f"use one of: {', '.join([*_FIELDS, *known])}",
             )
         cps = _sorted(t, cps, sort, desc)
+    elif desc:  # --desc alone: by number, newest first
+        cps = cps[::-1]
     if json:
         rendered = _plain_rows(ws, t, cps) if plain else None
         made = rendered and splice_rows(rendered[0], [cp.number for cp in cps], rendered[1], models)
@@ -213,13 +224,16 @@ def _linked_warning(number: int, link: str) -> str:
     return f"warning: checkpoint {number} is reached through symlink '{link}'; ckpt never moves or deletes it"
 
 
-@command(app, "show")
+@command(app, "show", rich_help_panel="Tasks")
 def show(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int, typer.Argument(help="The checkpoint number.")],
     json: JsonOpt = False,
 ) -> None:
-    """One checkpoint in full: path, sha256, size, metrics and the tensors it holds (read without unpickling)."""
+    """One checkpoint in full: path, sha256, size, metrics and the tensors it holds (read without unpickling).
+
+    Example: ckpt show unet 7 --json
+    """
     from ..formats import inspect_file
 
     ws = open_workspace()
@@ -257,14 +271,17 @@ def show(
         )
 
 
-@command(app, "finish")
+@command(app, "finish", rich_help_panel="Tasks")
 def finish(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,
     title: Annotated[str | None, typer.Option("--title", help="Title for the model (default: TASK-NUMBER).")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Mark a task finished and promote its latest checkpoint to a model (or --failed: promote nothing)."""
+    """Mark a task finished and promote its latest checkpoint to a model (or --failed: promote nothing).
+
+    Example: ckpt finish unet --title unet-final
+    """
     from ..models import finish as do_finish
 
     ws = open_workspace()
