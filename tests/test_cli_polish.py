@@ -138,3 +138,52 @@ def test_options_that_mean_nothing_are_usage_errors(run: Any, ws: ckpt.Workspace
     # --desc without --sort: by number, newest first
     r = run("list", "unet", "--desc", "--json")
     assert [row["number"] for row in json.loads(r.stdout)] == [3, 2, 1]
+
+
+def _snapshot(ws: ckpt.Workspace) -> dict[str, Any]:
+    """Every task's records and status, every model, every trash entry: what a dry run must leave alone."""
+    from ckpt.trash import list_entries
+
+    fresh = ckpt.Workspace.open(ws.location)
+    tasks = {t: (fresh.task(t).status, [c.number for c in fresh.task(t).checkpoints]) for t in ("unet", "other")}
+    entries, _ = list_entries(fresh)
+    return {
+        "tasks": tasks,
+        "models": sorted((m.title, m.checkpoint) for m in fresh.models),
+        "trash": sorted((e.id, e.state) for e in entries),
+    }
+
+
+def test_dry_run_on_every_command_that_changes(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    make_task(any_ws, "unet", n=4)
+    make_task(any_ws, "other", n=2)
+    any_ws.promote("unet", 2, title="unet-2")
+    entry = run_json("trash-unused", "other", "--keep-last", "1")["entry"]
+    before = _snapshot(any_ws)
+    plans = {
+        "promote": run_json("promote", "unet", "3", "--dry-run"),
+        "finish": run_json("finish", "unet", "--dry-run"),
+        "rename": run_json("models", "rename", "unet-2", "unet-best", "--dry-run"),
+        "remove": run_json("models", "remove", "unet-2", "--dry-run"),
+        "restore": run_json("trash", "restore", entry, "--dry-run"),
+        "empty": run_json("trash", "empty", "--dry-run"),
+        "trash-unused": run_json("trash-unused", "unet", "--dry-run"),
+    }
+    assert _snapshot(any_ws) == before
+    assert plans["promote"]["title"] == "unet-3" and plans["promote"]["dry_run"] and not plans["promote"]["unchanged"]
+    assert plans["finish"]["would"] == [
+        "mark task 'unet' finished",
+        "promote checkpoint 4 of task 'unet' as model 'unet-4'",
+    ]
+    assert plans["rename"]["would"] == ["rename model 'unet-2' to 'unet-best'"]
+    assert plans["restore"]["would"] == ["restore checkpoint 1 of task 'other'"]
+    assert plans["empty"]["would"][0].startswith(f"delete trash entry {entry}")
+    # a dry run refuses what the command would refuse, with the same exit code
+    assert run("promote", "unet", "3", "--title", "unet-2", "--dry-run").exit_code == 4
+    assert run("models", "rename", "unet-2", "UNET-2", "--dry-run").exit_code == 0  # its own case: allowed
+    assert run("models", "rename", "unet-2", "Unet-2", "--dry-run", "--json").exit_code == 0
+    assert run("models", "remove", "nope", "--dry-run").exit_code == 3
+    assert run("trash", "restore", "20200101-000000-abcdef", "--dry-run").exit_code == 3
+    # and the real commands then do what the plans said
+    assert run_json("promote", "unet", "3")["title"] == "unet-3"
+    assert run_json("trash", "restore", entry)["checkpoints"] == [1]

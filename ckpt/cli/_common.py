@@ -18,6 +18,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed without a terminal.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
 # where a metric is chosen: its direction; without either, the task, ckpt.toml [metrics] or the name says
 MinOpt = Annotated[bool, typer.Option("--min", help="Lower is better (default: as the task or metric name says).")]
 MaxOpt = Annotated[bool, typer.Option("--max", help="Higher is better (default: as the task or metric name says).")]
@@ -41,6 +42,18 @@ def again(*words: str) -> str:
 
     prefix = ["ckpt", "-w", STATE.workspace] if STATE.workspace else ["ckpt"]
     return shlex.join([*prefix, *words])
+
+
+def show_plan(plan: Any, json: bool) -> None:
+    """A dry run's plan (ckpt.plans.Plan): `{"dry_run": true, "would": [...]}`, or a line per change."""
+    if json:
+        print_json({"dry_run": True, "would": plan.would})
+        return
+    for line in plan.would:
+        out(f"would {line}")
+    if not plan.would:
+        out("nothing would change")
+    err("dry run: nothing was changed")
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

@@ -8,6 +8,7 @@ import typer
 
 from . import _complete, app
 from ._common import (
+    DryRunOpt,
     JsonOpt,
     MaxOpt,
     MinOpt,
@@ -20,6 +21,7 @@ from ._common import (
     open_workspace,
     out,
     print_json,
+    show_plan,
     table,
 )
 from ._render import model_json
@@ -46,6 +48,7 @@ def promote(
     minimize: MinOpt = False,
     maximize: MaxOpt = False,
     copy: Annotated[bool, typer.Option("--copy", help="Store a verified copy instead of a hard link.")] = False,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Make a named model from a checkpoint (again: no change, exit 0).
@@ -62,13 +65,28 @@ def promote(
     if mode is not None and best is None:
         raise UsageError(f"--{mode} goes with --best METRIC", hint=f"e.g. ckpt promote {task} --best val_loss --{mode}")
     ws = open_workspace()
-    res = do_promote(ws, task, number, title=title or None, best=best, mode=mode, copy=copy)
+    if dry_run:
+        from ..plans import plan_promote
+
+        res = plan_promote(ws, task, number, title=title or None, best=best, mode=mode)
+    else:
+        res = do_promote(ws, task, number, title=title or None, best=best, mode=mode, copy=copy)
     if json:
-        print_json({**model_json(ws, res.model), "unchanged": res.unchanged, **direction_json(res.direction)})
+        made = {**model_json(ws, res.model), "unchanged": res.unchanged, **direction_json(res.direction)}
+        if dry_run and not res.unchanged:
+            made.update(created=None, storage=None)  # decided when it is made
+        print_json({**made, "dry_run": True} if dry_run else made)
         return
     m = res.model
     if best is not None:
         err(res.chosen_by)
+    if dry_run:
+        if res.unchanged:
+            out(f"model '{m.title}' is already checkpoint {m.checkpoint} of task '{m.task}'; nothing would change")
+        else:
+            out(f"would make model '{m.title}' from checkpoint {m.checkpoint} of task '{m.task}'")
+        err("dry run: nothing was changed")
+        return
     if res.unchanged:
         out(f"model '{m.title}' is already checkpoint {m.checkpoint} of task '{m.task}'; nothing changed")
         return
@@ -159,6 +177,7 @@ def models_show(
 def models_rename(
     old: Annotated[str, typer.Argument(help="The current title.", autocompletion=_complete.titles)],
     new: Annotated[str, typer.Argument(help="The new title.")],
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Rename a model; its source checkpoint is untouched.
@@ -168,6 +187,11 @@ def models_rename(
     from ..models import rename
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_rename
+
+        show_plan(plan_rename(ws, old, new), json)
+        return
     m = rename(ws, old, new)
     if json:
         print_json(model_json(ws, m))

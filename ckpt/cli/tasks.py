@@ -8,6 +8,7 @@ import typer
 
 from . import _complete, app
 from ._common import (
+    DryRunOpt,
     JsonOpt,
     command,
     err,
@@ -19,6 +20,7 @@ from ._common import (
     out,
     print_json,
     print_json_pieces,
+    show_plan,
     table,
 )
 from ._render import (
@@ -275,7 +277,10 @@ def show(
 def finish(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,
-    title: Annotated[str | None, typer.Option("--title", help="Title for the model (default: TASK-NUMBER).")] = None,
+    title: Annotated[
+        str | None, typer.Option("--title", "-t", help="Title for the model (default: TASK-NUMBER).")
+    ] = None,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Mark a task finished and promote its latest checkpoint to a model (or --failed: promote nothing).
@@ -285,6 +290,11 @@ def finish(
     from ..models import finish as do_finish
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_finish
+
+        show_plan(plan_finish(ws, task, failed=failed, title=title), json)
+        return
     res = do_finish(ws, task, failed=failed, title=title)
     if json:
         print_json(

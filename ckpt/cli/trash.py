@@ -9,6 +9,7 @@ import typer
 
 from . import _complete, app
 from ._common import (
+    DryRunOpt,
     JsonOpt,
     MaxOpt,
     MinOpt,
@@ -24,6 +25,7 @@ from ._common import (
     out,
     plural,
     print_json,
+    show_plan,
     table,
 )
 from .models import models_app
@@ -35,7 +37,6 @@ trash_app = typer.Typer(
 )
 app.add_typer(trash_app, name="trash", rich_help_panel="Trash")
 
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
 # trash-unused's options, declared once: Typer evaluates each annotation's text at every start, a name costs least
 TaskArg = Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)]
 KeepLastOpt = Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")]
@@ -196,6 +197,7 @@ def trash_restore(
     entry: Annotated[
         str, typer.Argument(help="The trash entry id (see: ckpt trash list).", autocompletion=_complete.entries)
     ],
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Put a trash entry's files and records back exactly as they were; refused if anything would be overwritten.
@@ -205,6 +207,11 @@ def trash_restore(
     from ..trash import restore
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_restore
+
+        show_plan(plan_restore(ws, entry), json)
+        return
     e = restore(ws, entry).entry
     if json:
         print_json(
@@ -233,6 +240,7 @@ def trash_empty(
         str | None, typer.Option("--older-than", help="Only entries older than this: 45s, 30m, 12h, 7d, 2w.")
     ] = None,
     yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Delete trash entries for good: the only command that deletes checkpoint bytes. Asks first (or --yes).
@@ -246,6 +254,12 @@ def trash_empty(
     plan = plan_empty(ws, entries or None, age)
     for entry_id, why in plan.skipped:
         err(f"skipped {entry_id}: {why}")
+    if dry_run:
+        from ..plans import Plan
+
+        would = [f"delete trash entry {e.id} ({human_size(e.size)})" for e in plan.entries]
+        show_plan(Plan(would + [f"finish deleting {p.name}" for p in plan.leftovers]), json)
+        return
     if plan.entries:
         confirm(
             f"delete {plural(len(plan.entries), 'trash entry', 'trash entries')} ({human_size(plan.size)}) for good?",
@@ -275,6 +289,7 @@ def trash_empty(
 @command(models_app, "remove")
 def models_remove(
     title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=_complete.titles)],
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Move a model to the trash (restorable until emptied); its source checkpoint is untouched.
@@ -284,6 +299,11 @@ def models_remove(
     from ..trash import trash_model
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_remove
+
+        show_plan(plan_remove(ws, title), json)
+        return
     res = trash_model(ws, title, reason=_reason("models", "remove", title))
     if json:
         print_json(
