@@ -187,3 +187,23 @@ def test_dry_run_on_every_command_that_changes(run: Any, run_json: Any, any_ws: 
     # and the real commands then do what the plans said
     assert run_json("promote", "unet", "3")["title"] == "unet-3"
     assert run_json("trash", "restore", entry)["checkpoints"] == [1]
+
+
+@pytest.mark.parametrize("url", ["gs://b/ws", "az://c/ws", "memory://ws", "file:///tmp/ws", "s3a://b/ws", "S3://b/ws"])
+def test_unsupported_url_schemes_are_refused(tmp_path: Path, url: str) -> None:
+    r = ckpt_cmd("init", url, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "unsupported workspace URL scheme" in r.stderr and "s3://bucket/prefix" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no local folder named after the URL
+    with pytest.raises(ckpt.UsageError):
+        ckpt.Workspace.open(url)
+
+
+def test_missing_s3_credentials_are_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"))
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), HOME=str(tmp_path))
+    r = ckpt_cmd("-w", "s3://no-such-bucket/ws", "tasks", cwd=tmp_path, env=env)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "AWS_ACCESS_KEY_ID" in r.stderr, r.stderr

@@ -94,6 +94,12 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # a bug: still one line, the traceback only on request
             if os.environ.get("CKPT_DEBUG"):
                 raise
+            if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore, for s3://
+                err(
+                    "error: no usable AWS credentials for the s3:// workspace; set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for MinIO (see docs/s3.md)"
+                )
+                raise typer.Exit(1) from None
             err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
             raise typer.Exit(1) from None
 
