@@ -679,7 +679,8 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
 
     Returns a PreviewResult. Raises UsageError (exit 2; ArchitectureError and StateDictMismatch among
     them), NotFoundError (3) for missing images or masks, UnsafeFileError (6) for a file that needs
-    full unpickling, IntegrityError (6) for a corrupt one.
+    full unpickling or a manifest architecture from an untrusted package, IntegrityError (6) for a
+    corrupt or hostile file.
     """
     started = time.perf_counter()
     require_safe_torch()
