@@ -308,6 +308,8 @@ def _read_lightning(found: list[Found]) -> None:
             c.epoch = st.epoch
     logged = _logged_metrics(found)
     for c in found:
+        if id(c) not in logged and id(c) not in states:
+            continue  # the name says all there is
         named = c.metrics
         merged = {k: logged[id(c)][k] if _agrees(logged, c, k, v) else v for k, v in named.items()}
         for k, v in logged.get(id(c), {}).items():
@@ -322,7 +324,7 @@ def _read_lightning(found: list[Found]) -> None:
             if m.mode is not None:
                 c.modes[m.monitor] = m.mode
         c.metrics = merged
-    latest = max((c for c in found if id(c) in states), key=lambda c: c.step or 0, default=None)
+    latest = max((c for c in found if id(c) in states), key=lambda c: c.step or 0, default=None) if states else None
     if latest is not None:
         for m in states[id(latest)].monitors:
             for c in found:
@@ -359,21 +361,28 @@ def _logged_metrics(found: list[Found]) -> dict[int, dict[str, float]]:
     """For each checkpoint (by id) beside a CSVLogger's `metrics.csv` (in its folder, or above a
     `checkpoints` folder), the last value of each metric logged in its epoch at a step <= its step."""
     out: dict[int, dict[str, float]] = {}
-    logs: dict[Path, dict[int, list[tuple[int, dict[str, float]]]] | None] = {}
-    by_log: dict[tuple[Path, int], list[Found]] = {}
+    logs: dict[str, dict[int, list[tuple[int, dict[str, float]]]] | None] = {}
+    log_of: dict[str, str | None] = {}  # folder -> the metrics.csv that serves it (plain strings: 1,000s of files)
+    by_log: dict[tuple[str, int], list[Found]] = {}
     for c in found:
         if c.epoch is None or c.step is None:
             continue
-        folder = c.path.parent
-        places = [folder, folder.parent] if folder.name == "checkpoints" else [folder]
-        for csv_path in (f / "metrics.csv" for f in places):
-            if csv_path not in logs:
-                logs[csv_path] = read_metrics_csv(csv_path)
-            if logs[csv_path] is not None:
-                by_log.setdefault((csv_path, c.epoch), []).append(c)
-                break
-    for (csv_path, epoch), cps in by_log.items():
-        rows = sorted(logs[csv_path].get(epoch, []), key=lambda r: r[0])  # type: ignore[union-attr]
+        folder = os.path.dirname(c.path)
+        if folder not in log_of:
+            log_of[folder] = None
+            places = [folder, os.path.dirname(folder)] if os.path.basename(folder) == "checkpoints" else [folder]
+            for place in places:
+                csv_path = os.path.join(place, "metrics.csv")
+                if csv_path not in logs:
+                    logs[csv_path] = read_metrics_csv(Path(csv_path))
+                if logs[csv_path] is not None:
+                    log_of[folder] = csv_path
+                    break
+        log = log_of[folder]
+        if log is not None:
+            by_log.setdefault((log, c.epoch), []).append(c)
+    for (log, epoch), cps in by_log.items():
+        rows = sorted(logs[log].get(epoch, []), key=lambda r: r[0])  # type: ignore[union-attr]
         seen: dict[str, float] = {}
         i = 0
         for c in sorted(cps, key=lambda c: c.step or 0):
