@@ -72,6 +72,19 @@ def check_format(doc: dict[str, Any], path: Path) -> int:
     return version
 
 
+def workspace_doc(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The `[settings]` and `[metrics]` (metric -> "min" | "max") tables of a parsed `ckpt.toml`."""
+    check_format(doc, path)
+    settings = _get(doc, "settings", dict, path, "", required=False) or {}
+    modes = _get(doc, "metrics", dict, path, "", required=False) or {}
+    for k, v in modes.items():
+        if v not in ("min", "max"):
+            raise ManifestError(
+                f'{path}: [metrics] \'{k}\' must be "min" or "max"', path=path, hint=f'e.g. {k} = "min"'
+            )
+    return settings, {str(k): str(v) for k, v in modes.items()}
+
+
 def drop_none(value: Any) -> Any:
     """tomli-w has no null: drop None from dicts (recursively) before writing."""
     if isinstance(value, dict):

@@ -34,13 +34,13 @@ from .manifest import (
     TaskReader,
     TaskRowsCache,
     TaskState,
-    check_format,
     dumps,
     read_toml,
     record_bytes,
     task_bytes,
+    workspace_doc,
 )
-from .metrics import check_modes
+from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
 from .storage import is_url
 from .timeutil import now_iso
@@ -125,9 +125,11 @@ class Workspace:
 
     remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace); informational only
 
-    def __init__(self, root: Path, settings: dict[str, Any] | None = None):
+    def __init__(self, root: Path, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None):
         self.root = root
         self.settings = settings or {}
+        # ckpt.toml's [metrics]: the workspace's default direction per metric (see ckpt.metrics)
+        self.metric_modes = metric_modes or {}
         self._tasks: dict[str, Task] = {}
 
     # -- opening --
@@ -166,14 +168,10 @@ class Workspace:
 
             return StoreWorkspace.open_url(str(chosen))
         root = find_workspace(path)
-        doc = read_toml(root / WORKSPACE_FILE, "workspace")
-        check_format(doc, root / WORKSPACE_FILE)
-        settings = doc.get("settings", {})
-        if not isinstance(settings, dict):
-            raise ManifestError(f"{root / WORKSPACE_FILE}: 'settings' must be a table", path=root / WORKSPACE_FILE)
+        settings, modes = workspace_doc(read_toml(root / WORKSPACE_FILE, "workspace"), root / WORKSPACE_FILE)
         for sub in ("tasks", "models", "trash"):
             (root / sub).mkdir(exist_ok=True)
-        return cls(root, settings)
+        return cls(root, settings, modes)
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -405,15 +403,18 @@ class Workspace:
         task: str,
         number: int | None = None,
         *,
-        title: str,
+        title: str | None = None,
         best: str | None = None,
+        mode: str | None = None,
         minimize: bool = False,
         copy: bool = False,
     ) -> Model:
-        """Make model `title` from checkpoint `number` of `task` (or the best by metric `best`)."""
+        """Make model `title` (default `TASK-N`) from checkpoint `number` of `task`, or the best by metric `best`
+        (`mode` "min"/"max" or `minimize`; else the direction the task, the workspace or the name gives).
+        Promoting the same checkpoint under its title again returns the existing model."""
         from .models import promote
 
-        return promote(self, task, number, title=title, best=best, minimize=minimize, copy=copy).model
+        return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
     def models_of(self, task: str) -> dict[int, list[str]]:
         """Titles of the models made from each checkpoint number of `task`."""
@@ -459,6 +460,24 @@ class Task:
     @property
     def header(self) -> TaskHeader:
         return self.state().header
+
+    def direction(self, metric: str, flag: str | None = None, flags: str = "--min or --max") -> Direction:
+        """Which way `metric` is better for this task: the flag, the task, the workspace, the name (ckpt.metrics).
+
+        Raises UsageError when none of them says.
+        """
+        header = self.header
+        detail = ""
+        if header.source and metric in header.metric_modes:
+            detail = f"recorded by import from {header.source.get('path', 'elsewhere')}"
+        return direction(
+            metric,
+            flag=flag,
+            task_modes=header.metric_modes,
+            task_detail=detail,
+            workspace_modes=self.ws.metric_modes,
+            flags=flags,
+        )
 
     @property
     def status(self) -> str:
