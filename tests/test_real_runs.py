@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt.errors import UsageError
-from ckpt.metrics import Direction, direction
 
 RUNS = Path(__file__).with_name("real_runs.py")
 
@@ -72,7 +70,11 @@ def test_lightning_default_names_get_every_logged_metric(
     best = min(got, key=lambda k: got[k]["val_loss"])
     notes = {(r["epoch"], r["step"]): r["note"] for r in res["checkpoints"]}
     assert notes[best] == "Lightning's best_model_path (val_loss)"
-    assert direction("val_acc", task_modes=header.metric_modes).source == "task"
+    # no flag needed: the lowest val_loss (by Lightning's own mode) and the highest val_acc are chosen
+    model = run_json("promote", "pl", "--best", "val_loss", "--title", "pl-loss")
+    assert (model["epoch"], model["step"], model["direction"], model["direction_source"]) == (*best, "min", "task")
+    model = run_json("promote", "pl", "--best", "val_acc", "--title", "pl-acc")
+    assert model["direction"] == "max" and model["direction_source"] == "task"
 
 
 def test_lightning_named_file_takes_the_monitored_value_from_the_file(
@@ -104,11 +106,12 @@ def test_trainer_direction_comes_from_training_args(trainer_run: Path, ws: ckpt.
     # "eval_score" says nothing by its name: greater_is_better=False in training_args.bin does
     assert header.metric_modes == {"eval_score": "min"}
     assert header.source == {"path": str(trainer_run.resolve()), "how": "link"}
-    assert direction("eval_score", task_modes=header.metric_modes) == Direction("eval_score", "min", "task")
+    model = run_json("promote", "bert", "--best", "eval_score", "--title", "bert-best")
+    assert (model["step"], model["direction"], model["direction_source"]) == (min(evals, key=evals.get), "min", "task")
 
 
 def test_trainer_unreadable_training_args_fall_back_to_the_name_rule(
-    trainer_run: Path, tmp_path: Path, ws: ckpt.Workspace, run_json: Any
+    trainer_run: Path, tmp_path: Path, ws: ckpt.Workspace, run: Any, run_json: Any
 ) -> None:
     out = tmp_path / "out"
     for d in sorted(trainer_run.glob("checkpoint-*")):
@@ -119,5 +122,6 @@ def test_trainer_unreadable_training_args_fall_back_to_the_name_rule(
     res = run_json("import", str(out), "--task", "bert")
     assert res["added"] == 3
     assert ws.task("bert").header.metric_modes == {}
-    with pytest.raises(UsageError):  # nothing says which way: --min or --max is asked for
-        direction("eval_score", task_modes=ws.task("bert").header.metric_modes)
+    result = run("promote", "bert", "--best", "eval_score", "--title", "x")
+    assert result.exit_code == 2, result.output  # nothing says which way: --min or --max is asked for
+    assert "--min or --max" in result.output
