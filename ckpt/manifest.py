@@ -172,6 +172,8 @@ class Checkpoint:
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ManifestError(f"{path}: {where}metric '{k}' is not a number", path=path)
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                raise ManifestError(f"{path}: {where}metric '{k}' is beyond TOML's 64-bit integers", path=path)
         return cls(
             number=number,
             file=file,

@@ -236,7 +236,14 @@ def already_made(ws: Workspace, title: str, task: str, cp: Checkpoint) -> Model 
 
 def promote_title(task: str, cp: Checkpoint, title: str | None) -> str:
     """`title`, or `TASK-N` when none is given (as `finish` names its model); checked as a title."""
-    return check_title(title if title else f"{task}-{cp.number}")
+    if title is not None:
+        return check_title(title)
+    default = f"{task}-{cp.number}"
+    if len(default) > 100:
+        raise UsageError(
+            f"the default title '{task[:20]}…-{cp.number}' is longer than 100 characters", hint="pass --title"
+        )
+    return check_title(default)
 
 
 @per_backend

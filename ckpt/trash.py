@@ -523,7 +523,7 @@ class Reasons:
     def unused(self, number: int) -> str:
         """The dry run's word for a checkpoint nothing protects."""
         if number in self.unranked and self.direction is not None:
-            return f"unused (no {self.direction.metric} recorded: ranked last)"
+            return f"unused (no {self.direction.metric} value: missing, NaN or infinite, ranked last)"
         return "unused"
 
 

@@ -933,6 +933,8 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             v = v.item()  # a 0-d tensor or numpy scalar
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise UsageError(f"metric '{k}' must be a number, got {type(v).__name__}")
+        if isinstance(v, int) and not -(2**63) <= v < 2**63:  # TOML integers are 64-bit
+            raise UsageError(f"metric '{k}' is too large an integer for the manifest", hint="pass it as a float")
         out[k] = v
     return out
 

@@ -27,7 +27,8 @@ from ._common import (
 from ._render import model_json
 
 models_app = typer.Typer(
-    help="The models: checkpoints promoted under a title. Without a subcommand: list them.",
+    help="The models: checkpoints promoted under a title. Without a subcommand: list them.\n\n"
+    "Example: ckpt models show unet-7",
     rich_markup_mode="rich",
     invoke_without_command=True,
     no_args_is_help=False,
@@ -40,8 +41,8 @@ def promote(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
     title: Annotated[
-        str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
-    ] = "",
+        str | None, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
+    ] = None,
     best: Annotated[
         str | None, typer.Option("--best", help="Pick the checkpoint with the best value of this metric.")
     ] = None,
@@ -68,9 +69,9 @@ def promote(
     if dry_run:
         from ..plans import plan_promote
 
-        res = plan_promote(ws, task, number, title=title or None, best=best, mode=mode)
+        res = plan_promote(ws, task, number, title=title, best=best, mode=mode)
     else:
-        res = do_promote(ws, task, number, title=title or None, best=best, mode=mode, copy=copy)
+        res = do_promote(ws, task, number, title=title, best=best, mode=mode, copy=copy)
     if json:
         made = {**model_json(ws, res.model), "unchanged": res.unchanged, **direction_json(res.direction)}
         if dry_run and not res.unchanged:

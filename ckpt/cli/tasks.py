@@ -287,8 +287,11 @@ def finish(
 
     Example: ckpt finish unet --title unet-final
     """
+    from ..errors import UsageError
     from ..models import finish as do_finish
 
+    if failed and title is not None:
+        raise UsageError("--title goes with a finish that promotes, not with --failed")
     ws = open_workspace()
     if dry_run:
         from ..plans import plan_finish

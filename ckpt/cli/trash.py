@@ -31,7 +31,8 @@ from ._common import (
 from .models import models_app
 
 trash_app = typer.Typer(
-    help="The trash bin: list, restore and empty what trash-unused and models remove moved there.",
+    help="The trash bin: list, restore and empty what trash-unused and models remove moved there.\n\n"
+    "Example: ckpt trash list",
     rich_markup_mode="rich",
     no_args_is_help=True,
 )
@@ -257,12 +258,15 @@ def trash_empty(
     if dry_run:
         from ..plans import Plan
 
-        would = [f"delete trash entry {e.id} ({human_size(e.size)})" for e in plan.entries]
+        would = [
+            f"delete trash entry {e.id} ({human_size(e.size)}; frees about {human_size(e.bytes)})" for e in plan.entries
+        ]
         show_plan(Plan(would + [f"finish deleting {p.name}" for p in plan.leftovers]), json)
         return
     if plan.entries:
         confirm(
-            f"delete {plural(len(plan.entries), 'trash entry', 'trash entries')} ({human_size(plan.size)}) for good?",
+            f"delete {plural(len(plan.entries), 'trash entry', 'trash entries')} ({human_size(plan.size)}; frees "
+            f"about {human_size(sum(e.bytes for e in plan.entries))}) for good?",
             yes,
         )
     res = empty(ws, plan) if plan.entries or plan.leftovers else None
