@@ -229,7 +229,11 @@ def _walk_files(root: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, os.st
 
 
 def _single(path: Path) -> list[tuple[Path, os.stat_result | None]]:
-    return [(path, None if path.is_symlink() else os.stat(path, follow_symlinks=False))]
+    if path.is_symlink():
+        return [(path, None)]
+    st = os.stat(path, follow_symlinks=False)
+    fsutil.refuse_irregular(path, st.st_mode)  # /dev/zero or a FIFO would be hashed forever
+    return [(path, st)]
 
 
 def detect_format(path: Path) -> str:
@@ -528,6 +532,8 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
 
     digests = fsutil.sha256_many(jobs, workers=_workers(total), done=done)
     for d in digests:
+        if isinstance(d, CkptError):  # NotRegularFile: a FIFO or device among the files (exit 6)
+            raise d
         if isinstance(d, OSError):
             raise CkptError(f"cannot read '{d.filename}': {d.strerror}", path=d.filename)
     it = iter(digests)

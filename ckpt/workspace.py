@@ -700,7 +700,7 @@ class Task:
         _check_int(epoch, "epoch")
 
         def produce(w: fsutil.HashingWriter) -> None:
-            with open(src, "rb") as f:
+            with fsutil.open_regular_file(src) as f:  # a FIFO swapped in after is_file() is refused, not waited on
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
         return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
