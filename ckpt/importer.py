@@ -297,11 +297,10 @@ def _read_lightning(found: list[Found]) -> None:
     `metrics.csv` (docs/import.md): epoch and step where the name lacks them, each monitored metric's
     value and direction, every logged metric, and a note on the callback's best checkpoint."""
     states: dict[int, LightningState] = {}
-    for c in found:
-        if not _is_zip(c.path):
-            continue
+    archives = [c for c in found if _is_zip(c.path)]
+    if archives:
         from .formats import read_lightning_state  # imported only for torch archives
-
+    for c in archives:
         try:
             states[id(c)] = st = read_lightning_state(c.path)
         except IntegrityError:
@@ -332,7 +331,8 @@ def _read_lightning(found: list[Found]) -> None:
     if latest is not None:
         for m in states[id(latest)].monitors:
             for c in found:
-                if c.note is None and m.best_model_name == c.path.name and not c.is_last:
+                same_run = c.path.parent == latest.path.parent  # version_0 and version_1 repeat names
+                if c.note is None and same_run and m.best_model_name == c.path.name and not c.is_last:
                     c.note = f"Lightning's best_model_path ({m.monitor})"
 
 
