@@ -49,6 +49,7 @@ from .manifest import (
     TaskHeader,
     TaskState,
     check_format,
+    check_nesting,
     dumps,
     parse_task,
     parse_toml,
@@ -139,6 +140,7 @@ class StoreWorkspace(Workspace):
         settings = doc.get("settings", {})
         if not isinstance(settings, dict):
             raise ManifestError(f"{storage.url}/{WORKSPACE_FILE}: 'settings' must be a table")
+        check_nesting(doc, Path(f"{storage.url}/{WORKSPACE_FILE}"), "a value")
         return cls(storage, settings)
 
     def __repr__(self) -> str:
@@ -335,7 +337,17 @@ class StoreTask(Task):
         raise unsupported("this operation")
         yield  # pragma: no cover
 
+    def discard_if_empty(self) -> bool:
+        """An object-store task a failed import created is left as it is (not yet done here)."""
+        return False
+
     def pending_markers(self) -> list[Path]:
+        return []
+
+    def _markers(self) -> tuple[list[Path], list[Path]]:
+        return [], []  # no trash or import markers in object storage
+
+    def recover_imports(self, *, dry_run: bool = False) -> list[Repair]:
         return []
 
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:

@@ -75,6 +75,7 @@ _COLLECTING = frozenset({"preview", "demo"})
 
 def main() -> NoReturn:
     """Entry point of the `ckpt` script (and of `python -m ckpt`)."""
+    stdout_closed = _open_closed_std_fds()
     argv = sys.argv[1:]
     if _invoked(argv) not in _COLLECTING:
         # a short command frees what it allocates by reference counting; the cyclic collector's passes over
@@ -90,7 +91,39 @@ def main() -> NoReturn:
     except KeyboardInterrupt:  # pragma: no cover
         err("interrupted")
         code = 130
+    if stdout_closed:
+        err("error: stdout was closed, so the output was lost (the command's work is done and kept)")
+        code = code or 1
     _exit(code)
+
+
+def _open_closed_std_fds() -> bool:
+    """Open /dev/null on each closed descriptor 0-2, so that no file ckpt opens becomes stdin, stdout or
+    stderr (a manifest opened as descriptor 1 would take the output); whether stdout was closed.
+
+    Output that cannot be encoded (a name that is not UTF-8, `PYTHONIOENCODING=ascii`) is written with
+    backslash escapes rather than ending the command half-way, as stderr always does.
+    """
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:  # in order: open() takes the lowest free descriptor
+        got = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if got != fd:  # pragma: no cover (only if 0-2 were not the lowest free)
+            os.dup2(got, fd)
+            os.close(got)
+    if 0 in closed:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if 1 in closed:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    return 1 in closed
 
 
 def _exit(code: object) -> NoReturn:
