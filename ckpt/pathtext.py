@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import re
 
-_TO_ESCAPE = re.compile(r"[\udc80-\udcff]|\\(?=udc(?:5c|[89a-f][0-9a-f]))")
-_ESCAPED = re.compile(r"\\udc(5c|[89a-f][0-9a-f])")
+# patterns compiled on first use (re caches them), not when `import ckpt` runs
+_TO_ESCAPE = r"[\udc80-\udcff]|\\(?=udc(?:5c|[89a-f][0-9a-f]))"
+_ESCAPED = r"\\udc(5c|[89a-f][0-9a-f])"
 
 
 def escape_name(name: str) -> str:
@@ -21,14 +22,14 @@ def escape_name(name: str) -> str:
     the text of an escape."""
     if "\\udc" not in name and (name.isascii() or not _has_surrogate(name)):
         return name
-    return _TO_ESCAPE.sub(lambda m: f"\\udc{ord(m[0]) & 0xFF:02x}", name)
+    return re.sub(_TO_ESCAPE, lambda m: f"\\udc{ord(m[0]) & 0xFF:02x}", name)
 
 
 def unescape_name(text: str) -> str:
     """The name `escape_name` wrote as `text`, as Python decodes file names (`os.fsencode` gives its bytes)."""
     if "\\udc" not in text:
         return text
-    return _ESCAPED.sub(lambda m: "\\" if m[1] == "5c" else chr(0xDC00 + int(m[1], 16)), text)
+    return re.sub(_ESCAPED, lambda m: "\\" if m[1] == "5c" else chr(0xDC00 + int(m[1], 16)), text)
 
 
 def escape_path(path: str | os.PathLike[str]) -> str:
