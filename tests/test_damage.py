@@ -67,16 +67,23 @@ def test_trash_unused_with_stdout_closed_does_its_work_and_exits_1(ws: ckpt.Work
     assert len(ckpt.trash.list_entries(ws)[0]) == 1
 
 
-def test_no_file_ckpt_opens_becomes_stdout(ws: ckpt.Workspace) -> None:
-    """With descriptor 1 closed, the first file a command opens would be descriptor 1; ckpt puts /dev/null there
-    first, so a save's manifest never receives the output."""
-    task = make_task(ws, n=1)
-    before = task.manifest.read_bytes()
-    env = {**os.environ, "CKPT_WORKSPACE": str(ws.root)}
-    script = "import ckpt.cli as c, sys; sys.argv = ['ckpt', 'tasks']; c.main()"
-    res = subprocess.run(["sh", "-c", f"exec '{sys.executable}' -c \"{script}\" >&- <&-"], env=env, timeout=120)
-    assert res.returncode == 1
-    assert task.manifest.read_bytes() == before
+def test_no_file_ckpt_opens_becomes_stdout_or_stdin() -> None:
+    """With descriptors 0 and 1 closed, the first files a command opened would be 0 and 1 (a manifest opened to
+    append to would take the output); ckpt puts /dev/null there first."""
+    code = (
+        "import os, sys, typer, ckpt.cli as c\n"
+        "def run(self):\n"
+        "    fd = os.open(os.devnull, os.O_RDONLY)\n"
+        '    os.write(2, f\'{os.readlink("/proc/self/fd/0")} {os.readlink("/proc/self/fd/1")} {fd}\\n\'.encode())\n'
+        "    raise SystemExit(0)\n"
+        "typer.Typer.__call__ = run\n"
+        "sys.argv = ['ckpt', 'tasks']\n"
+        "c.main()\n"
+    )
+    res = subprocess.run(["sh", "-c", f"exec '{sys.executable}' -c \"$0\" >&- <&-", code], stderr=subprocess.PIPE)
+    lines = res.stderr.decode().splitlines()
+    assert lines[0] == "/dev/null /dev/null 3", res.stderr
+    assert res.returncode == 1 and "stdout was closed" in lines[1]
 
 
 # --- point 10: values nested hundreds deep ----------------------------------------------------------
