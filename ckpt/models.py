@@ -265,11 +265,13 @@ def promote(
     (bad title, neither or both of number and best, unknown direction), NotFoundError (task, checkpoint),
     ConflictError (title taken by another checkpoint), IntegrityError (file missing or changed).
     """
-    if title:
+    if title is not None:
         check_title(title)
     check_task_name(task_name)
     flag = "min" if minimize else mode
     task = ws.task(task_name)
+    if title is not None:
+        _check_case_twin(ws, title)  # before the lock: a refused title touches nothing (again below, under it)
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
         cp, why, better = pick_checkpoint(task, number, best, flag)

@@ -78,7 +78,7 @@ def plan_promote(
     ws: Workspace, task_name: str, number: int | None, *, title: str | None, best: str | None, mode: str | None
 ) -> PromoteResult:
     """What `promote` would make; raises what it would raise. `unchanged`: it would make nothing."""
-    if title:
+    if title is not None:
         check_title(title)
     check_task_name(task_name)
     task = ws.task(task_name)

@@ -40,6 +40,7 @@ from .manifest import FORMAT, Checkpoint, TaskState, check_format, dumps, read_t
 from .metrics import rank, require
 from .names import _describe
 from .timeutil import now_iso, parse_iso
+from .timeutil import parse_age as parse_age  # where `ckpt trash empty --older-than` finds it
 from .workspace import LOCK_FILE as TASK_LOCK
 from .workspace import PENDING_PREFIX
 
@@ -876,18 +877,6 @@ def _is_file_or_folder(path: Path) -> bool:
 
 
 # --- empty -------------------------------------------------------------------------------------------
-
-
-_AGE = r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*"  # compiled on first use (re caches it): not at import
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_age(text: str) -> timedelta:
-    """'7d', '12h', '30m', '2w', '45s' as a timedelta; raises UsageError."""
-    m = re.fullmatch(_AGE, text)
-    if not m:
-        raise UsageError(f"invalid age {text!r}", hint="use a number and a unit: 45s, 30m, 12h, 7d, 2w")
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
 
 
 @per_backend
