@@ -140,17 +140,26 @@ def console(stderr: bool = False) -> Any:
 
 
 def table(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, right: Sequence[str] = ()
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    title: str | None = None,
+    right: Sequence[str] = (),
+    whole: Sequence[str] = (),
 ) -> None:
-    """Print a Rich table on stdout."""
-    from rich.table import Table
+    """Print a table on stdout, fitted to the terminal (`_table.render`): `right` columns are numbers (never
+    cut), `whole` ones are never cut either, the others are text cut with `…`; leftmost is kept first."""
+    from ._table import NUM, TEXT, WHOLE, Column, render
 
-    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for c in columns:
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold", no_wrap=c in right)
-    for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
-    console().print(t)
+    cols = [
+        Column(
+            name,
+            ["" if r[i] is None else str(r[i]) for r in rows],
+            NUM if name in right else WHOLE if name in whole else TEXT,
+            rank=i,
+        )
+        for i, name in enumerate(columns)
+    ]
+    render(cols, title=title)
 
 
 def is_tty() -> bool:
