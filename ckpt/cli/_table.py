@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice, repeat
 from operator import itemgetter
 from typing import Annotated, Any, TextIO
 
@@ -269,9 +269,11 @@ def render(
             cells = [_pad(x, w, c.kind == NUM) for x in cells]
             form.append("%s")
         body.append(cells)
-    lines = list(map(str.rstrip, map(GAP.join(form).__mod__, zip(*body, strict=True))))  # no padding at the ends
-    for start in range(0, len(lines), 512):  # in pieces: `| head` ends the writing early (BrokenPipeError)
-        out.write("\n".join(lines[start : start + 512]) + "\n")
+    lines = map(str.rstrip, map(GAP.join(form).__mod__, zip(*body, strict=True)))  # no padding at the ends
+    # made and written 512 rows at a time: when the reader goes away (`| head`), the write that meets the
+    # closed pipe raises BrokenPipeError and the rows after it are never made
+    while chunk := list(islice(lines, 512)):
+        out.write("\n".join(chunk) + "\n")
     if left_out:
         out.flush()
         (note or _err)(left_out_line(left_out))
