@@ -337,3 +337,18 @@ def test_json_is_unchanged_by_the_table_options(run_json: Any, ws: ckpt.Workspac
     whole = run_json("list", "unet")
     assert run_json("list", "unet", "--limit", "3") == whole
     assert json.dumps(run_json("list", "unet", "--limit", "2")) == json.dumps(whole[:2])
+
+
+def test_every_other_table_fits_too(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_common.table` (import, scan, verify, du, doctor, trash-unused --dry-run, show): numbers whole and
+    right-aligned, `k=v` items cut between items, text cut with `…`, leftmost columns kept first."""
+    from ckpt.cli._common import table
+
+    monkeypatch.setenv("COLUMNS", "36")
+    rows = [[7, "epoch=3-step=" + "9" * 40 + ".ckpt", "a=0.1429  b=2.5e-07", 1234567], [12, "b", "", None]]
+    table(["#", "original name", "metrics", "count"], rows, items=["metrics"])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 36 and lines[0].startswith(" #") and lines[2].startswith("12")
+    assert lines[1].startswith(" 7  epoch=3-step=99") and "… " in lines[1] and "a=0.1429 …" in lines[1]
+    assert err == "+count; --columns or --wide\n"

@@ -145,20 +145,22 @@ def table(
     title: str | None = None,
     right: Sequence[str] = (),
     whole: Sequence[str] = (),
+    items: Sequence[str] = (),
 ) -> None:
-    """Print a table on stdout, fitted to the terminal (`_table.render`): `right` columns are numbers (never
-    cut), `whole` ones are never cut either, the others are text cut with `…`; leftmost is kept first."""
-    from ._table import NUM, TEXT, WHOLE, Column, render
+    """Print a table on stdout, fitted to the terminal (`_table.render`), leftmost columns kept first.
 
-    cols = [
-        Column(
-            name,
-            ["" if r[i] is None else str(r[i]) for r in rows],
-            NUM if name in right else WHOLE if name in whole else TEXT,
-            rank=i,
-        )
-        for i, name in enumerate(columns)
-    ]
+    `right` columns, and any whose values are all numbers, are right-aligned and never cut; `whole` ones are
+    never cut either; `items` ones (`k=v  k=v`) are cut between items; the others are text, cut with `…`.
+    """
+    from ._table import ITEMS, NUM, TEXT, WHOLE, Column, render
+
+    cols = []
+    for i, name in enumerate(columns):
+        values = [r[i] for r in rows]
+        numbers = all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values)
+        kind = NUM if name in right or (numbers and rows) else WHOLE if name in whole else TEXT
+        kind = ITEMS if name in items else kind
+        cols.append(Column(name, ["" if v is None else str(v) for v in values], kind, rank=i))
     render(cols, title=title)
 
 
