@@ -37,7 +37,7 @@ WideOpt = Annotated[bool, typer.Option("--wide", help="Show every column, nothin
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, metavar="N", help="Show at most N rows.")]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a column is itself: compared and hashed by identity
 class Column:
     """One column: its header, its cells (already formatted), and how it may be shown."""
 
@@ -147,36 +147,37 @@ def layout(
     else:
         order = sorted(cols, key=lambda c: c.rank)
     if limit is None:
-        shown = order
-        return _display(cols, shown, chosen), [c.width for c in _display(cols, shown, chosen)], []
-    shown, used = [], -len(GAP)
+        display = _display(cols, order, chosen)
+        return display, [c.width for c in display], []
+    shown: list[Column] = []
+    used = -len(GAP)
     for c in order:
         need = _min_width(c)
         if chosen is None and shown and used + len(GAP) + need > limit:
             break
         shown.append(c)
         used += len(GAP) + need
-    widths = {id(c): _min_width(c) for c in shown}
+    widths = {c: _min_width(c) for c in shown}
     spare = limit - used
     if len(shown) == 1 and spare < 0 and shown[0].kind in (TEXT, ITEMS):
-        widths[id(shown[0])] = limit
+        widths[shown[0]] = limit
     for c in shown:  # in priority order: text columns grow back towards their natural width
         if spare <= 0:
             break
         if c.kind in (TEXT, ITEMS):
-            extra = min(spare, c.width - widths[id(c)])
-            widths[id(c)] += extra
+            extra = min(spare, c.width - widths[c])
+            widths[c] += extra
             spare -= extra
-    left_out = [c for c in cols if c not in shown] if chosen is None else []
+    left_out = [c for c in cols if c not in widths] if chosen is None else []
     display = _display(cols, shown, chosen)
-    return display, [widths[id(c)] for c in display], left_out
+    return display, [widths[c] for c in display], left_out
 
 
 def _display(cols: Sequence[Column], shown: list[Column], chosen: list[Column] | None) -> list[Column]:
     if chosen is not None:
         return shown
-    keep = {id(c) for c in shown}
-    return [c for c in cols if id(c) in keep]
+    keep = set(shown)
+    return [c for c in cols if c in keep]
 
 
 def choose(cols: Sequence[Column], columns: str | None) -> list[Column] | None:
