@@ -216,6 +216,18 @@ class TaskHeader:
     # where an imported task's files came from and how: {"path": "/abs/run", "how": "link" | "copy" | "move"}
     source: dict[str, str] | None = None
 
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> bool:
+        """Add what an import found: the directions of metrics the task has not recorded yet (one it has is
+        kept) and, when given, where the files came from. Returns whether that changed the header; the
+        dicts are replaced, never changed in place."""
+        new = {k: v for k, v in metric_modes.items() if k not in self.metric_modes}
+        changed = bool(new) or (source is not None and source != self.source)
+        if new:
+            self.metric_modes = {**self.metric_modes, **new}
+        if source is not None:
+            self.source = dict(source)
+        return changed
+
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "format": FORMAT,

@@ -183,6 +183,7 @@ class StoreWorkspace(Workspace):
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
+        source: Mapping[str, str] | None = None,
     ) -> Task:
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
@@ -195,6 +196,7 @@ class StoreWorkspace(Workspace):
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
             metric_modes=check_modes(metric_modes),
+            source=dict(source) if source else None,
         )
         try:
             json.dumps(header.arch_kwargs)
@@ -494,6 +496,10 @@ class StoreTask(Task):
 
     def _rewrite(self, state: TaskState) -> None:
         raise unsupported("rewriting a manifest without a conditional commit")
+
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
+        if replace(self.state().header).note_import(metric_modes, source):
+            self.update(lambda state: state.header.note_import(metric_modes, source))
 
     def set_status(self, status: str) -> TaskHeader:
         def change(state: TaskState) -> TaskHeader:

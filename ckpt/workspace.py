@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,12 +226,14 @@ class Workspace:
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
+        source: Mapping[str, str] | None = None,
     ) -> Task:
         """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
 
         `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
-        arguments (JSON-serialisable; None is kept). Raises UsageError for a bad name, ConflictError
-        when it exists (without `exist_ok`).
+        arguments (JSON-serialisable; None is kept); `metric_modes` says which way each metric is better
+        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}). Raises
+        UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
         """
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
@@ -250,6 +252,7 @@ class Workspace:
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
             metric_modes=check_modes(metric_modes),
+            source=dict(source) if source else None,
         )
         try:
             import json
@@ -697,7 +700,7 @@ class Task:
         _check_int(epoch, "epoch")
 
         def produce(w: fsutil.HashingWriter) -> None:
-            with open(src, "rb") as f:
+            with fsutil.open_regular_file(src) as f:  # a FIFO swapped in after is_file() is refused, not waited on
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
         return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
@@ -894,6 +897,16 @@ class Task:
         state.header.finished = now_iso() if status in ("finished", "failed") else None
         self._rewrite(state)
         return state.header
+
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
+        """Record in the task's header what an import found (TaskHeader.note_import); the manifest is
+        rewritten only when that changes it. Raises BusyError when the task's lock is taken."""
+        if not replace(self.header).note_import(metric_modes, source):
+            return
+        with self.lock():
+            state = self.state()
+            if state.header.note_import(metric_modes, source):
+                self._rewrite(state)
 
     def finish(self, *, failed: bool = False, title: str | None = None) -> Model | None:
         """Mark the task finished (or failed) and, unless failed, promote its latest checkpoint.

@@ -203,7 +203,8 @@ def test_trash_says_why_linked_bytes_stay(run: Any, run_json: Any, ws: ckpt.Work
     assert r.exit_code == 0, r.output
     assert "6.0 KB stay on disk" in r.stderr or "stay on disk" in r.stderr
     emptied = run_json("trash", "empty", "--yes")
-    assert emptied["bytes_freed"] == 0 and emptied["not_freed"]["bytes"] == 6000
+    assert emptied["bytes_freed"] < 2000  # only the entry's own record: the checkpoint bytes stay
+    assert emptied["not_freed"]["bytes"] == 6000
     assert all((src / f"epoch{i}.pt").exists() for i in range(1, 5))
     # a task whose files have no other link frees them all, and says nothing more
     t = ws.create_task("own")
@@ -211,4 +212,5 @@ def test_trash_says_why_linked_bytes_stay(run: Any, run_json: Any, ws: ckpt.Work
         t.save(b"x" * 100 * (i + 1))
     plan = run_json("trash-unused", "own")
     assert plan["bytes_freed_on_empty"] == 300 and plan["not_freed"] is None
-    assert run_json("trash", "empty", "--yes")["bytes_freed"] == 300
+    emptied = run_json("trash", "empty", "--yes")
+    assert 300 <= emptied["bytes_freed"] < 2300 and emptied["not_freed"] is None
