@@ -707,7 +707,7 @@ class _Inputs:
 
     def __init__(self, images: list[Image.Image], device: torch.device, batch_size: int, channels_last: bool):
         self.images, self.device, self.batch_size, self.channels_last = images, device, batch_size, channels_last
-        self._cache: dict[Any, list[tuple[list[int], torch.Tensor, tuple[int, int]]]] = {}
+        self._cache: dict[Any, list[Batch]] = {}
 
     def batches(
         self,
@@ -716,13 +716,9 @@ class _Inputs:
         std: list[float],
         size: tuple[int, int] | None,
         multiple: int,
-        first: int = 0,
     ) -> list[Batch]:
-        """[(image indices, batch tensor, (height, width) before padding)], images of one size per batch.
-
-        Images 0 to `first` - 1 are batched apart from the others (the agreement check runs on them).
-        """
-        key = (channels, tuple(mean), tuple(std), size, multiple, first)
+        """[(image indices, batch tensor, (height, width) before padding)], images of one size per batch."""
+        key = (channels, tuple(mean), tuple(std), size, multiple)
         if key in self._cache:
             return self._cache[key]
         groups: dict[tuple[int, int], list[int]] = {}
@@ -737,12 +733,7 @@ class _Inputs:
         m = torch.tensor(mean).view(1, -1, 1, 1)
         s = torch.tensor(std).view(1, -1, 1, 1)
         out = []
-        chunks = [
-            (hw, part)
-            for hw, idx in groups.items()
-            for part in ([i for i in idx if i < first], [i for i in idx if i >= first])
-        ]
-        for (h, w), idx in chunks:
+        for (h, w), idx in groups.items():
             for start in range(0, len(idx), self.batch_size):
                 part = idx[start : start + self.batch_size]
                 x = torch.from_numpy(np.stack([arrays[i] for i in part])).permute(0, 3, 1, 2)
@@ -754,6 +745,19 @@ class _Inputs:
                 out.append((part, x.to(self.device).contiguous(memory_format=fmt), (h, w)))
         self._cache[key] = out
         return out
+
+    def first_images(self, batches: list[Batch], count: int) -> list[Batch]:
+        """The images numbered below `count` in `batches` (made by `batches`), as batches of their own."""
+        key = (id(batches), count)
+        if key not in self._cache:
+            out = []
+            for idx, x, hw in batches:
+                rows = [j for j, i in enumerate(idx) if i < count]
+                if rows:
+                    fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+                    out.append(([idx[j] for j in rows], x[rows].contiguous(memory_format=fmt), hw))
+            self._cache[key] = out
+        return self._cache[key]
 
 
 Batch = tuple[list[int], torch.Tensor, tuple[int, int]]  # (image indices, inputs, (height, width) unpadded)
@@ -801,16 +805,18 @@ def _predict_checked(
     entry: _Net,
     net: torch.nn.Module,
     batches: list[Batch],
+    check: list[Batch],
     n_images: int,
     precision: str,
     fall_back: bool,
     label: str,
 ) -> tuple[list[np.ndarray], int, _Computed]:
-    """Predict with the float32 network `net` in `precision`; a reduced one is checked first.
+    """Predict `batches` with the float32 network `net` in `precision`; a reduced one is checked.
 
-    The first AGREEMENT_IMAGES images (batched apart, see _Inputs.batches) are predicted both in float32
-    and in `precision`; when fewer than MIN_AGREEMENT of their pixels agree, or the reduced precision
-    fails, the rest runs in float32 when `fall_back` (auto), else stays as asked (an error if it fails).
+    The images of `check` (the first AGREEMENT_IMAGES) are predicted in float32 too; when fewer than
+    MIN_AGREEMENT of their pixels agree, or the reduced precision fails, everything is predicted again
+    in float32 when `fall_back` (auto), else kept as asked (an error if it failed). A fallback costs a
+    second pass, but saves none in the common case, where the check costs one float32 pass of 2 images.
     """
     device = batches[0][1].device
     if precision == "fp32":
@@ -821,52 +827,37 @@ def _predict_checked(
     if entry.reduced is None or entry.reduced.dtype != dtype:
         entry.reduced = ReducedNetwork(net, dtype)
     low = entry.reduced.refresh()
-    check = [b for b in batches if b[0][0] < AGREEMENT_IMAGES]
-    rest = [b for b in batches if b[0][0] >= AGREEMENT_IMAGES]
     checked = [i for b in check for i in b[0]]
     with _strict_fp32(device):
-        exact, classes = predict(net, check, n_images)
+        exact, _ = predict(net, check, n_images)
     try:
-        reduced, _ = predict(low, check, n_images, dtype)
+        preds, classes = predict(low, batches, n_images, dtype)
     except RuntimeError as e:  # an operation this network uses that torch lacks in that precision
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not fall_back:
             raise UsageError(f"{label} cannot run in {precision} here: {reason}", hint="use --precision fp32") from None
-        computed = _Computed("fp32", None, f"{label}: {precision} failed ({reason}); computed in fp32")
-        return _predict_rest(net, None, rest, n_images, exact, checked, classes, computed)
-    same = sum(int(np.count_nonzero(exact[i] == reduced[i])) for i in checked)
+        warning = f"{label}: {precision} failed ({reason}); computed in fp32"
+        return _predict_fp32(net, batches, n_images, _Computed("fp32", None, warning))
+    same = sum(int(np.count_nonzero(exact[i] == preds[i])) for i in checked)
     agreement = same / max(1, sum(exact[i].size for i in checked))
     if agreement >= MIN_AGREEMENT:
-        return _predict_rest(low, dtype, rest, n_images, reduced, checked, classes, _Computed(precision, agreement))
+        return preds, classes, _Computed(precision, agreement)
     what = (
         f"{label}: in {precision} {percent(agreement)} of the pixels of its first {len(checked)} image(s) "
         f"agree with fp32 (less than {percent(MIN_AGREEMENT)})"
     )
     if fall_back:
-        computed = _Computed("fp32", agreement, f"{what}; computed in fp32")
-        return _predict_rest(net, None, rest, n_images, exact, checked, classes, computed)
-    computed = _Computed(precision, agreement, f"{what}; kept {precision} as asked (--precision fp32 for exact masks)")
-    return _predict_rest(low, dtype, rest, n_images, reduced, checked, classes, computed)
+        return _predict_fp32(net, batches, n_images, _Computed("fp32", agreement, f"{what}; computed in fp32"))
+    kept = f"{what}; kept {precision} as asked (--precision fp32 for exact masks)"
+    return preds, classes, _Computed(precision, agreement, kept)
 
 
-def _predict_rest(
-    net: torch.nn.Module,
-    dtype: torch.dtype | None,
-    rest: list[Batch],
-    n_images: int,
-    done: list[np.ndarray],
-    checked: list[int],
-    classes: int,
-    computed: _Computed,
+def _predict_fp32(
+    net: torch.nn.Module, batches: list[Batch], n_images: int, computed: _Computed
 ) -> tuple[list[np.ndarray], int, _Computed]:
-    """The predictions of `rest` (in `dtype`, or strict float32), with those of the images `checked` from `done`."""
-    if not rest:
-        return list(done), classes, computed
-    with _strict_fp32(rest[0][1].device) if dtype is None else contextlib.nullcontext():
-        preds, c = predict(net, rest, n_images, dtype)
-    for i in checked:
-        preds[i] = done[i]
-    return preds, max(c, classes), computed
+    with _strict_fp32(batches[0][1].device):
+        preds, classes = predict(net, batches, n_images)
+    return preds, classes, computed
 
 
 def percent(share: float) -> str:
@@ -962,10 +953,10 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
             mean = _floats(_pick(options.mean, src.settings, "mean"), "mean", entry.channels, 0.0)
             std = _floats(_pick(options.std, src.settings, "std"), "std", entry.channels, 1.0)
             size = options.size or _size(src.settings.get("size"))
-            first = AGREEMENT_IMAGES if precision != "fp32" else 0
-            batches = inputs.batches(entry.channels, mean, std, size, entry.multiple, first)
+            batches = inputs.batches(entry.channels, mean, std, size, entry.multiple)
+            check = inputs.first_images(batches, AGREEMENT_IMAGES)
             p, c, computed = _predict_checked(
-                entry, infer, batches, len(pil_images), precision, options.precision == "auto", src.label
+                entry, infer, batches, check, len(pil_images), precision, options.precision == "auto", src.label
             )
             runs.append(computed)
             n_classes = max(n_classes, c)
