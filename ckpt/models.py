@@ -22,13 +22,13 @@ from .errors import (
 )
 from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
 from .metrics import Direction, rank, require
+from .model_sources import MODEL_FILE, MODELS_CACHE_FILE, Source, by_checkpoint, folder_sources
 from .names import case_twin, check_task_name, check_title
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .workspace import Task, Workspace
 
-MODEL_FILE = "model.toml"
 STORAGES = ("hardlink", "reflink", "copy")
 
 
@@ -163,15 +163,19 @@ class ModelIndex:
                 errors.append(e)
         return models, errors
 
+    def sources(self) -> dict[str, Source]:
+        """(task, checkpoint) of every model (None for one that cannot be read), from model_sources' cache:
+        as reading every model.toml would give, but reading only those changed since the last call."""
+        return folder_sources(self.ws.models_dir, self.ws.tasks_dir / MODELS_CACHE_FILE, self._source)
+
+    def _source(self, title: str) -> tuple[str, int]:
+        m = self[title]
+        return m.task, m.checkpoint
+
 
 def models_by_checkpoint(ws: Workspace, task: str) -> dict[int, list[str]]:
     """Titles of the models made from each checkpoint of `task` (unreadable models are skipped)."""
-    out: dict[int, list[str]] = {}
-    models, _ = ws.models.read_all()
-    for m in models:
-        if m.task == task:
-            out.setdefault(m.checkpoint, []).append(m.title)
-    return out
+    return by_checkpoint(ws.models.sources(), task)
 
 
 @dataclass(slots=True)

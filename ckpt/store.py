@@ -22,6 +22,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
@@ -55,6 +56,7 @@ from .manifest import (
     workspace_doc,
 )
 from .metrics import check_modes
+from .model_sources import Source, store_sources
 from .models import (
     MODEL_FILE,
     FinishResult,
@@ -82,6 +84,7 @@ NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint num
 COMMIT_TRIES = 100
 MANIFEST_CACHE_VERSION = 2
 STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
+TASKS_IN_FLIGHT = 128  # manifests `tasks` reads at once (each a GET, or a 304 when cached)
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
 
@@ -229,14 +232,17 @@ class StoreWorkspace(Workspace):
         return [n for n in self.storage.children("tasks/") if not n.startswith(".")]
 
     def tasks(self) -> tuple[list[TaskSummary], list[CkptError]]:
-        rows: list[TaskSummary] = []
-        errors: list[CkptError] = []
-        for name in self.task_names():
+        # every manifest read (or revalidated) at once: one round trip for 100 tasks, not 100 in a row
+        def summary(name: str) -> TaskSummary | CkptError:
             try:
-                rows.append(self.task(name).summary())
+                return self.task(name).summary()
             except CkptError as e:
-                errors.append(e)
-        return rows, errors
+                return e
+
+        names = self.task_names()
+        with ThreadPoolExecutor(max(1, min(TASKS_IN_FLIGHT, len(names)))) as pool:
+            done = list(pool.map(summary, names))
+        return [r for r in done if isinstance(r, TaskSummary)], [r for r in done if isinstance(r, CkptError)]
 
     def tasks_rendered(self, form: str, render: Callable[[TaskSummary], str]) -> tuple[list[str], list[CkptError]]:
         rows, errors = self.tasks()  # nothing kept: each manifest is read (or revalidated) anyway
@@ -640,6 +646,31 @@ class StoreModelIndex(ModelIndex):
             except CkptError as e:
                 errors.append(e)
         return models, errors
+
+    def sources(self) -> dict[str, Source]:
+        # the LIST of models/ gives each model.toml's ETag: only models changed since this machine last
+        # looked are read (model_sources); the rest come from the local cache
+        suffix = "/" + MODEL_FILE
+        etags = {
+            b.key[len("models/") : -len(suffix)]: b.etag
+            for b in self.ws.storage.list_prefix("models/")
+            if b.key.endswith(suffix) and b.key.count("/") == 2
+        }
+        digest = hashlib.sha256(self.ws.url.encode()).hexdigest()[:32]
+        return store_sources(etags, cache_dir() / "models" / f"{digest}.json", self._fetch)
+
+    def _fetch(self, titles: list[str]) -> list[tuple[Source, bool]]:
+        out: list[tuple[Source, bool]] = []
+        for title, data in zip(
+            titles, self.ws.storage.get_many([f"models/{t}/{MODEL_FILE}" for t in titles]), strict=True
+        ):
+            folder = Path("models") / title
+            try:
+                m = Model.from_doc(title, parse_toml(data, folder / MODEL_FILE), folder) if data is not None else None
+            except CkptError:
+                m = None
+            out.append(((m.task, m.checkpoint) if m is not None else None, data is not None))
+        return out
 
 
 def promote(

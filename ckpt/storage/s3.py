@@ -17,6 +17,7 @@ from . import Blob, PreconditionFailed, Storage
 
 _READ_BLOCK = 8 * 2**20
 _BATCH = 1000
+CONNECTIONS = 128  # requests one client keeps in flight at most (ckpt.store.TASKS_IN_FLIGHT)
 COPY_CONCURRENCY = 32  # keys per LIST page and per DeleteObjects request (the S3 maximum)
 
 
@@ -55,7 +56,8 @@ class S3Storage(Storage):
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         # no listings cache: every listing must see other machines' writes. The instance itself is shared by
         # fsspec (keyed by these arguments): a client costs ~0.3 s to build, once per process
-        self.fs = s3fs.S3FileSystem(use_listings_cache=False)
+        # connections: botocore's default of 10 would queue `tasks`' reads of 100 manifests ten deep
+        self.fs = s3fs.S3FileSystem(use_listings_cache=False, config_kwargs={"max_pool_connections": CONNECTIONS})
 
     def _key(self, key: str) -> str:
         return self.prefix + key
