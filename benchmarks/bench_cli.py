@@ -1,5 +1,5 @@
-"""The foundation's figures (issue 2): start-up, `ckpt list` on 10,000 checkpoints, `ckpt tasks` on 1,000
-tasks, the cost of a save late in a task, and that the light commands never import torch.
+"""The foundation's figures (issue 2): start-up, `ckpt list` on 10,000 checkpoints (in a workspace that also
+holds 1,000 models of other tasks, issue 16), `ckpt tasks` on 1,000 tasks, the cost of a save late in a task, and that the light commands never import torch.
 
 Every command runs as a user runs it: the installed `ckpt` script in a fresh process, bytecode compiled
 (PYTHONDONTWRITEBYTECODE unset, each command run once before timing), the median of several runs
@@ -27,6 +27,7 @@ BASELINE = [PYTHON, "-c", "import typer, rich"]
 BIG = 10_000
 MANY = 1_000
 PER_TASK = 3
+MODELS = 1_000  # models of other tasks in the workspace of the big task
 WINDOW = 50  # saves averaged around the 10th and the 10,000th while the big task is made
 PAIRS = 100  # then saves into a task of 9 and into the big one, in turn: #10-#109 against #10,0xx on
 
@@ -84,6 +85,7 @@ def big_task(tmp: Path, ck: str, repeats: int) -> None:
         f"#{BIG - WINDOW + 1}-#{BIG}: median {ms(statistics.median(late))}, mean {ms(statistics.mean(late))} "
         "(a minute apart: the disk's load then decides)"
     )
+    other_models(ws)
     env = bench_env(ws.root)
     caches = [t.folder / ".task.cache.json", t.folder / ".task.list.cache"]
     listing = [ck, "list", "T", "--json"]
@@ -126,6 +128,17 @@ def big_task(tmp: Path, ck: str, repeats: int) -> None:
         f"#{first:,}-#{first + PAIRS - 1:,} median {ms(statistics.median(old))}"
     )
     ratio("save_10000th_vs_10th", statistics.median(old) / statistics.median(young), "<=1.5")
+
+
+def other_models(ws: ckpt.Workspace) -> None:
+    """1,000 finished tasks of one checkpoint beside the big one, each with its model (issue 16): `list T` must
+    not read their model.toml files to find T's models."""
+    start = time.perf_counter()
+    for k in range(MODELS):
+        done = ws.create_task(f"done-{k:04d}")
+        done.save(payload(k), step=k, metrics=metrics(k))
+        done.finish()
+    info(f"  beside it, {MODELS:,} finished tasks, a model each: {time.perf_counter() - start:.1f} s")
 
 
 def table_vs_json(ck: str, env: dict[str, str], repeats: int) -> None:
