@@ -1,5 +1,6 @@
 """The foundation's figures (issue 2): start-up, `ckpt list` on 10,000 checkpoints (in a workspace that also
-holds 1,000 models of other tasks, issue 16), `ckpt tasks` on 1,000 tasks, the cost of a save late in a task, and that the light commands never import torch.
+holds 1,000 models of other tasks, issue 16), `ckpt tasks` on 1,000 tasks, the cost of a save late in a
+task, and that the light commands never import torch.
 
 Every command runs as a user runs it: the installed `ckpt` script in a fresh process, bytecode compiled
 (PYTHONDONTWRITEBYTECODE unset, each command run once before timing), the median of several runs
