@@ -43,7 +43,6 @@ from .manifest import (
 )
 from .metrics import check_modes
 from .names import case_twin, check_task_name
-from .pathtext import escape_path
 from .storage import is_url
 from .timeutil import now_iso
 
@@ -217,6 +216,8 @@ class Workspace:
 
     def rel(self, path: Path) -> str:
         """`path` relative to the workspace root, with forward slashes, as text (pathtext: a name may not be UTF-8)."""
+        from .pathtext import escape_path  # here: `import ckpt` need not pay for it
+
         try:
             return escape_path(path.relative_to(self.root).as_posix())
         except ValueError:
