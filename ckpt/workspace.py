@@ -912,6 +912,17 @@ class Task:
                         stuck = True
                     continue
                 fsutil.remove_tree(tmp)
+            done = {id(x[0]) for x in staged}
+            for item, tmp in plan:  # an item cut off while it was being staged (a folder half copied)
+                if tmp is None or id(item) in done or not os.path.lexists(tmp):
+                    continue
+                if mode == "move" and not os.path.lexists(item.source):
+                    try:
+                        fsutil.move_noreplace(tmp, item.source)
+                    except (OSError, CkptError):
+                        stuck = True
+                else:
+                    fsutil.remove_tree(tmp)
             if marker is not None:
                 marker.done(keep=stuck)
         for item, _, how in staged:

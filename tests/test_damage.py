@@ -521,3 +521,27 @@ def test_a_staged_copy_whose_source_is_gone_goes_to_the_source_name(tmp_path: Pa
         pass
     assert source.read_bytes() == b"the only copy left" and not staged.exists()
     assert not list(task.folder.glob(".importing-*"))
+
+
+def test_a_folder_copy_that_fails_half_way_leaves_nothing_staged(
+    tmp_path: Path, ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch, run: Callable[..., Any]
+) -> None:
+    out = tmp_path / "hf"
+    for rel in ("checkpoint-10/model.safetensors", "checkpoint-10/optimizer.pt", "checkpoint-10/z.json"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(os.urandom(30))
+    make_task(ws, name="hf", n=1)
+    real = fsutil.place_new
+    calls = {"n": 0}
+
+    def place_new(src: Path, dst: Path, mode: str) -> str:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst, mode)
+
+    monkeypatch.setattr(fsutil, "place_new", place_new)
+    res = run("import", str(out), "--task", "hf", "--copy")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    task = ws.task("hf")
+    assert _hidden(task) == [] and sorted(task.state().checkpoints) == [1]
