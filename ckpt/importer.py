@@ -625,7 +625,7 @@ def import_path(
     check_task_name(name)
     modes = found_modes(found)
     origin = src.resolve()
-    source = {"path": str(origin if origin.is_dir() else origin.parent), "how": mode}
+    source = {"path": escape_path(str(origin if origin.is_dir() else origin.parent)), "how": mode}
     created = False
     try:
         t = ws.task(name)
