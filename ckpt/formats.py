@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -127,18 +128,21 @@ UNPACK_RATIO, UNPACK_SLACK = 4, 1 << 20
 
 
 class _Storage:
-    __slots__ = ("dtype",)
+    __slots__ = ("dtype", "key")
 
-    def __init__(self, dtype: str):
+    def __init__(self, dtype: str, key: str | None = None):
         self.dtype = dtype
+        self.key = key  # the archive's `data/<key>` member that holds the bytes
 
 
 class _Tensor:
-    __slots__ = ("shape", "dtype")
+    __slots__ = ("shape", "dtype", "storage", "offset")
 
-    def __init__(self, shape: list[int], dtype: str):
+    def __init__(self, shape: list[int], dtype: str, storage: _Storage | None = None, offset: int = 0):
         self.shape = shape
         self.dtype = dtype
+        self.storage = storage
+        self.offset = offset  # in elements
 
 
 _HASHING_CALLS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "Counter")}
@@ -154,9 +158,10 @@ class _Global:
         key = (self.module, self.name)
         charge_call(self.reader, key, args)
         if key in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3")):
-            storage, _offset, size = args[0], args[1], args[2]
-            dtype = storage.dtype if isinstance(storage, _Storage) else "unknown"
-            return _Tensor([int(s) for s in size], dtype)
+            storage, offset, size = args[0], args[1], args[2]
+            if not isinstance(storage, _Storage):
+                return _Tensor([int(s) for s in size], "unknown")
+            return _Tensor([int(s) for s in size], storage.dtype, storage, offset if type(offset) is int else 0)
         if key in (
             ("torch._utils", "_rebuild_parameter"),
             ("torch._utils", "_rebuild_parameter_with_state"),
@@ -244,7 +249,8 @@ class _ScanUnpickler(BoundedUnpickler):
         # ('storage', storage_type, key, location, numel)
         if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage":
             st = pid[1]
-            return _Storage(st if isinstance(st, str) else "unknown")
+            key = pid[2] if len(pid) >= 3 and isinstance(pid[2], str) else None
+            return _Storage(st if isinstance(st, str) else "unknown", key)
         return _Storage("unknown")
 
 
@@ -295,7 +301,9 @@ def _archive_pickle(f: BinaryIO, path: Path) -> tuple[bytes, int] | None:
             return member.read(), pkl[0].compress_size
 
 
-def _read_pickle(f: BinaryIO, path: Path) -> tuple[Any, _ScanUnpickler] | None:
+def _read_pickle(
+    f: BinaryIO, path: Path, reader_type: type[_ScanUnpickler] | None = None
+) -> tuple[Any, _ScanUnpickler] | None:
     """The torch zip's pickle, interpreted with stand-ins within its budget; None for a zip without one.
 
     Raises zipfile.BadZipFile for a file that is no zip, IntegrityError for a corrupt, hostile or too costly one.
@@ -311,7 +319,7 @@ def _read_pickle(f: BinaryIO, path: Path) -> tuple[Any, _ScanUnpickler] | None:
     if found is None:
         return None
     data, stored = found
-    reader = _ScanUnpickler(data, Budget.for_pickle(stored))
+    reader = (reader_type or _ScanUnpickler)(data, Budget.for_pickle(stored))
     try:
         return reader.load(), reader
     except TooComplex as e:
@@ -362,6 +370,172 @@ def top_level_scalars(path: Path) -> dict[str, int | float | str | bool]:
     if not isinstance(obj, dict):
         return {}
     return {k: v for k, v in obj.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
+
+
+# --- what Lightning and the Trainer recorded about a run -----------------------------------------
+
+_SCALAR_FORMATS = {
+    "float64": "d",
+    "float32": "f",
+    "float16": "e",
+    "int64": "q",
+    "int32": "i",
+    "int16": "h",
+    "int8": "b",
+    "uint8": "B",
+}
+_MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
+
+
+@dataclass(slots=True)
+class Monitored:
+    """What one `ModelCheckpoint` callback with a `monitor` kept in a Lightning checkpoint."""
+
+    monitor: str
+    mode: str | None  # "min" or "max", kept only in the callback's key: ModelCheckpoint{'monitor': ..., 'mode': ...}
+    score: float | None  # the value it recorded for this very file: its `best_k_models` entry of the file's name
+    current_score: float | None
+    best_model_score: float | None
+    best_model_name: str | None  # the file name of its `best_model_path`
+    wrote_last: bool  # its `last_model_path` has this file's name (save_last)
+
+
+@dataclass(slots=True)
+class LightningState:
+    """The top-level `epoch` and `global_step` of a Lightning checkpoint and its monitoring callbacks."""
+
+    epoch: int | None = None
+    global_step: int | None = None
+    monitors: list[Monitored] = field(default_factory=list)
+
+
+def _base(p: object) -> str | None:
+    return re.split(r"[\\/]", p)[-1] if isinstance(p, str) and p else None
+
+
+def read_lightning_state(path: Path) -> LightningState:
+    """The epoch, global step and `ModelCheckpoint` states of the Lightning checkpoint at `path`.
+
+    Nothing is imported or run: every global is a stand-in, and the few scalar tensors wanted (the
+    scores) are decoded from their bytes in the archive. Returns an empty state for a file that is not a
+    torch zip or does not hold a dict; raises IntegrityError when it is corrupt.
+    """
+    path = Path(path)
+    out = LightningState()
+    with fsutil.open_regular_file(path) as f:
+        try:
+            found = _read_pickle(f, path)  # within the pickle's budget, like `show`
+        except zipfile.BadZipFile:
+            return out
+        if found is None:
+            return out
+        obj = found[0]
+        try:
+            zf = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
+        return _lightning_state(zf, path, obj, out)
+
+
+def _lightning_state(zf: zipfile.ZipFile, path: Path, obj: Any, out: LightningState) -> LightningState:
+    with zf:
+        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        prefix = pkl[0][: -len("data.pkl")] if pkl else ""
+        if not isinstance(obj, dict):
+            return out
+        if type(obj.get("epoch")) is int:
+            out.epoch = obj["epoch"]
+        if type(obj.get("global_step")) is int:
+            out.global_step = obj["global_step"]
+        callbacks = obj.get("callbacks")
+        if not isinstance(callbacks, dict):
+            return out
+        big = _member(zf, f"{prefix}byteorder", 16).strip() == b"big"
+        for key, st in callbacks.items():
+            if not isinstance(key, str) or not isinstance(st, dict) or not isinstance(st.get("monitor"), str):
+                continue
+            mode = _MODE_IN_KEY.search(key)
+            kept = st.get("best_k_models")
+            own = next((v for k, v in kept.items() if _base(k) == path.name), None) if isinstance(kept, dict) else None
+            out.monitors.append(
+                Monitored(
+                    st["monitor"],
+                    mode.group(1) if mode else None,
+                    _scalar(zf, prefix, big, own),
+                    _scalar(zf, prefix, big, st.get("current_score")),
+                    _scalar(zf, prefix, big, st.get("best_model_score")),
+                    _base(st.get("best_model_path")),
+                    _base(st.get("last_model_path")) == path.name,
+                )
+            )
+    return out
+
+
+def _member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """The first `limit` bytes of member `name`, or b"" when it is missing or unreadable."""
+    try:
+        with zf.open(name) as f:
+            return f.read(limit)
+    except Exception:  # KeyError, BadZipFile, zlib.error...: a score that cannot be read is left out
+        return b""
+
+
+def _scalar(zf: zipfile.ZipFile, prefix: str, big: bool, v: object) -> float | None:
+    """A number, or a one-element tensor stand-in decoded from its storage's bytes; else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if not isinstance(v, _Tensor) or v.storage is None or v.storage.key is None or any(d != 1 for d in v.shape):
+        return None
+    order = ">" if big else "<"
+    if v.dtype == "bfloat16":  # the top half of a float32
+        raw = _member(zf, f"{prefix}data/{v.storage.key}", 2 * (v.offset + 1))[2 * v.offset :]
+        return struct.unpack(f"{order}f", raw + b"\0\0" if big else b"\0\0" + raw)[0] if len(raw) == 2 else None
+    code = _SCALAR_FORMATS.get(v.dtype)
+    if code is None:
+        return None
+    size = struct.calcsize(code)
+    raw = _member(zf, f"{prefix}data/{v.storage.key}", size * (v.offset + 1))[size * v.offset :]
+    return float(struct.unpack(f"{order}{code}", raw)[0]) if len(raw) == size else None
+
+
+class _Kept(_Tolerant):
+    """A stand-in that keeps the state the pickle gives it (the fields of a pickled dataclass)."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.kept = state
+
+
+class _StateUnpickler(_ScanUnpickler):
+    """A reader whose stand-ins for unknown classes keep their pickled state (`_Kept`)."""
+
+    def _stand_in(self, module: str, name: str) -> Any:
+        found = super()._stand_in(module, name)
+        if isinstance(found, type) and issubclass(found, _Tolerant):
+            attrs = {"__module__": "ckpt.formats.standin", "_reader": self, "_key": (module, name)}
+            return type(name, (_Kept,), attrs)
+        return found
+
+
+def read_training_args(path: Path) -> dict[str, int | float | str | bool | None]:
+    """The plain fields (numbers, strings, booleans, None) of a Trainer's `training_args.bin`: a pickled
+    `TrainingArguments`, read with stand-ins for every global, so nothing is imported or run.
+
+    Returns {} for a file that cannot be read that way (missing, corrupt, an older format).
+    """
+    try:
+        with fsutil.open_regular_file(path) as f:
+            found = _read_pickle(f, path, _StateUnpickler)
+    except Exception:  # anything unreadable (or hostile): the caller goes on without it
+        return {}
+    if found is None:
+        return {}
+    obj = found[0]
+    fields = getattr(obj, "kept", None)
+    if not isinstance(fields, dict):
+        return {}
+    return {k: v for k, v in fields.items() if isinstance(k, str) and (v is None or type(v) in (int, float, str, bool))}
 
 
 def read_safetensors_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, Any], int]:

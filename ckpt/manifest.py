@@ -27,7 +27,8 @@ from .errors import ManifestError
 
 FORMAT = 1
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
-_OWN_PREFIXES = (".lock", ".pending-", ".task.", ".import-")  # the task folder's own hidden files (workspace.py)
+# the task folder's own hidden files (workspace.py)
+_OWN_PREFIXES = (".lock", ".pending-", ".task.", ".import-", ".importing-")
 STATUSES = ("running", "finished", "failed")
 
 
@@ -57,6 +58,25 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
     return parse_toml(data, path)
 
 
+MAX_NESTING = 32  # tables and arrays in a value; ckpt's own formats nest 3 deep
+
+
+def check_nesting(value: Any, path: Path, where: str) -> None:
+    """Raise ManifestError when `value` nests tables and arrays more than MAX_NESTING deep (a 300-deep array
+    parses, but every recursive walk of it, writing the manifest back included, hits Python's recursion limit)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth >= MAX_NESTING:
+                raise ManifestError(
+                    f"{path}: {where} nests more than {MAX_NESTING} levels deep",
+                    path=path,
+                    hint="ckpt's formats nest a few levels at most: fix the file by hand",
+                )
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+
+
 def check_format(doc: dict[str, Any], path: Path) -> int:
     version = doc.get("format")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -72,6 +92,20 @@ def check_format(doc: dict[str, Any], path: Path) -> int:
     return version
 
 
+def workspace_doc(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The `[settings]` and `[metrics]` (metric -> "min" | "max") tables of a parsed `ckpt.toml`."""
+    check_format(doc, path)
+    check_nesting(doc, path, "a value")
+    settings = _get(doc, "settings", dict, path, "", required=False) or {}
+    modes = _get(doc, "metrics", dict, path, "", required=False) or {}
+    for k, v in modes.items():
+        if v not in ("min", "max"):
+            raise ManifestError(
+                f'{path}: [metrics] \'{k}\' must be "min" or "max"', path=path, hint=f'e.g. {k} = "min"'
+            )
+    return settings, {str(k): str(v) for k, v in modes.items()}
+
+
 def drop_none(value: Any) -> Any:
     """tomli-w has no null: drop None from dicts (recursively) before writing."""
     if isinstance(value, dict):
@@ -82,7 +116,10 @@ def drop_none(value: Any) -> Any:
 
 
 def dumps(doc: dict[str, Any]) -> bytes:
-    return tomli_w.dumps(drop_none(doc)).encode("utf-8")
+    try:
+        return tomli_w.dumps(drop_none(doc)).encode("utf-8")
+    except RecursionError:  # values read are checked (check_nesting): one given by a caller may be deeper
+        raise ManifestError(f"a value nests too deeply to be written (more than {MAX_NESTING} levels)") from None
 
 
 # --- typed getters ------------------------------------------------------------------------------
@@ -159,6 +196,8 @@ class Checkpoint:
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ManifestError(f"{path}: {where}metric '{k}' is not a number", path=path)
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                raise ManifestError(f"{path}: {where}metric '{k}' is beyond TOML's 64-bit integers", path=path)
         return cls(
             number=number,
             file=file,
@@ -202,6 +241,18 @@ class TaskHeader:
     metric_modes: dict[str, str] = field(default_factory=dict)
     # where an imported task's files came from and how: {"path": "/abs/run", "how": "link" | "copy" | "move"}
     source: dict[str, str] | None = None
+
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> bool:
+        """Add what an import found: the directions of metrics the task has not recorded yet (one it has is
+        kept) and, when given, where the files came from. Returns whether that changed the header; the
+        dicts are replaced, never changed in place."""
+        new = {k: v for k, v in metric_modes.items() if k not in self.metric_modes}
+        changed = bool(new) or (source is not None and source != self.source)
+        if new:
+            self.metric_modes = {**self.metric_modes, **new}
+        if source is not None:
+            self.source = dict(source)
+        return changed
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -248,6 +299,9 @@ class TaskHeader:
         for k, v in modes.items():
             if v not in ("min", "max"):
                 raise ManifestError(f'{path}: metric_modes: \'{k}\' must be "min" or "max"', path=path)
+        check_nesting(arch_kwargs, path, "arch: 'kwargs'")
+        settings = _get(doc, "settings", dict, path, "", required=False) or {}
+        check_nesting(settings, path, "'settings'")
         source = _get(doc, "source", dict, path, "", required=False)
         if source is not None and not all(isinstance(v, str) for v in source.values()):
             raise ManifestError(f"{path}: source: every value must be a string", path=path)
@@ -259,7 +313,7 @@ class TaskHeader:
             last_number=last,
             arch=arch,
             arch_kwargs=arch_kwargs,
-            settings=_get(doc, "settings", dict, path, "", required=False) or {},
+            settings=settings,
             metric_modes={str(k): str(v) for k, v in modes.items()},
             source={str(k): str(v) for k, v in source.items()} if source is not None else None,
         )

@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,19 +34,21 @@ from .manifest import (
     TaskReader,
     TaskRowsCache,
     TaskState,
-    check_format,
     dumps,
     read_toml,
     record_bytes,
     task_bytes,
+    workspace_doc,
 )
-from .metrics import check_modes
+from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
 from .storage import is_url
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .models import Model, ModelIndex
+    from .staging import Marker
+    from .trash_results import Repair
 
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
@@ -125,9 +127,11 @@ class Workspace:
 
     remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace); informational only
 
-    def __init__(self, root: Path, settings: dict[str, Any] | None = None):
+    def __init__(self, root: Path, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None):
         self.root = root
         self.settings = settings or {}
+        # ckpt.toml's [metrics]: the workspace's default direction per metric (see ckpt.metrics)
+        self.metric_modes = metric_modes or {}
         self._tasks: dict[str, Task] = {}
 
     # -- opening --
@@ -166,14 +170,10 @@ class Workspace:
 
             return StoreWorkspace.open_url(str(chosen))
         root = find_workspace(path)
-        doc = read_toml(root / WORKSPACE_FILE, "workspace")
-        check_format(doc, root / WORKSPACE_FILE)
-        settings = doc.get("settings", {})
-        if not isinstance(settings, dict):
-            raise ManifestError(f"{root / WORKSPACE_FILE}: 'settings' must be a table", path=root / WORKSPACE_FILE)
+        settings, modes = workspace_doc(read_toml(root / WORKSPACE_FILE, "workspace"), root / WORKSPACE_FILE)
         for sub in ("tasks", "models", "trash"):
             (root / sub).mkdir(exist_ok=True)
-        return cls(root, settings)
+        return cls(root, settings, modes)
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -211,11 +211,13 @@ class Workspace:
         return self.root / "trash"
 
     def rel(self, path: Path) -> str:
-        """`path` relative to the workspace root, with forward slashes."""
+        """`path` relative to the workspace root, with forward slashes, as text (pathtext: a name may not be UTF-8)."""
+        from .pathtext import escape_path  # here: `import ckpt` need not pay for it
+
         try:
-            return path.relative_to(self.root).as_posix()
+            return escape_path(path.relative_to(self.root).as_posix())
         except ValueError:
-            return str(path)
+            return escape_path(path)
 
     # -- tasks --
 
@@ -228,12 +230,14 @@ class Workspace:
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
+        source: Mapping[str, str] | None = None,
     ) -> Task:
         """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
 
         `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
-        arguments (JSON-serialisable; None is kept). Raises UsageError for a bad name, ConflictError
-        when it exists (without `exist_ok`).
+        arguments (JSON-serialisable; None is kept); `metric_modes` says which way each metric is better
+        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}). Raises
+        UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
         """
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
@@ -252,6 +256,7 @@ class Workspace:
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
             metric_modes=check_modes(metric_modes),
+            source=dict(source) if source else None,
         )
         try:
             import json
@@ -402,15 +407,18 @@ class Workspace:
         task: str,
         number: int | None = None,
         *,
-        title: str,
+        title: str | None = None,
         best: str | None = None,
+        mode: str | None = None,
         minimize: bool = False,
         copy: bool = False,
     ) -> Model:
-        """Make model `title` from checkpoint `number` of `task` (or the best by metric `best`)."""
+        """Make model `title` (default `TASK-N`) from checkpoint `number` of `task`, or the best by metric `best`
+        (`mode` "min"/"max" or `minimize`; else the direction the task, the workspace or the name gives).
+        Promoting the same checkpoint under its title again returns the existing model."""
         from .models import promote
 
-        return promote(self, task, number, title=title, best=best, minimize=minimize, copy=copy).model
+        return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
     def models_of(self, task: str) -> dict[int, list[str]]:
         """Titles of the models made from each checkpoint number of `task`."""
@@ -456,6 +464,24 @@ class Task:
     @property
     def header(self) -> TaskHeader:
         return self.state().header
+
+    def direction(self, metric: str, flag: str | None = None, flags: str = "--min or --max") -> Direction:
+        """Which way `metric` is better for this task: the flag, the task, the workspace, the name (ckpt.metrics).
+
+        Raises UsageError when none of them says.
+        """
+        header = self.header
+        detail = ""
+        if header.source and metric in header.metric_modes:
+            detail = f"recorded by import from {header.source.get('path', 'elsewhere')}"
+        return direction(
+            metric,
+            flag=flag,
+            task_modes=header.metric_modes,
+            task_detail=detail,
+            workspace_modes=self.ws.metric_modes,
+            flags=flags,
+        )
 
     @property
     def status(self) -> str:
@@ -596,11 +622,14 @@ class Task:
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Hold this task's lock (every manifest change happens under it); raises BusyError."""
         with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
-            if self.pending_markers():
+            pending, importing = self._markers()
+            if pending:
                 # an interrupted multi-step change (trash, restore) left a marker: finish or undo it first
                 from .trash import recover_task
 
                 recover_task(self)
+            if importing:
+                self._recover_imports_locked(importing)  # a killed import's staged files (ckpt.staging)
             yield
 
     def settle(self) -> bool:
@@ -611,19 +640,94 @@ class Task:
         the task folder when there is nothing to do; takes the task's lock (waiting as `lock` does) only
         when there is.
         """
-        if not self.pending_markers():
+        pending, importing = self._markers()
+        if not pending and not importing:
             return False
+        if not pending:
+            from .staging import abandoned
+
+            if not abandoned(importing):
+                return False  # imports that are running: theirs to finish
         with self.lock():
             pass
         return True
 
+    def recover_imports(self, *, dry_run: bool = False) -> list[Repair]:
+        """Finish or undo what killed imports left (ckpt.staging), under the task lock; report the staging
+        names no marker claims (`ckpt doctor`). With `dry_run`, changes nothing and says what it would do."""
+        from .staging import abandoned, claimed_names, leftovers
+        from .trash_results import Repair
+
+        repairs: list[Repair] = []
+        if dry_run:
+            repairs += self._recover_imports_locked(abandoned(self._markers()[1]), dry_run=True)
+        else:
+            with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'"):
+                repairs += self._recover_imports_locked(self._markers()[1])
+        for path in leftovers(self.folder / CHECKPOINT_DIR, claimed_names(self._markers()[1])):
+            repairs.append(
+                Repair(
+                    self.ws.rel(path),
+                    "an import's staging leftover that no marker names (an older ckpt was killed while importing)",
+                    "left alone: it may be the only copy of a file moved in; look at it, then delete it or move it out",
+                )
+            )
+        return repairs
+
+    def _recover_imports_locked(self, markers: list[Path], *, dry_run: bool = False) -> list[Repair]:
+        from .staging import recover
+
+        if not markers:
+            return []
+        try:
+            recorded = {cp.file for cp in self.state().checkpoints.values()}
+        except ManifestError:
+            return []  # a moved file is put back only against a manifest that can be read (doctor mends it first)
+        repairs: list[Repair] = []
+        for marker in markers:
+            repairs += recover(marker, self.folder / CHECKPOINT_DIR, recorded, self.ws.rel, dry_run=dry_run)
+        return repairs
+
+    def discard_if_empty(self) -> bool:
+        """Remove this task if it holds nothing (no record, no number ever given, no file but ckpt's own):
+        what an import that created it and then failed leaves. Whether it was removed."""
+        own = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, LOCK_FILE + fsutil.HOLDER_SUFFIX, CHECKPOINT_DIR}
+        with fsutil.locked(self.ws.tasks_dir / CREATE_LOCK_FILE, "task creation"), self.lock():
+            state = self.state()
+            if state.checkpoints or state.max_number or set(os.listdir(self.folder)) - own:
+                return False
+            if os.listdir(self.folder / CHECKPOINT_DIR):
+                return False
+            # checkpoints/ before the manifest: a folder with the one but not the other is a damaged task, while
+            # a folder with neither is no task at all
+            os.rmdir(self.folder / CHECKPOINT_DIR)
+            fsutil.remove_file(self.manifest)
+            for name in (CACHE_FILE, LIST_CACHE_FILE):
+                fsutil.remove_file(self.folder / name)
+        self.ws._tasks.pop(self.name, None)
+        fsutil.remove_file(self.folder / LOCK_FILE)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
+        return True
+
     def pending_markers(self) -> list[Path]:
         """Markers (`.pending-<entry id>`) of interrupted trash operations on this task."""
+        return self._markers()[0]
+
+    def _markers(self) -> tuple[list[Path], list[Path]]:
+        """The markers of interrupted trash operations and of imports (running or killed), in one scandir."""
+        pending: list[Path] = []
+        importing: list[Path] = []
         try:
             with os.scandir(self.folder) as it:
-                return [Path(e.path) for e in it if e.name.startswith(PENDING_PREFIX)]
+                for e in it:
+                    if e.name.startswith(PENDING_PREFIX):
+                        pending.append(Path(e.path))
+                    elif e.name.startswith(IMPORT_MARKER_PREFIX):
+                        importing.append(Path(e.path))
         except FileNotFoundError:
-            return []
+            pass
+        return pending, importing
 
     def save(
         self,
@@ -729,7 +833,11 @@ class Task:
                 )
                 # the record is appended only once the file is complete and in place
                 data = record_bytes(cp)
-                fsutil.append_durably(self.manifest, data)
+                try:
+                    fsutil.append_durably(self.manifest, data)
+                except BaseException:
+                    fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
+                    raise
                 self._reader.note_append(cp, data)
         finally:
             fsutil.remove_file(tmp)
@@ -745,6 +853,9 @@ class Task:
         modified except by "move". Each item's size and sha256 are known (hashed by the caller); a copy
         that does not match them raises IntegrityError. Returns the new records. Raises ConflictError
         when the task is not running, BusyError when its lock is taken.
+
+        Whatever is staged is named first in a marker (ckpt.staging), so that a kill at any point leaves
+        each source in its place, recorded, or where the next lock of the task (or `ckpt doctor`) puts it back.
         """
         if mode not in ("link", "copy", "move"):
             raise UsageError(f"unknown mode {mode!r}", hint="use link, copy or move")
@@ -752,17 +863,22 @@ class Task:
             return []
         cdir = self.folder / CHECKPOINT_DIR
         fsutil.make_dirs(cdir)
+        # copying happens outside the lock, under temporary names, as in _commit_new; a file that can be
+        # hard-linked is linked straight to its numbered name under the lock (a link is never half-made)
+        cdev = os.stat(cdir).st_dev
+        plan = [
+            (item, None if mode == "link" and not item.is_dir and item.dev == cdev else cdir / _staging_name())
+            for item in items
+        ]
+        marker = self._stage_marker(plan, mode == "move")
         staged: list[tuple[Incoming, Path, str]] = []
         added: list[Checkpoint] = []
+        stuck = False
         try:
-            # copying happens outside the lock, under temporary names, as in _commit_new; a file that can be
-            # hard-linked is linked straight to its numbered name under the lock (a link is never half-made)
-            cdev = os.stat(cdir).st_dev
-            for item in items:
-                if mode == "link" and not item.is_dir and item.dev == cdev:
+            for item, tmp in plan:
+                if tmp is None:
                     staged.append((item, item.source, "direct"))
                     continue
-                tmp = cdir / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
                 if item.source.is_dir():
                     listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
                     how = fsutil.place_tree_new(item.source, tmp, mode, listed)
@@ -783,6 +899,7 @@ class Task:
                     for x in [x for x in staged if (x[0].sha256, x[0].size) in have]:
                         staged.remove(x)
                         _unstage(x)
+                        stuck |= x[2] == "move" and os.path.lexists(x[1])  # not put back: the marker stays
                 number = state.max_number
                 placed: list[Checkpoint] = []
                 renamed: list[tuple[str, str | Path]] = []
@@ -808,15 +925,43 @@ class Task:
             for item, tmp, how in staged:
                 if how == "direct" or not os.path.lexists(tmp):
                     continue
-                if how == "move":  # not committed: put the source back (if that fails, the file stays here)
-                    with contextlib.suppress(OSError, CkptError):
+                if how == "move":  # not committed: put the source back (if that fails, the marker stays)
+                    try:
                         fsutil.move_noreplace(tmp, item.source)
+                    except (OSError, CkptError):
+                        stuck = True
                     continue
                 fsutil.remove_tree(tmp)
+            done = {id(x[0]) for x in staged}
+            for item, tmp in plan:  # an item cut off while it was being staged (a folder half copied)
+                if tmp is None or id(item) in done or not os.path.lexists(tmp):
+                    continue
+                if mode == "move" and not os.path.lexists(item.source):
+                    try:
+                        fsutil.move_noreplace(tmp, item.source)
+                    except (OSError, CkptError):
+                        stuck = True
+                else:
+                    fsutil.remove_tree(tmp)
+            if marker is not None:
+                marker.done(keep=stuck)
         for item, _, how in staged:
             if mode == "move" and how != "move":
                 fsutil.remove_tree(item.source)  # moved across file systems: the source goes once committed
         return added
+
+    def _stage_marker(self, plan: list[tuple[Incoming, Path | None]], move: bool) -> Marker | None:
+        """The marker naming what `plan` stages (ckpt.staging), written and held; None when nothing is staged."""
+        staged = [(item, tmp) for item, tmp in plan if tmp is not None]
+        if not staged:
+            return None
+        from .staging import Marker, StagedItem
+
+        listed = []
+        for item, tmp in staged:
+            st = os.lstat(item.source) if move else None
+            listed.append(StagedItem(tmp.name, item.source, move, st.st_dev if st else -1, st.st_ino if st else -1))
+        return Marker.write(self.folder, listed)
 
     def _place_locked(
         self,
@@ -876,6 +1021,16 @@ class Task:
         self._rewrite(state)
         return state.header
 
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
+        """Record in the task's header what an import found (TaskHeader.note_import); the manifest is
+        rewritten only when that changes it. Raises BusyError when the task's lock is taken."""
+        if not replace(self.header).note_import(metric_modes, source):
+            return
+        with self.lock():
+            state = self.state()
+            if state.header.note_import(metric_modes, source):
+                self._rewrite(state)
+
     def finish(self, *, failed: bool = False, title: str | None = None) -> Model | None:
         """Mark the task finished (or failed) and, unless failed, promote its latest checkpoint.
 
@@ -901,6 +1056,8 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             v = v.item()  # a 0-d tensor or numpy scalar
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise UsageError(f"metric '{k}' must be a number, got {type(v).__name__}")
+        if isinstance(v, int) and not -(2**63) <= v < 2**63:  # TOML integers are 64-bit
+            raise UsageError(f"metric '{k}' is too large an integer for the manifest", hint="pass it as a float")
         out[k] = v
     return out
 
@@ -919,7 +1076,8 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(parts)
 
 
-STAGING_PREFIX = ".import-"
+STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
+IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)
 
 
 @dataclass(slots=True)
@@ -937,6 +1095,10 @@ class Incoming:
     files: list[tuple[str, int, str]] | None = None  # a folder's (relative path, size, sha256), if known
     is_dir: bool = False
     dev: int = -1  # st_dev of the source: a hard link needs the same file system
+
+
+def _staging_name() -> str:
+    return f"{STAGING_PREFIX}{os.urandom(6).hex()}"
 
 
 def _link_or_copy_locked(src: Path, target: str) -> str:

@@ -17,8 +17,9 @@ from ._common import STATE, err
 app = typer.Typer(
     name="ckpt",
     help="Manage the checkpoints training runs leave behind: list, promote, preview, trash.",
-    rich_markup_mode=None,  # plain help: Rich's markdown help costs start-up time (benchmarks/README.md)
-    add_completion=False,
+    # Rich help (panels, argument text): Rich is imported only to print help or an error, never to run a command
+    rich_markup_mode="rich",
+    add_completion=True,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -63,11 +64,12 @@ def _root(
     set_lock_timeout(wait)  # always set: in-process callers (tests) run several commands in one process
 
 
-from . import imports as _imports  # noqa: E402,F401
+# registers the commands, in the order help lists their panels: tasks, models, trash, files, preview
+from . import tasks as _tasks  # noqa: E402,F401,I001
 from . import models as _models  # noqa: E402,F401
-from . import preview as _preview  # noqa: E402,F401
-from . import tasks as _tasks  # noqa: E402,F401  (registers commands)
 from . import trash as _trash  # noqa: E402,F401
+from . import imports as _imports  # noqa: E402,F401
+from . import preview as _preview  # noqa: E402,F401
 
 # Commands that run networks (long, and torch makes reference cycles): they keep the cyclic garbage collector.
 _COLLECTING = frozenset({"preview", "demo"})
@@ -75,6 +77,7 @@ _COLLECTING = frozenset({"preview", "demo"})
 
 def main() -> NoReturn:
     """Entry point of the `ckpt` script (and of `python -m ckpt`)."""
+    stdout_closed = _open_closed_std_fds()
     argv = sys.argv[1:]
     if _invoked(argv) not in _COLLECTING:
         # a short command frees what it allocates by reference counting; the cyclic collector's passes over
@@ -84,13 +87,79 @@ def main() -> NoReturn:
     code: object = 0
     try:
         with _only_invoked(argv):
-            app()
+            # not standalone: a parser error comes back here, to be said in ckpt's one-line form
+            code = app(standalone_mode=False)
     except SystemExit as e:
         code = e.code
     except KeyboardInterrupt:  # pragma: no cover
         err("interrupted")
         code = 130
+    except Exception as e:
+        code = _parser_error(e, argv)
+    if stdout_closed:
+        err("error: stdout was closed, so the output was lost (the command's work is done and kept)")
+        code = code or 1
     _exit(code)
+
+
+# Typer's own exceptions, named through its public API only: BadParameter subclasses UsageError, which
+# subclasses the base of every parser error (Typer 0.26+ bundles its own Click: never `import click`).
+_USAGE_ERROR = typer.BadParameter.__mro__[1]
+_PARSER_ERROR = _USAGE_ERROR.__mro__[1]
+
+
+def _parser_error(e: Exception, argv: list[str]) -> int:
+    """A parser error (unknown option, missing argument, bad value) as one line on stderr; its exit code."""
+    if not isinstance(e, _PARSER_ERROR):
+        if type(e).__name__ == "Abort":  # Ctrl-D at a prompt
+            err("aborted")
+            return 1
+        if os.environ.get("CKPT_DEBUG"):
+            raise e
+        if isinstance(e, OSError):  # outside a command: `--version` or help into a full stdout
+            err(f"error: cannot write the output: {e.strerror or e} (stdout)")
+            return 1
+        err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
+        return 1
+    message = e.format_message()  # type: ignore[attr-defined]
+    if type(e).__name__ == "NoArgsIsHelpError":  # `ckpt` or a group without a command: its help
+        sys.stderr.write(message.rstrip("\n") + "\n")
+        return 2
+    ctx = getattr(e, "ctx", None)  # the command the parser was in: `ckpt models show`
+    path, root = (ctx.command_path, ctx.find_root().command_path) if ctx is not None else ("", "")
+    where = "ckpt" + path[len(root) :] + " --help"  # `python -m ckpt models show`: `ckpt models show`
+    err(f"error: {' '.join(message.split()).rstrip('.')}; see: {where}")
+    code = getattr(e, "exit_code", 2)
+    return code if isinstance(code, int) else 2
+
+
+def _open_closed_std_fds() -> bool:
+    """Open /dev/null on each closed descriptor 0-2, so that no file ckpt opens becomes stdin, stdout or
+    stderr (a manifest opened as descriptor 1 would take the output); whether stdout was closed.
+
+    Output that cannot be encoded (a name that is not UTF-8, `PYTHONIOENCODING=ascii`) is written with
+    backslash escapes rather than ending the command half-way, as stderr always does.
+    """
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:  # in order: open() takes the lowest free descriptor
+        got = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if got != fd:  # pragma: no cover (only if 0-2 were not the lowest free)
+            os.dup2(got, fd)
+            os.close(got)
+    if 0 in closed:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if 1 in closed:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    return 1 in closed
 
 
 def _exit(code: object) -> NoReturn:
@@ -113,7 +182,11 @@ def _exit(code: object) -> NoReturn:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (`ckpt list | head -1`): exit 1, as inside a command
         status = status or 1
-    except (OSError, ValueError):
+    except OSError as e:  # a full disk behind stdout (`> /dev/full`): said, not silent
+        with contextlib.suppress(OSError, ValueError):
+            err(f"error: cannot write the output: {e.strerror or e} (stdout); the command's work is done")
+        status = status or 1
+    except ValueError:
         status = status or 1
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()

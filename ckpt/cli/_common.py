@@ -18,6 +18,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed without a terminal.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
+# where a metric is chosen: its direction; without either, the task, ckpt.toml [metrics] or the name says
+MinOpt = Annotated[bool, typer.Option("--min", help="Lower is better (default: as the task or metric name says).")]
+MaxOpt = Annotated[bool, typer.Option("--max", help="Higher is better (default: as the task or metric name says).")]
+
+
+def direction_json(d: Any) -> dict[str, Any]:
+    """The `direction` and `direction_source` keys of a choice by metric (null when none was made)."""
+    return d.to_json() if d is not None else {"direction": None, "direction_source": None}
 
 
 class State:
@@ -25,6 +34,31 @@ class State:
 
 
 STATE = State()
+
+
+def again(*words: str) -> str:
+    """A ckpt command line to suggest, naming the workspace the way the user did (`-w`), if they did."""
+    import shlex
+
+    prefix = ["ckpt", "-w", STATE.workspace] if STATE.workspace else ["ckpt"]
+    return shlex.join([*prefix, *words])
+
+
+def show_plan(plan: Any, json: bool) -> None:
+    """A dry run's plan (ckpt.plans.Plan): `{"dry_run": true, "would": [...]}`, or a line per change."""
+    if json:
+        print_json({"dry_run": True, "would": plan.would})
+        return
+    for line in plan.would:
+        out(f"would {line}")
+    if not plan.would:
+        out("nothing would change")
+    err("dry run: nothing was changed")
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 problem', '2 problems'."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def open_workspace() -> Any:
@@ -54,16 +88,36 @@ def handle_errors(fn: F) -> F:
             # folder belongs): not a bug in ckpt, but nothing the core turned into a CkptError either
             if os.environ.get("CKPT_DEBUG"):
                 raise
+            if _raised_writing_output(e):
+                err(f"error: cannot write the output: {e.strerror or e} (stdout); the command's work is done")
+                raise typer.Exit(1) from None
             where = f": '{e.filename}'" if e.filename else ""
             err(f"error: {e.strerror or e}{where}; check that path, and run `ckpt doctor` to see what is out of place")
             raise typer.Exit(1) from None
         except Exception as e:  # a bug: still one line, the traceback only on request
             if os.environ.get("CKPT_DEBUG"):
                 raise
+            if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore, for s3://
+                err(
+                    "error: no usable AWS credentials for the s3:// workspace; set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for MinIO (see docs/s3.md)"
+                )
+                raise typer.Exit(1) from None
             err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raised_writing_output(e: BaseException) -> bool:
+    """Whether `e` came from writing the command's output: its innermost Python frame is in ckpt.cli (only
+    the command line writes to stdout; the core's file errors are raised inside the core)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("ckpt.cli")
 
 
 def command(app: typer.Typer, name: str | None = None, **kw: Any) -> Callable[[F], F]:
@@ -132,17 +186,28 @@ def console(stderr: bool = False) -> Any:
 
 
 def table(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, right: Sequence[str] = ()
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    title: str | None = None,
+    right: Sequence[str] = (),
+    whole: Sequence[str] = (),
+    items: Sequence[str] = (),
 ) -> None:
-    """Print a Rich table on stdout."""
-    from rich.table import Table
+    """Print a table on stdout, fitted to the terminal (`_table.render`), leftmost columns kept first.
 
-    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for c in columns:
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold", no_wrap=c in right)
-    for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
-    console().print(t)
+    `right` columns, and any whose values are all numbers, are right-aligned and never cut; `whole` ones are
+    never cut either; `items` ones (`k=v  k=v`) are cut between items; the others are text, cut with `…`.
+    """
+    from ._table import ITEMS, NUM, TEXT, WHOLE, Column, render
+
+    cols = []
+    for i, name in enumerate(columns):
+        values = [r[i] for r in rows]
+        numbers = all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values)
+        kind = NUM if name in right or (numbers and rows) else WHOLE if name in whole else TEXT
+        kind = ITEMS if name in items else kind
+        cols.append(Column(name, ["" if v is None else str(v) for v in values], kind, rank=i))
+    render(cols, title=title)
 
 
 def is_tty() -> bool:

@@ -15,14 +15,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import UsageError
-from . import app
-from ._common import JsonOpt, command, err, open_workspace, out, print_json, table
+from . import _complete, app
+from ._common import JsonOpt, command, err, open_workspace, out, plural, print_json, table
 
 if TYPE_CHECKING:
     from ..preview import PreviewResult, Progress
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 or fp16 where the hardware computes it, checked against fp32), fp32, bf16 or fp16.",
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -68,6 +75,16 @@ def _size(value: str | None) -> tuple[int, int] | None:
     return size
 
 
+def _fresh(path: Path) -> Path:
+    """`path`, or `stem-2.png`, `stem-3.png`… if it exists: a default name never overwrites a picture."""
+    n = 1
+    candidate = path
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def _kwargs(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -86,6 +103,7 @@ def result_json(res: PreviewResult) -> dict[str, Any]:
     for c in res.checkpoints:
         row: dict[str, Any] = {"model": c.model} if c.model is not None else {"number": c.number}
         row.update({"task": c.task, "path": str(c.path), "miou": c.miou, "dice": c.dice, "image_miou": c.image_miou})
+        row.update({"precision": c.precision, "agreement": c.agreement})
         checkpoints.append(row)
     return {
         "output": str(res.output),
@@ -94,18 +112,32 @@ def result_json(res: PreviewResult) -> dict[str, Any]:
         "masks": [str(p) for p in res.masks] if res.masks is not None else None,
         "classes": res.classes,
         "device": res.device,
+        "precision": res.precision,
         "seconds": round(res.seconds, 3),
         "saved_masks": str(res.saved_masks) if res.saved_masks is not None else None,
         "checkpoints": checkpoints,
     }
 
 
+def _warn(res: PreviewResult) -> None:
+    for c in res.checkpoints:
+        if c.warning is not None:
+            err(f"warning: {c.warning}")
+
+
 def _render(res: PreviewResult) -> None:
+    from ..preview import precision_note
+
     if res.masks is not None:
         table(
-            ["checkpoint", "mIoU", "Dice"],
+            ["checkpoint", "mIoU", "Dice", "precision"],
             [
-                [c.label, f"{c.miou:.3f}" if c.miou is not None else "", f"{c.dice:.3f}" if c.dice is not None else ""]
+                [
+                    c.label,
+                    f"{c.miou:.3f}" if c.miou is not None else "",
+                    f"{c.dice:.3f}" if c.dice is not None else "",
+                    _precision(c.precision, c.agreement),
+                ]
                 for c in res.checkpoints
             ],
             right=["mIoU", "Dice"],
@@ -114,13 +146,23 @@ def _render(res: PreviewResult) -> None:
         err("no --masks given: the picture shows predictions only, without IoU")
     if res.saved_masks is not None:
         err(f"predicted masks written under {res.saved_masks}")
-    shape = f"{res.size[0]}×{res.size[1]}, {len(res.images)} images × {len(res.checkpoints)} checkpoints"
-    out(f"wrote {res.output} ({shape})")
+    grid = f"{plural(len(res.images), 'image')} × {plural(len(res.checkpoints), 'checkpoint')}"
+    shape = f"{res.size[0]}×{res.size[1]}, {grid}"
+    out(f"wrote {res.output} ({shape}, {precision_note(res.checkpoints)})")
 
 
-@command(app, "preview")
+def _precision(precision: str, agreement: float | None) -> str:
+    """`bf16 (99.93 % as fp32)`: the precision, and the share of checked pixels agreeing with fp32."""
+    from ..preview import percent
+
+    return precision if agreement is None else f"{precision} ({percent(agreement)} as fp32)"
+
+
+@command(app, "preview", rich_help_panel="Preview")
 def preview(
-    task: Annotated[str | None, typer.Argument(help="The task whose checkpoints to preview.")] = None,
+    task: Annotated[
+        str | None, typer.Argument(help="The task whose checkpoints to preview.", autocompletion=_complete.tasks)
+    ] = None,
     numbers: Annotated[
         list[int] | None, typer.Argument(help="Checkpoint numbers (default: all of the task's).")
     ] = None,
@@ -130,7 +172,10 @@ def preview(
     masks: Annotated[
         Path | None, typer.Option("--masks", "-m", help="Folder of ground-truth PNG masks named like the images.")
     ] = None,
-    output: Annotated[Path, typer.Option("--out", "-o", help="The picture to write (PNG).")] = Path("preview.png"),
+    output: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="The picture to write (PNG; default: a new preview[-N].png here)."),
+    ] = None,
     models: Annotated[
         list[str] | None, typer.Option("--model", help="Preview a model by title instead of a task (repeatable).")
     ] = None,
@@ -156,11 +201,14 @@ def preview(
         Path | None, typer.Option("--save-masks", help="Also write each predicted mask as a PNG under this folder.")
     ] = None,
     cell: Annotated[int, typer.Option("--cell", min=32, help="Size in pixels of each picture cell.")] = 160,
+    precision: PrecisionOpt = "auto",
     json: JsonOpt = False,
 ) -> None:
     """Run checkpoints on images and write one picture comparing them, with IoU against --masks.
 
-    ckpt preview TASK 3 7 10 --images imgs/ --masks masks/ ; ckpt preview --model unet-7 --images imgs/
+    Example: ckpt preview unet 3 7 10 --images imgs/ --masks masks/ --out cmp.png
+
+    Example: ckpt preview --model unet-7 --images imgs/
     """
     from ..preview import PreviewOptions, model_sources, run_preview, task_sources
 
@@ -175,7 +223,7 @@ def preview(
     options = PreviewOptions(
         images=list(images),
         masks=masks,
-        out=output,
+        out=output if output is not None else _fresh(Path("preview.png")),
         arch=arch,
         arch_kwargs=_kwargs(arch_kwargs),
         mean=_floats(mean, "--mean"),
@@ -186,29 +234,35 @@ def preview(
         unsafe_load=unsafe_load,
         save_masks=save_masks,
         cell=cell,
+        precision=precision,
     )
     with _progress("preview") as progress:
         res = run_preview(sources, options, progress)
+    _warn(res)
     if json:
         print_json(result_json(res))
     else:
         _render(res)
 
 
-@command(app, "demo")
+@command(app, "demo", rich_help_panel="Preview")
 def demo(
     path: Annotated[Path, typer.Argument(help="A fresh folder for the demo workspace.")] = Path("demo-workspace"),
     epochs: Annotated[int, typer.Option("--epochs", hidden=True, min=1)] = 10,
     train_size: Annotated[int | None, typer.Option("--train-size", hidden=True, min=1)] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Train a small UNet on synthetic shapes (about a minute on a CPU), then preview checkpoints 3, 7 and 10."""
+    """Train a small UNet on synthetic shapes (about a minute on a CPU), then preview checkpoints 3, 7 and 10.
+
+    Example: ckpt demo
+    """
     from ..preview import run_demo
 
     err(f"training a UNet on synthetic shapes into {path} ({epochs} epochs, a checkpoint each)")
     with _progress("preview") as progress:
         quick = {"train_size": train_size, "val_size": 8, "held_out": 4} if train_size else None
         res = run_demo(path, epochs=epochs, log=err, progress=progress, train_options=quick)
+    _warn(res.preview)
     if json:
         print_json(
             {
