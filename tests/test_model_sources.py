@@ -208,3 +208,17 @@ def test_s3_tasks_reads_manifests_at_once(run_json: Any, s3_url: str, monkeypatc
         fs.s3.meta.events.unregister("before-send.s3", hold)
     assert sorted(r["name"] for r in rows) == [f"t{i}" for i in range(n)]
     assert state["most"] == n  # all in flight at once: one round trip deep
+
+
+def test_cache_in_the_way_is_only_a_cost(run_json: Any, ws: ckpt.Workspace, parses: list[str]) -> None:
+    """A folder (or a symlink to one) where the cache goes: listings are right, read every model, never fail."""
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="a")
+    cache = ws.root / "tasks" / model_sources.MODELS_CACHE_FILE
+    cache.mkdir()
+    (cache / "x").write_text("kept")
+    for _ in range(2):
+        parses.clear()
+        assert listed(run_json) == {1: ["a"]}
+        assert parses == ["a"]
+    assert (cache / "x").read_text() == "kept"
