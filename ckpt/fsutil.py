@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BusyError, CkptError, ConflictError
+from .errors import BusyError, CkptError, ConflictError, SymlinkError
 
 if TYPE_CHECKING:
     import ctypes
@@ -99,6 +99,8 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
     from filelock import FileLock, Timeout  # imported here: keeps `import ckpt` light
 
     wait = lock_timeout() if timeout is None else timeout
+    if is_symlink(lock_path):  # filelock opens with O_TRUNC: a link would truncate what it points to
+        raise _link_error(lock_path, lock_path.name)
     lock = FileLock(str(lock_path), timeout=wait)
     try:
         lock.acquire()
@@ -190,17 +192,85 @@ def make_file_new(path: Path, data: bytes = b"") -> None:
         os.close(fd)
 
 
-def append_durably(path: Path, data: bytes) -> None:
-    """Append `data` to `path` in one write and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+def append_durably(path: Path, data: bytes) -> os.stat_result:
+    """Append `data` to `path` (never through a symlink) in one write and fsync it; the file's stat after it."""
+    fd = _open_own(path, os.O_WRONLY | os.O_APPEND)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
+        return os.fstat(fd)
     finally:
         os.close(fd)
+
+
+# --- the workspace's own paths: never through a link ---------------------------------------------------------
+
+
+def _link_error(path: str | Path, shown: str) -> SymlinkError:
+    return SymlinkError(
+        f"'{shown}' is a symlink; ckpt never reads or writes the workspace's own files through a link",
+        path=path,
+        hint="replace the link by the folder or file it points to (or remove it), then run: ckpt doctor",
+    )
+
+
+def refuse_links(root: Path, rel: str) -> None:
+    """Raise SymlinkError naming the first part of `rel` below `root` (the last part included) that is a symlink.
+
+    The workspace's own paths (`tasks/`, `models/`, `trash/`, a task or model folder, `checkpoints/`, a manifest,
+    entry, cache or lock file) are never followed: a link there may lead out of the workspace. `root` itself may
+    be a link. Stops at the first part that does not exist (nothing below it can be a link).
+    """
+    path = os.fspath(root)
+    done = ""
+    for part in rel.split("/"):
+        if not part:
+            continue
+        path = f"{path}/{part}"
+        done = f"{done}/{part}" if done else part
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise _link_error(path, done)
+
+
+def _open_own(path: str | Path, flags: int) -> int:
+    """os.open of one of the workspace's own files with O_NOFOLLOW; a symlink there raises SymlinkError."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(path, os.path.basename(path)) from None
+        raise
+
+
+def read_own(path: str | Path, limit: int | None = None) -> bytes:
+    """The bytes of one of the workspace's own files (a manifest, entry or cache), never through a symlink
+    (SymlinkError); OSError as open and read raise them. With `limit`, at most that many bytes."""
+    fd = _open_own(path, os.O_RDONLY)
+    try:
+        chunks = []
+        left = limit
+        while left is None or left > 0:
+            b = os.read(fd, 1 << 20 if left is None else min(1 << 20, left))
+            if not b:
+                break
+            chunks.append(b)
+            if left is not None:
+                left -= len(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_own(path: str | Path) -> int:
+    """A read-only descriptor of one of the workspace's own files, never through a symlink (SymlinkError)."""
+    return _open_own(path, os.O_RDONLY)
 
 
 class HashingWriter:

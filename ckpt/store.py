@@ -1397,7 +1397,9 @@ def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpo
     return made
 
 
-def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False) -> list[Repair]:
+def doctor(
+    ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False, drop_bad_records: bool = False
+) -> list[Repair]:
     """What interrupted commands left (trash entries pending or restoring, objects of an interrupted empty,
     model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""
     from .trash_results import Repair
