@@ -32,6 +32,8 @@ def doctor(
     With `drop_bad_records`, records a manifest must not hold (see manifest.salvage_task: a path outside the
     task or to its own structure, two records of one file) are dropped, so that the task works again."""
     repairs = recover_workspace(ws, dry_run=dry_run)
+    for link in ws.linked_task_folders():
+        repairs.append(Repair(ws.rel(Path(str(link.path))), str(link), "left alone: replace the link by its folder"))
     for name in ws.task_names():
         try:
             task = ws.task(name)

@@ -249,21 +249,15 @@ def _open_own(path: str | Path, flags: int) -> int:
         raise
 
 
-def read_own(path: str | Path, limit: int | None = None) -> bytes:
+def read_own(path: str | Path) -> bytes:
     """The bytes of one of the workspace's own files (a manifest, entry or cache), never through a symlink
-    (SymlinkError); OSError as open and read raise them. With `limit`, at most that many bytes."""
+    (SymlinkError); OSError as open and read raise them."""
     fd = _open_own(path, os.O_RDONLY)
     try:
-        chunks = []
-        left = limit
-        while left is None or left > 0:
-            b = os.read(fd, 1 << 20 if left is None else min(1 << 20, left))
-            if not b:
-                break
-            chunks.append(b)
-            if left is not None:
-                left -= len(b)
-        return b"".join(chunks)
+        chunks = [os.read(fd, os.fstat(fd).st_size + 1)]  # the whole file in one read, as Path.read_bytes
+        while chunks[-1]:  # it grew meanwhile, or the file system's size was short
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks) if len(chunks) > 2 else chunks[0]
     finally:
         os.close(fd)
 

@@ -290,8 +290,7 @@ def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: boo
         fsutil.atomic_write(staging / MODEL_FILE, dumps(model.to_doc()))
         # the finished folder appears under its title in one rename that never replaces: one of two racers wins;
         # the case check is made again inside the lock that makes titles, so that `Sa1` and `sA1` cannot both win
-        with _creating(ws):
-            _check_case_twin(ws, title)
+        with title_claim(ws, title):
             try:
                 fsutil.move_noreplace(staging, ws.models_dir / title)
             except ConflictError:
@@ -396,9 +395,12 @@ def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | 
 
 
 @contextlib.contextmanager
-def _creating(ws: Workspace) -> Iterator[None]:
-    """Hold models/.create.lock: one new title at a time in the workspace, so its case check holds."""
+def title_claim(ws: Workspace, title: str, renaming: str | None = None) -> Iterator[None]:
+    """Hold models/.create.lock (one new title at a time in the workspace) with `title` checked against the others
+    in it: ConflictError when it differs from one (not `renaming`) only in case. Make the title's folder inside."""
+    fsutil.refuse_links(ws.root, "models")
     with fsutil.locked(ws.models_dir / CREATE_LOCK_FILE, "making a model title"):
+        _check_case_twin(ws, title, renaming)
         yield
 
 
@@ -441,8 +443,7 @@ def rename(ws: Workspace, old: str, new: str) -> Model:
             # the source task's lock keeps trash-unused from deciding while the model has no folder name
             stack.enter_context(ws.task(model.task).lock())
         fsutil.refuse_links(ws.root, f"models/{old}")
-        stack.enter_context(_creating(ws))
-        _check_case_twin(ws, new, renaming=old)  # again, inside the lock that makes titles
+        stack.enter_context(title_claim(ws, new, renaming=old))  # the case check again, inside the lock
         try:
             fsutil.move_noreplace(ws.models_dir / old, ws.models_dir / new)
         except ConflictError:

@@ -816,8 +816,11 @@ def _restore_model(ws: Workspace, entry_id: str, task_name: str | None) -> Entry
             )
         if fsutil.is_symlink(entry.folder / MODEL_DIR) or not os.path.isdir(entry.folder / MODEL_DIR):
             raise IntegrityError(f"trash entry '{entry_id}' is missing its model folder", path=entry.folder)
-        _write_entry(replace(entry, state="restoring"))
-        _finish_model_restore(ws, entry)
+        from .models import title_claim
+
+        with title_claim(ws, title):  # a title differing from another only in case is refused, as for promote
+            _write_entry(replace(entry, state="restoring"))
+            _finish_model_restore(ws, entry)
     return entry
 
 

@@ -28,6 +28,7 @@ from .errors import (
 )
 from .manifest import (
     FORMAT,
+    STATUSES,
     Checkpoint,
     RowCache,
     SummaryCache,
@@ -101,6 +102,21 @@ class TaskSummary:
 
 
 _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
+
+
+def _valid_summary(row: dict[str, Any], name: str) -> bool:
+    """Whether a cached summary row holds what a summary of task `name` may (a cache is other people's input)."""
+    if set(row) != set(_SUMMARY_FIELDS) or row["name"] != name or row["status"] not in STATUSES:
+        return False
+    metrics = row["latest_metrics"]
+    return (
+        type(row["checkpoints"]) is int
+        and type(row["size"]) is int
+        and type(row["created"]) is str
+        and (row["latest"] is None or type(row["latest"]) is int)
+        and type(metrics) is dict
+        and all(type(v) in (int, float) for v in metrics.values())
+    )
 
 
 @dataclass(slots=True)
@@ -306,13 +322,25 @@ class Workspace:
         return t
 
     def task_names(self) -> list[str]:
-        """Names of the task folders that hold a manifest, and of symlinks in tasks/ (`task` refuses them), sorted."""
+        """Names of the task folders that hold a manifest (`task` refuses one that is a link), sorted; a task folder
+        that is a link is not one of them (see `linked_task_folders`)."""
         folder = str(self.tasks_dir)
         return [
             name
             for name, linked in self._task_folders()
-            if linked or os.path.lexists(os.path.join(folder, name, TASK_FILE))
+            if not linked and os.path.lexists(os.path.join(folder, name, TASK_FILE))
         ]
+
+    def linked_task_folders(self) -> list[CkptError]:
+        """A SymlinkError for each symlink in tasks/ where a task folder would be: reported, never followed."""
+        errors: list[CkptError] = []
+        for name, linked in self._task_folders():
+            if linked:
+                try:
+                    fsutil.refuse_links(self.root, f"tasks/{name}")
+                except CkptError as e:
+                    errors.append(e)
+        return errors
 
     def _task_folders(self) -> list[tuple[str, bool]]:
         """(name, is a symlink) of the folders and symlinks in tasks/ not hidden, sorted by name; the folders holding
@@ -333,7 +361,7 @@ class Workspace:
         """A summary of every task, and the errors of tasks that could not be read."""
         names = self.task_names()
         summaries, errors = self._summaries(names, names)
-        return [s for s in summaries if s is not None], errors
+        return [s for s in summaries if s is not None], errors + self.linked_task_folders()
 
     def tasks_rendered(self, form: str, render: Callable[[TaskSummary], str]) -> tuple[list[str], list[CkptError]]:
         """`render` of the summary of every task, in `tasks` order, and the errors of tasks that could not be read.
@@ -383,10 +411,9 @@ class Workspace:
         folder = str(self.tasks_dir)  # plain strings: 1,000 tasks' Path objects cost a visible part of the time
         for name in names:
             hit = cache.get(name, os.path.join(folder, name, TASK_FILE))
-            if hit is not None:
-                with contextlib.suppress(TypeError):
-                    rows.append(TaskSummary(**hit))
-                    continue
+            if hit is not None and _valid_summary(hit, name):
+                rows.append(TaskSummary(**hit))
+                continue
             try:
                 task = self.task(name)
                 summary = task.summary()

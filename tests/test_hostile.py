@@ -76,6 +76,25 @@ def test_a_linked_tasks_folder_is_refused(ws: ckpt.Workspace, outside: Path, run
     assert snapshot(outside) == before
 
 
+def test_a_linked_task_folder_is_reported_and_never_entered(
+    ws: ckpt.Workspace, outside: Path, run: Callable[..., Any], run_json: Callable[..., Any]
+) -> None:
+    other = ckpt.Workspace.init(outside / "ws2")
+    make_task(other, "far", n=3, size=100)
+    stale = other.tasks_dir / "far" / "checkpoints" / ".000009.pt.abc.tmp"
+    stale.write_bytes(b"someone else's temp file")
+    os.utime(stale, (1, 1))  # old: doctor removes such leftovers in the workspace's own folders
+    (ws.tasks_dir / "far").symlink_to(other.tasks_dir / "far")
+    before = snapshot(outside)
+    result = run("tasks")
+    assert result.exit_code == 0 and "'tasks/far' is a symlink" in result.stderr
+    repairs = run_json("doctor")["repairs"]
+    assert [r["path"] for r in repairs] == ["tasks/far"] and "symlink" in repairs[0]["problem"], repairs
+    assert run_json("du")  # counts the link, never what it points at
+    assert_clean_error(run("verify", "far"), 6)
+    assert snapshot(outside) == before
+
+
 def test_a_linked_task_manifest_takes_no_append(ws: ckpt.Workspace, outside: Path, run: Callable[..., Any]) -> None:
     task = make_task(ws, n=2, size=100)
     victim = outside / "task.toml"
@@ -324,6 +343,22 @@ def test_a_cache_with_a_value_no_manifest_may_hold_is_not_used(
     assert ckpt.Workspace.open(ws.root).task("unet").status == "running"
 
 
+@pytest.mark.parametrize("poison", [{"size": "big"}, {"latest_metrics": {"a": "b"}}, {"name": "x"}, {"extra": 1}])
+def test_a_poisoned_summary_row_is_not_used(
+    ws: ckpt.Workspace, run: Callable[..., Any], poison: dict[str, Any]
+) -> None:
+    make_task(ws, n=2, size=100)
+    first = run("tasks")
+    assert first.exit_code == 0
+    cache = ws.tasks_dir / ".tasks.cache.json"
+    doc = json.loads(cache.read_bytes())
+    doc["tasks"]["unet"]["row"].update(poison)  # the key (the manifest's fingerprint) still matches
+    cache.write_text(json.dumps(doc))
+    (ws.tasks_dir / ".tasks.rows.cache.json").unlink(missing_ok=True)
+    result = run("tasks")
+    assert result.exit_code == 0 and result.stdout == first.stdout, result.output
+
+
 # --- 7. case twins under races -----------------------------------------------------------------------------
 
 _RACE = """
@@ -361,6 +396,18 @@ def test_case_twins_made_at_once_give_one_model(ws: ckpt.Workspace, kind: str) -
     titles = ckpt.Workspace.open(ws.root).models.titles()
     for i in range(8):
         assert len([t for t in titles if t.casefold() == f"sa{i}"]) == 1, titles
+
+
+def test_restoring_a_model_whose_title_has_a_case_twin_is_refused(ws: ckpt.Workspace, run: Callable[..., Any]) -> None:
+    make_task(ws, n=2, size=100)
+    ws.promote("unet", 1, title="Sa1")
+    entry_id = trash.trash_model(ws, "Sa1").entry
+    ws.promote("unet", 2, title="sA1")
+    result = run("trash", "restore", entry_id)
+    assert_clean_error(result, 4)
+    assert "only in case" in result.stderr
+    assert ckpt.Workspace.open(ws.root).models.titles() == ["sA1"]
+    assert trash.read_entry(ws, entry_id).state == "complete"
 
 
 # --- 8. doctor brings back a task whose record names the task's own structure --------------------------------
