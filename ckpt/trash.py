@@ -140,11 +140,16 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
     if entry_id != folder.name:
         raise ManifestError(f"{path}: 'id' ({_describe(entry_id)}) is not its folder's name", path=path)
     records = get("checkpoints", list, required=False) or []
-    cps = [Checkpoint.from_record(rec, path, task or "") for rec in records]
-    numbers = [cp.number for cp in cps]
-    if len(set(numbers)) != len(numbers):
-        raise ManifestError(f"{path}: a checkpoint is recorded twice", path=path)
-    check_files(cps, path)
+    try:
+        cps = [Checkpoint.from_record(rec, path, task or "") for rec in records]
+        numbers = [cp.number for cp in cps]
+        if len(set(numbers)) != len(numbers):
+            raise ManifestError(f"{path}: a checkpoint is recorded twice", path=path)
+        check_files(cps, path)
+    except ManifestError as e:
+        # not a task manifest's hint (doctor mends those): an entry is fixed or emptied by hand
+        e.hint = f"nothing is restored from it; its files are in trash/{folder.name}/{FILES_DIR}/; see: ckpt trash list"
+        raise
     model = get("model", dict, required=(kind == "model"))
     if model is not None and not isinstance(model.get("title"), str):
         raise ManifestError(f"{path}: model has no title", path=path)

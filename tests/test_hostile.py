@@ -183,6 +183,26 @@ def test_a_linked_trash_entry_manifest_is_refused(ws: ckpt.Workspace, outside: P
     assert snapshot(outside) == before
 
 
+def test_a_linked_workspace_file_is_refused(ws: ckpt.Workspace, outside: Path, run: Callable[..., Any]) -> None:
+    os.replace(ws.root / "ckpt.toml", outside / "ckpt.toml")
+    (ws.root / "ckpt.toml").symlink_to(outside / "ckpt.toml")
+    result = run("tasks")
+    assert_clean_error(result, 6)
+    assert "'ckpt.toml' is a symlink" in result.stderr
+
+
+def test_a_trash_entry_with_two_records_of_one_file_is_refused(ws: ckpt.Workspace, run: Callable[..., Any]) -> None:
+    make_task(ws, n=4, size=100)
+    entry_id = trash.trash_unused(ws, "unet").entry
+    assert entry_id is not None
+    entry_toml = ws.trash_dir / entry_id / "entry.toml"
+    entry_toml.write_text(entry_toml.read_text().replace("checkpoints/000001.pt", "checkpoints/000002.pt"))
+    result = run("trash", "restore", entry_id)
+    assert_clean_error(result, 6)
+    assert "checkpoints 1 and 2 both name the file" in result.stderr and "drop-bad-records" not in result.stderr
+    assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("unet").checkpoints] == [4]
+
+
 def test_the_workspace_root_itself_may_be_a_link(ws: ckpt.Workspace, tmp_path: Path, run: Callable[..., Any]) -> None:
     make_task(ws, n=3, size=100)
     (tmp_path / "alias").symlink_to(ws.root)
