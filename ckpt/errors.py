@@ -82,6 +82,12 @@ class UnsafeFileError(IntegrityError):
     """A checkpoint that would need full unpickling to load."""
 
 
+class NotRegularFile(IntegrityError, OSError):
+    """A FIFO, device or socket where a checkpoint file belongs: reading it could block or never end.
+
+    An OSError too, so code that treats an unreadable file as a problem to report does so here."""
+
+
 EXIT_CODES = {
     0: "ok",
     1: "any other error",

@@ -7,17 +7,21 @@ with `weights_only=True`, always passed explicitly.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
+import os
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from . import fsutil
 from .errors import CkptError, IntegrityError, UnsafeFileError, UsageError
+from .unpickle import BoundedUnpickler, Budget, TooComplex
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32",
@@ -118,34 +122,46 @@ class FileInfo:
 
 # --- a pickle interpreter that builds nothing real ----------------------------------------------
 
+# A torch zip's members are stored, not compressed, so they unpack to at most the archive's size; more
+# than 4 times that (plus 1 MiB for a small file) is a zip bomb, refused before anything is inflated.
+UNPACK_RATIO, UNPACK_SLACK = 4, 1 << 20
+
 
 class _Storage:
-    __slots__ = ("dtype",)
+    __slots__ = ("dtype", "key")
 
-    def __init__(self, dtype: str):
+    def __init__(self, dtype: str, key: str | None = None):
         self.dtype = dtype
+        self.key = key  # the archive's `data/<key>` member that holds the bytes
 
 
 class _Tensor:
-    __slots__ = ("shape", "dtype")
+    __slots__ = ("shape", "dtype", "storage", "offset")
 
-    def __init__(self, shape: list[int], dtype: str):
+    def __init__(self, shape: list[int], dtype: str, storage: _Storage | None = None, offset: int = 0):
         self.shape = shape
         self.dtype = dtype
+        self.storage = storage
+        self.offset = offset  # in elements
+
+
+_HASHING_CALLS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "Counter")}
 
 
 class _Global:
-    """A stand-in for any global the pickle names; calling it builds another stand-in."""
+    """A stand-in for a global the pickle names; calling it builds another stand-in, charged to its reader."""
 
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
+    def __init__(self, module: str, name: str, reader: _ScanUnpickler):
+        self.module, self.name, self.reader = module, name, reader
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = (self.module, self.name)
+        charge_call(self.reader, key, args)
         if key in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3")):
-            storage, _offset, size = args[0], args[1], args[2]
-            dtype = storage.dtype if isinstance(storage, _Storage) else "unknown"
-            return _Tensor([int(s) for s in size], dtype)
+            storage, offset, size = args[0], args[1], args[2]
+            if not isinstance(storage, _Storage):
+                return _Tensor([int(s) for s in size], "unknown")
+            return _Tensor([int(s) for s in size], storage.dtype, storage, offset if type(offset) is int else 0)
         if key in (
             ("torch._utils", "_rebuild_parameter"),
             ("torch._utils", "_rebuild_parameter_with_state"),
@@ -162,6 +178,18 @@ class _Global:
         return f"{self.module}.{self.name}"
 
 
+def charge_call(reader: BoundedUnpickler, key: tuple[str, str], args: tuple[Any, ...]) -> None:
+    """Charge `reader` for what calling global `key` on `args` costs torch's weights-only loader."""
+    reader.charge_call(args)
+    first = args[0] if args else None
+    if key in _HASHING_CALLS and isinstance(first, list | tuple | set | frozenset | dict):
+        reader.charge_keys(None, list(first))
+    elif key == ("collections", "OrderedDict") and isinstance(first, list | tuple):
+        reader.charge_keys(None, [p[0] for p in first if isinstance(p, tuple | list) and p])
+    elif key == ("builtins", "bytearray") and isinstance(first, int):
+        reader.budget.spend(1, max(0, first))  # bytearray(n) is n zero bytes
+
+
 class _Opaque:
     def __init__(self, origin: _Global):
         self.origin = origin
@@ -170,66 +198,15 @@ class _Opaque:
         pass
 
 
-class _ScanUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
-        self.seen_globals: list[str] = []
-
-    def find_class(self, module: str, name: str) -> Any:  # never imports
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if module == "torch" and name in _DTYPE_NAMES:
-            return name
-        if (module, name) not in _SAFE_GLOBALS and not (module == "builtins" and name in {"dict", "list", "tuple"}):
-            self.seen_globals.append(f"{module}.{name}")
-        return _Global(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        # ('storage', storage_type, key, location, numel)
-        if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage":
-            st = pid[1]
-            return _Storage(st if isinstance(st, str) else "unknown")
-        return _Storage("unknown")
-
-
-def _walk(obj: Any, prefix: str, out: list[TensorInfo], depth: int = 0) -> None:
-    if depth > 50:
-        return
-    if isinstance(obj, _Tensor):
-        out.append(TensorInfo(prefix or "<tensor>", obj.shape, obj.dtype))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _walk(v, f"{prefix}.{k}" if prefix else str(k), out, depth + 1)
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            _walk(v, f"{prefix}.{i}" if prefix else str(i), out, depth + 1)
-
-
-def _inspect_torch_zip(path: Path) -> FileInfo:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not pkl:
-                return FileInfo("unknown", note="a zip archive without data.pkl")
-            data = zf.read(pkl[0])
-    except Exception as e:  # BadZipFile, OSError, zlib.error, and RuntimeError for an "encrypted" member...
-        raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
-    up = _ScalarUnpickler(data)  # tolerant stand-ins: Lightning's hyper_parameters are dict subclasses
-    try:
-        obj = up.load()
-    except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
-        raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
-    tensors: list[TensorInfo] = []
-    _walk(obj, "", tensors)
-    return FileInfo("torch-zip", tensors, sorted(set(up.seen_globals)))
-
-
 class _Tolerant(dict):  # type: ignore[type-arg]
     """Stand-in class for an unknown global: takes any arguments, any state, and items or appends, so
     NEWOBJ and dict/list subclasses (Lightning's AttributeDict in `hyper_parameters`) load as stand-ins."""
 
+    _reader: BoundedUnpickler
+    _key: tuple[str, str]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        charge_call(self._reader, self._key, args)
 
     def __setstate__(self, state: Any) -> None:
         pass
@@ -241,64 +218,353 @@ class _Tolerant(dict):  # type: ignore[type-arg]
         pass
 
 
-class _ScalarUnpickler(_ScanUnpickler):
+class _ScanUnpickler(BoundedUnpickler):
+    """Reads a pickle with stand-ins for every global (tolerant classes for unknown ones), within `budget`."""
+
+    def __init__(self, data: bytes, budget: Budget):
+        super().__init__(data, budget)
+        self.seen_globals: list[str] = []
+        self._found: dict[tuple[str, str], Any] = {}
+
     def find_class(self, module: str, name: str) -> Any:  # never imports
-        found = super().find_class(module, name)
-        if isinstance(found, _Global) and (module, name) not in _SAFE_GLOBALS:
-            return type(name, (_Tolerant,), {"__module__": "ckpt.formats.standin"})
+        found = self._found.get((module, name))
+        if found is None:
+            self.budget.spend(1, 2400)  # a stand-in class costs about 2.4 KB
+            found = self._found[(module, name)] = self._stand_in(module, name)
         return found
+
+    def _stand_in(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in _DTYPE_NAMES:
+            return name
+        if (module, name) in _SAFE_GLOBALS:
+            return _Global(module, name, self)
+        if not (module == "builtins" and name in {"dict", "list", "tuple"}):
+            self.seen_globals.append(f"{module}.{name}")
+        attrs = {"__module__": "ckpt.formats.standin", "_reader": self, "_key": (module, name)}
+        return type(name, (_Tolerant,), attrs)
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ('storage', storage_type, key, location, numel)
+        if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage":
+            st = pid[1]
+            key = pid[2] if len(pid) >= 3 and isinstance(pid[2], str) else None
+            return _Storage(st if isinstance(st, str) else "unknown", key)
+        return _Storage("unknown")
+
+
+def _key_name(key: Any) -> str:
+    """A dict key as part of a tensor's name, without str() of anything big or deep."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool | float) or key is None:
+        return str(key)
+    if isinstance(key, int):
+        return str(key) if key.bit_length() < 64 else "<int>"
+    return f"<{type(key).__name__}>"
+
+
+def _tensors(reader: BoundedUnpickler, obj: Any) -> list[TensorInfo]:
+    """Every stand-in tensor inside `obj`, named by its path ("layer.0.weight"), walked within the budget."""
+    out: list[TensorInfo] = []
+
+    def visit(value: Any, path: list[Any]) -> None:
+        if isinstance(value, _Tensor):
+            name = ".".join(_key_name(k) for k in path) or "<tensor>"
+            reader.budget.spend(len(path), 64 + len(name) + 8 * len(value.shape))
+            out.append(TensorInfo(name, value.shape, value.dtype))
+
+    reader.walk(obj, visit)
+    return out
+
+
+def _archive_pickle(f: BinaryIO, path: Path) -> tuple[bytes, int] | None:
+    """The bytes of the torch zip's `data.pkl` and the bytes it takes in the file; None without one.
+
+    Raises zipfile.BadZipFile for a file that is no zip; IntegrityError for a zip bomb.
+    """
+    size = os.fstat(f.fileno()).st_size
+    with zipfile.ZipFile(f) as zf:
+        infos = zf.infolist()
+        unpacked = sum(i.file_size for i in infos)
+        if unpacked > UNPACK_RATIO * size + UNPACK_SLACK:
+            raise IntegrityError(
+                f"'{path}' unpacks to {unpacked:,} bytes from {size:,} (a zip bomb?); torch never compresses its"
+                " archives, so ckpt reads none that unpacks to more than 4 times its size",
+                path=path,
+            )
+        pkl = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+        if not pkl:
+            return None
+        with zf.open(pkl[0]) as member:  # zipfile stops at the declared size: nothing more is inflated
+            return member.read(), pkl[0].compress_size
+
+
+def _read_pickle(
+    f: BinaryIO, path: Path, reader_type: type[_ScanUnpickler] | None = None
+) -> tuple[Any, _ScanUnpickler] | None:
+    """The torch zip's pickle, interpreted with stand-ins within its budget; None for a zip without one.
+
+    Raises zipfile.BadZipFile for a file that is no zip, IntegrityError for a corrupt, hostile or too costly one.
+    """
+    try:
+        found = _archive_pickle(f, path)
+    except zipfile.BadZipFile:
+        raise
+    except CkptError:
+        raise
+    except Exception as e:  # OSError, zlib.error, and RuntimeError for an "encrypted" member...
+        raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
+    if found is None:
+        return None
+    data, stored = found
+    reader = (reader_type or _ScanUnpickler)(data, Budget.for_pickle(stored))
+    try:
+        return reader.load(), reader
+    except TooComplex as e:
+        raise _too_complex(path, e) from None
+    except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
+        raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
+
+
+def _too_complex(path: Path, e: TooComplex) -> IntegrityError:
+    return IntegrityError(
+        f"'{path}' holds a pickle that needs {e.what}: refused as hostile",
+        path=path,
+        hint="limits: docs/reliability.md, 'Hostile files'",
+    )
+
+
+def _inspect_torch_zip(f: BinaryIO, path: Path) -> FileInfo:
+    try:
+        found = _read_pickle(f, path)
+    except zipfile.BadZipFile as e:
+        raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
+    if found is None:
+        return FileInfo("unknown", note="a zip archive without data.pkl")
+    obj, reader = found
+    try:
+        tensors = _tensors(reader, obj)
+    except TooComplex as e:
+        raise _too_complex(path, e) from None
+    return FileInfo("torch-zip", tensors, sorted(set(reader.seen_globals)))
 
 
 def top_level_scalars(path: Path) -> dict[str, int | float | str | bool]:
     """The top-level numbers, strings and booleans of a torch zip checkpoint's pickled dict.
 
     Lightning stores `epoch` and `global_step` there. Nothing is imported or run: every global is a
-    stand-in. Returns {} for a file that is not a torch zip or not a dict; raises IntegrityError when corrupt.
+    stand-in. Returns {} for a file that is not a torch zip or not a dict; raises IntegrityError when
+    corrupt, hostile or too costly to read, NotRegularFile for a FIFO or device.
     """
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not pkl:
-                return {}
-            data = zf.read(pkl[0])
-    except zipfile.BadZipFile:
+    with fsutil.open_regular_file(path) as f:
+        try:
+            found = _read_pickle(f, path)
+        except zipfile.BadZipFile:
+            return {}
+    if found is None:
         return {}
-    except Exception as e:  # OSError, zlib.error, and RuntimeError for an "encrypted" member...
-        raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
-    try:
-        obj = _ScalarUnpickler(data).load()
-    except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
-        raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
+    obj = found[0]
     if not isinstance(obj, dict):
         return {}
     return {k: v for k, v in obj.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors JSON header and the offset where tensor data begins."""
+# --- what Lightning and the Trainer recorded about a run -----------------------------------------
+
+_SCALAR_FORMATS = {
+    "float64": "d",
+    "float32": "f",
+    "float16": "e",
+    "int64": "q",
+    "int32": "i",
+    "int16": "h",
+    "int8": "b",
+    "uint8": "B",
+}
+_MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
+
+
+@dataclass(slots=True)
+class Monitored:
+    """What one `ModelCheckpoint` callback with a `monitor` kept in a Lightning checkpoint."""
+
+    monitor: str
+    mode: str | None  # "min" or "max", kept only in the callback's key: ModelCheckpoint{'monitor': ..., 'mode': ...}
+    score: float | None  # the value it recorded for this very file: its `best_k_models` entry of the file's name
+    current_score: float | None
+    best_model_score: float | None
+    best_model_name: str | None  # the file name of its `best_model_path`
+    wrote_last: bool  # its `last_model_path` has this file's name (save_last)
+
+
+@dataclass(slots=True)
+class LightningState:
+    """The top-level `epoch` and `global_step` of a Lightning checkpoint and its monitoring callbacks."""
+
+    epoch: int | None = None
+    global_step: int | None = None
+    monitors: list[Monitored] = field(default_factory=list)
+
+
+def _base(p: object) -> str | None:
+    return re.split(r"[\\/]", p)[-1] if isinstance(p, str) and p else None
+
+
+def read_lightning_state(path: Path) -> LightningState:
+    """The epoch, global step and `ModelCheckpoint` states of the Lightning checkpoint at `path`.
+
+    Nothing is imported or run: every global is a stand-in, and the few scalar tensors wanted (the
+    scores) are decoded from their bytes in the archive. Returns an empty state for a file that is not a
+    torch zip or does not hold a dict; raises IntegrityError when it is corrupt.
+    """
+    path = Path(path)
+    out = LightningState()
+    with fsutil.open_regular_file(path) as f:
+        try:
+            found = _read_pickle(f, path)  # within the pickle's budget, like `show`
+        except zipfile.BadZipFile:
+            return out
+        if found is None:
+            return out
+        obj = found[0]
+        try:
+            zf = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
+        return _lightning_state(zf, path, obj, out)
+
+
+def _lightning_state(zf: zipfile.ZipFile, path: Path, obj: Any, out: LightningState) -> LightningState:
+    with zf:
+        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        prefix = pkl[0][: -len("data.pkl")] if pkl else ""
+        if not isinstance(obj, dict):
+            return out
+        if type(obj.get("epoch")) is int:
+            out.epoch = obj["epoch"]
+        if type(obj.get("global_step")) is int:
+            out.global_step = obj["global_step"]
+        callbacks = obj.get("callbacks")
+        if not isinstance(callbacks, dict):
+            return out
+        big = _member(zf, f"{prefix}byteorder", 16).strip() == b"big"
+        for key, st in callbacks.items():
+            if not isinstance(key, str) or not isinstance(st, dict) or not isinstance(st.get("monitor"), str):
+                continue
+            mode = _MODE_IN_KEY.search(key)
+            kept = st.get("best_k_models")
+            own = next((v for k, v in kept.items() if _base(k) == path.name), None) if isinstance(kept, dict) else None
+            out.monitors.append(
+                Monitored(
+                    st["monitor"],
+                    mode.group(1) if mode else None,
+                    _scalar(zf, prefix, big, own),
+                    _scalar(zf, prefix, big, st.get("current_score")),
+                    _scalar(zf, prefix, big, st.get("best_model_score")),
+                    _base(st.get("best_model_path")),
+                    _base(st.get("last_model_path")) == path.name,
+                )
+            )
+    return out
+
+
+def _member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """The first `limit` bytes of member `name`, or b"" when it is missing or unreadable."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
+        with zf.open(name) as f:
+            return f.read(limit)
+    except Exception:  # KeyError, BadZipFile, zlib.error...: a score that cannot be read is left out
+        return b""
+
+
+def _scalar(zf: zipfile.ZipFile, prefix: str, big: bool, v: object) -> float | None:
+    """A number, or a one-element tensor stand-in decoded from its storage's bytes; else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if not isinstance(v, _Tensor) or v.storage is None or v.storage.key is None or any(d != 1 for d in v.shape):
+        return None
+    order = ">" if big else "<"
+    if v.dtype == "bfloat16":  # the top half of a float32
+        raw = _member(zf, f"{prefix}data/{v.storage.key}", 2 * (v.offset + 1))[2 * v.offset :]
+        return struct.unpack(f"{order}f", raw + b"\0\0" if big else b"\0\0" + raw)[0] if len(raw) == 2 else None
+    code = _SCALAR_FORMATS.get(v.dtype)
+    if code is None:
+        return None
+    size = struct.calcsize(code)
+    raw = _member(zf, f"{prefix}data/{v.storage.key}", size * (v.offset + 1))[size * v.offset :]
+    return float(struct.unpack(f"{order}{code}", raw)[0]) if len(raw) == size else None
+
+
+class _Kept(_Tolerant):
+    """A stand-in that keeps the state the pickle gives it (the fields of a pickled dataclass)."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.kept = state
+
+
+class _StateUnpickler(_ScanUnpickler):
+    """A reader whose stand-ins for unknown classes keep their pickled state (`_Kept`)."""
+
+    def _stand_in(self, module: str, name: str) -> Any:
+        found = super()._stand_in(module, name)
+        if isinstance(found, type) and issubclass(found, _Tolerant):
+            attrs = {"__module__": "ckpt.formats.standin", "_reader": self, "_key": (module, name)}
+            return type(name, (_Kept,), attrs)
+        return found
+
+
+def read_training_args(path: Path) -> dict[str, int | float | str | bool | None]:
+    """The plain fields (numbers, strings, booleans, None) of a Trainer's `training_args.bin`: a pickled
+    `TrainingArguments`, read with stand-ins for every global, so nothing is imported or run.
+
+    Returns {} for a file that cannot be read that way (missing, corrupt, an older format).
+    """
+    try:
+        with fsutil.open_regular_file(path) as f:
+            found = _read_pickle(f, path, _StateUnpickler)
+    except Exception:  # anything unreadable (or hostile): the caller goes on without it
+        return {}
+    if found is None:
+        return {}
+    obj = found[0]
+    fields = getattr(obj, "kept", None)
+    if not isinstance(fields, dict):
+        return {}
+    return {k: v for k, v in fields.items() if isinstance(k, str) and (v is None or type(v) in (int, float, str, bool))}
+
+
+def read_safetensors_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the offset where tensor data begins (read from `f` when given)."""
+    try:
+        with contextlib.nullcontext(f) if f is not None else fsutil.open_regular_file(path) as src:
+            src.seek(0)
+            head = src.read(8)
             if len(head) < 8:
                 raise IntegrityError(f"'{path}' is too short to be safetensors", path=path)
             (n,) = struct.unpack("<Q", head)
             if n > 100 * 1024 * 1024:
                 raise IntegrityError(f"'{path}' has an implausible safetensors header", path=path)
-            raw = f.read(n)
+            raw = src.read(n)
+    except CkptError:
+        raise
     except OSError as e:
         raise IntegrityError(f"cannot read '{path}': {e.strerror}", path=path) from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise IntegrityError(f"'{path}' has a corrupt safetensors header", path=path) from None
     return header, 8 + n
 
 
-def _inspect_safetensors(path: Path) -> FileInfo:
-    header, _ = read_safetensors_header(path)
+def _inspect_safetensors(path: Path, f: BinaryIO | None = None) -> FileInfo:
+    header, _ = read_safetensors_header(path, f)
     tensors = []
     for name, meta in header.items():
         if name == "__metadata__" or not isinstance(meta, dict):
@@ -327,19 +593,33 @@ def weights_file(path: Path) -> Path:
 def inspect_file(path: Path) -> FileInfo:
     """What the checkpoint at `path` holds (tensor names, shapes, dtypes), without running any of it.
 
-    Raises IntegrityError for a corrupt file.
+    The work is bounded (docs/reliability.md, "Hostile files"). Raises IntegrityError for a corrupt,
+    hostile or too costly file, NotRegularFile (an IntegrityError) for a FIFO, device or socket.
     """
     path = weights_file(path)
+    with _open(path) as f:
+        return _inspect_open(f, path)
+
+
+def _open(path: Path) -> BinaryIO:
     try:
-        with open(path, "rb") as f:
-            magic = f.read(8)
+        return fsutil.open_regular_file(path)
+    except CkptError:
+        raise
+    except OSError as e:
+        raise IntegrityError(f"cannot read '{path}': {e.strerror}", path=path) from None
+
+
+def _inspect_open(f: BinaryIO, path: Path) -> FileInfo:
+    try:
+        magic = f.read(8)
     except OSError as e:
         raise IntegrityError(f"cannot read '{path}': {e.strerror}", path=path) from None
     if magic[:4] == b"PK\x03\x04":
-        return _inspect_torch_zip(path)
+        return _inspect_torch_zip(f, path)
     if len(magic) == 8 and struct.unpack("<Q", magic)[0] < 100 * 1024 * 1024:
         try:
-            return _inspect_safetensors(path)
+            return _inspect_safetensors(path, f)
         except IntegrityError:
             pass
     return FileInfo("unknown", note="not a torch archive or safetensors file")
@@ -380,21 +660,24 @@ def load_state_dict(path: Path, *, unsafe: bool = False, map_location: str = "cp
 
     require_safe_torch()
     path = weights_file(Path(path))
-    info = inspect_file(path)
-    if info.format == "safetensors":
-        return _load_safetensors(path)
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=not unsafe)
-    except pickle.UnpicklingError as e:
-        names = ", ".join(info.unsafe_globals) or _offending_global(str(e))
-        raise UnsafeFileError(
-            f"'{path}' needs full unpickling to load, which could run code: it names {names}",
-            path=path,
-            hint="load only files you trust, with --unsafe-load",
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise IntegrityError(f"cannot load '{path}': {first}", path=path) from None
+    # one open file for the check and the load: what torch reads is what was checked
+    with _open(path) as f:
+        info = _inspect_open(f, path)  # bounded: a hostile pickle is refused before torch walks it
+        if info.format == "safetensors":
+            return _load_safetensors(path, f)
+        f.seek(0)
+        try:
+            obj = torch.load(f, map_location=map_location, weights_only=not unsafe)
+        except pickle.UnpicklingError as e:
+            names = ", ".join(info.unsafe_globals) or _offending_global(str(e))
+            raise UnsafeFileError(
+                f"'{path}' needs full unpickling to load, which could run code: it names {names}",
+                path=path,
+                hint="load only files you trust, with --unsafe-load",
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise IntegrityError(f"cannot load '{path}': {first}", path=path) from None
     obj = _unwrap(obj, torch.Tensor)
     if not isinstance(obj, dict):
         raise IntegrityError(f"'{path}' does not hold a state dict (it holds a {type(obj).__name__})", path=path)
@@ -490,12 +773,13 @@ def _offending_global(message: str) -> str:
     return ", ".join(dict.fromkeys(found)) if found else "a global outside torch's safe list"
 
 
-def _load_safetensors(path: Path) -> dict[str, Any]:
+def _load_safetensors(path: Path, f: BinaryIO) -> dict[str, Any]:
     import torch
 
-    header, start = read_safetensors_header(path)
+    header, start = read_safetensors_header(path, f)
     dtypes = {k: getattr(torch, v) for k, v in _SAFETENSORS_DTYPES.items() if hasattr(torch, v)}
-    data = path.read_bytes()
+    f.seek(0)
+    data = f.read()
     out: dict[str, Any] = {}
     for name, meta in header.items():
         if name == "__metadata__":

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BusyError, CkptError, ConflictError, SymlinkError
+from .errors import BusyError, CkptError, ConflictError, NotRegularFile, SymlinkError
 
 if TYPE_CHECKING:
     import ctypes
@@ -240,13 +240,22 @@ def refuse_links(root: Path, rel: str) -> None:
 
 
 def _open_own(path: str | Path, flags: int) -> int:
-    """os.open of one of the workspace's own files with O_NOFOLLOW; a symlink there raises SymlinkError."""
+    """os.open of one of the workspace's own files with O_NOFOLLOW; a symlink there raises SymlinkError, and a FIFO,
+    device or socket NotRegularFile (opened without blocking, then refused)."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW)
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link_error(path, os.path.basename(path)) from None
         raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: read() raises IsADirectoryError
+            refuse_irregular(path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_own(path: str | Path) -> bytes:
@@ -314,11 +323,54 @@ def write_new_file(folder: Path, name: str, produce: Callable[[HashingWriter], N
     return tmp, w.size, w.sha.hexdigest()
 
 
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def refuse_irregular(path: str | os.PathLike[str], mode: int) -> None:
+    """Raise NotRegularFile unless `mode` (an lstat's or fstat's st_mode) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise NotRegularFile(
+            f"'{os.fsdecode(path)}' is {kind}, not a checkpoint file; reading it could block or never end",
+            path=os.fsdecode(path),
+            hint="remove it, or move a real file there",
+        )
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = 0) -> int:
+    """A read-only fd on `path`, which must be a regular file (symlinks to one are followed unless `flags`
+    holds O_NOFOLLOW); raises NotRegularFile (exit 6) for a FIFO, device, socket or folder, at once.
+
+    Opening a FIFO blocks until a writer comes and a device may never end, so the kind is checked with
+    stat before opening, and again on the open fd (O_NONBLOCK: a FIFO swapped in between opens at once).
+    """
+    refuse_irregular(path, os.stat(path, follow_symlinks=not flags & getattr(os, "O_NOFOLLOW", 0)).st_mode)
+    fd = os.open(path, os.O_RDONLY | flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        refuse_irregular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """`open_regular` as a buffered binary file object (closed with it)."""
+    return os.fdopen(open_regular(path), "rb")
+
+
 def sha256_file(path: Path) -> str:
     """The sha256 of a file's bytes, read once."""
     import hashlib
 
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -511,7 +563,7 @@ def reflink_new(src: Path, dst: Path) -> bool:
         import fcntl
     except ImportError:
         return False
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    sfd = open_regular(src, os.O_NOFOLLOW)
     try:
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except BaseException:
@@ -547,7 +599,7 @@ def copy_new(src: Path, dst: Path) -> str:
 
 
 def _copy_into(src: Path, w: HashingWriter) -> None:
-    with open(src, "rb") as f:
+    with open_regular_file(src) as f:
         while chunk := f.read(CHUNK):
             w.write(chunk)
 
@@ -747,7 +799,7 @@ def _sha256_path(path: str | Path, buf: bytearray, view: memoryview) -> str:
     import hashlib
 
     sha = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         n = os.readv(fd, [buf])
         if n == len(buf):  # a large file: ask for a larger read-ahead (it may not be in the page cache)

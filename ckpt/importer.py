@@ -8,6 +8,7 @@ Formats and numbering rules are documented in docs/import.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -33,6 +34,7 @@ from .workspace import (
 )
 
 if TYPE_CHECKING:
+    from .formats import LightningState
     from .manifest import Checkpoint
     from .workspace import Task, Workspace
 
@@ -70,6 +72,7 @@ class Found:
     note: str | None = None
     is_last: bool = False
     dev: int = -1
+    modes: dict[str, str] = field(default_factory=dict)  # metric -> "min" | "max", as the run recorded it
 
 
 @dataclass(slots=True)
@@ -226,7 +229,11 @@ def _walk_files(root: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, os.st
 
 
 def _single(path: Path) -> list[tuple[Path, os.stat_result | None]]:
-    return [(path, None if path.is_symlink() else os.stat(path, follow_symlinks=False))]
+    if path.is_symlink():
+        return [(path, None)]
+    st = os.stat(path, follow_symlinks=False)
+    fsutil.refuse_irregular(path, st.st_mode)  # /dev/zero or a FIFO would be hashed forever
+    return [(path, st)]
 
 
 def detect_format(path: Path) -> str:
@@ -280,22 +287,145 @@ def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
                 is_last=filename.startswith("last") and _is_last(filename),
             )
         )
-    for c in found:
-        if c.step is None or c.epoch is None:
-            # the name lacks them: read them from the file without unpickling anything
-            from .formats import top_level_scalars  # imported only then: most names hold both
-
-            try:
-                inside = top_level_scalars(c.path)
-            except IntegrityError:
-                inside = {}
-            inner_step, inner_epoch = inside.get("global_step"), inside.get("epoch")
-            if c.step is None and isinstance(inner_step, int) and not isinstance(inner_step, bool):
-                c.step = inner_step
-            if c.epoch is None and isinstance(inner_epoch, int) and not isinstance(inner_epoch, bool):
-                c.epoch = inner_epoch
+    _read_lightning(found)
     found.sort(key=lambda c: (c.step is None, c.step or 0, c.epoch or 0, c.is_last, c.mtime, c.name))
     return found, skipped
+
+
+def _read_lightning(found: list[Found]) -> None:
+    """Complete what the names of Lightning checkpoints say from the files themselves and the run's
+    `metrics.csv` (docs/import.md): epoch and step where the name lacks them, each monitored metric's
+    value and direction, every logged metric, and a note on the callback's best checkpoint."""
+    states: dict[int, LightningState] = {}
+    for c in found:
+        if not _is_zip(c.path):
+            continue
+        from .formats import read_lightning_state  # imported only for torch archives
+
+        try:
+            states[id(c)] = st = read_lightning_state(c.path)
+        except IntegrityError:
+            continue
+        if c.step is None and st.global_step is not None:
+            c.step = st.global_step
+        if c.epoch is None and st.epoch is not None:
+            c.epoch = st.epoch
+    logged = _logged_metrics(found)
+    for c in found:
+        if id(c) not in logged and id(c) not in states:
+            continue  # the name says all there is
+        named = c.metrics
+        merged = {k: logged[id(c)][k] if _agrees(logged, c, k, v) else v for k, v in named.items()}
+        for k, v in logged.get(id(c), {}).items():
+            merged.setdefault(k, v)
+        monitors = states[id(c)].monitors if id(c) in states else []
+        for m in monitors:
+            score = m.score
+            if score is None and not m.wrote_last and len(monitors) == 1:
+                score = m.current_score  # a renamed file: the one callback's latest score was for this file
+            if score is not None:
+                merged[m.monitor] = score  # the file's own record wins over the name and the log
+            if m.mode is not None:
+                c.modes[m.monitor] = m.mode
+        c.metrics = merged
+    latest = max((c for c in found if id(c) in states), key=lambda c: c.step or 0, default=None) if states else None
+    if latest is not None:
+        for m in states[id(latest)].monitors:
+            for c in found:
+                if c.note is None and m.best_model_name == c.path.name and not c.is_last:
+                    c.note = f"Lightning's best_model_path ({m.monitor})"
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether the file starts as a zip archive (every torch checkpoint since torch 1.6 does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, 4) == b"PK\x03\x04"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _agrees(logged: dict[int, dict[str, float]], c: Found, key: str, named: float) -> bool:
+    """Whether the logged value of `key` rounds to the one in the file name (which is then less precise)."""
+    v = logged.get(id(c), {}).get(key)
+    if v is None or not math.isfinite(v) or not math.isfinite(named):
+        return False
+    text = repr(float(named))
+    if "e" in text or "." not in text:
+        return v == named
+    return abs(v - named) <= 0.5 * 10 ** -len(text.split(".")[1]) * (1 + 1e-9)
+
+
+def _logged_metrics(found: list[Found]) -> dict[int, dict[str, float]]:
+    """For each checkpoint (by id) beside a CSVLogger's `metrics.csv` (in its folder, or above a
+    `checkpoints` folder), the last value of each metric logged in its epoch at a step <= its step."""
+    out: dict[int, dict[str, float]] = {}
+    logs: dict[str, dict[int, list[tuple[int, dict[str, float]]]] | None] = {}
+    log_of: dict[str, str | None] = {}  # folder -> the metrics.csv that serves it (plain strings: 1,000s of files)
+    by_log: dict[tuple[str, int], list[Found]] = {}
+    for c in found:
+        if c.epoch is None or c.step is None:
+            continue
+        folder = os.path.dirname(c.path)
+        if folder not in log_of:
+            log_of[folder] = None
+            places = [folder, os.path.dirname(folder)] if os.path.basename(folder) == "checkpoints" else [folder]
+            for place in places:
+                csv_path = os.path.join(place, "metrics.csv")
+                if csv_path not in logs:
+                    logs[csv_path] = read_metrics_csv(Path(csv_path))
+                if logs[csv_path] is not None:
+                    log_of[folder] = csv_path
+                    break
+        log = log_of[folder]
+        if log is not None:
+            by_log.setdefault((log, c.epoch), []).append(c)
+    for (log, epoch), cps in by_log.items():
+        rows = sorted(logs[log].get(epoch, []), key=lambda r: r[0])  # type: ignore[union-attr]
+        seen: dict[str, float] = {}
+        i = 0
+        for c in sorted(cps, key=lambda c: c.step or 0):
+            while i < len(rows) and rows[i][0] <= (c.step or 0):
+                seen.update(rows[i][1])
+                i += 1
+            out[id(c)] = dict(seen)
+    return out
+
+
+def read_metrics_csv(path: Path) -> dict[int, list[tuple[int, dict[str, float]]]] | None:
+    """The rows of a Lightning CSVLogger's `metrics.csv` by epoch: (step, {metric: value}) in file order,
+    empty cells left out. None when there is no such file or it has no `epoch` and `step` columns."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or "epoch" not in header or "step" not in header:
+                return None
+            e_col, s_col = header.index("epoch"), header.index("step")
+            by_epoch: dict[int, list[tuple[int, dict[str, float]]]] = {}
+            for row in reader:
+                try:
+                    epoch, step = int(float(row[e_col])), int(float(row[s_col]))
+                except (ValueError, IndexError):
+                    continue
+                values: dict[str, float] = {}
+                for name, cell in zip(header, row, strict=False):
+                    if cell and name not in ("epoch", "step"):
+                        try:
+                            values[name] = float(cell)
+                        except ValueError:
+                            pass
+                by_epoch.setdefault(epoch, []).append((step, values))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return by_epoch
 
 
 def _is_last(filename: str) -> bool:
@@ -325,11 +455,29 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
             Found(d, _rel(d, root), is_dir=True, step=step, epoch=epoch, metrics=metrics, mtime=_mtime(d), dev=_dev(d))
         )
     found.sort(key=lambda c: (c.step, c.name))  # numerically: checkpoint-4 before checkpoint-12
+    if found:
+        args = root / "training_args.bin"
+        found[-1].modes = trainer_modes(args if args.is_file() else found[-1].path / "training_args.bin")
     if isinstance(best, str):
         for c in found:
             if Path(best).name == c.path.name:
                 c.note = "the Trainer's best_model_checkpoint"
     return found, []
+
+
+def trainer_modes(path: Path) -> dict[str, str]:
+    """{metric: "min" | "max"} from a Trainer's `training_args.bin`: its `metric_for_best_model`, named as
+    the Trainer logs it (with the `eval_` prefix it adds), and `greater_is_better`; {} when unreadable."""
+    if not path.is_file():
+        return {}
+    from .formats import read_training_args
+
+    args = read_training_args(path)
+    metric = args.get("metric_for_best_model")
+    if not isinstance(metric, str) or not metric:
+        return {}
+    name = metric if metric.startswith("eval_") else f"eval_{metric}"
+    return {name: "max" if args.get("greater_is_better") is True else "min"}
 
 
 def find_files(path: Path) -> tuple[list[Found], list[ImportRow]]:
@@ -384,6 +532,8 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
 
     digests = fsutil.sha256_many(jobs, workers=_workers(total), done=done)
     for d in digests:
+        if isinstance(d, CkptError):  # NotRegularFile: a FIFO or device among the files (exit 6)
+            raise d
         if isinstance(d, OSError):
             raise CkptError(f"cannot read '{d.filename}': {d.strerror}", path=d.filename)
     it = iter(digests)
@@ -469,13 +619,18 @@ def import_path(
     fmt, found, skipped = plan(src, fmt, progress)
     name = task if task is not None else default_task_name(src, fmt)
     check_task_name(name)
+    modes = found_modes(found)
+    origin = src.resolve()
+    source = {"path": str(origin if origin.is_dir() else origin.parent), "how": mode}
     created = False
     try:
         t = ws.task(name)
     except TaskNotFound:
-        t = ws.create_task(name, exist_ok=True)
+        t = ws.create_task(name, exist_ok=True, metric_modes=modes, source=source if found else None)
         created = True
     rows, new = _match(t, found)
+    if t.status == "running":  # (else add_existing says why nothing can be added)
+        t.note_import(modes, source if new else None)
     added = t.add_existing(new, mode=mode, unique=True)
     by_source = {cp.original_name: cp for cp in added}
     known: dict[tuple[str, int], Checkpoint] | None = None
@@ -490,6 +645,17 @@ def import_path(
                 r.number = known[(r.sha256, r.size)].number
     t.refresh_cache()
     return ImportResult(t.name, fmt, mode, created, rows + skipped)
+
+
+def found_modes(found: list[Found]) -> dict[str, str]:
+    """The directions the checkpoints recorded, {metric: "min" | "max"}; a metric recorded both ways is left out."""
+    modes: dict[str, str] = {}
+    both: set[str] = set()
+    for c in found:
+        for metric, mode in c.modes.items():
+            if modes.setdefault(metric, mode) != mode:
+                both.add(metric)
+    return {k: v for k, v in modes.items() if k not in both}
 
 
 def _match(t: Task, found: list[Found]) -> tuple[list[ImportRow], list[Incoming]]:

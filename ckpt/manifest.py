@@ -26,7 +26,7 @@ from typing import Any
 import tomli_w
 
 from . import fsutil
-from .errors import ManifestError
+from .errors import CkptError, ManifestError
 
 FORMAT = 1
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
@@ -64,6 +64,8 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ManifestError(f"{what} manifest {path} is missing", path=path) from None
     except IsADirectoryError:
         raise ManifestError(f"{what} manifest {path} is a directory", path=path) from None
+    except CkptError:
+        raise  # a FIFO or device in its place (NotRegularFile is an OSError too)
     except OSError as e:
         raise ManifestError(f"cannot read {path}: {e.strerror}", path=path) from None
     if not data.strip():
@@ -84,6 +86,19 @@ def check_format(doc: dict[str, Any], path: Path) -> int:
     if version < 1:
         raise ManifestError(f"{path}: unknown format {version}", path=path)
     return version
+
+
+def workspace_doc(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The `[settings]` and `[metrics]` (metric -> "min" | "max") tables of a parsed `ckpt.toml`."""
+    check_format(doc, path)
+    settings = _get(doc, "settings", dict, path, "", required=False) or {}
+    modes = _get(doc, "metrics", dict, path, "", required=False) or {}
+    for k, v in modes.items():
+        if v not in ("min", "max"):
+            raise ManifestError(
+                f'{path}: [metrics] \'{k}\' must be "min" or "max"', path=path, hint=f'e.g. {k} = "min"'
+            )
+    return settings, {str(k): str(v) for k, v in modes.items()}
 
 
 def drop_none(value: Any) -> Any:
@@ -282,6 +297,18 @@ class TaskHeader:
     metric_modes: dict[str, str] = field(default_factory=dict)
     # where an imported task's files came from and how: {"path": "/abs/run", "how": "link" | "copy" | "move"}
     source: dict[str, str] | None = None
+
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> bool:
+        """Add what an import found: the directions of metrics the task has not recorded yet (one it has is
+        kept) and, when given, where the files came from. Returns whether that changed the header; the
+        dicts are replaced, never changed in place."""
+        new = {k: v for k, v in metric_modes.items() if k not in self.metric_modes}
+        changed = bool(new) or (source is not None and source != self.source)
+        if new:
+            self.metric_modes = {**self.metric_modes, **new}
+        if source is not None:
+            self.source = dict(source)
+        return changed
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -516,6 +543,8 @@ class TaskReader:
             fd = fsutil.open_own(self.manifest)
         except FileNotFoundError:
             raise ManifestError(f"task manifest {self.manifest} is missing", path=self.manifest) from None
+        except CkptError:
+            raise  # a FIFO or device in its place (NotRegularFile is an OSError too)
         except OSError as e:
             raise ManifestError(f"cannot read {self.manifest}: {e.strerror}", path=self.manifest) from None
         try:

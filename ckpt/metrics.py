@@ -87,6 +87,7 @@ def direction(
     task_modes: Mapping[str, str] | None = None,
     task_detail: str = "",
     workspace_modes: Mapping[str, Any] | None = None,
+    flags: str = "--min or --max",
 ) -> Direction:
     """The direction of `metric` by the rule above. Raises UsageError when nothing says which way."""
     if flag is not None:
@@ -100,7 +101,7 @@ def direction(
         return Direction(metric, by_name, "name")
     raise UsageError(
         f"cannot tell whether a higher or lower '{metric}' is better",
-        hint=f'pass --min or --max (or set it once: [metrics] {metric} = "min" in ckpt.toml)',
+        hint=f'pass {flags} (or set it once: [metrics] {metric} = "min" in ckpt.toml)',
     )
 
 
@@ -120,6 +121,18 @@ def value(metrics: Mapping[str, Any], metric: str) -> float | None:
 
 
 T = TypeVar("T")
+
+
+def require(cps: Iterable[Any], metric: str, task: str) -> None:
+    """Raise UsageError naming the known metrics when none of `cps` (checkpoints) records a value of `metric`."""
+    cps = list(cps)
+    if any(value(cp.metrics, metric) is not None for cp in cps):
+        return
+    known = sorted({k for cp in cps for k in cp.metrics})
+    raise UsageError(
+        f"no checkpoint of task '{task}' records a value of metric '{metric}'",
+        hint=f"known metrics: {', '.join(known)}" if known else "this task records no metrics",
+    )
 
 
 def rank(

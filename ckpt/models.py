@@ -21,6 +21,7 @@ from .errors import (
     UsageError,
 )
 from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
+from .metrics import Direction, rank, require
 from .names import case_twin, check_task_name, check_title, is_valid_name
 from .timeutil import now_iso
 
@@ -194,26 +195,66 @@ def models_by_checkpoint(ws: Workspace, task: str) -> dict[int, list[str]]:
 @dataclass(slots=True)
 class PromoteResult:
     model: Model
-    chosen_by: str  # "number", or why --best chose it
+    chosen_by: str  # "checkpoint 7", or why --best chose it and which way is better
+    direction: Direction | None = None  # with --best: which way the metric is better, and why
+    unchanged: bool = False  # the title already was this checkpoint's model: nothing was made
 
 
-def choose_best(cps: list[Checkpoint], metric: str, minimize: bool, task_name: str = "") -> Checkpoint:
-    """The checkpoint with the best value of `metric` (ties: the later checkpoint).
+def choose_best(cps: list[Checkpoint], metric: str, better: Direction, task_name: str = "") -> Checkpoint:
+    """The checkpoint with the best value of `metric` in direction `better` (ties: the earlier checkpoint).
 
-    Raises CheckpointNotFound when there is none at all (a task that has saved nothing yet), UsageError when
-    none records `metric`.
+    NaN and missing values never win (ckpt.metrics.rank). Raises CheckpointNotFound when there is no
+    checkpoint at all, UsageError when none records `metric`.
     """
     if not cps:
         raise CheckpointNotFound(f"task '{task_name}' has no checkpoints yet; there is nothing to promote")
-    have = [cp for cp in cps if metric in cp.metrics and cp.metrics[metric] == cp.metrics[metric]]
-    if not have:
-        known = sorted({k for cp in cps for k in cp.metrics})
-        raise UsageError(
-            f"no checkpoint records metric '{metric}'",
-            hint=f"known metrics: {', '.join(known)}" if known else "this task records no metrics",
-        )
-    key = (lambda cp: (-cp.metrics[metric], cp.number)) if minimize else (lambda cp: (cp.metrics[metric], cp.number))
-    return max(have, key=key)
+    require(cps, metric, task_name)
+    ranked, _ = rank(cps, metric, better.minimize, metrics_of=lambda cp: cp.metrics, tie=lambda cp: cp.number)
+    return ranked[0]
+
+
+def pick_checkpoint(
+    task: Task, number: int | None, best: str | None, flag: str | None
+) -> tuple[Checkpoint, str, Direction | None]:
+    """The checkpoint `promote` makes a model of: `number`, or the best by metric `best`; why; the direction.
+
+    Raises UsageError (neither or both, unknown direction), CheckpointNotFound.
+    """
+    if (number is None) == (best is None):
+        raise UsageError("give a checkpoint number or --best METRIC (one of them)")
+    if best is None:
+        assert number is not None
+        cp = task.checkpoint(number)
+        return cp, f"checkpoint {cp.number}", None
+    cps = task.checkpoints
+    if cps:
+        require(cps, best, task.name)  # before the direction: a misspelt metric is named as such
+    better = task.direction(best, flag)
+    cp = choose_best(cps, best, better, task.name)
+    why = f"checkpoint {cp.number} has the {better.extreme} {best} ({cp.metrics[best]:g}); {better.explain()}"
+    return cp, why, better
+
+
+def already_made(ws: Workspace, title: str, task: str, cp: Checkpoint) -> Model | None:
+    """The model `title` when it already is checkpoint `cp` of `task` (promote again: nothing to do), None
+    when there is no such model. Raises ConflictError when the title is another checkpoint's model."""
+    try:
+        model = ws.models[title]
+    except ModelNotFound:
+        return None
+    except CkptError:  # unreadable (half-made, damaged): taken all the same
+        model = None
+    if model is not None and model.task == task and model.checkpoint == cp.number:
+        return model
+    what = f" (checkpoint {model.checkpoint} of task '{model.task}')" if model is not None else ""
+    raise ConflictError(
+        f"model '{title}' already exists{what}", hint="choose another --title, or see: ckpt models show " + title
+    )
+
+
+def promote_title(task: str, cp: Checkpoint, title: str | None) -> str:
+    """`title`, or `TASK-N` when none is given (as `finish` names its model); checked as a title."""
+    return check_title(title if title else f"{task}-{cp.number}")
 
 
 @per_backend
@@ -222,36 +263,40 @@ def promote(
     task_name: str,
     number: int | None,
     *,
-    title: str,
+    title: str | None = None,
     best: str | None = None,
+    mode: str | None = None,
     minimize: bool = False,
     copy: bool = False,
 ) -> PromoteResult:
-    """Make model `title` from checkpoint `number` of `task_name`, or from the best by metric `best`.
+    """Make model `title` (default `TASK-N`) from checkpoint `number` of `task_name`, or from the best by
+    metric `best` (its direction: `mode` "min"/"max", `minimize`, else as ckpt.metrics decides).
 
-    Raises UsageError (bad title, neither or both of number and best), NotFoundError (task,
-    checkpoint), ConflictError (title taken), IntegrityError (file missing or changed).
+    Promoting the same checkpoint again under its title changes nothing (`unchanged`). Raises UsageError
+    (bad title, neither or both of number and best, unknown direction), NotFoundError (task, checkpoint),
+    ConflictError (title taken by another checkpoint), IntegrityError (file missing or changed).
     """
-    check_title(title)
+    if title:
+        check_title(title)
     check_task_name(task_name)
-    if (number is None) == (best is None):
-        raise UsageError("give a checkpoint number or --best METRIC (one of them)")
+    flag = "min" if minimize else mode
     task = ws.task(task_name)
-    if (ws.models_dir / title).exists() or fsutil.is_symlink(ws.models_dir / title):
-        raise ConflictError(f"model '{title}' already exists", hint="choose another --title, or see: ckpt models")
-    _check_case_twin(ws, title)
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
-        if best is not None:
-            cp = choose_best(task.checkpoints, best, minimize, task.name)
-            direction = "lowest" if minimize else "highest"
-            why = f"checkpoint {cp.number} has the {direction} {best} ({cp.metrics[best]:g})"
-        else:
-            assert number is not None
-            cp = task.checkpoint(number)
-            why = f"checkpoint {cp.number}"
-        model = _make_model(ws, task, cp, title, copy)
-    return PromoteResult(model, why)
+        cp, why, better = pick_checkpoint(task, number, best, flag)
+        title = promote_title(task.name, cp, title)
+        same = already_made(ws, title, task.name, cp)
+        if same is not None:
+            return PromoteResult(same, why, better, unchanged=True)
+        _check_case_twin(ws, title)
+        try:
+            model = _make_model(ws, task, cp, title, copy)
+        except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
+            same = already_made(ws, title, task.name, cp)
+            if same is None:
+                raise
+            return PromoteResult(same, why, better, unchanged=True)
+    return PromoteResult(model, why, better)
 
 
 def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:

@@ -48,15 +48,25 @@ from .manifest import (
     Checkpoint,
     TaskHeader,
     TaskState,
-    check_format,
     dumps,
     parse_task,
     parse_toml,
     salvage_task,
     task_bytes,
+    workspace_doc,
 )
 from .metrics import check_modes
-from .models import MODEL_FILE, FinishResult, Model, ModelIndex, PromoteResult, choose_best, finish_title
+from .models import (
+    MODEL_FILE,
+    FinishResult,
+    Model,
+    ModelIndex,
+    PromoteResult,
+    already_made,
+    finish_title,
+    pick_checkpoint,
+    promote_title,
+)
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .timeutil import now_iso, parse_iso
@@ -99,8 +109,10 @@ class StoreWorkspace(Workspace):
 
     remote = True
 
-    def __init__(self, storage: Storage, settings: dict[str, Any] | None = None):
-        super().__init__(Path(), settings)
+    def __init__(
+        self, storage: Storage, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None
+    ):
+        super().__init__(Path(), settings, metric_modes)
         self.storage = storage
         self.url = storage.url
 
@@ -135,12 +147,8 @@ class StoreWorkspace(Workspace):
                 f"'{storage.url}' is not a ckpt workspace (no {WORKSPACE_FILE})", hint=f"run: ckpt init {storage.url}"
             ) from None
         where = Path(WORKSPACE_FILE)
-        doc = parse_toml(data, where)
-        check_format(doc, where)
-        settings = doc.get("settings", {})
-        if not isinstance(settings, dict):
-            raise ManifestError(f"{storage.url}/{WORKSPACE_FILE}: 'settings' must be a table")
-        return cls(storage, settings)
+        settings, modes = workspace_doc(parse_toml(data, where), where)
+        return cls(storage, settings, modes)
 
     def __repr__(self) -> str:
         return f"Workspace({self.url!r})"
@@ -176,6 +184,7 @@ class StoreWorkspace(Workspace):
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
+        source: Mapping[str, str] | None = None,
     ) -> Task:
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
@@ -188,6 +197,7 @@ class StoreWorkspace(Workspace):
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
             metric_modes=check_modes(metric_modes),
+            source=dict(source) if source else None,
         )
         try:
             json.dumps(header.arch_kwargs)
@@ -488,6 +498,10 @@ class StoreTask(Task):
     def _rewrite(self, state: TaskState) -> None:
         raise unsupported("rewriting a manifest without a conditional commit")
 
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
+        if replace(self.state().header).note_import(metric_modes, source):
+            self.update(lambda state: state.header.note_import(metric_modes, source))
+
     def set_status(self, status: str) -> TaskHeader:
         def change(state: TaskState) -> TaskHeader:
             state.header.status = status
@@ -624,25 +638,27 @@ def promote(
     task_name: str,
     number: int | None,
     *,
-    title: str,
+    title: str | None = None,
     best: str | None = None,
+    mode: str | None = None,
     minimize: bool = False,
     copy: bool = False,
 ) -> PromoteResult:
-    check_title(title)
+    if title:
+        check_title(title)
     check_task_name(task_name)
-    if (number is None) == (best is None):
-        raise UsageError("give a checkpoint number or --best METRIC (one of them)")
     task = ws.task(task_name)
-    if best is not None:
-        cp = choose_best(task.checkpoints, best, minimize, task.name)
-        direction = "lowest" if minimize else "highest"
-        why = f"checkpoint {cp.number} has the {direction} {best} ({cp.metrics[best]:g})"
-    else:
-        assert number is not None
-        cp = task.checkpoint(number)
-        why = f"checkpoint {cp.number}"
-    return PromoteResult(_make_model(ws, task, cp, title), why)
+    cp, why, better = pick_checkpoint(task, number, best, "min" if minimize else mode)
+    title = promote_title(task.name, cp, title)
+    same = already_made(ws, title, task.name, cp)
+    if same is None:
+        try:
+            return PromoteResult(_make_model(ws, task, cp, title), why, better)
+        except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
+            same = already_made(ws, title, task.name, cp)
+            if same is None:
+                raise
+    return PromoteResult(same, why, better, unchanged=True)
 
 
 def _claim(ws: StoreWorkspace, title: str) -> None:
@@ -756,7 +772,8 @@ def trash_unused(
     state = task.reload()
     cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
     warnings: list[str] = []
-    why = keep_reasons(task, cps, rules, warnings)
+    reasons_of = keep_reasons(task, cps, rules, warnings)
+    why = reasons_of.why
     objects = _objects(ws, task)
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
@@ -767,10 +784,10 @@ def trash_unused(
         if reasons:
             decisions.append(Decision(cp.number, "keep", "; ".join(reasons), cp.size))
         else:
-            decisions.append(Decision(cp.number, "trash", "unused", cp.size))
+            decisions.append(Decision(cp.number, "trash", reasons_of.unused(cp.number), cp.size))
             trash.append(cp)
     # objects share nothing (a model is a copy): emptying frees every byte moved
-    plan = TrashPlan(task, decisions, trash, sum(cp.size for cp in trash), reason, warnings)
+    plan = TrashPlan(task, decisions, trash, sum(cp.size for cp in trash), reason, warnings, reasons_of.direction)
     if dry_run or not trash:
         return TrashResult(plan, None)
     return TrashResult(plan, _execute_trash(ws, task, plan.checkpoints, plan.bytes_freed_on_empty, reason, objects))

@@ -37,13 +37,15 @@ from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
 from .manifest import FORMAT, Checkpoint, TaskState, check_files, check_format, dumps, read_toml
+from .metrics import rank, require
 from .names import _describe, is_valid_name
 from .timeutil import now_iso, parse_iso
 from .workspace import LOCK_FILE as TASK_LOCK
 from .workspace import PENDING_PREFIX
 
 if TYPE_CHECKING:
-    from .trash_results import DiskUse, EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
+    from .metrics import Direction
+    from .trash_results import DiskUse, EmptyPlan, EmptyResult, Held, ModelTrashResult, Repair, RestoreResult
     from .workspace import Task, Workspace
 
 ENTRY_FILE = "entry.toml"
@@ -292,7 +294,7 @@ class KeepRules:
     keep_last: int = 0
     keep_best: int = 0
     metric: str | None = None
-    minimize: bool = False
+    mode: str | None = None  # "min" / "max" from --min / --max; None: the direction ckpt.metrics finds
 
     def check(self) -> None:
         if self.keep_last < 0 or self.keep_best < 0:
@@ -323,6 +325,8 @@ class TrashPlan:
     bytes_freed_on_empty: int
     reason: str
     warnings: list[str] = field(default_factory=list)
+    direction: Direction | None = None  # --keep-best's metric: which way is better, and why
+    held: Held | None = None  # bytes that stay on disk after emptying because other links hold them
 
     @property
     def trashed(self) -> list[int]:
@@ -528,9 +532,25 @@ def trash_unused(
     return TrashResult(plan, entry)
 
 
-def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: list[str]) -> dict[int, list[str]]:
+@dataclass(slots=True)
+class Reasons:
+    """Why each checkpoint is used (number -> reasons), and the direction --keep-best ranked by."""
+
+    why: dict[int, list[str]]
+    direction: Direction | None = None
+    unranked: set[int] = field(default_factory=set)  # without a value of --keep-best's metric: ranked last
+
+    def unused(self, number: int) -> str:
+        """The dry run's word for a checkpoint nothing protects."""
+        if number in self.unranked and self.direction is not None:
+            return f"unused (no {self.direction.metric} recorded: ranked last)"
+        return "unused"
+
+
+def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: list[str]) -> Reasons:
     """Why each of `cps` (the task's checkpoints in number order) is used: latest, a model, a keep rule."""
     why: dict[int, list[str]] = {cp.number: [] for cp in cps}
+    out = Reasons(why)
     if cps:
         why[cps[-1].number].append("latest")
     models, model_errors = task.ws.models.read_all()
@@ -548,18 +568,14 @@ def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: 
             why[cp.number].append(f"keep-last {rules.keep_last}")
     if rules.keep_best and rules.metric:
         metric = rules.metric
-        have = [cp for cp in cps if metric in cp.metrics and cp.metrics[metric] == cp.metrics[metric]]
-        if not have and cps:
-            known = sorted({k for cp in cps for k in cp.metrics})
-            raise UsageError(
-                f"no checkpoint of task '{task.name}' records metric '{metric}'",
-                hint=f"known metrics: {', '.join(known)}" if known else "this task records no metrics",
-            )
-        sign = -1 if rules.minimize else 1
-        have.sort(key=lambda cp: (sign * cp.metrics[metric], cp.number), reverse=True)
-        for cp in have[: rules.keep_best]:
+        if cps:
+            require(cps, metric, task.name)
+        better = out.direction = task.direction(metric, rules.mode)
+        ranked, missing = rank(cps, metric, better.minimize, metrics_of=lambda cp: cp.metrics, tie=lambda cp: cp.number)
+        out.unranked = {cp.number for cp in missing}
+        for cp in ranked[: rules.keep_best]:
             why[cp.number].append(f"keep-best {rules.keep_best} by {metric} ({cp.metrics[metric]:.4g})")
-    return why
+    return out
 
 
 def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
@@ -569,7 +585,8 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
     warnings: list[str] = []
     if task.pending_markers():
         warnings.append("an interrupted trash operation on this task will be finished or undone first")
-    why = keep_reasons(task, cps, rules, warnings)
+    reasons_of = keep_reasons(task, cps, rules, warnings)
+    why = reasons_of.why
 
     decisions: list[Decision] = []
     trash: list[Checkpoint] = []
@@ -621,8 +638,30 @@ def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
         for _, fd, _ in folders.values():
             if fd is not None:
                 os.close(fd)
+    if reasons_of.unranked:  # the dry run says why a checkpoint without the metric was not among the best
+        for d in decisions:
+            if d.action == "trash":
+                d.reason = reasons_of.unused(d.number)
     freed = sum(size for n, nlink, size in links.values() if n >= nlink)
-    return TrashPlan(task, decisions, trash, freed, reason, warnings)
+    plan = TrashPlan(task, decisions, trash, freed, reason, warnings, reasons_of.direction)
+    plan.held = _held(links, state.header.source)
+    return plan
+
+
+def _held(links: dict[tuple[int, int], list[int]], source: dict[str, str] | None) -> Held | None:
+    """What emptying would not free of these files (inode -> [links among them, nlink, size]): the inodes
+    that other hard links hold, with the import's source folder when the task was imported by linking."""
+    files = held = 0
+    for n, nlink, size in links.values():
+        if n < nlink:
+            files += n
+            held += size
+    if not files:
+        return None
+    from .trash_results import Held
+
+    linked = source.get("path") if source and source.get("how") == "link" else None
+    return Held(files, held, linked)
 
 
 def _unmovable(
@@ -943,11 +982,11 @@ def empty(ws: Workspace, plan: EmptyPlan) -> EmptyResult:
             fsutil.fsync_dir(ws.trash_dir)
             doomed.append(target)
             emptied.append(entry.id)
-    freed = _delete_trees(doomed)
-    return EmptyResult(emptied, freed, skipped)
+    freed, held = _delete_trees(doomed)
+    return EmptyResult(emptied, freed, skipped, held)
 
 
-def _delete_trees(paths: list[Path]) -> int:
+def _delete_trees(paths: list[Path]) -> tuple[int, Held | None]:
     """Delete these trees without following symlinks; the sizes of the files whose last link went."""
     links: dict[tuple[int, int], list[int]] = {}  # inode -> [links inside, nlink, size]
     for root in paths:
@@ -965,7 +1004,7 @@ def _delete_trees(paths: list[Path]) -> int:
     for inside, nlink, size in links.values():
         if inside >= nlink:
             freed += size
-    return freed
+    return freed, _held(links, None)
 
 
 # --- du ------------------------------------------------------------------------------------------------

@@ -51,6 +51,33 @@ class EmptyResult:
     emptied: list[str]
     bytes_freed: int
     skipped: list[tuple[str, str]]
+    held: Held | None = None  # deleted files whose bytes stay on disk: other hard links hold them
+
+
+@dataclass(slots=True)
+class Held:
+    """Bytes that deleting some trashed files does not free, because other hard links (outside the trash,
+    e.g. in the folder a task was imported from by linking) still hold them; and what to do about it."""
+
+    files: int
+    bytes: int
+    source: str | None = None  # the folder the task was imported from, when it was imported by linking
+
+    @property
+    def why(self) -> str:
+        if self.source:
+            return (
+                f"{self.files} checkpoint file(s) are hard links to files under {self.source} (imported by "
+                "linking): emptying the trash frees their bytes only once those are removed too; "
+                "import with --move (or --copy) next time"
+            )
+        return (
+            f"{self.files} checkpoint file(s) have other hard links outside the trash: their bytes stay on disk "
+            "until those links are removed too (find them with: find DIR -samefile FILE)"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {"files": self.files, "bytes": self.bytes, "why": self.why}
 
 
 @dataclass(slots=True)

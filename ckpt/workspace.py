@@ -10,7 +10,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +36,13 @@ from .manifest import (
     TaskReader,
     TaskRowsCache,
     TaskState,
-    check_format,
     dumps,
     read_toml,
     record_bytes,
     task_bytes,
+    workspace_doc,
 )
-from .metrics import check_modes
+from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
 from .storage import is_url
 from .timeutil import now_iso
@@ -142,9 +142,11 @@ class Workspace:
 
     remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace); informational only
 
-    def __init__(self, root: Path, settings: dict[str, Any] | None = None):
+    def __init__(self, root: Path, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None):
         self.root = root
         self.settings = settings or {}
+        # ckpt.toml's [metrics]: the workspace's default direction per metric (see ckpt.metrics)
+        self.metric_modes = metric_modes or {}
         self._tasks: dict[str, Task] = {}
 
     # -- opening --
@@ -185,14 +187,10 @@ class Workspace:
         root = find_workspace(path)
         for own in (WORKSPACE_FILE, "tasks", "models", "trash"):
             fsutil.refuse_links(root, own)  # before anything is read or made through one
-        doc = read_toml(root / WORKSPACE_FILE, "workspace")
-        check_format(doc, root / WORKSPACE_FILE)
-        settings = doc.get("settings", {})
-        if not isinstance(settings, dict):
-            raise ManifestError(f"{root / WORKSPACE_FILE}: 'settings' must be a table", path=root / WORKSPACE_FILE)
+        settings, modes = workspace_doc(read_toml(root / WORKSPACE_FILE, "workspace"), root / WORKSPACE_FILE)
         for sub in ("tasks", "models", "trash"):
             (root / sub).mkdir(exist_ok=True)
-        return cls(root, settings)
+        return cls(root, settings, modes)
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -247,12 +245,14 @@ class Workspace:
         exist_ok: bool = False,
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
+        source: Mapping[str, str] | None = None,
     ) -> Task:
         """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
 
         `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
-        arguments (JSON-serialisable; None is kept). Raises UsageError for a bad name, ConflictError
-        when it exists (without `exist_ok`).
+        arguments (JSON-serialisable; None is kept); `metric_modes` says which way each metric is better
+        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}). Raises
+        UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
         """
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
@@ -271,6 +271,7 @@ class Workspace:
             arch_kwargs=dict(arch_kwargs) if arch_kwargs is not None else None,
             settings=dict(settings or {}),
             metric_modes=check_modes(metric_modes),
+            source=dict(source) if source else None,
         )
         try:
             import json
@@ -310,7 +311,8 @@ class Workspace:
             return self._tasks[name]
         folder = self.tasks_dir / name
         fsutil.refuse_links(self.root, f"tasks/{name}/{TASK_FILE}")  # tasks/, the task folder, its manifest
-        if not (folder / TASK_FILE).is_file():
+        manifest = folder / TASK_FILE
+        if not os.path.lexists(manifest) or os.path.isdir(manifest):  # a FIFO or device: refused when it is read
             if folder.is_dir() and (folder / CHECKPOINT_DIR).is_dir():
                 raise ManifestError(
                     f"task manifest {self.rel(folder / TASK_FILE)} is missing", path=folder, hint="run: ckpt doctor"
@@ -440,15 +442,18 @@ class Workspace:
         task: str,
         number: int | None = None,
         *,
-        title: str,
+        title: str | None = None,
         best: str | None = None,
+        mode: str | None = None,
         minimize: bool = False,
         copy: bool = False,
     ) -> Model:
-        """Make model `title` from checkpoint `number` of `task` (or the best by metric `best`)."""
+        """Make model `title` (default `TASK-N`) from checkpoint `number` of `task`, or the best by metric `best`
+        (`mode` "min"/"max" or `minimize`; else the direction the task, the workspace or the name gives).
+        Promoting the same checkpoint under its title again returns the existing model."""
         from .models import promote
 
-        return promote(self, task, number, title=title, best=best, minimize=minimize, copy=copy).model
+        return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
     def models_of(self, task: str) -> dict[int, list[str]]:
         """Titles of the models made from each checkpoint number of `task`."""
@@ -504,6 +509,24 @@ class Task:
     @property
     def header(self) -> TaskHeader:
         return self.state().header
+
+    def direction(self, metric: str, flag: str | None = None, flags: str = "--min or --max") -> Direction:
+        """Which way `metric` is better for this task: the flag, the task, the workspace, the name (ckpt.metrics).
+
+        Raises UsageError when none of them says.
+        """
+        header = self.header
+        detail = ""
+        if header.source and metric in header.metric_modes:
+            detail = f"recorded by import from {header.source.get('path', 'elsewhere')}"
+        return direction(
+            metric,
+            flag=flag,
+            task_modes=header.metric_modes,
+            task_detail=detail,
+            workspace_modes=self.ws.metric_modes,
+            flags=flags,
+        )
 
     @property
     def status(self) -> str:
@@ -727,7 +750,7 @@ class Task:
         _check_int(epoch, "epoch")
 
         def produce(w: fsutil.HashingWriter) -> None:
-            with open(src, "rb") as f:
+            with fsutil.open_regular_file(src) as f:  # a FIFO swapped in after is_file() is refused, not waited on
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
         return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
@@ -926,6 +949,16 @@ class Task:
         state.header.finished = now_iso() if status in ("finished", "failed") else None
         self._rewrite(state)
         return state.header
+
+    def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
+        """Record in the task's header what an import found (TaskHeader.note_import); the manifest is
+        rewritten only when that changes it. Raises BusyError when the task's lock is taken."""
+        if not replace(self.header).note_import(metric_modes, source):
+            return
+        with self.lock():
+            state = self.state()
+            if state.header.note_import(metric_modes, source):
+                self._rewrite(state)
 
     def finish(self, *, failed: bool = False, title: str | None = None) -> Model | None:
         """Mark the task finished (or failed) and, unless failed, promote its latest checkpoint.

@@ -203,6 +203,22 @@ def test_a_trash_entry_with_two_records_of_one_file_is_refused(ws: ckpt.Workspac
     assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("unet").checkpoints] == [4]
 
 
+@pytest.mark.parametrize("own", ["task.toml", ".task.cache.json"])
+def test_a_fifo_in_place_of_a_manifest_or_cache_never_blocks(
+    ws: ckpt.Workspace, run: Callable[..., Any], own: str
+) -> None:
+    task = make_task(ws, n=2, size=100)
+    (task.folder / own).unlink(missing_ok=True)
+    os.mkfifo(task.folder / own)
+    result = run("list", "unet")  # a blocking open would hang here
+    if own == "task.toml":
+        assert_clean_error(result, 6)
+        assert "is a FIFO" in result.stderr
+    else:  # a cache that cannot be read is dropped and written again
+        assert result.exit_code == 0, result.output
+        assert (task.folder / own).is_file()
+
+
 def test_the_workspace_root_itself_may_be_a_link(ws: ckpt.Workspace, tmp_path: Path, run: Callable[..., Any]) -> None:
     make_task(ws, n=3, size=100)
     (tmp_path / "alias").symlink_to(ws.root)

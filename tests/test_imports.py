@@ -7,10 +7,12 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -97,8 +99,8 @@ def test_trash_results_are_still_exported_by_ckpt_trash() -> None:
         trash.NoSuchName  # noqa: B018
 
 
-def test_import_reads_inside_files_only_when_names_lack_epoch_or_step(tmp_path: Path, ws: ckpt.Workspace) -> None:
-    """`ckpt.formats` (pickle, decimal) is imported only for a Lightning name without its epoch or step."""
+def test_import_reads_inside_files_only_when_they_are_torch_archives(tmp_path: Path, ws: ckpt.Workspace) -> None:
+    """`ckpt.formats` (pickle, decimal) is imported only for a `.ckpt` that starts as a zip archive."""
     named = tmp_path / "named"
     named.mkdir()
     for i in range(3):
@@ -108,10 +110,15 @@ def test_import_reads_inside_files_only_when_names_lack_epoch_or_step(tmp_path: 
     assert [cp.step for cp in ws.task("named").checkpoints] == [10, 20, 30]
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "last.ckpt").write_bytes(os.urandom(100))  # not a torch zip: read, found empty, imported anyway
+    (bare / "last.ckpt").write_bytes(os.urandom(100))  # not a torch zip: not read, imported anyway
+    mods = _loaded([*CKPT, "import", str(bare), "--task", "bare", "--json"], _env(ws))
+    assert "ckpt.formats" not in mods and "torch" not in mods
+    assert [(cp.original_name, cp.step) for cp in ws.task("bare").checkpoints] == [("last.ckpt", None)]
+    with zipfile.ZipFile(bare / "07.ckpt", "w") as zf:  # the layout torch.save writes
+        zf.writestr("archive/data.pkl", pickle.dumps({"epoch": 7, "global_step": 70}, protocol=2))
     mods = _loaded([*CKPT, "import", str(bare), "--task", "bare", "--json"], _env(ws))
     assert "ckpt.formats" in mods and "torch" not in mods
-    assert [cp.original_name for cp in ws.task("bare").checkpoints] == ["last.ckpt"]
+    assert [(cp.original_name, cp.step) for cp in ws.task("bare").checkpoints] == [("last.ckpt", None), ("07.ckpt", 70)]
 
 
 # --- the per-task list cache ------------------------------------------------------------------------

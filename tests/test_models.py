@@ -43,8 +43,9 @@ def test_promote_best(run: Any, run_json: Any, ws: ckpt.Workspace) -> None:
     assert run_json("models", "show", "best-iou")["checkpoint"] == 5
     data = run_json("promote", "unet", "--best", "loss", "--min", "--title", "best-loss")
     assert data["checkpoint"] == 5
-    data = run_json("promote", "unet", "--best", "loss", "--title", "worst-loss")
+    data = run_json("promote", "unet", "--best", "loss", "--max", "--title", "worst-loss")
     assert data["checkpoint"] == 1
+    assert (data["direction"], data["direction_source"]) == ("max", "flag")
     r = run("promote", "unet", "--best", "nope", "--title", "x")
     assert r.exit_code == 2 and "val_iou" in r.stderr
 
@@ -87,7 +88,7 @@ def test_promote_falls_back_to_copy_without_links(run_json: Any, ws: ckpt.Worksp
 
 def test_titles_validated_and_conflicts(run: Any, ws: ckpt.Workspace) -> None:
     make_task(ws, n=2)
-    for bad in ["../x", ".hidden", "a/b", "", "x" * 101, "a b", "tab\t"]:
+    for bad in ["../x", ".hidden", "a/b", "x" * 101, "a b", "tab\t"]:
         r = run("promote", "unet", "1", "--title", bad)
         assert r.exit_code == 2, (bad, r.output)
     assert list(ws.models_dir.iterdir()) == []

@@ -138,10 +138,14 @@ def test_factory_function_named_on_the_command_line(preview, trained, tmp_path):
     assert json.loads(result.stdout)["checkpoints"][0]["miou"] is not None
 
 
-def test_manifest_naming_a_function_is_refused(run, ws, trained, tmp_path):
+def test_manifest_naming_a_function_is_refused(run, ws, trained, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     task = ws.create_task("evil-arch", arch="os:system", arch_kwargs={"command": f"touch {marker}"})
     task.save(trained["state"])
+    result = run("preview", "evil-arch", "1", *_args(trained, tmp_path / "x.png"))
+    assert result.exit_code == 6, result.output
+    assert "package 'os', which is not trusted" in result.stderr
+    monkeypatch.setenv("CKPT_TRUSTED_ARCH", "os")  # even from a trusted package, a function is not called
     result = run("preview", "evil-arch", "1", *_args(trained, tmp_path / "x.png"))
     assert result.exit_code == 6, result.output
     assert "not a torch.nn.Module class" in result.stderr

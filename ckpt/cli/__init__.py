@@ -17,8 +17,9 @@ from ._common import STATE, err
 app = typer.Typer(
     name="ckpt",
     help="Manage the checkpoints training runs leave behind: list, promote, preview, trash.",
-    rich_markup_mode=None,  # plain help: Rich's markdown help costs start-up time (benchmarks/README.md)
-    add_completion=False,
+    # Rich help (panels, argument text): Rich is imported only to print help or an error, never to run a command
+    rich_markup_mode="rich",
+    add_completion=True,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -63,11 +64,12 @@ def _root(
     set_lock_timeout(wait)  # always set: in-process callers (tests) run several commands in one process
 
 
-from . import imports as _imports  # noqa: E402,F401
+# registers the commands, in the order help lists their panels: tasks, models, trash, files, preview
+from . import tasks as _tasks  # noqa: E402,F401,I001
 from . import models as _models  # noqa: E402,F401
-from . import preview as _preview  # noqa: E402,F401
-from . import tasks as _tasks  # noqa: E402,F401  (registers commands)
 from . import trash as _trash  # noqa: E402,F401
+from . import imports as _imports  # noqa: E402,F401
+from . import preview as _preview  # noqa: E402,F401
 
 # Commands that run networks (long, and torch makes reference cycles): they keep the cyclic garbage collector.
 _COLLECTING = frozenset({"preview", "demo"})
@@ -84,13 +86,41 @@ def main() -> NoReturn:
     code: object = 0
     try:
         with _only_invoked(argv):
-            app()
+            # not standalone: a parser error comes back here, to be said in ckpt's one-line form
+            code = app(standalone_mode=False)
     except SystemExit as e:
         code = e.code
     except KeyboardInterrupt:  # pragma: no cover
         err("interrupted")
         code = 130
+    except Exception as e:
+        code = _parser_error(e, argv)
     _exit(code)
+
+
+# Typer's own exceptions, named through its public API only: BadParameter subclasses UsageError, which
+# subclasses the base of every parser error (Typer 0.26+ bundles its own Click: never `import click`).
+_USAGE_ERROR = typer.BadParameter.__mro__[1]
+_PARSER_ERROR = _USAGE_ERROR.__mro__[1]
+
+
+def _parser_error(e: Exception, argv: list[str]) -> int:
+    """A parser error (unknown option, missing argument, bad value) as one line on stderr; its exit code."""
+    if not isinstance(e, _PARSER_ERROR):
+        if type(e).__name__ == "Abort":  # Ctrl-D at a prompt
+            err("aborted")
+            return 1
+        raise e
+    message = e.format_message()  # type: ignore[attr-defined]
+    if type(e).__name__ == "NoArgsIsHelpError":  # `ckpt` or a group without a command: its help
+        sys.stderr.write(message.rstrip("\n") + "\n")
+        return 2
+    ctx = getattr(e, "ctx", None)  # the command the parser was in: `ckpt models show`
+    path, root = (ctx.command_path, ctx.find_root().command_path) if ctx is not None else ("", "")
+    where = "ckpt" + path[len(root) :] + " --help"  # `python -m ckpt models show`: `ckpt models show`
+    err(f"error: {' '.join(message.split()).rstrip('.')}; see: {where}")
+    code = getattr(e, "exit_code", 2)
+    return code if isinstance(code, int) else 2
 
 
 def _exit(code: object) -> NoReturn:

@@ -18,6 +18,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed without a terminal.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
+# where a metric is chosen: its direction; without either, the task, ckpt.toml [metrics] or the name says
+MinOpt = Annotated[bool, typer.Option("--min", help="Lower is better (default: as the task or metric name says).")]
+MaxOpt = Annotated[bool, typer.Option("--max", help="Higher is better (default: as the task or metric name says).")]
+
+
+def direction_json(d: Any) -> dict[str, Any]:
+    """The `direction` and `direction_source` keys of a choice by metric (null when none was made)."""
+    return d.to_json() if d is not None else {"direction": None, "direction_source": None}
 
 
 class State:
@@ -25,6 +34,31 @@ class State:
 
 
 STATE = State()
+
+
+def again(*words: str) -> str:
+    """A ckpt command line to suggest, naming the workspace the way the user did (`-w`), if they did."""
+    import shlex
+
+    prefix = ["ckpt", "-w", STATE.workspace] if STATE.workspace else ["ckpt"]
+    return shlex.join([*prefix, *words])
+
+
+def show_plan(plan: Any, json: bool) -> None:
+    """A dry run's plan (ckpt.plans.Plan): `{"dry_run": true, "would": [...]}`, or a line per change."""
+    if json:
+        print_json({"dry_run": True, "would": plan.would})
+        return
+    for line in plan.would:
+        out(f"would {line}")
+    if not plan.would:
+        out("nothing would change")
+    err("dry run: nothing was changed")
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 problem', '2 problems'."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def open_workspace() -> Any:
@@ -60,6 +94,12 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # a bug: still one line, the traceback only on request
             if os.environ.get("CKPT_DEBUG"):
                 raise
+            if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore, for s3://
+                err(
+                    "error: no usable AWS credentials for the s3:// workspace; set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for MinIO (see docs/s3.md)"
+                )
+                raise typer.Exit(1) from None
             err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
             raise typer.Exit(1) from None
 

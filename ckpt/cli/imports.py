@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import app
+from . import _complete, app
 from ._common import (
     JsonOpt,
     command,
@@ -20,6 +20,7 @@ from ._common import (
     is_tty,
     open_workspace,
     out,
+    plural,
     print_json,
     table,
 )
@@ -44,11 +45,11 @@ def _metrics(m: dict[str, float]) -> dict[str, float | None]:
     return {k: metric_or_none(v) for k, v in m.items()}
 
 
-@command(app, "import")
+@command(app, "import", rich_help_panel="Files")
 def import_(
     path: Annotated[Path, typer.Argument(help="A run folder (or one checkpoint file or folder).")],
     task: Annotated[
-        str | None, typer.Option("--task", "-t", help="The task to import into (default: named after the folder).")
+        str | None, typer.Option("--task", help="The task to import into (default: named after the folder).")
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="auto, lightning (*.ckpt), huggingface (checkpoint-N/) or files.")
@@ -63,6 +64,8 @@ def import_(
     """Import a Lightning, Hugging Face Trainer or plain folder of checkpoints into a task.
 
     Importing the same folder again adds only what is new.
+
+    Example: ckpt import lightning_logs/version_0 --task lit
     """
     from ..errors import UsageError
     from ..importer import import_path
@@ -118,22 +121,25 @@ def import_(
     )
     how = {"link": "linked", "copy": "copied", "move": "moved"}[res.mode]
     made = " (new task)" if res.created_task else ""
-    err(f"{res.added} of {len(res.rows)} checkpoints ({res.format}) {how} into task '{res.task}'{made}")
+    err(f"{res.added} of {plural(len(res.rows), 'checkpoint')} ({res.format}) {how} into task '{res.task}'{made}")
 
 
 def _unknown_json(u: Any) -> dict[str, Any]:
     return {"path": u.rel, "kind": u.kind, "size": u.size, "modified": u.modified, "addable": u.addable}
 
 
-@command(app, "scan")
+@command(app, "scan", rich_help_panel="Files")
 def scan(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     add: Annotated[
         bool, typer.Option("--add", help="Add the checkpoint files found as new checkpoints (moved into checkpoints/).")
     ] = False,
     json: JsonOpt = False,
 ) -> None:
-    """Files in a task folder that its manifest does not know (written by a script itself); --add takes them in."""
+    """Files in a task folder that its manifest does not know (written by a script itself); --add takes them in.
+
+    Example: ckpt scan unet --add
+    """
     from ..importer import scan as do_scan
 
     ws = open_workspace()
@@ -167,15 +173,19 @@ def scan(
         err(f"add them with: ckpt scan {task} --add")
 
 
-@command(app, "verify")
+@command(app, "verify", rich_help_panel="Files")
 def verify(
-    tasks: Annotated[list[str] | None, typer.Argument(help="Tasks to verify (default: all).")] = None,
+    tasks: Annotated[
+        list[str] | None, typer.Argument(help="Tasks to verify (default: all).", autocompletion=_complete.tasks)
+    ] = None,
     models: Annotated[bool, typer.Option("--models", help="Verify the models too.")] = False,
     json: JsonOpt = False,
 ) -> None:
     """Re-hash checkpoint files against their recorded sha256; report missing, changed and unknown files.
 
     Exits with 6 when anything is wrong.
+
+    Example: ckpt verify unet --models
     """
     from ..importer import verify as do_verify
 
@@ -216,7 +226,7 @@ def verify(
             )
         rate = res.bytes / res.seconds / 2**20 if res.seconds > 0 else 0.0
         err(
-            f"checked {res.checked} checkpoints and models: {len(res.problems)} problems "
+            f"checked {res.checked} checkpoints and models: {plural(len(res.problems), 'problem')} "
             f"({res.files} files, {human_size(res.bytes)} hashed at {rate:.0f} MiB/s)"
         )
     if not res.ok:

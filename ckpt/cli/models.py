@@ -6,45 +6,90 @@ from typing import Annotated
 
 import typer
 
-from . import app
-from ._common import JsonOpt, command, err, fmt_metric, human_size, human_time, open_workspace, out, print_json, table
+from . import _complete, app
+from ._common import (
+    DryRunOpt,
+    JsonOpt,
+    MaxOpt,
+    MinOpt,
+    command,
+    direction_json,
+    err,
+    fmt_metric,
+    human_size,
+    human_time,
+    open_workspace,
+    out,
+    print_json,
+    show_plan,
+    table,
+)
 from ._render import model_json
 
 models_app = typer.Typer(
     help="The models: checkpoints promoted under a title. Without a subcommand: list them.",
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
     invoke_without_command=True,
     no_args_is_help=False,
 )
-app.add_typer(models_app, name="models")
+app.add_typer(models_app, name="models", rich_help_panel="Models")
 
 
-@command(app, "promote")
+@command(app, "promote", rich_help_panel="Models")
 def promote(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
-    title: Annotated[str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .).")] = "",
+    title: Annotated[
+        str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
+    ] = "",
     best: Annotated[
         str | None, typer.Option("--best", help="Pick the checkpoint with the best value of this metric.")
     ] = None,
-    minimize: Annotated[bool, typer.Option("--min", help="With --best: lower is better (losses).")] = False,
+    minimize: MinOpt = False,
+    maximize: MaxOpt = False,
     copy: Annotated[bool, typer.Option("--copy", help="Store a verified copy instead of a hard link.")] = False,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Make a named model from a checkpoint: ckpt promote TASK 7 --title unet-7."""
+    """Make a named model from a checkpoint (again: no change, exit 0).
+
+    Example: ckpt promote unet 7 --title unet-7
+
+    Example: ckpt promote unet --best val_loss   (the lowest loss, as unet-N)
+    """
     from ..errors import UsageError
+    from ..metrics import flag_mode
     from ..models import promote as do_promote
 
-    if not title:
-        raise UsageError("missing --title", hint=f"e.g. ckpt promote {task} {number or 'N'} --title {task}-best")
+    mode = flag_mode(minimize, maximize)
+    if mode is not None and best is None:
+        raise UsageError(f"--{mode} goes with --best METRIC", hint=f"e.g. ckpt promote {task} --best val_loss --{mode}")
     ws = open_workspace()
-    res = do_promote(ws, task, number, title=title, best=best, minimize=minimize, copy=copy)
+    if dry_run:
+        from ..plans import plan_promote
+
+        res = plan_promote(ws, task, number, title=title or None, best=best, mode=mode)
+    else:
+        res = do_promote(ws, task, number, title=title or None, best=best, mode=mode, copy=copy)
     if json:
-        print_json(model_json(ws, res.model))
+        made = {**model_json(ws, res.model), "unchanged": res.unchanged, **direction_json(res.direction)}
+        if dry_run and not res.unchanged:
+            made.update(created=None, storage=None)  # decided when it is made
+        print_json({**made, "dry_run": True} if dry_run else made)
         return
     m = res.model
     if best is not None:
-        err(f"chose {res.chosen_by}")
+        err(res.chosen_by)
+    if dry_run:
+        if res.unchanged:
+            out(f"model '{m.title}' is already checkpoint {m.checkpoint} of task '{m.task}'; nothing would change")
+        else:
+            out(f"would make model '{m.title}' from checkpoint {m.checkpoint} of task '{m.task}'")
+        err("dry run: nothing was changed")
+        return
+    if res.unchanged:
+        out(f"model '{m.title}' is already checkpoint {m.checkpoint} of task '{m.task}'; nothing changed")
+        return
     out(f"model '{m.title}' from checkpoint {m.checkpoint} of task '{m.task}' ({m.storage}, {human_size(m.size)})")
 
 
@@ -84,7 +129,10 @@ def models_default(ctx: typer.Context, json: JsonOpt = False) -> None:
 
 @command(models_app, "list")
 def models_list(json: JsonOpt = False) -> None:
-    """Every model: title, task, checkpoint, metrics, size, storage, created."""
+    """Every model: title, task, checkpoint, metrics, size, storage, created.
+
+    Example: ckpt models list --json
+    """
     _list(json)
 
 
@@ -103,8 +151,14 @@ def _list(json: bool) -> None:
 
 
 @command(models_app, "show")
-def models_show(title: Annotated[str, typer.Argument(help="The model's title.")], json: JsonOpt = False) -> None:
-    """One model in full."""
+def models_show(
+    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=_complete.titles)],
+    json: JsonOpt = False,
+) -> None:
+    """One model in full: where it came from, its metrics, size and storage.
+
+    Example: ckpt models show unet-7 --json
+    """
     ws = open_workspace()
     m = ws.models[title]
     data = model_json(ws, m)
@@ -121,14 +175,23 @@ def models_show(title: Annotated[str, typer.Argument(help="The model's title.")]
 
 @command(models_app, "rename")
 def models_rename(
-    old: Annotated[str, typer.Argument(help="The current title.")],
+    old: Annotated[str, typer.Argument(help="The current title.", autocompletion=_complete.titles)],
     new: Annotated[str, typer.Argument(help="The new title.")],
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Rename a model; its source checkpoint is untouched."""
+    """Rename a model; its source checkpoint is untouched.
+
+    Example: ckpt models rename unet-7 unet-release
+    """
     from ..models import rename
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_rename
+
+        show_plan(plan_rename(ws, old, new), json)
+        return
     m = rename(ws, old, new)
     if json:
         print_json(model_json(ws, m))

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import UsageError
-from . import app
-from ._common import JsonOpt, command, err, open_workspace, out, print_json, table
+from . import _complete, app
+from ._common import JsonOpt, command, err, open_workspace, out, plural, print_json, table
 
 if TYPE_CHECKING:
     from ..preview import PreviewResult, Progress
@@ -68,6 +68,16 @@ def _size(value: str | None) -> tuple[int, int] | None:
     return size
 
 
+def _fresh(path: Path) -> Path:
+    """`path`, or `stem-2.png`, `stem-3.png`… if it exists: a default name never overwrites a picture."""
+    n = 1
+    candidate = path
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def _kwargs(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -114,13 +124,16 @@ def _render(res: PreviewResult) -> None:
         err("no --masks given: the picture shows predictions only, without IoU")
     if res.saved_masks is not None:
         err(f"predicted masks written under {res.saved_masks}")
-    shape = f"{res.size[0]}×{res.size[1]}, {len(res.images)} images × {len(res.checkpoints)} checkpoints"
+    grid = f"{plural(len(res.images), 'image')} × {plural(len(res.checkpoints), 'checkpoint')}"
+    shape = f"{res.size[0]}×{res.size[1]}, {grid}"
     out(f"wrote {res.output} ({shape})")
 
 
-@command(app, "preview")
+@command(app, "preview", rich_help_panel="Preview")
 def preview(
-    task: Annotated[str | None, typer.Argument(help="The task whose checkpoints to preview.")] = None,
+    task: Annotated[
+        str | None, typer.Argument(help="The task whose checkpoints to preview.", autocompletion=_complete.tasks)
+    ] = None,
     numbers: Annotated[
         list[int] | None, typer.Argument(help="Checkpoint numbers (default: all of the task's).")
     ] = None,
@@ -130,7 +143,10 @@ def preview(
     masks: Annotated[
         Path | None, typer.Option("--masks", "-m", help="Folder of ground-truth PNG masks named like the images.")
     ] = None,
-    output: Annotated[Path, typer.Option("--out", "-o", help="The picture to write (PNG).")] = Path("preview.png"),
+    output: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="The picture to write (PNG; default: a new preview[-N].png here)."),
+    ] = None,
     models: Annotated[
         list[str] | None, typer.Option("--model", help="Preview a model by title instead of a task (repeatable).")
     ] = None,
@@ -160,7 +176,9 @@ def preview(
 ) -> None:
     """Run checkpoints on images and write one picture comparing them, with IoU against --masks.
 
-    ckpt preview TASK 3 7 10 --images imgs/ --masks masks/ ; ckpt preview --model unet-7 --images imgs/
+    Example: ckpt preview unet 3 7 10 --images imgs/ --masks masks/ --out cmp.png
+
+    Example: ckpt preview --model unet-7 --images imgs/
     """
     from ..preview import PreviewOptions, model_sources, run_preview, task_sources
 
@@ -175,7 +193,7 @@ def preview(
     options = PreviewOptions(
         images=list(images),
         masks=masks,
-        out=output,
+        out=output if output is not None else _fresh(Path("preview.png")),
         arch=arch,
         arch_kwargs=_kwargs(arch_kwargs),
         mean=_floats(mean, "--mean"),
@@ -195,14 +213,17 @@ def preview(
         _render(res)
 
 
-@command(app, "demo")
+@command(app, "demo", rich_help_panel="Preview")
 def demo(
     path: Annotated[Path, typer.Argument(help="A fresh folder for the demo workspace.")] = Path("demo-workspace"),
     epochs: Annotated[int, typer.Option("--epochs", hidden=True, min=1)] = 10,
     train_size: Annotated[int | None, typer.Option("--train-size", hidden=True, min=1)] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Train a small UNet on synthetic shapes (about a minute on a CPU), then preview checkpoints 3, 7 and 10."""
+    """Train a small UNet on synthetic shapes (about a minute on a CPU), then preview checkpoints 3, 7 and 10.
+
+    Example: ckpt demo
+    """
     from ..preview import run_demo
 
     err(f"training a UNet on synthetic shapes into {path} ({epochs} epochs, a checkpoint each)")

@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from . import app
+from . import _complete, app
 from ._common import (
+    DryRunOpt,
     JsonOpt,
     command,
     err,
@@ -19,6 +20,7 @@ from ._common import (
     out,
     print_json,
     print_json_pieces,
+    show_plan,
     table,
 )
 from ._render import (
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from ..workspace import CachedRows
 
 
-@command(app, "init")
+@command(app, "init", rich_help_panel="Tasks")
 def init(
     path: Annotated[
         str | None,
@@ -46,7 +48,10 @@ def init(
     ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Make a workspace (a folder with ckpt.toml); an existing one is left as it is."""
+    """Make a workspace (a folder with ckpt.toml, or s3://bucket/prefix); an existing one is left as it is.
+
+    Example: ckpt init runs
+    """
     from ..workspace import Workspace
 
     ws = Workspace.init(path or ".")
@@ -56,9 +61,12 @@ def init(
         out(f"workspace ready at {ws.location}")
 
 
-@command(app, "tasks")
+@command(app, "tasks", rich_help_panel="Tasks")
 def tasks_list(json: JsonOpt = False) -> None:
-    """Every task: status, number of checkpoints, size on disk, latest metrics."""
+    """Every task: status, number of checkpoints, size on disk, latest metrics.
+
+    Example: ckpt -w runs tasks --json
+    """
     ws = open_workspace()
     if json and not json_to_terminal():
         # a script's listing: each task's row is kept as text while its manifest is unchanged
@@ -95,29 +103,48 @@ def tasks_list(json: JsonOpt = False) -> None:
 _FIELDS = ("number", "step", "epoch", "size", "created")
 
 
-def _sort_key(field: str) -> Any:
+def _sorted(t: Any, cps: list[Any], field: str, desc: bool | None) -> list[Any]:
+    """`cps` ordered by `field`: a plain field ascending (or `desc`); a metric best first by its direction
+    (or ascending / descending as asked). Missing and NaN values always last (ckpt.metrics.rank)."""
+    from ..metrics import rank
+
     if field in _FIELDS:
-        return lambda cp: (getattr(cp, field) is None, getattr(cp, field) or 0)
-    return lambda cp: (field not in cp.metrics, cp.metrics.get(field, 0))
+        present = [cp for cp in cps if getattr(cp, field) is not None]
+        missing = [cp for cp in cps if getattr(cp, field) is None]
+        return sorted(present, key=lambda cp: getattr(cp, field), reverse=bool(desc)) + missing
+    if desc is None:
+        better = t.direction(field, flags="--asc or --desc")
+        err(f"sorted by {field}, best first: {better.extreme} first ({better.explain()}); --asc / --desc to choose")
+        minimize = better.minimize
+    else:
+        minimize = not desc
+    ranked, missing = rank(cps, field, minimize, metrics_of=lambda cp: cp.metrics, tie=lambda cp: cp.number)
+    return ranked + missing
 
 
-@command(app, "list")
+@command(app, "list", rich_help_panel="Tasks")
 def list_checkpoints(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     sort: Annotated[
         str | None, typer.Option("--sort", help="Sort by a metric (or number, step, epoch, size, created).")
     ] = None,
-    desc: Annotated[bool, typer.Option("--desc/--asc", help="Sort order (default ascending).")] = False,
+    desc: Annotated[
+        bool | None,
+        typer.Option("--desc/--asc", help="Sort order (default: a metric best first, other fields ascending)."),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them."""
+    """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them.
+
+    Example: ckpt list unet --sort val_loss   (best first: a loss is better lower)
+    """
     from ..errors import UsageError
 
     ws = open_workspace()
     t = ws.task(task)
     t.settle()  # an interrupted trash is finished or undone first, as every locking command does
     # a script's plain listing reuses the rows' text kept from the last one while the task is unchanged
-    plain = json and sort is None and not json_to_terminal()
+    plain = json and sort is None and not desc and not json_to_terminal()
     cached = t.cached_rows(ROWS_FORM) if plain else None
     pieces = _from_cache(cached, ws.models_of(task)) if cached is not None else None
     if cached is not None and pieces is not None:
@@ -139,10 +166,9 @@ def list_checkpoints(
                 f"cannot sort by '{sort}': no checkpoint records it",
                 hint=f"use one of: {', '.join([*_FIELDS, *known])}",
             )
-        key = _sort_key(sort)
-        present = [cp for cp in cps if not key(cp)[0]]
-        missing = [cp for cp in cps if key(cp)[0]]
-        cps = sorted(present, key=key, reverse=desc) + missing
+        cps = _sorted(t, cps, sort, desc)
+    elif desc:  # --desc alone: by number, newest first
+        cps = cps[::-1]
     if json:
         rendered = _plain_rows(ws, t, cps) if plain else None
         made = rendered and splice_rows(rendered[0], [cp.number for cp in cps], rendered[1], models)
@@ -200,13 +226,16 @@ def _linked_warning(number: int, link: str) -> str:
     return f"warning: checkpoint {number} is reached through symlink '{link}'; ckpt never moves or deletes it"
 
 
-@command(app, "show")
+@command(app, "show", rich_help_panel="Tasks")
 def show(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int, typer.Argument(help="The checkpoint number.")],
     json: JsonOpt = False,
 ) -> None:
-    """One checkpoint in full: path, sha256, size, metrics and the tensors it holds (read without unpickling)."""
+    """One checkpoint in full: path, sha256, size, metrics and the tensors it holds (read without unpickling).
+
+    Example: ckpt show unet 7 --json
+    """
     from ..formats import inspect_file
 
     ws = open_workspace()
@@ -244,17 +273,28 @@ def show(
         )
 
 
-@command(app, "finish")
+@command(app, "finish", rich_help_panel="Tasks")
 def finish(
-    task: Annotated[str, typer.Argument(help="The task.")],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,
-    title: Annotated[str | None, typer.Option("--title", help="Title for the model (default: TASK-NUMBER).")] = None,
+    title: Annotated[
+        str | None, typer.Option("--title", "-t", help="Title for the model (default: TASK-NUMBER).")
+    ] = None,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Mark a task finished and promote its latest checkpoint to a model (or --failed: promote nothing)."""
+    """Mark a task finished and promote its latest checkpoint to a model (or --failed: promote nothing).
+
+    Example: ckpt finish unet --title unet-final
+    """
     from ..models import finish as do_finish
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_finish
+
+        show_plan(plan_finish(ws, task, failed=failed, title=title), json)
+        return
     res = do_finish(ws, task, failed=failed, title=title)
     if json:
         print_json(

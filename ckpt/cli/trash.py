@@ -7,36 +7,41 @@ from typing import Annotated, Any
 
 import typer
 
-from . import app
+from . import _complete, app
 from ._common import (
+    DryRunOpt,
     JsonOpt,
+    MaxOpt,
+    MinOpt,
     YesOpt,
+    again,
     command,
     confirm,
+    direction_json,
     err,
     human_size,
     human_time,
     open_workspace,
     out,
+    plural,
     print_json,
+    show_plan,
     table,
 )
 from .models import models_app
 
 trash_app = typer.Typer(
     help="The trash bin: list, restore and empty what trash-unused and models remove moved there.",
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
     no_args_is_help=True,
 )
-app.add_typer(trash_app, name="trash")
+app.add_typer(trash_app, name="trash", rich_help_panel="Trash")
 
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
 # trash-unused's options, declared once: Typer evaluates each annotation's text at every start, a name costs least
-TaskArg = Annotated[str, typer.Argument(help="The task.")]
+TaskArg = Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)]
 KeepLastOpt = Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")]
 KeepBestOpt = Annotated[int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")]
-MinOpt = Annotated[bool, typer.Option("--min", help="With --keep-best: lower is better (losses).")]
 
 
 def _reason(*words: Any) -> str:
@@ -50,33 +55,43 @@ def _numbers(numbers: list[int]) -> str:
     return _ranges(numbers) if numbers else ""
 
 
-@command(app, "trash-unused")
+@command(app, "trash-unused", rich_help_panel="Trash")
 def trash_unused(
     task: TaskArg,
     keep_last: KeepLastOpt = 0,
     keep_best: KeepBestOpt = 0,
     metric: MetricOpt = None,
     minimize: MinOpt = False,
+    maximize: MaxOpt = False,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Move every unused checkpoint of TASK to the trash, as one entry (restorable until emptied).
 
     Used: a model was made from it, it is the latest, or --keep-last / --keep-best protect it.
+
+    Example: ckpt trash-unused unet --keep-best 2 --metric val_loss --dry-run
     """
+    from ..errors import UsageError
+    from ..metrics import flag_mode
     from ..trash import KeepRules
     from ..trash import trash_unused as do_trash
 
+    mode = flag_mode(minimize, maximize)
+    if mode is not None and not keep_best:
+        raise UsageError(
+            f"--{mode} goes with --keep-best N --metric M", hint=f"e.g. --keep-best 2 --metric val_loss --{mode}"
+        )
     reason = _reason(
         "trash-unused",
         task,
         *(["--keep-last", keep_last] if keep_last else []),
         *(["--keep-best", keep_best] if keep_best else []),
         *(["--metric", metric] if metric else []),
-        "--min" if minimize else None,
+        f"--{mode}" if mode else None,
     )
     ws = open_workspace()
-    res = do_trash(ws, task, KeepRules(keep_last, keep_best, metric, minimize), reason=reason, dry_run=dry_run)
+    res = do_trash(ws, task, KeepRules(keep_last, keep_best, metric, mode), reason=reason, dry_run=dry_run)
     plan = res.plan
     for w in plan.warnings:
         err(f"warning: {w}")
@@ -89,9 +104,14 @@ def trash_unused(
                 "trashed": plan.trashed,
                 "kept": [{"number": d.number, "reason": d.reason} for d in plan.kept],
                 "bytes_freed_on_empty": plan.bytes_freed_on_empty,
+                "not_freed": plan.held.to_json() if plan.held else None,
+                **direction_json(plan.direction),
             }
         )
         return
+    if plan.direction is not None:
+        d = plan.direction
+        err(f"keep-best: the {d.extreme} {d.metric} is best ({d.explain()})")
     if dry_run:
         if not plan.decisions:
             err(f"task '{task}' has no checkpoints")
@@ -103,18 +123,22 @@ def trash_unused(
             right=["#", "size"],
         )
         err(
-            f"would move {len(plan.trashed)} checkpoint(s) to the trash; emptying it would free "
+            f"would move {plural(len(plan.trashed), 'checkpoint')} to the trash; emptying it would free "
             f"{human_size(plan.bytes_freed_on_empty)}"
         )
+        if plan.held:
+            err(f"note: {human_size(plan.held.bytes)} stay on disk: {plan.held.why}")
         return
     if res.entry is None:
         out(f"nothing to trash in task '{task}': every checkpoint is used")
         return
     out(
-        f"moved {len(plan.trashed)} checkpoint(s) of task '{task}' ({_numbers(plan.trashed)}) to the trash "
+        f"moved {plural(len(plan.trashed), 'checkpoint')} of task '{task}' ({_numbers(plan.trashed)}) to the trash "
         f"as entry {res.entry}; emptying it frees {human_size(plan.bytes_freed_on_empty)}"
     )
-    err(f"undo with: ckpt trash restore {res.entry}")
+    if plan.held:
+        err(f"note: {human_size(plan.held.bytes)} stay on disk: {plan.held.why}")
+    err(f"undo with: {again('trash', 'restore', res.entry)}")
 
 
 def _entry_json(e: Any) -> dict[str, Any]:
@@ -134,7 +158,10 @@ def _entry_json(e: Any) -> dict[str, Any]:
 
 @command(trash_app, "list")
 def trash_list(json: JsonOpt = False) -> None:
-    """Every trash entry: id, task, checkpoints or model, size, created, and the command that made it."""
+    """Every trash entry: id, task, checkpoints or model, size, created, and the command that made it.
+
+    Example: ckpt trash list --json
+    """
     from ..trash import list_entries
 
     ws = open_workspace()
@@ -167,12 +194,24 @@ def trash_list(json: JsonOpt = False) -> None:
 
 @command(trash_app, "restore")
 def trash_restore(
-    entry: Annotated[str, typer.Argument(help="The trash entry id (see: ckpt trash list).")], json: JsonOpt = False
+    entry: Annotated[
+        str, typer.Argument(help="The trash entry id (see: ckpt trash list).", autocompletion=_complete.entries)
+    ],
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
 ) -> None:
-    """Put a trash entry's files and records back exactly as they were; refused if anything would be overwritten."""
+    """Put a trash entry's files and records back exactly as they were; refused if anything would be overwritten.
+
+    Example: ckpt trash restore 20261204-101500-a1b2c3
+    """
     from ..trash import restore
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_restore
+
+        show_plan(plan_restore(ws, entry), json)
+        return
     e = restore(ws, entry).entry
     if json:
         print_json(
@@ -193,14 +232,21 @@ def trash_restore(
 
 @command(trash_app, "empty")
 def trash_empty(
-    entries: Annotated[list[str] | None, typer.Argument(help="Entry ids to delete (default: every entry).")] = None,
+    entries: Annotated[
+        list[str] | None,
+        typer.Argument(help="Entry ids to delete (default: every entry).", autocompletion=_complete.entries),
+    ] = None,
     older_than: Annotated[
         str | None, typer.Option("--older-than", help="Only entries older than this: 45s, 30m, 12h, 7d, 2w.")
     ] = None,
     yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Delete trash entries for good: the only command that deletes checkpoint bytes. Asks first (or --yes)."""
+    """Delete trash entries for good: the only command that deletes checkpoint bytes. Asks first (or --yes).
+
+    Example: ckpt trash empty --older-than 7d --yes
+    """
     from ..trash import empty, parse_age, plan_empty
 
     age = parse_age(older_than) if older_than is not None else None
@@ -208,8 +254,17 @@ def trash_empty(
     plan = plan_empty(ws, entries or None, age)
     for entry_id, why in plan.skipped:
         err(f"skipped {entry_id}: {why}")
+    if dry_run:
+        from ..plans import Plan
+
+        would = [f"delete trash entry {e.id} ({human_size(e.size)})" for e in plan.entries]
+        show_plan(Plan(would + [f"finish deleting {p.name}" for p in plan.leftovers]), json)
+        return
     if plan.entries:
-        confirm(f"delete {len(plan.entries)} trash entries ({human_size(plan.size)}) for good?", yes)
+        confirm(
+            f"delete {plural(len(plan.entries), 'trash entry', 'trash entries')} ({human_size(plan.size)}) for good?",
+            yes,
+        )
     res = empty(ws, plan) if plan.entries or plan.leftovers else None
     emptied = res.emptied if res else []
     freed = res.bytes_freed if res else 0
@@ -218,6 +273,7 @@ def trash_empty(
             {
                 "emptied": emptied,
                 "bytes_freed": freed,
+                "not_freed": res.held.to_json() if res and res.held else None,
                 "skipped": [{"id": i, "reason": r} for i, r in (res.skipped if res else plan.skipped)],
             }
         )
@@ -225,15 +281,29 @@ def trash_empty(
     if not emptied:
         out("nothing to empty")
         return
-    out(f"deleted {len(emptied)} trash entries; freed {human_size(freed)} ({freed} bytes)")
+    out(f"deleted {plural(len(emptied), 'trash entry', 'trash entries')}; freed {human_size(freed)} ({freed} bytes)")
+    if res and res.held:
+        err(f"note: {human_size(res.held.bytes)} stay on disk: {res.held.why}")
 
 
 @command(models_app, "remove")
-def models_remove(title: Annotated[str, typer.Argument(help="The model's title.")], json: JsonOpt = False) -> None:
-    """Move a model to the trash (restorable until emptied); its source checkpoint is untouched."""
+def models_remove(
+    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=_complete.titles)],
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Move a model to the trash (restorable until emptied); its source checkpoint is untouched.
+
+    Example: ckpt models remove unet-7
+    """
     from ..trash import trash_model
 
     ws = open_workspace()
+    if dry_run:
+        from ..plans import plan_remove
+
+        show_plan(plan_remove(ws, title), json)
+        return
     res = trash_model(ws, title, reason=_reason("models", "remove", title))
     if json:
         print_json(
@@ -241,12 +311,15 @@ def models_remove(title: Annotated[str, typer.Argument(help="The model's title."
         )
         return
     out(f"moved model '{title}' to the trash as entry {res.entry}")
-    err(f"undo with: ckpt trash restore {res.entry}")
+    err(f"undo with: {again('trash', 'restore', res.entry)}")
 
 
-@command(app, "du")
+@command(app, "du", rich_help_panel="Trash")
 def du(json: JsonOpt = False) -> None:
-    """Disk use of the workspace by task, models and trash; each file counted once however many links it has."""
+    """Disk use of the workspace by task, models and trash; each file counted once however many links it has.
+
+    Example: ckpt du --json
+    """
     from ..trash import disk_use
 
     ws = open_workspace()
@@ -274,7 +347,7 @@ def du(json: JsonOpt = False) -> None:
     table(["part", "size"], rows, right=["size"])
 
 
-@command(app, "doctor")
+@command(app, "doctor", rich_help_panel="Trash")
 def doctor(
     dry_run: DryRunOpt = False,
     forget_missing: Annotated[
@@ -294,6 +367,8 @@ def doctor(
 
     Trash operations, promote staging folders and temp files are recovered; an incomplete last record
     of a manifest is cut off; records without a file and files without a record are reported.
+
+    Example: ckpt doctor --dry-run
     """
     from ..doctor import doctor as do_doctor
 

@@ -8,6 +8,7 @@ in `Workspace.open`/`Workspace.init`; no command knows which one it has. Nothing
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from pathlib import Path
 from ..errors import ConflictError, UsageError
 
 SCHEMES = ("s3://",)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 def is_url(location: object) -> bool:
-    """Whether `location` names a workspace in object storage rather than a folder."""
-    return isinstance(location, str) and location.startswith(SCHEMES)
+    """Whether `location` is a URL (`scheme://…`) rather than a folder; only `s3://` ones open (open_storage)."""
+    return isinstance(location, str) and _URL.match(location) is not None
 
 
 class PreconditionFailed(ConflictError):
@@ -123,4 +125,9 @@ def open_storage(url: str) -> Storage:
                 f"s3:// workspaces need s3fs ({e.name} is not installed)", hint="pip install 'ckpt[s3]'"
             ) from None
         return S3Storage(url)
-    raise UsageError(f"unknown workspace URL {url!r}", hint="use a folder or s3://bucket/prefix")
+    scheme = url.split("://", 1)[0]
+    raise UsageError(
+        f"unsupported workspace URL scheme '{scheme}://' in {url!r}",
+        hint="ckpt supports a folder or s3://bucket/prefix (lower case; MinIO and other S3 services through "
+        "AWS_ENDPOINT_URL)",
+    )

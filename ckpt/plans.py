@@ -1,0 +1,136 @@
+"""Dry runs: what promote, finish, models rename / remove and trash restore would do, changing nothing.
+
+Each plan reads through the workspace's common interface (tasks, models, trash entries), so it is the
+same for a folder and a bucket, and it refuses what the command would refuse, with the same error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import ConflictError, NotFoundError
+from .models import Model, PromoteResult, already_made, finish_title, pick_checkpoint, promote_title
+from .names import case_twin, check_task_name, check_title
+
+if TYPE_CHECKING:
+    from .manifest import Checkpoint
+    from .workspace import Task, Workspace
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a command would do: one line per change (empty: nothing would change)."""
+
+    would: list[str] = field(default_factory=list)
+
+
+def _planned_model(ws: Workspace, task: Task, cp: Checkpoint, title: str) -> Model:
+    """The model promote would make (not written: no time, storage decided when it is made)."""
+    return Model(
+        title=title,
+        task=task.name,
+        checkpoint=cp.number,
+        file=cp.file.rsplit("/", 1)[-1],
+        sha256=cp.sha256,
+        size=cp.size,
+        created="",
+        storage="",
+        step=cp.step,
+        epoch=cp.epoch,
+        metrics=dict(cp.metrics),
+        folder=ws.models_dir / title,
+    )
+
+
+def _free_title(ws: Workspace, title: str, renaming: str | None = None) -> None:
+    twin = case_twin(title, [t for t in ws.models.titles() if t != renaming])
+    if twin is not None:
+        raise ConflictError(
+            f"model title '{title}' differs from model '{twin}' only in case",
+            hint="titles must stay distinct on case-insensitive file systems; choose another title",
+        )
+
+
+def plan_promote(
+    ws: Workspace, task_name: str, number: int | None, *, title: str | None, best: str | None, mode: str | None
+) -> PromoteResult:
+    """What `promote` would make; raises what it would raise. `unchanged`: it would make nothing."""
+    if title:
+        check_title(title)
+    check_task_name(task_name)
+    task = ws.task(task_name)
+    cp, why, better = pick_checkpoint(task, number, best, mode)
+    title = promote_title(task.name, cp, title)
+    same = already_made(ws, title, task.name, cp)
+    if same is not None:
+        return PromoteResult(same, why, better, unchanged=True)
+    _free_title(ws, title)
+    return PromoteResult(_planned_model(ws, task, cp, title), why, better)
+
+
+def plan_finish(ws: Workspace, task_name: str, *, failed: bool, title: str | None) -> Plan:
+    """What `finish` would do: the status it would set and the model it would make (if any)."""
+    if title is not None:
+        check_title(title)
+    task = ws.task(task_name)
+    status = "failed" if failed else "finished"
+    plan = Plan([f"mark task '{task.name}' {status}"] if task.status != status else [])
+    cp = None if failed else task.latest()
+    if cp is None:
+        return plan
+    base = title or finish_title(task.name, cp.number)
+    candidate = base
+    for i in range(2, 1000):
+        try:
+            if already_made(ws, candidate, task.name, cp) is not None:
+                return plan
+        except ConflictError:  # another checkpoint's title: finish appends -2, -3...
+            candidate = f"{base[: 100 - len(str(i)) - 1]}-{i}"
+            continue
+        plan.would.append(f"promote checkpoint {cp.number} of task '{task.name}' as model '{candidate}'")
+        return plan
+    return plan
+
+
+def plan_rename(ws: Workspace, old: str, new: str) -> Plan:
+    """What `models rename` would do; raises ModelNotFound, ConflictError as it would."""
+    check_title(old)
+    check_title(new)
+    model = ws.models[old]
+    if new in ws.models:
+        raise ConflictError(f"model '{new}' already exists", hint="choose another title, or see: ckpt models")
+    _free_title(ws, new, renaming=old)
+    return Plan([f"rename model '{model.title}' to '{new}'"])
+
+
+def plan_remove(ws: Workspace, title: str) -> Plan:
+    """What `models remove` would do; raises ModelNotFound as it would."""
+    model = ws.models[title]
+    return Plan([f"move model '{model.title}' (checkpoint {model.checkpoint} of task '{model.task}') to the trash"])
+
+
+def plan_restore(ws: Workspace, entry_id: str) -> Plan:
+    """What `trash restore` would do; raises NotFoundError or ConflictError as it would."""
+    from .trash import check_entry_id, list_entries
+
+    check_entry_id(entry_id)
+    entries, _ = list_entries(ws)
+    entry = next((e for e in entries if e.id == entry_id), None)
+    if entry is None:
+        raise NotFoundError(f"no trash entry '{entry_id}'", hint="see: ckpt trash list")
+    if entry.state != "complete":
+        raise ConflictError(f"trash entry '{entry_id}' is {entry.state}", hint="run: ckpt doctor")
+    if entry.kind == "model":
+        if entry.title and entry.title in ws.models:
+            raise ConflictError(f"restoring trash entry '{entry_id}' would overwrite model '{entry.title}'")
+        return Plan([f"restore model '{entry.title}'"])
+    task = ws.task(entry.task or "")
+    present = {cp.number for cp in task.checkpoints}
+    back = [n for n in entry.numbers if n in present]
+    if back:
+        raise ConflictError(
+            f"restoring trash entry '{entry_id}' would overwrite: checkpoint(s) {back} are in the manifest of "
+            f"task '{task.name}' again; nothing was changed"
+        )
+    return Plan([f"restore checkpoint {n} of task '{task.name}'" for n in entry.numbers])
