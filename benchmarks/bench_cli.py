@@ -97,6 +97,7 @@ def big_task(tmp: Path, ck: str, repeats: int) -> None:
     base, warm, cold = res["baseline"], res["warm"], statistics.median(cold_t)
     info(f"ckpt list T --json, {BIG:,} checkpoints: warm {ms(warm)}, cold {ms(cold)}; baseline {ms(base)}")
     ratio("list_10k_warm_vs_import", warm / base, "<=2")
+    table_vs_json(ck, env, repeats)
     # reported only: the first run parses 10,000 TOML records (tomllib alone takes 0.65 s)
     ratio("list_10k_cold_vs_import", cold / statistics.median(cold_base), "-")
 
@@ -125,6 +126,20 @@ def big_task(tmp: Path, ck: str, repeats: int) -> None:
         f"#{first:,}-#{first + PAIRS - 1:,} median {ms(statistics.median(old))}"
     )
     ratio("save_10000th_vs_10th", statistics.median(old) / statistics.median(young), "<=1.5")
+
+
+def table_vs_json(ck: str, env: dict[str, str], repeats: int) -> None:
+    """`ckpt list T` as a table (piped: every column; and fitted to COLUMNS=120) against its JSON, warm."""
+    env = {k: v for k, v in env.items() if k != "COLUMNS"}
+    cmds = {"json": [ck, "list", "T", "--json"], "table": [ck, "list", "T"]}
+    res = interleaved(cmds, env, repeats)
+    fitted = interleaved({"json": cmds["json"], "table": cmds["table"]}, {**env, "COLUMNS": "120"}, repeats)
+    info(
+        f"ckpt list T, {BIG:,} checkpoints: table {ms(res['table'])} (COLUMNS=120: {ms(fitted['table'])}), "
+        f"JSON {ms(res['json'])}"
+    )
+    ratio("list_10k_table_vs_json", res["table"] / res["json"], "<=2")
+    ratio("list_10k_table_120_columns_vs_json", fitted["table"] / fitted["json"], "<=2")
 
 
 def many_tasks(tmp: Path, ck: str, repeats: int) -> None:

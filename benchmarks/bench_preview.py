@@ -1,21 +1,32 @@
-"""Preview throughput: `ckpt.preview` vs a naive loop, 3 checkpoints × 32 images of 256×256.
+"""Preview throughput: `ckpt.preview` vs a naive loop, 3 checkpoints × 32 images of 256×256, in the
+precision `auto` chooses and in fp32; and what auto changes in the demo's mIoU.
 
-    python benchmarks/bench_preview.py [--quick] [--device cpu|cuda]
+    python benchmarks/bench_preview.py [--quick] [--device cpu|cuda] [--demo WORKSPACE | --no-demo]
 
 Both paths use the same UNet (ckpt.zoo:UNet, the demo's size) and the same three checkpoint files,
 loaded with ckpt.formats.load_state_dict. The naive loop is what a first script does: one image at a
 time, the default memory format, `torch.no_grad()`, the prediction as a class-index array. The preview
 path is `ckpt.preview.run_preview` end to end: batches, `torch.inference_mode`, channels-last,
 convolutions with their batch norms folded in, freed activations kept in the heap (glibc), and it
-also writes the comparison picture. Each path runs in its own child process, alternately, so each
-has its own peak memory (ru_maxrss, and tracemalloc's peak for the Python/numpy heap). Each child runs
+also writes the comparison picture; `preview` runs with `--precision auto` (bf16 where the hardware
+computes it, including the agreement check against fp32 on 2 images per checkpoint), `preview-fp32`
+with `--precision fp32`. Each path runs in its own child process, in turn, so each has its own peak
+memory (ru_maxrss, and tracemalloc's peak for the Python/numpy heap). Each child runs
 its path twice: the first pass pays the process's one-off costs (oneDNN or cuDNN kernels chosen and
 loaded on first use, which on a GPU is most of a 96-image run), the second is the steady-state
 throughput. Times are the fastest of the repeats, measured inside the children (torch's import and,
 on CUDA, the context's creation excluded).
 
-Prints `RATIO preview_3x32_256px_vs_naive_loop <value> >=3` last (steady state), and as reported
-figures the first passes' ratio and the inference part alone.
+Then the mIoU of the demo's checkpoints 3, 7 and 10 on its 16 held-out images, with auto and with
+fp32, in this process: from the demo workspace given with `--demo` (made by `ckpt demo PATH`), else
+from one trained here first (a minute on 2 idle cores, far longer on a busy machine; `--no-demo` skips
+it).
+
+Prints `RATIO preview_3x32_256px_vs_naive_loop <value> >=3` (auto, steady state), the same for fp32,
+the first passes' ratio and the largest mIoU difference between auto and fp32 as reported figures;
+and, from one more child that runs the three paths in turn in one process (after a warm-up pass of
+each) REPEATS times, the median over those rounds of each round's ratio: load that changes between
+child processes hits all three paths of a round alike.
 """
 
 from __future__ import annotations
@@ -23,12 +34,14 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -38,11 +51,16 @@ KWARGS = {"in_channels": 3, "classes": 4, "width": 16, "depth": 3}
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 N_IMAGES = 16 if QUICK else 32
 REPEATS = 2 if QUICK else 3
+MODES = {"naive": None, "preview": "auto", "preview-fp32": "fp32"}  # child mode: --precision
 
 
 def _device() -> str:
+    return _arg("--device") or "cpu"
+
+
+def _arg(name: str) -> str | None:
     args = sys.argv[1:]
-    return args[args.index("--device") + 1] if "--device" in args else "cpu"
+    return args[args.index(name) + 1] if name in args else None
 
 
 def make_data(root: Path) -> None:
@@ -75,16 +93,7 @@ def child(mode: str, root: Path, device: str) -> None:
 
     import ckpt
     from ckpt.formats import load_state_dict
-    from ckpt.preview import (
-        FusedNetwork,
-        PreviewOptions,
-        _Inputs,
-        _reuse_freed_memory,
-        build_network,
-        predict,
-        run_preview,
-        task_sources,
-    )
+    from ckpt.preview import PreviewOptions, run_preview, task_sources
     from ckpt.zoo import UNet
 
     ws = ckpt.Workspace.open(root / "ws")
@@ -94,26 +103,15 @@ def child(mode: str, root: Path, device: str) -> None:
         torch.zeros(1, device=device)
         torch.cuda.synchronize()
 
-    def once() -> None:
-        if mode == "preview":
-            options = PreviewOptions(images=[root / "images"], out=root / "preview.png", device=device)
-            run_preview(sources, options)
-        elif mode == "inference":  # the preview's own steps without the picture: batches, inference_mode, channels-last
-            dev = torch.device(device)
-            net = build_network("ckpt.zoo:UNet", KWARGS).to(dev).eval().to(memory_format=torch.channels_last)
-            images = []
-            for p in paths:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
-            inputs = _Inputs(images, dev, 8, channels_last=True)
-            fused = None
-            with _reuse_freed_memory(dev):
-                for src in sources:
-                    net.load_state_dict(load_state_dict(src.path))
-                    if fused is None:
-                        fused = FusedNetwork(net)
-                        fused.fused.to(memory_format=torch.channels_last)
-                    predict(fused.refresh(), inputs.batches(3, MEAN, STD, None, 8), len(images))
+    used: dict[str, str] = {}
+
+    def once(mode: str) -> None:
+        precision = MODES[mode]
+        if precision is not None:
+            out = root / f"{mode}.png"
+            options = PreviewOptions(images=[root / "images"], out=out, device=device, precision=precision)
+            res = run_preview(sources, options)
+            used.update(precision=res.precision, agreement=_agreements(res))
         else:  # naive: one image at a time, default memory format
             dev = torch.device(device)
             net = UNet(**KWARGS).to(dev).eval()
@@ -128,30 +126,54 @@ def child(mode: str, root: Path, device: str) -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    if mode == "interleaved":  # every path in this one process, in turn: load changes hit all of them alike
+        for m in MODES:  # warm: kernels chosen, heap grown
+            once(m)
+        rounds = []
+        for _ in range(REPEATS):
+            times = {}
+            for m in MODES:
+                start = time.perf_counter()
+                once(m)
+                times[m] = time.perf_counter() - start
+            rounds.append({**times, "load": os.getloadavg()[0]})
+        print(json.dumps({"rounds": rounds}))
+        return
     tracemalloc.start()
     # twice in one process: the first pass pays the process's one-off costs (oneDNN / cuDNN kernels chosen
     # and loaded on first use, lazy imports); the second is the steady-state throughput
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        once()
+        once(mode)
         seconds.append(time.perf_counter() - start)
     _, py_peak = tracemalloc.get_traced_memory()
-    out = {
+    out: dict[str, object] = {
         "first": seconds[0],
         "seconds": seconds[1],
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "py_peak": py_peak,
+        **used,
     }
     if device.startswith("cuda"):
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
     print(json.dumps(out))
 
 
-def run_child(mode: str, root: Path, device: str) -> dict[str, float]:
+def _agreements(res: object) -> str:
+    from ckpt.preview import PreviewResult, percent
+
+    assert isinstance(res, PreviewResult)
+    return ", ".join(
+        f"{c.label} {c.precision}" + (f" {percent(c.agreement)}" if c.agreement is not None else "")
+        for c in res.checkpoints
+    )
+
+
+def run_child(mode: str, root: Path, device: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, str(root), "--device", device],
+        [sys.executable, __file__, "--child", mode, str(root), "--device", device, *(["--quick"] if QUICK else [])],
         capture_output=True,
         text=True,
         env=env,
@@ -167,10 +189,11 @@ def main() -> None:
         root = Path(tmp)
         make_data(root)
         info(f"preview benchmark: 3 checkpoints × {N_IMAGES} images of 256×256, UNet {KWARGS}, device {device}")
-        runs: dict[str, list[dict[str, float]]] = {"naive": [], "inference": [], "preview": []}
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         for _ in range(REPEATS):
             for mode in runs:
                 runs[mode].append(run_child(mode, root, device))
+                info(f"  {mode:12} {runs[mode][-1]['seconds']:6.2f} s  load {_load()}")
         n = 3 * N_IMAGES
         # the fastest of the repeats: other work on a shared machine only ever adds time
         med = {mode: min(r["seconds"] for r in rs) for mode, rs in runs.items()}
@@ -179,14 +202,62 @@ def main() -> None:
             rss = max(r["maxrss_kib"] for r in rs) / 1024
             py = max(r["py_peak"] for r in rs) / 2**20
             extra = f", CUDA peak {max(r['cuda_peak'] for r in rs) / 2**20:.0f} MiB" if "cuda_peak" in rs[0] else ""
+            computed = f"  [{rs[-1]['agreement']}]" if "agreement" in rs[-1] else ""
             info(
-                f"{mode:10} {med[mode]:6.2f} s  {n / med[mode]:6.1f} images/s (first pass {first[mode]:.2f} s)"
+                f"{mode:12} {med[mode]:6.2f} s  {n / med[mode]:6.1f} images/s (first pass {first[mode]:.2f} s)"
                 f"  peak RSS {rss:.0f} MiB"
-                f"  (Python heap peak {py:.1f} MiB{extra})"
+                f"  (Python heap peak {py:.1f} MiB{extra}){computed}"
             )
         ratio("preview_first_pass_vs_naive_first_pass", first["naive"] / first["preview"], "-")
-        ratio("preview_inference_only_vs_naive_loop", med["naive"] / med["inference"], "-")
+        ratio(f"preview_fp32_3x{N_IMAGES}_256px_vs_naive_loop", med["naive"] / med["preview-fp32"], "-")
+        rounds = run_child("interleaved", root, device)["rounds"]
+        for i, r in enumerate(rounds):
+            info(
+                f"in one process, round {i + 1}: naive {r['naive']:.2f} s, auto {r['preview']:.2f} s, "
+                f"fp32 {r['preview-fp32']:.2f} s  (load {r['load']:.1f})"
+            )
+        for mode, name in (("preview", "auto"), ("preview-fp32", "fp32")):
+            value = statistics.median(r["naive"] / r[mode] for r in rounds)
+            ratio(f"preview_{name}_vs_naive_in_one_process_median_of_rounds", value, "-")
         ratio(f"preview_3x{N_IMAGES}_256px_vs_naive_loop", med["naive"] / med["preview"], ">=3")
+    if "--no-demo" not in sys.argv:
+        demo_miou(device)
+
+
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def demo_miou(device: str) -> None:
+    """mIoU of the demo's checkpoints 3, 7, 10 with auto and with fp32, and the largest difference."""
+    from ckpt.preview import PreviewOptions, demo_numbers, load_training_example, run_preview, task_sources
+    from ckpt.workspace import Workspace
+
+    given = _arg("--demo")
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-demo-") as tmp:
+        if given is None:
+            info("training the demo (pass --demo WORKSPACE to reuse one, --no-demo to skip)")
+            start = time.perf_counter()
+            load_training_example().train(Path(tmp) / "demo", epochs=10, seed=0)
+            info(f"  trained in {time.perf_counter() - start:.0f} s")
+        ws = Workspace.open(Path(given) if given else Path(tmp) / "demo")
+        data = ws.root / "demo-data"
+        sources = task_sources(ws, "unet-shapes", demo_numbers(10))
+        mious: dict[str, list[float]] = {}
+        for precision in ("fp32", "auto"):
+            options = PreviewOptions(
+                images=[data / "images"],
+                masks=data / "masks",
+                out=Path(tmp) / f"demo-{precision}.png",
+                device=device,
+                precision=precision,
+            )
+            res = run_preview(sources, options)
+            mious[precision] = [c.miou or 0.0 for c in res.checkpoints]
+            rows = ", ".join(f"{c.label} mIoU {c.miou:.4f}" for c in res.checkpoints)
+            info(f"demo, {precision:4} ({res.precision}): {rows}  [{_agreements(res)}]")
+        diff = max(abs(a - b) for a, b in zip(mious["auto"], mious["fp32"], strict=True))
+        ratio("demo_miou_auto_minus_fp32_max_abs", diff, "-")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,14 @@ def doctor(
         except CkptError as problem:
             repairs.append(Repair(ws.rel(ws.tasks_dir / name), str(problem), "left alone"))
             continue
+        # a killed import's staged files first: a moved file it had numbered but not recorded goes back to its
+        # source rather than being reported as a file no record names; but only against a readable manifest
+        readable = _readable(task)
+        if readable:
+            repairs.extend(task.recover_imports(dry_run=dry_run))
         repairs.extend(_check_task(ws, task, dry_run, forget_missing, drop_bad_records))
+        if not readable:  # _check_task may have cut an incomplete last record off
+            repairs.extend(task.recover_imports(dry_run=dry_run))
     models, errors = ws.models.read_all()
     for error in errors:
         repairs.append(Repair(ws.rel(Path(error.path)) if error.path else "models", str(error), "left alone"))
@@ -50,6 +57,14 @@ def doctor(
                 Repair(ws.rel(m.path), f"model '{m.title}' has no weights file", "left alone: remove or restore it")
             )
     return repairs
+
+
+def _readable(task: Task) -> bool:
+    try:
+        task.state()
+    except ManifestError:
+        return False
+    return True
 
 
 def incomplete_tail(data: bytes, path: Path, task: str) -> int | None:

@@ -58,6 +58,20 @@ class ConflictError(CkptError, FileExistsError):
     exit_code = 4
 
 
+class WriteError(CkptError, OSError):
+    """A write the file system refused (a full or read-only disk), after what it had begun was undone;
+    `errno` is the system's."""
+
+    exit_code = 1
+
+    def __init__(
+        self, message: str, *, errno: int | None = None, path: Path | str | None = None, hint: str | None = None
+    ):
+        super().__init__(message, path=path, hint=hint)
+        self.errno = errno  # type: ignore[misc]
+        self.filename = str(path) if path is not None else None
+
+
 class BusyError(CkptError, TimeoutError):
     """A lock could not be taken in time."""
 

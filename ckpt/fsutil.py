@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BusyError, CkptError, ConflictError, NotRegularFile, SymlinkError
+from .errors import BusyError, CkptError, ConflictError, NotRegularFile, SymlinkError, WriteError
 
 if TYPE_CHECKING:
     import ctypes
@@ -193,14 +193,36 @@ def make_file_new(path: Path, data: bytes = b"") -> None:
 
 
 def append_durably(path: Path, data: bytes) -> os.stat_result:
-    """Append `data` to `path` (never through a symlink) in one write and fsync it; the file's stat after it."""
+    """Append `data` to `path` (never through a symlink) in one write and fsync it (the caller holds the lock of
+    `path`); the file's stat after it.
+
+    When any of it fails (a full disk: ENOSPC), the file is cut back to its size before, so that no partial
+    record is left for every later read to stumble on, and WriteError is raised.
+    """
     fd = _open_own(path, os.O_WRONLY | os.O_APPEND)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        before = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException as e:  # also an interrupt between two writes
+            try:
+                os.ftruncate(fd, before)
+                os.fsync(fd)
+                undone = "it is as it was before"
+            except OSError:
+                undone = "its incomplete end is cut off by: ckpt doctor"
+            if not isinstance(e, OSError):
+                raise
+            raise WriteError(
+                f"cannot append to '{path}': {e.strerror or e}; {undone}",
+                errno=e.errno,
+                path=path,
+                hint="free space (or fix the cause) and run the command again",
+            ) from None
         return os.fstat(fd)
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ Formats and numbering rules are documented in docs/import.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,9 +23,11 @@ from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, IntegrityError, NotFoundError, TaskNotFound, UsageError
 from .names import check_task_name
+from .pathtext import escape_path
 from .workspace import (
     CACHE_FILE,
     CHECKPOINT_DIR,
+    IMPORT_MARKER_PREFIX,
     LIST_CACHE_FILE,
     LOCK_FILE,
     PENDING_PREFIX,
@@ -202,8 +205,9 @@ def _iso(ts: float) -> str:
 
 
 def _rel(path: Path, root: Path) -> str:
+    """`path` relative to `root`, as text for the manifest (escape_path: a name may not be UTF-8)."""
     full, base = str(path), str(root).rstrip("/") + "/"
-    return full[len(base) :] if full.startswith(base) and len(full) > len(base) else path.name
+    return escape_path(full[len(base) :] if full.startswith(base) and len(full) > len(base) else path.name)
 
 
 def _walk_files(root: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, os.stat_result | None]]:
@@ -270,7 +274,7 @@ def find_lightning(path: Path) -> tuple[list[Found], list[ImportRow]]:
     for f, st in files:
         name = _rel(f, root)
         if st is None:  # save_last="link" makes last.ckpt a symlink to the checkpoint it repeats
-            skipped.append(_skip(f, name, f"a symlink (to {os.readlink(f)}); not imported"))
+            skipped.append(_skip(f, name, f"a symlink (to {escape_path(os.readlink(f))}); not imported"))
             continue
         filename = f.name
         epoch, step, metrics = parse_lightning_name(filename)
@@ -297,11 +301,10 @@ def _read_lightning(found: list[Found]) -> None:
     `metrics.csv` (docs/import.md): epoch and step where the name lacks them, each monitored metric's
     value and direction, every logged metric, and a note on the callback's best checkpoint."""
     states: dict[int, LightningState] = {}
-    for c in found:
-        if not _is_zip(c.path):
-            continue
+    archives = [c for c in found if _is_zip(c.path)]
+    if archives:
         from .formats import read_lightning_state  # imported only for torch archives
-
+    for c in archives:
         try:
             states[id(c)] = st = read_lightning_state(c.path)
         except IntegrityError:
@@ -332,7 +335,8 @@ def _read_lightning(found: list[Found]) -> None:
     if latest is not None:
         for m in states[id(latest)].monitors:
             for c in found:
-                if c.note is None and m.best_model_name == c.path.name and not c.is_last:
+                same_run = c.path.parent == latest.path.parent  # version_0 and version_1 repeat names
+                if c.note is None and same_run and m.best_model_name == c.path.name and not c.is_last:
                     c.note = f"Lightning's best_model_path ({m.monitor})"
 
 
@@ -506,7 +510,7 @@ def order_by_plain_name(found: list[Found]) -> None:
 
 
 def _skip(path: Path, name: str, note: str) -> ImportRow:
-    return ImportRow(str(path), name, "skipped", None, None, None, {}, 0, "", note)
+    return ImportRow(escape_path(path), name, "skipped", None, None, None, {}, 0, "", note)
 
 
 def hash_found(found: list[Found], progress: Callable[[int, int], None] | None = None) -> None:
@@ -629,9 +633,16 @@ def import_path(
         t = ws.create_task(name, exist_ok=True, metric_modes=modes, source=source if found else None)
         created = True
     rows, new = _match(t, found)
-    if t.status == "running":  # (else add_existing says why nothing can be added)
-        t.note_import(modes, source if new else None)
-    added = t.add_existing(new, mode=mode, unique=True)
+    try:
+        added = t.add_existing(new, mode=mode, unique=True)
+    except BaseException:
+        if created:  # a failed import leaves no empty task behind
+            with contextlib.suppress(CkptError, OSError):
+                t.discard_if_empty()
+        raise
+    # after the records: a failed import leaves the manifest as it was (directions and source are a note)
+    if t.status == "running":
+        t.note_import(modes, source if added else None)
     by_source = {cp.original_name: cp for cp in added}
     known: dict[tuple[str, int], Checkpoint] | None = None
     for r in rows:
@@ -669,7 +680,9 @@ def _match(t: Task, found: list[Found]) -> tuple[list[ImportRow], list[Incoming]
     new: list[Incoming] = []
     for c in found:
         key = (c.sha256, c.size)
-        row = ImportRow(str(c.path), c.name, "added", None, c.step, c.epoch, dict(c.metrics), c.size, c.sha256, c.note)
+        row = ImportRow(
+            escape_path(c.path), c.name, "added", None, c.step, c.epoch, dict(c.metrics), c.size, c.sha256, c.note
+        )
         if key in known:
             cp = known[key]
             row.number = cp.number
@@ -764,7 +777,7 @@ def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
 
 
 def _found_of(u: Unknown, t: Task) -> Found:
-    name = u.path.relative_to(t.folder).as_posix()
+    name = escape_path(u.path.relative_to(t.folder).as_posix())
     base = u.path.name
     if u.kind == "dir":
         m = _HF_DIR.fullmatch(base)
@@ -805,7 +818,7 @@ def _scan(ws: Workspace, t: Task) -> ScanResult:
     with os.scandir(t.folder) as it:
         top = sorted(it, key=lambda e: e.name)
     for e in top:
-        if e.name in _OWNED or e.name.startswith(PENDING_PREFIX) or e.name.startswith(".lock"):
+        if e.name in _OWNED or e.name.startswith((PENDING_PREFIX, IMPORT_MARKER_PREFIX, ".lock")):
             continue
         (temporary if e.name.startswith(".") else unknown).append(_unknown(ws, Path(e.path)))
     cdir = t.folder / CHECKPOINT_DIR

@@ -31,7 +31,8 @@ from .errors import CkptError, ManifestError
 FORMAT = 1
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
 _CHECKPOINT_DIR = "checkpoints"  # workspace.CHECKPOINT_DIR
-_OWN_PREFIXES = (".lock", ".pending-", ".task.", ".import-")  # the task folder's own hidden files (workspace.py)
+# the task folder's own hidden files (workspace.py)
+_OWN_PREFIXES = (".lock", ".pending-", ".task.", ".import-", ".importing-")
 # the files ckpt names itself (checkpoints/000007.pt): valid, and never inside another record's folder
 _PLAIN_FILE = re.compile(r"checkpoints/[0-9]{6,}[A-Za-z0-9_.\-]*")
 _PLAIN_FILES = re.compile(r"(?:checkpoints/[0-9]{6,}[A-Za-z0-9_.\-]*\n)*")  # many, each ending in a newline
@@ -73,6 +74,25 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
     return parse_toml(data, path)
 
 
+MAX_NESTING = 32  # tables and arrays in a value; ckpt's own formats nest 3 deep
+
+
+def check_nesting(value: Any, path: Path, where: str) -> None:
+    """Raise ManifestError when `value` nests tables and arrays more than MAX_NESTING deep (a 300-deep array
+    parses, but every recursive walk of it, writing the manifest back included, hits Python's recursion limit)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth >= MAX_NESTING:
+                raise ManifestError(
+                    f"{path}: {where} nests more than {MAX_NESTING} levels deep",
+                    path=path,
+                    hint="ckpt's formats nest a few levels at most: fix the file by hand",
+                )
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+
+
 def check_format(doc: dict[str, Any], path: Path) -> int:
     version = doc.get("format")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -91,6 +111,7 @@ def check_format(doc: dict[str, Any], path: Path) -> int:
 def workspace_doc(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The `[settings]` and `[metrics]` (metric -> "min" | "max") tables of a parsed `ckpt.toml`."""
     check_format(doc, path)
+    check_nesting(doc, path, "a value")
     settings = _get(doc, "settings", dict, path, "", required=False) or {}
     modes = _get(doc, "metrics", dict, path, "", required=False) or {}
     for k, v in modes.items():
@@ -111,7 +132,10 @@ def drop_none(value: Any) -> Any:
 
 
 def dumps(doc: dict[str, Any]) -> bytes:
-    return tomli_w.dumps(drop_none(doc)).encode("utf-8")
+    try:
+        return tomli_w.dumps(drop_none(doc)).encode("utf-8")
+    except RecursionError:  # values read are checked (check_nesting): one given by a caller may be deeper
+        raise ManifestError(f"a value nests too deeply to be written (more than {MAX_NESTING} levels)") from None
 
 
 # --- typed getters ------------------------------------------------------------------------------
@@ -181,6 +205,8 @@ class Checkpoint:
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ManifestError(f"{path}: {where}metric '{k}' is not a number", path=path)
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                raise ManifestError(f"{path}: {where}metric '{k}' is beyond TOML's 64-bit integers", path=path)
         return cls(
             number=number,
             file=file,
@@ -355,6 +381,9 @@ class TaskHeader:
         for k, v in modes.items():
             if v not in ("min", "max"):
                 raise ManifestError(f'{path}: metric_modes: \'{k}\' must be "min" or "max"', path=path)
+        check_nesting(arch_kwargs, path, "arch: 'kwargs'")
+        settings = _get(doc, "settings", dict, path, "", required=False) or {}
+        check_nesting(settings, path, "'settings'")
         source = _get(doc, "source", dict, path, "", required=False)
         if source is not None and not all(isinstance(v, str) for v in source.values()):
             raise ManifestError(f"{path}: source: every value must be a string", path=path)
@@ -366,7 +395,7 @@ class TaskHeader:
             last_number=last,
             arch=arch,
             arch_kwargs=arch_kwargs,
-            settings=_get(doc, "settings", dict, path, "", required=False) or {},
+            settings=settings,
             metric_modes={str(k): str(v) for k, v in modes.items()},
             source={str(k): str(v) for k, v in source.items()} if source is not None else None,
         )

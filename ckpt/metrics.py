@@ -62,6 +62,8 @@ class Direction:
 def check_modes(modes: Mapping[str, str] | None) -> dict[str, str]:
     """`modes` as a plain dict after checking each value is "min" or "max"; raises UsageError."""
     out: dict[str, str] = {}
+    if modes is not None and not isinstance(modes, Mapping):
+        raise UsageError(f'metric_modes must be a mapping of metric name to "min" or "max", not {modes!r}')
     for metric, mode in (modes or {}).items():
         if not isinstance(metric, str) or not metric:
             raise UsageError(f"invalid metric name {metric!r} in metric_modes")
@@ -101,8 +103,15 @@ def direction(
         return Direction(metric, by_name, "name")
     raise UsageError(
         f"cannot tell whether a higher or lower '{metric}' is better",
-        hint=f'pass {flags} (or set it once: [metrics] {metric} = "min" in ckpt.toml)',
+        hint=f'pass {flags} (or set it once: [metrics] {toml_key(metric)} = "min" in ckpt.toml)',
     )
+
+
+def toml_key(name: str) -> str:
+    """`name` as a TOML key: bare when it can be, else a quoted string (`"val.score"`)."""
+    if re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def flag_mode(minimize: bool, maximize: bool) -> str | None:
@@ -113,11 +122,19 @@ def flag_mode(minimize: bool, maximize: bool) -> str | None:
 
 
 def value(metrics: Mapping[str, Any], metric: str) -> float | None:
-    """The metric as a finite-or-infinite number, or None when missing, NaN or not a number."""
+    """The metric as a finite number, or None when missing, NaN, infinite or not a number.
+
+    An infinite value (a diverged loss) is never ranked: JSON shows it as null, and a script taking the
+    first row must not take it for the best.
+    """
     v = metrics.get(metric)
-    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and math.isnan(v)):
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 T = TypeVar("T")

@@ -254,7 +254,14 @@ def already_made(ws: Workspace, title: str, task: str, cp: Checkpoint) -> Model 
 
 def promote_title(task: str, cp: Checkpoint, title: str | None) -> str:
     """`title`, or `TASK-N` when none is given (as `finish` names its model); checked as a title."""
-    return check_title(title if title else f"{task}-{cp.number}")
+    if title is not None:
+        return check_title(title)
+    default = f"{task}-{cp.number}"
+    if len(default) > 100:
+        raise UsageError(
+            f"the default title '{task[:20]}…-{cp.number}' is longer than 100 characters", hint="pass --title"
+        )
+    return check_title(default)
 
 
 @per_backend
@@ -276,11 +283,13 @@ def promote(
     (bad title, neither or both of number and best, unknown direction), NotFoundError (task, checkpoint),
     ConflictError (title taken by another checkpoint), IntegrityError (file missing or changed).
     """
-    if title:
+    if title is not None:
         check_title(title)
     check_task_name(task_name)
     flag = "min" if minimize else mode
     task = ws.task(task_name)
+    if title is not None:
+        _check_case_twin(ws, title)  # before the lock: a refused title touches nothing (again below, under it)
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
         cp, why, better = pick_checkpoint(task, number, best, flag)

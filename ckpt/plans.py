@@ -6,10 +6,12 @@ same for a folder and a bucket, and it refuses what the command would refuse, wi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import ConflictError, NotFoundError
+from . import fsutil
+from .errors import ConflictError, IntegrityError, NotFoundError
 from .models import Model, PromoteResult, already_made, finish_title, pick_checkpoint, promote_title
 from .names import case_twin, check_task_name, check_title
 
@@ -43,7 +45,27 @@ def _planned_model(ws: Workspace, task: Task, cp: Checkpoint, title: str) -> Mod
     )
 
 
+def _check_file(ws: Workspace, task: Task, cp: Checkpoint) -> None:
+    """Refuse as promote would: a checkpoint whose file is missing or reached through a link (a folder
+    workspace; a bucket's promote copies on the server and finds out then)."""
+    if ws.remote:
+        return
+    src = task.path_of(cp)
+    if fsutil.symlink_on_path(task.folder, cp.file) is not None:
+        raise IntegrityError(
+            f"checkpoint {cp.number} of task '{task.name}' is a symlink; ckpt does not promote through links", path=src
+        )
+    if not (src.is_file() or src.is_dir()):
+        raise IntegrityError(
+            f"checkpoint {cp.number} of task '{task.name}' is missing its file {ws.rel(src)}",
+            path=src,
+            hint="run: ckpt doctor",
+        )
+
+
 def _free_title(ws: Workspace, title: str, renaming: str | None = None) -> None:
+    if not ws.remote and os.path.lexists(ws.models_dir / title):
+        raise ConflictError(f"model '{title}' already exists", hint="choose another title, or see: ckpt models")
     twin = case_twin(title, [t for t in ws.models.titles() if t != renaming])
     if twin is not None:
         raise ConflictError(
@@ -56,7 +78,7 @@ def plan_promote(
     ws: Workspace, task_name: str, number: int | None, *, title: str | None, best: str | None, mode: str | None
 ) -> PromoteResult:
     """What `promote` would make; raises what it would raise. `unchanged`: it would make nothing."""
-    if title:
+    if title is not None:
         check_title(title)
     check_task_name(task_name)
     task = ws.task(task_name)
@@ -66,6 +88,7 @@ def plan_promote(
     if same is not None:
         return PromoteResult(same, why, better, unchanged=True)
     _free_title(ws, title)
+    _check_file(ws, task, cp)
     return PromoteResult(_planned_model(ws, task, cp, title), why, better)
 
 
@@ -88,6 +111,7 @@ def plan_finish(ws: Workspace, task_name: str, *, failed: bool, title: str | Non
         except ConflictError:  # another checkpoint's title: finish appends -2, -3...
             candidate = f"{base[: 100 - len(str(i)) - 1]}-{i}"
             continue
+        _check_file(ws, task, cp)
         plan.would.append(f"promote checkpoint {cp.number} of task '{task.name}' as model '{candidate}'")
         return plan
     return plan
@@ -133,4 +157,16 @@ def plan_restore(ws: Workspace, entry_id: str) -> Plan:
             f"restoring trash entry '{entry_id}' would overwrite: checkpoint(s) {back} are in the manifest of "
             f"task '{task.name}' again; nothing was changed"
         )
+    if not ws.remote:
+        for cp in entry.checkpoints:
+            if fsutil.symlink_on_path(task.folder, cp.file) is not None:
+                raise IntegrityError(
+                    f"restoring checkpoint {cp.number} of trash entry '{entry_id}' would go through a symlink; "
+                    "ckpt never moves files through links; nothing was changed"
+                )
+            if os.path.lexists(task.path_of(cp)):
+                raise ConflictError(
+                    f"restoring trash entry '{entry_id}' would overwrite: '{ws.rel(task.path_of(cp))}' exists; "
+                    "nothing was changed"
+                )
     return Plan([f"restore checkpoint {n} of task '{task.name}'" for n in entry.numbers])

@@ -100,11 +100,18 @@ class PreviewOptions:
     unsafe_load: bool = False
     save_masks: Path | None = None
     cell: int = 160
+    precision: str = "auto"  # auto, fp32, bf16 or fp16: see resolve_precision
 
 
 @dataclass(slots=True)
 class CheckpointResult:
-    """One source's result: mean IoU and Dice over all images (None without masks), and per image."""
+    """One source's result: mean IoU and Dice over all images (None without masks), and per image.
+
+    `precision` is the one its predictions were computed in; `agreement` the share of pixels of the
+    first images on which a reduced precision's masks matched float32's (None when it ran in fp32
+    without that check); `warning` says, in one line, when it fell back to fp32 or kept a precision
+    that disagreed.
+    """
 
     label: str
     number: int | None
@@ -114,6 +121,9 @@ class CheckpointResult:
     miou: float | None
     dice: float | None
     image_miou: list[float | None]
+    precision: str = "fp32"
+    agreement: float | None = None
+    warning: str | None = None
 
 
 @dataclass(slots=True)
@@ -127,6 +137,7 @@ class PreviewResult:
     device: str
     seconds: float
     saved_masks: Path | None = None
+    precision: str = "fp32"  # what the options asked for, resolved for the device (auto -> bf16, fp16 or fp32)
 
 
 # --- choosing what to preview ---------------------------------------------------------------------
@@ -348,8 +359,9 @@ class ConvReLU(torch.nn.Module):
     """relu(conv(x)) in one oneDNN call on the CPU: the same values without a second pass over the output.
 
     Wraps `conv` (its weights stay where they are, so FusedNetwork.refresh still updates them). Falls
-    back to the two eager operations where oneDNN's call does not fit (not CPU float32, or autograd
-    recording: it has no backward) and, for good, once that call fails.
+    back to the two eager operations where oneDNN's call does not fit (not CPU float32 or bfloat16, or
+    autograd recording: it has no backward) and, for good, once that call fails. Under autocast it
+    computes in autocast's precision, as a plain convolution would.
     """
 
     def __init__(self, conv: torch.nn.Conv2d):
@@ -359,17 +371,70 @@ class ConvReLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
+        w, b = c.weight, c.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast casts the inputs of the convolutions it knows; this call is not one of them, so
+            # without the cast it would compute in float32 and only the next layer in the reduced precision
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), w.to(dtype)
+            b = b.to(dtype) if b is not None else None
         if (
             self.fused_op is not None
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype == w.dtype
             and not torch.is_grad_enabled()
         ):
             try:
-                return self.fused_op(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, "relu", [], "")
+                return self.fused_op(x, w, b, c.padding, c.stride, c.dilation, c.groups, "relu", [], "")
             except RuntimeError:
                 self.fused_op = None
         return torch.relu(c(x))
+
+
+# the layers whose weights a reduced-precision copy holds in that precision (autocast runs them in it)
+_REDUCED_LAYERS = (
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+    torch.nn.Linear,
+)
+
+
+class ReducedNetwork:
+    """A copy of the float32 network `net` whose convolutions and linear layers hold their weights in
+    `dtype`, for running under `torch.autocast(dtype=dtype)` (see `predict`).
+
+    Autocast alone casts every convolution's weights on every call; holding them in `dtype` saves that.
+    Everything else (norms, other parameters and buffers) is shared with `net` and stays float32, so
+    after `net` gets new weights (FusedNetwork.refresh) only the converted weights need copying:
+    `refresh()`.
+    """
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
+        self.dtype = dtype
+        layers = [m for m in net.modules() if type(m) in _REDUCED_LAYERS]
+        own = {id(t) for m in layers for t in m.parameters(recurse=False)}
+        shared: dict[int, Any] = {id(t): t for t in (*net.parameters(), *net.buffers()) if id(t) not in own}
+        self.net = copy.deepcopy(net, shared).eval()
+        copies = [m for m in self.net.modules() if type(m) in _REDUCED_LAYERS]
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for low, layer in zip(copies, layers, strict=True):
+            low.to(dtype)
+            for (_, p_low), (_, p) in zip(
+                low.named_parameters(recurse=False), layer.named_parameters(recurse=False), strict=True
+            ):
+                self._pairs.append((p_low, p))
+
+    def refresh(self) -> torch.nn.Module:
+        """Copy, rounded to `dtype`, the float32 network's current weights; returns the reduced network."""
+        with torch.no_grad():
+            for low, p in self._pairs:
+                low.copy_(p)
+        return self.net
 
 
 def _fold_relus(net: torch.nn.Module) -> None:
@@ -413,6 +478,77 @@ def resolve_device(device: str) -> torch.device:
             raise UsageError("--device cuda: no CUDA device is available here", hint="use --device cpu or auto")
         return torch.device(device)
     raise UsageError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# a reduced precision is kept for a checkpoint when its masks agree with float32's on at least this
+# share of the pixels of the first images (AGREEMENT_IMAGES) it predicts
+MIN_AGREEMENT = 0.995
+AGREEMENT_IMAGES = 2
+
+
+def hardware_lacks(device: torch.device, precision: str) -> str | None:
+    """None when `device` computes in `precision` natively ("bf16", "fp16"; "fp32" always), else what it lacks.
+
+    On the CPU, bf16 needs AVX512-BF16 or AMX and fp16 needs AMX-FP16 (torch.cpu's own checks; without
+    them torch converts to float32 and back around every operation, slower than float32 itself). On
+    CUDA, bf16 needs compute capability 8.0 (emulation does not count) and fp16 5.3.
+    """
+    if precision == "fp32":
+        return None
+    if device.type == "cpu":
+        if precision == "bf16":
+            if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+                return None
+            return "this CPU has no bf16 arithmetic (neither AVX512-BF16 nor AMX)"
+        if torch.cpu._is_amx_fp16_supported():
+            return None
+        return "this CPU has no fp16 arithmetic (no AMX-FP16)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        if precision == "bf16":
+            with torch.cuda.device(device):
+                if torch.cuda.is_bf16_supported(including_emulation=False):
+                    return None
+            return f"{name} (compute capability {major}.{minor}) has no native bf16 arithmetic (needs 8.0)"
+        if (major, minor) >= (5, 3):
+            return None
+        return f"{name} (compute capability {major}.{minor}) has no fp16 arithmetic (needs 5.3)"
+    return f"{precision} is not supported on {device.type}"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision to compute in: "fp32", "bf16" or "fp16".
+
+    `auto` is bf16 where `device` computes it natively, else fp16 on a CUDA device that does, else
+    fp32. Raises UsageError (exit 2) for an unknown precision, or one the hardware lacks.
+    """
+    if precision == "auto":
+        candidates = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
+        return next((p for p in candidates if hardware_lacks(device, p) is None), "fp32")
+    if precision not in DTYPES:
+        raise UsageError(f"unknown precision {precision!r}", hint="use auto, fp32, bf16 or fp16")
+    lacks = hardware_lacks(device, precision)
+    if lacks is not None:
+        raise UsageError(f"--precision {precision}: {lacks}", hint="use --precision auto or fp32")
+    return precision
+
+
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device) -> Iterator[None]:
+    """float32 as float32 while inside: cuDNN's convolutions otherwise run float32 in TF32 by default."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if device.type != "cuda" or conv is None:
+        yield
+        return
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -610,6 +746,7 @@ class _Net:
     channels: int
     multiple: int
     fused: FusedNetwork | None = None
+    reduced: ReducedNetwork | None = None
 
 
 class _Inputs:
@@ -617,11 +754,16 @@ class _Inputs:
 
     def __init__(self, images: list[Image.Image], device: torch.device, batch_size: int, channels_last: bool):
         self.images, self.device, self.batch_size, self.channels_last = images, device, batch_size, channels_last
-        self._cache: dict[Any, list[tuple[list[int], torch.Tensor, tuple[int, int]]]] = {}
+        self._cache: dict[Any, list[Batch]] = {}
 
     def batches(
-        self, channels: int, mean: list[float], std: list[float], size: tuple[int, int] | None, multiple: int
-    ) -> list[tuple[list[int], torch.Tensor, tuple[int, int]]]:
+        self,
+        channels: int,
+        mean: list[float],
+        std: list[float],
+        size: tuple[int, int] | None,
+        multiple: int,
+    ) -> list[Batch]:
         """[(image indices, batch tensor, (height, width) before padding)], images of one size per batch."""
         key = (channels, tuple(mean), tuple(std), size, multiple)
         if key in self._cache:
@@ -651,14 +793,39 @@ class _Inputs:
         self._cache[key] = out
         return out
 
+    def first_images(self, batches: list[Batch], count: int) -> list[Batch]:
+        """The images numbered below `count` in `batches` (made by `batches`), as batches of their own."""
+        key = (id(batches), count)
+        if key not in self._cache:
+            out = []
+            for idx, x, hw in batches:
+                rows = [j for j, i in enumerate(idx) if i < count]
+                if rows:
+                    fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+                    out.append(([idx[j] for j in rows], x[rows].contiguous(memory_format=fmt), hw))
+            self._cache[key] = out
+        return self._cache[key]
+
+
+Batch = tuple[list[int], torch.Tensor, tuple[int, int]]  # (image indices, inputs, (height, width) unpadded)
+
 
 def predict(
-    net: torch.nn.Module, batches: list[tuple[list[int], torch.Tensor, tuple[int, int]]], n_images: int
+    net: torch.nn.Module, batches: list[Batch], n_images: int, dtype: torch.dtype | None = None
 ) -> tuple[list[np.ndarray], int]:
-    """Class-index predictions (H, W) per image, and the number of classes the network predicts."""
+    """Class-index predictions (H, W) per image, and the number of classes the network predicts.
+
+    With `dtype` (bfloat16, float16) the network runs under autocast in it (give it a ReducedNetwork);
+    without, as it is.
+    """
     preds: list[np.ndarray] = [np.zeros((0, 0), np.uint8)] * n_images
     classes = 2
-    with torch.inference_mode():
+    autocast = (
+        torch.autocast(batches[0][1].device.type, dtype=dtype)
+        if dtype is not None and batches
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
         for idx, x, (h, w) in batches:
             logits = _network_output(net(x))
             if logits.shape[-2:] != x.shape[-2:]:  # networks that predict at a lower resolution
@@ -672,6 +839,95 @@ def predict(
             for i, p in zip(idx, labels.cpu().numpy(), strict=True):
                 preds[i] = p
     return preds, classes
+
+
+@dataclass(slots=True)
+class _Computed:
+    precision: str
+    agreement: float | None = None
+    warning: str | None = None
+
+
+def _predict_checked(
+    entry: _Net,
+    net: torch.nn.Module,
+    batches: list[Batch],
+    check: list[Batch],
+    n_images: int,
+    precision: str,
+    fall_back: bool,
+    label: str,
+) -> tuple[list[np.ndarray], int, _Computed]:
+    """Predict `batches` with the float32 network `net` in `precision`; a reduced one is checked.
+
+    The images of `check` (the first AGREEMENT_IMAGES) are predicted in float32 too; when fewer than
+    MIN_AGREEMENT of their pixels agree, or the reduced precision fails, everything is predicted again
+    in float32 when `fall_back` (auto), else kept as asked (an error if it failed). A fallback costs a
+    second pass, but saves none in the common case, where the check costs one float32 pass of 2 images.
+    """
+    device = batches[0][1].device
+    if precision == "fp32":
+        with _strict_fp32(device):
+            p, c = predict(net, batches, n_images)
+        return p, c, _Computed("fp32")
+    dtype = DTYPES[precision]
+    if entry.reduced is None or entry.reduced.dtype != dtype:
+        entry.reduced = ReducedNetwork(net, dtype)
+    low = entry.reduced.refresh()
+    checked = [i for b in check for i in b[0]]
+    with _strict_fp32(device):
+        exact, _ = predict(net, check, n_images)
+    try:
+        preds, classes = predict(low, batches, n_images, dtype)
+    except RuntimeError as e:  # an operation this network uses that torch lacks in that precision
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not fall_back:
+            raise UsageError(f"{label} cannot run in {precision} here: {reason}", hint="use --precision fp32") from None
+        warning = f"{label}: {precision} failed ({reason}); computed in fp32"
+        return _predict_fp32(net, batches, n_images, _Computed("fp32", None, warning))
+    same = sum(int(np.count_nonzero(exact[i] == preds[i])) for i in checked)
+    agreement = same / max(1, sum(exact[i].size for i in checked))
+    if agreement >= MIN_AGREEMENT:
+        return preds, classes, _Computed(precision, agreement)
+    what = (
+        f"{label}: in {precision} {percent(agreement)} of the pixels of its first {len(checked)} image(s) "
+        f"agree with fp32 (less than {percent(MIN_AGREEMENT)})"
+    )
+    if fall_back:
+        return _predict_fp32(net, batches, n_images, _Computed("fp32", agreement, f"{what}; computed in fp32"))
+    kept = f"{what}; kept {precision} as asked (--precision fp32 for exact masks)"
+    return preds, classes, _Computed(precision, agreement, kept)
+
+
+def _predict_fp32(
+    net: torch.nn.Module, batches: list[Batch], n_images: int, computed: _Computed
+) -> tuple[list[np.ndarray], int, _Computed]:
+    with _strict_fp32(batches[0][1].device):
+        preds, classes = predict(net, batches, n_images)
+    return preds, classes, computed
+
+
+def percent(share: float) -> str:
+    """A share of pixels as a percentage, rounded down to 0.01 (99.996 % is not "100 %")."""
+    return f"{math.floor(share * 10000) / 100:.2f}".rstrip("0").rstrip(".") + " %"
+
+
+def precision_note(results: Sequence[CheckpointResult]) -> str:
+    """One line on the precision the predictions were computed in, as the picture's legend shows it:
+    `precision bf16 (agrees with fp32: 99.93 %); #10 fp32 (bf16 agreed 98.12 %)` (the lowest agreement)."""
+    used = [r.precision for r in results]
+    main = max(dict.fromkeys(used), key=used.count)
+    line = f"precision {main}"
+    checked = [r.agreement for r in results if r.precision == main and r.agreement is not None]
+    if checked:
+        line += f" (agrees with fp32: {percent(min(checked))})"
+    for r in results:
+        if r.precision != main:
+            line += f"; {r.label} {r.precision}"
+            if r.agreement is not None:
+                tried = r.precision if r.precision != "fp32" else main
+                line += f" ({tried} agreed {percent(r.agreement)})"
+    return line
 
 
 def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Progress | None = None) -> PreviewResult:
@@ -693,6 +949,7 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
     if options.out.suffix.lower() != ".png":
         raise UsageError(f"--out '{options.out}' must end in .png")
     device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
     image_paths = collect_images(options.images)
     mask_paths = match_masks(image_paths, options.masks) if options.masks is not None else None
     if options.arch_kwargs is not None and options.arch is None and any(s.arch is None for s in sources):
@@ -728,6 +985,7 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
     if progress:
         progress(done, total)
     preds: list[list[np.ndarray]] = []
+    runs: list[_Computed] = []
     n_classes = 2
     with _reuse_freed_memory(device):
         for src in sources:
@@ -744,7 +1002,11 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
             std = _floats(_pick(options.std, src.settings, "std"), "std", entry.channels, 1.0)
             size = options.size or _size(src.settings.get("size"))
             batches = inputs.batches(entry.channels, mean, std, size, entry.multiple)
-            p, c = predict(infer, batches, len(pil_images))
+            check = inputs.first_images(batches, AGREEMENT_IMAGES)
+            p, c, computed = _predict_checked(
+                entry, infer, batches, check, len(pil_images), precision, options.precision == "auto", src.label
+            )
+            runs.append(computed)
             n_classes = max(n_classes, c)
             if size is not None:  # back to each image's own size, for the metrics and the picture
                 p = [_resize_mask(a, im.size) for a, im in zip(p, pil_images, strict=True)]
@@ -759,14 +1021,28 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
         else None
     )
     results = []
-    for src, p in zip(sources, preds, strict=True):
+    for src, p, computed in zip(sources, preds, runs, strict=True):
         miou = dice = None
         per_image: list[float | None] = [None] * len(p)
         if masks is not None:
             confs = [confusion(a, m, n_classes) for a, m in zip(p, masks, strict=True)]
             miou, dice = miou_dice(sum(confs[1:], confs[0]))
             per_image = [miou_dice(c)[0] for c in confs]
-        results.append(CheckpointResult(src.label, src.number, src.model, src.task, src.path, miou, dice, per_image))
+        results.append(
+            CheckpointResult(
+                src.label,
+                src.number,
+                src.model,
+                src.task,
+                src.path,
+                miou,
+                dice,
+                per_image,
+                precision=computed.precision,
+                agreement=computed.agreement,
+                warning=computed.warning,
+            )
+        )
 
     names = _class_names(classes_names, n_classes)
     picture = render_grid(pil_images, image_paths, masks, preds, results, names, options.cell)
@@ -787,6 +1063,7 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
         device=str(device),
         seconds=time.perf_counter() - started,
         saved_masks=options.save_masks,
+        precision=precision,
     )
 
 
@@ -834,10 +1111,11 @@ def class_colour(index: int) -> tuple[int, int, int]:
 
 
 def layout(rows: int, columns: int, classes: int, cell: int) -> tuple[int, int]:
-    """The picture's (width, height): a header, `rows` rows of `columns` cells with a label line, a legend."""
+    """The picture's (width, height): a header, `rows` rows of `columns` cells with a label line, a legend
+    (the classes, then a line saying the precision computed in)."""
     width = PAD + columns * (cell + PAD)
     per_line = max(1, (width - PAD) // LEGEND_ITEM)
-    legend_lines = math.ceil(classes / per_line)
+    legend_lines = math.ceil(classes / per_line) + 1
     return width, HEADER + rows * (cell + LABEL) + PAD + legend_lines * LEGEND_LINE + PAD
 
 
@@ -930,6 +1208,8 @@ def render_grid(
         colour = class_colour(i) if i else (255, 255, 255)
         draw.rectangle((x, yy + 2, x + 14, yy + 16), fill=colour, outline=(90, 90, 90))
         _text(draw, (x + 20, yy + 2), f"{i} {name}", LEGEND_ITEM - 26, font)
+    yy = y + math.ceil(len(class_names) / per_line) * LEGEND_LINE
+    _text(draw, (PAD, yy + 2), precision_note(results), width - 2 * PAD, font)
     return canvas
 
 

@@ -346,7 +346,17 @@ class StoreTask(Task):
         raise unsupported("this operation")
         yield  # pragma: no cover
 
+    def discard_if_empty(self) -> bool:
+        """An object-store task a failed import created is left as it is (not yet done here)."""
+        return False
+
     def pending_markers(self) -> list[Path]:
+        return []
+
+    def _markers(self) -> tuple[list[Path], list[Path]]:
+        return [], []  # no trash or import markers in object storage
+
+    def recover_imports(self, *, dry_run: bool = False) -> list[Repair]:
         return []
 
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
@@ -644,7 +654,7 @@ def promote(
     minimize: bool = False,
     copy: bool = False,
 ) -> PromoteResult:
-    if title:
+    if title is not None:
         check_title(title)
     check_task_name(task_name)
     task = ws.task(task_name)

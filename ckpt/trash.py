@@ -40,6 +40,7 @@ from .manifest import FORMAT, Checkpoint, TaskState, check_files, check_format, 
 from .metrics import rank, require
 from .names import _describe, is_valid_name
 from .timeutil import now_iso, parse_iso
+from .timeutil import parse_age as parse_age  # where `ckpt trash empty --older-than` finds it
 from .workspace import LOCK_FILE as TASK_LOCK
 from .workspace import PENDING_PREFIX
 
@@ -543,7 +544,7 @@ class Reasons:
     def unused(self, number: int) -> str:
         """The dry run's word for a checkpoint nothing protects."""
         if number in self.unranked and self.direction is not None:
-            return f"unused (no {self.direction.metric} recorded: ranked last)"
+            return f"unused (no {self.direction.metric} value: missing, NaN or infinite, ranked last)"
         return "unused"
 
 
@@ -900,18 +901,6 @@ def _is_file_or_folder(path: Path) -> bool:
 
 
 # --- empty -------------------------------------------------------------------------------------------
-
-
-_AGE = r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*"  # compiled on first use (re caches it): not at import
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_age(text: str) -> timedelta:
-    """'7d', '12h', '30m', '2w', '45s' as a timedelta; raises UsageError."""
-    m = re.fullmatch(_AGE, text)
-    if not m:
-        raise UsageError(f"invalid age {text!r}", hint="use a number and a unit: 45s, 30m, 12h, 7d, 2w")
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
 
 
 @per_backend

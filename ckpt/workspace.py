@@ -44,11 +44,14 @@ from .manifest import (
 )
 from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
+from .pathtext import escape_path
 from .storage import is_url
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .models import Model, ModelIndex
+    from .staging import Marker
+    from .trash_results import Repair
 
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
@@ -228,11 +231,11 @@ class Workspace:
         return self.root / "trash"
 
     def rel(self, path: Path) -> str:
-        """`path` relative to the workspace root, with forward slashes."""
+        """`path` relative to the workspace root, with forward slashes, as text (pathtext: a name may not be UTF-8)."""
         try:
-            return path.relative_to(self.root).as_posix()
+            return escape_path(path.relative_to(self.root).as_posix())
         except ValueError:
-            return str(path)
+            return escape_path(path)
 
     # -- tasks --
 
@@ -668,11 +671,14 @@ class Task:
         """Hold this task's lock (every manifest change happens under it); raises BusyError."""
         self.refuse_links()
         with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
-            if self.pending_markers():
+            pending, importing = self._markers()
+            if pending:
                 # an interrupted multi-step change (trash, restore) left a marker: finish or undo it first
                 from .trash import recover_task
 
                 recover_task(self)
+            if importing:
+                self._recover_imports_locked(importing)  # a killed import's staged files (ckpt.staging)
             yield
 
     def settle(self) -> bool:
@@ -683,19 +689,94 @@ class Task:
         the task folder when there is nothing to do; takes the task's lock (waiting as `lock` does) only
         when there is.
         """
-        if not self.pending_markers():
+        pending, importing = self._markers()
+        if not pending and not importing:
             return False
+        if not pending:
+            from .staging import abandoned
+
+            if not abandoned(importing):
+                return False  # imports that are running: theirs to finish
         with self.lock():
             pass
         return True
 
+    def recover_imports(self, *, dry_run: bool = False) -> list[Repair]:
+        """Finish or undo what killed imports left (ckpt.staging), under the task lock; report the staging
+        names no marker claims (`ckpt doctor`). With `dry_run`, changes nothing and says what it would do."""
+        from .staging import abandoned, claimed_names, leftovers
+        from .trash_results import Repair
+
+        repairs: list[Repair] = []
+        if dry_run:
+            repairs += self._recover_imports_locked(abandoned(self._markers()[1]), dry_run=True)
+        else:
+            with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'"):
+                repairs += self._recover_imports_locked(self._markers()[1])
+        for path in leftovers(self.folder / CHECKPOINT_DIR, claimed_names(self._markers()[1])):
+            repairs.append(
+                Repair(
+                    self.ws.rel(path),
+                    "an import's staging leftover that no marker names (an older ckpt was killed while importing)",
+                    "left alone: it may be the only copy of a file moved in; look at it, then delete it or move it out",
+                )
+            )
+        return repairs
+
+    def _recover_imports_locked(self, markers: list[Path], *, dry_run: bool = False) -> list[Repair]:
+        from .staging import recover
+
+        if not markers:
+            return []
+        try:
+            recorded = {cp.file for cp in self.state().checkpoints.values()}
+        except ManifestError:
+            return []  # a moved file is put back only against a manifest that can be read (doctor mends it first)
+        repairs: list[Repair] = []
+        for marker in markers:
+            repairs += recover(marker, self.folder / CHECKPOINT_DIR, recorded, self.ws.rel, dry_run=dry_run)
+        return repairs
+
+    def discard_if_empty(self) -> bool:
+        """Remove this task if it holds nothing (no record, no number ever given, no file but ckpt's own):
+        what an import that created it and then failed leaves. Whether it was removed."""
+        own = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, LOCK_FILE + fsutil.HOLDER_SUFFIX, CHECKPOINT_DIR}
+        with fsutil.locked(self.ws.tasks_dir / CREATE_LOCK_FILE, "task creation"), self.lock():
+            state = self.state()
+            if state.checkpoints or state.max_number or set(os.listdir(self.folder)) - own:
+                return False
+            if os.listdir(self.folder / CHECKPOINT_DIR):
+                return False
+            # checkpoints/ before the manifest: a folder with the one but not the other is a damaged task, while
+            # a folder with neither is no task at all
+            os.rmdir(self.folder / CHECKPOINT_DIR)
+            fsutil.remove_file(self.manifest)
+            for name in (CACHE_FILE, LIST_CACHE_FILE):
+                fsutil.remove_file(self.folder / name)
+        self.ws._tasks.pop(self.name, None)
+        fsutil.remove_file(self.folder / LOCK_FILE)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
+        return True
+
     def pending_markers(self) -> list[Path]:
         """Markers (`.pending-<entry id>`) of interrupted trash operations on this task."""
+        return self._markers()[0]
+
+    def _markers(self) -> tuple[list[Path], list[Path]]:
+        """The markers of interrupted trash operations and of imports (running or killed), in one scandir."""
+        pending: list[Path] = []
+        importing: list[Path] = []
         try:
             with os.scandir(self.folder) as it:
-                return [Path(e.path) for e in it if e.name.startswith(PENDING_PREFIX)]
+                for e in it:
+                    if e.name.startswith(PENDING_PREFIX):
+                        pending.append(Path(e.path))
+                    elif e.name.startswith(IMPORT_MARKER_PREFIX):
+                        importing.append(Path(e.path))
         except FileNotFoundError:
-            return []
+            pass
+        return pending, importing
 
     def save(
         self,
@@ -802,7 +883,11 @@ class Task:
                 )
                 # the record is appended only once the file is complete and in place
                 data = record_bytes(cp)
-                after = fsutil.append_durably(self.manifest, data)
+                try:
+                    after = fsutil.append_durably(self.manifest, data)
+                except BaseException:
+                    fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
+                    raise
                 self._reader.note_append(cp, data, after)
         finally:
             fsutil.remove_file(tmp)
@@ -818,6 +903,9 @@ class Task:
         modified except by "move". Each item's size and sha256 are known (hashed by the caller); a copy
         that does not match them raises IntegrityError. Returns the new records. Raises ConflictError
         when the task is not running, BusyError when its lock is taken.
+
+        Whatever is staged is named first in a marker (ckpt.staging), so that a kill at any point leaves
+        each source in its place, recorded, or where the next lock of the task (or `ckpt doctor`) puts it back.
         """
         if mode not in ("link", "copy", "move"):
             raise UsageError(f"unknown mode {mode!r}", hint="use link, copy or move")
@@ -826,17 +914,22 @@ class Task:
         cdir = self.folder / CHECKPOINT_DIR
         self.refuse_links()  # files are staged in checkpoints/ before the lock is taken
         fsutil.make_dirs(cdir)
+        # copying happens outside the lock, under temporary names, as in _commit_new; a file that can be
+        # hard-linked is linked straight to its numbered name under the lock (a link is never half-made)
+        cdev = os.stat(cdir).st_dev
+        plan = [
+            (item, None if mode == "link" and not item.is_dir and item.dev == cdev else cdir / _staging_name())
+            for item in items
+        ]
+        marker = self._stage_marker(plan, mode == "move")
         staged: list[tuple[Incoming, Path, str]] = []
         added: list[Checkpoint] = []
+        stuck = False
         try:
-            # copying happens outside the lock, under temporary names, as in _commit_new; a file that can be
-            # hard-linked is linked straight to its numbered name under the lock (a link is never half-made)
-            cdev = os.stat(cdir).st_dev
-            for item in items:
-                if mode == "link" and not item.is_dir and item.dev == cdev:
+            for item, tmp in plan:
+                if tmp is None:
                     staged.append((item, item.source, "direct"))
                     continue
-                tmp = cdir / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
                 if item.source.is_dir():
                     listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
                     how = fsutil.place_tree_new(item.source, tmp, mode, listed)
@@ -857,6 +950,7 @@ class Task:
                     for x in [x for x in staged if (x[0].sha256, x[0].size) in have]:
                         staged.remove(x)
                         _unstage(x)
+                        stuck |= x[2] == "move" and os.path.lexists(x[1])  # not put back: the marker stays
                 number = state.max_number
                 placed: list[Checkpoint] = []
                 renamed: list[tuple[str, str | Path]] = []
@@ -882,15 +976,32 @@ class Task:
             for item, tmp, how in staged:
                 if how == "direct" or not os.path.lexists(tmp):
                     continue
-                if how == "move":  # not committed: put the source back (if that fails, the file stays here)
-                    with contextlib.suppress(OSError, CkptError):
+                if how == "move":  # not committed: put the source back (if that fails, the marker stays)
+                    try:
                         fsutil.move_noreplace(tmp, item.source)
+                    except (OSError, CkptError):
+                        stuck = True
                     continue
                 fsutil.remove_tree(tmp)
+            if marker is not None:
+                marker.done(keep=stuck)
         for item, _, how in staged:
             if mode == "move" and how != "move":
                 fsutil.remove_tree(item.source)  # moved across file systems: the source goes once committed
         return added
+
+    def _stage_marker(self, plan: list[tuple[Incoming, Path | None]], move: bool) -> Marker | None:
+        """The marker naming what `plan` stages (ckpt.staging), written and held; None when nothing is staged."""
+        staged = [(item, tmp) for item, tmp in plan if tmp is not None]
+        if not staged:
+            return None
+        from .staging import Marker, StagedItem
+
+        listed = []
+        for item, tmp in staged:
+            st = os.lstat(item.source) if move else None
+            listed.append(StagedItem(tmp.name, item.source, move, st.st_dev if st else -1, st.st_ino if st else -1))
+        return Marker.write(self.folder, listed)
 
     def _place_locked(
         self,
@@ -985,6 +1096,8 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             v = v.item()  # a 0-d tensor or numpy scalar
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise UsageError(f"metric '{k}' must be a number, got {type(v).__name__}")
+        if isinstance(v, int) and not -(2**63) <= v < 2**63:  # TOML integers are 64-bit
+            raise UsageError(f"metric '{k}' is too large an integer for the manifest", hint="pass it as a float")
         out[k] = v
     return out
 
@@ -1003,7 +1116,8 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(parts)
 
 
-STAGING_PREFIX = ".import-"
+STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
+IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)
 
 
 @dataclass(slots=True)
@@ -1021,6 +1135,10 @@ class Incoming:
     files: list[tuple[str, int, str]] | None = None  # a folder's (relative path, size, sha256), if known
     is_dir: bool = False
     dev: int = -1  # st_dev of the source: a hard link needs the same file system
+
+
+def _staging_name() -> str:
+    return f"{STAGING_PREFIX}{os.urandom(6).hex()}"
 
 
 def _link_or_copy_locked(src: Path, target: str) -> str:

@@ -50,6 +50,7 @@ def _commands() -> list[list[str]]:
         out.append([c.name or ""])
     for g in app.registered_groups:
         assert g.typer_instance is not None
+        out.append([g.name or ""])
         for c in g.typer_instance.registered_commands:
             out.append([g.name or "", c.name or ""])
     return out

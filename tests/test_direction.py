@@ -12,6 +12,7 @@ import pytest
 
 import ckpt
 from ckpt.metrics import direction, mode_from_name
+from tests.conftest import make_task  # noqa: F401
 
 LOSSES = [0.5, float("nan"), 0.2, 0.9, 0.1, 0.4]
 
@@ -141,7 +142,7 @@ def test_keep_best_ranks_nan_and_missing_last(run: Any, any_ws: ckpt.Workspace) 
     assert plan["trashed"] == [1, 2, 4, 6]
     assert {k["number"] for k in plan["kept"]} == {3, 5, 7}
     r = run("trash-unused", "T", "--keep-best", "2", "--metric", "val_loss", "--dry-run")
-    assert "no val_loss recorded: ranked last" in r.stdout
+    assert "no val_loss value: missing, NaN or infinite, ranked last" in r.stdout
     assert "lowest val_loss is best" in r.stderr
     r = run("trash-unused", "T", "--keep-best", "2", "--metric", "val_loss", "--max", "--json")
     assert json.loads(r.stdout)["trashed"] == [2, 3, 5, 6]  # kept: #4 (0.9), #1 (0.5), #7 latest
@@ -214,3 +215,63 @@ def test_trash_says_why_linked_bytes_stay(run: Any, run_json: Any, ws: ckpt.Work
     assert plan["bytes_freed_on_empty"] == 300 and plan["not_freed"] is None
     emptied = run_json("trash", "empty", "--yes")
     assert 300 <= emptied["bytes_freed"] < 2300 and emptied["not_freed"] is None
+
+
+def test_infinite_and_huge_metrics_are_never_best(run: Any, run_json: Any, ws: ckpt.Workspace) -> None:
+    task = ws.create_task("I")
+    task.save(b"a", metrics={"val_loss": float("-inf"), "val_acc": float("inf")})
+    task.save(b"b", metrics={"val_loss": 0.3, "val_acc": 0.5})
+    task.save(b"c", metrics={"val_loss": float("inf"), "val_acc": float("-inf")})
+    task.save(b"d", metrics={"val_loss": 0.2, "val_acc": 0.4})
+    rows = run_json("list", "I", "--sort", "val_loss")
+    assert [r["number"] for r in rows] == [4, 2, 1, 3]  # the infinities (null in JSON) last
+    assert run_json("promote", "I", "--best", "val_loss", "--dry-run")["checkpoint"] == 4
+    assert run_json("promote", "I", "--best", "val_acc", "--dry-run")["checkpoint"] == 2
+    plan = run_json("trash-unused", "I", "--keep-best", "1", "--metric", "val_acc", "--dry-run")
+    assert plan["trashed"] == [1, 3]
+    with pytest.raises(ckpt.UsageError, match="too large an integer"):
+        task.save(b"e", metrics={"val_loss": 10**400})
+    with pytest.raises(ckpt.UsageError):
+        ws.create_task("J", metric_modes="min")  # type: ignore[arg-type]
+    assert run("list", "I").exit_code == 0
+
+
+def test_the_metrics_hint_is_valid_toml(run: Any, ws: ckpt.Workspace) -> None:
+    import tomllib
+
+    task = ws.create_task("Q")
+    task.save(b"a", metrics={"val.score": 1.0})
+    r = run("promote", "Q", "--best", "val.score")
+    assert r.exit_code == 2
+    line = r.stderr.split("[metrics] ", 1)[1].split(" in ckpt.toml")[0]
+    assert tomllib.loads(f"[metrics]\n{line}\n") == {"metrics": {"val.score": "min"}}
+
+
+def test_promote_title_edge_cases(run: Any, ws: ckpt.Workspace) -> None:
+    make = ws.create_task("t" * 98)
+    for i in range(10):
+        make.save(b"w%d" % i)
+    r = run("promote", "t" * 98, "10")
+    assert r.exit_code == 2 and "default title" in r.stderr and "--title" in r.stderr
+    r = run("promote", "t" * 98, "10", "--title", "")
+    assert r.exit_code == 2  # an empty $TITLE in a script is an error, not the default
+    r = run("finish", "t" * 98, "--failed", "--title", "x")
+    assert r.exit_code == 2 and "--failed" in r.stderr
+
+
+def test_dry_runs_refuse_what_the_command_refuses(run: Any, run_json: Any, ws: ckpt.Workspace) -> None:
+    task = ws.create_task("R")
+    for i in range(4):
+        task.save(b"w%d" % i)
+    ws.promote("R", 1, title="R-1")
+    entry = run_json("trash-unused", "R")["entry"]
+    (task.folder / "checkpoints" / "000002.pt").write_bytes(b"in the way")
+    assert run("trash", "restore", entry, "--dry-run").exit_code == 4
+    assert run("trash", "restore", entry).exit_code == 4
+    (ws.models_dir / "stray").mkdir()
+    assert run("models", "rename", "R-1", "stray", "--dry-run").exit_code == 4
+    assert run("models", "rename", "R-1", "stray").exit_code == 4
+    (task.folder / "checkpoints" / "000004.pt").unlink()
+    assert run("promote", "R", "4", "--dry-run").exit_code == 6
+    assert run("finish", "R", "--dry-run").exit_code == 6
+    assert run("finish", "R").exit_code == 6

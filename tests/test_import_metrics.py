@@ -79,6 +79,27 @@ def run_folder(tmp_path: Path) -> Path:
     return version
 
 
+def test_two_versions_each_read_their_own_log(tmp_path: Path, ws: ckpt.Workspace, run_json: Any) -> None:
+    """lightning_logs/version_0 and version_1 repeat file names: each file joins its own metrics.csv."""
+    run_folder(tmp_path)
+    v1 = tmp_path / "lightning_logs" / "version_1"
+    (v1 / "checkpoints").mkdir(parents=True)
+    (v1 / "metrics.csv").write_text("epoch,step,train_loss,val_loss\n1,3,8.5,\n1,3,,0.5\n")
+    path = v1 / "checkpoints" / "epoch=1-step=4-val_loss=0.12.ckpt"  # version_0's best's name, other bytes
+    save(path, 1, 4, callback("val_loss", "min", torch.tensor(0.5), {str(path): torch.tensor(0.5)}))
+    res = run_json("import", str(tmp_path / "lightning_logs"), "--task", "pl")
+    rows = {r["original_name"]: r for r in res["checkpoints"]}
+    assert rows["version_0/checkpoints/epoch=1-step=4-val_loss=0.12.ckpt"]["metrics"]["train_loss"] == 2.0
+    assert rows["version_1/checkpoints/epoch=1-step=4-val_loss=0.12.ckpt"]["metrics"] == {
+        "train_loss": 8.5,
+        "val_loss": 0.5,
+    }
+    # the latest file (version_0's step 4) names its own run's best, not version_1's file of a repeated name
+    assert [r["original_name"] for r in res["checkpoints"] if r["note"] and "best_model_path" in r["note"]] == [
+        "version_0/checkpoints/epoch=1-step=4-val_loss=0.12.ckpt"
+    ]
+
+
 def test_metrics_from_state_name_and_log(tmp_path: Path, ws: ckpt.Workspace, run_json: Any) -> None:
     version = run_folder(tmp_path)
     res = run_json("import", str(version), "--task", "pl")

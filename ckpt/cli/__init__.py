@@ -77,6 +77,7 @@ _COLLECTING = frozenset({"preview", "demo"})
 
 def main() -> NoReturn:
     """Entry point of the `ckpt` script (and of `python -m ckpt`)."""
+    stdout_closed = _open_closed_std_fds()
     argv = sys.argv[1:]
     if _invoked(argv) not in _COLLECTING:
         # a short command frees what it allocates by reference counting; the cyclic collector's passes over
@@ -95,6 +96,9 @@ def main() -> NoReturn:
         code = 130
     except Exception as e:
         code = _parser_error(e, argv)
+    if stdout_closed:
+        err("error: stdout was closed, so the output was lost (the command's work is done and kept)")
+        code = code or 1
     _exit(code)
 
 
@@ -110,7 +114,10 @@ def _parser_error(e: Exception, argv: list[str]) -> int:
         if type(e).__name__ == "Abort":  # Ctrl-D at a prompt
             err("aborted")
             return 1
-        raise e
+        if os.environ.get("CKPT_DEBUG"):
+            raise e
+        err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
+        return 1
     message = e.format_message()  # type: ignore[attr-defined]
     if type(e).__name__ == "NoArgsIsHelpError":  # `ckpt` or a group without a command: its help
         sys.stderr.write(message.rstrip("\n") + "\n")
@@ -121,6 +128,35 @@ def _parser_error(e: Exception, argv: list[str]) -> int:
     err(f"error: {' '.join(message.split()).rstrip('.')}; see: {where}")
     code = getattr(e, "exit_code", 2)
     return code if isinstance(code, int) else 2
+
+
+def _open_closed_std_fds() -> bool:
+    """Open /dev/null on each closed descriptor 0-2, so that no file ckpt opens becomes stdin, stdout or
+    stderr (a manifest opened as descriptor 1 would take the output); whether stdout was closed.
+
+    Output that cannot be encoded (a name that is not UTF-8, `PYTHONIOENCODING=ascii`) is written with
+    backslash escapes rather than ending the command half-way, as stderr always does.
+    """
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:  # in order: open() takes the lowest free descriptor
+        got = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if got != fd:  # pragma: no cover (only if 0-2 were not the lowest free)
+            os.dup2(got, fd)
+            os.close(got)
+    if 0 in closed:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if 1 in closed:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    return 1 in closed
 
 
 def _exit(code: object) -> NoReturn:

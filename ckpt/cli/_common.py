@@ -172,17 +172,28 @@ def console(stderr: bool = False) -> Any:
 
 
 def table(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, right: Sequence[str] = ()
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    title: str | None = None,
+    right: Sequence[str] = (),
+    whole: Sequence[str] = (),
+    items: Sequence[str] = (),
 ) -> None:
-    """Print a Rich table on stdout."""
-    from rich.table import Table
+    """Print a table on stdout, fitted to the terminal (`_table.render`), leftmost columns kept first.
 
-    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for c in columns:
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold", no_wrap=c in right)
-    for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
-    console().print(t)
+    `right` columns, and any whose values are all numbers, are right-aligned and never cut; `whole` ones are
+    never cut either; `items` ones (`k=v  k=v`) are cut between items; the others are text, cut with `…`.
+    """
+    from ._table import ITEMS, NUM, TEXT, WHOLE, Column, render
+
+    cols = []
+    for i, name in enumerate(columns):
+        values = [r[i] for r in rows]
+        numbers = all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values)
+        kind = NUM if name in right or (numbers and rows) else WHOLE if name in whole else TEXT
+        kind = ITEMS if name in items else kind
+        cols.append(Column(name, ["" if v is None else str(v) for v in values], kind, rank=i))
+    render(cols, title=title)
 
 
 def is_tty() -> bool:

@@ -118,6 +118,7 @@ def import_(
             for r in res.rows
         ],
         right=["#", "step", "epoch", "size"],
+        items=["metrics"],
     )
     how = {"link": "linked", "copy": "copied", "move": "moved"}[res.mode]
     made = " (new task)" if res.created_task else ""

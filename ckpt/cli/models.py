@@ -17,17 +17,17 @@ from ._common import (
     err,
     fmt_metric,
     human_size,
-    human_time,
     open_workspace,
     out,
     print_json,
     show_plan,
-    table,
 )
 from ._render import model_json
+from ._table import ColumnsOpt, LimitOpt, WideOpt, check_view, limited, model_columns, render
 
 models_app = typer.Typer(
-    help="The models: checkpoints promoted under a title. Without a subcommand: list them.",
+    help="The models: checkpoints promoted under a title. Without a subcommand: list them.\n\n"
+    "Example: ckpt models show unet-7",
     rich_markup_mode="rich",
     invoke_without_command=True,
     no_args_is_help=False,
@@ -40,8 +40,8 @@ def promote(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
     title: Annotated[
-        str, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
-    ] = "",
+        str | None, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
+    ] = None,
     best: Annotated[
         str | None, typer.Option("--best", help="Pick the checkpoint with the best value of this metric.")
     ] = None,
@@ -68,9 +68,9 @@ def promote(
     if dry_run:
         from ..plans import plan_promote
 
-        res = plan_promote(ws, task, number, title=title or None, best=best, mode=mode)
+        res = plan_promote(ws, task, number, title=title, best=best, mode=mode)
     else:
-        res = do_promote(ws, task, number, title=title or None, best=best, mode=mode, copy=copy)
+        res = do_promote(ws, task, number, title=title, best=best, mode=mode, copy=copy)
     if json:
         made = {**model_json(ws, res.model), "unchanged": res.unchanged, **direction_json(res.direction)}
         if dry_run and not res.unchanged:
@@ -93,7 +93,9 @@ def promote(
     out(f"model '{m.title}' from checkpoint {m.checkpoint} of task '{m.task}' ({m.storage}, {human_size(m.size)})")
 
 
-def _render_models(models: list, json: bool) -> None:  # type: ignore[type-arg]
+def _render_models(models: list, json: bool, view: tuple[int | None, str | None, bool]) -> None:  # type: ignore[type-arg]
+    limit, columns, wide = view
+    models = limited(models, limit)
     ws = open_workspace()
     if json:
         print_json([model_json(ws, m) for m in models])
@@ -101,51 +103,45 @@ def _render_models(models: list, json: bool) -> None:  # type: ignore[type-arg]
     if not models:
         err("no models yet; make one with: ckpt promote TASK N --title TITLE")
         return
-    table(
-        ["title", "task", "checkpoint", "metrics", "size", "storage", "created"],
-        [
-            [
-                m.title,
-                m.task,
-                m.checkpoint,
-                "  ".join(f"{k}={fmt_metric(v)}" for k, v in m.metrics.items()),
-                human_size(m.size),
-                m.storage,
-                human_time(m.created),
-            ]
-            for m in models
-        ],
-        right=["checkpoint", "size"],
-    )
+    render(model_columns(models), columns=columns, wide=wide)
 
 
 @models_app.callback()
-def models_default(ctx: typer.Context, json: JsonOpt = False) -> None:
+def models_default(
+    ctx: typer.Context,
+    limit: LimitOpt = None,
+    columns: ColumnsOpt = None,
+    wide: WideOpt = False,
+    json: JsonOpt = False,
+) -> None:
     """Every model: title, task, checkpoint, metrics, size, storage, created."""
     if ctx.invoked_subcommand is not None:
         return
-    _list(json)
+    _list(json, (limit, columns, wide))
 
 
 @command(models_app, "list")
-def models_list(json: JsonOpt = False) -> None:
+def models_list(
+    limit: LimitOpt = None, columns: ColumnsOpt = None, wide: WideOpt = False, json: JsonOpt = False
+) -> None:
     """Every model: title, task, checkpoint, metrics, size, storage, created.
 
     Example: ckpt models list --json
     """
-    _list(json)
+    _list(json, (limit, columns, wide))
 
 
-def _list(json: bool) -> None:
+def _list(json: bool, view: tuple[int | None, str | None, bool]) -> None:
     from ._common import handle_errors
 
     @handle_errors
     def run() -> None:
+        check_view(json, view[1], view[2])
         ws = open_workspace()
         models, errors = ws.models.read_all()
         for e in errors:
             err(f"warning: skipped a model: {e}")
-        _render_models(models, json)
+        _render_models(models, json, view)
 
     run()
 

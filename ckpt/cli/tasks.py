@@ -14,7 +14,6 @@ from ._common import (
     err,
     fmt_metric,
     human_size,
-    human_time,
     json_to_terminal,
     open_workspace,
     out,
@@ -34,6 +33,16 @@ from ._render import (
     splice_rows,
     task_json,
     task_text,
+)
+from ._table import (
+    ColumnsOpt,
+    LimitOpt,
+    WideOpt,
+    check_view,
+    checkpoint_columns,
+    limited,
+    render,
+    task_columns,
 )
 
 if TYPE_CHECKING:
@@ -62,42 +71,33 @@ def init(
 
 
 @command(app, "tasks", rich_help_panel="Tasks")
-def tasks_list(json: JsonOpt = False) -> None:
+def tasks_list(
+    limit: LimitOpt = None, columns: ColumnsOpt = None, wide: WideOpt = False, json: JsonOpt = False
+) -> None:
     """Every task: status, number of checkpoints, size on disk, latest metrics.
 
     Example: ckpt -w runs tasks --json
     """
+    check_view(json, columns, wide)
     ws = open_workspace()
     if json and not json_to_terminal():
         # a script's listing: each task's row is kept as text while its manifest is unchanged
         texts, errors = ws.tasks_rendered(TASKS_FORM, task_text)
         for e in errors:
             err(f"warning: skipped a task: {e}")
-        out("[" + ", ".join(texts) + "]")  # what print_json writes for the rows: ", " between items
+        out("[" + ", ".join(limited(texts, limit)) + "]")  # what print_json writes for the rows: ", " between items
         return
     rows, errors = ws.tasks()
     for e in errors:
         err(f"warning: skipped a task: {e}")
+    rows = limited(rows, limit)
     if json:
         print_json([task_json(r) for r in rows])
         return
     if not rows:
         err("no tasks yet; training scripts create them with ckpt.Workspace.create_task")
         return
-    table(
-        ["task", "status", "checkpoints", "size", "latest metrics"],
-        [
-            [
-                r.name,
-                r.status,
-                r.checkpoints,
-                human_size(r.size),
-                "  ".join(f"{k}={fmt_metric(v)}" for k, v in r.latest_metrics.items()),
-            ]
-            for r in rows
-        ],
-        right=["checkpoints", "size"],
-    )
+    render(task_columns(rows), columns=columns, wide=wide)
 
 
 _FIELDS = ("number", "step", "epoch", "size", "created")
@@ -132,19 +132,32 @@ def list_checkpoints(
         bool | None,
         typer.Option("--desc/--asc", help="Sort order (default: a metric best first, other fields ascending)."),
     ] = None,
+    limit: LimitOpt = None,
+    top: Annotated[
+        int | None,
+        typer.Option("--top", min=1, metavar="N", help="The best N by the --sort metric (best first)."),
+    ] = None,
+    columns: ColumnsOpt = None,
+    wide: WideOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them.
 
     Example: ckpt list unet --sort val_loss   (best first: a loss is better lower)
+
+    Example: ckpt list unet --sort val_loss --top 5   (the best 5)
     """
     from ..errors import UsageError
 
+    check_view(json, columns, wide)
+    if top is not None:
+        _check_top(task, sort, desc, limit)
+        limit = top
     ws = open_workspace()
     t = ws.task(task)
     t.settle()  # an interrupted trash is finished or undone first, as every locking command does
     # a script's plain listing reuses the rows' text kept from the last one while the task is unchanged
-    plain = json and sort is None and not desc and not json_to_terminal()
+    plain = json and sort is None and not desc and limit is None and not json_to_terminal()
     cached = t.cached_rows(ROWS_FORM) if plain else None
     pieces = _from_cache(cached, ws.models_of(task)) if cached is not None else None
     if cached is not None and pieces is not None:
@@ -169,6 +182,7 @@ def list_checkpoints(
         cps = _sorted(t, cps, sort, desc)
     elif desc:  # --desc alone: by number, newest first
         cps = cps[::-1]
+    cps = limited(cps, limit)
     if json:
         rendered = _plain_rows(ws, t, cps) if plain else None
         made = rendered and splice_rows(rendered[0], [cp.number for cp in cps], rendered[1], models)
@@ -181,31 +195,20 @@ def list_checkpoints(
     if not cps:
         err(f"task '{task}' has no checkpoints yet")
         return
-    metric_names: list[str] = []
-    for cp in cps:
-        for k in cp.metrics:
-            if k not in metric_names:
-                metric_names.append(k)
-    rows = []
-    for cp in cps:
-        rows.append(
-            [
-                cp.number,
-                cp.step,
-                cp.epoch,
-                *[fmt_metric(cp.metrics.get(m)) for m in metric_names],
-                human_size(cp.size),
-                human_time(cp.created),
-                ", ".join(models.get(cp.number, [])),
-                "latest" if cp.number == latest else "",
-            ]
-        )
-    table(
-        ["#", "step", "epoch", *metric_names, "size", "created", "models", ""],
-        rows,
-        title=f"{task} ({t.status})",
-        right=["#", "step", "epoch", *metric_names, "size"],
-    )
+    render(checkpoint_columns(cps, latest, models, sort), title=f"{task} ({t.status})", columns=columns, wide=wide)
+
+
+def _check_top(task: str, sort: str | None, desc: bool | None, limit: int | None) -> None:
+    """--top N is --limit N of a listing sorted best first by a metric: without one it means nothing (exit 2)."""
+    from ..errors import UsageError
+
+    if sort is None or sort in _FIELDS:
+        hint = f"e.g. ckpt list {task} --sort val_loss --top 5"
+        raise UsageError("--top N needs --sort METRIC (best first)", hint=hint)
+    if desc is not None:
+        raise UsageError("--top lists best first; --asc / --desc choose another order", hint="use --limit N instead")
+    if limit is not None:
+        raise UsageError("--top N is --limit N best first: give one of them", hint="drop --limit")
 
 
 def _from_cache(cached: CachedRows, models: dict[int, list[str]]) -> list[bytes | memoryview] | None:
@@ -270,6 +273,7 @@ def show(
         table(
             ["tensor", "shape", "dtype"],
             [[x.name, "×".join(map(str, x.shape)) or "scalar", x.dtype] for x in info.tensors],
+            whole=["shape", "dtype"],
         )
 
 
@@ -287,8 +291,11 @@ def finish(
 
     Example: ckpt finish unet --title unet-final
     """
+    from ..errors import UsageError
     from ..models import finish as do_finish
 
+    if failed and title is not None:
+        raise UsageError("--title goes with a finish that promotes, not with --failed")
     ws = open_workspace()
     if dry_run:
         from ..plans import plan_finish

@@ -20,7 +20,6 @@ from ._common import (
     direction_json,
     err,
     human_size,
-    human_time,
     open_workspace,
     out,
     plural,
@@ -28,10 +27,12 @@ from ._common import (
     show_plan,
     table,
 )
+from ._table import ColumnsOpt, LimitOpt, WideOpt, check_view, limited, render, trash_columns
 from .models import models_app
 
 trash_app = typer.Typer(
-    help="The trash bin: list, restore and empty what trash-unused and models remove moved there.",
+    help="The trash bin: list, restore and empty what trash-unused and models remove moved there.\n\n"
+    "Example: ckpt trash list",
     rich_markup_mode="rich",
     no_args_is_help=True,
 )
@@ -157,39 +158,32 @@ def _entry_json(e: Any) -> dict[str, Any]:
 
 
 @command(trash_app, "list")
-def trash_list(json: JsonOpt = False) -> None:
+def trash_list(
+    limit: LimitOpt = None, columns: ColumnsOpt = None, wide: WideOpt = False, json: JsonOpt = False
+) -> None:
     """Every trash entry: id, task, checkpoints or model, size, created, and the command that made it.
 
     Example: ckpt trash list --json
     """
     from ..trash import list_entries
 
+    check_view(json, columns, wide)
     ws = open_workspace()
     entries, errors = list_entries(ws)
     for e in errors:
         err(f"warning: skipped a trash entry: {e}")
+    entries = limited(entries, limit)
     if json:
         print_json([_entry_json(e) for e in entries])
         return
     if not entries:
         err("the trash is empty")
         return
-    table(
-        ["id", "task", "what", "size", "created", "state", "reason"],
-        [
-            [
-                e.id,
-                e.task,
-                f"model {e.title}" if e.kind == "model" else f"checkpoints {_numbers(e.numbers)}",
-                human_size(e.size),
-                human_time(e.created),
-                e.state,
-                e.reason,
-            ]
-            for e in entries
-        ],
-        right=["size"],
-    )
+    render(trash_columns(entries, _what), columns=columns, wide=wide)
+
+
+def _what(e: Any) -> str:
+    return f"model {e.title}" if e.kind == "model" else f"checkpoints {_numbers(e.numbers)}"
 
 
 @command(trash_app, "restore")
@@ -257,12 +251,15 @@ def trash_empty(
     if dry_run:
         from ..plans import Plan
 
-        would = [f"delete trash entry {e.id} ({human_size(e.size)})" for e in plan.entries]
+        would = [
+            f"delete trash entry {e.id} ({human_size(e.size)}; frees about {human_size(e.bytes)})" for e in plan.entries
+        ]
         show_plan(Plan(would + [f"finish deleting {p.name}" for p in plan.leftovers]), json)
         return
     if plan.entries:
         confirm(
-            f"delete {plural(len(plan.entries), 'trash entry', 'trash entries')} ({human_size(plan.size)}) for good?",
+            f"delete {plural(len(plan.entries), 'trash entry', 'trash entries')} ({human_size(plan.size)}; frees "
+            f"about {human_size(sum(e.bytes for e in plan.entries))}) for good?",
             yes,
         )
     res = empty(ws, plan) if plan.entries or plan.leftovers else None
