@@ -239,15 +239,16 @@ def _link_error(path: str | Path, shown: str) -> SymlinkError:
     )
 
 
-def refuse_links(root: Path, rel: str) -> None:
+def refuse_links(root: Path, rel: str, shown_from: str = "") -> None:
     """Raise SymlinkError naming the first part of `rel` below `root` (the last part included) that is a symlink.
 
     The workspace's own paths (`tasks/`, `models/`, `trash/`, a task or model folder, `checkpoints/`, a manifest,
     entry, cache or lock file) are never followed: a link there may lead out of the workspace. `root` itself may
-    be a link. Stops at the first part that does not exist (nothing below it can be a link).
+    be a link. Stops at the first part that does not exist (nothing below it can be a link). The error names the
+    part as `shown_from` (where `root` is, relative to the workspace) joined with `rel` up to that part.
     """
     path = os.fspath(root)
-    done = ""
+    done = shown_from.rstrip("/")
     for part in rel.split("/"):
         if not part:
             continue

@@ -313,7 +313,8 @@ class Workspace:
         if name in self._tasks:
             return self._tasks[name]
         folder = self.tasks_dir / name
-        fsutil.refuse_links(self.root, f"tasks/{name}/{TASK_FILE}")  # tasks/, the task folder, its manifest
+        t = Task(self, name)
+        t.refuse_links()  # tasks/, the task folder, checkpoints/, its manifest, caches and lock: before any is read
         manifest = folder / TASK_FILE
         if not os.path.lexists(manifest) or os.path.isdir(manifest):  # a FIFO or device: refused when it is read
             if folder.is_dir() and (folder / CHECKPOINT_DIR).is_dir():
@@ -321,8 +322,6 @@ class Workspace:
                     f"task manifest {self.rel(folder / TASK_FILE)} is missing", path=folder, hint="run: ckpt doctor"
                 )
             raise TaskNotFound(f"task '{name}' does not exist", path=folder, hint="see: ckpt tasks")
-        t = Task(self, name)
-        t.refuse_links()
         self._tasks[name] = t
         return t
 
@@ -488,7 +487,7 @@ class Task:
         """
         fsutil.refuse_links(self.ws.root, f"tasks/{self.name}/{CHECKPOINT_DIR}")
         for own in (TASK_FILE, LOCK_FILE, CACHE_FILE, LIST_CACHE_FILE):
-            fsutil.refuse_links(self.folder, own)
+            fsutil.refuse_links(self.folder, own, f"tasks/{self.name}")
 
     # -- reading --
 

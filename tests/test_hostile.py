@@ -144,7 +144,7 @@ def test_a_linked_cache_or_lock_file_is_refused(
     for args in (["trash-unused", "unet"], ["list", "unet", "--json"]):
         result = run(*args)
         assert_clean_error(result, 6)
-        assert f"'{own}' is a symlink" in result.stderr
+        assert f"'tasks/unet/{own}' is a symlink" in result.stderr
     assert snapshot(outside) == before and sha(outside / "precious.pt") == digest
 
 
