@@ -52,7 +52,7 @@ def by_checkpoint(sources: dict[str, Source], task: str) -> dict[int, list[str]]
 
 def _load(path: Path) -> dict[str, list[object]]:
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(fsutil.read_own(path))  # a link there is refused (SymlinkError), a FIFO is dropped
     except (OSError, ValueError):
         return {}
     if not isinstance(doc, dict) or doc.get("v") != VERSION or not isinstance(doc.get("models"), dict):

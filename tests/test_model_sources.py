@@ -222,3 +222,20 @@ def test_cache_in_the_way_is_only_a_cost(run_json: Any, ws: ckpt.Workspace, pars
         assert listed(run_json) == {1: ["a"]}
         assert parses == ["a"]
     assert (cache / "x").read_text() == "kept"
+
+
+def test_cache_as_a_link_is_refused_and_as_a_fifo_dropped(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    make_task(ws, "unet", n=2)
+    ws.promote("unet", 1, title="a")
+    cache = ws.root / "tasks" / model_sources.MODELS_CACHE_FILE
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"outside")
+    cache.symlink_to(precious)
+    result = run("list", "unet")
+    assert result.exit_code == 6 and "is a symlink" in result.stderr, result.output
+    assert precious.read_bytes() == b"outside" and cache.is_symlink()
+    cache.unlink()
+    os.mkfifo(cache)
+    result = run("list", "unet", "--json")  # a blocking open would hang here
+    assert result.exit_code == 0, result.output
+    assert cache.is_file()
