@@ -17,8 +17,12 @@ from ._common import STATE, err
 app = typer.Typer(
     name="ckpt",
     help="Manage the checkpoints training runs leave behind: list, promote, preview, trash.",
-    # Rich help (panels, argument text): Rich is imported only to print help or an error, never to run a command
-    rich_markup_mode="rich",
+    # plain help: Rich's help (panels) made `ckpt --help` 2.4x `import typer, rich` against 1.7x plain
+    # (benchmarks/README.md); the groups are named in the epilog instead
+    rich_markup_mode=None,
+    epilog="Commands by group, in the order you meet them. Tasks: init, tasks, list, show, finish. "
+    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Files: import, scan, verify. "
+    "Preview: preview, demo. Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.",
     add_completion=True,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
