@@ -130,8 +130,13 @@ def _parser_error(e: Exception, argv: list[str]) -> int:
         sys.stderr.write(message.rstrip("\n") + "\n")
         return 2
     ctx = getattr(e, "ctx", None)  # the command the parser was in: `ckpt models show`
-    path, root = (ctx.command_path, ctx.find_root().command_path) if ctx is not None else ("", "")
-    where = "ckpt" + path[len(root) :] + " --help"  # `python -m ckpt models show`: `ckpt models show`
+    if ctx is not None:
+        path, root = ctx.command_path, ctx.find_root().command_path
+        where = "ckpt" + path[len(root) :] + " --help"  # `python -m ckpt models show`: `ckpt models show`
+    else:  # an option's value missing at the end of the line: the parser gives no context
+        name = _invoked(argv)
+        known = {_command_name(c) for c in app.registered_commands} | {_group_name(g) for g in app.registered_groups}
+        where = f"ckpt {name} --help" if name in known else "ckpt --help"
     err(f"error: {' '.join(message.split()).rstrip('.')}; see: {where}")
     code = getattr(e, "exit_code", 2)
     return code if isinstance(code, int) else 2
