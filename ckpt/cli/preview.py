@@ -148,7 +148,7 @@ def _render(res: PreviewResult) -> None:
         err(f"predicted masks written under {res.saved_masks}")
     grid = f"{plural(len(res.images), 'image')} × {plural(len(res.checkpoints), 'checkpoint')}"
     shape = f"{res.size[0]}×{res.size[1]}, {grid}"
-    out(f"wrote {res.output} ({shape}, {precision_note(res.checkpoints)})")
+    out(f"wrote {res.output} ({shape}, {precision_note(res.checkpoints, res.precision)})")
 
 
 def _precision(precision: str, agreement: float | None) -> str:
