@@ -1081,36 +1081,57 @@ def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
         state = task.reload() if isinstance(task, StoreTask) else None
     except TaskNotFound:
         state = None
-    if entry.tracked:
-        if state is not None and entry.id in state.header.trashing:  # its commit landed: finish it
-            assert isinstance(task, StoreTask)
+    if state is not None and entry.id in state.header.trashing:  # its commit landed: finish it
+        assert isinstance(task, StoreTask)
+        return _finish_trash(ws, task, entry)
+    kept = state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints)
+    if kept and _age(entry.created) < STALE_PENDING:
+        # its commit has not landed. Without a lock, a trash still running on another machine looks the same,
+        # so only an entry older than STALE_PENDING is undone
+        return entry
+    # read again after the manifest: an entry finished meanwhile was complete before it left `trashing`
+    try:
+        fresh = _read_entry(ws, entry.id)
+    except NotFoundError:
+        return replace(entry, state="gone")
+    if fresh.state != "pending":
+        return fresh
+    if not kept and _copies_whole(ws, entry) and not _held_elsewhere(ws, entry):
+        # its records went and the manifest does not name it: its own commit landed and the name was lost (an
+        # entry of an older ckpt, or a manifest one rewrote), since no other entry holds its checkpoints
+        if isinstance(task, StoreTask):
             return _finish_trash(ws, task, entry)
-        if state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints):
-            # its commit has not landed. Without a lock, a trash still running on another machine looks the
-            # same, so only an entry older than STALE_PENDING is undone
-            if _age(entry.created) < STALE_PENDING:
-                return entry
-        # else its records went, but not by its commit (another trash took them): its copies are not needed.
-        # Read again after the manifest: an entry finished meanwhile was complete before it left `trashing`
+        done = replace(entry, state="complete")
+        _put_entry(ws, done)
+        return done
+    # undone: its commit never landed (or another trash, run after it stopped, took its checkpoints)
+    _delete_entry(ws, entry.id)
+    return replace(entry, state="gone")
+
+
+def _copies_whole(ws: StoreWorkspace, entry: Entry) -> bool:
+    from .trash import FILES_DIR
+
+    prefix = f"trash/{entry.id}/{FILES_DIR}/"
+    tops = {"/".join(b.key[len(prefix) :].split("/")[:2]) for b in ws.storage.list_prefix(prefix)}
+    return all(cp.file in tops for cp in entry.checkpoints)
+
+
+def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
+    """Whether another trash entry holds one of `entry`'s checkpoints (reads every entry: a rare path)."""
+    from .trash import _ID
+
+    mine = set(entry.numbers)
+    for other in ws.storage.children("trash/"):
+        if other == entry.id or not _ID.fullmatch(other):
+            continue
         try:
-            fresh = _read_entry(ws, entry.id)
-        except NotFoundError:
-            return replace(entry, state="gone")
-        if fresh.state != "pending":
-            return fresh
-        _delete_entry(ws, entry.id)
-        return replace(entry, state="gone")
-    # an entry of an older ckpt, which did not name the entry in the manifest
-    if state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints):
-        if _age(entry.created) < STALE_PENDING:
-            return entry
-        _delete_entry(ws, entry.id)
-        return replace(entry, state="gone")
-    base = f"tasks/{entry.task}/"
-    ws.storage.delete([k for cp in entry.checkpoints for k in _keys_of(ws, base + cp.file)])
-    done = replace(entry, state="complete")
-    _put_entry(ws, done)
-    return done
+            e = _read_entry(ws, other)
+        except CkptError:
+            continue
+        if e.kind == "checkpoints" and e.task == entry.task and mine & set(e.numbers):
+            return True
+    return False
 
 
 def _empty_entry(ws: StoreWorkspace, entry_id: str) -> int:
