@@ -10,6 +10,7 @@ a command reported done is undone. `test_every_fault_at_every_call` walks every 
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -531,3 +532,34 @@ def test_a_landed_trash_whose_name_an_older_ckpt_dropped_is_still_finished(
         entries, _ = ckpt.trash.list_entries(fresh(st))
     assert [(e.state, e.numbers) for e in entries] == [("complete", [1, 2, 3])]
     check(st, before)
+
+
+def test_restore_of_an_entry_missing_a_copy_changes_nothing(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    entry = _entry(seeded(st))
+    del st.objects[f"trash/{entry}/{FILES_DIR}/checkpoints/000002.pt"]  # damaged (an older ckpt's interrupted empty)
+    snapshot = dict(st.objects)
+    with pytest.raises(CkptError, match="missing the files of 1 checkpoint") as e:
+        restore(fresh(st), entry)
+    assert e.value.exit_code == 6
+    assert st.objects == snapshot
+
+
+def test_cli_shows_an_interrupted_empty(
+    memory: Callable[[], MemoryStorage], run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = memory()
+    monkeypatch.setenv("CKPT_WORKSPACE", st.url)
+    ws = seeded(st)
+    entry = _entry(ws)
+    st.fault = Fault(at=st.calls.count("delete") + 1, kind="kill_after", method="delete")
+    with pytest.raises(Killed):
+        empty(ws, plan_empty(ws))
+    st.revive()
+    listed = run("trash", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert [(e["id"], e["state"]) for e in json.loads(listed.stdout)] == [(entry, "emptying")]
+    refused = run("trash", "restore", entry)
+    assert refused.exit_code == 4 and "being emptied" in refused.stderr
+    assert run("trash", "empty", "--yes").exit_code == 0
+    assert not any(k.startswith("trash/") for k in st.objects)
