@@ -10,8 +10,8 @@ a command reported done is undone. `test_every_fault_at_every_call` walks every 
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
