@@ -114,6 +114,8 @@ class FileInfo:
     tensors: list[TensorInfo] = field(default_factory=list)
     unsafe_globals: list[str] = field(default_factory=list)
     note: str | None = None
+    weights_under: str | None = None  # "state_dict": a Lightning checkpoint, whose weights are under that key
+    other_tensors: dict[str, int] = field(default_factory=dict)  # tensors outside the weights, by top-level key
 
     @property
     def parameters(self) -> int:
@@ -345,10 +347,29 @@ def _inspect_torch_zip(f: BinaryIO, path: Path) -> FileInfo:
         return FileInfo("unknown", note="a zip archive without data.pkl")
     obj, reader = found
     try:
+        if _is_lightning(obj):
+            # the model's weights are the state dict; callback and optimizer state are no parameters
+            others = {str(k): len(_tensors(reader, v)) for k, v in obj.items() if k != "state_dict"}
+            return FileInfo(
+                "torch-zip",
+                _tensors(reader, obj["state_dict"]),
+                sorted(set(reader.seen_globals)),
+                weights_under="state_dict",
+                other_tensors={k: n for k, n in others.items() if n},
+            )
         tensors = _tensors(reader, obj)
     except TooComplex as e:
         raise _too_complex(path, e) from None
     return FileInfo("torch-zip", tensors, sorted(set(reader.seen_globals)))
+
+
+def _is_lightning(obj: Any) -> bool:
+    """A Lightning checkpoint: a dict with a `state_dict` dict and Lightning's own top-level keys."""
+    return (
+        isinstance(obj, dict)
+        and isinstance(obj.get("state_dict"), dict)
+        and any(k in obj for k in ("pytorch-lightning_version", "global_step", "callbacks", "optimizer_states"))
+    )
 
 
 def top_level_scalars(path: Path) -> dict[str, int | float | str | bool]:

@@ -180,8 +180,9 @@ def hf_metrics(state: dict[str, Any], step: int) -> tuple[int | None, dict[str, 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        with fsutil.open_regular_file(path) as f:  # a FIFO or device there is no metadata (never waited on)
+            doc = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):  # NotRegularFile is an OSError; RecursionError: JSON nested deep
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -343,8 +344,8 @@ def _read_lightning(found: list[Found]) -> None:
 def _is_zip(path: Path) -> bool:
     """Whether the file starts as a zip archive (every torch checkpoint since torch 1.6 does)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = fsutil.open_regular(path)
+    except OSError:  # NotRegularFile too: hashing refuses it later
         return False
     try:
         return os.read(fd, 4) == b"PK\x03\x04"
@@ -407,7 +408,7 @@ def read_metrics_csv(path: Path) -> dict[int, list[tuple[int, dict[str, float]]]
     import csv
 
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(fsutil.open_regular(path), newline="", encoding="utf-8") as f:  # never a FIFO or device
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or "epoch" not in header or "step" not in header:
@@ -625,7 +626,7 @@ def import_path(
     check_task_name(name)
     modes = found_modes(found)
     origin = src.resolve()
-    source = {"path": str(origin if origin.is_dir() else origin.parent), "how": mode}
+    source = {"path": escape_path(str(origin if origin.is_dir() else origin.parent)), "how": mode}
     created = False
     try:
         t = ws.task(name)

@@ -204,7 +204,8 @@ def recover(
             except FileNotFoundError:
                 st = None
             if st is not None:
-                if item.move and (st.st_dev, st.st_ino) == (item.dev, item.ino):
+                # the moved source itself; or anything, where the source is gone: never delete the only copy
+                if (item.move and (st.st_dev, st.st_ino) == (item.dev, item.ino)) or not os.path.lexists(item.source):
                     ok = _put_back(staged, item.source, dry_run)
                     stuck |= not ok
                     repairs.append(_back(rel(staged), item.source, ok, dry_run))

@@ -42,7 +42,6 @@ from .manifest import (
 )
 from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
-from .pathtext import escape_path
 from .storage import is_url
 from .timeutil import now_iso
 
@@ -213,6 +212,8 @@ class Workspace:
 
     def rel(self, path: Path) -> str:
         """`path` relative to the workspace root, with forward slashes, as text (pathtext: a name may not be UTF-8)."""
+        from .pathtext import escape_path  # here: `import ckpt` need not pay for it
+
         try:
             return escape_path(path.relative_to(self.root).as_posix())
         except ValueError:
@@ -931,6 +932,17 @@ class Task:
                         stuck = True
                     continue
                 fsutil.remove_tree(tmp)
+            done = {id(x[0]) for x in staged}
+            for item, tmp in plan:  # an item cut off while it was being staged (a folder half copied)
+                if tmp is None or id(item) in done or not os.path.lexists(tmp):
+                    continue
+                if mode == "move" and not os.path.lexists(item.source):
+                    try:
+                        fsutil.move_noreplace(tmp, item.source)
+                    except (OSError, CkptError):
+                        stuck = True
+                else:
+                    fsutil.remove_tree(tmp)
             if marker is not None:
                 marker.done(keep=stuck)
         for item, _, how in staged:

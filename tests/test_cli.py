@@ -191,7 +191,7 @@ def test_short_commands_run_without_the_cyclic_collector(argv: list[str], collec
     """`main` turns the cyclic garbage collector off for short commands, not for those that run networks."""
     code = (
         "import gc, sys, typer, ckpt.cli as c\n"
-        "def run(self, **kw): sys.stdout.write(f'{gc.isenabled()}\\n'); raise SystemExit(0)\n"
+        "def run(self, *args, **kwargs): sys.stdout.write(f'{gc.isenabled()}\\n'); raise SystemExit(0)\n"
         "typer.Typer.__call__ = run\n"
         f"sys.argv = ['ckpt', *{argv!r}]\n"
         "c.main()\n"

@@ -208,3 +208,14 @@ def test_missing_s3_credentials_are_one_line(tmp_path: Path) -> None:
     r = ckpt_cmd("-w", "s3://no-such-bucket/ws", "tasks", cwd=tmp_path, env=env)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "AWS_ACCESS_KEY_ID" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["list", "unet"], ["list", "unet", "--json"], ["tasks"], ["promote", "unet", "1"]])
+def test_a_full_stdout_is_named_as_such(ws: ckpt.Workspace, args: list[str]) -> None:
+    make_task(ws, "unet", n=2)
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([*CKPT, *args], cwd=ws.root, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1].startswith("error: cannot write the output: No space left on device (stdout)")
+    assert "Traceback" not in r.stderr and "ckpt doctor" not in r.stderr

@@ -72,7 +72,7 @@ def test_no_file_ckpt_opens_becomes_stdout_or_stdin() -> None:
     append to would take the output); ckpt puts /dev/null there first."""
     code = (
         "import os, sys, typer, ckpt.cli as c\n"
-        "def run(self, **kw):\n"
+        "def run(self, *args, **kwargs):\n"
         "    fd = os.open(os.devnull, os.O_RDONLY)\n"
         '    os.write(2, f\'{os.readlink("/proc/self/fd/0")} {os.readlink("/proc/self/fd/1")} {fd}\\n\'.encode())\n'
         "    raise SystemExit(0)\n"
@@ -192,12 +192,21 @@ def test_an_import_that_meets_a_full_disk_leaves_the_manifest_as_it_was(
     src.mkdir()
     for i in range(3):
         (src / f"model_{i}.pt").write_bytes(os.urandom(50))
+    appended: list[bytes] = []
+    real_append = fsutil.append_durably
+
+    def append(path: Path, data: bytes) -> None:  # what the manifest was just before the append
+        appended.append(path.read_bytes())
+        real_append(path, data)
+
     with monkeypatch.context() as m:
         _failing_write(m, 30)
+        m.setattr(fsutil, "append_durably", append)
         res = run("import", str(src), "--task", "imp", "--move")
     assert res.exit_code == 1, res.output
     assert "No space left on device" in res.stderr and res.stderr.count("\n") == 1
-    assert manifest.read_bytes() == before
+    assert len(appended) == 1 and manifest.read_bytes() == appended[0]
+    assert manifest.read_bytes().count(b"[[checkpoints]]") == before.count(b"[[checkpoints]]")
     assert sorted(os.listdir(src)) == ["model_0.pt", "model_1.pt", "model_2.pt"]  # moved back
     assert run("verify").exit_code == 0
     res = run("import", str(src), "--task", "imp", "--move", "--json")
@@ -288,15 +297,15 @@ def test_a_failed_import_leaves_no_empty_task_behind(
 _STEPS = ("move_noreplace", "link_new", "copy_new", "append_durably", "fsync_dir", "remove_tree", "remove_file")
 
 
-def _killed_at(k: int, work: Callable[[], object]) -> bool:
+def _killed_at(k: int, work: Callable[[], object], steps: tuple[str, ...] = _STEPS) -> bool:
     """Run `work` in a forked child that is killed (os._exit, no cleanup) just before its k-th file-system
-    step; whether it was killed (False: it finished first)."""
+    step (a call of one of fsutil's `steps`); whether it was killed (False: it finished first)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         code = 0
         try:
             count = [0]
-            for name in _STEPS:
+            for name in steps:
                 real = getattr(fsutil, name)
 
                 def step(*a: Any, _real: Any = real, **kw: Any) -> Any:
@@ -407,8 +416,9 @@ def test_doctor_says_what_a_killed_import_left_then_puts_it_back(
 
     make_task(ws, name="imp", n=1)
     src, files = _source(tmp_path)
-    # killed before its 4th step (after the marker's folder fsync and two renames): two files staged
-    assert _killed_at(4, lambda: import_path(ckpt.Workspace.open(ws.root), src, task="imp", mode="move"))
+    # killed before its third rename: two files staged
+    work = lambda: import_path(ckpt.Workspace.open(ws.root), src, task="imp", mode="move")  # noqa: E731
+    assert _killed_at(3, work, steps=("move_noreplace",))
     assert sorted(p.name for p in src.rglob("*.pt")) == ["c_3.pt", "d_4.pt"]
     task_folder = ws.root / "tasks/imp"
     assert len(list(task_folder.glob(".importing-*"))) == 1
@@ -431,7 +441,8 @@ def test_a_read_only_command_puts_back_what_a_killed_import_left(tmp_path: Path,
 
     make_task(ws, name="imp", n=1)
     src, files = _source(tmp_path)
-    assert _killed_at(4, lambda: import_path(ckpt.Workspace.open(ws.root), src, task="imp", mode="move"))
+    work = lambda: import_path(ckpt.Workspace.open(ws.root), src, task="imp", mode="move")  # noqa: E731
+    assert _killed_at(2, work, steps=("move_noreplace",))  # one file staged
     assert _ckpt(ws, "list", "imp").returncode == 0
     assert _where(ws.root, "imp", src, files) == {rel: ["source"] for rel in files}
 
@@ -495,3 +506,42 @@ def test_a_killed_import_of_trainer_folders_puts_each_folder_back(tmp_path: Path
         if recorded:
             break  # committed: later steps only clean up
     assert kills >= 4
+
+
+def test_a_staged_copy_whose_source_is_gone_goes_to_the_source_name(tmp_path: Path, ws: ckpt.Workspace) -> None:
+    """Recovery deletes a staged copy only while its source is still there: never the only copy."""
+    from ckpt.staging import Marker, StagedItem
+
+    task = make_task(ws, name="imp", n=1)
+    staged = task.folder / "checkpoints" / ".import-0123456789ab"
+    staged.write_bytes(b"the only copy left")
+    source = tmp_path / "gone" / "w.pt"
+    Marker.write(task.folder, [StagedItem(staged.name, source, False)]).done(keep=True)
+    with task.lock():
+        pass
+    assert source.read_bytes() == b"the only copy left" and not staged.exists()
+    assert not list(task.folder.glob(".importing-*"))
+
+
+def test_a_folder_copy_that_fails_half_way_leaves_nothing_staged(
+    tmp_path: Path, ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch, run: Callable[..., Any]
+) -> None:
+    out = tmp_path / "hf"
+    for rel in ("checkpoint-10/model.safetensors", "checkpoint-10/optimizer.pt", "checkpoint-10/z.json"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(os.urandom(30))
+    make_task(ws, name="hf", n=1)
+    real = fsutil.place_new
+    calls = {"n": 0}
+
+    def place_new(src: Path, dst: Path, mode: str) -> str:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst, mode)
+
+    monkeypatch.setattr(fsutil, "place_new", place_new)
+    res = run("import", str(out), "--task", "hf", "--copy")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    task = ws.task("hf")
+    assert _hidden(task) == [] and sorted(task.state().checkpoints) == [1]

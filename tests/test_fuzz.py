@@ -13,14 +13,16 @@ import json
 import os
 import shutil
 import struct
+import sys
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
-import typer.main
+import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -44,11 +46,35 @@ DOCUMENTED = {0, 1, 2, 3, 4, 5, 6}
 COUNTS: dict[str, int] = {}
 
 _RUNNER = CliRunner()
-_COMMAND = typer.main.get_command(app)
+_COMMAND = typer.main.get_command(app)  # built once: building it costs ~20 ms, and the fuzzer runs thousands
+
+
+@dataclass
+class _Result:
+    exit_code: int
+    output: str
+    stdout: str
+    stderr: str
+    exception: BaseException | None
 
 
 def invoke(args: list[str]) -> Any:
-    return super(CliRunner, _RUNNER).invoke(_COMMAND, args)
+    """What CliRunner.invoke(app, args) gives, over the command built once."""
+    exception: BaseException | None = None
+    with _RUNNER.isolation() as streams:
+        try:
+            _COMMAND.main(args=args, prog_name="ckpt")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            exception = e if code else None
+        except Exception as e:
+            code, exception = 1, e
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        text = [stream.getvalue().decode("utf-8", "replace") for stream in streams]
+    return _Result(code, text[2], text[0], text[1], exception)
 
 
 def check(args: list[str], target: str) -> None:
@@ -316,6 +342,78 @@ def test_fuzz_checkpoint_bytes_through_show_and_verify(fresh: Path) -> None:
 
     run()
     assert COUNTS["checkpoint bytes"] >= EXAMPLES
+
+
+# Pieces of pickle machine code, hostile ones among them: shared references (BINPUT/BINGET, DUP) that
+# make [x, x] and (t, t) nests when repeated, hashing into dicts and sets, calls of stand-ins, builds.
+_OPCODES = [
+    b"]",
+    b"}",
+    b")",
+    b"\x8f",
+    b"(",
+    b"e",
+    b"a",
+    b"u",
+    b"s",
+    b"t",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"\x90",
+    b"\x91",
+    b"l",
+    b"d",
+    b"2",
+    b"0",
+    b"1",
+    b"q\x00",
+    b"h\x00",
+    b"q\x01",
+    b"h\x01",
+    b"\x94",
+    b"N",
+    b"K\x07",
+    b"J\xff\xff\xff\x7f",
+    b"\x8a\x09\x01\x00\x00\x00\x00\x00\x00\x00\x01",
+    b"X\x01\x00\x00\x00k",
+    b"ccollections\nOrderedDict\n",
+    b"cbuiltins\nbytearray\n",
+    b"cbuiltins\nset\n",
+    b"ctorch._utils\n_rebuild_tensor_v2\n",
+    b"cos\nsystem\n",
+    b"R",
+    b"b",
+    b"\x81",
+    b"Q",
+    b"\x88",
+]
+# Stack-neutral pieces that grow a structure each time they repeat: memo 0 = [memo 0, memo 0] (2**n visits),
+# memo 1 = (memo 1, memo 1) (2**n steps to hash), {memo 1: 1}, a tuple around the top, an empty dict kept.
+_GROWERS = [b"](h\x00h\x00eq\x00", b"h\x01h\x01\x86q\x01", b"}h\x01K\x01s", b"\x85", b"}\x94", b"h\x00"]
+_PIECE = st.one_of(
+    st.tuples(st.lists(st.sampled_from(_OPCODES), min_size=1, max_size=6), st.integers(1, 80)),
+    st.tuples(st.lists(st.sampled_from(_GROWERS), min_size=1, max_size=3), st.integers(1, 3000)),
+)
+PICKLE_CODE = st.lists(_PIECE, max_size=8).map(
+    lambda parts: b"\x80\x02]q\x00)q\x01" + b"".join(b"".join(code) * times for code, times in parts) + b"."
+)
+
+
+def test_fuzz_pickle_code_through_show(fresh: Path) -> None:
+    """Random pickle machine code (repeated pieces make deep, shared and colliding structures) in a torch
+    zip: show reads it within its budget, or refuses it with exit 6; never a hang or a traceback."""
+    path = fresh / "tasks" / "unet" / "checkpoints" / "000004.pt"
+
+    @FUZZ
+    @given(code=PICKLE_CODE)
+    def run(code: bytes) -> None:
+        path.unlink()
+        path.write_bytes(_zip({"archive/data.pkl": code, "archive/version": b"3\n"}))
+        check(["show", "unet", "4", "--json"], "pickle code")
+
+    run()
+    assert COUNTS["pickle code"] >= EXAMPLES
 
 
 def _encrypted(archive: bytes) -> bytes:

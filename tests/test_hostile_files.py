@@ -273,3 +273,23 @@ def test_a_trusted_package_does_not_trust_its_namesakes(
     ws.create_task("b", arch="ckpt.zoo.UNet:x").save(b"x")  # ckpt.zoo.* is trusted by default
     result = run("preview", "b", "1", "--images", str(image), "--out", str(tmp_path / "o.png"))
     assert result.exit_code == 2 and "cannot import module 'ckpt.zoo.UNet'" in result.stderr, result.output
+
+
+def test_import_never_waits_on_a_fifo_among_a_runs_side_files(tmp_path: Path) -> None:
+    """metrics.csv (Lightning) and trainer_state.json (Trainer) are metadata: a FIFO or a device there is
+    read as no metadata, at once; the checkpoints still come in."""
+    lit = tmp_path / "lightning_logs" / "version_0"
+    (lit / "checkpoints").mkdir(parents=True)
+    (lit / "checkpoints" / "epoch=0-step=10.ckpt").write_bytes(b"not a zip")
+    os.mkfifo(lit / "metrics.csv")
+    hf = tmp_path / "hf-out"
+    (hf / "checkpoint-10").mkdir(parents=True)
+    (hf / "checkpoint-10" / "model.safetensors").write_bytes(b"\0" * 8)
+    os.mkfifo(hf / "checkpoint-10" / "trainer_state.json")
+    if os.path.exists("/dev/zero"):
+        os.symlink("/dev/zero", hf / "trainer_state.json")
+    ws = ckpt.Workspace.init(tmp_path / "ws")
+    for src, task in ((lit, "lit"), (hf, "hf")):
+        res = _ckpt("-w", str(ws.root), "import", str(src), "--task", task, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert len(ws.task(task).checkpoints) == 1

@@ -127,3 +127,18 @@ def test_trainer_unreadable_training_args_fall_back_to_the_name_rule(
     result = run("promote", "bert", "--best", "eval_score", "--title", "x")
     assert result.exit_code == 2, result.output  # nothing says which way: --min or --max is asked for
     assert "--min or --max" in result.output
+
+
+def test_show_of_a_lightning_file_counts_only_the_weights(
+    lightning_run: Path, ws: ckpt.Workspace, run_json: Any
+) -> None:
+    import torch
+
+    version = lightning_run / "lightning_logs" / "version_0"
+    run_json("import", str(version), "--task", "pl")
+    shown = run_json("show", "pl", "3")
+    state = torch.load(version / "checkpoints" / "epoch=2-step=12.ckpt", weights_only=True)["state_dict"]
+    assert shown["weights_under"] == "state_dict"
+    assert [t["name"] for t in shown["tensors"]] == list(state)  # the state dict's own keys, nothing else
+    assert shown["parameters"] == sum(v.numel() for v in state.values())
+    assert shown["other_tensors"].get("callbacks", 0) > 0  # the callbacks' scores: not parameters

@@ -116,6 +116,9 @@ def _parser_error(e: Exception, argv: list[str]) -> int:
             return 1
         if os.environ.get("CKPT_DEBUG"):
             raise e
+        if isinstance(e, OSError):  # outside a command: `--version` or help into a full stdout
+            err(f"error: cannot write the output: {e.strerror or e} (stdout)")
+            return 1
         err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
         return 1
     message = e.format_message()  # type: ignore[attr-defined]
@@ -179,7 +182,11 @@ def _exit(code: object) -> NoReturn:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (`ckpt list | head -1`): exit 1, as inside a command
         status = status or 1
-    except (OSError, ValueError):
+    except OSError as e:  # a full disk behind stdout (`> /dev/full`): said, not silent
+        with contextlib.suppress(OSError, ValueError):
+            err(f"error: cannot write the output: {e.strerror or e} (stdout); the command's work is done")
+        status = status or 1
+    except ValueError:
         status = status or 1
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()

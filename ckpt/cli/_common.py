@@ -88,6 +88,9 @@ def handle_errors(fn: F) -> F:
             # folder belongs): not a bug in ckpt, but nothing the core turned into a CkptError either
             if os.environ.get("CKPT_DEBUG"):
                 raise
+            if _raised_writing_output(e):
+                err(f"error: cannot write the output: {e.strerror or e} (stdout); the command's work is done")
+                raise typer.Exit(1) from None
             where = f": '{e.filename}'" if e.filename else ""
             err(f"error: {e.strerror or e}{where}; check that path, and run `ckpt doctor` to see what is out of place")
             raise typer.Exit(1) from None
@@ -104,6 +107,17 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raised_writing_output(e: BaseException) -> bool:
+    """Whether `e` came from writing the command's output: its innermost Python frame is in ckpt.cli (only
+    the command line writes to stdout; the core's file errors are raised inside the core)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("ckpt.cli")
 
 
 def command(app: typer.Typer, name: str | None = None, **kw: Any) -> Callable[[F], F]:

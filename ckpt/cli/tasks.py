@@ -17,6 +17,7 @@ from ._common import (
     json_to_terminal,
     open_workspace,
     out,
+    plural,
     print_json,
     print_json_pieces,
     show_plan,
@@ -253,6 +254,8 @@ def show(
     data["parameters"] = info.parameters
     data["tensors"] = [{"name": x.name, "shape": x.shape, "dtype": x.dtype} for x in info.tensors]
     data["unsafe_globals"] = info.unsafe_globals
+    data["weights_under"] = info.weights_under
+    data["other_tensors"] = info.other_tensors
     if json:
         print_json(data)
         return
@@ -266,7 +269,11 @@ def show(
     if models:
         out(f"{'models':10} {', '.join(models)}")
     out(f"{'format':10} {info.format}" + (f" ({info.note})" if info.note else ""))
-    out(f"{'params':10} {info.parameters:,} in {len(info.tensors)} tensors")
+    under = f" (under '{info.weights_under}')" if info.weights_under else ""
+    out(f"{'params':10} {info.parameters:,} in {plural(len(info.tensors), 'tensor')}{under}")
+    if info.other_tensors:
+        also = ", ".join(f"{k} {plural(n, 'tensor')}" for k, n in info.other_tensors.items())
+        out(f"{'also':10} {also} (not counted as parameters)")
     if info.unsafe_globals:
         err(f"warning: loading this file needs full unpickling of: {', '.join(info.unsafe_globals)}")
     if info.tensors:
