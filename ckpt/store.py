@@ -1002,14 +1002,17 @@ def _execute_trash(
         task.update(drop)
     except _Overlap:
         raise _abandon(ws, task, entry.id) from None
-    _finish_trash(ws, task, entry)
+    _finish_trash(ws, task, entry, moved)
     return entry.id
 
 
-def _finish_trash(ws: StoreWorkspace, task: StoreTask, entry: Entry) -> Entry:
-    """4. the originals deleted, 5. the entry complete, 6. its name out of the manifest's `trashing`."""
-    base = f"tasks/{task.name}/"
-    ws.storage.delete([k for cp in entry.checkpoints for k in _keys_of(ws, base + cp.file)])
+def _finish_trash(ws: StoreWorkspace, task: StoreTask, entry: Entry, keys: list[str] | None = None) -> Entry:
+    """4. the originals (`keys`, else found by one LIST) deleted, 5. the entry complete, 6. its name out of the
+    manifest's `trashing`."""
+    if keys is None:
+        objects = _objects(ws, task)
+        keys = [k for cp in entry.checkpoints for k in objects.get(cp.file, [])]
+    ws.storage.delete(keys)
     done = replace(entry, state="complete")
     _put_entry(ws, done)
 
