@@ -22,7 +22,7 @@ import ckpt
 from ckpt import store
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
-from ckpt.importer import import_path
+from ckpt.importer import import_path, verify
 from ckpt.manifest import parse_task, parse_toml
 from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
@@ -563,3 +563,38 @@ def test_cli_shows_an_interrupted_empty(
     assert refused.exit_code == 4 and "being emptied" in refused.stderr
     assert run("trash", "empty", "--yes").exit_code == 0
     assert not any(k.startswith("trash/") for k in st.objects)
+
+
+# --- a sample on moto's S3 server: the same recognition against a real 412 -------------------------------
+
+
+@pytest.mark.parametrize("op", ["save", "trash_unused"])
+def test_s3_retried_commit_that_landed_is_recognised(s3_url: str, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    from ckpt.storage.s3 import S3Storage
+
+    ws = ckpt.Workspace.init(s3_url)
+    task = ws.create_task("unet")
+    for i in range(3):
+        task.save(f"weights {i}".encode(), step=i)
+    real = S3Storage.put
+    struck: list[str] = []
+
+    def retried(self: S3Storage, key: str, data: bytes, **kw: Any) -> str:
+        etag = real(self, key, data, **kw)
+        if key.endswith("task.toml") and not struck:  # the response is lost; the client sends it again
+            struck.append(key)
+            return real(self, key, data, **kw)  # moto answers 412: the If-Match ETag is no longer current
+        return etag
+
+    monkeypatch.setattr(S3Storage, "put", retried)
+    ws = ckpt.Workspace.open(s3_url)
+    if op == "save":
+        assert ws.task("unet").save(b"landed", step=9) == 4
+        assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == [1, 2, 3, 4]
+    else:
+        entry = trash_unused_op(ws, "unet").entry
+        assert entry is not None
+        entries, _ = ckpt.trash.list_entries(ckpt.Workspace.open(s3_url))
+        assert [(e.id, e.state, e.numbers) for e in entries] == [(entry, "complete", [1, 2])]
+    assert struck
+    assert verify(ckpt.Workspace.open(s3_url)).problems == []
