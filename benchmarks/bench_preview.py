@@ -1,7 +1,11 @@
 """Preview throughput: `ckpt.preview` vs a naive loop, 3 checkpoints × 32 images of 256×256, in the
 precision `auto` chooses and in fp32; and what auto changes in the demo's mIoU.
 
-    python benchmarks/bench_preview.py [--quick] [--device cpu|cuda] [--demo WORKSPACE | --no-demo]
+    python benchmarks/bench_preview.py [--quick] [--device cpu|cuda] [--threads N] [--demo WORKSPACE | --no-demo]
+
+`--threads N` sets torch's intra-op threads in every path (default: torch's own choice). With one
+thread no operation waits at a barrier for a thread the scheduler put aside, so on a machine shared
+with other work the figures follow the work each path does rather than how often it synchronises.
 
 Both paths use the same UNet (ckpt.zoo:UNet, the demo's size) and the same three checkpoint files,
 loaded with ckpt.formats.load_state_dict. The naive loop is what a first script does: one image at a
@@ -96,6 +100,8 @@ def child(mode: str, root: Path, device: str) -> None:
     from ckpt.preview import PreviewOptions, run_preview, task_sources
     from ckpt.zoo import UNet
 
+    if _arg("--threads"):
+        torch.set_num_threads(int(_arg("--threads") or 0))
     ws = ckpt.Workspace.open(root / "ws")
     sources = task_sources(ws, "bench", [1, 2, 3])
     paths = sorted((root / "images").iterdir())
@@ -170,10 +176,15 @@ def _agreements(res: object) -> str:
     )
 
 
+def _passed_on() -> list[str]:
+    threads = _arg("--threads")
+    return (["--quick"] if QUICK else []) + (["--threads", threads] if threads else [])
+
+
 def run_child(mode: str, root: Path, device: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, str(root), "--device", device, *(["--quick"] if QUICK else [])],
+        [sys.executable, __file__, "--child", mode, str(root), "--device", device, *_passed_on()],
         capture_output=True,
         text=True,
         env=env,

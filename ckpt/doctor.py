@@ -17,16 +17,23 @@ from pathlib import Path
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ManifestError
-from .manifest import TaskState, parse_task
+from .manifest import TaskState, parse_task, parse_toml, salvage_task, task_bytes
 from .trash import recover_workspace
 from .trash_results import Repair
 from .workspace import LOCK_FILE, Task, Workspace
 
 
 @per_backend
-def doctor(ws: Workspace, *, dry_run: bool = False, forget_missing: bool = False) -> list[Repair]:
-    """Recover interrupted operations, then check every task's records against its files; see the module."""
+def doctor(
+    ws: Workspace, *, dry_run: bool = False, forget_missing: bool = False, drop_bad_records: bool = False
+) -> list[Repair]:
+    """Recover interrupted operations, then check every task's records against its files; see the module.
+
+    With `drop_bad_records`, records a manifest must not hold (see manifest.salvage_task: a path outside the
+    task or to its own structure, two records of one file) are dropped, so that the task works again."""
     repairs = recover_workspace(ws, dry_run=dry_run)
+    for link in ws.linked_task_folders():
+        repairs.append(Repair(ws.rel(Path(str(link.path))), str(link), "left alone: replace the link by its folder"))
     for name in ws.task_names():
         try:
             task = ws.task(name)
@@ -38,7 +45,7 @@ def doctor(ws: Workspace, *, dry_run: bool = False, forget_missing: bool = False
         readable = _readable(task)
         if readable:
             repairs.extend(task.recover_imports(dry_run=dry_run))
-        repairs.extend(_check_task(ws, task, dry_run, forget_missing))
+        repairs.extend(_check_task(ws, task, dry_run, forget_missing, drop_bad_records))
         if not readable:  # _check_task may have cut an incomplete last record off
             repairs.extend(task.recover_imports(dry_run=dry_run))
     models, errors = ws.models.read_all()
@@ -66,6 +73,8 @@ def incomplete_tail(data: bytes, path: Path, task: str) -> int | None:
     after the size grew), before a last line that is part of a `[[checkpoints]]` header, and before the
     last `[[checkpoints]]` table."""
     stripped = data.rstrip(b"\0")
+    if stripped == data and _last_record_complete(data, path):
+        return None  # a whole record that breaks a rule (see manifest.salvage_task) is no crash's doing
     line = stripped.rfind(b"\n")
     cuts = [len(stripped)]
     if line >= 0 and b"[[checkpoints]]".startswith(stripped[line + 1 :]):
@@ -81,23 +90,38 @@ def incomplete_tail(data: bytes, path: Path, task: str) -> int | None:
     return None
 
 
-def _check_task(ws: Workspace, task: Task, dry_run: bool, forget_missing: bool) -> list[Repair]:
+_RECORD_KEYS = ("number", "file", "size", "sha256", "created")
+
+
+def _last_record_complete(data: bytes, path: Path) -> bool:
+    """Whether `data` is TOML whose last `[[checkpoints]]` table has every key a record needs."""
+    try:
+        doc = parse_toml(data, path)
+    except ManifestError:
+        return False
+    records = doc.get("checkpoints")
+    if not isinstance(records, list) or not records or not isinstance(records[-1], dict):
+        return False
+    return all(k in records[-1] for k in _RECORD_KEYS)
+
+
+def _check_task(ws: Workspace, task: Task, dry_run: bool, forget_missing: bool, drop_bad: bool = False) -> list[Repair]:
     rel = ws.rel(task.manifest)
     try:
         state = task.state()
     except ManifestError as e:
         try:
-            data = task.manifest.read_bytes()
-        except OSError:
+            data = fsutil.read_own(task.manifest)
+        except (OSError, CkptError):
             return [Repair(rel, str(e), "left alone")]
         cut = incomplete_tail(data, task.manifest, task.name)
         if cut is None:
-            return [Repair(rel, str(e), "left alone: fix or restore the manifest by hand")]
+            return _bad_records(ws, task, data, e, dry_run, forget_missing, drop_bad)
         problem = f"its last record is incomplete ({len(data) - cut} bytes; a save cut off while appending)"
         if dry_run:
             return [Repair(rel, problem, "would cut it off")]
         with fsutil.locked(task.folder / LOCK_FILE, f"task '{task.name}'"):
-            data = task.manifest.read_bytes()  # again, under the lock
+            data = fsutil.read_own(task.manifest)  # again, under the lock
             cut = incomplete_tail(data, task.manifest, task.name)
             if cut is None:
                 return [Repair(rel, "an incomplete last record", "left alone: it changed meanwhile")]
@@ -105,7 +129,7 @@ def _check_task(ws: Workspace, task: Task, dry_run: bool, forget_missing: bool) 
             fsutil.atomic_write(task.manifest, data[:cut])
             task._reader.forget()
         cut_off = Repair(rel, problem, "cut it off; the file it named is reported below if present")
-        return [cut_off, *_check_task(ws, task, dry_run, forget_missing)]
+        return [cut_off, *_check_task(ws, task, dry_run, forget_missing, drop_bad)]
     repairs: list[Repair] = []
     missing = [cp for cp in state.checkpoints.values() if not os.path.lexists(task.path_of(cp))]
     if missing:
@@ -134,4 +158,36 @@ def _check_task(ws: Workspace, task: Task, dry_run: bool, forget_missing: bool) 
     for u in found.unknown:
         how = f"ckpt scan {task.name} --add" if u.addable else "move it out of the task folder"
         repairs.append(Repair(u.rel, f"a {u.kind} no record of task '{task.name}' names", f"left alone: {how}"))
+    return repairs
+
+
+def _bad_records(
+    ws: Workspace, task: Task, data: bytes, error: ManifestError, dry_run: bool, forget_missing: bool, drop_bad: bool
+) -> list[Repair]:
+    """A manifest that does not parse because of records it must not hold (manifest.salvage_task): each reported,
+    dropped with `drop_bad` (their files stay, reported as files without a record)."""
+    rel = ws.rel(task.manifest)
+    try:
+        _, dropped = salvage_task(data, task.manifest, task.name)
+    except ManifestError:
+        dropped = []
+    if not dropped:
+        return [Repair(rel, str(error), "left alone: fix or restore the manifest by hand")]
+    if drop_bad and not dry_run:
+        with task.lock():
+            # again, under the lock; the whole manifest is replaced atomically by what can stay
+            state, dropped = salvage_task(fsutil.read_own(task.manifest), task.manifest, task.name)
+            fsutil.atomic_write(task.manifest, task_bytes(state))
+            task._reader.forget()
+        action = "dropped the record (its number is not reused); its file, if any, is reported below"
+    elif drop_bad:
+        action = "would drop the record"
+    else:
+        action = "left alone: drop such records with: ckpt doctor --drop-bad-records"
+    repairs = [
+        Repair(rel, f"{'checkpoint ' + str(n) if n is not None else 'a record'} of task '{task.name}': {why}", action)
+        for n, why in dropped
+    ]
+    if drop_bad and not dry_run:
+        repairs += _check_task(ws, task, dry_run, forget_missing, drop_bad)
     return repairs

@@ -88,6 +88,10 @@ class ManifestError(IntegrityError):
     """A manifest that is missing, empty, truncated, not TOML, of an unknown version, or mistyped."""
 
 
+class SymlinkError(IntegrityError):
+    """One of the workspace's own paths (a folder, manifest, entry, cache or lock file) is a symlink: never followed."""
+
+
 class UnsafeFileError(IntegrityError):
     """A checkpoint that would need full unpickling to load."""
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BusyError, CkptError, ConflictError, NotRegularFile, WriteError
+from .errors import BusyError, CkptError, ConflictError, NotRegularFile, SymlinkError, WriteError
 
 if TYPE_CHECKING:
     import ctypes
@@ -99,6 +99,8 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
     from filelock import FileLock, Timeout  # imported here: keeps `import ckpt` light
 
     wait = lock_timeout() if timeout is None else timeout
+    if is_symlink(lock_path):  # filelock opens with O_TRUNC: a link would truncate what it points to
+        raise _link_error(lock_path, lock_path.name)
     lock = FileLock(str(lock_path), timeout=wait)
     try:
         lock.acquire()
@@ -190,13 +192,14 @@ def make_file_new(path: Path, data: bytes = b"") -> None:
         os.close(fd)
 
 
-def append_durably(path: Path, data: bytes) -> None:
-    """Append `data` to `path` in one write and fsync it (the caller holds the lock of `path`).
+def append_durably(path: Path, data: bytes) -> os.stat_result:
+    """Append `data` to `path` (never through a symlink) in one write and fsync it (the caller holds the lock of
+    `path`); the file's stat after it.
 
     When any of it fails (a full disk: ENOSPC), the file is cut back to its size before, so that no partial
     record is left for every later read to stumble on, and WriteError is raised.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fd = _open_own(path, os.O_WRONLY | os.O_APPEND)
     try:
         before = os.fstat(fd).st_size
         try:
@@ -220,8 +223,80 @@ def append_durably(path: Path, data: bytes) -> None:
                 path=path,
                 hint="free space (or fix the cause) and run the command again",
             ) from None
+        return os.fstat(fd)
     finally:
         os.close(fd)
+
+
+# --- the workspace's own paths: never through a link ---------------------------------------------------------
+
+
+def _link_error(path: str | Path, shown: str) -> SymlinkError:
+    return SymlinkError(
+        f"'{shown}' is a symlink; ckpt never reads or writes the workspace's own files through a link",
+        path=path,
+        hint="replace the link by the folder or file it points to (or remove it), then run: ckpt doctor",
+    )
+
+
+def refuse_links(root: Path, rel: str, shown_from: str = "") -> None:
+    """Raise SymlinkError naming the first part of `rel` below `root` (the last part included) that is a symlink.
+
+    The workspace's own paths (`tasks/`, `models/`, `trash/`, a task or model folder, `checkpoints/`, a manifest,
+    entry, cache or lock file) are never followed: a link there may lead out of the workspace. `root` itself may
+    be a link. Stops at the first part that does not exist (nothing below it can be a link). The error names the
+    part as `shown_from` (where `root` is, relative to the workspace) joined with `rel` up to that part.
+    """
+    path = os.fspath(root)
+    done = shown_from.rstrip("/")
+    for part in rel.split("/"):
+        if not part:
+            continue
+        path = f"{path}/{part}"
+        done = f"{done}/{part}" if done else part
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise _link_error(path, done)
+
+
+def _open_own(path: str | Path, flags: int) -> int:
+    """os.open of one of the workspace's own files with O_NOFOLLOW; a symlink there raises SymlinkError, and a FIFO,
+    device or socket NotRegularFile (opened without blocking, then refused)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(path, os.path.basename(path)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: read() raises IsADirectoryError
+            refuse_irregular(path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_own(path: str | Path) -> bytes:
+    """The bytes of one of the workspace's own files (a manifest, entry or cache), never through a symlink
+    (SymlinkError); OSError as open and read raise them."""
+    fd = _open_own(path, os.O_RDONLY)
+    try:
+        chunks = [os.read(fd, os.fstat(fd).st_size + 1)]  # the whole file in one read, as Path.read_bytes
+        while chunks[-1]:  # it grew meanwhile, or the file system's size was short
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks) if len(chunks) > 2 else chunks[0]
+    finally:
+        os.close(fd)
+
+
+def open_own(path: str | Path) -> int:
+    """A read-only descriptor of one of the workspace's own files, never through a symlink (SymlinkError)."""
+    return _open_own(path, os.O_RDONLY)
 
 
 class HashingWriter:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 import tomllib
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,23 @@ from typing import Any
 import tomli_w
 
 from . import fsutil
-from .errors import ManifestError
+from .errors import CkptError, ManifestError
 
 FORMAT = 1
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
+_CHECKPOINT_DIR = "checkpoints"  # workspace.CHECKPOINT_DIR
 # the task folder's own hidden files (workspace.py)
 _OWN_PREFIXES = (".lock", ".pending-", ".task.", ".import-", ".importing-")
+# the files ckpt names itself (checkpoints/000007.pt): valid, and never inside another record's folder
+_PLAIN_FILE = re.compile(r"checkpoints/[0-9]{6,}[A-Za-z0-9_.\-]*")
+_PLAIN_FILES = re.compile(r"(?:checkpoints/[0-9]{6,}[A-Za-z0-9_.\-]*\n)*")  # many, each ending in a newline
+
+
+def _all_plain(files: list[str]) -> bool:
+    """Whether every one of `files` (strings) is a plain name of ckpt's: one regex over them all, not one per file."""
+    return _PLAIN_FILES.fullmatch("\n".join(files) + "\n" if files else "") is not None
+
+
 STATUSES = ("running", "finished", "failed")
 
 
@@ -46,11 +60,13 @@ def parse_toml(data: bytes | str, path: Path) -> dict[str, Any]:
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
+        data = fsutil.read_own(path)
     except FileNotFoundError:
         raise ManifestError(f"{what} manifest {path} is missing", path=path) from None
     except IsADirectoryError:
         raise ManifestError(f"{what} manifest {path} is a directory", path=path) from None
+    except CkptError:
+        raise  # a FIFO or device in its place (NotRegularFile is an OSError too)
     except OSError as e:
         raise ManifestError(f"cannot read {path}: {e.strerror}", path=path) from None
     if not data.strip():
@@ -182,16 +198,9 @@ class Checkpoint:
         if number < 1:
             raise ManifestError(f"{path}: {where}'number' must be at least 1", path=path)
         file = _get(rec, "file", str, path, where)
-        parts = Path(file).parts
-        if file.startswith("/") or ".." in parts or "\\" in file or "\0" in file:
-            raise ManifestError(f"{path}: {where}'file' must stay inside the task folder", path=path)
-        if not parts or parts[0] == _TASK_FILE or parts[0].startswith(_OWN_PREFIXES):
-            # the task folder itself, its manifest, or a lock, cache or marker of ckpt's: never a checkpoint
-            raise ManifestError(
-                f"{path}: {where}'file' ({file!r}) must name a checkpoint inside the task folder, "
-                "not the folder itself or one of ckpt's own files",
-                path=path,
-            )
+        problem = record_file_problem(file)
+        if problem is not None:
+            raise ManifestError(f"{path}: {where}'file' {problem}", path=path, hint=REPAIR_HINT)
         metrics = _get(rec, "metrics", dict, path, where, required=False) or {}
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, int | float):
@@ -210,6 +219,79 @@ class Checkpoint:
             original_name=_get(rec, "original_name", str, path, where, required=False),
             task=task,
         )
+
+
+REPAIR_HINT = "see: ckpt doctor --dry-run (ckpt doctor --drop-bad-records drops such records)"
+
+
+def record_file_problem(file: str) -> str | None:
+    """Why `file` cannot be a checkpoint record's file (a path relative to the task folder), or None when it can.
+
+    It must be a relative path (no `/` at the start, no `..` part, no `\\` or NUL) naming something inside
+    the task folder that is not the task's own structure: the folder itself, the manifest, `checkpoints/`, a
+    lock, cache or marker of ckpt's (`./checkpoints` and `checkpoints/` are `checkpoints/` too: see
+    `file_key`). The same rule as a name typed by a user: the manifest is other people's input.
+    """
+    if _PLAIN_FILE.fullmatch(file):
+        return None
+    if file.startswith("/") or "\\" in file or "\0" in file:
+        return f"({_shown(file)}) must stay inside the task folder"
+    if ".." in file.split("/"):
+        return f"({_shown(file)}) must stay inside the task folder"
+    key = file_key(file)
+    first = key.partition("/")[0]
+    if key in ("", _CHECKPOINT_DIR) or first == _TASK_FILE or first.startswith(_OWN_PREFIXES):
+        # the task folder's own structure: itself, its manifest, checkpoints/, a lock, cache or marker
+        return (
+            f"({_shown(file)}) must name a checkpoint inside the task folder, not the folder itself or one of "
+            f"ckpt's own files ({key or '.'!r})"
+        )
+    return None
+
+
+def file_key(file: str) -> str:
+    """`file` as the file system resolves it, without empty and `.` parts (`./checkpoints//1.pt/` is
+    `checkpoints/1.pt`): two records with one key name one file."""
+    if _PLAIN_FILE.fullmatch(file):
+        return file
+    return "/".join(p for p in file.split("/") if p not in ("", "."))
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 60 else value[:57] + "...")
+
+
+def check_files(cps: Iterable[Checkpoint], path: Path) -> None:
+    """Refuse (ManifestError naming both) two records of one file, or a record inside another's folder."""
+    cps = list(cps)
+    files = list(map(attrgetter("file"), cps))
+    if len(set(files)) == len(files) and _all_plain(files):
+        return  # distinct plain names: none can be another's, nor inside another's folder
+    seen: dict[str, int] = {}
+    odd: list[tuple[Checkpoint, str]] = []
+    for cp in cps:
+        key = file_key(cp.file)
+        other = seen.setdefault(key, cp.number)
+        if other != cp.number:
+            raise ManifestError(
+                f"{path}: checkpoints {other} and {cp.number} both name the file {_shown(key)}",
+                path=path,
+                hint=REPAIR_HINT,
+            )
+        if key is not cp.file or not _PLAIN_FILE.fullmatch(key):
+            odd.append((cp, key))
+    for cp, key in odd:  # only such a file can be inside another's folder: a plain one's only parent is checkpoints/
+        parent = key
+        while "/" in parent:
+            parent = parent.rpartition("/")[0]
+            holder = seen.get(parent)
+            if holder is not None:
+                raise ManifestError(
+                    f"{path}: checkpoint {cp.number}'s file {_shown(cp.file)} is inside checkpoint {holder}'s "
+                    f"{_shown(parent)}",
+                    path=path,
+                    hint=REPAIR_HINT,
+                )
 
 
 def record_bytes(cp: Checkpoint) -> bytes:
@@ -372,13 +454,66 @@ def parse_task(data: bytes, path: Path, task: str) -> TaskState:
     return TaskState(header, _index(cps, path, task))
 
 
+def salvage_task(data: bytes, path: Path, task: str) -> tuple[TaskState, list[tuple[int | None, str]]]:
+    """The manifest's header and the records that can stay, and (number, problem) of each record that cannot:
+    one that does not pass `Checkpoint.from_record`, a number recorded twice, a second record of one file (the
+    one whose file name carries its number stays, else the lowest number), a record inside another's folder.
+
+    `last_number` keeps the highest number seen, dropped records included: a number is never given again.
+    Raises ManifestError when the TOML or the header itself is broken (nothing to salvage).
+    """
+    doc = parse_toml(data, path)
+    header = TaskHeader.from_doc(doc, path)
+    records = _get(doc, "checkpoints", list, path, "", required=False) or []
+    kept: dict[int, Checkpoint] = {}
+    dropped: list[tuple[int | None, str]] = []
+    highest = header.last_number
+    for rec in records:
+        number = rec.get("number") if isinstance(rec, dict) else None
+        number = number if type(number) is int else None
+        highest = max(highest, number or 0)
+        try:
+            cp = Checkpoint.from_record(rec, path, task)
+        except ManifestError as e:
+            dropped.append((number, e.message.removeprefix(f"{path}: ")))
+            continue
+        if cp.number in kept:
+            dropped.append((cp.number, f"checkpoint {cp.number} is recorded twice (the first record stays)"))
+            continue
+        kept[cp.number] = cp
+    by_key: dict[str, list[Checkpoint]] = {}
+    for cp in kept.values():
+        by_key.setdefault(file_key(cp.file), []).append(cp)
+    for key, cps in by_key.items():
+        if len(cps) > 1:
+            own = [cp for cp in cps if key.rpartition("/")[2].startswith(f"{cp.number:06d}")]
+            stays = min(own or cps, key=attrgetter("number"))
+            for cp in cps:
+                if cp is not stays:
+                    dropped.append((cp.number, f"it names the file of checkpoint {stays.number} ({_shown(key)})"))
+                    del kept[cp.number]
+            by_key[key] = [stays]
+    for cp in list(kept.values()):
+        parent = file_key(cp.file)
+        while "/" in parent:
+            parent = parent.rpartition("/")[0]
+            if parent in by_key:
+                holder = by_key[parent][0].number
+                dropped.append((cp.number, f"its file is inside checkpoint {holder}'s {_shown(parent)}"))
+                del kept[cp.number]
+                break
+    header.last_number = max(highest, max(kept, default=0))
+    return TaskState(header, kept), dropped
+
+
 def _index(records: list[Any], path: Path, task: str) -> dict[int, Checkpoint]:
     out: dict[int, Checkpoint] = {}
     for rec in records:
         cp = Checkpoint.from_record(rec, path, task)
         if cp.number in out:
-            raise ManifestError(f"{path}: checkpoint {cp.number} is recorded twice", path=path)
+            raise ManifestError(f"{path}: checkpoint {cp.number} is recorded twice", path=path, hint=REPAIR_HINT)
         out[cp.number] = cp
+    check_files(list(out.values()), path)
     return out
 
 
@@ -397,7 +532,7 @@ def task_bytes(state: TaskState) -> bytes:
 _FINGERPRINT = 64
 _HEAD = 128  # the first bytes kept: `format` and `revision` come first in every manifest ckpt writes
 _REVISION = b'\nrevision = "'
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 @dataclass(slots=True)
@@ -407,6 +542,8 @@ class _Seen:
     tail: bytes  # the last 64 bytes read
     crc: int  # CRC-32 of the first `size` bytes
     head: bytes  # the first 128 bytes (fewer in a smaller file)
+    mtime: int = -1  # st_mtime_ns and st_ctime_ns when it was read: a same-size edit in place changes them
+    ctime: int = -1
 
 
 def _same_prefix(fd: int, seen: _Seen) -> bool:
@@ -452,9 +589,11 @@ class TaskReader:
 
     def read(self, use_cache: bool = True) -> TaskState:
         try:
-            fd = os.open(self.manifest, os.O_RDONLY)
+            fd = fsutil.open_own(self.manifest)
         except FileNotFoundError:
             raise ManifestError(f"task manifest {self.manifest} is missing", path=self.manifest) from None
+        except CkptError:
+            raise  # a FIFO or device in its place (NotRegularFile is an OSError too)
         except OSError as e:
             raise ManifestError(f"cannot read {self.manifest}: {e.strerror}", path=self.manifest) from None
         try:
@@ -463,21 +602,28 @@ class TaskReader:
                 self._load_cache()
             seen = self._seen
             if self.state is not None and seen is not None and seen.ino == st.st_ino and st.st_size >= seen.size:
-                if _same_prefix(fd, seen):
+                # the same size with another mtime or ctime is an edit in place (or a touch): read it all again
+                edited = st.st_size == seen.size and (st.st_mtime_ns, st.st_ctime_ns) != (seen.mtime, seen.ctime)
+                if not edited and _same_prefix(fd, seen):
                     if st.st_size == seen.size:
                         return self.state
                     grown = self._read_from(fd, seen.size)
-                    self._extend(grown, st.st_ino, seen.size + len(grown))
+                    self._extend(grown, st, seen.size + len(grown))
                     return self.state
             data = self._read_from(fd, 0)
         finally:
             os.close(fd)
         if not data.strip():
             raise ManifestError(f"task manifest {self.manifest} is empty", path=self.manifest)
-        self.state = parse_task(data, self.manifest, self.task)
-        self._seen = _Seen(st.st_ino, len(data), data[-_FINGERPRINT:], zlib.crc32(data), data[:_HEAD])
+        self.state = None  # a manifest that does not parse leaves nothing of an older read behind
+        self._seen = None
+        state = parse_task(data, self.manifest, self.task)
+        self.state = state
+        self._seen = _Seen(
+            st.st_ino, len(data), data[-_FINGERPRINT:], zlib.crc32(data), data[:_HEAD], st.st_mtime_ns, st.st_ctime_ns
+        )
         self._changed = True
-        return self.state
+        return state
 
     @staticmethod
     def _read_from(fd: int, offset: int, end: int | None = None) -> bytes:
@@ -491,7 +637,7 @@ class TaskReader:
             offset += len(b)
         return b"".join(chunks)
 
-    def _extend(self, grown: bytes, ino: int, size: int) -> None:
+    def _extend(self, grown: bytes, st: os.stat_result, size: int) -> None:
         assert self.state is not None and self._seen is not None
         doc = parse_toml(grown, self.manifest)
         if set(doc) - {"checkpoints"}:
@@ -501,16 +647,22 @@ class TaskReader:
             self.read(use_cache=False)
             return
         new = _index(_get(doc, "checkpoints", list, self.manifest, "", required=False) or [], self.manifest, self.task)
-        for n, cp in new.items():
+        for n in new:
             if n in self.state.checkpoints:
-                raise ManifestError(f"{self.manifest}: checkpoint {n} is recorded twice", path=self.manifest)
-            self.state.checkpoints[n] = cp
+                raise ManifestError(
+                    f"{self.manifest}: checkpoint {n} is recorded twice", path=self.manifest, hint=REPAIR_HINT
+                )
+        merged = {**self.state.checkpoints, **new}
+        check_files(merged.values(), self.manifest)  # before anything is kept: a refused read changes nothing
+        self.state.checkpoints = merged
         tail = (self._seen.tail + grown)[-_FINGERPRINT:]
-        self._seen = _Seen(ino, size, tail, zlib.crc32(grown, self._seen.crc), self._seen.head)
+        crc = zlib.crc32(grown, self._seen.crc)
+        self._seen = _Seen(st.st_ino, size, tail, crc, self._seen.head, st.st_mtime_ns, st.st_ctime_ns)
         self._changed = True
 
-    def note_append(self, cp: Checkpoint, appended: bytes) -> None:
-        """Record that this process appended `appended` (the record of `cp`) to the manifest it last read."""
+    def note_append(self, cp: Checkpoint, appended: bytes, st: os.stat_result) -> None:
+        """Record that this process appended `appended` (the record of `cp`) to the manifest it last read; `st` is
+        the manifest's stat after the append (fsutil.append_durably's)."""
         assert self.state is not None and self._seen is not None
         self.state.checkpoints[cp.number] = cp
         self._seen = _Seen(
@@ -519,6 +671,8 @@ class TaskReader:
             (self._seen.tail + appended)[-_FINGERPRINT:],
             zlib.crc32(appended, self._seen.crc),
             self._seen.head,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
         )
         self._changed = True
 
@@ -531,28 +685,45 @@ class TaskReader:
     def _load_cache(self) -> None:
         assert self.cache is not None
         self._changed = False
+        # the cache is other people's input as much as the manifest: every value is checked as a manifest's
+        # would be, and read() then checks its key against the manifest; a cache failing either is not used
+        # (and is rewritten by the next save_cache)
         try:
-            raw = json.loads(self.cache.read_bytes())
+            raw = json.loads(fsutil.read_own(self.cache))
             if raw.get("v") != CACHE_VERSION:
                 return
             cols = raw["checkpoints"]
             # columns load several times faster than one object per checkpoint (benchmarks/README.md)
             columns = [cols[k] for k in _COLUMNS]
-            if any(not isinstance(c, list) or len(c) != len(columns[0]) for c in columns):
+            if any(not isinstance(c, list) or len(c) != len(columns[0]) for c in columns) or not _valid_columns(
+                columns
+            ):
                 return
             numbers = columns[0]
             made = map(Checkpoint, *columns, repeat(self.task, len(numbers)))
             cps = dict(zip(numbers, made, strict=True))
             if len(cps) != len(numbers):
                 return
-            crc = raw["crc"]
-            if type(crc) is not int:
+            files = columns[1]
+            if len(set(files)) != len(files) or not _all_plain(files):  # else: distinct plain names, all valid
+                if any(record_file_problem(f) is not None for f in files):
+                    raise ManifestError(f"{self.cache}: a record's file is not allowed", path=self.cache)
+                check_files(cps.values(), self.cache)
+            key = [raw[k] for k in ("ino", "size", "crc", "mtime", "ctime")]
+            if any(type(v) is not int for v in key):
                 return
-            self.state = TaskState(TaskHeader(**raw["header"]), cps)
-            self._seen = _Seen(raw["ino"], raw["size"], bytes.fromhex(raw["tail"]), crc, bytes.fromhex(raw["head"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            header = _header_from_json(raw["header"], self.cache)
+            if header.name != self.task:
+                return
+            ino, size, crc, mtime, ctime = key
+            seen = _Seen(ino, size, bytes.fromhex(raw["tail"]), crc, bytes.fromhex(raw["head"]), mtime, ctime)
+            self.state = TaskState(header, cps)
+            self._seen = seen
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ManifestError):
             self.state = None
             self._seen = None
+            if not isinstance(sys.exc_info()[1], FileNotFoundError):
+                fsutil.remove_file(self.cache)  # dropped: the next save_cache writes it again from the manifest
 
     def save_cache(self) -> None:
         """Write the cache if this reader learned something new; failures are ignored (it is only a cache)."""
@@ -566,6 +737,8 @@ class TaskReader:
             "tail": self._seen.tail.hex(),
             "crc": self._seen.crc,
             "head": self._seen.head.hex(),
+            "mtime": self._seen.mtime,
+            "ctime": self._seen.ctime,
             "header": self.state.header.to_json(),
             "checkpoints": {k: list(map(attrgetter(k), cps)) for k in _COLUMNS},
         }
@@ -578,6 +751,41 @@ class TaskReader:
 
 # the cache's columns: Checkpoint's fields in order, less `task` (the reader's)
 _COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "metrics", "original_name")
+
+
+def _valid_columns(columns: list[list[Any]]) -> bool:
+    """Whether the cache's columns hold what a manifest's records may: each value typed as Checkpoint.from_record
+    takes it (the files are checked by the caller)."""
+    numbers, files, sizes, shas, created, steps, epochs, metrics, names = columns
+    if not numbers:
+        return True
+    # sets of types, made by map() in C: a tenth of the time of a test per value
+    int_, str_, none = {int}, {str}, {int, str, type(None)}
+    return (
+        set(map(type, numbers)) == int_
+        and min(numbers) >= 1
+        and set(map(type, files)) == str_  # their paths: _load_cache, with the check of two records of one file
+        and set(map(type, sizes)) == int_
+        and set(map(type, shas)) == str_
+        and set(map(type, created)) == str_
+        and set(map(type, steps)) <= none - str_
+        and set(map(type, epochs)) <= none - str_
+        and set(map(type, names)) <= none - int_
+        and set(map(type, metrics)) == {dict}
+        and set(map(type, chain.from_iterable(map(dict.values, metrics)))) <= {int, float}
+    )
+
+
+def _header_from_json(h: Any, path: Path) -> TaskHeader:
+    """A TaskHeader from its `to_json` form, checked as `TaskHeader.from_doc` checks a manifest's."""
+    if not isinstance(h, dict):
+        raise ManifestError(f"{path}: the header is not an object", path=path)
+    doc = {k: v for k, v in h.items() if v is not None and k not in ("arch", "arch_kwargs")}
+    if h.get("arch") is not None:
+        doc["arch"] = {"factory": h["arch"]}
+        if h.get("arch_kwargs") is not None:
+            doc["arch"]["kwargs"] = h["arch_kwargs"]
+    return TaskHeader.from_doc({**doc, "format": FORMAT}, path)
 
 
 # --- fingerprints of what a reader read -------------------------------------------------------------
@@ -596,15 +804,16 @@ def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
     if seen is None:
         return None
     try:
-        st = os.stat(reader.manifest)
+        st = os.lstat(reader.manifest)
     except OSError:
         return None
-    if st.st_ino != seen.ino or st.st_size != seen.size:
-        return None  # changed since it was read: do not pair this mtime with the older content
+    if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (seen.ino, seen.size, seen.mtime, seen.ctime):
+        return None  # changed since it was read
     return {
         "ino": seen.ino,
         "size": seen.size,
         "mtime": st.st_mtime_ns,
+        "ctime": st.st_ctime_ns,
         "tail": seen.tail.hex(),
         "crc": seen.crc,
         "head": seen.head.hex(),
@@ -617,16 +826,16 @@ def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -
     With `grown`, also True when the file only grew since (records appended), as TaskReader reads it.
     """
     try:
-        fd = os.open(manifest, os.O_RDONLY)
+        fd = os.open(manifest, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
         st = os.fstat(fd)
-        ino, size, mtime, crc = mark["ino"], mark["size"], mark["mtime"], mark["crc"]
+        ino, size, mtime, ctime, crc = mark["ino"], mark["size"], mark["mtime"], mark["ctime"], mark["crc"]
         if grown:
             if st.st_ino != ino or st.st_size < size:
                 return False
-        elif (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
+        elif (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ino, size, mtime, ctime):
             return False
         if type(size) is not int or type(crc) is not int:
             return False
@@ -658,7 +867,7 @@ class SummaryCache:
         self.entries: dict[str, dict[str, Any]] = {}
         self._changed = False
         try:
-            raw = json.loads(path.read_bytes())
+            raw = json.loads(fsutil.read_own(path))
             if raw.get("v") == CACHE_VERSION and raw.get("fields") == self.fields and isinstance(raw["tasks"], dict):
                 self.entries = raw["tasks"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -715,7 +924,7 @@ class TaskRowsCache:
         self.entries: dict[str, Any] = {}
         self._changed = False
         try:
-            raw = json.loads(path.read_bytes())
+            raw = json.loads(fsutil.read_own(path))
             if raw.get("v") == TASK_ROWS_VERSION and raw.get("form") == form and isinstance(raw["tasks"], dict):
                 self.entries = raw["tasks"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -761,7 +970,7 @@ TASK_ROWS_VERSION = 2
 
 # --- rendered rows of one task ----------------------------------------------------------------------
 
-ROWS_VERSION = 2
+ROWS_VERSION = 3
 
 
 class RowCache:
@@ -784,7 +993,7 @@ class RowCache:
         """(text, index, extra) as kept by `store` with the same `form`, when `manifest` is unchanged since (with
         `grown`: or only grew by appended records); else None. `index` is for `parse_index`."""
         try:
-            data = self.path.read_bytes()
+            data = fsutil.read_own(self.path)
             view = memoryview(data)
             if data[8:9] != b"\n" or int(data[:8], 16) != zlib.crc32(view[9:]):
                 return None

@@ -22,13 +22,14 @@ from .errors import (
 )
 from .manifest import FORMAT, Checkpoint, check_format, dumps, read_toml
 from .metrics import Direction, rank, require
-from .names import case_twin, check_task_name, check_title
+from .names import case_twin, check_task_name, check_title, is_valid_name
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .workspace import Task, Workspace
 
 MODEL_FILE = "model.toml"
+CREATE_LOCK_FILE = ".create.lock"  # in models/: serialises making a title (the case check and the rename)
 STORAGES = ("hardlink", "reflink", "copy")
 
 
@@ -87,6 +88,12 @@ class Model:
         file = get("file", str)
         if "/" in file or "\\" in file or file in ("", ".", "..") or file == MODEL_FILE:
             raise ManifestError(f"{path}: 'file' must name a file inside the model folder", path=path)
+        task = get("task", str)
+        if not is_valid_name(task):
+            raise ManifestError(f"{path}: 'task' ({task[:60]!r}) is not a valid task name", path=path)
+        checkpoint = get("checkpoint", int)
+        if checkpoint < 1:
+            raise ManifestError(f"{path}: 'checkpoint' must be at least 1", path=path)
         storage = get("storage", str)
         if storage not in STORAGES:
             raise ManifestError(f"{path}: unknown storage {storage!r}", path=path)
@@ -96,8 +103,8 @@ class Model:
                 raise ManifestError(f"{path}: metric '{k}' is not a number", path=path)
         return cls(
             title=title,
-            task=get("task", str),
-            checkpoint=get("checkpoint", int),
+            task=task,
+            checkpoint=checkpoint,
             file=file,
             sha256=get("sha256", str),
             size=get("size", int),
@@ -138,7 +145,8 @@ class ModelIndex:
     def __getitem__(self, title: str) -> Model:
         check_title(title)
         folder = self.ws.models_dir / title
-        if fsutil.is_symlink(folder) or not (folder / MODEL_FILE).is_file():
+        fsutil.refuse_links(self.ws.root, f"models/{title}/{MODEL_FILE}")  # models/, the folder, its manifest
+        if not (folder / MODEL_FILE).is_file():
             raise ModelNotFound(f"model '{title}' does not exist", hint="see: ckpt models")
         return Model.from_doc(title, read_toml(folder / MODEL_FILE, "model"), folder)
 
@@ -159,6 +167,16 @@ class ModelIndex:
         for title in self.titles():
             try:
                 models.append(self[title])
+            except CkptError as e:
+                errors.append(e)
+        try:
+            with os.scandir(self.ws.models_dir) as it:
+                links = sorted(e.name for e in it if not e.name.startswith(".") and e.is_symlink())
+        except FileNotFoundError:
+            links = []
+        for title in links:  # reported, never followed
+            try:
+                fsutil.refuse_links(self.ws.root, f"models/{title}")
             except CkptError as e:
                 errors.append(e)
         return models, errors
@@ -303,6 +321,7 @@ def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: boo
             path=src,
             hint="run: ckpt doctor",
         )
+    fsutil.refuse_links(ws.root, "models")
     staging = ws.models_dir / f".staging-{title}-{os.urandom(4).hex()}"
     staging.mkdir()
     try:
@@ -323,12 +342,14 @@ def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: boo
             folder=ws.models_dir / title,
         )
         fsutil.atomic_write(staging / MODEL_FILE, dumps(model.to_doc()))
-        # the finished folder appears under its title in one rename that never replaces: one of two racers wins
-        try:
-            fsutil.move_noreplace(staging, ws.models_dir / title)
-        except ConflictError:
-            raise ConflictError(f"model '{title}' already exists", hint="choose another --title") from None
-        fsutil.fsync_dir(ws.models_dir)
+        # the finished folder appears under its title in one rename that never replaces: one of two racers wins;
+        # the case check is made again inside the lock that makes titles, so that `Sa1` and `sA1` cannot both win
+        with title_claim(ws, title):
+            try:
+                fsutil.move_noreplace(staging, ws.models_dir / title)
+            except ConflictError:
+                raise ConflictError(f"model '{title}' already exists", hint="choose another --title") from None
+            fsutil.fsync_dir(ws.models_dir)
         return model
     finally:
         if staging.exists():
@@ -427,6 +448,16 @@ def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | 
     return FinishResult(task.name, "finished", model, note)
 
 
+@contextlib.contextmanager
+def title_claim(ws: Workspace, title: str, renaming: str | None = None) -> Iterator[None]:
+    """Hold models/.create.lock (one new title at a time in the workspace) with `title` checked against the others
+    in it: ConflictError when it differs from one (not `renaming`) only in case. Make the title's folder inside."""
+    fsutil.refuse_links(ws.root, "models")
+    with fsutil.locked(ws.models_dir / CREATE_LOCK_FILE, "making a model title"):
+        _check_case_twin(ws, title, renaming)
+        yield
+
+
 def _check_case_twin(ws: Workspace, title: str, renaming: str | None = None) -> None:
     """Refuse a new title that differs from an existing model's only in case (one folder on macOS, Windows)."""
     try:
@@ -465,6 +496,8 @@ def rename(ws: Workspace, old: str, new: str) -> Model:
         with contextlib.suppress(CkptError):
             # the source task's lock keeps trash-unused from deciding while the model has no folder name
             stack.enter_context(ws.task(model.task).lock())
+        fsutil.refuse_links(ws.root, f"models/{old}")
+        stack.enter_context(title_claim(ws, new, renaming=old))  # the case check again, inside the lock
         try:
             fsutil.move_noreplace(ws.models_dir / old, ws.models_dir / new)
         except ConflictError:

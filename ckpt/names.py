@@ -29,6 +29,11 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
+def is_valid_name(value: object) -> bool:
+    """Whether `value` passes `check_name`: for names read from files, which are refused as corrupt (exit 6)."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
 def check_task_name(value: object) -> str:
     return check_name(value, "task name")
 

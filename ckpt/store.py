@@ -51,6 +51,7 @@ from .manifest import (
     dumps,
     parse_task,
     parse_toml,
+    salvage_task,
     task_bytes,
     workspace_doc,
 )
@@ -1672,7 +1673,9 @@ def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpo
     return made
 
 
-def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False) -> list[Repair]:
+def doctor(
+    ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False, drop_bad_records: bool = False
+) -> list[Repair]:
     """What interrupted commands left (trash entries pending or restoring, objects of an interrupted empty,
     model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""
     from .trash_results import Repair
@@ -1681,6 +1684,16 @@ def doctor(ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = 
     for name in ws.task_names():
         try:
             task = ws.task(name)
+            state = task.state()
+        except ManifestError as problem:
+            bad = _bad_records(ws, name, problem, dry_run, drop_bad_records)
+            if bad is None:
+                repairs.append(Repair(f"tasks/{name}", str(problem), "left alone"))
+                continue
+            repairs += bad
+            if not (drop_bad_records and not dry_run):
+                continue
+            task = ws.task(name)  # mended: its files are checked as any task's
             state = task.state()
         except CkptError as problem:
             repairs.append(Repair(f"tasks/{name}", str(problem), "left alone"))
@@ -1775,6 +1788,35 @@ def _abort_stale_uploads(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
             ws.storage.abort_upload(key, upload_id)
             repairs.append(Repair(key, what, "aborted"))
     return repairs
+
+
+def _bad_records(ws: StoreWorkspace, name: str, error: ManifestError, dry_run: bool, drop: bool) -> list[Repair] | None:
+    """A manifest refused for records it must not hold (see manifest.salvage_task): each reported, dropped with
+    `drop` (committed with If-Match); None when the manifest has no such record."""
+    from .trash_results import Repair
+
+    key = f"tasks/{name}/{TASK_FILE}"
+    try:
+        data, etag = ws.storage.get(key)
+        state, dropped = salvage_task(data, Path(key), name)
+    except (FileNotFoundError, ManifestError):
+        return None
+    if not dropped:
+        return None
+    if drop and not dry_run:
+        try:
+            ws.storage.put(key, task_bytes(state), if_match=etag)
+        except PreconditionFailed:
+            return [Repair(key, str(error), "left alone: it changed meanwhile; run ckpt doctor again")]
+        action = "dropped the record (its number is not reused); its file, if any, is reported below"
+    elif drop:
+        action = "would drop the record"
+    else:
+        action = "left alone: drop such records with: ckpt doctor --drop-bad-records"
+    return [
+        Repair(key, f"{'checkpoint ' + str(n) if n is not None else 'a record'} of task '{name}': {why}", action)
+        for n, why in dropped
+    ]
 
 
 def _check_task(

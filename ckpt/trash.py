@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
-from .manifest import FORMAT, Checkpoint, TaskState, check_format, dumps, read_toml
+from .manifest import FORMAT, Checkpoint, TaskState, check_files, check_format, dumps, read_toml
 from .metrics import rank, require
-from .names import _describe
+from .names import _describe, is_valid_name
 from .timeutil import now_iso, parse_iso
 from .timeutil import parse_age as parse_age  # where `ckpt trash empty --older-than` finds it
 from .workspace import LOCK_FILE as TASK_LOCK
@@ -141,13 +141,30 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
     if kind not in KINDS or state not in STATES:
         raise ManifestError(f"{path}: unknown kind {kind!r} or state {state!r}", path=path)
     task = get("task", str, required=(kind == "checkpoints"))
+    # every name read here becomes a path (the task folder, the model's title): checked as if typed
+    if task is not None and not is_valid_name(task):
+        raise ManifestError(f"{path}: 'task' ({_describe(task)}) is not a valid task name", path=path)
+    entry_id = get("id", str)
+    if entry_id != folder.name:
+        raise ManifestError(f"{path}: 'id' ({_describe(entry_id)}) is not its folder's name", path=path)
     records = get("checkpoints", list, required=False) or []
-    cps = [Checkpoint.from_record(rec, path, task or "") for rec in records]
+    try:
+        cps = [Checkpoint.from_record(rec, path, task or "") for rec in records]
+        numbers = [cp.number for cp in cps]
+        if len(set(numbers)) != len(numbers):
+            raise ManifestError(f"{path}: a checkpoint is recorded twice", path=path)
+        check_files(cps, path)
+    except ManifestError as e:
+        # not a task manifest's hint (doctor mends those): an entry is fixed or emptied by hand
+        e.hint = f"nothing is restored from it; its files are in trash/{folder.name}/{FILES_DIR}/; see: ckpt trash list"
+        raise
     model = get("model", dict, required=(kind == "model"))
     if model is not None and not isinstance(model.get("title"), str):
         raise ManifestError(f"{path}: model has no title", path=path)
+    if model is not None and not is_valid_name(model["title"]):
+        raise ManifestError(f"{path}: model: 'title' ({_describe(model['title'])}) is not a valid title", path=path)
     return Entry(
-        id=get("id", str),
+        id=entry_id,
         kind=kind,
         task=task,
         state=state,
@@ -175,8 +192,9 @@ def read_entry(ws: Workspace, entry_id: str) -> Entry:
     """The trash entry `entry_id`; raises NotFoundError, ManifestError."""
     check_entry_id(entry_id)
     folder = ws.trash_dir / entry_id
-    if fsutil.is_symlink(folder) or fsutil.is_symlink(folder / ENTRY_FILE):
+    if fsutil.is_symlink(folder):
         raise IntegrityError(f"trash entry '{entry_id}' is a symlink; ckpt does not follow it", path=folder)
+    fsutil.refuse_links(ws.root, f"trash/{entry_id}/{ENTRY_FILE}")
     if not (folder / ENTRY_FILE).is_file():
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list")
     return _entry_from_doc(read_toml(folder / ENTRY_FILE, "trash entry"), folder)
@@ -240,7 +258,8 @@ def _new_entry(ws: Workspace) -> tuple[str, Path]:
 
 
 def _check_trash_dir(ws: Workspace) -> None:
-    if fsutil.is_symlink(ws.trash_dir) or not ws.trash_dir.is_dir():
+    fsutil.refuse_links(ws.root, "trash")
+    if not ws.trash_dir.is_dir():
         raise IntegrityError(
             f"'{ws.rel(ws.trash_dir)}' is not a plain folder (a symlink?); ckpt moves nothing through links",
             path=ws.trash_dir,
@@ -267,6 +286,7 @@ def _is_temp(name: str) -> bool:
 
 @contextlib.contextmanager
 def _trash_lock(ws: Workspace) -> Iterator[None]:
+    fsutil.refuse_links(ws.root, "trash")
     with fsutil.locked(ws.trash_dir / LOCK_FILE, "the trash"):
         yield
 
@@ -847,13 +867,17 @@ def _restore_model(ws: Workspace, entry_id: str, task_name: str | None) -> Entry
             )
         if fsutil.is_symlink(entry.folder / MODEL_DIR) or not os.path.isdir(entry.folder / MODEL_DIR):
             raise IntegrityError(f"trash entry '{entry_id}' is missing its model folder", path=entry.folder)
-        _write_entry(replace(entry, state="restoring"))
-        _finish_model_restore(ws, entry)
+        from .models import title_claim
+
+        with title_claim(ws, title):  # a title differing from another only in case is refused, as for promote
+            _write_entry(replace(entry, state="restoring"))
+            _finish_model_restore(ws, entry)
     return entry
 
 
 def _finish_model_restore(ws: Workspace, entry: Entry) -> None:
     src = entry.folder / MODEL_DIR
+    fsutil.refuse_links(ws.root, "models")
     dst = ws.models_dir / (entry.title or "")
     if os.path.lexists(src) and not os.path.lexists(dst):
         fsutil.move_noreplace(src, dst)

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -27,6 +28,7 @@ from .errors import (
 )
 from .manifest import (
     FORMAT,
+    STATUSES,
     Checkpoint,
     RowCache,
     SummaryCache,
@@ -104,6 +106,21 @@ class TaskSummary:
 _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
 
 
+def _valid_summary(row: dict[str, Any], name: str) -> bool:
+    """Whether a cached summary row holds what a summary of task `name` may (a cache is other people's input)."""
+    if set(row) != set(_SUMMARY_FIELDS) or row["name"] != name or row["status"] not in STATUSES:
+        return False
+    metrics = row["latest_metrics"]
+    return (
+        type(row["checkpoints"]) is int
+        and type(row["size"]) is int
+        and type(row["created"]) is str
+        and (row["latest"] is None or type(row["latest"]) is int)
+        and type(metrics) is dict
+        and all(type(v) in (int, float) for v in metrics.values())
+    )
+
+
 @dataclass(slots=True)
 class CachedRows:
     """What `Task.keep_rows` kept: the text of every checkpoint's row, and which ones are reached through a symlink."""
@@ -170,6 +187,8 @@ class Workspace:
 
             return StoreWorkspace.open_url(str(chosen))
         root = find_workspace(path)
+        for own in (WORKSPACE_FILE, "tasks", "models", "trash"):
+            fsutil.refuse_links(root, own)  # before anything is read or made through one
         settings, modes = workspace_doc(read_toml(root / WORKSPACE_FILE, "workspace"), root / WORKSPACE_FILE)
         for sub in ("tasks", "models", "trash"):
             (root / sub).mkdir(exist_ok=True)
@@ -264,6 +283,7 @@ class Workspace:
             json.dumps(header.arch_kwargs)
         except (TypeError, ValueError) as e:
             raise UsageError(f"architecture keyword arguments are not JSON-serialisable: {e}") from None
+        fsutil.refuse_links(self.root, f"tasks/{name}/{CHECKPOINT_DIR}")
         fsutil.make_dirs(self.tasks_dir)
         # one creation at a time in the workspace: two processes creating `A` and `a` must not both pass
         # the case check before either folder exists
@@ -294,30 +314,49 @@ class Workspace:
         if name in self._tasks:
             return self._tasks[name]
         folder = self.tasks_dir / name
-        if not (folder / TASK_FILE).is_file() or fsutil.is_symlink(folder):
-            if folder.is_dir() and not fsutil.is_symlink(folder) and (folder / CHECKPOINT_DIR).is_dir():
+        t = Task(self, name)
+        t.refuse_links()  # tasks/, the task folder, checkpoints/, its manifest, caches and lock: before any is read
+        manifest = folder / TASK_FILE
+        if not os.path.lexists(manifest) or os.path.isdir(manifest):  # a FIFO or device: refused when it is read
+            if folder.is_dir() and (folder / CHECKPOINT_DIR).is_dir():
                 raise ManifestError(
                     f"task manifest {self.rel(folder / TASK_FILE)} is missing", path=folder, hint="run: ckpt doctor"
                 )
-            if fsutil.is_symlink(folder):
-                raise TaskNotFound(
-                    f"task folder '{self.rel(folder)}' is a symlink; ckpt does not follow it", path=folder
-                )
             raise TaskNotFound(f"task '{name}' does not exist", path=folder, hint="see: ckpt tasks")
-        t = Task(self, name)
         self._tasks[name] = t
         return t
 
     def task_names(self) -> list[str]:
-        """Names of the task folders that hold a manifest, sorted."""
+        """Names of the task folders that hold a manifest (`task` refuses one that is a link), sorted; a task folder
+        that is a link is not one of them (see `linked_task_folders`)."""
         folder = str(self.tasks_dir)
-        return [name for name in self._task_folders() if os.path.exists(os.path.join(folder, name, TASK_FILE))]
+        return [
+            name
+            for name, linked in self._task_folders()
+            if not linked and os.path.lexists(os.path.join(folder, name, TASK_FILE))
+        ]
 
-    def _task_folders(self) -> list[str]:
-        """Names of the folders in tasks/ neither hidden nor a symlink, sorted; those holding a manifest are tasks."""
+    def linked_task_folders(self) -> list[CkptError]:
+        """A SymlinkError for each symlink in tasks/ where a task folder would be: reported, never followed."""
+        errors: list[CkptError] = []
+        for name, linked in self._task_folders():
+            if linked:
+                try:
+                    fsutil.refuse_links(self.root, f"tasks/{name}")
+                except CkptError as e:
+                    errors.append(e)
+        return errors
+
+    def _task_folders(self) -> list[tuple[str, bool]]:
+        """(name, is a symlink) of the folders and symlinks in tasks/ not hidden, sorted by name; the folders holding
+        a manifest are tasks (a symlink is reported, never followed)."""
         try:
             with os.scandir(self.tasks_dir) as it:
-                names = [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+                names = [
+                    (e.name, e.is_symlink())
+                    for e in it
+                    if not e.name.startswith(".") and (e.is_symlink() or e.is_dir(follow_symlinks=False))
+                ]
         except FileNotFoundError:
             return []
         names.sort()
@@ -327,7 +366,7 @@ class Workspace:
         """A summary of every task, and the errors of tasks that could not be read."""
         names = self.task_names()
         summaries, errors = self._summaries(names, names)
-        return [s for s in summaries if s is not None], errors
+        return [s for s in summaries if s is not None], errors + self.linked_task_folders()
 
     def tasks_rendered(self, form: str, render: Callable[[TaskSummary], str]) -> tuple[list[str], list[CkptError]]:
         """`render` of the summary of every task, in `tasks` order, and the errors of tasks that could not be read.
@@ -340,12 +379,12 @@ class Workspace:
         names: list[str] = []
         texts: list[str | None] = []
         missed: list[tuple[int, os.stat_result]] = []
-        for name in self._task_folders():
+        for name, linked in self._task_folders():
             try:
-                st = os.stat(f"{folder}/{name}/{TASK_FILE}")
+                st = os.lstat(f"{folder}/{name}/{TASK_FILE}" if not linked else f"{folder}/{name}")
             except (OSError, ValueError):
-                continue  # no manifest: not a task (task_names' os.path.exists)
-            text = cache.get(name, st)
+                continue  # no manifest: not a task (task_names' os.path.lexists)
+            text = None if linked or stat.S_ISLNK(st.st_mode) else cache.get(name, st)
             if text is None:
                 missed.append((len(names), st))
             names.append(name)
@@ -377,10 +416,9 @@ class Workspace:
         folder = str(self.tasks_dir)  # plain strings: 1,000 tasks' Path objects cost a visible part of the time
         for name in names:
             hit = cache.get(name, os.path.join(folder, name, TASK_FILE))
-            if hit is not None:
-                with contextlib.suppress(TypeError):
-                    rows.append(TaskSummary(**hit))
-                    continue
+            if hit is not None and _valid_summary(hit, name):
+                rows.append(TaskSummary(**hit))
+                continue
             try:
                 task = self.task(name)
                 summary = task.summary()
@@ -441,6 +479,16 @@ class Task:
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
+
+    def refuse_links(self) -> None:
+        """Raise SymlinkError when `tasks/`, the task folder, `checkpoints/`, or one of the task's own files is a link.
+
+        Checked when the task is opened and again before every change (under `lock`), so that nothing is read or
+        written through one (a link there may lead out of the workspace).
+        """
+        fsutil.refuse_links(self.ws.root, f"tasks/{self.name}/{CHECKPOINT_DIR}")
+        for own in (TASK_FILE, LOCK_FILE, CACHE_FILE, LIST_CACHE_FILE):
+            fsutil.refuse_links(self.folder, own, f"tasks/{self.name}")
 
     # -- reading --
 
@@ -621,6 +669,7 @@ class Task:
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Hold this task's lock (every manifest change happens under it); raises BusyError."""
+        self.refuse_links()
         with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
             pending, importing = self._markers()
             if pending:
@@ -799,6 +848,7 @@ class Task:
         if not ext.startswith(".") or "/" in ext or "\\" in ext or len(ext) > 20:
             raise UsageError(f"invalid file suffix {ext!r}")
         cdir = self.folder / CHECKPOINT_DIR
+        self.refuse_links()  # the file is written into checkpoints/ before the lock is taken
         cdir.mkdir(exist_ok=True)
         # the bytes are written and fsynced outside the lock, so a slow save never blocks other commands
         tmp, size, digest = fsutil.write_new_file(cdir, "checkpoint" + ext, produce)
@@ -834,11 +884,11 @@ class Task:
                 # the record is appended only once the file is complete and in place
                 data = record_bytes(cp)
                 try:
-                    fsutil.append_durably(self.manifest, data)
+                    after = fsutil.append_durably(self.manifest, data)
                 except BaseException:
                     fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
                     raise
-                self._reader.note_append(cp, data)
+                self._reader.note_append(cp, data, after)
         finally:
             fsutil.remove_file(tmp)
         return number
@@ -862,6 +912,7 @@ class Task:
         if not items:
             return []
         cdir = self.folder / CHECKPOINT_DIR
+        self.refuse_links()  # files are staged in checkpoints/ before the lock is taken
         fsutil.make_dirs(cdir)
         # copying happens outside the lock, under temporary names, as in _commit_new; a file that can be
         # hard-linked is linked straight to its numbered name under the lock (a link is never half-made)
@@ -909,7 +960,7 @@ class Task:
                     # records are appended (in one write) only once every file is in place; a crash between
                     # leaves numbered files without records, which `ckpt scan TASK --add` takes back in
                     chunks = [_record_bytes_fast(cp) for cp in placed]
-                    fsutil.append_durably(self.manifest, b"".join(chunks))
+                    after = fsutil.append_durably(self.manifest, b"".join(chunks))
                 except BaseException:
                     for target, back in reversed(renamed):  # nothing was recorded: back to the staging names
                         with contextlib.suppress(OSError, CkptError):
@@ -919,7 +970,7 @@ class Task:
                                 fsutil.move_noreplace(target, back)
                     raise
                 for cp, data in zip(placed, chunks, strict=True):
-                    self._reader.note_append(cp, data)
+                    self._reader.note_append(cp, data, after)
                 added = placed
         finally:
             for item, tmp, how in staged:

@@ -289,6 +289,28 @@ def test_doctor_reports_missing_and_unknown(run_json: Any, any_ws: ckpt.Workspac
     assert any_ws.task("unet").save(b"next") == 4  # a forgotten number is never reused
 
 
+def test_doctor_drops_records_a_manifest_must_not_hold(run: Any, run_json: Any, any_ws: ckpt.Workspace) -> None:
+    """Two records of one file, and one naming checkpoints/ itself (issue 15): refused until doctor drops them."""
+    make_task(any_ws, "unet", n=4)
+    if any_ws.remote:
+        text = any_ws.storage.get("tasks/unet/task.toml")[0]  # type: ignore[attr-defined]
+    else:
+        text = any_ws.task("unet").manifest.read_bytes()
+    text = text.replace(b'file = "checkpoints/000001.pt"', b'file = "checkpoints/000003.pt"')
+    text = text.replace(b'file = "checkpoints/000002.pt"', b'file = "./checkpoints"')
+    put_bytes(any_ws, "tasks/unet/task.toml", text)
+    result = run("list", "unet")
+    assert result.exit_code == 6 and "ckpt doctor" in result.stderr, result.output
+    dry = run_json("doctor", "--dry-run")["repairs"]
+    assert len([r for r in dry if "drop-bad-records" in r["action"]]) == 2, dry
+    done = run_json("doctor", "--drop-bad-records")["repairs"]
+    assert len([r for r in done if r["action"].startswith("dropped the record")]) == 2, done
+    unrecorded = sorted(r["path"] for r in done if "no record" in r["problem"])
+    assert unrecorded == ["tasks/unet/checkpoints/000001.pt", "tasks/unet/checkpoints/000002.pt"], done
+    assert [r["number"] for r in run_json("list", "unet")] == [3, 4]
+    assert ckpt.Workspace.open(any_ws.location if any_ws.remote else any_ws.root).task("unet").save(b"n") == 5
+
+
 def test_import_move(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
     src = tmp_path / "out"
     src.mkdir()

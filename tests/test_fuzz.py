@@ -1,5 +1,6 @@
 """Fuzzing with hypothesis: mutated and random manifests (task, model, trash entry, workspace) through every
-reading command, and random bytes as checkpoint files through `show` and `verify`. Whatever is on disk,
+reading command, a mutated (and poisoned) task cache through reading commands and trash-unused, and random
+bytes as checkpoint files through `show` and `verify`. Whatever is on disk,
 a command exits with a documented code and one-line errors: never a traceback, never "internal error".
 
 Each example runs one command, chosen by hypothesis, in process on a Click command built once (Typer's
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import tomli_w
 import typer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -283,6 +284,97 @@ def test_fuzz_manifests_through_reading_commands(fresh: Path, target: str) -> No
     }[target]
     _fuzz_file(fresh, rel, target)()
     assert COUNTS[target] >= EXAMPLES
+
+
+# --- caches: other people's input as much as the manifests -------------------------------------------------
+
+
+@st.composite
+def mutated_json(draw: st.DrawFn, doc: dict[str, Any]) -> bytes:
+    """The JSON of `doc` with 0-3 values replaced, removed or added at any depth (the key fields included)."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        parent: Any = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "remove", "add"]))
+        if action == "add" and isinstance(parent, dict):
+            parent[draw(st.text(min_size=1, max_size=8))] = draw(VALUES)
+        elif action == "remove":
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(VALUES)
+    return json.dumps(doc, default=str).encode()
+
+
+CACHE_COMMANDS = [
+    ["list", "unet", "--json"],
+    ["show", "unet", "4", "--json"],
+    ["tasks", "--json"],
+    ["trash-unused", "unet", "--dry-run", "--json"],
+    ["trash-unused", "unet", "--json"],
+]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` (links not followed) by its bytes."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def test_fuzz_task_cache_through_commands(fresh: Path, tmp_path: Path) -> None:
+    """A mutated `.task.cache.json` (a poisoned record file, a wrong type, a lying key): every command exits with a
+    documented code, and a trash-unused that writes moves only the task's own checkpoint files into the trash,
+    never a file outside the workspace (issue 15, point 4)."""
+    unet = ckpt.Workspace.open(fresh).task("unet")
+    for i in (5, 6):
+        unet.save(os.urandom(64), step=i * 100, metrics={"val_iou": i / 10})  # 4 and 5 are unused: trash-unused moves
+    canary = tmp_path / "outside" / "victim.bin"
+    canary.parent.mkdir()
+    canary.write_bytes(b"victim")
+    assert invoke(["list", "unet", "--json"]).exit_code == 0  # writes the caches
+    task = fresh / "tasks" / "unet"
+    cache = task / ".task.cache.json"
+    original = cache.read_bytes()
+    doc = json.loads(original)
+    poisoned = doc["checkpoints"]["number"].index(4)
+    doc["checkpoints"]["file"][poisoned] = os.path.relpath(canary, task)  # a poisoned record among the mutations
+    pristine = tmp_path / "pristine"
+    shutil.copytree(fresh, pristine, symlinks=True)
+    before = {k: v for k, v in _files(fresh).items() if k.startswith("tasks/unet/checkpoints/")}
+
+    @FUZZ
+    @given(
+        data=st.one_of(mutated_json(doc), mutated_json(json.loads(original)), mutated_bytes(original)),
+        args=st.sampled_from(CACHE_COMMANDS),
+    )
+    @example(data=json.dumps(doc).encode(), args=["trash-unused", "unet", "--json"])  # the poison alone
+    def run(data: bytes, args: list[str]) -> None:
+        cache.write_bytes(data)
+        for p in (task / ".task.list.cache", fresh / "tasks" / ".tasks.cache.json"):
+            p.unlink(missing_ok=True)
+        try:
+            check(args, "task cache")
+            assert canary.read_bytes() == b"victim" and os.listdir(canary.parent) == ["victim.bin"]
+            if "--dry-run" not in args and args[0] == "trash-unused":
+                after = _files(fresh)
+                for rel, data in before.items():  # each checkpoint file is in its task or in the trash, unchanged
+                    moved = [k for k, v in after.items() if k.endswith(rel.removeprefix("tasks/unet/")) and v == data]
+                    assert moved, rel
+                shutil.rmtree(fresh)
+                shutil.copytree(pristine, fresh, symlinks=True)
+        finally:
+            if cache.exists() or not cache.is_symlink():
+                cache.write_bytes(original)
+
+    run()
+    assert COUNTS["task cache"] >= EXAMPLES
 
 
 # --- checkpoint files ---------------------------------------------------------------------------------

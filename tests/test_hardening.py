@@ -212,11 +212,13 @@ def test_a_checkpoints_folder_symlinked_outside(ws: ckpt.Workspace, outside: Pat
     cdir.rmdir()
     cdir.symlink_to(outside)
     before = snapshot(outside)
-    result = run("list", "unet")
-    assert result.exit_code == 0 and "reached through symlink 'checkpoints/'" in result.stderr
-    assert_clean_error(run("promote", "unet", "1", "--title", "x"), 6)
-    result = run("trash-unused", "unet", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["trashed"] == []
+    # a linked checkpoints/ is one of the workspace's own paths: every command refuses it, naming it (exit 6)
+    for args in (["list", "unet"], ["promote", "unet", "1", "--title", "x"], ["trash-unused", "unet"]):
+        result = run(*args)
+        assert_clean_error(result, 6)
+        assert "tasks/unet/checkpoints' is a symlink" in result.stderr
+    with pytest.raises(ckpt.IntegrityError, match="symlink"):
+        ckpt.Workspace.open(ws.root).task("unet").save(b"x")
     assert snapshot(outside) == before
 
 
@@ -227,9 +229,10 @@ def test_a_task_folder_symlinked_outside(ws: ckpt.Workspace, outside: Path, run:
     before = snapshot(outside)
     for args in (["list", "far"], ["trash-unused", "far"], ["promote", "far", "1", "-t", "x"], ["show", "far", "1"]):
         result = run(*args)
-        assert_clean_error(result, 3)
-        assert "symlink" in result.stderr
-    assert run("tasks").exit_code == 0
+        assert_clean_error(result, 6)
+        assert "'tasks/far' is a symlink" in result.stderr
+    result = run("tasks")  # the others are listed; the link is reported
+    assert "'tasks/far' is a symlink" in result.stderr
     assert run("trash", "empty", "--yes").exit_code == 0
     assert snapshot(outside) == before
 

@@ -618,10 +618,11 @@ def test_tasks_from_kept_rows_is_byte_for_byte_the_same(
     calls = _read_tasks(monkeypatch)
     kept = run("tasks", "--json")
     assert kept.exit_code == 0, kept.output
-    assert calls == [["broken"]]  # only the task that has no row to keep is read again
+    assert calls == [["broken", "dangling"]]  # only the tasks that have no row to keep are read again
     assert kept.stdout_bytes == first.stdout_bytes == _plain_tasks(ws)
     assert kept.stderr == first.stderr
-    assert kept.stderr.count("warning: skipped a task") == 1 and "'bogus'" in kept.stderr
+    assert kept.stderr.count("warning: skipped a task") == 2 and "'bogus'" in kept.stderr
+    assert "'tasks/dangling/task.toml' is a symlink" in kept.stderr  # a link is reported, never followed
     rows = json.loads(kept.stdout)
     assert [r["name"] for r in rows] == ["a", "done", "empty", "odd"]
     assert rows[3]["latest_metrics"]["nan"] is None and rows[3]["latest_metrics"]["inf"] is None
@@ -631,6 +632,7 @@ def test_tasks_from_kept_rows_is_byte_for_byte_the_same(
     ckpt.Workspace.open(ws.root).task("odd").finish(failed=True)
     make_task(ws, "new", n=1)
     (ws.tasks_dir / "done" / "task.toml").unlink()
+    (ws.tasks_dir / "dangling" / "task.toml").unlink()
     ckpt.Workspace.open(ws.root).tasks_dir.joinpath("broken", "task.toml").write_text(
         "format = 1\nname = 'broken'\nstatus = 'running'\ncreated = '2026-01-01T00:00:00+00:00'\n"
     )

@@ -350,6 +350,14 @@ def doctor(
     forget_missing: Annotated[
         bool, typer.Option("--forget-missing", help="Drop the records of checkpoints whose file is gone.")
     ] = False,
+    drop_bad_records: Annotated[
+        bool,
+        typer.Option(
+            "--drop-bad-records",
+            help="Drop records a manifest must not hold (a path outside the task or to its own folders, two records "
+            "of one file); their files stay.",
+        ),
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Finish or undo what interrupted commands left, and check records against files.
@@ -362,7 +370,7 @@ def doctor(
     from ..doctor import doctor as do_doctor
 
     ws = open_workspace()
-    repairs = do_doctor(ws, dry_run=dry_run, forget_missing=forget_missing)
+    repairs = do_doctor(ws, dry_run=dry_run, forget_missing=forget_missing, drop_bad_records=drop_bad_records)
     if json:
         print_json(
             {
