@@ -1483,10 +1483,14 @@ def _restore_model(ws: StoreWorkspace, entry: Entry, etag: str) -> Entry:
         _mark(ws, entry, "restoring", etag)
         lease.renew()
     prefix = f"trash/{entry.id}/{MODEL_DIR}/"
+    record = f"models/{title}/{MODEL_FILE}"
+    if entry.state == "restoring" and ws.storage.head(record) is not None:
+        # an interrupted restore that had copied everything (model.toml comes last): only the entry is left
+        _delete_entry(ws, entry.id)
+        return entry
     copies = [b.key for b in ws.storage.list_prefix(prefix)]
     if not any(k == prefix + MODEL_FILE for k in copies):
         raise IntegrityError(f"trash entry '{entry.id}' is missing its model record", hint="see: ckpt doctor")
-    record = f"models/{title}/{MODEL_FILE}"
     back = [(k, f"models/{title}/{k[len(prefix) :]}") for k in copies]
     ws.storage.copy_many([(k, dst) for k, dst in back if dst != record])
     ws.storage.copy_many([(k, dst) for k, dst in back if dst == record])

@@ -165,6 +165,12 @@ def setup_trashed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     return {"entry": _entry(ws)}
 
 
+def setup_removed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    ws = seeded(st)
+    promote(ws, "unet", 2, title="m1")
+    return {"entry": trash_model(fresh(st), "m1").entry}
+
+
 def setup_import(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     seeded(st)
     src = tmp / "run"
@@ -199,6 +205,7 @@ OPERATIONS: dict[str, tuple[Callable[[MemoryStorage, Path], dict[str, Any]], Cal
     "trash_unused": (setup_plain, lambda ws, ctx: trash_unused_op(ws, "unet")),
     "restore": (setup_trashed, run_restore),
     "empty": (setup_trashed, run_empty),
+    "restore_model": (setup_removed, run_restore),
     "import": (setup_import, run_import),
 }
 
@@ -226,6 +233,9 @@ def done_as_reported(st: MemoryStorage, op: str, result: Any, ctx: dict[str, Any
         assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
         state = parse_task(objs["tasks/unet/task.toml"][0], Path("m"), "unet")
         assert len(state.checkpoints) == 4
+    elif op == "restore_model":
+        assert "models/m1/model.toml" in objs
+        assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
     elif op == "empty":
         for entry_id in result.emptied:
             assert not any(k.startswith(f"trash/{entry_id}/") for k in objs)
