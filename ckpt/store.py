@@ -463,7 +463,7 @@ class StoreTask(Task):
             self.update(add)
         except BaseException as e:
             # the upload goes only when its record is known not to be committed; when that cannot be learned
-            # it stays, unrecorded (doctor reports it, scan --add adopts it): never a record without its object
+            # it stays, unrecorded (doctor deletes it once stale): never a record without its object
             if not isinstance(e, CommitUnknown):
                 with contextlib.suppress(Exception):
                     if number not in self.reload().checkpoints:
@@ -1569,17 +1569,44 @@ def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult
     result = ScanResult(task.name, *_unknown_objects(ws, task))
     if not add:
         return result
-    candidates = [u for u in result.unknown if u.addable]
+    # an object under a number a save, import or scan claimed and never recorded is not taken in: it is the
+    # upload of a command that failed or stopped (doctor deletes it once stale)
+    claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
+    candidates = [u for u in result.unknown if u.addable and _claimed_number(task, u.rel, claimed) is None]
     found = _found_of_objects(ws, task, candidates)
     added: set[str] = set()
     for c, u in found:
         try:
             result.added.append(_adopt(ws, task, c, u))
         except _Duplicate:
-            continue  # added by another scan meanwhile
+            # added by another scan meanwhile, or by this scan run before and stopped before it deleted the
+            # original: a record made from this very object (same name, size and bytes) lets it go
+            digest = _digest_of(ws, u)
+            if any(
+                (cp.original_name, cp.size, cp.sha256) == (c.name, u.size, digest)
+                for cp in task.reload().checkpoints.values()
+            ):
+                ws.storage.delete([u.rel] if u.kind == "file" else _keys_of(ws, u.rel))
+                added.add(u.rel)
+            continue
         added.add(u.rel)
     result.unknown = [u for u in result.unknown if u.rel not in added]
     return result
+
+
+def _claimed_number(task: Task, rel: str, claimed: set[str]) -> str | None:
+    """The claimed number `rel` (a key of the workspace) is stored under, when it is `checkpoints/<n>[.ext]`."""
+    if not rel.startswith(f"tasks/{task.name}/{CHECKPOINT_DIR}/"):
+        return None
+    stem = PurePosixPath(rel).name.partition(".")[0]
+    return stem if stem.isdigit() and stem in claimed else None
+
+
+def _digest_of(ws: StoreWorkspace, u: Unknown) -> str:
+    if u.kind == "file":
+        return ws.storage.sha256(u.rel)
+    keys = [b.key for b in ws.storage.list_prefix(u.rel + "/")]
+    return fsutil.tree_digest([(k[len(u.rel) + 1 :], ws.storage.sha256(k)) for k in keys])
 
 
 def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], list[Unknown]]:
@@ -1854,8 +1881,7 @@ def _check_task(
     claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
     orphans: list[str] = []
     for u in _unknown_objects(ws, task)[0]:
-        stem = PurePosixPath(u.rel).name.partition(".")[0]
-        if u.rel.startswith(f"tasks/{task.name}/{CHECKPOINT_DIR}/") and stem in claimed and stem.isdigit():
+        if _claimed_number(task, u.rel, claimed) is not None:
             # under a number a save (import, scan --add) claimed, never recorded: one that stopped before its
             # commit. The same while it is still running on another machine: only a stale one goes
             if _age(u.modified) >= STALE_PENDING:

@@ -22,7 +22,7 @@ import ckpt
 from ckpt import store
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
-from ckpt.importer import import_path, verify
+from ckpt.importer import import_path, scan, verify
 from ckpt.manifest import parse_task, parse_toml
 from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
@@ -171,6 +171,12 @@ def setup_removed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     return {"entry": trash_model(fresh(st), "m1").entry}
 
 
+def setup_stray(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    seeded(st)
+    st.put("tasks/unet/step=50.pt", b"a stray file")  # a file a script wrote into the task folder
+    return {}
+
+
 def setup_import(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     seeded(st)
     src = tmp / "run"
@@ -207,6 +213,7 @@ OPERATIONS: dict[str, tuple[Callable[[MemoryStorage, Path], dict[str, Any]], Cal
     "empty": (setup_trashed, run_empty),
     "restore_model": (setup_removed, run_restore),
     "import": (setup_import, run_import),
+    "scan_add": (setup_stray, lambda ws, ctx: scan(ws, "unet", add=True)),
 }
 
 
@@ -239,6 +246,9 @@ def done_as_reported(st: MemoryStorage, op: str, result: Any, ctx: dict[str, Any
     elif op == "empty":
         for entry_id in result.emptied:
             assert not any(k.startswith(f"trash/{entry_id}/") for k in objs)
+    elif op == "scan_add":
+        state = parse_task(objs["tasks/unet/task.toml"][0], Path("m"), "unet")
+        assert len(state.checkpoints) == 5 and "tasks/unet/step=50.pt" not in objs
     elif op == "import":
         state = parse_task(objs["tasks/lit/task.toml"][0], Path("m"), "lit")
         assert len(state.checkpoints) == 2
@@ -254,7 +264,8 @@ def attempt(op: str, st: MemoryStorage, ctx: dict[str, Any]) -> tuple[bool, Any]
 
 
 def expected_new(op: str) -> set[str]:
-    made = {"save": [b"the new one"], "import": [b"lightning 0", b"lightning 1"]}.get(op, [])
+    made = {"save": [b"the new one"], "import": [b"lightning 0", b"lightning 1"], "scan_add": [b"a stray file"]}
+    made = made.get(op, [])
     return {hashlib.sha256(b).hexdigest() for b in made}
 
 
