@@ -273,10 +273,16 @@ _setups: dict[tuple[str, Path], tuple[dict[str, Any], dict[str, Any]]] = {}
 
 
 def one_fault(
-    memory: Callable[[], MemoryStorage], tmp: Path, monkeypatch: pytest.MonkeyPatch, op: str, fault: Fault | None
+    memory: Callable[[], MemoryStorage],
+    tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    op: str,
+    fault: Fault | None,
+    at_once: bool = False,
 ) -> int:
-    """Run `op` with `fault`, then again as a new process, then doctor; check the invariant. Returns the
-    number of primitive calls the first run made (counted from its start)."""
+    """Run `op` with `fault`, then again as a new process (at once, or once every lease and staleness limit
+    has passed), then doctor once they have; check the invariant after each. Returns the number of primitive
+    calls the first run made (counted from its start)."""
     made = _setups.get((op, tmp))
     if made is None:  # set up once per operation, then copied: each attempt starts from the same objects
         first = memory()
@@ -295,13 +301,15 @@ def one_fault(
     if ok:
         done_as_reported(st, op, result, ctx)
     with monkeypatch.context() as m:
-        later(m)
         st.revive()
+        if not at_once:
+            later(m)
         if op != "save":  # a save run again is another checkpoint
             ok2, result2 = attempt(op, st, ctx)
             check(st, before, may_go=may_go, new=expected_new(op))
             if ok2:
                 done_as_reported(st, op, result2, ctx)
+        later(m)
         doctor(fresh(st))
         after = check(st, before, may_go=may_go, new=expected_new(op))
         ws = fresh(st)
@@ -520,15 +528,16 @@ def test_memory_store_conditional_writes() -> None:
 # --- every fault at every call -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["run-again-later", "run-again-at-once"])
 @pytest.mark.parametrize("op", list(OPERATIONS))
 def test_every_fault_at_every_call(
-    memory: Callable[[], MemoryStorage], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str
+    memory: Callable[[], MemoryStorage], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, at_once: bool
 ) -> None:
     calls = one_fault(memory, tmp_path, monkeypatch, op, None)
     assert calls > 0
     for at, kind in itertools.product(range(1, calls + 1), KINDS):
         try:
-            one_fault(memory, tmp_path, monkeypatch, op, Fault(at=at, kind=kind))
+            one_fault(memory, tmp_path, monkeypatch, op, Fault(at=at, kind=kind), at_once)
         except AssertionError as e:
             raise AssertionError(f"{op}: fault {kind!r} at call {at} of {calls}: {e}") from None
 
