@@ -1003,6 +1003,12 @@ def _execute_trash(
         task.update(drop)
     except _Overlap:
         raise _abandon(ws, task, entry.id) from None
+    except CommitUnknown:
+        raise  # the entry stays pending: the next trash-unused, trash list or doctor settles it
+    except Exception:
+        with contextlib.suppress(Exception):  # the commit is known not to have landed: undone at once
+            _delete_entry(ws, entry.id)
+        raise
     _finish_trash(ws, task, entry, moved)
     return entry.id
 
