@@ -628,3 +628,13 @@ def test_s3_retried_commit_that_landed_is_recognised(s3_url: str, monkeypatch: p
         assert [(e.id, e.state, e.numbers) for e in entries] == [(entry, "complete", [1, 2])]
     assert struck
     assert verify(ckpt.Workspace.open(s3_url)).problems == []
+
+
+def test_trash_unused_whose_commit_failed_leaves_no_entry(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    ws = seeded(st)
+    snapshot = {k: v[0] for k, v in st.objects.items()}
+    st.fault = Fault(at=st.calls.count("put") + 2, kind="fail", method="put")  # the manifest commit
+    with pytest.raises(ConnectionError):
+        trash_unused_op(ws, "unet")
+    assert {k: v[0] for k, v in st.objects.items()} == snapshot  # nothing changed, no pending entry left
