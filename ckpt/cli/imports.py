@@ -45,7 +45,7 @@ def _metrics(m: dict[str, float]) -> dict[str, float | None]:
     return {k: metric_or_none(v) for k, v in m.items()}
 
 
-@command(app, "import", rich_help_panel="Files")
+@command(app, "import")
 def import_(
     path: Annotated[Path, typer.Argument(help="A run folder (or one checkpoint file or folder).")],
     task: Annotated[
@@ -129,7 +129,7 @@ def _unknown_json(u: Any) -> dict[str, Any]:
     return {"path": u.rel, "kind": u.kind, "size": u.size, "modified": u.modified, "addable": u.addable}
 
 
-@command(app, "scan", rich_help_panel="Files")
+@command(app, "scan")
 def scan(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     add: Annotated[
@@ -174,7 +174,7 @@ def scan(
         err(f"add them with: ckpt scan {task} --add")
 
 
-@command(app, "verify", rich_help_panel="Files")
+@command(app, "verify")
 def verify(
     tasks: Annotated[
         list[str] | None, typer.Argument(help="Tasks to verify (default: all).", autocompletion=_complete.tasks)
