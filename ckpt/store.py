@@ -1128,8 +1128,13 @@ def _copies_whole(ws: StoreWorkspace, entry: Entry) -> bool:
 
 
 def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
-    """Whether another trash entry holds one of `entry`'s checkpoints (reads every entry: a rare path)."""
+    """Whether another trash entry holds one of `entry`'s checkpoints, or its model (the same title, record
+    time and sha256); reads every entry: a rare path."""
     from .trash import _ID
+
+    def model_of(e: Entry) -> tuple[Any, ...] | None:
+        m = e.model or {}
+        return (m.get("title"), m.get("created"), m.get("sha256")) if e.kind == "model" else None
 
     mine = set(entry.numbers)
     for other in ws.storage.children("trash/"):
@@ -1140,6 +1145,8 @@ def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
         except CkptError:
             continue
         if e.kind == "checkpoints" and e.task == entry.task and mine & set(e.numbers):
+            return True
+        if e.kind == "model" and model_of(e) == model_of(entry):
             return True
     return False
 
@@ -1377,7 +1384,13 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
     from .trash import MODEL_DIR, Entry
     from .trash_results import ModelTrashResult
 
-    model = ws.models[title]
+    try:
+        model = ws.models[title]
+    except ModelNotFound:
+        done = _settle_removes(ws, title)  # a remove of it that stopped after the record went: finished now
+        if done is None:
+            raise
+        return done
     folder = f"models/{title}/"
     blobs, _ = _model_keys(ws, title)
     entry = _create_entry(
@@ -1410,6 +1423,29 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
     return ModelTrashResult(entry.id, model)
 
 
+def _settle_removes(ws: StoreWorkspace, title: str) -> ModelTrashResult | None:
+    """Settle the pending removes of model `title` (the model is gone from models/); the result of one that is
+    complete now, as the remove run again reports it."""
+    from .trash import _ID
+    from .trash_results import ModelTrashResult
+
+    found: ModelTrashResult | None = None
+    for entry_id in ws.storage.children("trash/"):
+        if not _ID.fullmatch(entry_id):
+            continue
+        try:
+            entry = _read_entry(ws, entry_id)
+        except CkptError:
+            continue
+        if entry.kind != "model" or entry.title != title or entry.state != "pending":
+            continue
+        settled = _settle(ws, entry)
+        if settled.state == "complete" and settled.model is not None:
+            doc = {"format": FORMAT, **{k: v for k, v in settled.model.items() if k != "title"}}
+            found = ModelTrashResult(settled.id, Model.from_doc(title, doc, Path("models") / title))
+    return found
+
+
 def _create_entry(ws: StoreWorkspace, make: Callable[[str], Entry]) -> Entry:
     """A new entry record under a fresh id (If-None-Match claims the id)."""
     while True:
@@ -1438,7 +1474,8 @@ def _settle_model(ws: StoreWorkspace, entry: Entry) -> Entry:
     prefix = f"trash/{entry.id}/{MODEL_DIR}/"
     copied = {b.key[len(prefix) :] for b in ws.storage.list_prefix(prefix)}
     weights = str((entry.model or {}).get("file", ""))
-    if MODEL_FILE not in copied or not (weights in copied or any(k.startswith(weights + "/") for k in copied)):
+    whole = MODEL_FILE in copied and (weights in copied or any(k.startswith(weights + "/") for k in copied))
+    if not whole or _held_elsewhere(ws, entry):
         fresh = _read_entry(ws, entry.id)
         if fresh.state != "pending":
             return fresh

@@ -108,6 +108,8 @@ def picture(st: MemoryStorage) -> dict[str, Any]:
                     where.setdefault(cp.sha256, []).append(f"trash:{entry.id}")
             else:
                 assert entry.model is not None
+                model = (entry.model["title"], entry.model["created"])
+                where.setdefault(f"model:{model}", []).append(f"trash:{entry.id}")
                 if f"trash/{entry.id}/{MODEL_DIR}/model.toml" not in objs:
                     problems.append(f"{key}: complete, but its model record is missing")
                 digest = tree_digest(f"trash/{entry.id}/{MODEL_DIR}/{entry.model['file']}")
@@ -118,23 +120,34 @@ def picture(st: MemoryStorage) -> dict[str, Any]:
             if tree_digest(f"models/{parts[1]}/{doc['file']}") != doc["sha256"]:
                 problems.append(f"{key}: names missing or changed weights")
             models[parts[1]] = str(doc["sha256"])
+            where.setdefault(f"model:{(parts[1], doc['created'])}", []).append("models")
     return {"where": where, "models": models, "problems": problems}
 
 
-def check(st: MemoryStorage, before: dict[str, Any], *, may_go: set[str] = frozenset(), new: set[str] = frozenset()):
+def check(
+    st: MemoryStorage,
+    before: dict[str, Any],
+    *,
+    may_go: set[str] = frozenset(),
+    new: set[str] = frozenset(),
+    models_move: bool = False,
+) -> dict[str, Any]:
     """The invariant after the command and its re-run: each checkpoint of `before` is in exactly one place
-    (one in `may_go` may also be gone: an empty), one in `new` at most once, and no record is broken."""
+    (one in `may_go` may also be gone: an empty), one in `new` at most once, each model (a title and its
+    record's time) live or in one complete entry, at most once (gone or new when `models_move`: a rename
+    or an empty), and no record is broken."""
     after = picture(st)
     assert not after["problems"], after["problems"]
-    for sha in before["where"]:
-        places = after["where"].get(sha, [])
-        if sha in may_go:
-            assert len(places) <= 1, (sha, places)
+    for key in before["where"]:
+        places = after["where"].get(key, [])
+        if key in may_go or (key.startswith("model:") and models_move):
+            assert len(places) <= 1, (key, places)
         else:
-            assert len(places) == 1, (sha, places)
-    for sha, places in after["where"].items():
-        assert sha in before["where"] or sha in new, f"a checkpoint from nowhere: {sha} {places}"
-        assert len(places) == 1, (sha, places)
+            assert len(places) == 1, (key, places)
+    for key, places in after["where"].items():
+        if not key.startswith("model:"):
+            assert key in before["where"] or key in new, f"a checkpoint from nowhere: {key} {places}"
+        assert len(places) == 1, (key, places)
     return after
 
 
@@ -306,12 +319,12 @@ def one_fault(
             later(m)
         if op != "save":  # a save run again is another checkpoint
             ok2, result2 = attempt(op, st, ctx)
-            check(st, before, may_go=may_go, new=expected_new(op))
+            check(st, before, may_go=may_go, new=expected_new(op), models_move=op in ("rename", "empty"))
             if ok2:
                 done_as_reported(st, op, result2, ctx)
         later(m)
         doctor(fresh(st))
-        after = check(st, before, may_go=may_go, new=expected_new(op))
+        after = check(st, before, may_go=may_go, new=expected_new(op), models_move=op in ("rename", "empty"))
         ws = fresh(st)
         assert doctor(ws) == [], "doctor left something to do"
         # nothing is left half-done: no entry is pending, restoring or emptying, no claim without its model
