@@ -221,3 +221,27 @@ def test_a_full_stdout_is_named_as_such(ws: ckpt.Workspace, args: list[str]) -> 
     assert r.returncode == 1
     assert r.stderr.splitlines()[-1].startswith("error: cannot write the output: No space left on device (stdout)")
     assert "Traceback" not in r.stderr and "ckpt doctor" not in r.stderr
+
+
+def test_import_and_scan_dry_runs_change_nothing(
+    run: Any, run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    src = tmp_path / "theirs"
+    src.mkdir()
+    for i in range(1, 4):
+        (src / f"epoch{i}.pt").write_bytes(b"w" * 100 * i)
+    plan = run_json("import", str(src), "--task", "lit", "--move", "--dry-run")
+    assert plan["dry_run"] and plan["created_task"] and plan["added"] == 0
+    assert [r["action"] for r in plan["checkpoints"]] == ["would add"] * 3
+    assert sorted(p.name for p in src.iterdir()) == ["epoch1.pt", "epoch2.pt", "epoch3.pt"]  # nothing moved
+    assert run("list", "lit").exit_code == 3  # no task was made
+    assert run_json("import", str(src), "--task", "lit")["added"] == 3
+    again = run_json("import", str(src), "--task", "lit", "--dry-run")
+    assert [r["action"] for r in again["checkpoints"]] == ["already"] * 3
+    if not any_ws.remote:  # a file a script wrote into the task folder by itself
+        stray = any_ws.root / "tasks" / "lit" / "checkpoints" / "extra.pt"
+        stray.write_bytes(b"extra")
+        plan = run_json("scan", "lit", "--add", "--dry-run")
+        assert plan == {"dry_run": True, "would": ["add tasks/lit/checkpoints/extra.pt as a new checkpoint"]}
+        assert stray.exists() and len(run_json("list", "lit")) == 3
+        assert run("scan", "lit", "--dry-run").exit_code == 2
