@@ -61,6 +61,7 @@ with open(sys.argv[5], "a") as log:
 # thousands run in 30 s), printing a JSON line per command: its exit code and whether it printed a traceback.
 LOOPER = """
 import json, random, sys, time
+from types import SimpleNamespace
 import typer.main
 from typer.testing import CliRunner
 from ckpt.cli import app
@@ -68,8 +69,26 @@ root, name, end, seed = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.a
 rng = random.Random(seed)
 command, runner = typer.main.get_command(app), CliRunner()
 
+def invoke(args):
+    # CliRunner.invoke(app) would build the command again at every call: run the one built above instead
+    exc = None
+    with runner.isolation() as streams:
+        try:
+            command.main(args=args, prog_name="ckpt")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            exc = e if code else None
+        except Exception as e:
+            code, exc = 1, e
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        text = [s.getvalue().decode("utf-8", "replace") for s in streams]
+    return SimpleNamespace(exit_code=code, stdout=text[0], stderr=text[1], exception=exc)
+
 def ck(*args):
-    r = super(CliRunner, runner).invoke(command, ["-w", root, *args])
+    r = invoke(["-w", root, *args])
     out = r.stdout + r.stderr
     bad = r.exception is not None and not isinstance(r.exception, SystemExit)
     bad = bad or "Traceback" in out or "internal error" in out

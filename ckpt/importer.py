@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import fsutil
 from .backend import per_backend
-from .errors import CkptError, IntegrityError, NotFoundError, TaskNotFound, UsageError
+from .errors import CkptError, ConflictError, IntegrityError, NotFoundError, TaskNotFound, UsageError
 from .names import check_task_name
 from .pathtext import escape_path
 from .workspace import (
@@ -607,8 +607,11 @@ def import_path(
     fmt: str = "auto",
     mode: str = "link",
     progress: Callable[[int, int], None] | None = None,
+    dry_run: bool = False,
 ) -> ImportResult:
     """Import the checkpoints under `path` into task `task` (created if needed; default: named after the folder).
+
+    With `dry_run`, nothing is written: the rows say what would be added ("would add") or left.
 
     Already-imported checkpoints (same sha256 and size as a record of the task) and repeats (`last.ckpt`,
     identical bytes under two names) are not numbered again, so importing twice changes nothing.
@@ -631,9 +634,15 @@ def import_path(
     try:
         t = ws.task(name)
     except TaskNotFound:
+        if dry_run:
+            return _would(name, fmt, mode, True, [], found, skipped)
         t = ws.create_task(name, exist_ok=True, metric_modes=modes, source=source if found else None)
         created = True
-    rows, new = _match(t, found)
+    if dry_run:
+        if t.status != "running":
+            raise ConflictError(f"task '{t.name}' is {t.status}; it takes no new checkpoints")
+        return _would(t.name, fmt, mode, False, t.checkpoints, found, skipped)
+    rows, new = _match(t.checkpoints, found)
     try:
         added = t.add_existing(new, mode=mode, unique=True)
     except BaseException:
@@ -659,6 +668,17 @@ def import_path(
     return ImportResult(t.name, fmt, mode, created, rows + skipped)
 
 
+def _would(
+    name: str, fmt: str, mode: str, new_task: bool, held: list[Checkpoint], found: list[Found], skipped: list[ImportRow]
+) -> ImportResult:
+    """What an import would do (a dry run): the rows, with "would add" for what it would number."""
+    rows, _ = _match(held, found)
+    for r in rows:
+        if r.action == "added":
+            r.action = "would add"
+    return ImportResult(name, fmt, mode, new_task, rows + skipped)
+
+
 def found_modes(found: list[Found]) -> dict[str, str]:
     """The directions the checkpoints recorded, {metric: "min" | "max"}; a metric recorded both ways is left out."""
     modes: dict[str, str] = {}
@@ -670,9 +690,9 @@ def found_modes(found: list[Found]) -> dict[str, str]:
     return {k: v for k, v in modes.items() if k not in both}
 
 
-def _match(t: Task, found: list[Found]) -> tuple[list[ImportRow], list[Incoming]]:
-    """Rows for every candidate, and the Incoming items of those the task does not hold yet."""
-    known: dict[tuple[str, int], Checkpoint] = {(cp.sha256, cp.size): cp for cp in t.checkpoints}
+def _match(held: list[Checkpoint], found: list[Found]) -> tuple[list[ImportRow], list[Incoming]]:
+    """Rows for every candidate, and the Incoming items of those the task (holding `held`) does not hold yet."""
+    known: dict[tuple[str, int], Checkpoint] = {(cp.sha256, cp.size): cp for cp in held}
     # of identical files in this import, the named one is kept and last.ckpt is the repeat
     first: dict[tuple[str, int], Found] = {}
     for c in sorted(found, key=lambda c: c.is_last):

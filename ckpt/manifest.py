@@ -323,6 +323,11 @@ class TaskHeader:
     metric_modes: dict[str, str] = field(default_factory=dict)
     # where an imported task's files came from and how: {"path": "/abs/run", "how": "link" | "copy" | "move"}
     source: dict[str, str] | None = None
+    # object storage only (ckpt.store): the ids of the last commits (a retried commit whose first attempt
+    # landed finds its own id here), and the trash entries whose records this manifest dropped while the
+    # entry is not yet complete (a "pending" entry named here took its checkpoints; one not named did not)
+    commits: list[str] = field(default_factory=list)
+    trashing: list[str] = field(default_factory=list)
 
     def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> bool:
         """Add what an import found: the directions of metrics the task has not recorded yet (one it has is
@@ -354,6 +359,10 @@ class TaskHeader:
             doc["metric_modes"] = dict(self.metric_modes)
         if self.source:
             doc["source"] = dict(self.source)
+        if self.commits:
+            doc["commits"] = list(self.commits)
+        if self.trashing:
+            doc["trashing"] = list(self.trashing)
         return doc
 
     @classmethod
@@ -398,6 +407,8 @@ class TaskHeader:
             settings=settings,
             metric_modes={str(k): str(v) for k, v in modes.items()},
             source={str(k): str(v) for k, v in source.items()} if source is not None else None,
+            commits=_ids(doc, "commits", path),
+            trashing=_ids(doc, "trashing", path),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -412,7 +423,16 @@ class TaskHeader:
             "settings": self.settings,
             "metric_modes": self.metric_modes,
             "source": self.source,
+            "commits": self.commits,
+            "trashing": self.trashing,
         }
+
+
+def _ids(doc: dict[str, Any], key: str, path: Path) -> list[str]:
+    ids = _get(doc, key, list, path, "", required=False) or []
+    if not all(isinstance(i, str) for i in ids):
+        raise ManifestError(f"{path}: '{key}' must be a list of strings", path=path)
+    return list(ids)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
-from .errors import CkptError, NotFoundError, UnsafeFileError, UsageError
+from .errors import CkptError, NotFoundError, NotRegularFile, UnsafeFileError, UsageError
 
 try:
     import numpy as np
@@ -613,8 +613,15 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
                 raise UsageError(f"'{p}' is not a PNG or JPEG file", path=p)
             found.append(p)
         else:
+            _not_a_file(p, "image path")
             raise NotFoundError(f"image path '{p}' does not exist", path=p, hint="pass --images FILE_OR_FOLDER")
     return found
+
+
+def _not_a_file(p: Path, what: str) -> None:
+    """Raise NotRegularFile (exit 6) when `p` exists but is a FIFO, device or socket: reading it could block."""
+    if os.path.lexists(p) and not p.is_dir():
+        raise NotRegularFile(f"{what} '{p}' is not a regular file (a FIFO, device or socket?)", path=p)
 
 
 def match_masks(images: Sequence[Path], masks: Path) -> list[Path]:
@@ -624,12 +631,15 @@ def match_masks(images: Sequence[Path], masks: Path) -> list[Path]:
             raise UsageError(f"--masks '{masks}' is a file but there are {len(images)} images; pass a folder")
         return [masks]
     if not masks.is_dir():
+        _not_a_file(masks, "--masks")
         raise NotFoundError(f"mask folder '{masks}' does not exist", path=masks)
     out = []
     for img in images:
         candidates = [masks / f"{img.stem}.png", masks / img.name]
         hit = next((c for c in candidates if c.is_file()), None)
         if hit is None:
+            for c in candidates:
+                _not_a_file(c, "mask")
             raise NotFoundError(
                 f"image '{img.name}' has no mask in '{masks}' (looked for {img.stem}.png)",
                 path=img,
@@ -879,7 +889,8 @@ def _predict_checked(
         exact, _ = predict(net, check, n_images)
     try:
         preds, classes = predict(low, batches, n_images, dtype)
-    except RuntimeError as e:  # an operation this network uses that torch lacks in that precision
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+        # an operation this network uses that torch (or numpy, in the network's own code) lacks in that precision
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not fall_back:
             raise UsageError(f"{label} cannot run in {precision} here: {reason}", hint="use --precision fp32") from None
@@ -912,20 +923,23 @@ def percent(share: float) -> str:
     return f"{math.floor(share * 10000) / 100:.2f}".rstrip("0").rstrip(".") + " %"
 
 
-def precision_note(results: Sequence[CheckpointResult]) -> str:
+MAX_CELL = 1024  # a picture cell: beyond it the grid of a few images is already gigapixels
+MAX_SIDE = 8192  # --size: what a segmentation network is run on here, at most
+
+
+def precision_note(results: Sequence[CheckpointResult], asked: str) -> str:
     """One line on the precision the predictions were computed in, as the picture's legend shows it:
-    `precision bf16 (agrees with fp32: 99.93 %); #10 fp32 (bf16 agreed 98.12 %)` (the lowest agreement)."""
-    used = [r.precision for r in results]
-    main = max(dict.fromkeys(used), key=used.count)
-    line = f"precision {main}"
-    checked = [r.agreement for r in results if r.precision == main and r.agreement is not None]
+    `precision bf16 (agrees with fp32: 99.93 %); #10 fp32 (bf16 agreed 98.12 %)`. The headline is the
+    precision the run resolved to (`asked`); a checkpoint that fell back is named with its agreement."""
+    line = f"precision {asked}"
+    checked = [r.agreement for r in results if r.precision == asked and r.agreement is not None]
     if checked:
         line += f" (agrees with fp32: {percent(min(checked))})"
     for r in results:
-        if r.precision != main:
+        if r.precision != asked:
             line += f"; {r.label} {r.precision}"
             if r.agreement is not None:
-                tried = r.precision if r.precision != "fp32" else main
+                tried = r.precision if r.precision != "fp32" else asked
                 line += f" ({tried} agreed {percent(r.agreement)})"
     return line
 
@@ -942,8 +956,10 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
     require_safe_torch()
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if options.cell < 32:
-        raise UsageError("the cell size must be at least 32 pixels")
+    if not 32 <= options.cell <= MAX_CELL:
+        raise UsageError(f"the cell size must be 32 to {MAX_CELL} pixels", hint="pass --cell 160, say")
+    if options.size is not None and not all(0 < n <= MAX_SIDE for n in options.size):
+        raise UsageError(f"--size must be 1 to {MAX_SIDE} pixels a side")
     if not sources:
         raise UsageError("nothing to preview")
     if options.out.suffix.lower() != ".png":
@@ -1045,7 +1061,7 @@ def run_preview(sources: Sequence[Source], options: PreviewOptions, progress: Pr
         )
 
     names = _class_names(classes_names, n_classes)
-    picture = render_grid(pil_images, image_paths, masks, preds, results, names, options.cell)
+    picture = render_grid(pil_images, image_paths, masks, preds, results, names, options.cell, precision)
     out = options.out
     if out.parent and not out.parent.is_dir():
         fsutil.make_dirs(out.parent)
@@ -1167,6 +1183,7 @@ def render_grid(
     results: list[CheckpointResult],
     class_names: list[str],
     cell: int,
+    precision: str = "fp32",
 ) -> Image.Image:
     """The comparison picture: a row per image; input, ground truth, then each checkpoint's overlay."""
     headers = ["input"] + (["ground truth"] if masks is not None else [])
@@ -1209,7 +1226,7 @@ def render_grid(
         draw.rectangle((x, yy + 2, x + 14, yy + 16), fill=colour, outline=(90, 90, 90))
         _text(draw, (x + 20, yy + 2), f"{i} {name}", LEGEND_ITEM - 26, font)
     yy = y + math.ceil(len(class_names) / per_line) * LEGEND_LINE
-    _text(draw, (PAD, yy + 2), precision_note(results), width - 2 * PAD, font)
+    _text(draw, (PAD, yy + 2), precision_note(results, precision), width - 2 * PAD, font)
     return canvas
 
 

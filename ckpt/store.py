@@ -83,7 +83,9 @@ T = TypeVar("T")
 CLAIM_FILE = ".claim"
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
-MANIFEST_CACHE_VERSION = 2
+COMMIT_IDS = 8  # the ids of the last commits kept in a manifest (see StoreTask.update)
+MANIFEST_CACHE_VERSION = 3
+LEASE = 600.0  # seconds a title claim holds without being renewed (see Lease)
 STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
 TASKS_IN_FLIGHT = 128  # manifests `tasks` reads at once (each a GET, or a 304 when cached)
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
@@ -327,23 +329,48 @@ class StoreTask(Task):
         )
 
     def update(self, change: Callable[[TaskState], T]) -> T:
-        """Apply `change` to the latest manifest and commit it with If-Match; on a lost race, read and apply again.
+        """Apply `change` to a copy of the latest manifest and commit it with If-Match; on a lost race, read and
+        apply again.
 
-        `change` mutates the state it is given and may raise to abandon the commit. Raises BusyError
-        after COMMIT_TRIES lost races.
+        `change` mutates the state it is given and may raise to abandon the commit. Each commit carries its
+        own id (kept among the header's last `COMMIT_IDS`): when a request fails or answers 412, the manifest
+        is read again and a commit found there had landed (its response was lost, or a retry of it met its
+        own write). A commit that did not land leaves nothing behind, not even in this handle. Raises
+        BusyError after COMMIT_TRIES lost races.
         """
         for attempt in range(COMMIT_TRIES):
-            state = self.reload() if attempt or self._state is None else self.state()
+            current = self.reload() if attempt or self._state is None else self.state()
+            state = TaskState(replace(current.header), dict(current.checkpoints))
             result = change(state)
+            commit = secrets.token_hex(8)
+            state.header.commits = [*state.header.commits, commit][-COMMIT_IDS:]
             try:
-                self._etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
-                self._state, self._read_at = state, time.monotonic()
-                _save_manifest_cache(self._cache_file(), state, self._etag)
-                return result
+                etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
             except PreconditionFailed:
-                self._state = None
+                if self._landed(commit):
+                    return result
                 time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+                continue
+            except Exception:
+                if self._landed(commit):
+                    return result
+                raise
+            self._etag, self._state, self._read_at = etag, state, time.monotonic()
+            _save_manifest_cache(self._cache_file(), state, etag)
+            return result
         raise BusyError(f"task '{self.name}' changed {COMMIT_TRIES} times while committing; try again")
+
+    def _landed(self, commit: str) -> bool:
+        """Whether commit `commit` is in the manifest now (read again); raises CommitUnknown when it cannot be
+        read: then neither the caller nor anyone may assume either way."""
+        self._state = None
+        try:
+            return commit in self.reload().header.commits
+        except Exception:
+            raise CommitUnknown(
+                f"the commit to task '{self.name}' may or may not have landed (the store did not answer)",
+                hint=f"see: ckpt list {self.name}; run: ckpt doctor",
+            ) from None
 
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
@@ -440,9 +467,13 @@ class StoreTask(Task):
             # the number is ours alone (its claim is never deleted), so a plain upload overwrites nothing recorded
             put(f"tasks/{self.name}/{file}")
             self.update(add)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.storage.delete(_keys_of(self.ws, f"tasks/{self.name}/{file}"))
+        except BaseException as e:
+            # the upload goes only when its record is known not to be committed; when that cannot be learned
+            # it stays, unrecorded (doctor deletes it once stale): never a record without its object
+            if not isinstance(e, CommitUnknown):
+                with contextlib.suppress(Exception):
+                    if number not in self.reload().checkpoints:
+                        self.storage.delete(_keys_of(self.ws, f"tasks/{self.name}/{file}"))
             raise
         return number, made
 
@@ -605,6 +636,10 @@ class _Duplicate(Exception):
     pass
 
 
+class CommitUnknown(CkptError):
+    """A commit's request failed and the manifest could not be read to learn whether it landed."""
+
+
 # --- models --------------------------------------------------------------------------------------------
 
 
@@ -702,13 +737,76 @@ def promote(
     return PromoteResult(same, why, better, unchanged=True)
 
 
-def _claim(ws: StoreWorkspace, title: str) -> None:
-    try:
-        ws.storage.put(f"models/{title}/{CLAIM_FILE}", f"{now_iso()}\n".encode(), if_none_match=True)
-    except PreconditionFailed:
-        raise ConflictError(
-            f"model '{title}' already exists", hint="choose another --title, or see: ckpt models"
-        ) from None
+class Lease:
+    """The claim of a model title: `models/<title>/.claim`, created with If-None-Match, holding the time it was
+    last renewed and its holder's token. A running promote (or rename, or model restore) renews it before
+    each step; one not renewed for LEASE seconds with no model.toml beside it was left by a process that
+    died (or lost the response to its claim), and the next claim of the title takes it over (If-Match on
+    the expired claim, so of two takers one wins) and clears what it left."""
+
+    def __init__(self, ws: StoreWorkspace, title: str, token: str | None = None):
+        self.storage = ws.storage
+        self.title = title
+        self.key = f"models/{title}/{CLAIM_FILE}"
+        self.token = token or secrets.token_hex(8)
+        self.etag = ""
+
+    def _body(self) -> bytes:
+        return f"{now_iso()}\n{self.token}\n".encode()
+
+    def take(self) -> Lease:
+        """Claim the title; raises ConflictError when another holds it (a model, or a claim not yet expired)."""
+        taken = ConflictError(
+            f"model '{self.title}' already exists", hint="choose another --title, or see: ckpt models"
+        )
+        body = self._body()
+        try:
+            self.etag = put_once(self.storage, self.key, body, if_none_match=True)
+            return self
+        except PreconditionFailed:
+            pass
+        try:
+            held, etag = self.storage.get(self.key)
+        except FileNotFoundError:  # freed meanwhile: one more try
+            try:
+                self.etag = put_once(self.storage, self.key, body, if_none_match=True)
+                return self
+            except PreconditionFailed:
+                raise taken from None
+        holder = _claim_lines(held)
+        if holder[1] != self.token and (
+            _age(holder[0]) < LEASE or self.storage.head(f"models/{self.title}/{MODEL_FILE}") is not None
+        ):
+            raise taken
+        try:  # expired (or this holder's own, from an interrupted restore): taken over
+            self.etag = put_once(self.storage, self.key, body, if_match=etag)
+        except PreconditionFailed:
+            raise taken from None
+        if holder[1] != self.token:  # what the dead holder copied is no model: it goes
+            left = [b.key for b in self.storage.list_prefix(f"models/{self.title}/") if b.key != self.key]
+            self.storage.delete(left)
+        return self
+
+    def renew(self) -> None:
+        """Renew the lease (If-Match); raises LeaseLost when it expired and another command took the title."""
+        try:
+            self.etag = put_once(self.storage, self.key, self._body(), if_match=self.etag)
+        except PreconditionFailed:
+            raise LeaseLost(
+                f"the claim of model title '{self.title}' expired and another command took it (this one ran "
+                f"longer than the {LEASE:.0f} s lease without renewing it); nothing of the other one was touched",
+                hint="run the command again",
+            ) from None
+
+
+class LeaseLost(ConflictError):
+    pass
+
+
+def _claim_lines(data: bytes) -> tuple[str, str]:
+    """(time of the last renewal, holder's token) of a claim's bytes; an older ckpt's claim has no token."""
+    lines = data.decode("utf-8", "replace").splitlines() + ["", ""]
+    return lines[0].strip(), lines[1].strip()
 
 
 def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> Model:
@@ -720,7 +818,7 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
         )
     # the title is claimed first (If-None-Match), so a losing racer never touches the winner's objects;
     # the weights are copied on the server, and model.toml comes last: a model never names missing weights
-    _claim(ws, title)
+    lease = Lease(ws, title).take()
     src = _key(task.path_of(cp))
     name = PurePosixPath(cp.file).name
     try:
@@ -731,6 +829,7 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
             )
         try:
             for b in blobs:
+                lease.renew()
                 ws.storage.copy(b.key, f"models/{title}/{name}{b.key[len(src) :]}")
         except FileNotFoundError:  # trashed between the listing and the copy
             raise IntegrityError(
@@ -751,7 +850,10 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
             metrics=dict(cp.metrics),
             folder=Path("models") / title,
         )
-        ws.storage.put(f"models/{title}/{MODEL_FILE}", dumps(model.to_doc()))
+        lease.renew()
+        put_once(ws.storage, f"models/{title}/{MODEL_FILE}", dumps(model.to_doc()), if_none_match=True)
+    except LeaseLost:
+        raise  # the title is another command's now: nothing of it is touched
     except BaseException:
         with contextlib.suppress(Exception):
             ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{title}/")])
@@ -811,6 +913,11 @@ def trash_unused(
     assert isinstance(task, StoreTask)
     reason = reason or f"trash_unused({task_name!r})"
     state = task.reload()
+    for entry_id in state.header.trashing:  # an earlier trash whose commit landed and that stopped after it
+        with contextlib.suppress(NotFoundError):
+            entry = _read_entry(ws, entry_id)
+            if entry.state == "pending":
+                _finish_trash(ws, task, entry)
     cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
     warnings: list[str] = []
     reasons_of = keep_reasons(task, cps, rules, warnings)
@@ -855,8 +962,26 @@ def _entry_key(entry_id: str) -> str:
     return f"trash/{entry_id}/{ENTRY_FILE}"
 
 
-def _put_entry(ws: StoreWorkspace, entry: Entry, *, new: bool = False) -> None:
-    ws.storage.put(_entry_key(entry.id), dumps(entry.to_doc()), if_none_match=new)
+def _put_entry(ws: StoreWorkspace, entry: Entry, *, new: bool = False, if_match: str | None = None) -> str:
+    return put_once(ws.storage, _entry_key(entry.id), dumps(entry.to_doc()), if_match=if_match, if_none_match=new)
+
+
+def put_once(
+    storage: Storage, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+) -> str:
+    """A conditional `put` that recognises its own write: when it answers 412 and `key` holds exactly `data`
+    (a retry whose first attempt landed: every conditional write here carries an id or a time of its own),
+    it landed; returns the etag."""
+    try:
+        return storage.put(key, data, if_match=if_match, if_none_match=if_none_match)
+    except PreconditionFailed:
+        try:
+            got, etag = storage.get(key)
+        except FileNotFoundError:
+            got, etag = b"", ""
+        if got == data and (if_none_match or if_match is not None):
+            return etag
+        raise
 
 
 def _execute_trash(
@@ -869,9 +994,11 @@ def _execute_trash(
 ) -> str:
     from .trash import FILES_DIR, Entry
 
-    for _ in range(100):
-        entry = Entry(
-            id=_new_entry_id(),
+    # 1. the entry record first (If-None-Match claims the id): it names every object that may be copied
+    entry = _create_entry(
+        ws,
+        lambda entry_id: Entry(
+            id=entry_id,
             kind="checkpoints",
             task=task.name,
             state="pending",
@@ -880,18 +1007,15 @@ def _execute_trash(
             size=sum(cp.size for cp in cps),
             bytes=freed,
             checkpoints=list(cps),
-            folder=Path("trash") / "x",
-        )
-        try:
-            # 1. the entry record first (If-None-Match claims the id): it names every object that may be copied
-            _put_entry(ws, entry, new=True)
-            break
-        except PreconditionFailed:
-            continue
+            folder=Path("trash") / entry_id,
+            tracked=True,
+        ),
+    )
     base = f"tasks/{task.name}/"
     moved = [k for cp in cps for k in objects.get(cp.file, [])]
-    # 2. server-side copies under the entry; 3. the manifest without the records (If-Match): before it, a
-    # crash leaves the checkpoints as they were plus a "pending" entry that restore/empty settle
+    # 2. server-side copies under the entry; 3. the manifest without the records and naming the entry in its
+    # `trashing` (If-Match, one commit): before it, a crash leaves the checkpoints as they were plus a "pending"
+    # entry the manifest does not name, which is undone; after it, the entry is named and is finished
     gone = {cp.number for cp in cps}
     try:
         ws.storage.copy_many([(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}") for k in moved])
@@ -904,15 +1028,40 @@ def _execute_trash(
         state.header.last_number = state.max_number
         for n in gone:
             del state.checkpoints[n]
+        state.header.trashing = [*state.header.trashing, entry.id]
 
     try:
         task.update(drop)
     except _Overlap:
         raise _abandon(ws, task, entry.id) from None
-    # 4. the originals deleted, 5. the entry complete: a "pending" entry whose records are gone is finished
-    ws.storage.delete(moved)
-    _put_entry(ws, replace(entry, state="complete"))
+    except CommitUnknown:
+        raise  # the entry stays pending: the next trash-unused, trash list or doctor settles it
+    except Exception:
+        with contextlib.suppress(Exception):  # the commit is known not to have landed: undone at once
+            _delete_entry(ws, entry.id)
+        raise
+    _finish_trash(ws, task, entry, moved)
     return entry.id
+
+
+def _finish_trash(ws: StoreWorkspace, task: StoreTask, entry: Entry, keys: list[str] | None = None) -> Entry:
+    """4. the originals (`keys`, else found by one LIST) deleted, 5. the entry complete, 6. its name out of the
+    manifest's `trashing`."""
+    if keys is None:
+        objects = _objects(ws, task)
+        keys = [k for cp in entry.checkpoints for k in objects.get(cp.file, [])]
+    ws.storage.delete(keys)
+    done = replace(entry, state="complete")
+    _put_entry(ws, done)
+
+    def untrack(state: TaskState) -> None:
+        if entry.id not in state.header.trashing:
+            raise _Overlap  # nothing to commit
+        state.header.trashing = [i for i in state.header.trashing if i != entry.id]
+
+    with contextlib.suppress(_Overlap):
+        task.update(untrack)
+    return done
 
 
 class _Overlap(Exception):
@@ -930,17 +1079,19 @@ def _abandon(ws: StoreWorkspace, task: Task, entry_id: str) -> ConflictError:
 
 
 def _read_entry(ws: StoreWorkspace, entry_id: str) -> Entry:
-    from .trash import _entry_from_doc, check_entry_id
+    return _read_entry_tagged(ws, entry_id)[0]
+
+
+def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
+    from .trash import ENTRY_FILE, _entry_from_doc, check_entry_id
 
     check_entry_id(entry_id)
     try:
-        data, _ = ws.storage.get(_entry_key(entry_id))
+        data, etag = ws.storage.get(_entry_key(entry_id))
     except FileNotFoundError:
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list") from None
     folder = Path("trash") / entry_id
-    from .trash import ENTRY_FILE
-
-    return _entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder)
+    return _entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
 
 
 def list_entries(ws: StoreWorkspace) -> tuple[list[Entry], list[CkptError]]:
@@ -971,18 +1122,76 @@ def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
         state = task.reload() if isinstance(task, StoreTask) else None
     except TaskNotFound:
         state = None
-    if state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints):
-        # the manifest never changed: the checkpoints are where they were. Without a lock, a trash still running
-        # on another machine looks the same, so only an entry older than STALE_PENDING is undone
-        if _age(entry.created) < STALE_PENDING:
-            return entry
-        _delete_entry(ws, entry.id)
+    if state is not None and entry.id in state.header.trashing:  # its commit landed: finish it
+        assert isinstance(task, StoreTask)
+        return _finish_trash(ws, task, entry)
+    kept = state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints)
+    if kept and _age(entry.created) < STALE_PENDING:
+        # its commit has not landed. Without a lock, a trash still running on another machine looks the same,
+        # so only an entry older than STALE_PENDING is undone
+        return entry
+    # read again after the manifest: an entry finished meanwhile was complete before it left `trashing`
+    try:
+        fresh = _read_entry(ws, entry.id)
+    except NotFoundError:
         return replace(entry, state="gone")
-    base = f"tasks/{entry.task}/"
-    ws.storage.delete([k for cp in entry.checkpoints for k in _keys_of(ws, base + cp.file)])
-    done = replace(entry, state="complete")
-    _put_entry(ws, done)
-    return done
+    if fresh.state != "pending":
+        return fresh
+    if not kept and _copies_whole(ws, entry) and not _held_elsewhere(ws, entry):
+        # its records went and the manifest does not name it: its own commit landed and the name was lost (an
+        # entry of an older ckpt, or a manifest one rewrote), since no other entry holds its checkpoints
+        if isinstance(task, StoreTask):
+            return _finish_trash(ws, task, entry)
+        done = replace(entry, state="complete")
+        _put_entry(ws, done)
+        return done
+    # undone: its commit never landed (or another trash, run after it stopped, took its checkpoints)
+    _delete_entry(ws, entry.id)
+    return replace(entry, state="gone")
+
+
+def _copies_whole(ws: StoreWorkspace, entry: Entry) -> bool:
+    from .trash import FILES_DIR
+
+    prefix = f"trash/{entry.id}/{FILES_DIR}/"
+    tops = {"/".join(b.key[len(prefix) :].split("/")[:2]) for b in ws.storage.list_prefix(prefix)}
+    return all(cp.file in tops for cp in entry.checkpoints)
+
+
+def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
+    """Whether another trash entry holds one of `entry`'s checkpoints, or its model (the same title, record
+    time and sha256); reads every entry: a rare path."""
+    from .trash import _ID
+
+    def model_of(e: Entry) -> tuple[Any, ...] | None:
+        m = e.model or {}
+        return (m.get("title"), m.get("created"), m.get("sha256")) if e.kind == "model" else None
+
+    mine = set(entry.numbers)
+    for other in ws.storage.children("trash/"):
+        if other == entry.id or not _ID.fullmatch(other):
+            continue
+        try:
+            e = _read_entry(ws, other)
+        except CkptError:
+            continue
+        if e.kind == "checkpoints" and e.task == entry.task and mine & set(e.numbers):
+            return True
+        if e.kind == "model" and model_of(e) == model_of(entry):
+            return True
+    return False
+
+
+def _empty_entry(ws: StoreWorkspace, entry_id: str) -> int:
+    """Mark the entry "emptying" (If-Match), then delete its files and its record last: an interrupted empty
+    leaves an entry that says so (restore refuses it; empty and doctor finish it), never one that claims
+    files it no longer has."""
+    entry, etag = _read_entry_tagged(ws, entry_id)
+    if entry.state not in ("complete", "emptying"):
+        raise ConflictError(f"trash entry '{entry_id}' is {entry.state}", hint="run: ckpt doctor")
+    if entry.state != "emptying":
+        _mark(ws, entry, "emptying", etag)
+    return _delete_entry(ws, entry_id)
 
 
 def _age(created: str) -> float:
@@ -1010,9 +1219,17 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
     from .trash import FILES_DIR
     from .trash_results import RestoreResult
 
-    entry = _settle(ws, _read_entry(ws, entry_id))
+    entry, etag = _read_entry_tagged(ws, entry_id)
+    entry = _settle(ws, entry)
+    if entry.state == "emptying":
+        raise ConflictError(
+            f"trash entry '{entry_id}' is being emptied (or an empty was interrupted): its files are going",
+            hint=f"finish it: ckpt trash empty {entry_id} (or: ckpt doctor)",
+        )
+    if entry.state == "complete":  # the entry may have been settled just now: its etag again
+        entry, etag = _read_entry_tagged(ws, entry_id)
     if entry.kind == "model" and entry.state in ("complete", "restoring"):
-        return RestoreResult(_restore_model(ws, entry))
+        return RestoreResult(_restore_model(ws, entry, etag))
     if entry.state == "gone":
         raise NotFoundError(f"trash entry '{entry_id}' was an interrupted trash, undone", hint="see: ckpt trash list")
     if entry.state == "pending":
@@ -1036,8 +1253,17 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
         )
     prefix = f"trash/{entry_id}/{FILES_DIR}/"
     copies = [b.key for b in ws.storage.list_prefix(prefix)]
-    if entry.state != "restoring":
-        _put_entry(ws, replace(entry, state="restoring"))
+    held = {k[len(prefix) :] for k in copies} | {k[len(f"tasks/{task.name}/") :] for ks in present.values() for k in ks}
+    tops = {"/".join(k.split("/")[:2]) for k in held}  # checkpoints/<file>, or the folder of a folder checkpoint
+    lacking = [cp for cp in entry.checkpoints if cp.file not in tops]
+    if lacking:  # never a record without its object: nothing is restored from a damaged entry
+        raise IntegrityError(
+            f"trash entry '{entry_id}' is missing the files of {len(lacking)} checkpoint(s) (first: "
+            f"{lacking[0].file}); nothing was changed",
+            hint="see: ckpt doctor",
+        )
+    if entry.state != "restoring":  # If-Match: an empty that began meanwhile wins, and this restore stops
+        _mark(ws, entry, "restoring", etag)
     # the objects back first, then the records (If-Match): a record never names an object not in place
     back = [(k, f"tasks/{task.name}/{k[len(prefix) :]}") for k in copies]
     if entry.state == "restoring":  # an interrupted restore: what was copied back already stays
@@ -1068,6 +1294,9 @@ def plan_empty(ws: StoreWorkspace, ids: list[str] | None = None, older_than: tim
     for e in candidates:
         if e.state == "gone":
             continue
+        if e.state == "emptying":  # an interrupted empty: finished whatever its age
+            chosen.append(e)
+            continue
         if e.state != "complete":
             why = "being made, or interrupted in the last hour" if e.state == "pending" else "an interrupted restore"
             skipped.append((e.id, f"{e.state}: {why}; see docs/s3.md"))
@@ -1084,7 +1313,10 @@ def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
     emptied: list[str] = []
     freed = 0
     for e in plan.entries:
-        freed += _delete_entry(ws, e.id)
+        try:
+            freed += _empty_entry(ws, e.id)
+        except (ConflictError, NotFoundError):
+            continue  # restored or emptied by another command meanwhile
         emptied.append(e.id)
     return EmptyResult(emptied, freed, list(plan.skipped))
 
@@ -1183,7 +1415,13 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
     from .trash import MODEL_DIR, Entry
     from .trash_results import ModelTrashResult
 
-    model = ws.models[title]
+    try:
+        model = ws.models[title]
+    except ModelNotFound:
+        done = _settle_removes(ws, title)  # a remove of it that stopped after the record went: finished now
+        if done is None:
+            raise
+        return done
     folder = f"models/{title}/"
     blobs, _ = _model_keys(ws, title)
     entry = _create_entry(
@@ -1216,6 +1454,29 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
     return ModelTrashResult(entry.id, model)
 
 
+def _settle_removes(ws: StoreWorkspace, title: str) -> ModelTrashResult | None:
+    """Settle the pending removes of model `title` (the model is gone from models/); the result of one that is
+    complete now, as the remove run again reports it."""
+    from .trash import _ID
+    from .trash_results import ModelTrashResult
+
+    found: ModelTrashResult | None = None
+    for entry_id in ws.storage.children("trash/"):
+        if not _ID.fullmatch(entry_id):
+            continue
+        try:
+            entry = _read_entry(ws, entry_id)
+        except CkptError:
+            continue
+        if entry.kind != "model" or entry.title != title or entry.state != "pending":
+            continue
+        settled = _settle(ws, entry)
+        if settled.state == "complete" and settled.model is not None:
+            doc = {"format": FORMAT, **{k: v for k, v in settled.model.items() if k != "title"}}
+            found = ModelTrashResult(settled.id, Model.from_doc(title, doc, Path("models") / title))
+    return found
+
+
 def _create_entry(ws: StoreWorkspace, make: Callable[[str], Entry]) -> Entry:
     """A new entry record under a fresh id (If-None-Match claims the id)."""
     while True:
@@ -1237,8 +1498,22 @@ def _settle_model(ws: StoreWorkspace, entry: Entry) -> Entry:
             return entry
         _delete_entry(ws, entry.id)
         return replace(entry, state="gone")
-    # the record went, so every copy was made; what is left of the folder is this model's, unless a new
-    # promote claimed the title after this remove freed it (its claim is then younger than the entry)
+    # the record went. By this remove (its copies are whole: they came before the record went), or by another
+    # one, that was run again after this one stopped: then this entry's copies are not all there, and it goes
+    from .trash import MODEL_DIR
+
+    prefix = f"trash/{entry.id}/{MODEL_DIR}/"
+    copied = {b.key[len(prefix) :] for b in ws.storage.list_prefix(prefix)}
+    weights = str((entry.model or {}).get("file", ""))
+    whole = MODEL_FILE in copied and (weights in copied or any(k.startswith(weights + "/") for k in copied))
+    if not whole or _held_elsewhere(ws, entry):
+        fresh = _read_entry(ws, entry.id)
+        if fresh.state != "pending":
+            return fresh
+        _delete_entry(ws, entry.id)
+        return replace(entry, state="gone")
+    # what is left of the folder is this model's, unless a new promote claimed the title after this remove
+    # freed it (its claim is then younger than the entry)
     if claim is None or _claim_time(ws, title) <= entry.created:
         _drop_model(ws, title, [b.key for b in blobs])
     done = replace(entry, state="complete")
@@ -1248,31 +1523,48 @@ def _settle_model(ws: StoreWorkspace, entry: Entry) -> Entry:
 
 def _claim_time(ws: StoreWorkspace, title: str) -> str:
     try:
-        return ws.storage.get(f"models/{title}/{CLAIM_FILE}")[0].decode().strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+        return _claim_lines(ws.storage.get(f"models/{title}/{CLAIM_FILE}")[0])[0]
+    except FileNotFoundError:
         return ""
 
 
-def _restore_model(ws: StoreWorkspace, entry: Entry) -> Entry:
+def _mark(ws: StoreWorkspace, entry: Entry, state: str, etag: str) -> str:
+    """Move `entry` to `state` with If-Match on the etag it was read with: of a restore and an empty of the same
+    entry begun at once, the first to mark it wins and the other stops before it changes anything."""
+    try:
+        return _put_entry(ws, replace(entry, state=state), if_match=etag)
+    except PreconditionFailed:
+        raise ConflictError(
+            f"trash entry '{entry.id}' was changed by another command meanwhile; nothing was changed by this one",
+            hint="see: ckpt trash list",
+        ) from None
+
+
+def _restore_model(ws: StoreWorkspace, entry: Entry, etag: str) -> Entry:
     """Claim the title again, copy the weights back, then model.toml last; the entry goes."""
     from .trash import MODEL_DIR
 
     title = entry.title or ""
-    if entry.state != "restoring":  # an interrupted restore holds the claim already
-        try:
-            _claim(ws, title)
-        except ConflictError:
-            raise ConflictError(
-                f"model '{title}' exists again; restoring trash entry '{entry.id}' would overwrite it; "
-                "nothing was changed",
-                hint="rename that model first: ckpt models rename",
-            ) from None
-        _put_entry(ws, replace(entry, state="restoring"))
+    # the claim's token is the entry's id: an interrupted restore takes its own claim back at once
+    try:
+        lease = Lease(ws, title, token=f"restore-{entry.id}").take()
+    except ConflictError:
+        raise ConflictError(
+            f"model '{title}' exists again; restoring trash entry '{entry.id}' would overwrite it; nothing was changed",
+            hint="rename that model first: ckpt models rename",
+        ) from None
+    if entry.state != "restoring":
+        _mark(ws, entry, "restoring", etag)
+        lease.renew()
     prefix = f"trash/{entry.id}/{MODEL_DIR}/"
+    record = f"models/{title}/{MODEL_FILE}"
+    if entry.state == "restoring" and ws.storage.head(record) is not None:
+        # an interrupted restore that had copied everything (model.toml comes last): only the entry is left
+        _delete_entry(ws, entry.id)
+        return entry
     copies = [b.key for b in ws.storage.list_prefix(prefix)]
     if not any(k == prefix + MODEL_FILE for k in copies):
         raise IntegrityError(f"trash entry '{entry.id}' is missing its model record", hint="see: ckpt doctor")
-    record = f"models/{title}/{MODEL_FILE}"
     back = [(k, f"models/{title}/{k[len(prefix) :]}") for k in copies]
     ws.storage.copy_many([(k, dst) for k, dst in back if dst != record])
     ws.storage.copy_many([(k, dst) for k, dst in back if dst == record])
@@ -1291,7 +1583,7 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
             hint="titles must stay distinct on case-insensitive file systems; choose another title",
         )
     try:
-        _claim(ws, new)
+        lease = Lease(ws, new).take()
     except ConflictError:
         raise ConflictError(f"model '{new}' already exists", hint="choose another title") from None
     # the new title is claimed, its weights copied on the server and its record written; only then does the
@@ -1303,7 +1595,10 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
         ws.storage.copy_many(
             [(b.key, f"models/{new}/{b.key[len(folder) :]}") for b in blobs if b.key != folder + MODEL_FILE]
         )
-        ws.storage.put(f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()))
+        lease.renew()
+        put_once(ws.storage, f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()), if_none_match=True)
+    except LeaseLost:
+        raise
     except BaseException as e:
         with contextlib.suppress(Exception):
             ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{new}/")])
@@ -1348,17 +1643,44 @@ def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult
     result = ScanResult(task.name, *_unknown_objects(ws, task))
     if not add:
         return result
-    candidates = [u for u in result.unknown if u.addable]
+    # an object under a number a save, import or scan claimed and never recorded is not taken in: it is the
+    # upload of a command that failed or stopped (doctor deletes it once stale)
+    claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
+    candidates = [u for u in result.unknown if u.addable and _claimed_number(task, u.rel, claimed) is None]
     found = _found_of_objects(ws, task, candidates)
     added: set[str] = set()
     for c, u in found:
         try:
             result.added.append(_adopt(ws, task, c, u))
         except _Duplicate:
-            continue  # added by another scan meanwhile
+            # added by another scan meanwhile, or by this scan run before and stopped before it deleted the
+            # original: a record made from this very object (same name, size and bytes) lets it go
+            digest = _digest_of(ws, u)
+            if any(
+                (cp.original_name, cp.size, cp.sha256) == (c.name, u.size, digest)
+                for cp in task.reload().checkpoints.values()
+            ):
+                ws.storage.delete([u.rel] if u.kind == "file" else _keys_of(ws, u.rel))
+                added.add(u.rel)
+            continue
         added.add(u.rel)
     result.unknown = [u for u in result.unknown if u.rel not in added]
     return result
+
+
+def _claimed_number(task: Task, rel: str, claimed: set[str]) -> str | None:
+    """The claimed number `rel` (a key of the workspace) is stored under, when it is `checkpoints/<n>[.ext]`."""
+    if not rel.startswith(f"tasks/{task.name}/{CHECKPOINT_DIR}/"):
+        return None
+    stem = PurePosixPath(rel).name.partition(".")[0]
+    return stem if stem.isdigit() and stem in claimed else None
+
+
+def _digest_of(ws: StoreWorkspace, u: Unknown) -> str:
+    if u.kind == "file":
+        return ws.storage.sha256(u.rel)
+    keys = [b.key for b in ws.storage.list_prefix(u.rel + "/")]
+    return fsutil.tree_digest([(k[len(u.rel) + 1 :], ws.storage.sha256(k)) for k in keys])
 
 
 def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], list[Unknown]]:
@@ -1495,7 +1817,7 @@ def doctor(
 
 
 def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
-    from .trash import _ID, STALE_AFTER
+    from .trash import _ID
     from .trash_results import Repair
 
     repairs: list[Repair] = []
@@ -1519,7 +1841,10 @@ def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
         if dry_run:
             repairs.append(Repair(rel, what, "would recover it"))
             continue
-        if entry.state == "restoring":
+        if entry.state == "emptying":
+            _delete_entry(ws, entry_id)
+            action = "finished the empty"
+        elif entry.state == "restoring":
             try:
                 restore(ws, entry_id)
                 action = "finished the restore"
@@ -1541,7 +1866,7 @@ def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
         if MODEL_FILE in names:
             continue
         rel = f"models/{title}"
-        if CLAIM_FILE in names and _age(_claim_time(ws, title)) < STALE_AFTER:
+        if CLAIM_FILE in names and _age(_claim_time(ws, title)) < LEASE:
             repairs.append(Repair(rel, "a model folder without model.toml", "left alone: it may be in use"))
             continue
         what = "an interrupted promote (a model folder without model.toml)"
@@ -1627,9 +1952,38 @@ def _check_task(
             repairs.append(
                 Repair(_key(task.path_of(cp)), f"checkpoint {cp.number} of task '{task.name}' has no file", action)
             )
+    claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
+    orphans: list[str] = []
     for u in _unknown_objects(ws, task)[0]:
+        if _claimed_number(task, u.rel, claimed) is not None:
+            # under a number a save (import, scan --add) claimed, never recorded: one that stopped before its
+            # commit. The same while it is still running on another machine: only a stale one goes
+            if _age(u.modified) >= STALE_PENDING:
+                what = f"an object of task '{task.name}' a save or import stopped before recording"
+                repairs.append(Repair(u.rel, what, "would delete it" if dry_run else "deleted"))
+                orphans += [u.rel] if u.kind == "file" else _keys_of(ws, u.rel)
+                continue
         how = f"ckpt scan {task.name} --add" if u.addable else "move it out of the task folder"
         repairs.append(Repair(u.rel, f"a {u.kind} no record of task '{task.name}' names", f"left alone: {how}"))
+    if orphans and not dry_run:
+        ws.storage.delete(orphans)
+    # entries named in `trashing` that are no longer pending (finished but not yet struck off, or gone)
+    done = []
+    for entry_id in state.header.trashing:
+        try:
+            if _read_entry(ws, entry_id).state == "pending":
+                continue
+        except NotFoundError:
+            pass
+        done.append(entry_id)
+    if done:
+        repairs.append(Repair(task.key, f"{len(done)} finished trash entries still named", "struck off"))
+        if not dry_run:
+
+            def strike(st: TaskState) -> None:
+                st.header.trashing = [i for i in st.header.trashing if i not in done]
+
+            task.update(strike)
     return repairs
 
 

@@ -56,7 +56,7 @@ LOCK_FILE = ".lock"
 DELETING_PREFIX = ".deleting-"
 STAGING_PREFIX = ".staging-"
 KINDS = ("checkpoints", "model")
-STATES = ("pending", "complete", "restoring")
+STATES = ("pending", "complete", "restoring", "emptying")  # "emptying": object storage only (docs/s3.md)
 STALE_AFTER = 3600.0  # seconds before doctor treats a temp file or staging folder as abandoned
 _ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 
@@ -91,6 +91,9 @@ class Entry:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     model: dict[str, Any] | None = None
     folder: Path = Path()
+    # object storage: the task manifest names this entry (its `trashing`) from the commit that dropped its
+    # records until the entry is complete; an entry made before that protocol is not tracked
+    tracked: bool = False
 
     @property
     def numbers(self) -> list[int]:
@@ -114,6 +117,8 @@ class Entry:
         }
         if self.model is not None:
             doc["model"] = dict(self.model)
+        if self.tracked:
+            doc["tracked"] = True
         if self.checkpoints:
             doc["checkpoints"] = [cp.to_record() for cp in self.checkpoints]
         return doc
@@ -170,6 +175,7 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
         checkpoints=cps,
         model=model,
         folder=folder,
+        tracked=doc.get("tracked") is True,
     )
 
 

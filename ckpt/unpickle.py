@@ -137,6 +137,12 @@ class BoundedUnpickler(_Base):  # type: ignore[misc]
         elif op == pickle.SETITEM[0] and len(self.stack) >= 3:
             spend(1, 64)
             self.charge_keys(self.stack[-3], [self.stack[-2]])
+        elif op == pickle.REDUCE[0] and len(self.stack) >= 2:
+            # checked here, not left to Python: its error for `func(*args)` with a non-callable func or
+            # non-tuple args formats the func, and the str of a shared nested structure takes 2**n steps
+            if not callable(self.stack[-2]) or not isinstance(self.stack[-1], tuple):
+                raise pickle.UnpicklingError("REDUCE of something that is not a call")
+            spend(1, 64)
         elif op == pickle.BUILD[0] and len(self.stack) >= 2:
             state = self.stack[-1]
             spend(1, 64)

@@ -6,6 +6,7 @@ Small networks with fixed weights; nothing is trained here.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,19 @@ class RefusesBf16(TieNet):
         return out
 
 
+class NumpyInside(TieNet):
+    """A network whose forward goes through numpy, which has no bf16: a TypeError, not a RuntimeError."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(x)
+        if out.dtype == torch.bfloat16:
+            raise TypeError("Got unsupported ScalarType BFloat16")
+        return out
+
+
 @pytest.fixture
 def tie_ws(ws: ckpt.Workspace, tmp_path: Path) -> dict[str, Any]:
-    for name, cls in (("tie", TieNet), ("refuses", RefusesBf16)):
+    for name, cls in (("tie", TieNet), ("refuses", RefusesBf16), ("numpy-inside", NumpyInside)):
         ws.create_task(name, arch=f"{__name__}:{cls.__name__}").save(_tie_state())
     folder = tmp_path / "red"
     folder.mkdir()
@@ -214,15 +225,21 @@ def test_disagreeing_network_falls_back_to_fp32_with_a_message(run, tie_ws, bf16
     assert all((m == 0).all() for m in _masks(tmp_path / "bf16" / "tie-1"))
 
 
-def test_network_failing_in_bf16_falls_back_under_auto_and_fails_when_asked(run, tie_ws, bf16_everywhere, tmp_path):
+@pytest.mark.parametrize(
+    ("task", "why"),
+    [("refuses", "no bf16 kernel for this operation"), ("numpy-inside", "Got unsupported ScalarType BFloat16")],
+)
+def test_network_failing_in_bf16_falls_back_under_auto_and_fails_when_asked(
+    run, tie_ws, bf16_everywhere, tmp_path, task, why
+):
     args = ["--images", str(tie_ws["images"]), "--out", str(tmp_path / "p.png"), "--json"]
-    result = run("preview", "refuses", "1", *args)
+    result = run("preview", task, "1", *args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["checkpoints"][0]["precision"] == "fp32"
-    assert "bf16 failed (no bf16 kernel for this operation); computed in fp32" in result.stderr
-    asked = run("preview", "refuses", "1", *args, "--precision", "bf16")
+    assert f"bf16 failed ({why}); computed in fp32" in result.stderr
+    asked = run("preview", task, "1", *args, "--precision", "bf16")
     assert asked.exit_code == 2
-    assert "cannot run in bf16 here: no bf16 kernel" in asked.stderr and "Traceback" not in asked.output
+    assert f"cannot run in bf16 here: {why}" in asked.stderr and "Traceback" not in asked.output
 
 
 def test_a_precision_the_hardware_lacks_is_exit_2_naming_it(run, tie_ws, monkeypatch, tmp_path):
@@ -247,7 +264,33 @@ def test_precision_in_the_legend_line():
     def result(label: str, precision: str, agreement: float | None) -> preview.CheckpointResult:
         return preview.CheckpointResult(label, 1, None, "t", Path("x"), None, None, [], precision, agreement)
 
-    assert preview.precision_note([result("#1", "fp32", None)]) == "precision fp32"
+    assert preview.precision_note([result("#1", "fp32", None)], "fp32") == "precision fp32"
     both = [result("#3", "bf16", 0.99931), result("#7", "bf16", 0.9999), result("#10", "fp32", 0.98)]
-    assert preview.precision_note(both) == "precision bf16 (agrees with fp32: 99.93 %); #10 fp32 (bf16 agreed 98 %)"
+    assert (
+        preview.precision_note(both, "bf16")
+        == "precision bf16 (agrees with fp32: 99.93 %); #10 fp32 (bf16 agreed 98 %)"
+    )
+    # the first (or only) checkpoint falling back does not make fp32 the headline
+    fell_back = [result("#1", "fp32", 0.9421), result("#2", "bf16", 0.9973)]
+    assert (
+        preview.precision_note(fell_back, "bf16")
+        == "precision bf16 (agrees with fp32: 99.73 %); #1 fp32 (bf16 agreed 94.21 %)"
+    )
+    assert preview.precision_note(fell_back[:1], "bf16") == "precision bf16; #1 fp32 (bf16 agreed 94.21 %)"
     assert [preview.percent(v) for v in (1.0, 0.99996, 0.995, 0.0)] == ["100 %", "99.99 %", "99.5 %", "0 %"]
+
+
+def test_preview_bounds_and_non_regular_images(tmp_path: Path) -> None:
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ckpt.errors.NotRegularFile):
+        preview.collect_images([fifo])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    os.mkfifo(masks / "x.png")
+    with pytest.raises(ckpt.errors.NotRegularFile):
+        preview.match_masks([tmp_path / "x.png"], masks)
+    for cell, size in [(100_000, None), (160, (60_000, 60_000))]:
+        options = preview.PreviewOptions(images=[fifo], cell=cell, size=size)
+        with pytest.raises(ckpt.UsageError):
+            preview.run_preview([object()], options)  # type: ignore[list-item]

@@ -17,8 +17,12 @@ from ._common import STATE, err
 app = typer.Typer(
     name="ckpt",
     help="Manage the checkpoints training runs leave behind: list, promote, preview, trash.",
-    # Rich help (panels, argument text): Rich is imported only to print help or an error, never to run a command
-    rich_markup_mode="rich",
+    # plain help: Rich's help (panels) made `ckpt --help` 2.4x `import typer, rich` against 1.7x plain
+    # (benchmarks/README.md); the groups are named in the epilog instead
+    rich_markup_mode=None,
+    epilog="Commands by group, in the order you meet them. Tasks: init, tasks, list, show, finish. "
+    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Files: import, scan, verify. "
+    "Preview: preview, demo. Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.",
     add_completion=True,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -126,8 +130,13 @@ def _parser_error(e: Exception, argv: list[str]) -> int:
         sys.stderr.write(message.rstrip("\n") + "\n")
         return 2
     ctx = getattr(e, "ctx", None)  # the command the parser was in: `ckpt models show`
-    path, root = (ctx.command_path, ctx.find_root().command_path) if ctx is not None else ("", "")
-    where = "ckpt" + path[len(root) :] + " --help"  # `python -m ckpt models show`: `ckpt models show`
+    if ctx is not None:
+        path, root = ctx.command_path, ctx.find_root().command_path
+        where = "ckpt" + path[len(root) :] + " --help"  # `python -m ckpt models show`: `ckpt models show`
+    else:  # an option's value missing at the end of the line: the parser gives no context
+        name = _invoked(argv)
+        known = {_command_name(c) for c in app.registered_commands} | {_group_name(g) for g in app.registered_groups}
+        where = f"ckpt {name} --help" if name in known else "ckpt --help"
     err(f"error: {' '.join(message.split()).rstrip('.')}; see: {where}")
     code = getattr(e, "exit_code", 2)
     return code if isinstance(code, int) else 2

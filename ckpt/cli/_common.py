@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ..errors import CkptError, UsageError
+from ._table import fmt_metric, human_size  # noqa: F401 (re-exported: every command formats with them)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -231,26 +232,7 @@ def confirm(question: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-def human_size(n: int | None) -> str:
-    if n is None:
-        return ""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 def human_time(iso: str | None) -> str:
     if not iso:
         return ""
     return iso[:19].replace("T", " ")
-
-
-def fmt_metric(v: float | None) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.4g}"

@@ -302,7 +302,6 @@ def short_times(values: Sequence[str | None]) -> list[str]:
 
 def _metric_cells(values: list[float | None]) -> list[str]:
     """`fmt_metric` of many values: for floats alone, one `format` call each from C (30,000 in a big list)."""
-    from ._common import fmt_metric
 
     if set(map(type, values)) <= {float}:
         return list(map(format, values, repeat(".4g")))
@@ -310,7 +309,6 @@ def _metric_cells(values: list[float | None]) -> list[str]:
 
 
 def _sizes(sizes: Sequence[int | None]) -> list[str]:
-    from ._common import human_size
 
     shown = {n: human_size(n) for n in set(sizes)}
     return [shown[n] for n in sizes]
@@ -347,14 +345,12 @@ def checkpoint_columns(
 
 
 def _metrics_cell(metrics: dict[str, float]) -> str:
-    from ._common import fmt_metric
 
     return GAP.join(f"{k}={fmt_metric(v)}" for k, v in metrics.items())
 
 
 def task_columns(rows: Sequence[Any]) -> list[Column]:
     """`ckpt tasks`'s columns: name, status, checkpoints, size, latest metrics (cut between metrics)."""
-    from ._common import human_size
 
     return [
         Column("task", [r.name for r in rows], TEXT, rank=0),
@@ -367,7 +363,6 @@ def task_columns(rows: Sequence[Any]) -> list[Column]:
 
 def model_columns(models: Sequence[Any]) -> list[Column]:
     """`ckpt models`'s columns: title, task, checkpoint, metrics, size, storage, created."""
-    from ._common import human_size
 
     return [
         Column("title", [m.title for m in models], TEXT, rank=0),
@@ -382,7 +377,6 @@ def model_columns(models: Sequence[Any]) -> list[Column]:
 
 def trash_columns(entries: Sequence[Any], what: Callable[[Any], str]) -> list[Column]:
     """`ckpt trash list`'s columns: id, task, what, size, created, state, the command that made the entry."""
-    from ._common import human_size
 
     return [
         Column("id", [e.id for e in entries], WHOLE, rank=0),
@@ -393,3 +387,25 @@ def trash_columns(entries: Sequence[Any], what: Callable[[Any], str]) -> list[Co
         Column("state", [e.state for e in entries], WHOLE, rank=5),
         Column("reason", [e.reason or "" for e in entries], TEXT, rank=6),
     ]
+
+
+# plain formatters, shared by every command's output (re-exported by _common)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def fmt_metric(v: float | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"

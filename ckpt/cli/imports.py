@@ -11,6 +11,7 @@ import typer
 
 from . import _complete, app
 from ._common import (
+    DryRunOpt,
     JsonOpt,
     command,
     console,
@@ -22,6 +23,7 @@ from ._common import (
     out,
     plural,
     print_json,
+    show_plan,
     table,
 )
 from ._render import metric_or_none
@@ -45,7 +47,7 @@ def _metrics(m: dict[str, float]) -> dict[str, float | None]:
     return {k: metric_or_none(v) for k, v in m.items()}
 
 
-@command(app, "import", rich_help_panel="Files")
+@command(app, "import")
 def import_(
     path: Annotated[Path, typer.Argument(help="A run folder (or one checkpoint file or folder).")],
     task: Annotated[
@@ -59,6 +61,7 @@ def import_(
     ] = False,
     copy: Annotated[bool, typer.Option("--copy", help="Copy the files in.")] = False,
     move: Annotated[bool, typer.Option("--move", help="Move the files in (the source folder loses them).")] = False,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Import a Lightning, Hugging Face Trainer or plain folder of checkpoints into a task.
@@ -75,7 +78,7 @@ def import_(
     mode = "copy" if copy else "move" if move else "link"
     ws = open_workspace()
     with _hashing_progress(not json) as progress:
-        res = import_path(ws, path, task=task, fmt=fmt, mode=mode, progress=progress)
+        res = import_path(ws, path, task=task, fmt=fmt, mode=mode, progress=progress, dry_run=dry_run)
     if json:
         print_json(
             {
@@ -84,6 +87,7 @@ def import_(
                 "mode": res.mode,
                 "created_task": res.created_task,
                 "added": res.added,
+                "dry_run": dry_run,
                 "checkpoints": [
                     {
                         "source": r.source,
@@ -120,6 +124,11 @@ def import_(
         right=["#", "step", "epoch", "size"],
         items=["metrics"],
     )
+    if dry_run:
+        would = sum(r.action == "would add" for r in res.rows)
+        made = " (a new task)" if res.created_task else ""
+        err(f"dry run: would add {plural(would, 'checkpoint')} to task '{res.task}'{made}; nothing was changed")
+        return
     how = {"link": "linked", "copy": "copied", "move": "moved"}[res.mode]
     made = " (new task)" if res.created_task else ""
     err(f"{res.added} of {plural(len(res.rows), 'checkpoint')} ({res.format}) {how} into task '{res.task}'{made}")
@@ -129,22 +138,31 @@ def _unknown_json(u: Any) -> dict[str, Any]:
     return {"path": u.rel, "kind": u.kind, "size": u.size, "modified": u.modified, "addable": u.addable}
 
 
-@command(app, "scan", rich_help_panel="Files")
+@command(app, "scan")
 def scan(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     add: Annotated[
         bool, typer.Option("--add", help="Add the checkpoint files found as new checkpoints (moved into checkpoints/).")
     ] = False,
+    dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Files in a task folder that its manifest does not know (written by a script itself); --add takes them in.
 
     Example: ckpt scan unet --add
     """
+    from ..errors import UsageError
     from ..importer import scan as do_scan
 
+    if dry_run and not add:
+        raise UsageError("--dry-run goes with --add (a scan alone changes nothing)")
     ws = open_workspace()
-    res = do_scan(ws, task, add=add)
+    res = do_scan(ws, task, add=add and not dry_run)
+    if dry_run:
+        from ..plans import Plan
+
+        show_plan(Plan([f"add {u.rel} as a new checkpoint" for u in res.unknown if u.addable]), json)
+        return
     if json:
         print_json(
             {
@@ -174,7 +192,7 @@ def scan(
         err(f"add them with: ckpt scan {task} --add")
 
 
-@command(app, "verify", rich_help_panel="Files")
+@command(app, "verify")
 def verify(
     tasks: Annotated[
         list[str] | None, typer.Argument(help="Tasks to verify (default: all).", autocompletion=_complete.tasks)

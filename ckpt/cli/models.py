@@ -28,14 +28,14 @@ from ._table import ColumnsOpt, LimitOpt, WideOpt, check_view, limited, model_co
 models_app = typer.Typer(
     help="The models: checkpoints promoted under a title. Without a subcommand: list them.\n\n"
     "Example: ckpt models show unet-7",
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     invoke_without_command=True,
     no_args_is_help=False,
 )
-app.add_typer(models_app, name="models", rich_help_panel="Models")
+app.add_typer(models_app, name="models")
 
 
-@command(app, "promote", rich_help_panel="Models")
+@command(app, "promote")
 def promote(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,

@@ -148,7 +148,7 @@ def _render(res: PreviewResult) -> None:
         err(f"predicted masks written under {res.saved_masks}")
     grid = f"{plural(len(res.images), 'image')} × {plural(len(res.checkpoints), 'checkpoint')}"
     shape = f"{res.size[0]}×{res.size[1]}, {grid}"
-    out(f"wrote {res.output} ({shape}, {precision_note(res.checkpoints)})")
+    out(f"wrote {res.output} ({shape}, {precision_note(res.checkpoints, res.precision)})")
 
 
 def _precision(precision: str, agreement: float | None) -> str:
@@ -158,7 +158,7 @@ def _precision(precision: str, agreement: float | None) -> str:
     return precision if agreement is None else f"{precision} ({percent(agreement)} as fp32)"
 
 
-@command(app, "preview", rich_help_panel="Preview")
+@command(app, "preview")
 def preview(
     task: Annotated[
         str | None, typer.Argument(help="The task whose checkpoints to preview.", autocompletion=_complete.tasks)
@@ -245,7 +245,7 @@ def preview(
         _render(res)
 
 
-@command(app, "demo", rich_help_panel="Preview")
+@command(app, "demo")
 def demo(
     path: Annotated[Path, typer.Argument(help="A fresh folder for the demo workspace.")] = Path("demo-workspace"),
     epochs: Annotated[int, typer.Option("--epochs", hidden=True, min=1)] = 10,

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from ..workspace import CachedRows
 
 
-@command(app, "init", rich_help_panel="Tasks")
+@command(app, "init")
 def init(
     path: Annotated[
         str | None,
@@ -71,7 +71,7 @@ def init(
         out(f"workspace ready at {ws.location}")
 
 
-@command(app, "tasks", rich_help_panel="Tasks")
+@command(app, "tasks")
 def tasks_list(
     limit: LimitOpt = None, columns: ColumnsOpt = None, wide: WideOpt = False, json: JsonOpt = False
 ) -> None:
@@ -123,7 +123,7 @@ def _sorted(t: Any, cps: list[Any], field: str, desc: bool | None) -> list[Any]:
     return ranked + missing
 
 
-@command(app, "list", rich_help_panel="Tasks")
+@command(app, "list")
 def list_checkpoints(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     sort: Annotated[
@@ -230,7 +230,7 @@ def _linked_warning(number: int, link: str) -> str:
     return f"warning: checkpoint {number} is reached through symlink '{link}'; ckpt never moves or deletes it"
 
 
-@command(app, "show", rich_help_panel="Tasks")
+@command(app, "show")
 def show(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     number: Annotated[int, typer.Argument(help="The checkpoint number.")],
@@ -284,7 +284,7 @@ def show(
         )
 
 
-@command(app, "finish", rich_help_panel="Tasks")
+@command(app, "finish")
 def finish(
     task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
     failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,

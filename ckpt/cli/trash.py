@@ -33,10 +33,10 @@ from .models import models_app
 trash_app = typer.Typer(
     help="The trash bin: list, restore and empty what trash-unused and models remove moved there.\n\n"
     "Example: ckpt trash list",
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     no_args_is_help=True,
 )
-app.add_typer(trash_app, name="trash", rich_help_panel="Trash")
+app.add_typer(trash_app, name="trash")
 
 # trash-unused's options, declared once: Typer evaluates each annotation's text at every start, a name costs least
 TaskArg = Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)]
@@ -56,7 +56,7 @@ def _numbers(numbers: list[int]) -> str:
     return _ranges(numbers) if numbers else ""
 
 
-@command(app, "trash-unused", rich_help_panel="Trash")
+@command(app, "trash-unused")
 def trash_unused(
     task: TaskArg,
     keep_last: KeepLastOpt = 0,
@@ -311,7 +311,7 @@ def models_remove(
     err(f"undo with: {again('trash', 'restore', res.entry)}")
 
 
-@command(app, "du", rich_help_panel="Trash")
+@command(app, "du")
 def du(json: JsonOpt = False) -> None:
     """Disk use of the workspace by task, models and trash; each file counted once however many links it has.
 
@@ -344,7 +344,7 @@ def du(json: JsonOpt = False) -> None:
     table(["part", "size"], rows, right=["size"])
 
 
-@command(app, "doctor", rich_help_panel="Trash")
+@command(app, "doctor")
 def doctor(
     dry_run: DryRunOpt = False,
     forget_missing: Annotated[

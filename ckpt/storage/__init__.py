@@ -115,8 +115,22 @@ class Storage(ABC):
         raise NotImplementedError
 
 
+_MOUNTED: dict[str, Storage] = {}
+
+
+def mount_for_tests(url: str, storage: Storage) -> None:
+    """Make `open_storage(url)` return `storage` (tests only: how ckpt.storage.memory is opened by URL)."""
+    _MOUNTED[url] = storage
+
+
+def unmount_for_tests(url: str) -> None:
+    _MOUNTED.pop(url, None)
+
+
 def open_storage(url: str) -> Storage:
     """The storage for workspace URL `url`; raises UsageError for an unknown scheme or a missing extra."""
+    if url in _MOUNTED:
+        return _MOUNTED[url]
     if url.startswith("s3://"):
         try:
             from .s3 import S3Storage

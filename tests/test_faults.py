@@ -1,0 +1,653 @@
+"""Bucket workspaces under injected faults, on the in-memory store (ckpt.storage.memory).
+
+Each fault strikes one primitive call: it fails, loses its response, is retried after it landed, or kills the
+process before or after it. Then the command is run again (a new process: the store revived, time moved on
+past every lease) and `ckpt doctor` after it, and the invariant is checked: every checkpoint is in exactly
+one of its task or a complete trash entry that restores it, no record names a missing object, and nothing
+a command reported done is undone. `test_every_fault_at_every_call` walks every call of every operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ckpt
+from ckpt import store
+from ckpt.doctor import doctor
+from ckpt.errors import CkptError, ConflictError
+from ckpt.importer import import_path, scan, verify
+from ckpt.manifest import parse_task, parse_toml
+from ckpt.models import finish, promote, rename
+from ckpt.storage import PreconditionFailed
+from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
+from ckpt.trash import ENTRY_FILE, FILES_DIR, MODEL_DIR, _entry_from_doc, empty, plan_empty, restore, trash_model
+from ckpt.trash import trash_unused as trash_unused_op
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], MemoryStorage]]:
+    """Fresh mounted memory stores (a new URL each), unmounted at the end."""
+    monkeypatch.setenv("CKPT_CACHE", str(tmp_path / "cache"))
+    opened: list[Any] = []
+
+    def new() -> MemoryStorage:
+        cm = mounted(MemoryStorage(f"memory://ws{next(_names)}"))
+        opened.append(cm)
+        return cm.__enter__()
+
+    yield new
+    for cm in opened:
+        cm.__exit__(None, None, None)
+
+
+def fresh(st: MemoryStorage) -> ckpt.Workspace:
+    """The workspace as a new process opens it."""
+    return ckpt.Workspace.open(st.url)
+
+
+def seeded(st: MemoryStorage, n: int = 4) -> ckpt.Workspace:
+    ws = ckpt.Workspace.init(st.url)
+    task = ws.create_task("unet")
+    for i in range(n):
+        task.save(f"weights {i}".encode(), step=i, metrics={"val_iou": i / 10})
+    return fresh(st)
+
+
+def later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time moves past every lease and staleness limit: what a dead process left may be taken over."""
+    monkeypatch.setattr(store, "LEASE", -1.0)
+    monkeypatch.setattr(store, "STALE_PENDING", -1.0)
+
+
+# --- the invariant -------------------------------------------------------------------------------------
+
+
+def picture(st: MemoryStorage) -> dict[str, Any]:
+    """Where every checkpoint is (read from the objects directly, no call counted), checking as it goes that
+    no record names a missing or changed object."""
+    objs = st.objects
+    where: dict[str, list[str]] = {}  # sha256 -> places ("task:unet", "trash:<id>")
+    models: dict[str, str] = {}
+    problems: list[str] = []
+
+    def tree_digest(prefix: str) -> str | None:
+        if prefix in objs:
+            return hashlib.sha256(objs[prefix][0]).hexdigest()
+        inside = sorted(k for k in objs if k.startswith(prefix + "/"))
+        if not inside:
+            return None
+        from ckpt import fsutil
+
+        return fsutil.tree_digest([(k[len(prefix) + 1 :], hashlib.sha256(objs[k][0]).hexdigest()) for k in inside])
+
+    for key, (data, _, _) in sorted(objs.items()):
+        parts = key.split("/")
+        if parts[0] == "tasks" and parts[-1] == "task.toml" and len(parts) == 3:
+            state = parse_task(data, Path(key), parts[1])
+            for cp in state.checkpoints.values():
+                if tree_digest(f"tasks/{parts[1]}/{cp.file}") != cp.sha256:
+                    problems.append(f"{key}: record {cp.number} names a missing or changed object")
+                where.setdefault(cp.sha256, []).append(f"task:{parts[1]}")
+        elif parts[0] == "trash" and parts[-1] == ENTRY_FILE and len(parts) == 3:
+            entry = _entry_from_doc(parse_toml(data, Path(key)), Path("trash") / parts[1])
+            if entry.state != "complete":
+                continue  # not restorable (pending, restoring, emptying): counted nowhere
+            if entry.kind == "checkpoints":
+                for cp in entry.checkpoints:
+                    if tree_digest(f"trash/{entry.id}/{FILES_DIR}/{cp.file}") != cp.sha256:
+                        problems.append(f"{key}: complete, but checkpoint {cp.number}'s copy is missing or changed")
+                    where.setdefault(cp.sha256, []).append(f"trash:{entry.id}")
+            else:
+                assert entry.model is not None
+                model = (entry.model["title"], entry.model["created"])
+                where.setdefault(f"model:{model}", []).append(f"trash:{entry.id}")
+                if f"trash/{entry.id}/{MODEL_DIR}/model.toml" not in objs:
+                    problems.append(f"{key}: complete, but its model record is missing")
+                digest = tree_digest(f"trash/{entry.id}/{MODEL_DIR}/{entry.model['file']}")
+                if digest != entry.model["sha256"]:
+                    problems.append(f"{key}: complete, but its model's weights are missing or changed")
+        elif parts[0] == "models" and parts[-1] == "model.toml" and len(parts) == 3:
+            doc = parse_toml(data, Path(key))
+            if tree_digest(f"models/{parts[1]}/{doc['file']}") != doc["sha256"]:
+                problems.append(f"{key}: names missing or changed weights")
+            models[parts[1]] = str(doc["sha256"])
+            where.setdefault(f"model:{(parts[1], doc['created'])}", []).append("models")
+    return {"where": where, "models": models, "problems": problems}
+
+
+def check(
+    st: MemoryStorage,
+    before: dict[str, Any],
+    *,
+    may_go: set[str] = frozenset(),
+    new: set[str] = frozenset(),
+    models_move: bool = False,
+) -> dict[str, Any]:
+    """The invariant after the command and its re-run: each checkpoint of `before` is in exactly one place
+    (one in `may_go` may also be gone: an empty), one in `new` at most once, each model (a title and its
+    record's time) live or in one complete entry, at most once (gone or new when `models_move`: a rename
+    or an empty), and no record is broken."""
+    after = picture(st)
+    assert not after["problems"], after["problems"]
+    for key in before["where"]:
+        places = after["where"].get(key, [])
+        if key in may_go or (key.startswith("model:") and models_move):
+            assert len(places) <= 1, (key, places)
+        else:
+            assert len(places) == 1, (key, places)
+    for key, places in after["where"].items():
+        if not key.startswith("model:"):
+            assert key in before["where"] or key in new, f"a checkpoint from nowhere: {key} {places}"
+        assert len(places) == 1, (key, places)
+    return after
+
+
+# --- the operations, each as a command a user re-runs ----------------------------------------------------
+
+Op = Callable[[ckpt.Workspace, Path], Any]
+
+
+def _entry(ws: ckpt.Workspace) -> str:
+    res = trash_unused_op(ws, "unet")
+    assert res.entry
+    return res.entry
+
+
+def setup_plain(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    seeded(st)
+    return {}
+
+
+def setup_model(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    ws = seeded(st)
+    promote(ws, "unet", 2, title="m1")
+    return {}
+
+
+def setup_trashed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    ws = seeded(st)
+    return {"entry": _entry(ws)}
+
+
+def setup_removed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    ws = seeded(st)
+    promote(ws, "unet", 2, title="m1")
+    return {"entry": trash_model(fresh(st), "m1").entry}
+
+
+def setup_stray(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    seeded(st)
+    st.put("tasks/unet/step=50.pt", b"a stray file")  # a file a script wrote into the task folder
+    return {}
+
+
+def setup_import(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    seeded(st)
+    src = tmp / "run"
+    src.mkdir(exist_ok=True)
+    for epoch in range(2):
+        (src / f"epoch={epoch}-step={epoch * 10 + 10}.ckpt").write_bytes(f"lightning {epoch}".encode())
+    return {"src": src}
+
+
+def run_save(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
+    return ws.task("unet").save(b"the new one", step=99)
+
+
+def run_import(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
+    return import_path(ws, ctx["src"], task="lit", mode="copy")
+
+
+def run_restore(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
+    return restore(ws, ctx["entry"])
+
+
+def run_empty(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
+    return empty(ws, plan_empty(ws))
+
+
+OPERATIONS: dict[str, tuple[Callable[[MemoryStorage, Path], dict[str, Any]], Callable[..., Any]]] = {
+    "save": (setup_plain, run_save),
+    "promote": (setup_plain, lambda ws, ctx: promote(ws, "unet", 3, title="best")),
+    "finish": (setup_plain, lambda ws, ctx: finish(ws, "unet")),
+    "rename": (setup_model, lambda ws, ctx: rename(ws, "m1", "m2")),
+    "models_remove": (setup_model, lambda ws, ctx: trash_model(ws, "m1")),
+    "trash_unused": (setup_plain, lambda ws, ctx: trash_unused_op(ws, "unet")),
+    "restore": (setup_trashed, run_restore),
+    "empty": (setup_trashed, run_empty),
+    "restore_model": (setup_removed, run_restore),
+    "import": (setup_import, run_import),
+    "scan_add": (setup_stray, lambda ws, ctx: scan(ws, "unet", add=True)),
+}
+
+
+def done_as_reported(st: MemoryStorage, op: str, result: Any, ctx: dict[str, Any]) -> None:
+    """What a command that returned reported is so (read from the objects directly)."""
+    objs = st.objects
+    if op == "save":
+        state = parse_task(objs["tasks/unet/task.toml"][0], Path("m"), "unet")
+        assert result in state.checkpoints
+    elif op == "promote":
+        assert "models/best/model.toml" in objs
+    elif op == "finish":
+        state = parse_task(objs["tasks/unet/task.toml"][0], Path("m"), "unet")
+        assert state.header.status == "finished" and result.model is not None
+        assert f"models/{result.model.title}/model.toml" in objs
+    elif op == "rename":
+        assert "models/m2/model.toml" in objs and "models/m1/model.toml" not in objs
+    elif op == "models_remove":
+        assert "models/m1/model.toml" not in objs
+        assert f"trash/{result.entry}/{ENTRY_FILE}" in objs
+    elif op == "trash_unused":
+        assert result.entry is None or f"trash/{result.entry}/{ENTRY_FILE}" in objs
+    elif op == "restore":
+        assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
+        state = parse_task(objs["tasks/unet/task.toml"][0], Path("m"), "unet")
+        assert len(state.checkpoints) == 4
+    elif op == "restore_model":
+        assert "models/m1/model.toml" in objs
+        assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
+    elif op == "empty":
+        for entry_id in result.emptied:
+            assert not any(k.startswith(f"trash/{entry_id}/") for k in objs)
+    elif op == "scan_add":
+        state = parse_task(objs["tasks/unet/task.toml"][0], Path("m"), "unet")
+        assert len(state.checkpoints) == 5 and "tasks/unet/step=50.pt" not in objs
+    elif op == "import":
+        state = parse_task(objs["tasks/lit/task.toml"][0], Path("m"), "lit")
+        assert len(state.checkpoints) == 2
+
+
+def attempt(op: str, st: MemoryStorage, ctx: dict[str, Any]) -> tuple[bool, Any]:
+    """(whether it returned, its result) of `op` in a new process; a clean CkptError or an injected fault is a
+    failure."""
+    try:
+        return True, OPERATIONS[op][1](fresh(st), ctx)
+    except (CkptError, ConnectionError, Killed):
+        return False, None
+
+
+def expected_new(op: str) -> set[str]:
+    made = {"save": [b"the new one"], "import": [b"lightning 0", b"lightning 1"], "scan_add": [b"a stray file"]}
+    made = made.get(op, [])
+    return {hashlib.sha256(b).hexdigest() for b in made}
+
+
+_setups: dict[tuple[str, Path], tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
+def one_fault(
+    memory: Callable[[], MemoryStorage],
+    tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    op: str,
+    fault: Fault | None,
+    at_once: bool = False,
+) -> int:
+    """Run `op` with `fault`, then again as a new process (at once, or once every lease and staleness limit
+    has passed), then doctor once they have; check the invariant after each. Returns the number of primitive
+    calls the first run made (counted from its start)."""
+    made = _setups.get((op, tmp))
+    if made is None:  # set up once per operation, then copied: each attempt starts from the same objects
+        first = memory()
+        made = _setups[(op, tmp)] = (OPERATIONS[op][0](first, tmp), dict(first.objects))
+    ctx, objects = made
+    st = memory()
+    st.objects = dict(objects)
+    before = picture(st)
+    may_go = set(before["where"]) if op == "empty" else set()
+    start = len(st.calls)
+    if fault is not None:
+        fault.at += start if fault.method is None else st.calls.count(fault.method)
+    st.fault = fault
+    ok, result = attempt(op, st, ctx)
+    calls = len(st.calls) - start
+    if ok:
+        done_as_reported(st, op, result, ctx)
+    with monkeypatch.context() as m:
+        st.revive()
+        if not at_once:
+            later(m)
+        if op != "save":  # a save run again is another checkpoint
+            ok2, result2 = attempt(op, st, ctx)
+            check(st, before, may_go=may_go, new=expected_new(op), models_move=op in ("rename", "empty"))
+            if ok2:
+                done_as_reported(st, op, result2, ctx)
+        later(m)
+        doctor(fresh(st))
+        after = check(st, before, may_go=may_go, new=expected_new(op), models_move=op in ("rename", "empty"))
+        ws = fresh(st)
+        assert doctor(ws) == [], "doctor left something to do"
+        # nothing is left half-done: no entry is pending, restoring or emptying, no claim without its model
+        for key in st.objects:
+            if key.endswith("/" + ENTRY_FILE):
+                assert b'state = "complete"' in st.objects[key][0], key
+            if key.startswith("models/") and key.endswith("/.claim"):
+                assert key.replace(".claim", "model.toml") in st.objects, key
+    del after
+    return calls
+
+
+# --- the bugs of issue 16, one by one --------------------------------------------------------------------
+
+
+def test_trash_unused_killed_mid_copy_then_run_again_makes_one_entry(
+    memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = memory()
+    ws = seeded(st, n=6)
+    before = picture(st)
+    st.fault = Fault(at=st.calls.count("copy") + 3, kind="kill_after", method="copy")
+    with pytest.raises(Killed):
+        trash_unused_op(ws, "unet")
+    st.revive()
+    first = trash_unused_op(fresh(st), "unet").entry
+    with monkeypatch.context() as m:
+        later(m)
+        entries, _ = ckpt.trash.list_entries(fresh(st))
+        assert [(e.id, e.state) for e in entries] == [(first, "complete")]
+    check(st, before)
+    restore(fresh(st), first)
+    assert len(fresh(st).task("unet").checkpoints) == 6
+    check(st, before)
+
+
+def test_trash_empty_killed_after_its_first_delete_is_finished_not_restored(
+    memory: Callable[[], MemoryStorage],
+) -> None:
+    st = memory()
+    ws = seeded(st)
+    entry = _entry(ws)
+    st.fault = Fault(at=st.calls.count("delete") + 1, kind="kill_after", method="delete")
+    with pytest.raises(Killed):
+        empty(ws, plan_empty(ws))
+    st.revive()
+    ws = fresh(st)
+    shown = ckpt.trash.list_entries(ws)[0]
+    assert [(e.id, e.state) for e in shown] == [(entry, "emptying")]  # not "complete"
+    with pytest.raises(ConflictError, match="being emptied"):
+        restore(ws, entry)
+    assert len(ws.task("unet").checkpoints) == 1  # no record was written
+    repairs = doctor(ws)
+    assert [r.action for r in repairs if entry in r.path] == ["finished the empty"]
+    assert not any(k.startswith(f"trash/{entry}") for k in st.objects)
+
+
+def test_trash_empty_plan_finishes_an_interrupted_empty(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    ws = seeded(st)
+    entry = _entry(ws)
+    st.fault = Fault(at=st.calls.count("delete") + 1, kind="kill_after", method="delete")
+    with pytest.raises(Killed):
+        empty(ws, plan_empty(ws))
+    st.revive()
+    ws = fresh(st)
+    assert empty(ws, plan_empty(ws)).emptied == [entry]
+    assert not any(k.startswith("trash/") for k in st.objects)
+
+
+@pytest.mark.parametrize("kind", ["retry", "lose"])
+def test_save_whose_commit_landed_without_its_answer_keeps_its_object(
+    memory: Callable[[], MemoryStorage], kind: str
+) -> None:
+    st = memory()
+    ws = seeded(st, n=1)
+    task = ws.task("unet")
+    puts = st.calls.count("put")
+    # a save's puts: its number's claim, then the manifest commit
+    st.fault = Fault(at=puts + 2, kind=kind, method="put")
+    number = task.save(b"landed", step=1)  # recognised as landed: no ConflictError, nothing deleted
+    assert st.struck is not None and st.struck.kind == kind
+    assert number == 2 and f"tasks/unet/checkpoints/{number:06d}.pt" in st.objects
+    assert [cp.number for cp in fresh(st).task("unet").checkpoints] == [1, 2]
+    assert not picture(st)["problems"]
+
+
+def test_failed_commits_are_not_committed_by_the_next_save(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    ws = seeded(st, n=1)
+    task = ws.task("unet")
+    real = st.put
+    failures = iter(range(5))
+
+    def flaky(key: str, data: bytes, **kw: Any) -> str:
+        if key.endswith("task.toml") and next(failures, None) is not None:
+            raise ConnectionError("HTTP 500")
+        return real(key, data, **kw)
+
+    st.put = flaky  # type: ignore[method-assign]
+    for _ in range(5):
+        with pytest.raises(ConnectionError):
+            task.save(b"never recorded", step=5)
+    assert task.save(b"recorded", step=6) == 7  # numbers 2..6 were claimed by the failed saves, never reused
+    assert [(cp.number, cp.step) for cp in fresh(st).task("unet").checkpoints] == [(1, 0), (7, 6)]
+    assert not picture(st)["problems"]
+    # the failed saves' uploads went with them
+    assert sorted(k for k in st.objects if "/checkpoints/" in k) == [
+        "tasks/unet/checkpoints/000001.pt",
+        "tasks/unet/checkpoints/000007.pt",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["retry", "lose"])
+def test_trash_unused_whose_commit_landed_without_its_answer_completes(
+    memory: Callable[[], MemoryStorage], kind: str
+) -> None:
+    st = memory()
+    ws = seeded(st)
+    before = picture(st)
+    task_puts = st.calls.count("put")
+    # trash-unused's puts: the entry (pending), then the manifest commit
+    st.fault = Fault(at=task_puts + 2, kind=kind, method="put")
+    res = trash_unused_op(ws, "unet")
+    assert res.entry is not None
+    entries, _ = ckpt.trash.list_entries(fresh(st))
+    assert [(e.id, e.state, e.numbers) for e in entries] == [(res.entry, "complete", [1, 2, 3])]
+    check(st, before)
+
+
+@pytest.mark.parametrize("kind", ["retry", "lose", "kill_after"])
+def test_promote_claim_without_its_answer_does_not_block_the_title(
+    memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    st = memory()
+    ws = seeded(st)
+    st.fault = Fault(at=st.calls.count("put") + 1, kind=kind, method="put")  # the claim
+    try:
+        made = promote(ws, "unet", 2, title="best")
+        assert kind == "retry" and made.model.title == "best"  # recognised as its own claim
+    except (ConnectionError, Killed):
+        assert kind != "retry"
+        st.revive()
+        with pytest.raises(ConflictError, match="already exists"):  # within the lease: taken
+            promote(fresh(st), "unet", 2, title="best")
+        with monkeypatch.context() as m:
+            later(m)  # the lease expired: the next promote takes the title over
+            assert promote(fresh(st), "unet", 2, title="best").model.title == "best"
+    assert fresh(st).models["best"].checkpoint == 2
+
+
+def test_doctor_clears_an_expired_claim(memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch) -> None:
+    st = memory()
+    ws = seeded(st)
+    st.fault = Fault(at=st.calls.count("copy") + 1, kind="kill_before", method="copy")
+    with pytest.raises(Killed):
+        promote(ws, "unet", 2, title="best")
+    st.revive()
+    assert "models/best/.claim" in st.objects
+    assert [r.action for r in doctor(fresh(st)) if r.path == "models/best"] == ["left alone: it may be in use"]
+    with monkeypatch.context() as m:
+        later(m)
+        assert [r.action for r in doctor(fresh(st)) if r.path == "models/best"] == ["deleted"]
+    assert not any(k.startswith("models/") for k in st.objects)
+
+
+def test_a_promote_that_outlived_its_lease_stops_and_touches_nothing(
+    memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = memory()
+    ws = seeded(st)
+    real = st.copy
+
+    def stalls(src: str, dst: str) -> None:  # while this promote stalls, its lease expires and another takes over
+        st.copy = real  # type: ignore[method-assign]
+        with monkeypatch.context() as m:
+            later(m)
+            promote(fresh(st), "unet", 3, title="best")
+        real(src, dst)
+
+    st.copy = stalls  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="already exists .checkpoint 3"):
+        promote(ws, "unet", 2, title="best")
+    assert fresh(st).models["best"].checkpoint == 3
+    assert not picture(st)["problems"]
+
+
+def test_memory_urls_are_for_tests_only(run: Any) -> None:
+    result = run("init", "memory://nothing-mounted")
+    assert result.exit_code == 2 and "unsupported workspace URL scheme" in result.stderr
+
+
+def test_memory_store_conditional_writes() -> None:
+    st = MemoryStorage()
+    etag = st.put("k", b"1", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        st.put("k", b"2", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        st.put("k", b"2", if_match='"other"')
+    assert st.put("k", b"2", if_match=etag) != etag
+    st.fault = Fault(at=len(st.calls) + 1, kind="retry")
+    with pytest.raises(PreconditionFailed):  # the retry of a create that landed
+        st.put("n", b"x", if_none_match=True)
+    assert st.get("n")[0] == b"x"
+    st.fault = Fault(at=len(st.calls) + 1, kind="kill_before")
+    with pytest.raises(Killed):
+        st.delete(["k"])
+    with pytest.raises(Killed):  # a dead process makes no more calls
+        st.get("k")
+    st.revive()
+    assert st.get("k")[0] == b"2"
+
+
+# --- every fault at every call -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["run-again-later", "run-again-at-once"])
+@pytest.mark.parametrize("op", list(OPERATIONS))
+def test_every_fault_at_every_call(
+    memory: Callable[[], MemoryStorage], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, at_once: bool
+) -> None:
+    calls = one_fault(memory, tmp_path, monkeypatch, op, None)
+    assert calls > 0
+    for at, kind in itertools.product(range(1, calls + 1), KINDS):
+        try:
+            one_fault(memory, tmp_path, monkeypatch, op, Fault(at=at, kind=kind), at_once)
+        except AssertionError as e:
+            raise AssertionError(f"{op}: fault {kind!r} at call {at} of {calls}: {e}") from None
+
+
+def test_a_landed_trash_whose_name_an_older_ckpt_dropped_is_still_finished(
+    memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = memory()
+    ws = seeded(st)
+    before = picture(st)
+    puts = st.calls.count("put")
+    st.fault = Fault(at=puts + 2, kind="kill_after", method="put")  # right after the manifest commit
+    with pytest.raises(Killed):
+        trash_unused_op(ws, "unet")
+    st.revive()
+    key = "tasks/unet/task.toml"
+    assert b"trashing = [" in st.objects[key][0]
+    # an older ckpt rewrites the manifest without the keys it does not know
+    st.objects[key] = (st.objects[key][0].replace(b"trashing = [", b"ignored = ["), '"rewritten"', 0.0)
+    with monkeypatch.context() as m:
+        later(m)
+        entries, _ = ckpt.trash.list_entries(fresh(st))
+    assert [(e.state, e.numbers) for e in entries] == [("complete", [1, 2, 3])]
+    check(st, before)
+
+
+def test_restore_of_an_entry_missing_a_copy_changes_nothing(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    entry = _entry(seeded(st))
+    del st.objects[f"trash/{entry}/{FILES_DIR}/checkpoints/000002.pt"]  # damaged (an older ckpt's interrupted empty)
+    snapshot = dict(st.objects)
+    with pytest.raises(CkptError, match="missing the files of 1 checkpoint") as e:
+        restore(fresh(st), entry)
+    assert e.value.exit_code == 6
+    assert st.objects == snapshot
+
+
+def test_cli_shows_an_interrupted_empty(
+    memory: Callable[[], MemoryStorage], run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = memory()
+    monkeypatch.setenv("CKPT_WORKSPACE", st.url)
+    ws = seeded(st)
+    entry = _entry(ws)
+    st.fault = Fault(at=st.calls.count("delete") + 1, kind="kill_after", method="delete")
+    with pytest.raises(Killed):
+        empty(ws, plan_empty(ws))
+    st.revive()
+    listed = run("trash", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert [(e["id"], e["state"]) for e in json.loads(listed.stdout)] == [(entry, "emptying")]
+    refused = run("trash", "restore", entry)
+    assert refused.exit_code == 4 and "being emptied" in refused.stderr
+    assert run("trash", "empty", "--yes").exit_code == 0
+    assert not any(k.startswith("trash/") for k in st.objects)
+
+
+# --- a sample on moto's S3 server: the same recognition against a real 412 -------------------------------
+
+
+@pytest.mark.parametrize("op", ["save", "trash_unused"])
+def test_s3_retried_commit_that_landed_is_recognised(s3_url: str, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    from ckpt.storage.s3 import S3Storage
+
+    ws = ckpt.Workspace.init(s3_url)
+    task = ws.create_task("unet")
+    for i in range(3):
+        task.save(f"weights {i}".encode(), step=i)
+    real = S3Storage.put
+    struck: list[str] = []
+
+    def retried(self: S3Storage, key: str, data: bytes, **kw: Any) -> str:
+        etag = real(self, key, data, **kw)
+        if key.endswith("task.toml") and not struck:  # the response is lost; the client sends it again
+            struck.append(key)
+            return real(self, key, data, **kw)  # moto answers 412: the If-Match ETag is no longer current
+        return etag
+
+    monkeypatch.setattr(S3Storage, "put", retried)
+    ws = ckpt.Workspace.open(s3_url)
+    if op == "save":
+        assert ws.task("unet").save(b"landed", step=9) == 4
+        assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == [1, 2, 3, 4]
+    else:
+        entry = trash_unused_op(ws, "unet").entry
+        assert entry is not None
+        entries, _ = ckpt.trash.list_entries(ckpt.Workspace.open(s3_url))
+        assert [(e.id, e.state, e.numbers) for e in entries] == [(entry, "complete", [1, 2])]
+    assert struck
+    assert verify(ckpt.Workspace.open(s3_url)).problems == []
+
+
+def test_trash_unused_whose_commit_failed_leaves_no_entry(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    ws = seeded(st)
+    snapshot = {k: v[0] for k, v in st.objects.items()}
+    st.fault = Fault(at=st.calls.count("put") + 2, kind="fail", method="put")  # the manifest commit
+    with pytest.raises(ConnectionError):
+        trash_unused_op(ws, "unet")
+    assert {k: v[0] for k, v in st.objects.items()} == snapshot  # nothing changed, no pending entry left
