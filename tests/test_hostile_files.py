@@ -130,7 +130,8 @@ def test_shared_and_ordinary_pickles_still_read(tmp_path: Path) -> None:
     state = {"encoder.weight": w, "decoder.weight": w, **{f"b{i}": torch.zeros(1) for i in range(3000)}}
     torch.save({"state_dict": state, "epoch": 4, "global_step": 99, "history": list(range(50_000))}, tmp_path / "a.pt")
     info = inspect_file(tmp_path / "a.pt")
-    assert len(info.tensors) == 3002 and info.tensors[0].name == "state_dict.encoder.weight"
+    assert len(info.tensors) == 3002 and info.tensors[0].name == "encoder.weight"  # as named in the state dict
+    assert info.weights_under == "state_dict"
     assert top_level_scalars(tmp_path / "a.pt") == {"epoch": 4, "global_step": 99}
     from ckpt.formats import load_state_dict
 
