@@ -25,7 +25,12 @@ from .workspace import LOCK_FILE, Task, Workspace
 
 @per_backend
 def doctor(
-    ws: Workspace, *, dry_run: bool = False, forget_missing: bool = False, drop_bad_records: bool = False
+    ws: Workspace,
+    *,
+    dry_run: bool = False,
+    forget_missing: bool = False,
+    drop_bad_records: bool = False,
+    recreate_manifests: bool = False,
 ) -> list[Repair]:
     """Recover interrupted operations, then check every task's records against its files; see the module.
 
@@ -34,6 +39,8 @@ def doctor(
     repairs = recover_workspace(ws, dry_run=dry_run)
     for link in ws.linked_task_folders():
         repairs.append(Repair(ws.rel(Path(str(link.path))), str(link), "left alone: replace the link by its folder"))
+    for name in ws.orphan_task_folders():
+        repairs.append(_orphan(ws, name, dry_run, recreate_manifests))
     for name in ws.task_names():
         try:
             task = ws.task(name)
@@ -57,6 +64,21 @@ def doctor(
                 Repair(ws.rel(m.path), f"model '{m.title}' has no weights file", "left alone: remove or restore it")
             )
     return repairs
+
+
+def _orphan(ws: Workspace, name: str, dry_run: bool, recreate: bool) -> Repair:
+    """A task folder without its manifest: reported; with `recreate`, a new manifest makes it a task again
+    (running, no records, numbers after the highest file there), whose files `scan --add` then takes in."""
+    where, problem = ws.rel(ws.tasks_dir / name), "a task folder without its manifest (task.toml)"
+    if not recreate:
+        return Repair(where, problem, f"left alone: ckpt doctor --recreate-manifests, then ckpt scan {name} --add")
+    if dry_run:
+        return Repair(where, problem, f"would recreate its manifest; then: ckpt scan {name} --add")
+    try:
+        ws.create_task(name)
+    except CkptError as e:
+        return Repair(where, problem, f"left alone: {e}")
+    return Repair(where, problem, f"recreated its manifest (no records yet); now: ckpt scan {name} --add")
 
 
 def _readable(task: Task) -> bool:

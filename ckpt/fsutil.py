@@ -58,9 +58,12 @@ def _write_holder(path: str) -> None:
     command = " ".join(argv)[:200].replace("\n", " ")
     text = f"{os.getpid()}\n{os.uname().nodename}\n{time.time():.0f}\n{command}\n"
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        # O_NONBLOCK: a FIFO put there must not hang the command (it only names the holder: skipped)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         try:
-            os.write(fd, text.encode("utf-8", "replace"))
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, 0)
+                os.write(fd, text.encode("utf-8", "replace"))
         finally:
             os.close(fd)
 
@@ -73,8 +76,12 @@ def lock_holder(lock_path: Path) -> str | None:
     import time
 
     try:
-        with open(f"{lock_path}{HOLDER_SUFFIX}", "rb") as f:
-            lines = f.read(4096).decode("utf-8", "replace").split("\n")
+        fd = os.open(f"{lock_path}{HOLDER_SUFFIX}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            raw = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""  # a FIFO: nothing to say
+        finally:
+            os.close(fd)
+        lines = raw.decode("utf-8", "replace").split("\n")
         pid, host, since, command = int(lines[0]), lines[1], float(lines[2]), lines[3]
     except (OSError, ValueError, IndexError):
         return None

@@ -236,6 +236,8 @@ def record_file_problem(file: str) -> str | None:
         return None
     if file.startswith("/") or "\\" in file or "\0" in file:
         return f"({_shown(file)}) must stay inside the task folder"
+    if any(c < " " or c == "\x7f" for c in file):  # a newline in a name would split every message naming it
+        return f"({_shown(file)}) holds a control character"
     if ".." in file.split("/"):
         return f"({_shown(file)}) must stay inside the task folder"
     key = file_key(file)

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,20 @@ def markers_in(folder: Path) -> list[Path]:
         return []
 
 
+def _open_marker(marker: Path) -> int:
+    """A descriptor of the marker file; OSError for anything but a regular file (a FIFO must not hang us)."""
+    fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(marker))
+    return fd
+
+
 @contextlib.contextmanager
 def _held(marker: Path) -> Iterator[int | None]:
     """The marker's descriptor with its flock taken, or None when its import is still running (or it is gone)."""
     try:
-        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = _open_marker(marker)
     except OSError:
         yield None
         return
@@ -308,7 +318,7 @@ def claimed_names(markers: list[Path]) -> set[str]:
     out: set[str] = set()
     for m in markers:
         try:
-            fd = os.open(m, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = _open_marker(m)
         except OSError:
             continue
         try:

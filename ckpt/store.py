@@ -230,6 +230,9 @@ class StoreWorkspace(Workspace):
         self._tasks[name] = t
         return t
 
+    def orphan_task_folders(self) -> list[str]:
+        return []  # a bucket has no folders: a prefix without task.toml is reported by tasks() as an error
+
     def task_names(self) -> list[str]:
         # one LIST with a delimiter: the task "folders"; a folder without task.toml is reported by tasks()
         return [n for n in self.storage.children("tasks/") if not n.startswith(".")]
@@ -1779,7 +1782,12 @@ def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpo
 
 
 def doctor(
-    ws: StoreWorkspace, *, dry_run: bool = False, forget_missing: bool = False, drop_bad_records: bool = False
+    ws: StoreWorkspace,
+    *,
+    dry_run: bool = False,
+    forget_missing: bool = False,
+    drop_bad_records: bool = False,
+    recreate_manifests: bool = False,  # a bucket has no folders: a task is its manifest's key
 ) -> list[Repair]:
     """What interrupted commands left (trash entries pending or restoring, objects of an interrupted empty,
     model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""

@@ -561,8 +561,12 @@ def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: 
     if cps:
         why[cps[-1].number].append("latest")
     models, model_errors = task.ws.models.read_all()
-    for e in model_errors:
-        warnings.append(f"a model could not be read, so the checkpoint it came from is not known: {e}")
+    if model_errors:  # its checkpoint may be one this would trash: refuse rather than guess
+        raise IntegrityError(
+            f"a model could not be read, so the checkpoint it came from is not known: {model_errors[0]}; "
+            "nothing was trashed",
+            hint="fix that model.toml by hand (docs/formats.md) or move its folder out of models/, then run again",
+        )
     titles: dict[int, list[str]] = {}
     for m in models:
         if m.task == task.name:

@@ -336,6 +336,16 @@ class Workspace:
             if not linked and os.path.lexists(os.path.join(folder, name, TASK_FILE))
         ]
 
+    def orphan_task_folders(self) -> list[str]:
+        """Names of the folders in tasks/ without a manifest (a crash or a hand deletion): no task, but their
+        checkpoint files are there; `ckpt doctor --recreate-manifests` makes them tasks again."""
+        folder = str(self.tasks_dir)
+        return [
+            name
+            for name, linked in self._task_folders()
+            if not linked and not os.path.lexists(os.path.join(folder, name, TASK_FILE))
+        ]
+
     def linked_task_folders(self) -> list[CkptError]:
         """A SymlinkError for each symlink in tasks/ where a task folder would be: reported, never followed."""
         errors: list[CkptError] = []

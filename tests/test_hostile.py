@@ -505,3 +505,60 @@ def test_doctor_reports_records_a_rewrite_dropped(ws: ckpt.Workspace, run_json: 
     assert unrecorded == [f"tasks/unet/checkpoints/00000{n}.pt" for n in (3, 4, 5)], data
     assert all("ckpt scan unet --add" in r["action"] for r in data["repairs"])
     assert [c["number"] for c in run_json("list", "unet")] == [1, 2]
+
+
+# --- found by a user's attack after the fixes above -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fifo", "args"),
+    [
+        ("tasks/unet/.lock.holder", ["promote", "unet", "1"]),
+        ("tasks/unet/.lock.holder", ["doctor"]),
+        ("trash/.lock.holder", ["models", "remove", "unet-1"]),
+        ("tasks/unet/.importing-436c95a9cd7e", ["list", "unet"]),
+        ("tasks/unet/.importing-436c95a9cd7e", ["trash-unused", "unet"]),
+    ],
+)
+def test_a_fifo_among_ckpts_own_files_never_hangs(ws: ckpt.Workspace, fifo: str, args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    make_task(ws, n=3)
+    ws.promote("unet", 1, title="unet-1")
+    os.mkfifo(ws.root / fifo)
+    r = subprocess.run(
+        [sys.executable, "-m", "ckpt", "-w", str(ws.root), *args], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode in (0, 6), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_task_folder_that_lost_its_manifest_is_reported_and_recreated(ws: ckpt.Workspace, run: Any) -> None:
+    make_task(ws, n=3)
+    (ws.root / "tasks" / "unet" / "task.toml").unlink()
+    r = run("tasks")
+    assert "tasks/unet has no task.toml" in r.stderr
+    plan = json.loads(run("doctor", "--json").stdout)["repairs"]
+    assert any(p["path"] == "tasks/unet" and "--recreate-manifests" in p["action"] for p in plan)
+    assert run("doctor", "--recreate-manifests").exit_code == 0
+    assert run("scan", "unet", "--add").exit_code == 0
+    assert [r["number"] for r in json.loads(run("list", "unet", "--json").stdout)] == [1, 2, 3]
+
+
+def test_trash_unused_refuses_when_a_model_cannot_be_read(ws: ckpt.Workspace, run: Any) -> None:
+    make_task(ws, n=3)
+    ws.promote("unet", 1, title="m")
+    with open(ws.models_dir / "m" / "model.toml", "a") as f:
+        f.write("broken = [\n")
+    r = run("trash-unused", "unet")
+    assert r.exit_code == 6 and "nothing was trashed" in r.stderr
+    assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("unet").checkpoints] == [1, 2, 3]
+
+
+def test_a_record_with_a_control_character_is_refused(ws: ckpt.Workspace, run: Any) -> None:
+    make_task(ws, n=2)
+    manifest = ws.root / "tasks" / "unet" / "task.toml"
+    manifest.write_text(manifest.read_text().replace('file = "checkpoints/000001.pt"', 'file = "checkpoints/a\\nb"'))
+    r = run("show", "unet", "2")
+    assert r.exit_code == 6 and len(r.stderr.strip().splitlines()) == 1

@@ -358,6 +358,13 @@ def doctor(
             "of one file); their files stay.",
         ),
     ] = False,
+    recreate_manifests: Annotated[
+        bool,
+        typer.Option(
+            "--recreate-manifests",
+            help="Give a task folder that lost its task.toml a new one (then take its files in with scan --add).",
+        ),
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Finish or undo what interrupted commands left, and check records against files.
@@ -370,7 +377,13 @@ def doctor(
     from ..doctor import doctor as do_doctor
 
     ws = open_workspace()
-    repairs = do_doctor(ws, dry_run=dry_run, forget_missing=forget_missing, drop_bad_records=drop_bad_records)
+    repairs = do_doctor(
+        ws,
+        dry_run=dry_run,
+        forget_missing=forget_missing,
+        drop_bad_records=drop_bad_records,
+        recreate_manifests=recreate_manifests,
+    )
     if json:
         print_json(
             {
