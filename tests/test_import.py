@@ -202,7 +202,8 @@ def test_lightning_import_best_and_last(tmp_path: Path, ws: ckpt.Workspace, run:
     model = run_json("promote", "pl", "--best", "val_loss", "--min", "--title", "pl-best")
     assert model["checkpoint"] == 2
     show = run_json("show", "pl", "2")
-    assert show["format"] == "torch-zip" and "state_dict.layer.weight" in {t["name"] for t in show["tensors"]}
+    assert show["format"] == "torch-zip" and "layer.weight" in {t["name"] for t in show["tensors"]}
+    assert show["weights_under"] == "state_dict"
 
 
 def test_lightning_reimport_changes_nothing(tmp_path: Path, ws: ckpt.Workspace, run_json: Any) -> None:
