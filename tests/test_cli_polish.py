@@ -245,3 +245,24 @@ def test_import_and_scan_dry_runs_change_nothing(
         assert plan == {"dry_run": True, "would": ["add tasks/lit/checkpoints/extra.pt as a new checkpoint"]}
         assert stray.exists() and len(run_json("list", "lit")) == 3
         assert run("scan", "lit", "--dry-run").exit_code == 2
+
+
+def test_cli_findings_of_the_last_attack(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    task = ws.create_task("a")
+    for i, v in enumerate([3, 1, 2], 1):
+        task.save(b"w%d" % i, step=i, metrics={"count": v})
+    ws.promote("a", 1, title="a-1")
+    # --top of a metric whose direction ckpt cannot tell: --asc / --desc say which end is best
+    assert run("list", "a", "--sort", "count", "--top", "2").exit_code == 2
+    assert [r["number"] for r in run_json("list", "a", "--sort", "count", "--top", "2", "--desc")] == [1, 3]
+    # options given to the group are refused, not silently dropped
+    r = run("models", "--json", "show", "a-1")
+    assert r.exit_code == 2 and "after the subcommand" in r.stderr
+    # a dry run refuses what the command refuses: a finished task takes no new files
+    task.finish()
+    (task.folder / "checkpoints" / "extra.pt").write_bytes(b"x")
+    assert run("scan", "a", "--add", "--dry-run").exit_code == 4
+    assert run("scan", "a", "--add").exit_code == 4
+    # a name with a newline or an escape sequence in an error stays on one line, escaped
+    r = ckpt_cmd("-w", str(tmp_path / "x\ny\x1b[2J"), "tasks", cwd=tmp_path)
+    assert r.returncode == 3 and len(r.stderr.splitlines()) == 1 and "\x1b" not in r.stderr

@@ -248,11 +248,12 @@ def test_top_is_the_best_n_by_the_sorted_metric(run: Any, run_json: Any, ws: ckp
     for args, says in (
         ([], "--top N needs --sort METRIC"),
         (["--sort", "step"], "--top N needs --sort METRIC"),
-        (["--sort", "loss", "--desc"], "--top lists best first"),
         (["--sort", "loss", "--limit", "2"], "give one of them"),
     ):
         r = run("list", "unet", *args, "--top", "2")
         assert r.exit_code == 2 and says in r.stderr and r.stderr.count("\n") == 1, (args, r.output)
+    # --asc / --desc with --top say which end is best (for a metric whose direction ckpt cannot tell)
+    assert [r["number"] for r in run_json("list", "unet", "--sort", "loss", "--desc", "--top", "2")] == [1, 2]
 
 
 # --- the formatter itself ---------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CkptError as e:
-            err(f"error: {e}")
+            err(f"error: {_one_line(str(e))}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err("interrupted")
@@ -108,6 +108,14 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped: a name with a newline or an escape sequence in it (a path the
+    user typed, a name read from a file) must not split the error or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _raised_writing_output(e: BaseException) -> bool:

@@ -157,6 +157,12 @@ def scan(
     if dry_run and not add:
         raise UsageError("--dry-run goes with --add (a scan alone changes nothing)")
     ws = open_workspace()
+    if dry_run:
+        t = ws.task(task)
+        if t.status != "running":  # as the real --add refuses
+            from ..errors import ConflictError
+
+            raise ConflictError(f"task '{task}' is {t.status}; it takes no new checkpoints")
     res = do_scan(ws, task, add=add and not dry_run)
     if dry_run:
         from ..plans import Plan

@@ -116,6 +116,9 @@ def models_default(
 ) -> None:
     """Every model: title, task, checkpoint, metrics, size, storage, created."""
     if ctx.invoked_subcommand is not None:
+        if json or wide or limit is not None or columns is not None:  # they would be silently ignored
+            err(f"error: give the options after the subcommand; e.g. ckpt models {ctx.invoked_subcommand} --json")
+            raise typer.Exit(2)
         return
     _list(json, (limit, columns, wide))
 

@@ -202,14 +202,14 @@ def list_checkpoints(
 
 
 def _check_top(task: str, sort: str | None, desc: bool | None, limit: int | None) -> None:
-    """--top N is --limit N of a listing sorted best first by a metric: without one it means nothing (exit 2)."""
+    """--top N is --limit N of a listing sorted best first by a metric (or in the --asc / --desc order given):
+    without a metric it means nothing (exit 2)."""
     from ..errors import UsageError
 
     if sort is None or sort in _FIELDS:
         hint = f"e.g. ckpt list {task} --sort val_loss --top 5"
         raise UsageError("--top N needs --sort METRIC (best first)", hint=hint)
-    if desc is not None:
-        raise UsageError("--top lists best first; --asc / --desc choose another order", hint="use --limit N instead")
+    # --asc / --desc with --top say which end is best, for a metric whose direction ckpt cannot tell
     if limit is not None:
         raise UsageError("--top N is --limit N best first: give one of them", hint="drop --limit")
 
