@@ -14,6 +14,7 @@ from ckpt.errors import ManifestError
 from ckpt.manifest import check_format, parse_task, parse_toml
 from ckpt.models import finish
 from ckpt.storage.memory import MemoryStorage, keys, mounted
+from ckpt.trash import KeepRules, trash_unused
 
 
 @pytest.fixture
@@ -107,3 +108,27 @@ def test_a_save_costs_the_same_requests_whatever_the_task_holds(
     folds = [n + 1 for n, (calls, _) in enumerate(costs) if "delete" in calls]
     assert folds == [65, 129]  # the 1st save opened the log; each fold takes FOLD_EVERY - 1 records in
     assert all(len(calls) <= 7 for calls, _ in costs)
+
+
+def test_two_writers_and_a_trash_lose_no_record(st: MemoryStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "FOLD_EVERY", 4)
+    clock = Clock()
+    monkeypatch.setattr(store, "time", clock)
+    ckpt.Workspace.init(st.url).create_task("unet")
+    a, b = (ckpt.Workspace.open(st.url).task("unet") for _ in range(2))
+    saved = []
+    for i in range(1, 16):
+        clock.tick()
+        saved.append((a if i % 3 else b).save(f"w{i}".encode(), step=i, metrics={"val_iou": i / 100}))
+    clock.tick()
+    trashed = trash_unused(ckpt.Workspace.open(st.url), "unet", rules=KeepRules(keep_last=3))
+    assert trashed.entry is not None
+    gone = {cp.number for cp in trashed.plan.checkpoints}
+    assert len(gone) == 12  # all but the last 3
+    for i in range(16, 20):  # the writers go on after the trash, over their stale views
+        clock.tick()
+        saved.append((a if i % 2 else b).save(f"w{i}".encode(), step=i))
+    assert len(set(saved)) == 19
+    reader = ckpt.Workspace.open(st.url).task("unet")
+    assert [cp.number for cp in reader.checkpoints] == sorted(set(saved) - gone)
+    assert all(st.objects.get(f"tasks/unet/{cp.file}") for cp in reader.checkpoints)
