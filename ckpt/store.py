@@ -2037,6 +2037,13 @@ def _check_task(
     from .trash_results import Repair
 
     repairs: list[Repair] = []
+    if state.header.status != "running" and (task._pending or state.header.log):
+        # a save that raced `finish` left its record in the log of a finished task: fold it (format 1 again)
+        if not dry_run:
+            task.update(lambda st: None)
+        problem = f"task '{task.name}' is {state.header.status} with {len(task._pending)} records in its log"
+        repairs.append(Repair(task.key, problem, "would fold them in" if dry_run else "folded them in"))
+        state = task.state()
     objects = _objects(ws, task)
     missing = [cp for cp in state.checkpoints.values() if cp.file not in objects]
     if missing:

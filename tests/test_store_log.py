@@ -10,6 +10,7 @@ import pytest
 
 import ckpt
 from ckpt import store
+from ckpt.doctor import doctor
 from ckpt.errors import ManifestError
 from ckpt.manifest import check_format, parse_task, parse_toml
 from ckpt.models import finish
@@ -132,3 +133,24 @@ def test_two_writers_and_a_trash_lose_no_record(st: MemoryStorage, monkeypatch: 
     reader = ckpt.Workspace.open(st.url).task("unet")
     assert [cp.number for cp in reader.checkpoints] == sorted(set(saved) - gone)
     assert all(st.objects.get(f"tasks/unet/{cp.file}") for cp in reader.checkpoints)
+
+
+def test_a_save_that_raced_finish_is_kept_and_doctor_folds_it(
+    st: MemoryStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(store, "time", clock)  # the clock stands still: the writer keeps its view of "running"
+    task = ckpt.Workspace.init(st.url).create_task("unet")
+    for i in range(1, 4):
+        task.save(f"w{i}".encode(), step=i)
+    ckpt.Workspace.open(st.url).task("unet").set_status("finished")
+    assert log_keys(st) == [] and manifest(st).startswith(b"format = 1\n")
+    late = task.save(b"late", step=4)  # passed its status check before the finish committed
+    assert log_keys(st) == [f"tasks/unet/log/{late:06d}.toml"]
+    clock.tick()
+    assert [cp.number for cp in ckpt.Workspace.open(st.url).task("unet").checkpoints] == [1, 2, 3, late]
+    repairs = doctor(ckpt.Workspace.open(st.url))
+    assert [r.action for r in repairs] == ["folded them in"]
+    assert log_keys(st) == [] and manifest(st).startswith(b"format = 1\n")
+    assert sorted(parse_task(manifest(st), Path("task.toml"), "unet").checkpoints) == [1, 2, 3, late]
+    assert doctor(ckpt.Workspace.open(st.url)) == []
