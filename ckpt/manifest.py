@@ -29,6 +29,7 @@ from . import fsutil
 from .errors import CkptError, ManifestError
 
 FORMAT = 1
+LOG_FORMAT = 2  # a bucket task manifest with an open log beside it (ckpt.store_log): older ckpts must refuse it
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
 _CHECKPOINT_DIR = "checkpoints"  # workspace.CHECKPOINT_DIR
 # the task folder's own hidden files (workspace.py)
@@ -93,13 +94,13 @@ def check_nesting(value: Any, path: Path, where: str) -> None:
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
 
 
-def check_format(doc: dict[str, Any], path: Path) -> int:
+def check_format(doc: dict[str, Any], path: Path, newest: int = FORMAT) -> int:
     version = doc.get("format")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ManifestError(f"{path}: 'format' must be an integer, got {version!r}", path=path)
-    if version > FORMAT:
+    if version > newest:
         raise ManifestError(
-            f"{path}: format {version} is newer than this ckpt understands ({FORMAT})",
+            f"{path}: format {version} is newer than this ckpt understands ({newest})",
             path=path,
             hint="upgrade ckpt",
         )
@@ -330,6 +331,10 @@ class TaskHeader:
     # entry is not yet complete (a "pending" entry named here took its checkpoints; one not named did not)
     commits: list[str] = field(default_factory=list)
     trashing: list[str] = field(default_factory=list)
+    # object storage only (ckpt.store_log): whether records may be in log objects beside the manifest (then
+    # `format` is LOG_FORMAT), and the numbers of the log objects the last fold took in (readers skip them)
+    log: bool = False
+    folded: list[int] = field(default_factory=list)
 
     def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> bool:
         """Add what an import found: the directions of metrics the task has not recorded yet (one it has is
@@ -345,7 +350,7 @@ class TaskHeader:
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "format": FORMAT,
+            "format": LOG_FORMAT if self.log else FORMAT,
             "name": self.name,
             "status": self.status,
             "created": self.created,
@@ -365,11 +370,19 @@ class TaskHeader:
             doc["commits"] = list(self.commits)
         if self.trashing:
             doc["trashing"] = list(self.trashing)
+        if self.log:
+            doc["log"] = True
+        if self.folded:
+            doc["folded"] = list(self.folded)
         return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], path: Path) -> TaskHeader:
-        check_format(doc, path)
+        log = doc.get("log") is True
+        check_format(doc, path, LOG_FORMAT if log else FORMAT)
+        folded = _get(doc, "folded", list, path, "", required=False) or []
+        if not all(type(n) is int for n in folded):
+            raise ManifestError(f"{path}: 'folded' must be a list of integers", path=path)
         status = _get(doc, "status", str, path, "")
         if status not in STATUSES:
             raise ManifestError(f"{path}: unknown status {status!r} (expected one of {', '.join(STATUSES)})", path=path)
@@ -411,6 +424,8 @@ class TaskHeader:
             source={str(k): str(v) for k, v in source.items()} if source is not None else None,
             commits=_ids(doc, "commits", path),
             trashing=_ids(doc, "trashing", path),
+            log=log,
+            folded=list(folded),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -427,6 +442,8 @@ class TaskHeader:
             "source": self.source,
             "commits": self.commits,
             "trashing": self.trashing,
+            "log": self.log,
+            "folded": self.folded,
         }
 
 

@@ -71,6 +71,7 @@ from .models import (
 )
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
+from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
 from .timeutil import now_iso, parse_iso
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
@@ -84,7 +85,7 @@ CLAIM_FILE = ".claim"
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
 COMMIT_IDS = 8  # the ids of the last commits kept in a manifest (see StoreTask.update)
-MANIFEST_CACHE_VERSION = 3
+MANIFEST_CACHE_VERSION = 4
 LEASE = 600.0  # seconds a title claim holds without being renewed (see Lease)
 STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
 TASKS_IN_FLIGHT = 128  # manifests `tasks` reads at once (each a GET, or a 304 when cached)
@@ -270,43 +271,76 @@ class StoreTask(Task):
         self.folder = Path("tasks") / name
         self.manifest = self.folder / TASK_FILE
         self.key = f"tasks/{name}/{TASK_FILE}"
-        self._state: TaskState | None = None
+        self._manifest: TaskState | None = None  # task.toml alone, as read or committed (with `_etag`)
+        self._state: TaskState | None = None  # the manifest with the log records it has not folded (see reload)
         self._etag = ""
         self._read_at = 0.0
+        self._log: dict[int, Checkpoint] = {}  # log records read (a log object never changes)
+        self._pending: list[int] = []  # the numbers in `_state` that are only in log objects
+        self._stale: list[str] = []  # log objects already folded into the manifest (to delete)
 
     @property
     def storage(self) -> Storage:
         return self.ws.storage
 
     def reload(self) -> TaskState:
-        """Read the manifest (a GET; a 304 without a body when unchanged); raises TaskNotFound, ManifestError."""
-        if self._state is None:
-            self._state, self._etag = _load_manifest_cache(self._cache_file())
+        """Read the manifest and its log: a GET (a 304 without a body when unchanged), a LIST of the log and the
+        records not seen yet (concurrently); raises TaskNotFound, ManifestError."""
+        manifest = self._read_manifest()
+        self._state = self._merge(manifest)
+        self._read_at = time.monotonic()
+        return self._state
+
+    def _merge(self, manifest: TaskState) -> TaskState:
+        """`manifest` with the records of the log objects it has not folded (see ckpt.store_log)."""
+        prefix = log_prefix(self.name)
+        listed = {n: b.key for b in self.storage.list_prefix(prefix) if (n := number_of(b.key, prefix)) is not None}
+        folded = set(manifest.header.folded) | manifest.checkpoints.keys()
+        pending = sorted(n for n in listed if n not in folded)
+        if pending and not self._log:
+            self._log = _load_log_cache(self._log_cache_file(), self.name)
+        unseen = [n for n in pending if n not in self._log]
+        for n, data in zip(unseen, self.storage.get_many([listed[n] for n in unseen]), strict=True):
+            if data is not None:  # else a fold took it in after this manifest was read: the next read has it
+                self._log[n] = parse_record(data, listed[n], self.name, n)
+        self._pending = [n for n in pending if n in self._log]
+        if unseen:
+            _save_log_cache(self._log_cache_file(), [self._log[n] for n in self._pending])
+        self._stale = [listed[n] for n in sorted(listed) if n in folded]
+        if not self._pending:
+            return manifest
+        cps = {**manifest.checkpoints, **{n: self._log[n] for n in self._pending}}
+        return TaskState(replace(manifest.header), cps)
+
+    def _read_manifest(self) -> TaskState:
+        if self._manifest is None:
+            self._manifest, self._etag = _load_manifest_cache(self._cache_file())
         try:
-            if self._state is not None:
+            if self._manifest is not None:
                 got = self.storage.get_if_changed(self.key, self._etag)
                 if got is None:
-                    self._read_at = time.monotonic()
-                    return self._state
+                    return self._manifest
                 data, etag = got
             else:
                 data, etag = self.storage.get(self.key)
         except FileNotFoundError:
-            self._state = None
+            self._state = self._manifest = None
             raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
         if not data.strip():
             raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
         state = parse_task(data, self.manifest, self.name)
         if state.header.name != self.name:
             raise ManifestError(f"{self.key}: 'name' is {state.header.name!r} but the folder is '{self.name}'")
-        self._state, self._etag = state, etag
-        self._read_at = time.monotonic()
+        self._manifest, self._etag = state, etag
         _save_manifest_cache(self._cache_file(), state, etag)
         return state
 
     def _cache_file(self) -> Path:
         digest = hashlib.sha256(f"{self.ws.url}/{self.key}".encode()).hexdigest()[:32]
         return cache_dir() / "manifests" / f"{digest}.json"
+
+    def _log_cache_file(self) -> Path:
+        return self._cache_file().with_suffix(".log.json")
 
     def state(self) -> TaskState:
         """The manifest as it is now. Within one command (`HOLD` seconds) the last read is reused; after that
@@ -332,8 +366,11 @@ class StoreTask(Task):
         )
 
     def update(self, change: Callable[[TaskState], T]) -> T:
-        """Apply `change` to a copy of the latest manifest and commit it with If-Match; on a lost race, read and
-        apply again.
+        """Apply `change` to a copy of the latest manifest (its log folded in) and commit it with If-Match; on a
+        lost race, read and apply again.
+
+        The commit folds the log: it names the log records it took in (`folded`), after deleting those an
+        earlier fold named; once it landed they are deleted too (best effort: the next commit does it).
 
         `change` mutates the state it is given and may raise to abandon the commit. Each commit carries its
         own id (kept among the header's last `COMMIT_IDS`): when a request fails or answers 412, the manifest
@@ -343,10 +380,15 @@ class StoreTask(Task):
         """
         for attempt in range(COMMIT_TRIES):
             current = self.reload() if attempt or self._state is None else self.state()
+            pending, stale = list(self._pending), list(self._stale)
             state = TaskState(replace(current.header), dict(current.checkpoints))
             result = change(state)
+            if stale:  # folded by an earlier commit that named them: deleted before that name goes
+                self.storage.delete(stale)
             commit = secrets.token_hex(8)
             state.header.commits = [*state.header.commits, commit][-COMMIT_IDS:]
+            state.header.folded = pending
+            state.header.log = state.header.status == "running"
             try:
                 etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
             except PreconditionFailed:
@@ -358,15 +400,20 @@ class StoreTask(Task):
                 if self._landed(commit):
                     return result
                 raise
-            self._etag, self._state, self._read_at = etag, state, time.monotonic()
+            self._etag, self._manifest, self._state, self._read_at = etag, state, state, time.monotonic()
+            self._pending, self._stale = [], [log_key(self.name, n) for n in pending]
             _save_manifest_cache(self._cache_file(), state, etag)
+            if pending:
+                with contextlib.suppress(Exception):
+                    self.storage.delete(self._stale)
+                    self._stale = []
             return result
         raise BusyError(f"task '{self.name}' changed {COMMIT_TRIES} times while committing; try again")
 
     def _landed(self, commit: str) -> bool:
         """Whether commit `commit` is in the manifest now (read again); raises CommitUnknown when it cannot be
         read: then neither the caller nor anyone may assume either way."""
-        self._state = None
+        self._state = self._manifest = None
         try:
             return commit in self.reload().header.commits
         except Exception:
@@ -469,7 +516,13 @@ class StoreTask(Task):
         try:
             # the number is ours alone (its claim is never deleted), so a plain upload overwrites nothing recorded
             put(f"tasks/{self.name}/{file}")
-            self.update(add)
+            st = self.state()
+            if unique or not st.header.log or st.header.status != "running" or len(self._pending) + 1 >= FOLD_EVERY:
+                self.update(add)  # opens the log, or folds it (an import's duplicate check stays atomic)
+            else:
+                if number in st.checkpoints:
+                    raise ConflictError(f"checkpoint {number} of task '{self.name}' exists; save again")
+                self._append(made)
         except BaseException as e:
             # the upload goes only when its record is known not to be committed; when that cannot be learned
             # it stays, unrecorded (doctor deletes it once stale): never a record without its object
@@ -479,6 +532,31 @@ class StoreTask(Task):
                         self.storage.delete(_keys_of(self.ws, f"tasks/{self.name}/{file}"))
             raise
         return number, made
+
+    def _append(self, cp: Checkpoint) -> None:
+        """Record `cp` in its own log object (If-None-Match). A failed or lost request, or a retried one that
+        met its own write (412), is recognised as landed when the object holds these bytes."""
+        key, data = log_key(self.name, cp.number), record_bytes(cp)
+        try:
+            self.storage.put(key, data, if_none_match=True)
+        except Exception:
+            try:
+                landed = self.storage.get(key)[0] == data
+            except FileNotFoundError:
+                landed = False
+            except Exception:
+                raise CommitUnknown(
+                    f"the record of checkpoint {cp.number} of task '{self.name}' may or may not have landed "
+                    "(the store did not answer)",
+                    hint=f"see: ckpt list {self.name}; run: ckpt doctor",
+                ) from None
+            if not landed:
+                raise
+        self._log[cp.number] = cp
+        self._pending.append(cp.number)
+        _save_log_cache(self._log_cache_file(), [self._log[n] for n in self._pending])
+        if self._state is not None:
+            self._state = TaskState(self._state.header, {**self._state.checkpoints, cp.number: cp})
 
     def _claim_number(self) -> int:
         """A checkpoint number no writer ever had: `numbers/<n>` created with If-None-Match.
@@ -584,6 +662,27 @@ def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
         "header": state.header.to_json(),
         "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in _COLUMNS},
     }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write_nosync(path, json.dumps(doc, separators=(",", ":")).encode())
+    except (OSError, ValueError, TypeError):
+        pass  # only a cache
+
+
+def _load_log_cache(path: Path, task: str) -> dict[int, Checkpoint]:
+    """The log records kept by `_save_log_cache` (a log object never changes: no revalidation needed)."""
+    try:
+        raw = json.loads(path.read_bytes())
+        if raw.get("v") != MANIFEST_CACHE_VERSION:
+            return {}
+        rows = [dict(zip(_COLUMNS, row, strict=True)) for row in raw["records"]]
+        return {int(r["number"]): Checkpoint(**r, task=task) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _save_log_cache(path: Path, records: list[Checkpoint]) -> None:
+    doc = {"v": MANIFEST_CACHE_VERSION, "records": [[getattr(cp, k) for k in _COLUMNS] for cp in records]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fsutil.atomic_write_nosync(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -1695,7 +1794,7 @@ def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], lis
     for b in ws.storage.list_prefix(base):
         rel = b.key[len(base) :]
         parts = rel.split("/")
-        if rel == TASK_FILE or parts[0] == NUMBERS_DIR:
+        if rel == TASK_FILE or parts[0] in (NUMBERS_DIR, LOG_DIR):
             continue
         top = "/".join(parts[:2]) if parts[0] == CHECKPOINT_DIR and len(parts) > 1 else parts[0]
         if top not in known:
@@ -1938,6 +2037,13 @@ def _check_task(
     from .trash_results import Repair
 
     repairs: list[Repair] = []
+    if state.header.status != "running" and (task._pending or state.header.log):
+        # a save that raced `finish` left its record in the log of a finished task: fold it (format 1 again)
+        if not dry_run:
+            task.update(lambda st: None)
+        problem = f"task '{task.name}' is {state.header.status} with {len(task._pending)} records in its log"
+        repairs.append(Repair(task.key, problem, "would fold them in" if dry_run else "folded them in"))
+        state = task.state()
     objects = _objects(ws, task)
     missing = [cp for cp in state.checkpoints.values() if cp.file not in objects]
     if missing:
