@@ -268,6 +268,32 @@ def promote_title(task: str, cp: Checkpoint, title: str | None) -> str:
     return check_title(default)
 
 
+@dataclass(slots=True)
+class Choice:
+    """What a promote takes: the checkpoint and why, the title, and the model that already is it (or None)."""
+
+    cp: Checkpoint
+    why: str
+    better: Direction | None
+    title: str
+    same: Model | None
+
+    def unchanged(self) -> PromoteResult:
+        assert self.same is not None
+        return PromoteResult(self.same, self.why, self.better, unchanged=True)
+
+
+def choose(
+    ws: Workspace, task: Task, number: int | None, best: str | None, flag: str | None, title: str | None
+) -> Choice:
+    """The one decision of promote (its folder and bucket versions and its dry run): the checkpoint, the
+    title (`TASK-N` by default), and whether that title already is its model. Raises as pick_checkpoint,
+    promote_title and already_made do."""
+    cp, why, better = pick_checkpoint(task, number, best, flag)
+    title = promote_title(task.name, cp, title)
+    return Choice(cp, why, better, title, already_made(ws, title, task.name, cp))
+
+
 @per_backend
 def promote(
     ws: Workspace,
@@ -296,20 +322,18 @@ def promote(
         _check_case_twin(ws, title)  # before the lock: a refused title touches nothing (again below, under it)
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
-        cp, why, better = pick_checkpoint(task, number, best, flag)
-        title = promote_title(task.name, cp, title)
-        same = already_made(ws, title, task.name, cp)
-        if same is not None:
-            return PromoteResult(same, why, better, unchanged=True)
-        _check_case_twin(ws, title)
+        c = choose(ws, task, number, best, flag, title)
+        if c.same is not None:
+            return c.unchanged()
+        _check_case_twin(ws, c.title)
         try:
-            model = _make_model(ws, task, cp, title, copy)
+            model = _make_model(ws, task, c.cp, c.title, copy)
         except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
-            same = already_made(ws, title, task.name, cp)
-            if same is None:
+            c.same = already_made(ws, c.title, task.name, c.cp)
+            if c.same is None:
                 raise
-            return PromoteResult(same, why, better, unchanged=True)
-    return PromoteResult(model, why, better)
+            return c.unchanged()
+    return PromoteResult(model, c.why, c.better)
 
 
 def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:

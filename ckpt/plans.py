@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import fsutil
 from .errors import ConflictError, IntegrityError, NotFoundError
-from .models import Model, PromoteResult, already_made, finish_title, pick_checkpoint, promote_title
+from .models import Model, PromoteResult, already_made, choose, finish_title
 from .names import case_twin, check_task_name, check_title
 
 if TYPE_CHECKING:
@@ -82,14 +82,12 @@ def plan_promote(
         check_title(title)
     check_task_name(task_name)
     task = ws.task(task_name)
-    cp, why, better = pick_checkpoint(task, number, best, mode)
-    title = promote_title(task.name, cp, title)
-    same = already_made(ws, title, task.name, cp)
-    if same is not None:
-        return PromoteResult(same, why, better, unchanged=True)
-    _free_title(ws, title)
-    _check_file(ws, task, cp)
-    return PromoteResult(_planned_model(ws, task, cp, title), why, better)
+    c = choose(ws, task, number, best, mode, title)
+    if c.same is not None:
+        return c.unchanged()
+    _free_title(ws, c.title)
+    _check_file(ws, task, c.cp)
+    return PromoteResult(_planned_model(ws, task, c.cp, c.title), c.why, c.better)
 
 
 def plan_finish(ws: Workspace, task_name: str, *, failed: bool, title: str | None) -> Plan:

@@ -65,9 +65,8 @@ from .models import (
     ModelIndex,
     PromoteResult,
     already_made,
+    choose,
     finish_title,
-    pick_checkpoint,
-    promote_title,
 )
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
@@ -826,17 +825,15 @@ def promote(
         check_title(title)
     check_task_name(task_name)
     task = ws.task(task_name)
-    cp, why, better = pick_checkpoint(task, number, best, "min" if minimize else mode)
-    title = promote_title(task.name, cp, title)
-    same = already_made(ws, title, task.name, cp)
-    if same is None:
+    c = choose(ws, task, number, best, "min" if minimize else mode, title)
+    if c.same is None:
         try:
-            return PromoteResult(_make_model(ws, task, cp, title), why, better)
+            return PromoteResult(_make_model(ws, task, c.cp, c.title), c.why, c.better)
         except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
-            same = already_made(ws, title, task.name, cp)
-            if same is None:
+            c.same = already_made(ws, c.title, task.name, c.cp)
+            if c.same is None:
                 raise
-    return PromoteResult(same, why, better, unchanged=True)
+    return c.unchanged()
 
 
 class Lease:
