@@ -73,6 +73,11 @@ _SAFETENSORS_DTYPES = {
     "U32": "uint32",
     "U64": "uint64",
 }
+_ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8,
+}  # fmt: skip
 # Globals torch's weights_only loader accepts; anything else needs full unpickling.
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"),
@@ -97,6 +102,8 @@ class TensorInfo:
     name: str
     shape: list[int]
     dtype: str
+    shard: str | None = None  # the file it is in (sharded and distributed checkpoints)
+    split: str | None = None  # how it is split into chunks (DCP)
 
     @property
     def numel(self) -> int:
@@ -116,10 +123,18 @@ class FileInfo:
     note: str | None = None
     weights_under: str | None = None  # "state_dict": a Lightning checkpoint, whose weights are under that key
     other_tensors: dict[str, int] = field(default_factory=dict)  # tensors outside the weights, by top-level key
+    shards: int = 1  # files the tensors are in
+    layout: str | None = None  # how a sharded or distributed checkpoint splits its tensors, in words
+    others: list[str] = field(default_factory=list)  # non-tensor items (DCP)
 
     @property
     def parameters(self) -> int:
         return sum(t.numel for t in self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        """What the tensors take, by their dtypes (0 for a dtype of unknown size)."""
+        return sum(t.numel * _ITEMSIZE.get(t.dtype, 0) for t in self.tensors)
 
 
 # --- a pickle interpreter that builds nothing real ----------------------------------------------
@@ -138,13 +153,26 @@ class _Storage:
 
 
 class _Tensor:
-    __slots__ = ("shape", "dtype", "storage", "offset")
+    __slots__ = ("shape", "dtype", "storage", "offset", "stride")
 
-    def __init__(self, shape: list[int], dtype: str, storage: _Storage | None = None, offset: int = 0):
+    def __init__(
+        self,
+        shape: list[int],
+        dtype: str,
+        storage: _Storage | None = None,
+        offset: int = 0,
+        stride: list[int] | None = None,
+    ):
         self.shape = shape
         self.dtype = dtype
         self.storage = storage
         self.offset = offset  # in elements
+        self.stride = stride  # in elements; None when the pickle gave none that reads as one
+
+
+# Public names for readers built on this one (ckpt.sources): a tensor stand-in is a StoredTensor, whose
+# `storage.key` names the archive member `data/<key>` holding its bytes.
+StoredTensor = _Tensor
 
 
 _HASHING_CALLS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "Counter")}
@@ -163,7 +191,11 @@ class _Global:
             storage, offset, size = args[0], args[1], args[2]
             if not isinstance(storage, _Storage):
                 return _Tensor([int(s) for s in size], "unknown")
-            return _Tensor([int(s) for s in size], storage.dtype, storage, offset if type(offset) is int else 0)
+            stride = args[3] if len(args) > 3 and isinstance(args[3], tuple | list) else None
+            strides = [int(x) for x in stride] if stride is not None and all(type(x) is int for x in stride) else None
+            return _Tensor(
+                [int(s) for s in size], storage.dtype, storage, offset if type(offset) is int else 0, strides
+            )
         if key in (
             ("torch._utils", "_rebuild_parameter"),
             ("torch._utils", "_rebuild_parameter_with_state"),
@@ -328,6 +360,31 @@ def _read_pickle(
         raise _too_complex(path, e) from None
     except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
         raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
+
+
+def read_torch_pickle(f: BinaryIO, path: Path) -> tuple[Any, BoundedUnpickler, list[str]]:
+    """The pickle of the torch zip open as `f`, as stand-ins (each tensor a StoredTensor), the reader (whose
+    `walk` goes through it within the same budget) and the globals outside torch's safe list it names.
+
+    Nothing is imported or run. Raises IntegrityError for a file that is no torch zip, or a corrupt, hostile
+    or too costly one.
+    """
+    try:
+        found = _read_pickle(f, path)
+    except zipfile.BadZipFile as e:
+        raise IntegrityError(f"'{path}' is not a torch archive ({e})", path=path) from None
+    if found is None:
+        raise IntegrityError(f"'{path}' is a zip archive without data.pkl", path=path)
+    obj, reader = found
+    return obj, reader, sorted(set(reader.seen_globals))
+
+
+def too_complex(path: Path, e: TooComplex) -> IntegrityError:
+    """The error for a pickle at `path` that would cost more than its budget (refused as hostile)."""
+    return _too_complex(path, e)
+
+
+SAFETENSORS_DTYPES = _SAFETENSORS_DTYPES  # safetensors dtype code -> ckpt's dtype name
 
 
 def _too_complex(path: Path, e: TooComplex) -> IntegrityError:
@@ -601,7 +658,7 @@ def weights_file(path: Path) -> Path:
     """For a checkpoint folder, the file that holds the model weights; for a file, the file itself."""
     if not path.is_dir():
         return path
-    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "mp_rank_00_model_states.pt"):
         if (path / name).is_file():
             return path / name
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt"):

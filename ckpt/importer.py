@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, NotFoundError, TaskNotFound, UsageError
+from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, step_epoch
 from .names import check_task_name
 from .pathtext import escape_path
 from .workspace import (
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .manifest import Checkpoint
     from .workspace import Task, Workspace
 
-FORMATS = ("auto", "lightning", "huggingface", "files")
+FORMATS = ("auto", "lightning", "huggingface", "files", *KINDS)
 MODES = ("link", "copy", "move")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _HF_DIR = re.compile(r"checkpoint-(\d+)")
@@ -248,6 +249,9 @@ def detect_format(path: Path) -> str:
             _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
         ):
             return "huggingface"
+        run = find_run(path)
+        if run is not None:
+            return run.kind
         return "lightning" if _any_file(str(path), ".ckpt") else "files"
     return "lightning" if path.suffix == ".ckpt" else "files"
 
@@ -470,6 +474,35 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
     return found, []
 
 
+def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
+    """The step folders (or Composer files) of a DCP, sharded-safetensors, DeepSpeed or Composer run, in step
+    order; its `latest` pointers are skipped rows (a repeat, not a checkpoint)."""
+    run = find_run(path)
+    if run is None:
+        return [], []
+    root = path.parent if run.steps and run.steps[0].path == path else path
+    found: list[Found] = []
+    for s in run.steps:
+        st = os.stat(s.path, follow_symlinks=False)
+        found.append(
+            Found(
+                s.path,
+                _rel(s.path, root),
+                is_dir=s.is_dir,
+                step=s.step,
+                epoch=s.epoch,
+                mtime=st.st_mtime,
+                size=0 if s.is_dir else st.st_size,
+                dev=st.st_dev,
+            )
+        )
+    skipped = [
+        _skip(p.path, _rel(p.path, root), f"the run's latest pointer (to {escape_path(p.target)}); not a checkpoint")
+        for p in run.pointers
+    ]
+    return found, skipped
+
+
 def trainer_modes(path: Path) -> dict[str, str]:
     """{metric: "min" | "max"} from a Trainer's `training_args.bin`: its `metric_for_best_model`, named as
     the Trainer logs it (with the `eval_` prefix it adds), and `greater_is_better`; {} when unreadable."""
@@ -497,6 +530,8 @@ def find_files(path: Path) -> tuple[list[Found], list[ImportRow]]:
             skipped.append(_skip(f, name, "a symlink; not imported"))
             continue
         epoch, step = parse_plain_name(f.name)
+        if COMPOSER_FILE.fullmatch(f.name):
+            step, epoch = step_epoch(f.name)
         found.append(Found(f, name, epoch=epoch, step=step, mtime=st.st_mtime, size=st.st_size, dev=st.st_dev))
     order_by_plain_name(found)
     return found, skipped
@@ -561,7 +596,7 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
 def default_task_name(path: Path, fmt: str) -> str:
     """A task name from the source path: its folder name, skipping Lightning's `checkpoints` folder."""
     p = path.resolve()
-    if not p.is_dir() or (fmt == "huggingface" and _HF_DIR.fullmatch(p.name)):
+    if not p.is_dir() or (fmt == "huggingface" and _HF_DIR.fullmatch(p.name)) or (fmt in KINDS and folder_kind(p)):
         p = p.parent
     if p.name == "checkpoints" and p.parent != p:
         p = p.parent
@@ -585,7 +620,7 @@ def plan(
         path = path.resolve()
     if fmt == "auto":
         fmt = detect_format(path)
-    finder = {"lightning": find_lightning, "huggingface": find_huggingface, "files": find_files}[fmt]
+    finder = {"lightning": find_lightning, "huggingface": find_huggingface, "files": find_files}.get(fmt, find_steps)
     if fmt == "huggingface" and not path.is_dir():
         raise UsageError(f"'{path}' is a file; a Hugging Face checkpoint is a checkpoint-N folder")
     found, skipped = finder(path)
@@ -593,7 +628,8 @@ def plan(
         raise NotFoundError(
             f"no {fmt} checkpoints in '{path}'",
             path=path,
-            hint="pass --format (lightning: *.ckpt, huggingface: checkpoint-N/, files: *.pt *.pth *.bin *.safetensors)",
+            hint="pass --format (lightning: *.ckpt, huggingface: checkpoint-N/, files: *.pt *.pth *.bin *.safetensors;"
+            " dcp, sharded, deepspeed, composer: docs/formats-checkpoints.md)",
         )
     hash_found(found, progress)
     return fmt, found, skipped
@@ -807,11 +843,14 @@ def _found_of(u: Unknown, t: Task) -> Found:
             return Found(
                 u.path, name, is_dir=True, step=int(m.group(1)), epoch=epoch, metrics=metrics, mtime=_mtime(u.path)
             )
-        return Found(u.path, name, is_dir=True, mtime=_mtime(u.path))
+        step, epoch = step_epoch(base)
+        return Found(u.path, name, is_dir=True, step=step, epoch=epoch, mtime=_mtime(u.path))
     if "=" in base:
         epoch, step, metrics = parse_lightning_name(base)
         return Found(u.path, name, epoch=epoch, step=step, metrics=metrics, mtime=_mtime(u.path), size=u.size)
     epoch, step = parse_plain_name(base)
+    if COMPOSER_FILE.fullmatch(base):
+        step, epoch = step_epoch(base)
     return Found(u.path, name, epoch=epoch, step=step, mtime=_mtime(u.path), size=u.size)
 
 
@@ -823,7 +862,8 @@ def _unknown(ws: Workspace, path: Path) -> Unknown:
             size = sum(s for _, s in files)
             from .formats import weights_file
 
-            weights_file(path)
+            if folder_kind(path) is None:
+                weights_file(path)
             addable = True
         except CkptError:
             size, addable = 0, False

@@ -1816,7 +1816,9 @@ def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], lis
 def _weights_in(names: list[str]) -> str | None:
     """The weights file of a folder checkpoint among its files' relative names (as formats.weights_file)."""
     top = [n for n in names if "/" not in n]
-    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+    if ".metadata" in top or any(n.endswith("/.metadata") and n.count("/") == 1 for n in names):
+        return ".metadata"  # a DCP folder (ckpt.layouts): its tensors are in the .distcp files beside it
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "mp_rank_00_model_states.pt"):
         if name in top:
             return name
     for suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
@@ -1829,6 +1831,7 @@ def _weights_in(names: list[str]) -> str | None:
 def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown]) -> list[tuple[Found, Unknown]]:
     """What each object's name says (as the local scan reads file names), in the order they will be numbered."""
     from .importer import _HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
+    from .layouts import step_epoch
 
     pairs: dict[int, Unknown] = {}
     found: list[Found] = []
@@ -1838,6 +1841,7 @@ def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown])
         mtime = parse_iso(u.modified).timestamp()
         if u.kind == "dir":
             c = Found(Path(u.rel), name, is_dir=True, mtime=mtime)
+            c.step, c.epoch = step_epoch(leaf)  # what a DCP or DeepSpeed step folder's name records
             m = _HF_DIR.fullmatch(leaf)
             if m:
                 try:

@@ -21,7 +21,7 @@ app = typer.Typer(
     # (benchmarks/README.md); the groups are named in the epilog instead
     rich_markup_mode=None,
     epilog="Commands by group, in the order you meet them. Tasks: init, tasks, list, show, finish. "
-    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Files: import, scan, verify. "
+    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Files: import, scan, verify, export. "
     "Preview: preview, demo. Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.",
     add_completion=True,
     no_args_is_help=True,
@@ -74,6 +74,7 @@ from . import models as _models  # noqa: E402,F401
 from . import trash as _trash  # noqa: E402,F401
 from . import imports as _imports  # noqa: E402,F401
 from . import preview as _preview  # noqa: E402,F401
+from . import export as _export  # noqa: E402,F401
 
 # Commands that run networks (long, and torch makes reference cycles): they keep the cyclic garbage collector.
 _COLLECTING = frozenset({"preview", "demo"})

@@ -242,7 +242,7 @@ def show(
 
     Example: ckpt show unet 7 --json
     """
-    from ..formats import inspect_file
+    from ..sources import inspect_checkpoint
 
     ws = open_workspace()
     t = ws.task(task)
@@ -250,11 +250,20 @@ def show(
     cp = t.checkpoint(number)
     latest = t.latest()
     models = ws.models_of(task).get(number, [])
-    info = inspect_file(t.local_path(cp))
+    info = inspect_checkpoint(t.local_path(cp))
     data = checkpoint_json(ws, t, cp, latest is not None and latest.number == number, models)
     data["format"] = info.format
     data["parameters"] = info.parameters
     data["tensors"] = [{"name": x.name, "shape": x.shape, "dtype": x.dtype} for x in info.tensors]
+    for row, x in zip(data["tensors"], info.tensors, strict=True):
+        if x.shard is not None:
+            row["shard"] = x.shard
+        if x.split is not None:
+            row["split"] = x.split
+    data["tensor_bytes"] = info.bytes
+    data["shards"] = info.shards
+    data["layout"] = info.layout
+    data["other_items"] = info.others
     data["unsafe_globals"] = info.unsafe_globals
     data["weights_under"] = info.weights_under
     data["other_tensors"] = info.other_tensors
@@ -273,12 +282,27 @@ def show(
     out(f"{'format':10} {info.format}" + (f" ({info.note})" if info.note else ""))
     under = f" (under '{info.weights_under}')" if info.weights_under else ""
     out(f"{'params':10} {info.parameters:,} in {plural(len(info.tensors), 'tensor')}{under}")
+    out(f"{'bytes':10} {human_size(info.bytes)} of tensors in {plural(info.shards, 'file')}")
+    if info.layout:
+        out(f"{'layout':10} {info.layout}")
+    if info.others:
+        shown = ", ".join(info.others[:8]) + (f" and {len(info.others) - 8} more" if len(info.others) > 8 else "")
+        out(f"{'items':10} {shown} (not tensors)")
     if info.other_tensors:
         also = ", ".join(f"{k} {plural(n, 'tensor')}" for k, n in info.other_tensors.items())
         out(f"{'also':10} {also} (not counted as parameters)")
     if info.unsafe_globals:
         err(f"warning: loading this file needs full unpickling of: {', '.join(info.unsafe_globals)}")
-    if info.tensors:
+    if info.tensors and info.shards > 1:
+        table(
+            ["tensor", "shape", "dtype", "file", "split"],
+            [
+                [x.name, "×".join(map(str, x.shape)) or "scalar", x.dtype, x.shard or "", x.split or ""]
+                for x in info.tensors
+            ],
+            whole=["shape", "dtype"],
+        )
+    elif info.tensors:
         table(
             ["tensor", "shape", "dtype"],
             [[x.name, "×".join(map(str, x.shape)) or "scalar", x.dtype] for x in info.tensors],

@@ -1,0 +1,96 @@
+"""The export command: a checkpoint's weights as safetensors (docs/formats-checkpoints.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import _complete, app
+from ._common import JsonOpt, command, err, human_size, open_workspace, out, plural, print_json
+
+
+@command(app, "export")
+def export_(
+    task: Annotated[
+        str | None, typer.Argument(help="The task (or give --model).", autocompletion=_complete.tasks)
+    ] = None,
+    number: Annotated[int | None, typer.Argument(help="The checkpoint number (default: the latest).")] = None,
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="The .safetensors file to write (a folder with --max-shard-size).")
+    ] = Path("model.safetensors"),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Export this model instead.")] = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option("--max-shard-size", help="Write Hugging Face shards of at most this size (5GB = 5×10⁹ bytes)."),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="The state dict inside the checkpoint (default: the weights).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Convert floating-point tensors: bf16, fp16, fp32.")
+    ] = None,
+    unsafe_load: Annotated[
+        bool,
+        typer.Option("--unsafe-load", help="Read a file whose pickle names classes outside torch's safe list."),
+    ] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Write a checkpoint's model weights as safetensors, streamed one tensor at a time (no pickle, no torch).
+
+    Reads torch files (.pt .pth .bin, a Lightning .ckpt's state_dict), safetensors (sharded too), DCP
+    folders and DeepSpeed model states (ZeRO 0-2).
+
+    Example: ckpt export unet 7 --out unet.safetensors --dtype bf16
+    """
+    from ..errors import UsageError
+    from ..export import export, parse_size
+    from ..sources import open_contents
+
+    if (model is None) == (task is None):
+        raise UsageError(
+            "give a TASK (and NUMBER) or --model TITLE", hint="e.g. ckpt export unet 7 --out unet.safetensors"
+        )
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    ws = open_workspace()
+    if model is not None:
+        if number is not None:
+            raise UsageError("--model exports that model's checkpoint; drop NUMBER")
+        m = ws.models[model]
+        task, number = m.task, m.checkpoint
+    assert task is not None
+    t = ws.task(task)
+    t.settle()
+    cp = t.checkpoint(number) if number is not None else t.latest()
+    if cp is None:
+        raise UsageError(f"task '{task}' has no checkpoints to export")
+    contents = open_contents(t.local_path(cp), key)
+    meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
+    res = export(contents, out_path, dtype=dtype, max_shard_size=limit, unsafe=unsafe_load, metadata=meta)
+    if json:
+        print_json(
+            {
+                "task": t.name,
+                "number": cp.number,
+                "model": model,
+                "out": str(res.out),
+                "files": res.files,
+                "format": res.format,
+                "key": res.key,
+                "tensors": res.tensors,
+                "parameters": res.parameters,
+                "bytes": res.bytes,
+                "dtype": res.dtype,
+                "converted": res.converted,
+            }
+        )
+        return
+    if contents.unsafe_globals:
+        err(f"warning: read without running the pickle, which names {', '.join(contents.unsafe_globals)}")
+    under = f" (from '{res.key}')" if res.key else ""
+    conv = f", {res.converted} converted to {res.dtype}" if res.converted else ""
+    out(
+        f"exported {t.name} checkpoint {cp.number}: {plural(res.tensors, 'tensor')}{under},"
+        f" {res.parameters:,} parameters{conv} -> {res.out} ({human_size(res.bytes)} in {plural(len(res.files), 'file')})"
+    )
