@@ -92,5 +92,6 @@ def export_(
     conv = f", {res.converted} converted to {res.dtype}" if res.converted else ""
     out(
         f"exported {t.name} checkpoint {cp.number}: {plural(res.tensors, 'tensor')}{under},"
-        f" {res.parameters:,} parameters{conv} -> {res.out} ({human_size(res.bytes)} in {plural(len(res.files), 'file')})"
+        f" {res.parameters:,} parameters{conv} -> {res.out}"
+        f" ({human_size(res.bytes)} in {plural(len(res.files), 'file')})"
     )
