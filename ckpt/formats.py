@@ -175,6 +175,7 @@ class _Tensor:
 StoredTensor = _Tensor
 
 
+_PY2_NAMES = {("__builtin__", n): ("builtins", n) for n in ("set", "frozenset", "bytearray", "slice", "complex")}
 _HASHING_CALLS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "Counter")}
 
 
@@ -261,6 +262,8 @@ class _ScanUnpickler(BoundedUnpickler):
         self._found: dict[tuple[str, str], Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:  # never imports
+        if self.proto < 3 and (module, name) in _PY2_NAMES:  # torch.save's protocol 2 names builtins as Python 2 did
+            module, name = _PY2_NAMES[(module, name)]
         found = self._found.get((module, name))
         if found is None:
             self.budget.spend(1, 2400)  # a stand-in class costs about 2.4 KB

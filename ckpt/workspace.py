@@ -832,8 +832,14 @@ class Task:
         epoch: int | None = None,
         metrics: Mapping[str, float] | None = None,
     ) -> int:
-        """Copy an existing checkpoint file written by someone else into the task; return its number."""
+        """Copy an existing checkpoint file written by someone else into the task; return its number.
+
+        A folder (a DCP step, sharded safetensors, a DeepSpeed global_stepN: docs/formats-checkpoints.md) is
+        copied in as one folder checkpoint, as import does.
+        """
         src = Path(path)
+        if src.is_dir() and not src.is_symlink():
+            return self._save_folder(src, step, epoch, metrics)
         if not src.is_file():
             raise CheckpointNotFound(f"'{src}' is not a file", path=src)
         clean = _check_metrics(metrics)
@@ -845,6 +851,34 @@ class Task:
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
         return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
+
+    def _save_folder(self, src: Path, step: int | None, epoch: int | None, metrics: Mapping[str, float] | None) -> int:
+        clean = _check_metrics(metrics)
+        _check_int(step, "step")
+        _check_int(epoch, "epoch")
+        files = fsutil.tree_files(src)
+        if not files:
+            raise CheckpointNotFound(f"'{src}' is an empty folder", path=src)
+        digests = fsutil.sha256_many([src / rel for rel, _ in files])
+        for d in digests:
+            if isinstance(d, CkptError):
+                raise d
+            if isinstance(d, OSError):
+                raise CkptError(f"cannot read '{d.filename}': {d.strerror}", path=d.filename)
+        entries = [(rel, size, str(d)) for (rel, size), d in zip(files, digests, strict=True)]
+        item = Incoming(
+            source=src,
+            original_name=src.name,
+            size=sum(size for _, size in files),
+            sha256=fsutil.tree_digest([(rel, d) for rel, _, d in entries]),
+            step=step,
+            epoch=epoch,
+            metrics=dict(clean),
+            files=entries,
+            is_dir=True,
+            dev=os.stat(src).st_dev,
+        )
+        return self.add_existing([item], mode="copy")[0].number
 
     def _commit_new(
         self,

@@ -1,0 +1,337 @@
+"""Checkpoints as they are in the wild (issue 17): DCP, sharded safetensors, DeepSpeed and Composer runs are
+imported one checkpoint per step, shown from their metadata, verified, and exported to safetensors whose
+tensors equal the originals."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckpt
+
+from . import wild_runs as wr
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _export(run: Any, *args: str) -> Any:
+    result = run("export", *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+# --- DCP ----------------------------------------------------------------------------------------------
+
+
+def test_dcp_run_imports_one_checkpoint_per_step_and_exports(
+    run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    made = wr.dcp_run(tmp_path / "fsdp")
+    imported = run_json("import", str(tmp_path / "fsdp"), "--task", "fsdp")
+    assert imported["format"] == "dcp"
+    assert [(c["original_name"], c["step"], c["number"]) for c in imported["checkpoints"]] == [
+        ("step_100", 100, 1),
+        ("step_200", 200, 2),
+    ]
+    shown = run_json("show", "fsdp", "2")
+    assert shown["format"] == "dcp" and shown["weights_under"] == "model"
+    assert {t["name"]: t["shape"] for t in shown["tensors"]}["layer.0.weight"] == [6, 8]
+    assert shown["other_tensors"] == {"optim": 1} and shown["other_items"] == ["step"]
+    assert shown["parameters"] == sum(t.numel() for t in made[200].values())
+    assert shown["tensor_bytes"] == sum(t.numel() * t.element_size() for t in made[200].values())
+    assert run("verify", "fsdp").exit_code == 0
+    _export(run, "fsdp", "2", "--out", str(tmp_path / "out.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "out.safetensors"), made[200])
+    _export(run, "fsdp", "1", "--key", "optim", "--out", str(tmp_path / "optim.safetensors"))
+    assert torch.equal(wr.load_safetensors(tmp_path / "optim.safetensors")["exp_avg"], torch.ones(4))
+
+
+@pytest.mark.parametrize("grid", [(4,), (2, 3)], ids=["rows", "grid"])
+def test_dcp_chunks_are_put_back_together(run: Any, ws: ckpt.Workspace, tmp_path: Path, grid: tuple[int, ...]) -> None:
+    whole = torch.randn(8, 6)
+    wr.dcp_split(tmp_path / "step_5", whole, grid)
+    number = ws.create_task("split").save_file(tmp_path / "step_5", step=5)
+    shown = json.loads(run("show", "split", str(number), "--json").stdout)
+    assert shown["shards"] == len(torch.zeros(grid).flatten())
+    assert shown["tensors"][0]["split"].startswith(f"{shown['shards']} chunks")
+    _export(run, "split", str(number), "--out", str(tmp_path / "w.safetensors"))
+    assert torch.equal(wr.load_safetensors(tmp_path / "w.safetensors")["w"], whole)
+
+
+class _Evil:
+    def __reduce__(self) -> Any:
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_dcp_metadata_naming_foreign_code_is_refused(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    folder = tmp_path / "step_1"
+    wr.dcp_save(folder, {"model": {"w": torch.ones(2)}})
+    # a real metadata object with a foreign object in a field DCP never fills with one
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    meta.planner_data = {"model.w": _Evil()}
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    ws.create_task("evil").save_file(folder)
+    for args in (("show", "evil", "1"), ("export", "evil", "1", "--out", str(tmp_path / "x.safetensors"))):
+        result = run(*args)
+        assert result.exit_code == 6, result.output
+        assert "posix.system" in result.output or "os.system" in result.output
+    assert not (tmp_path / "pwned.txt").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+# --- Hugging Face sharded safetensors -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A Trainer-like output_dir whose checkpoint-8/ holds a tiny GPT-2 saved in 4 KB shards."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    root = tmp_path_factory.mktemp("hf") / "out"
+    model.save_pretrained(root / "checkpoint-8", max_shard_size="4KB")
+    (root / "checkpoint-8" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 8, "log_history": [{"epoch": 1.0, "step": 8, "loss": 0.5}]})
+    )
+    saved = wr.load_safetensors  # the shards, as transformers wrote them
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted((root / "checkpoint-8").glob("model-*.safetensors")):
+        weights.update(saved(shard))
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in weights.items())
+    return root, weights
+
+
+def test_trainer_checkpoint_with_shards(
+    run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path, hf_model: Any
+) -> None:
+    root, weights = hf_model
+    imported = run_json("import", str(root), "--task", "gpt")
+    assert imported["format"] == "huggingface" and imported["checkpoints"][0]["step"] == 8
+    shown = run_json("show", "gpt", "1")
+    index = json.loads((root / "checkpoint-8" / "model.safetensors.index.json").read_text())
+    assert shown["format"] == "safetensors-sharded"
+    assert shown["shards"] == len(set(index["weight_map"].values())) > 1
+    assert {t["name"]: t["shard"] for t in shown["tensors"]} == index["weight_map"]
+    _export(run, "gpt", "1", "--out", str(tmp_path / "gpt.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "gpt.safetensors"), weights)
+    # and back into shards of at most 10 kB, with their index
+    _export(run, "gpt", "1", "--out", str(tmp_path / "gpt"), "--max-shard-size", "3kB", "--dtype", "bf16")
+    new_index = json.loads((tmp_path / "gpt" / "model.safetensors.index.json").read_text())
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(new_index["weight_map"].values())):
+        part = wr.load_safetensors(tmp_path / "gpt" / shard)
+        assert (tmp_path / "gpt" / shard).stat().st_size <= 3_000 + 4096
+        got.update(part)
+    assert new_index["metadata"]["total_size"] == sum(t.numel() * 2 for t in got.values())
+    wr.assert_equal(got, {k: v.to(torch.bfloat16) for k, v in weights.items()})
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "twice", "unlisted"])
+def test_shards_that_disagree_with_their_index(run: Any, ws: ckpt.Workspace, tmp_path: Path, damage: str) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "step_3"
+    folder.mkdir()
+    a = {"a": torch.ones(100), "b": torch.zeros(3)}
+    c = {"c": torch.ones(7)}
+    save_file(a, folder / "model-00001-of-00002.safetensors")
+    save_file(c, folder / "model-00002-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}
+    weight_map["c"] = "model-00002-of-00002.safetensors"
+    if damage == "missing":
+        (folder / "model-00002-of-00002.safetensors").unlink()
+    elif damage == "truncated":
+        p = folder / "model-00001-of-00002.safetensors"
+        p.write_bytes(p.read_bytes()[:-100])
+    elif damage == "twice":
+        save_file({"c": torch.ones(7), "a": torch.ones(100)}, folder / "model-00002-of-00002.safetensors")
+    else:
+        del weight_map["b"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ws.create_task("sh").save_file(folder)
+    out = tmp_path / "x.safetensors"
+    for args in (("show", "sh", "1"), ("export", "sh", "1", "--out", str(out))):
+        result = run(*args)
+        assert result.exit_code == 6, result.output
+    assert {"missing": "missing", "truncated": "truncated", "twice": "two shards", "unlisted": "does not list"}[
+        damage
+    ] in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+# --- DeepSpeed ------------------------------------------------------------------------------------------
+
+
+def test_deepspeed_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    made = wr.deepspeed_run(tmp_path / "ds")
+    imported = run_json("import", str(tmp_path / "ds"), "--task", "ds")
+    rows = imported["checkpoints"]
+    assert imported["format"] == "deepspeed"
+    assert [(r["original_name"], r["step"], r["action"]) for r in rows if r["action"] == "added"] == [
+        ("global_step10", 10, "added"),
+        ("global_step20", 20, "added"),
+    ]
+    (latest,) = [r for r in rows if r["action"] == "skipped"]
+    assert latest["original_name"] == "latest" and "global_step20" in latest["note"]
+    shown = run_json("show", "ds", "2")
+    assert shown["format"] == "deepspeed" and shown["weights_under"] == "module"
+    assert "ZeRO stage 2" in shown["layout"] and shown["shards"] == 3
+    assert len(shown["tensors"]) == len(made[20])
+    _export(run, "ds", "2", "--out", str(tmp_path / "ds.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "ds.safetensors"), made[20])
+    # promote, trash and restore treat the step folder as any checkpoint
+    assert run("promote", "ds", "1", "--title", "ds-first").exit_code == 0
+    _export(run, "--model", "ds-first", "--out", str(tmp_path / "first.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "first.safetensors"), made[10])
+
+
+def test_deepspeed_zero3_says_what_is_missing(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    wr.deepspeed_run(tmp_path / "ds3", steps=(5,), stage=3)
+    ws.create_task("z3").save_file(tmp_path / "ds3" / "global_step5", step=5)
+    assert run("show", "z3", "1").exit_code == 0
+    result = run("export", "z3", "1", "--out", str(tmp_path / "z.safetensors"))
+    assert result.exit_code == 1
+    assert "ZeRO-3" in result.output and "zero_to_fp32.py" in result.output
+    assert not (tmp_path / "z.safetensors").exists()
+
+
+def test_foreign_classes_need_unsafe_load(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """A ZeRO-0 run keeps its optimizer (and DeepSpeed's LossScaler) in the model states file."""
+    sd = wr.state_dict(1)
+    with wr.deepspeed_classes():
+        torch.save(
+            {"module": sd, "optimizer": {"loss_scaler": wr.LossScaler()}, "ds_version": "0.15.1"}, tmp_path / "m.pt"
+        )
+    ws.create_task("z0").save_file(tmp_path / "m.pt")
+    out = tmp_path / "z0.safetensors"
+    result = run("export", "z0", "1", "--out", str(out))
+    assert result.exit_code == 6 and "deepspeed.runtime.fp16.loss_scaler.LossScaler" in result.output
+    _export(run, "z0", "1", "--out", str(out), "--unsafe-load")
+    wr.assert_equal(wr.load_safetensors(out), sd)
+
+
+# --- Composer -------------------------------------------------------------------------------------------
+
+
+def test_composer_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    made = wr.composer_run(tmp_path / "composer")
+    imported = run_json("import", str(tmp_path / "composer"), "--task", "mosaic")
+    assert imported["format"] == "composer"
+    added = [(r["original_name"], r["epoch"], r["step"]) for r in imported["checkpoints"] if r["action"] == "added"]
+    assert added == [("ep1-ba10-rank0.pt", 1, 10), ("ep2-ba20-rank0.pt", 2, 20)]
+    (pointer,) = [r for r in imported["checkpoints"] if r["action"] == "skipped"]
+    assert pointer["original_name"] == "latest-rank0.pt" and "ep2-ba20-rank0.pt" in pointer["note"]
+    _export(run, "mosaic", "--out", str(tmp_path / "c.safetensors"))  # the latest
+    wr.assert_equal(wr.load_safetensors(tmp_path / "c.safetensors"), made[20])
+
+
+# --- plain torch files, dtypes, interruptions, buckets ----------------------------------------------------
+
+
+def test_export_of_a_plain_file_needs_no_torch(ws: ckpt.Workspace, tmp_path: Path) -> None:
+    sd = wr.state_dict(3)
+    lightning = {"state_dict": sd, "epoch": 1, "global_step": 30, "pytorch-lightning_version": "2.4.0"}
+    torch.save(lightning, tmp_path / "epoch=1-step=30.ckpt")
+    ws.create_task("pl").save_file(tmp_path / "epoch=1-step=30.ckpt")
+    env = dict(os.environ, CKPT_WORKSPACE=str(ws.root), PYTHONPROFILEIMPORTTIME="1")
+    out = tmp_path / "pl.safetensors"
+    cmd = [sys.executable, "-m", "ckpt", "export", "pl", "1", "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in loaded and "ckpt.export" in loaded
+    assert json.loads(proc.stdout)["key"] == "state_dict"
+    wr.assert_equal(wr.load_safetensors(out), sd)
+
+
+def test_dtype_conversion_rounds_as_torch_does(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    special = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0, float("inf"), float("nan"), 3.0e38, 1e-40, 7.0])
+    sd = {"x": torch.cat([special, torch.randn(1000)]), "i": torch.arange(4), "h": torch.randn(5).half()}
+    torch.save(sd, tmp_path / "m.pt")
+    ws.create_task("conv").save_file(tmp_path / "m.pt")
+    for flag, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        out = tmp_path / f"{flag}.safetensors"
+        _export(run, "conv", "1", "--out", str(out), "--dtype", flag)
+        got = wr.load_safetensors(out)
+        want = {"x": sd["x"].to(dtype), "i": sd["i"], "h": sd["h"].to(dtype)}
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype, k
+            bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.int64: torch.int64}[v.dtype]
+            nan = v.isnan() if v.is_floating_point() else torch.zeros_like(v, dtype=torch.bool)
+            assert torch.equal(got[k].isnan() if v.is_floating_point() else nan, nan), k
+            assert torch.equal(got[k][~nan].view(bits), v[~nan].view(bits)), k  # the same bits, -0.0 included
+
+
+def test_fp16_overflow_is_an_error_naming_the_tensor(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save({"fine": torch.ones(3), "big": torch.tensor([1.0, 70000.0])}, tmp_path / "m.pt")
+    ws.create_task("ovf").save_file(tmp_path / "m.pt")
+    result = run("export", "ovf", "1", "--out", str(tmp_path / "h.safetensors"), "--dtype", "fp16")
+    assert result.exit_code == 2 and "'big'" in result.output and "70000" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "ws"]  # nothing half written is left
+
+
+def test_an_interrupted_export_leaves_nothing_finished(
+    ws: ckpt.Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt import export as ex
+    from ckpt.sources import open_contents
+
+    torch.save({f"t{i}": torch.randn(100) for i in range(5)}, tmp_path / "m.pt")
+    contents = open_contents(tmp_path / "m.pt")
+    real = contents.entries[3].pieces
+
+    def broken() -> Any:
+        yield next(iter(real()))[:100]
+        raise KeyboardInterrupt
+
+    contents.entries[3].pieces = broken
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(contents, tmp_path / "out", max_shard_size=900)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(contents, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "ws"]
+
+
+def test_export_refuses_to_overwrite(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save({"a": torch.ones(2)}, tmp_path / "m.pt")
+    ws.create_task("t").save_file(tmp_path / "m.pt")
+    (tmp_path / "o.safetensors").write_bytes(b"mine")
+    result = run("export", "t", "1", "--out", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 4 and (tmp_path / "o.safetensors").read_bytes() == b"mine"
+
+
+def test_scan_add_takes_step_folders(run: Any, run_json: Any, ws: ckpt.Workspace) -> None:
+    t = ws.create_task("live")
+    made = wr.dcp_run(t.folder, steps=(30, 4))
+    (t.folder / "notes").mkdir()  # a folder that is no checkpoint stays unknown
+    (t.folder / "notes" / "todo.txt").write_text("x")
+    scanned = run_json("scan", "live", "--add")
+    assert [(c["original_name"], c["number"]) for c in scanned["added"]] == [("step_4", 1), ("step_30", 2)]
+    assert [u["path"] for u in scanned["unknown"]] == ["tasks/live/notes"]
+    assert [c["step"] for c in run_json("list", "live")] == [4, 30]
+    shown = run_json("show", "live", "2")
+    assert shown["format"] == "dcp" and len(shown["tensors"]) == len(made[30])
+
+
+def test_bucket_workspace(
+    run: Any, run_json: Any, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
+    ws = ckpt.Workspace.init(s3_url)
+    made = wr.dcp_run(tmp_path / "fsdp", steps=(7,))
+    ws.create_task("remote").save_file(tmp_path / "fsdp" / "step_7", step=7)
+    shown = run_json("show", "remote", "1")
+    assert shown["format"] == "dcp" and shown["step"] == 7
+    _export(run, "remote", "1", "--out", str(tmp_path / "r.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "r.safetensors"), made[7])
