@@ -86,7 +86,7 @@ def dcp_split(folder: Path, whole: torch.Tensor, grid: tuple[int, ...]) -> None:
     for dim, n in enumerate(grid):
         pieces = [c for p in pieces for c in p.chunk(n, dim)]
     offsets = []
-    for i, piece in enumerate(pieces):
+    for i in range(len(pieces)):
         off = [0] * whole.dim()
         flat = i
         for dim in reversed(range(len(grid))):
