@@ -54,7 +54,12 @@ def import_(
         str | None, typer.Option("--task", help="The task to import into (default: named after the folder).")
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto, lightning (*.ckpt), huggingface (checkpoint-N/) or files.")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="auto, lightning (*.ckpt), huggingface (checkpoint-N/), files, dcp, sharded, deepspeed or composer.",
+        ),
     ] = "auto",
     link: Annotated[
         bool, typer.Option("--link", help="Hard-link the files in (the default; no bytes copied).")
