@@ -253,6 +253,14 @@ def test_export_of_a_plain_file_needs_no_torch(ws: ckpt.Workspace, tmp_path: Pat
     assert "torch" not in loaded and "ckpt.export" in loaded
     assert json.loads(proc.stdout)["key"] == "state_dict"
     wr.assert_equal(wr.load_safetensors(out), sd)
+    # nor does showing a distributed checkpoint, nor exporting it
+    wr.dcp_save(tmp_path / "step_9", {"model": sd})
+    ws.create_task("dist").save_file(tmp_path / "step_9")
+    for args in (["show", "dist", "1"], ["export", "dist", "1", "--out", str(tmp_path / "d.safetensors")]):
+        proc = subprocess.run([sys.executable, "-m", "ckpt", *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not [line for line in proc.stderr.splitlines() if line.endswith("| torch")]
+    wr.assert_equal(wr.load_safetensors(tmp_path / "d.safetensors"), sd)
 
 
 def test_dtype_conversion_rounds_as_torch_does(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
@@ -335,3 +343,29 @@ def test_bucket_workspace(
     assert shown["format"] == "dcp" and shown["step"] == 7
     _export(run, "remote", "1", "--out", str(tmp_path / "r.safetensors"))
     wr.assert_equal(wr.load_safetensors(tmp_path / "r.safetensors"), made[7])
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_export_as_model(run: Any, run_json: Any, tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
+    if where == "bucket":
+        location = request.getfixturevalue("s3_url")
+        os.environ["CKPT_WORKSPACE"] = location  # restored by the autouse fixture's monkeypatch
+    else:
+        location = str(tmp_path / "ws")
+    ws = ckpt.Workspace.init(location)
+    made = wr.dcp_run(tmp_path / "fsdp", steps=(1, 2, 3))
+    t = ws.create_task("fsdp")
+    for step in (1, 2, 3):
+        t.save_file(tmp_path / "fsdp" / f"step_{step}", step=step)
+    res = run_json("export", "fsdp", "1", "--as-model", "fsdp-bf16", "--dtype", "bf16")
+    assert res["as_model"] == "fsdp-bf16" and res["converted"] == 4  # the bf16 tensor stays as it is
+    model = ckpt.Workspace.open(location).models["fsdp-bf16"]
+    assert (model.task, model.checkpoint, model.file) == ("fsdp", 1, "model.safetensors")
+    shown = run_json("models", "show", "fsdp-bf16")
+    assert shown["sha256"] == model.sha256 != t.checkpoint(1).sha256
+    assert run("verify", "--models").exit_code == 0
+    got = wr.load_safetensors(ckpt.Workspace.open(location).model_local_path(model))
+    wr.assert_equal(got, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in made[1].items()})
+    assert run("trash-unused", "fsdp").exit_code == 0  # 2 goes; 1 is the model's, 3 the latest
+    assert [cp.number for cp in ckpt.Workspace.open(location).task("fsdp").checkpoints] == [1, 3]
+    assert run("export", "fsdp", "3", "--as-model", "fsdp-bf16").exit_code == 4

@@ -18,8 +18,9 @@ def export_(
     ] = None,
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (default: the latest).")] = None,
     out_path: Annotated[
-        Path, typer.Option("--out", "-o", help="The .safetensors file to write (a folder with --max-shard-size).")
-    ] = Path("model.safetensors"),
+        Path | None,
+        typer.Option("--out", "-o", help="The .safetensors file to write (a folder with --max-shard-size)."),
+    ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Export this model instead.")] = None,
     max_shard_size: Annotated[
         str | None,
@@ -30,6 +31,10 @@ def export_(
     ] = None,
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="Convert floating-point tensors: bf16, fp16, fp32.")
+    ] = None,
+    as_model: Annotated[
+        str | None,
+        typer.Option("--as-model", help="Keep the export as model TITLE (its model.toml names the checkpoint)."),
     ] = None,
     unsafe_load: Annotated[
         bool,
@@ -52,6 +57,10 @@ def export_(
         raise UsageError(
             "give a TASK (and NUMBER) or --model TITLE", hint="e.g. ckpt export unet 7 --out unet.safetensors"
         )
+    if (out_path is None) == (as_model is None):
+        raise UsageError("give --out PATH or --as-model TITLE", hint="e.g. --out model.safetensors")
+    if as_model is not None and max_shard_size is not None:
+        raise UsageError("--as-model keeps one model.safetensors; drop --max-shard-size")
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     ws = open_workspace()
     if model is not None:
@@ -65,16 +74,23 @@ def export_(
     cp = t.checkpoint(number) if number is not None else t.latest()
     if cp is None:
         raise UsageError(f"task '{task}' has no checkpoints to export")
-    contents = open_contents(t.local_path(cp), key)
-    meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
-    res = export(contents, out_path, dtype=dtype, max_shard_size=limit, unsafe=unsafe_load, metadata=meta)
+    if as_model is not None:
+        from ..exported import export_model
+
+        made, res, contents = export_model(ws, t.name, cp.number, as_model, key=key, dtype=dtype, unsafe=unsafe_load)
+    else:
+        assert out_path is not None
+        contents = open_contents(t.local_path(cp), key)
+        meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
+        res = export(contents, out_path, dtype=dtype, max_shard_size=limit, unsafe=unsafe_load, metadata=meta)
     if json:
         print_json(
             {
                 "task": t.name,
                 "number": cp.number,
                 "model": model,
-                "out": str(res.out),
+                "out": str(res.out) if as_model is None else None,
+                "as_model": as_model,
                 "files": res.files,
                 "format": res.format,
                 "key": res.key,
@@ -90,8 +106,9 @@ def export_(
         err(f"warning: read without running the pickle, which names {', '.join(contents.unsafe_globals)}")
     under = f" (from '{res.key}')" if res.key else ""
     conv = f", {res.converted} converted to {res.dtype}" if res.converted else ""
+    where = f"model '{as_model}'" if as_model is not None else str(res.out)
     out(
         f"exported {t.name} checkpoint {cp.number}: {plural(res.tensors, 'tensor')}{under},"
-        f" {res.parameters:,} parameters{conv} -> {res.out}"
+        f" {res.parameters:,} parameters{conv} -> {where}"
         f" ({human_size(res.bytes)} in {plural(len(res.files), 'file')})"
     )

@@ -1,0 +1,108 @@
+"""`ckpt export --as-model TITLE`: a checkpoint's weights exported to safetensors and kept as a model.
+
+The model's weights are the exported `model.safetensors` (its own sha256 and size in `model.toml`), and
+`model.toml` names the checkpoint it was exported from (`task`, `checkpoint`, and an `exported_from`
+table with the checkpoint's sha256, its format, the state dict and the dtype). Like a promoted model, it
+keeps its checkpoint from `trash-unused`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsutil
+from .errors import ConflictError
+from .export import ExportResult, export
+from .manifest import dumps
+from .model_sources import MODEL_FILE
+from .models import Model, title_claim
+from .names import case_twin, check_title
+from .sources import Contents, open_contents
+from .timeutil import now_iso
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
+
+WEIGHTS = "model.safetensors"
+
+
+def export_model(
+    ws: Workspace,
+    task_name: str,
+    number: int,
+    title: str,
+    *,
+    key: str | None = None,
+    dtype: str | None = None,
+    unsafe: bool = False,
+) -> tuple[Model, ExportResult, Contents]:
+    """Export checkpoint `number` of `task_name` as model `title`, on a folder or bucket workspace.
+
+    Raises as `ckpt.export.export` does, ConflictError when the title is taken, and CheckpointNotFound when
+    the checkpoint goes to the trash while it is exported (then nothing is made).
+    """
+    check_title(title)
+    twin = case_twin(title, ws.models.titles())
+    if twin is not None or title in ws.models.titles():
+        raise ConflictError(f"model '{twin or title}' already exists", hint="choose another title, or see: ckpt models")
+    t = ws.task(task_name)
+    cp = t.checkpoint(number)
+    contents = open_contents(t.local_path(cp), key)
+    tmp = Path(tempfile.mkdtemp(prefix=f".staging-{title}-", dir=None if ws.remote else ws.models_dir))
+    try:
+        meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
+        res = export(contents, tmp / WEIGHTS, dtype=dtype, unsafe=unsafe, metadata=meta)
+        model = Model(
+            title=title,
+            task=t.name,
+            checkpoint=cp.number,
+            file=WEIGHTS,
+            sha256=fsutil.sha256_file(tmp / WEIGHTS),
+            size=(tmp / WEIGHTS).stat().st_size,
+            created=now_iso(),
+            storage="copy",
+            step=cp.step,
+            epoch=cp.epoch,
+            metrics=dict(cp.metrics),
+            folder=ws.models_dir / title if not ws.remote else Path("models") / title,
+        )
+        doc: dict[str, Any] = model.to_doc()
+        doc["exported_from"] = {
+            "sha256": cp.sha256,
+            "format": contents.format,
+            "key": contents.key,
+            "dtype": dtype,
+            "tensors": res.tensors,
+        }
+        if ws.remote:
+            _upload(ws, t.name, number, title, tmp / WEIGHTS, dumps(doc))
+        else:
+            fsutil.atomic_write(tmp / MODEL_FILE, dumps(doc))
+            # under the task lock, as promote: a trash-unused running now sees the model, or has already
+            # taken the checkpoint (then no model is made)
+            with t.lock():
+                ws.task(task_name).checkpoint(number)
+                with title_claim(ws, title):
+                    fsutil.move_noreplace(tmp, ws.models_dir / title)
+                    fsutil.fsync_dir(ws.models_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, res, contents
+
+
+def _upload(ws: Workspace, task: str, number: int, title: str, weights: Path, doc: bytes) -> None:
+    from .store import Lease, put_once
+
+    ws.task(task).checkpoint(number)
+    storage: Any = ws.storage  # type: ignore[attr-defined]
+    lease = Lease(ws, title).take()  # type: ignore[arg-type]
+    try:
+        storage.upload(f"models/{title}/{WEIGHTS}", weights, if_none_match=True)
+        lease.renew()
+        put_once(storage, f"models/{title}/{MODEL_FILE}", doc, if_none_match=True)  # last: a model never lacks weights
+    except BaseException:
+        storage.delete([b.key for b in storage.list_prefix(f"models/{title}/")])
+        raise
