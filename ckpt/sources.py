@@ -233,7 +233,15 @@ def _stored_pieces(a: _Archive, name: str, t: StoredTensor) -> Callable[[], Iter
     if itemsize is None or key is None or key not in a.members:
         raise IntegrityError(f"'{a.path}': tensor '{name}' has no readable storage ({t.dtype})", path=a.path)
     start, size = a.members[key]
+    if any(type(d) is not int or d < 0 for d in t.shape):
+        raise IntegrityError(f"'{a.path}': tensor '{name}' has a negative size", path=a.path)
     n = numel(t.shape)
+    if n * itemsize > 4 * size + (64 << 20):  # a view (stride 0: expand) far larger than its bytes: not made
+        raise IntegrityError(
+            f"'{a.path}': tensor '{name}' is a view of {n * itemsize:,} bytes over a storage of {size:,}",
+            path=a.path,
+            hint="ckpt exports no view more than 4 times larger than what the file stores",
+        )
     stride = t.stride if t.stride is not None and len(t.stride) == len(t.shape) else None
     if n == 0:
         return lambda: iter(())

@@ -369,3 +369,29 @@ def test_export_as_model(run: Any, run_json: Any, tmp_path: Path, where: str, re
     assert run("trash-unused", "fsdp").exit_code == 0  # 2 goes; 1 is the model's, 3 the latest
     assert [cp.number for cp in ckpt.Workspace.open(location).task("fsdp").checkpoints] == [1, 3]
     assert run("export", "fsdp", "3", "--as-model", "fsdp-bf16").exit_code == 4
+
+
+def test_hostile_shapes_are_refused_before_anything_is_made(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    # a view that repeats 4 bytes 10^10 times, and DCP metadata claiming a tensor of 10^12 elements
+    torch.save({"w": torch.ones(1).expand(100_000, 100_000)}, tmp_path / "view.pt")
+    folder = tmp_path / "step_1"
+    wr.dcp_save(folder, {"model": {"w": torch.ones(2)}})
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    item = meta.state_dict_metadata["model.w"]
+    item.size = torch.Size([10**6, 10**6])  # type: ignore[union-attr]
+    item.chunks[0].sizes = torch.Size([10**6, 10**6])  # type: ignore[union-attr]
+    item.chunks[0].offsets = torch.Size([0, 0])  # type: ignore[union-attr]
+    meta.storage_data = {  # the index follows the chunk, as a writer of such a file would make it
+        type(k)("model.w", torch.Size([0, 0]), 0): v for k, v in meta.storage_data.items()
+    }
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    t = ws.create_task("hostile")
+    t.save_file(tmp_path / "view.pt")
+    t.save_file(folder)
+    for number in ("1", "2"):
+        result = run("export", "hostile", number, "--out", str(tmp_path / f"{number}.safetensors"))
+        assert result.exit_code == 6, result.output
+    assert "view of" in run("export", "hostile", "1", "--out", str(tmp_path / "x.safetensors")).output
+    assert "chunks store" in run("show", "hostile", "2").output
