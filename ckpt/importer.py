@@ -494,6 +494,7 @@ def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
                 mtime=st.st_mtime,
                 size=0 if s.is_dir else st.st_size,
                 dev=st.st_dev,
+                is_last=_is_last(s.path.name),  # Lightning's last.ckpt/: of identical bytes, the named one is kept
             )
         )
     skipped = [

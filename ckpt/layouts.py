@@ -156,6 +156,7 @@ def find_run(path: Path) -> RunLayout | None:
             if target is not None:
                 pointers.append(Pointer(p, e.name, target))
     if not steps:
-        return None
-    steps.sort(key=lambda s: (s.step if s.step is not None else -1, s.name))
+        inner = path / "checkpoints"  # Lightning: version_N/checkpoints/epoch=1-step=300.ckpt/ (FSDP, sharded)
+        return find_run(inner) if inner.is_dir() and not inner.is_symlink() and folder_kind(inner) is None else None
+    steps.sort(key=lambda s: (s.step is None, s.step or 0, s.name))  # by step; unnumbered ones last
     return RunLayout(max(set(kinds), key=kinds.count), steps, pointers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -395,3 +396,24 @@ def test_hostile_shapes_are_refused_before_anything_is_made(run: Any, ws: ckpt.W
         assert result.exit_code == 6, result.output
     assert "view of" in run("export", "hostile", "1", "--out", str(tmp_path / "x.safetensors")).output
     assert "chunks store" in run("show", "hostile", "2").output
+
+
+def test_lightning_fsdp_run_and_one_step_folder(run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """Lightning's FSDP strategy (state_dict_type="sharded") writes each checkpoint as a DCP folder named like a
+    .ckpt file, with its `meta.pt` beside the shards; `last.ckpt/` is a copy of the newest."""
+    ckpts = tmp_path / "proj" / "lightning_logs" / "version_0" / "checkpoints"
+    for name, seed in (("epoch=0-step=50.ckpt", 50), ("epoch=1-step=100.ckpt", 100), ("last.ckpt", 100)):
+        wr.dcp_save(ckpts / name, {"model": wr.state_dict(seed)})
+        torch.save({"epoch": seed // 50 - 1, "global_step": seed}, ckpts / name / "meta.pt")
+    shutil.copy(ckpts / "epoch=1-step=100.ckpt" / "__0_0.distcp", ckpts / "last.ckpt" / "__0_0.distcp")
+    shutil.copy(ckpts / "epoch=1-step=100.ckpt" / ".metadata", ckpts / "last.ckpt" / ".metadata")
+    imported = run_json("import", str(tmp_path / "proj" / "lightning_logs" / "version_0"))
+    assert imported["format"] == "dcp" and imported["task"] == "proj-version_0"
+    rows = [(r["original_name"], r["action"], r["epoch"], r["step"]) for r in imported["checkpoints"]]
+    assert rows == [
+        ("checkpoints/epoch=0-step=50.ckpt", "added", 0, 50),
+        ("checkpoints/epoch=1-step=100.ckpt", "added", 1, 100),
+        ("checkpoints/last.ckpt", "duplicate", None, None),
+    ]
+    one = run_json("import", str(ckpts / "epoch=0-step=50.ckpt"), "--task", "single")
+    assert [(r["original_name"], r["step"]) for r in one["checkpoints"]] == [("epoch=0-step=50.ckpt", 50)]
