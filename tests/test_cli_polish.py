@@ -80,7 +80,7 @@ def test_help_lists_commands_in_the_order_a_user_meets_them(run: Any) -> None:
     for group in (
         "Tasks: init, tasks, list, show, finish.",
         "Models: promote, models.",
-        "Files: import, scan, verify.",
+        "Files: import, scan, verify, export.",
     ):
         assert group in groups
 
