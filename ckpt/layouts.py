@@ -2,7 +2,8 @@
 
 - `dcp`: PyTorch distributed checkpoint, a folder with `.metadata` and `__R_I.distcp` files (Lightning's FSDP
   strategy and accelerate write them too, accelerate one folder down: `checkpoint_N/pytorch_model_fsdp_0/`).
-- `sharded`: Hugging Face sharded safetensors, `model-00001-of-00003.safetensors` + `model.safetensors.index.json`.
+- `sharded`: Hugging Face sharded safetensors, `model-00001-of-00003.safetensors` + `model.safetensors.index.json`
+  (or the older `pytorch_model-00001-of-00002.bin` + `pytorch_model.bin.index.json`).
 - `deepspeed`: `global_stepN/` folders (`mp_rank_00_model_states.pt`, `*zero_pp_rank_*_optim_states.pt`) and a
   `latest` file beside them naming the newest.
 - `composer`: `ep{E}-ba{B}-rank{R}.pt` files and a `latest-rank0.pt` symlink to the newest.
@@ -25,6 +26,7 @@ DEEPSPEED_STEP = re.compile(r"global_step(\d+)")
 DEEPSPEED_MODEL = re.compile(r"(?:.*zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")
 DEEPSPEED_OPTIM = re.compile(r".*zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt")
 INDEX_SUFFIX = ".safetensors.index.json"
+BIN_INDEX_SUFFIX = ".bin.index.json"  # older Trainers: pytorch_model-00001-of-00002.bin, torch zips
 DCP_INNER = re.compile(r"pytorch_model_fsdp_\d+|optimizer_\d+")
 _STEP = re.compile(r"(?i)(?<![a-z])(?:global_step|step|iter|it|ba|batch)[_\-=]?(\d+)")
 _EPOCH = re.compile(r"(?i)(?<![a-z])(?:epoch|ep)[_\-=]?(\d+)")
@@ -82,7 +84,7 @@ def folder_kind(path: Path) -> str | None:
     if _is_dcp(entries):
         return "dcp"
     files = [e.name for e in entries if e.is_file(follow_symlinks=False)]
-    if any(n.endswith(INDEX_SUFFIX) for n in files):
+    if any(n.endswith((INDEX_SUFFIX, BIN_INDEX_SUFFIX)) for n in files):
         return "sharded"
     if any(DEEPSPEED_MODEL.fullmatch(n) or DEEPSPEED_OPTIM.fullmatch(n) for n in files):
         return "deepspeed"

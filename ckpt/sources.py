@@ -31,7 +31,7 @@ from .formats import (
     read_torch_pickle,
     weights_file,
 )
-from .layouts import DCP_INNER, DEEPSPEED_MODEL, INDEX_SUFFIX, folder_kind
+from .layouts import BIN_INDEX_SUFFIX, DCP_INNER, DEEPSPEED_MODEL, INDEX_SUFFIX, folder_kind
 from .unpickle import BoundedUnpickler, TooComplex
 
 ITEMSIZE = {
@@ -377,9 +377,9 @@ def _safetensors_entries(path: Path, shard: str | None = None) -> list[Entry]:
 
 
 def _index_file(folder: Path) -> Path:
-    found = sorted(p for p in folder.iterdir() if p.name.endswith(INDEX_SUFFIX) and p.is_file())
-    preferred = [p for p in found if p.name == "model" + INDEX_SUFFIX]
-    return (preferred or found)[0]
+    found = sorted(p for p in folder.iterdir() if p.name.endswith((INDEX_SUFFIX, BIN_INDEX_SUFFIX)) and p.is_file())
+    preferred = [p for p in found if p.name in ("model" + INDEX_SUFFIX, "pytorch_model" + BIN_INDEX_SUFFIX)]
+    return (preferred or found)[0]  # safetensors first: a folder holding both has the same weights twice
 
 
 def _sharded_contents(folder: Path) -> Contents:
@@ -395,6 +395,7 @@ def _sharded_contents(folder: Path) -> Contents:
     shards = sorted(set(weight_map.values()))
     entries: list[Entry] = []
     seen: dict[str, str] = {}
+    unsafe: set[str] = set()
     for shard in shards:
         p = folder / shard
         if "/" in shard or shard.startswith(".") or not p.is_file():
@@ -403,7 +404,15 @@ def _sharded_contents(folder: Path) -> Contents:
                 path=index,
                 hint="copy the whole checkpoint folder again",
             )
-        for e in _safetensors_entries(p, shard):
+        if shard.endswith(".safetensors"):
+            in_shard = _safetensors_entries(p, shard)
+        else:
+            part = _zip_contents(p, None)
+            unsafe.update(part.unsafe_globals)
+            in_shard = part.entries
+            for e in in_shard:
+                e.shard = shard
+        for e in in_shard:
             if e.name in seen:
                 raise IntegrityError(
                     f"'{folder}': tensor '{e.name}' is in two shards, {seen[e.name]} and {shard}", path=folder
@@ -424,7 +433,8 @@ def _sharded_contents(folder: Path) -> Contents:
     order = {name: i for i, name in enumerate(weight_map)}
     entries.sort(key=lambda e: order[e.name])
     layout = f"{len(entries)} tensors in {len(shards)} shard(s), listed in {index.name}"
-    return Contents("safetensors-sharded", entries, None, {}, len(shards), layout=layout)
+    fmt = "safetensors-sharded" if index.name.endswith(INDEX_SUFFIX) else "torch-sharded"
+    return Contents(fmt, entries, None, {}, len(shards), sorted(unsafe), layout=layout)
 
 
 # --- DCP ------------------------------------------------------------------------------------------------

@@ -417,3 +417,25 @@ def test_lightning_fsdp_run_and_one_step_folder(run_json: Any, ws: ckpt.Workspac
     ]
     one = run_json("import", str(ckpts / "epoch=0-step=50.ckpt"), "--task", "single")
     assert [(r["original_name"], r["step"]) for r in one["checkpoints"]] == [("epoch=0-step=50.ckpt", 50)]
+
+
+def test_older_trainer_shards_of_pickled_files(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """Trainers before safetensors wrote `pytorch_model-0000i-of-0000n.bin` shards and `pytorch_model.bin.index.json`
+    (transformers 5 writes them no more: made here in that layout with torch.save)."""
+    state = wr.state_dict(4)
+    names = list(state)
+    parts = [names[:2], names[2:4], names[4:]]
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        shard = f"pytorch_model-{i:05d}-of-{len(parts):05d}.bin"
+        torch.save({k: state[k] for k in part}, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    ws.create_task("old").save_file(folder, step=4)
+    shown = run_json("show", "old", "1")
+    assert shown["format"] == "torch-sharded" and shown["shards"] == len(set(index["weight_map"].values())) > 1
+    _export(run, "old", "1", "--out", str(tmp_path / "old.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "old.safetensors"), state)
