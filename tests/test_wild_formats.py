@@ -439,3 +439,18 @@ def test_older_trainer_shards_of_pickled_files(run: Any, run_json: Any, ws: ckpt
     assert shown["format"] == "torch-sharded" and shown["shards"] == len(set(index["weight_map"].values())) > 1
     _export(run, "old", "1", "--out", str(tmp_path / "old.safetensors"))
     wr.assert_equal(wr.load_safetensors(tmp_path / "old.safetensors"), state)
+
+
+def test_scan_add_on_both_backends(run_json: Any, any_ws: ckpt.Workspace, tmp_path: Path) -> None:
+    from .conftest import put_bytes
+
+    any_ws.create_task("seen")
+    made = wr.dcp_run(tmp_path / "src", steps=(12, 3))
+    for step in (12, 3):
+        for f in sorted((tmp_path / "src" / f"step_{step}").iterdir()):
+            put_bytes(any_ws, f"tasks/seen/step_{step}/{f.name}", f.read_bytes())
+    scanned = run_json("scan", "seen", "--add")
+    assert [(c["original_name"], c["number"]) for c in scanned["added"]] == [("step_3", 1), ("step_12", 2)]
+    assert [c["step"] for c in run_json("list", "seen")] == [3, 12]
+    shown = run_json("show", "seen", "2")
+    assert shown["format"] == "dcp" and len(shown["tensors"]) == len(made[12])
