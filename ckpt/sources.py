@@ -563,7 +563,14 @@ def inspect_checkpoint(path: Path) -> FileInfo:
     path = Path(path)
     kind = folder_kind(path) if path.is_dir() else None
     if kind is None:
-        return inspect_file(path)
+        info = inspect_file(path)
+        if info.format != "torch-zip" or info.weights_under is not None:
+            return info
+        c = open_contents(path)  # a file that wraps its weights: Composer's state.model, DeepSpeed's module...
+        if c.key is None:
+            return info
+        tensors = [TensorInfo(e.name, e.shape, e.dtype) for e in c.entries]
+        return FileInfo(info.format, tensors, info.unsafe_globals, info.note, weights_under=c.key, other_tensors=c.keys)
     c = open_contents(path)
     tensors = [TensorInfo(e.name, e.shape, e.dtype, e.shard, e.split) for e in c.entries]
     note = c.problem

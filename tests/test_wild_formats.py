@@ -233,6 +233,9 @@ def test_composer_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Pat
     assert added == [("ep1-ba10-rank0.pt", 1, 10), ("ep2-ba20-rank0.pt", 2, 20)]
     (pointer,) = [r for r in imported["checkpoints"] if r["action"] == "skipped"]
     assert pointer["original_name"] == "latest-rank0.pt" and "ep2-ba20-rank0.pt" in pointer["note"]
+    shown = run_json("show", "mosaic", "2")
+    assert shown["weights_under"] == "state.model" and shown["other_tensors"] == {"rng": 1}
+    assert sorted(t["name"] for t in shown["tensors"]) == sorted(made[20])
     _export(run, "mosaic", "--out", str(tmp_path / "c.safetensors"))  # the latest
     wr.assert_equal(wr.load_safetensors(tmp_path / "c.safetensors"), made[20])
 
