@@ -294,10 +294,12 @@ def show(
     if info.unsafe_globals:
         err(f"warning: loading this file needs full unpickling of: {', '.join(info.unsafe_globals)}")
     if info.tensors and info.shards > 1:
+        split = any(x.split for x in info.tensors)  # DCP says how each tensor is split; shards of files do not
         table(
-            ["tensor", "shape", "dtype", "file", "split"],
+            ["tensor", "shape", "dtype", "file"] + (["split"] if split else []),
             [
-                [x.name, "×".join(map(str, x.shape)) or "scalar", x.dtype, x.shard or "", x.split or ""]
+                [x.name, "×".join(map(str, x.shape)) or "scalar", x.dtype, x.shard or ""]
+                + ([x.split or ""] if split else [])
                 for x in info.tensors
             ],
             whole=["shape", "dtype"],
