@@ -124,6 +124,7 @@ def test_trainer_checkpoint_with_shards(
     assert shown["format"] == "safetensors-sharded"
     assert shown["shards"] == len(set(index["weight_map"].values())) > 1
     assert {t["name"]: t["shard"] for t in shown["tensors"]} == index["weight_map"]
+    assert run("verify", "gpt").exit_code == 0
     _export(run, "gpt", "1", "--out", str(tmp_path / "gpt.safetensors"))
     wr.assert_equal(wr.load_safetensors(tmp_path / "gpt.safetensors"), weights)
     # and back into shards of at most 10 kB, with their index
@@ -191,6 +192,7 @@ def test_deepspeed_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Pa
     assert len(shown["tensors"]) == len(made[20])
     _export(run, "ds", "2", "--out", str(tmp_path / "ds.safetensors"))
     wr.assert_equal(wr.load_safetensors(tmp_path / "ds.safetensors"), made[20])
+    assert run("verify", "ds").exit_code == 0
     # promote, trash and restore treat the step folder as any checkpoint
     assert run("promote", "ds", "1", "--title", "ds-first").exit_code == 0
     _export(run, "--model", "ds-first", "--out", str(tmp_path / "first.safetensors"))
@@ -238,6 +240,22 @@ def test_composer_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Pat
     assert sorted(t["name"] for t in shown["tensors"]) == sorted(made[20])
     _export(run, "mosaic", "--out", str(tmp_path / "c.safetensors"))  # the latest
     wr.assert_equal(wr.load_safetensors(tmp_path / "c.safetensors"), made[20])
+    assert run("verify", "mosaic").exit_code == 0
+
+
+def test_step_folders_go_to_the_trash_and_back(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    made = wr.deepspeed_run(tmp_path / "ds", steps=(1, 2, 3))
+    run_json("import", str(tmp_path / "ds"), "--task", "ds", "--copy")
+    size = run_json("show", "ds", "1")["size"]
+    assert run("trash-unused", "ds", "--keep-last", "1").exit_code == 0
+    assert [cp.number for cp in ws.task("ds").checkpoints] == [3]
+    (entry,) = run_json("trash", "list")
+    assert entry["size"] == 2 * size
+    assert run("trash", "restore", entry["id"]).exit_code == 0
+    assert run("verify", "ds").exit_code == 0
+    assert run("du").exit_code == 0
+    _export(run, "ds", "1", "--out", str(tmp_path / "back.safetensors"))
+    wr.assert_equal(wr.load_safetensors(tmp_path / "back.safetensors"), made[1])
 
 
 # --- plain torch files, dtypes, interruptions, buckets ----------------------------------------------------
