@@ -304,7 +304,27 @@ def check_chunks(folder: Path, meta: DcpMetadata) -> None:
                 f"'{folder}': tensor '{t.name}' needs {whole:,} elements but its chunks store {stored:,} bytes",
                 path=folder,
             )
-        if total != whole:
+        if total != whole or _overlap(t.chunks):  # the same count and no overlap: each element exactly once
             raise IntegrityError(
-                f"'{folder}': the chunks of tensor '{t.name}' hold {total:,} elements of its {whole:,}", path=folder
+                f"'{folder}': the chunks of tensor '{t.name}' do not cover it exactly once ({total:,} elements"
+                f" stored of its {whole:,})",
+                path=folder,
             )
+
+
+MAX_CHUNKS = 20_000  # chunks of one tensor (each pair is compared): a real one has one per rank
+
+
+def _overlap(chunks: list[Chunk]) -> bool:
+    """Whether two chunks share an element (or there are too many to tell)."""
+    if len(chunks) > MAX_CHUNKS:
+        return True
+    boxes = sorted((c.offsets, c.sizes) for c in chunks)
+    for i, (a_off, a_size) in enumerate(boxes):
+        for b_off, b_size in boxes[i + 1 :]:
+            if b_off[:1] and b_off[0] >= a_off[0] + a_size[0]:
+                break  # sorted by the first offset: no later chunk reaches back into this one
+            if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in zip(a_off, a_size, b_off, b_size)):
+                if all(x > 0 for x in a_size) and all(x > 0 for x in b_size):
+                    return True
+    return False

@@ -475,3 +475,21 @@ def test_scan_add_on_both_backends(run_json: Any, any_ws: ckpt.Workspace, tmp_pa
     assert [c["step"] for c in run_json("list", "seen")] == [3, 12]
     shown = run_json("show", "seen", "2")
     assert shown["format"] == "dcp" and len(shown["tensors"]) == len(made[12])
+
+
+def test_dcp_chunks_that_overlap_are_refused(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """Rows 0-3 and 2-5 of 8: the right count of elements, but rows 6-7 are stored nowhere."""
+    whole = torch.randn(8, 2)
+    wr.dcp_split(tmp_path / "step_1", whole, (2,))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(tmp_path / "step_1")).read_metadata()
+    chunk = meta.state_dict_metadata["model.w"].chunks[1]  # type: ignore[union-attr]
+    (index,) = [k for k in meta.storage_data if k.offset == chunk.offsets]
+    info = meta.storage_data.pop(index)
+    chunk.offsets = torch.Size([2, 0])
+    meta.storage_data[type(index)("model.w", chunk.offsets, 1)] = info
+    (tmp_path / "step_1" / ".metadata").write_bytes(pickle.dumps(meta))
+    ws.create_task("overlap").save_file(tmp_path / "step_1")
+    result = run("export", "overlap", "1", "--out", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 6 and "exactly once" in result.output
