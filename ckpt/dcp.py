@@ -324,7 +324,7 @@ def _overlap(chunks: list[Chunk]) -> bool:
         for b_off, b_size in boxes[i + 1 :]:
             if b_off[:1] and b_off[0] >= a_off[0] + a_size[0]:
                 break  # sorted by the first offset: no later chunk reaches back into this one
-            if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in zip(a_off, a_size, b_off, b_size)):
-                if all(x > 0 for x in a_size) and all(x > 0 for x in b_size):
-                    return True
+            dims = zip(a_off, a_size, b_off, b_size, strict=True)
+            if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in dims):
+                return True  # (an empty chunk shares nothing: no dimension of it satisfies ao < ao + 0)
     return False
