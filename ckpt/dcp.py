@@ -319,12 +319,12 @@ def _overlap(chunks: list[Chunk]) -> bool:
     """Whether two chunks share an element (or there are too many to tell)."""
     if len(chunks) > MAX_CHUNKS:
         return True
-    boxes = sorted((c.offsets, c.sizes) for c in chunks)
+    boxes = sorted((c.offsets, c.sizes) for c in chunks if all(c.sizes))  # an empty chunk shares nothing
     for i, (a_off, a_size) in enumerate(boxes):
         for b_off, b_size in boxes[i + 1 :]:
             if b_off[:1] and b_off[0] >= a_off[0] + a_size[0]:
                 break  # sorted by the first offset: no later chunk reaches back into this one
             dims = zip(a_off, a_size, b_off, b_size, strict=True)
             if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in dims):
-                return True  # (an empty chunk shares nothing: no dimension of it satisfies ao < ao + 0)
+                return True
     return False
