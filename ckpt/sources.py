@@ -548,7 +548,27 @@ def _deepspeed_contents(folder: Path, key: str | None) -> Contents:
             f"ZeRO-3 partitions the weights over {ranks} rank(s) (*zero_pp_rank_*_optim_states.pt); {source.name} holds"
             " placeholders. Consolidate first with the zero_to_fp32.py script DeepSpeed saved beside the run"
         )
+        c.entries = _zero3_shapes(a_obj, c.entries) or c.entries
     return c
+
+
+def _zero3_shapes(obj: Any, placeholders: list[Entry]) -> list[Entry]:
+    """ZeRO-3's tensors as the model has them (`param_shapes`), for show: the module holds empty placeholders."""
+    shapes = obj.get("param_shapes") if isinstance(obj, dict) else None
+    if not isinstance(shapes, list):
+        return []
+    dtypes = {e.name: e.dtype for e in placeholders}
+
+    def unreadable() -> Iterator[bytes]:
+        raise CkptError("ZeRO-3 weights are partitioned; consolidate them first")
+
+    return [
+        Entry(str(name), dtypes.get(str(name), "unknown"), [int(d) for d in shape], unreadable, split="partitioned")
+        for group in shapes
+        if isinstance(group, dict)
+        for name, shape in group.items()
+        if isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)
+    ]
 
 
 # --- any checkpoint -------------------------------------------------------------------------------------

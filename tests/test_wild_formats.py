@@ -202,7 +202,11 @@ def test_deepspeed_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Pa
 def test_deepspeed_zero3_says_what_is_missing(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
     wr.deepspeed_run(tmp_path / "ds3", steps=(5,), stage=3)
     ws.create_task("z3").save_file(tmp_path / "ds3" / "global_step5", step=5)
-    assert run("show", "z3", "1").exit_code == 0
+    shown = json.loads(run("show", "z3", "1", "--json").stdout)
+    made = wr.state_dict(5)
+    want = {k: list(v.shape) for k, v in made.items() if v.is_floating_point()}
+    assert {t["name"]: t["shape"] for t in shown["tensors"]} == want  # param_shapes, not the placeholders
+    assert "ZeRO stage 3" in shown["layout"]
     result = run("export", "z3", "1", "--out", str(tmp_path / "z.safetensors"))
     assert result.exit_code == 1
     assert "ZeRO-3" in result.output and "zero_to_fp32.py" in result.output
