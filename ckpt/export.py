@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,15 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+
+
+Progress = Callable[[int, int], None]  # (bytes just written, bytes of tensor data in all)
+
+
+def output_bytes(contents: Contents, dtype: str | None) -> int:
+    """The bytes of tensor data an export of `contents` to `dtype` ("bf16"... or None) writes."""
+    to = DTYPES.get(dtype) if dtype is not None else None
+    return sum(_out_nbytes(e, to) for e in contents.entries)
 
 
 class Overflow(UsageError):
@@ -162,7 +171,14 @@ def _header(entries: list[Entry], dtype: str | None, metadata: dict[str, str]) -
     return len(text).to_bytes(8, "little") + text, sizes
 
 
-def _write_file(path: Path, entries: list[Entry], dtype: str | None, metadata: dict[str, str]) -> int:
+def _write_file(
+    path: Path,
+    entries: list[Entry],
+    dtype: str | None,
+    metadata: dict[str, str],
+    progress: Progress | None = None,
+    total: int = 0,
+) -> int:
     """Write `entries` as one safetensors file at `path` (already a temporary name); returns tensors converted."""
     head, sizes = _header(entries, dtype, metadata)
     converted = 0
@@ -178,6 +194,8 @@ def _write_file(path: Path, entries: list[Entry], dtype: str | None, metadata: d
                 if written > size:
                     break
                 f.write(piece)
+                if progress is not None:
+                    progress(len(piece), total)
             if written != size:
                 from .errors import IntegrityError
 
@@ -218,15 +236,17 @@ def export(
     max_shard_size: int | None = None,
     unsafe: bool = False,
     metadata: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Write the tensors of `contents` as safetensors at `out`: one file, or with `max_shard_size` a folder of
-    `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json` (one `model.safetensors` when
-    all fit in one shard). `dtype` ("bf16", "fp16", "fp32") converts floating-point tensors.
+        `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json` (one `model.safetensors` when
+        all fit in one shard). `dtype` ("bf16", "fp16", "fp32") converts floating-point tensors. `progress` is
+    called with the bytes of each piece written and the bytes of tensor data in all.
 
-    Raises ConflictError when `out` exists, UnsafeFileError when the file's pickle names globals outside
-    torch's safe list (unless `unsafe`), Overflow (exit 2) for a value outside the dtype, CkptError when the
-    weights cannot be exported as they are (ZeRO-3), IntegrityError for a corrupt source. An interrupted
-    export leaves only its temporary name, removed on the way out where possible.
+        Raises ConflictError when `out` exists, UnsafeFileError when the file's pickle names globals outside
+        torch's safe list (unless `unsafe`), Overflow (exit 2) for a value outside the dtype, CkptError when the
+        weights cannot be exported as they are (ZeRO-3), IntegrityError for a corrupt source. An interrupted
+        export leaves only its temporary name, removed on the way out where possible.
     """
     from .errors import CkptError, UnsafeFileError
 
@@ -254,11 +274,12 @@ def export(
         raise UsageError(f"the folder of '{out}' does not exist", path=out)
     meta = {"format": "pt", **(metadata or {})}
     result = ExportResult(out, [], contents.format, contents.key, len(contents.entries), contents.parameters, 0, dtype)
+    all_bytes = output_bytes(contents, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if max_shard_size is None:
             part = tmp / "model.safetensors"
-            result.converted = _write_file(part, contents.entries, to, meta)
+            result.converted = _write_file(part, contents.entries, to, meta, progress, all_bytes)
             result.bytes = part.stat().st_size
             result.files = [out.name]
             try:
@@ -277,7 +298,7 @@ def export(
             )
             total = 0
             for name, shard in zip(names_, shards, strict=True):
-                result.converted += _write_file(tmp / name, shard, to, meta)
+                result.converted += _write_file(tmp / name, shard, to, meta, progress, all_bytes)
                 result.weight_map.update({e.name: name for e in shard})
                 total += sum(_out_nbytes(e, to) for e in shard)
             if n > 1:

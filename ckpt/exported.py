@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import fsutil
 from .errors import ConflictError
-from .export import ExportResult, export
+from .export import ExportResult, Progress, export
 from .manifest import dumps
 from .model_sources import MODEL_FILE
 from .models import Model, title_claim
@@ -38,6 +38,7 @@ def export_model(
     key: str | None = None,
     dtype: str | None = None,
     unsafe: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[Model, ExportResult, Contents]:
     """Export checkpoint `number` of `task_name` as model `title`, on a folder or bucket workspace.
 
@@ -54,7 +55,7 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".staging-{title}-", dir=None if ws.remote else ws.models_dir))
     try:
         meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
-        res = export(contents, tmp / WEIGHTS, dtype=dtype, unsafe=unsafe, metadata=meta)
+        res = export(contents, tmp / WEIGHTS, dtype=dtype, unsafe=unsafe, metadata=meta, progress=progress)
         model = Model(
             title=title,
             task=t.name,

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from . import _complete, app
-from ._common import JsonOpt, command, err, human_size, open_workspace, out, plural, print_json
+from ._common import JsonOpt, command, console, err, human_size, is_tty, open_workspace, out, plural, print_json
+
+
+@contextlib.contextmanager
+def _writing_progress() -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar of bytes written on stderr, on a terminal only; yields the callback (or None)."""
+    if not is_tty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("exporting"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+        job = bar.add_task("exporting", total=None)
+        yield lambda n, total: bar.update(job, advance=n, total=total)
 
 
 @command(app, "export")
@@ -77,12 +93,24 @@ def export_(
     if as_model is not None:
         from ..exported import export_model
 
-        made, res, contents = export_model(ws, t.name, cp.number, as_model, key=key, dtype=dtype, unsafe=unsafe_load)
+        with _writing_progress() as progress:
+            _, res, contents = export_model(
+                ws, t.name, cp.number, as_model, key=key, dtype=dtype, unsafe=unsafe_load, progress=progress
+            )
     else:
         assert out_path is not None
         contents = open_contents(t.local_path(cp), key)
         meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
-        res = export(contents, out_path, dtype=dtype, max_shard_size=limit, unsafe=unsafe_load, metadata=meta)
+        with _writing_progress() as progress:
+            res = export(
+                contents,
+                out_path,
+                dtype=dtype,
+                max_shard_size=limit,
+                unsafe=unsafe_load,
+                metadata=meta,
+                progress=progress,
+            )
     if json:
         print_json(
             {
