@@ -477,7 +477,7 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
 def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
     """The step folders (or Composer files) of a DCP, sharded-safetensors, DeepSpeed or Composer run, in step
     order; its `latest` pointers are skipped rows (a repeat, not a checkpoint)."""
-    run = find_run(path)
+    run = find_run(path, mixed=True)
     if run is None:
         return [], []
     root = path.parent if run.steps and run.steps[0].path == path else path
@@ -500,6 +500,10 @@ def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
     skipped = [
         _skip(p.path, _rel(p.path, root), f"the run's latest pointer (to {escape_path(p.target)}); not a checkpoint")
         for p in run.pointers
+    ]
+    skipped += [
+        _skip(p, _rel(p, root), f"a file beside the {run.kind} step folders; import it with --format files")
+        for p in run.loose
     ]
     return found, skipped
 

@@ -31,6 +31,7 @@ DCP_INNER = re.compile(r"pytorch_model_fsdp_\d+|optimizer_\d+")
 _STEP = re.compile(r"(?i)(?<![a-z])(?:global_step|step|iter|it|ba|batch)[_\-=]?(\d+)")
 _EPOCH = re.compile(r"(?i)(?<![a-z])(?:epoch|ep)[_\-=]?(\d+)")
 _NUMBER = re.compile(r"\d+")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass(slots=True)
@@ -58,6 +59,7 @@ class RunLayout:
     kind: str
     steps: list[Step] = field(default_factory=list)
     pointers: list[Pointer] = field(default_factory=list)
+    loose: list[Path] = field(default_factory=list)  # checkpoint files beside the step folders (not imported)
 
 
 def _names(path: Path) -> list[os.DirEntry[str]]:
@@ -122,9 +124,10 @@ def _pointer_target(path: Path) -> str | None:
     return text if text and "\n" not in text else None
 
 
-def find_run(path: Path) -> RunLayout | None:
+def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
     """The checkpoints of a run folder written in one of KINDS (or `path` itself when it is one step
-    folder), ordered by step, with the run's latest pointers; None when `path` holds none of them."""
+    folder), ordered by step, with the run's latest pointers; None when `path` holds none of them, or
+    (unless `mixed`) when checkpoint files lie beside its step folders (then it is no such run for sure)."""
     kind = folder_kind(path)
     if kind is not None:
         step, epoch = step_epoch(path.name)
@@ -135,6 +138,7 @@ def find_run(path: Path) -> RunLayout | None:
     steps: list[Step] = []
     pointers: list[Pointer] = []
     kinds: list[str] = []
+    loose: list[Path] = []
     for e in entries:
         p = Path(e.path)
         if e.name.startswith("."):
@@ -157,8 +161,13 @@ def find_run(path: Path) -> RunLayout | None:
             target = _pointer_target(p)
             if target is not None:
                 pointers.append(Pointer(p, e.name, target))
+        elif e.name.endswith(_CHECKPOINT_SUFFIXES):
+            loose.append(p)
+    if loose and steps and not mixed:
+        return None  # checkpoint files beside the step folders: not one of these layouts (--format says which)
     if not steps:
         inner = path / "checkpoints"  # Lightning: version_N/checkpoints/epoch=1-step=300.ckpt/ (FSDP, sharded)
-        return find_run(inner) if inner.is_dir() and not inner.is_symlink() and folder_kind(inner) is None else None
+        found = inner.is_dir() and not inner.is_symlink() and folder_kind(inner) is None
+        return find_run(inner, mixed=mixed) if found else None
     steps.sort(key=lambda s: (s.step is None, s.step or 0, s.name))  # by step; unnumbered ones last
-    return RunLayout(max(set(kinds), key=kinds.count), steps, pointers)
+    return RunLayout(max(set(kinds), key=kinds.count), steps, pointers, loose)

@@ -497,3 +497,12 @@ def test_dcp_chunks_that_overlap_are_refused(run: Any, ws: ckpt.Workspace, tmp_p
     ws.create_task("overlap").save_file(tmp_path / "step_1")
     result = run("export", "overlap", "1", "--out", str(tmp_path / "o.safetensors"))
     assert result.exit_code == 6 and "exactly once" in result.output
+
+
+def test_a_run_with_loose_files_beside_step_folders(run_json: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """Found by itself such a folder is plain files; with --format dcp, its step folders, the files left out."""
+    made = wr.dcp_run(tmp_path / "mixed", steps=(1,))
+    torch.save(made[1], tmp_path / "mixed" / "final.pt")
+    assert run_json("import", str(tmp_path / "mixed"), "--task", "a")["format"] == "files"
+    rows = run_json("import", str(tmp_path / "mixed"), "--task", "b", "--format", "dcp")["checkpoints"]
+    assert [(r["original_name"], r["action"]) for r in rows] == [("step_1", "added"), ("final.pt", "skipped")]
