@@ -750,7 +750,7 @@ def inode_key(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def disk_usage(path: Path, seen: set[tuple[int, int]]) -> int:
+def disk_usage(path: Path, seen: set[object]) -> int:
     """Bytes allocated under `path` (like `du -B1`, files only), counting each inode once via `seen`."""
     total = 0
     try:

@@ -58,16 +58,7 @@ from .manifest import (
 )
 from .metrics import check_modes
 from .model_sources import Source, store_sources
-from .models import (
-    MODEL_FILE,
-    FinishResult,
-    Model,
-    ModelIndex,
-    PromoteResult,
-    already_made,
-    choose,
-    finish_title,
-)
+from .models import MODEL_FILE, Model, ModelIndex, check_case_twin
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
@@ -77,7 +68,7 @@ from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, In
 if TYPE_CHECKING:
     from .importer import Found, ScanResult, Unknown, VerifyResult
     from .trash import Entry, KeepRules, TrashResult
-    from .trash_results import DiskUse, EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
+    from .trash_results import EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
@@ -258,6 +249,24 @@ class StoreWorkspace(Workspace):
     def models(self) -> ModelIndex:
         return StoreModelIndex(self)
 
+    def usage(self, prefix: str, seen: set[object]) -> int:
+        """Bytes of the objects under `prefix` ('' for all) not in `seen` (keys), which they join: one LIST."""
+        total = 0
+        for b in self.storage.list_prefix(prefix + "/" if prefix else ""):
+            if b.key not in seen:
+                seen.add(b.key)
+                total += b.size
+        return total
+
+    def move_model(self, model: Model, new: str) -> Model:
+        """The store's step of rename: claim `new`, copy on the server, its record, then the old one goes."""
+        return _move_model(self, model, new)
+
+    def make_model(self, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+        """The store's step of promote: claim the title, copy on the server, write model.toml last (every
+        copy in a bucket is one: `copy` changes nothing)."""
+        return _make_model(self, task, cp, title)
+
 
 class StoreTask(Task):
     """A task in object storage: its manifest is one object, committed with If-Match (see `update`)."""
@@ -423,10 +432,9 @@ class StoreTask(Task):
 
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
-        # object storage has no locks: the changes of this module commit with If-Match instead; a caller
-        # that wants a lock is a local code path not ported here
-        raise unsupported("this operation")
-        yield  # pragma: no cover
+        """Nothing: object storage has no locks, and every change here commits with If-Match instead (a
+        lost race reads again and retries), so an operation written for both stores runs unlocked here."""
+        yield
 
     def discard_if_empty(self) -> bool:
         """An object-store task a failed import created is left as it is (not yet done here)."""
@@ -755,6 +763,9 @@ class StoreModelIndex(ModelIndex):
         keys = self._keys()
         return sorted(k[len("models/") : -len(suffix)] for k in keys if k.endswith(suffix) and k.count("/") == 2)
 
+    def names(self) -> list[str]:
+        return self.ws.storage.children("models/")
+
     def __getitem__(self, title: str) -> Model:
         check_title(title)
         folder = Path("models") / title
@@ -808,32 +819,6 @@ class StoreModelIndex(ModelIndex):
                 m = None
             out.append(((m.task, m.checkpoint) if m is not None else None, data is not None))
         return out
-
-
-def promote(
-    ws: StoreWorkspace,
-    task_name: str,
-    number: int | None,
-    *,
-    title: str | None = None,
-    best: str | None = None,
-    mode: str | None = None,
-    minimize: bool = False,
-    copy: bool = False,
-) -> PromoteResult:
-    if title is not None:
-        check_title(title)
-    check_task_name(task_name)
-    task = ws.task(task_name)
-    c = choose(ws, task, number, best, "min" if minimize else mode, title)
-    if c.same is None:
-        try:
-            return PromoteResult(_make_model(ws, task, c.cp, c.title), c.why, c.better)
-        except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
-            c.same = already_made(ws, c.title, task.name, c.cp)
-            if c.same is None:
-                raise
-    return c.unchanged()
 
 
 class Lease:
@@ -909,12 +894,7 @@ def _claim_lines(data: bytes) -> tuple[str, str]:
 
 
 def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> Model:
-    twin = case_twin(title, ws.models.titles())
-    if twin is not None:
-        raise ConflictError(
-            f"model title '{title}' differs from model '{twin}' only in case",
-            hint="titles must stay distinct on case-insensitive file systems; choose another title",
-        )
+    check_case_twin(ws, title)
     # the title is claimed first (If-None-Match), so a losing racer never touches the winner's objects;
     # the weights are copied on the server, and model.toml comes last: a model never names missing weights
     lease = Lease(ws, title).take()
@@ -958,47 +938,6 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
             ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{title}/")])
         raise
     return model
-
-
-def finish(ws: StoreWorkspace, task_name: str, *, failed: bool = False, title: str | None = None) -> FinishResult:
-    if title is not None:
-        check_title(title)
-    task = ws.task(task_name)
-    assert isinstance(task, StoreTask)
-    if failed:
-        task.set_status("failed")
-        return FinishResult(task.name, "failed", None, "marked failed; nothing promoted")
-    model: Model | None = None
-    note = "no checkpoint to promote"
-    cp = task.latest()
-    if cp is not None:
-        base = title or finish_title(task.name, cp.number)
-        candidate = base
-        for i in range(2, 1000):
-            try:
-                # promote first, mark finished last: after a crash between, finish again completes it
-                model = _make_model(ws, task, cp, candidate)
-                note = f"promoted checkpoint {cp.number} as '{candidate}'"
-                break
-            except ConflictError:
-                existing = _existing(ws, candidate)
-                if existing is not None and existing.task == task.name and existing.checkpoint == cp.number:
-                    model = existing
-                    note = f"checkpoint {cp.number} is already model '{candidate}'"
-                    break
-            candidate = f"{base[: 100 - len(str(i)) - 1]}-{i}"
-    task.set_status("finished")
-    return FinishResult(task.name, "finished", model, note)
-
-
-def _existing(ws: StoreWorkspace, title: str) -> Model | None:
-    try:
-        return ws.models[title]
-    except CkptError:
-        return None
-
-
-# --- trash ---------------------------------------------------------------------------------------------
 
 
 def trash_unused(
@@ -1671,16 +1610,8 @@ def _restore_model(ws: StoreWorkspace, entry: Entry, etag: str) -> Entry:
     return entry
 
 
-def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
-    check_title(old)
-    check_title(new)
-    model = ws.models[old]
-    twin = case_twin(new, [t for t in ws.models.titles() if t != old])
-    if twin is not None:
-        raise ConflictError(
-            f"model title '{new}' differs from model '{twin}' only in case",
-            hint="titles must stay distinct on case-insensitive file systems; choose another title",
-        )
+def _move_model(ws: StoreWorkspace, model: Model, new: str) -> Model:
+    old = model.title
     try:
         lease = Lease(ws, new).take()
     except ConflictError:
@@ -1709,27 +1640,6 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
 
 
 # --- du, scan, doctor ----------------------------------------------------------------------------------
-
-
-def disk_use(ws: StoreWorkspace) -> DiskUse:
-    """Bytes stored under the workspace by task, models and trash: one LIST of the whole prefix (a request per
-    1,000 objects). Objects share nothing, so every object counts once, where its key is."""
-    from .trash_results import DiskUse
-
-    by_task = dict.fromkeys(ws.task_names(), 0)
-    models = trash = other = 0
-    for b in ws.storage.list_prefix(""):
-        top, _, rest = b.key.partition("/")
-        name = rest.partition("/")[0]
-        if top == "tasks" and name in by_task:
-            by_task[name] += b.size
-        elif top == "models" and rest:
-            models += b.size
-        elif top == "trash" and rest:
-            trash += b.size
-        else:
-            other += b.size
-    return DiskUse(by_task, models, trash, other, sum(by_task.values()) + models + trash + other)
 
 
 def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult:
@@ -2101,8 +2011,6 @@ def _check_task(
 # the implementations StoreWorkspace gives for the core operations marked `per_backend` (same names and
 # signatures as the local ones); an operation missing here is refused with exit 2
 OPERATIONS: dict[str, Callable[..., Any]] = {
-    "promote": promote,
-    "finish": finish,
     "trash_unused": trash_unused,
     "list_entries": list_entries,
     "restore": restore,
@@ -2110,8 +2018,6 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "empty": empty,
     "verify": verify,
     "trash_model": trash_model,
-    "rename": rename,
-    "disk_use": disk_use,
     "scan": scan,
     "doctor": doctor,
 }

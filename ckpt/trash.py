@@ -1009,27 +1009,17 @@ def _delete_trees(paths: list[Path]) -> tuple[int, Held | None]:
 # --- du ------------------------------------------------------------------------------------------------
 
 
-@per_backend
 def disk_use(ws: Workspace) -> DiskUse:
-    """Disk use of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
-    checkpoint of a task costs nothing more."""
+    """Bytes of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
+    checkpoint of a task costs nothing more (`ws.usage` counts each file, inode or object once)."""
     from .trash_results import DiskUse
 
-    seen: set[tuple[int, int]] = set()
-    by_task: dict[str, int] = {}
-    for name in ws.task_names():
-        by_task[name] = _du(ws.tasks_dir / name, seen)
-    models = _du(ws.models_dir, seen)
-    trash = _du(ws.trash_dir, seen)
-    total = _du(ws.root, seen) + sum(by_task.values()) + models + trash
-    return DiskUse(by_task, models, trash, total - models - trash - sum(by_task.values()), total)
-
-
-def _du(path: Path, seen: set[tuple[int, int]]) -> int:
-    try:
-        return fsutil.disk_usage(path, seen)
-    except OSError:  # something vanished while we walked (a save or a trash at the same time)
-        return 0
+    seen: set[object] = set()
+    by_task = {name: ws.usage(f"tasks/{name}", seen) for name in ws.task_names()}
+    models = ws.usage("models", seen)
+    trash = ws.usage("trash", seen)
+    other = ws.usage("", seen)
+    return DiskUse(by_task, models, trash, other, sum(by_task.values()) + models + trash + other)
 
 
 # --- recovery --------------------------------------------------------------------------------------------

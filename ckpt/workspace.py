@@ -468,6 +468,27 @@ class Workspace:
 
         return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
+    def usage(self, prefix: str, seen: set[object]) -> int:
+        """Bytes on disk under `prefix` ('' for the whole workspace) not in `seen` (inodes), which it joins;
+        0 when something vanished while walking (a save or a trash at the same time)."""
+        try:
+            return fsutil.disk_usage(self.root / prefix if prefix else self.root, seen)
+        except OSError:
+            return 0
+
+    def make_model(self, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+        """The store's step of promote: model `title` of checkpoint `cp`, whole or not at all (a folder built
+        aside and renamed into place); ConflictError when the title exists."""
+        from .models import make_folder_model
+
+        return make_folder_model(self, task, cp, title, copy)
+
+    def move_model(self, model: Model, new: str) -> Model:
+        """The store's step of rename: model `model` under title `new`, whole under one title at every moment."""
+        from .models import move_folder_model
+
+        return move_folder_model(self, model, new)
+
     def models_of(self, task: str) -> dict[int, list[str]]:
         """Titles of the models made from each checkpoint number of `task`."""
         from .models import models_by_checkpoint
