@@ -457,6 +457,7 @@ def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | 
     if title is not None:
         check_title(title)
     task = ws.task(task_name)
+    task.wait()  # this process's background saves of the task are committed first (their errors raised)
     model: Model | None = None
     note = "no checkpoint to promote"
     with task.lock():  # the task's lock on a folder; nothing in a bucket (its commit is conditional)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import fsutil
 from .backend import F
@@ -48,6 +48,7 @@ from .storage import is_url
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
+    from .background import PendingSave
     from .models import Model, ModelIndex
     from .staging import Marker
     from .trash_results import Repair
@@ -809,6 +810,7 @@ class Task:
             pass
         return pending, importing
 
+    @overload
     def save(
         self,
         obj: Any,
@@ -817,13 +819,52 @@ class Task:
         epoch: int | None = None,
         metrics: Mapping[str, float] | None = None,
         suffix: str | None = None,
-    ) -> int:
+        background: Literal[False] = False,
+    ) -> int: ...
+
+    @overload
+    def save(
+        self,
+        obj: Any,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        suffix: str | None = None,
+        background: Literal[True],
+    ) -> PendingSave: ...
+
+    def save(
+        self,
+        obj: Any,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        suffix: str | None = None,
+        background: bool = False,
+    ) -> int | PendingSave:
         """Save a checkpoint and return its number (1, 2, 3...).
 
         `obj` is a state dict (or anything `torch.save` takes), bytes, or a path to an existing file
         (copied; see `save_file`). The file is written under a temporary name, fsynced, and renamed into
         place before its record is appended, so a record never points at a half-written file.
+
+        With `background=True` the tensors are copied to host memory and the call returns a PendingSave
+        (`.result()` is the number, known once committed); a worker thread writes and commits, in save
+        order (ckpt.background). It first waits for the task's previous background save, and raises that
+        one's error if it failed; `wait()` waits for the last.
         """
+        if background:
+            clean = _check_metrics(metrics)
+            _check_int(step, "step")
+            _check_int(epoch, "epoch")
+            from .background import host_copy, writer_for  # threads only for a background save
+
+            writer = writer_for((self.ws.location, self.name))
+            writer.wait()  # one save outstanding at most: host memory holds one copy of the state
+            data = obj if isinstance(obj, str | os.PathLike) else host_copy(obj)
+            return writer.submit(lambda: self.save(data, step=step, epoch=epoch, metrics=clean, suffix=suffix))
         if isinstance(obj, str | os.PathLike):
             return self.save_file(obj, step=step, epoch=epoch, metrics=metrics)
         clean = _check_metrics(metrics)
@@ -844,6 +885,12 @@ class Task:
 
             ext = suffix or ".pt"
         return self._commit_new(produce, ext, step, epoch, clean, None)
+
+    def wait(self) -> None:
+        """Wait for this task's background save, if one is outstanding; raise its error if one failed."""
+        from .background import writer_for
+
+        writer_for((self.ws.location, self.name)).wait()
 
     def save_file(
         self,
