@@ -851,6 +851,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def hash_workers(total_bytes: int) -> int | None:
+    """Threads for hashing `total_bytes`: one for a few MiB (threads cost more than they save on small
+    files), else one per core (None: sha256_many's default)."""
+    return 1 if total_bytes < 16 * 2**20 else None
+
+
 def sha256_many(
     paths: list[Path], workers: int | None = None, done: Callable[[int], None] | None = None
 ) -> list[str | OSError]:

@@ -66,9 +66,10 @@ from .timeutil import now_iso, parse_iso
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:
-    from .importer import Found, ScanResult, Unknown, VerifyResult
+    from .importer import Found, ScanResult, Unknown
     from .trash import Entry, KeepRules, TrashResult
     from .trash_results import EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
+    from .verify import Stored
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
@@ -248,6 +249,36 @@ class StoreWorkspace(Workspace):
     @property
     def models(self) -> ModelIndex:
         return StoreModelIndex(self)
+
+    def stored_files(self, rels: list[str]) -> list[list[Stored] | str | None]:
+        """The store's step of verify: the objects of each key (one, or a folder's in key order); one LIST of
+        a task's checkpoints/ and one of models/, whatever their number."""
+        from .verify import Stored
+
+        listed: dict[str, dict[str, int]] = {}
+        out: list[list[Stored] | str | None] = []
+        for rel in rels:
+            prefix = "models/" if rel.startswith("models/") else rel.rsplit("/", 1)[0] + "/"
+            if prefix not in listed:
+                listed[prefix] = {b.key: b.size for b in self.storage.list_prefix(prefix)}
+            objects = listed[prefix]
+            if rel in objects:
+                out.append([Stored("", objects[rel], rel, rel)])
+                continue
+            inner = sorted((k, n) for k, n in objects.items() if k.startswith(rel + "/"))
+            out.append([Stored(k[len(rel) + 1 :], n, k, k) for k, n in inner] or None)
+        return out
+
+    def hash_files(self, keys: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
+        """The store's step of verify: the sha256 of each object, streamed through this process once."""
+        out: list[str | OSError] = []
+        for i, key in enumerate(keys):
+            try:
+                out.append(self.storage.sha256(key))
+            except FileNotFoundError as e:
+                out.append(e)
+            done(i)
+        return out
 
     def usage(self, prefix: str, seen: set[object]) -> int:
         """Bytes of the objects under `prefix` ('' for all) not in `seen` (keys), which they join: one LIST."""
@@ -435,6 +466,9 @@ class StoreTask(Task):
         """Nothing: object storage has no locks, and every change here commits with If-Match instead (a
         lost race reads again and retries), so an operation written for both stores runs unlocked here."""
         yield
+
+    def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
+        return _unknown_objects(self.ws, self)
 
     def discard_if_empty(self) -> bool:
         """An object-store task a failed import created is left as it is (not yet done here)."""
@@ -1362,73 +1396,6 @@ def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
 # --- verify --------------------------------------------------------------------------------------------
 
 
-def verify(
-    ws: StoreWorkspace,
-    tasks: list[str] | None = None,
-    *,
-    models: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> VerifyResult:
-    """Re-hash every checkpoint (and model) object against its recorded sha256: the bytes are streamed
-    through this process once. Missing, changed and unknown objects are reported."""
-    from .importer import Problem, VerifyResult
-
-    start = time.perf_counter()
-    names = list(tasks) if tasks else ws.task_names()
-    problems: list[Problem] = []
-    jobs: list[tuple[str, Checkpoint | Model, str | None]] = []  # (key, record, model title)
-    sizes: dict[str, int] = {}  # every object of the tasks (and models) verified: one LIST each
-    temporary: list[str] = []
-    for name in names:
-        t = ws.task(name)
-        for cp in t.checkpoints:
-            jobs.append((f"tasks/{name}/{cp.file}", cp, None))
-        unknown, temp = _unknown_objects(ws, t)  # what the local verify reports too: anything in the task folder
-        problems += [Problem("unknown", u.rel, task=name, note=f"a {u.kind} no record names") for u in unknown]
-        temporary += [u.rel for u in temp]
-        sizes.update((b.key, b.size) for b in ws.storage.list_prefix(f"tasks/{name}/{CHECKPOINT_DIR}/"))
-    titles: list[str] = []
-    if models:
-        found, errors = ws.models.read_all()
-        problems += [Problem("unreadable", "", note=str(e)) for e in errors]
-        sizes.update((b.key, b.size) for b in ws.storage.list_prefix("models/"))
-        for m in found:
-            if tasks and m.task not in names:
-                continue
-            titles.append(m.title)
-            jobs.append((_key(m.path), m, m.title))
-    total = sum(r.size for _, r, _ in jobs)
-    hashed = 0
-    files = 0
-    for key, rec, title in jobs:
-        number = rec.number if isinstance(rec, Checkpoint) else rec.checkpoint
-        where: dict[str, Any] = {"task": rec.task, "number": number, "model": title}
-        blobs = (
-            {k: n for k, n in sizes.items() if k == key or k.startswith(key + "/")}
-            if key not in sizes
-            else {key: sizes[key]}
-        )
-        if not blobs:
-            problems.append(Problem("missing", key, **where, expected=rec.sha256))
-            continue
-        size = sum(blobs.values())
-        if size != rec.size:
-            note = f"size {size}, recorded {rec.size}"
-            problems.append(Problem("changed", key, **where, expected=rec.sha256, note=note))
-            continue
-        if list(blobs) == [key]:
-            actual = ws.storage.sha256(key)
-        else:
-            actual = fsutil.tree_digest([(k[len(key) + 1 :], ws.storage.sha256(k)) for k in sorted(blobs)])
-        files += len(blobs)
-        hashed += size
-        if progress is not None:
-            progress(size, total)
-        if actual != rec.sha256:
-            problems.append(Problem("changed", key, **where, expected=rec.sha256, actual=actual))
-    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, temporary)
-
-
 # --- models remove and rename --------------------------------------------------------------------------
 
 
@@ -2016,7 +1983,6 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "restore": restore,
     "plan_empty": plan_empty,
     "empty": empty,
-    "verify": verify,
     "trash_model": trash_model,
     "scan": scan,
     "doctor": doctor,

@@ -49,9 +49,11 @@ from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .background import PendingSave
+    from .importer import Unknown
     from .models import Model, ModelIndex
     from .staging import Marker
     from .trash_results import Repair
+    from .verify import Stored
 
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
@@ -477,6 +479,36 @@ class Workspace:
         except OSError:
             return 0
 
+    def stored_files(self, rels: list[str]) -> list[list[Stored] | str | None]:
+        """The store's step of verify: the files under each path (a file, or a folder's files in sorted order),
+        keyed by inode; None where nothing is, a note where the path cannot be read (a symlink)."""
+        from .verify import Stored
+
+        out: list[list[Stored] | str | None] = []
+        for rel in rels:
+            path = self.root / rel
+            if not os.path.lexists(path):
+                out.append(None)
+                continue
+            if fsutil.is_symlink(path):
+                out.append("is a symlink")
+                continue
+            try:
+                entries = [(r, path / r) for r, _ in fsutil.tree_files(path)] if path.is_dir() else [("", path)]
+                files = []
+                for name, p in entries:
+                    st = os.stat(p, follow_symlinks=False)
+                    files.append(Stored(name, st.st_size, (st.st_dev, st.st_ino), p))
+            except (CkptError, OSError) as e:
+                out.append(str(e))
+                continue
+            out.append(files)
+        return out
+
+    def hash_files(self, handles: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
+        """The store's step of verify: the sha256 of each file, on all cores; `done(i)` as each is hashed."""
+        return fsutil.sha256_many(handles, workers=fsutil.hash_workers(total), done=done)
+
     def make_model(self, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
         """The store's step of promote: model `title` of checkpoint `cp`, whole or not at all (a folder built
         aside and renamed into place); ConflictError when the title exists."""
@@ -885,6 +917,13 @@ class Task:
 
             ext = suffix or ".pt"
         return self._commit_new(produce, ext, step, epoch, clean, None)
+
+    def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
+        """What the task folder holds that its manifest does not know: (unknown, ckpt's own temporary names)."""
+        from .importer import scan_folder
+
+        found = scan_folder(self.ws, self)
+        return found.unknown, found.temporary
 
     def wait(self) -> None:
         """Wait for this task's background save, if one is outstanding; raise its error if one failed."""

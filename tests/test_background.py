@@ -133,6 +133,6 @@ def test_a_kill_during_background_writes_leaves_no_record_without_its_file(ws: c
     for cp in cps:
         saved = torch.load(task.path_of(cp), weights_only=True)
         assert torch.equal(saved["w"], torch.full((2048, 2048), float(cp.step)))  # type: ignore[arg-type]
-    from ckpt.importer import verify
+    from ckpt.verify import verify
 
     assert verify(ckpt.Workspace.open(ws.root), ["run"]).ok

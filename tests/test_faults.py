@@ -22,7 +22,7 @@ import ckpt
 from ckpt import store
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
-from ckpt.importer import import_path, scan, verify
+from ckpt.importer import import_path, scan
 from ckpt.manifest import TaskState, parse_task, parse_toml
 from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
@@ -30,6 +30,7 @@ from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
 from ckpt.store_log import log_prefix, number_of, parse_record
 from ckpt.trash import ENTRY_FILE, FILES_DIR, MODEL_DIR, _entry_from_doc, empty, plan_empty, restore, trash_model
 from ckpt.trash import trash_unused as trash_unused_op
+from ckpt.verify import verify
 
 _names = itertools.count()
 

@@ -213,7 +213,7 @@ def verify(
 
     Example: ckpt verify unet --models
     """
-    from ..importer import verify as do_verify
+    from ..verify import verify as do_verify
 
     ws = open_workspace()
     with _hashing_progress(not json) as progress:
