@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 FORMATS = ("auto", "lightning", "huggingface", "files")
 MODES = ("link", "copy", "move")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-_HF_DIR = re.compile(r"checkpoint-(\d+)")
+HF_DIR = re.compile(r"checkpoint-(\d+)")
 _LAST = re.compile(r"last(-v\d+)?")
 _KEY = re.compile(r"(?:^|(?<=-))([A-Za-z_][A-Za-z0-9_.@]*)=")
 _VERSION = re.compile(r"-v\d+$")
@@ -243,8 +243,8 @@ def _single(path: Path) -> list[tuple[Path, os.stat_result | None]]:
 def detect_format(path: Path) -> str:
     """The format of `path`: "huggingface" (checkpoint-N folders), "lightning" (*.ckpt files), else "files"."""
     if path.is_dir():
-        if _HF_DIR.fullmatch(path.name) or any(
-            _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
+        if HF_DIR.fullmatch(path.name) or any(
+            HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
         ):
             return "huggingface"
         return "lightning" if _any_file(str(path), ".ckpt") else "files"
@@ -438,17 +438,17 @@ def _is_last(filename: str) -> bool:
 
 def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
     """The `checkpoint-N/` folders of a Trainer's output_dir, in numeric order of N."""
-    if _HF_DIR.fullmatch(path.name):
+    if HF_DIR.fullmatch(path.name):
         root, dirs = path.parent, [path]
     else:
         root = path
-        dirs = [Path(e.path) for e in os.scandir(path) if _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        dirs = [Path(e.path) for e in os.scandir(path) if HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
     top = _read_json(root / "trainer_state.json")
     best = top.get("best_model_checkpoint")
     best_step = int(top["global_step"]) if isinstance(top.get("global_step"), int) else -1
     found: list[Found] = []
     for d in dirs:
-        step = int(_HF_DIR.fullmatch(d.name).group(1))  # type: ignore[union-attr]
+        step = int(HF_DIR.fullmatch(d.name).group(1))  # type: ignore[union-attr]
         state = _read_json(d / "trainer_state.json")
         if not isinstance(state.get("log_history"), list) or not state["log_history"]:
             state = top
@@ -560,7 +560,7 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
 def default_task_name(path: Path, fmt: str) -> str:
     """A task name from the source path: its folder name, skipping Lightning's `checkpoints` folder."""
     p = path.resolve()
-    if not p.is_dir() or (fmt == "huggingface" and _HF_DIR.fullmatch(p.name)):
+    if not p.is_dir() or (fmt == "huggingface" and HF_DIR.fullmatch(p.name)):
         p = p.parent
     if p.name == "checkpoints" and p.parent != p:
         p = p.parent
@@ -800,7 +800,7 @@ def _found_of(u: Unknown, t: Task) -> Found:
     name = escape_path(u.path.relative_to(t.folder).as_posix())
     base = u.path.name
     if u.kind == "dir":
-        m = _HF_DIR.fullmatch(base)
+        m = HF_DIR.fullmatch(base)
         if m:
             epoch, metrics = hf_metrics(_read_json(u.path / "trainer_state.json"), int(m.group(1)))
             return Found(

@@ -44,7 +44,7 @@ from .errors import (
     WorkspaceNotFound,
 )
 from .manifest import (
-    _COLUMNS,
+    COLUMNS,
     FORMAT,
     Checkpoint,
     TaskHeader,
@@ -687,7 +687,7 @@ def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str]:
         raw = json.loads(path.read_bytes())
         if raw.get("v") != MANIFEST_CACHE_VERSION:
             return None, ""
-        cols = [raw["checkpoints"][k] for k in _COLUMNS]
+        cols = [raw["checkpoints"][k] for k in COLUMNS]
         task = raw["header"]["name"]
         cps = dict(zip(cols[0], map(Checkpoint, *cols, repeat(task, len(cols[0]))), strict=True))
         return TaskState(TaskHeader(**raw["header"]), cps), str(raw["etag"])
@@ -701,7 +701,7 @@ def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
         "v": MANIFEST_CACHE_VERSION,
         "etag": etag,
         "header": state.header.to_json(),
-        "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in _COLUMNS},
+        "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in COLUMNS},
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -716,14 +716,14 @@ def _load_log_cache(path: Path, task: str) -> dict[int, Checkpoint]:
         raw = json.loads(path.read_bytes())
         if raw.get("v") != MANIFEST_CACHE_VERSION:
             return {}
-        rows = [dict(zip(_COLUMNS, row, strict=True)) for row in raw["records"]]
+        rows = [dict(zip(COLUMNS, row, strict=True)) for row in raw["records"]]
         return {int(r["number"]): Checkpoint(**r, task=task) for r in rows}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
 def _save_log_cache(path: Path, records: list[Checkpoint]) -> None:
-    doc = {"v": MANIFEST_CACHE_VERSION, "records": [[getattr(cp, k) for k in _COLUMNS] for cp in records]}
+    doc = {"v": MANIFEST_CACHE_VERSION, "records": [[getattr(cp, k) for k in COLUMNS] for cp in records]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fsutil.atomic_write_nosync(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -1155,7 +1155,7 @@ def _read_entry(ws: StoreWorkspace, entry_id: str) -> Entry:
 
 
 def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
-    from .trash import ENTRY_FILE, _entry_from_doc, check_entry_id
+    from .trash import ENTRY_FILE, check_entry_id, entry_from_doc
 
     check_entry_id(entry_id)
     try:
@@ -1163,16 +1163,16 @@ def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
     except FileNotFoundError:
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list") from None
     folder = Path("trash") / entry_id
-    return _entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
+    return entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
 
 
 def list_entries(ws: StoreWorkspace) -> tuple[list[Entry], list[CkptError]]:
-    from .trash import _ID
+    from .trash import ENTRY_ID
 
     entries: list[Entry] = []
     errors: list[CkptError] = []
     for entry_id in ws.storage.children("trash/"):
-        if not _ID.fullmatch(entry_id):
+        if not ENTRY_ID.fullmatch(entry_id):
             continue
         try:
             entries.append(_settle(ws, _read_entry(ws, entry_id)))
@@ -1233,7 +1233,7 @@ def _copies_whole(ws: StoreWorkspace, entry: Entry) -> bool:
 def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
     """Whether another trash entry holds one of `entry`'s checkpoints, or its model (the same title, record
     time and sha256); reads every entry: a rare path."""
-    from .trash import _ID
+    from .trash import ENTRY_ID
 
     def model_of(e: Entry) -> tuple[Any, ...] | None:
         m = e.model or {}
@@ -1241,7 +1241,7 @@ def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
 
     mine = set(entry.numbers)
     for other in ws.storage.children("trash/"):
-        if other == entry.id or not _ID.fullmatch(other):
+        if other == entry.id or not ENTRY_ID.fullmatch(other):
             continue
         try:
             e = _read_entry(ws, other)
@@ -1462,12 +1462,12 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
 def _settle_removes(ws: StoreWorkspace, title: str) -> ModelTrashResult | None:
     """Settle the pending removes of model `title` (the model is gone from models/); the result of one that is
     complete now, as the remove run again reports it."""
-    from .trash import _ID
+    from .trash import ENTRY_ID
     from .trash_results import ModelTrashResult
 
     found: ModelTrashResult | None = None
     for entry_id in ws.storage.children("trash/"):
-        if not _ID.fullmatch(entry_id):
+        if not ENTRY_ID.fullmatch(entry_id):
             continue
         try:
             entry = _read_entry(ws, entry_id)
@@ -1705,7 +1705,7 @@ def _weights_in(names: list[str]) -> str | None:
 
 def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown]) -> list[tuple[Found, Unknown]]:
     """What each object's name says (as the local scan reads file names), in the order they will be numbered."""
-    from .importer import _HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
+    from .importer import HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
 
     pairs: dict[int, Unknown] = {}
     found: list[Found] = []
@@ -1715,7 +1715,7 @@ def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown])
         mtime = parse_iso(u.modified).timestamp()
         if u.kind == "dir":
             c = Found(Path(u.rel), name, is_dir=True, mtime=mtime)
-            m = _HF_DIR.fullmatch(leaf)
+            m = HF_DIR.fullmatch(leaf)
             if m:
                 try:
                     state = json.loads(ws.storage.get(f"{u.rel}/trainer_state.json")[0])
@@ -1798,12 +1798,12 @@ def doctor(
 
 
 def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
-    from .trash import _ID
+    from .trash import ENTRY_ID
     from .trash_results import Repair
 
     repairs: list[Repair] = []
     for entry_id in ws.storage.children("trash/"):
-        if not _ID.fullmatch(entry_id):
+        if not ENTRY_ID.fullmatch(entry_id):
             continue
         rel = f"trash/{entry_id}"
         try:

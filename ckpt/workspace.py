@@ -611,7 +611,7 @@ class Task:
         if number in cps:
             return cps[number]
         if cps:
-            have = f"it has {_ranges(sorted(cps))}"
+            have = f"it has {ranges(sorted(cps))}"
         else:
             have = "it has none"
         raise CheckpointNotFound(
@@ -1230,7 +1230,7 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     return out
 
 
-def _ranges(numbers: list[int]) -> str:
+def ranges(numbers: list[int]) -> str:
     """'1–10' or '1–3, 5, 8–9'."""
     parts: list[str] = []
     start = prev = numbers[0]

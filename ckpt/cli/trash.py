@@ -54,9 +54,9 @@ def _reason(*words: Any) -> str:
 
 
 def _numbers(numbers: list[int]) -> str:
-    from ..workspace import _ranges
+    from ..workspace import ranges
 
-    return _ranges(numbers) if numbers else ""
+    return ranges(numbers) if numbers else ""
 
 
 @command(app, "trash-unused")
