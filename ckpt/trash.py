@@ -1014,12 +1014,11 @@ def disk_use(ws: Workspace) -> DiskUse:
     checkpoint of a task costs nothing more (`ws.usage` counts each file, inode or object once)."""
     from .trash_results import DiskUse
 
-    seen: set[object] = set()
-    by_task = {name: ws.usage(f"tasks/{name}", seen) for name in ws.task_names()}
-    models = ws.usage("models", seen)
-    trash = ws.usage("trash", seen)
-    other = ws.usage("", seen)
-    return DiskUse(by_task, models, trash, other, sum(by_task.values()) + models + trash + other)
+    names = ws.task_names()
+    sizes, other = ws.usage([f"tasks/{n}" for n in names] + ["models", "trash"])
+    by_task = dict(zip(names, sizes, strict=False))
+    models, trash = sizes[-2:]
+    return DiskUse(by_task, models, trash, other, sum(sizes) + other)
 
 
 # --- recovery --------------------------------------------------------------------------------------------

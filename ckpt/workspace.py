@@ -471,11 +471,18 @@ class Workspace:
 
         return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
-    def usage(self, prefix: str, seen: set[object]) -> int:
-        """Bytes on disk under `prefix` ('' for the whole workspace) not in `seen` (inodes), which it joins;
-        0 when something vanished while walking (a save or a trash at the same time)."""
+    def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
+        """Bytes on disk under each of `prefixes`, each inode counted once, in the order given; and the bytes
+        of the rest of the workspace. A file that vanishes while walked (a save or a trash at the same
+        time) counts 0."""
+        seen: set[object] = set()
+        sizes = [self._usage(self.root / p, seen) for p in prefixes]
+        return sizes, self._usage(self.root, seen)
+
+    @staticmethod
+    def _usage(path: Path, seen: set[object]) -> int:
         try:
-            return fsutil.disk_usage(self.root / prefix if prefix else self.root, seen)
+            return fsutil.disk_usage(path, seen)
         except OSError:
             return 0
 
