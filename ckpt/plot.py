@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConflictError, UsageError
+from .errors import CkptError, ConflictError, UsageError
 from .metrics import Direction, rank, value
 
 if TYPE_CHECKING:
@@ -225,8 +225,12 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
         hint = "metrics come from Task.save(metrics=...) or import"
         raise UsageError(f"nothing to plot: {names} record(s) no metrics", hint=hint)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise CkptError(
+            "drawing curves needs matplotlib, which is not installed", hint="pip install 'ckpt[plot]'"
+        ) from None
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
     from matplotlib.lines import Line2D

@@ -115,13 +115,13 @@ def build(
 
 def _run_preview(ws: Workspace, task: str, req: PreviewRequest) -> tuple[PreviewResult, bytes]:
     """Run the preview into a temporary file (outside the workspace) and return its result and PNG bytes."""
-    from .preview import PreviewOptions, run_preview, task_sources
-
     if not req.numbers:
         hint = f"e.g. ckpt report {task} --preview 3 7 10 --images DIR"
         raise UsageError("--preview needs checkpoint numbers", hint=hint)
     if not req.images:
         raise UsageError("--preview needs --images", hint="pass a PNG/JPEG file or a folder of them")
+    from .preview import PreviewOptions, run_preview, task_sources  # torch: only now
+
     sources = task_sources(ws, task, req.numbers)
     with tempfile.TemporaryDirectory(prefix="ckpt-report-") as tmp:
         out = Path(tmp) / "preview.png"
@@ -211,12 +211,15 @@ def _best(c: TaskCurves, data: PlotData, task: str, cmd: Callable[..., str]) -> 
 
 
 def _table(c: TaskCurves, metrics: list[str]) -> str:
-    heads = [("#", "num"), ("step", "num"), ("epoch", "num")]
-    heads += [(m, "num") for m in metrics]
-    heads += [("size", "num"), ("created", "text"), ("state", "text"), ("models", "text"), ("marks", "text")]
+    heads = [("#", "num", ""), ("step", "num", ""), ("epoch", "num", "")]
+    for m in metrics:  # a metric sorts best first on the first click, where its direction is known
+        d = c.directions.get(m)
+        heads.append((m, "num", ' data-first="descending"' if d is not None and not d.minimize else ""))
+    heads += [("size", "num", ""), ("created", "text", ""), ("state", "text", ""), ("models", "text", "")]
+    heads.append(("marks", "text", ""))
     th = "".join(
-        f'<th data-type="{kind}" scope="col" tabindex="0" title="sort by {_e(name)}">{_e(name)}</th>'
-        for name, kind in heads
+        f'<th data-type="{kind}"{first} scope="col" tabindex="0" title="sort by {_e(name)}">{_e(name)}</th>'
+        for name, kind, first in heads
     )
     best_of: dict[int, list[str]] = {}
     for m, best in c.best.items():
@@ -346,7 +349,8 @@ _SCRIPT = """
   function sort(i) {
     var th = heads[i];
     var num = th.getAttribute("data-type") === "num";
-    var asc = th.getAttribute("aria-sort") !== "ascending";
+    var now = th.getAttribute("aria-sort");
+    var asc = now ? now !== "ascending" : th.getAttribute("data-first") !== "descending";
     var body = table.tBodies[0];
     var rows = Array.prototype.map.call(body.rows, function (r, n) { return [key(r, i, num), n, r]; });
     rows.sort(function (a, b) {

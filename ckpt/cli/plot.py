@@ -217,3 +217,38 @@ def report(
         return
     what = f"{plural(page.checkpoints, 'checkpoint')}, {page.trashed} in the trash, {plural(len(page.models), 'model')}"
     out(f"wrote {written} ({what})")
+
+
+def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[str]:
+    """`ckpt list`'s sparklines: per metric (at most `most`), its values over the checkpoints in number order,
+    first → last value, and the best where the metric's direction is known. Cheap: one pass per metric."""
+    from ..metrics import rank, value
+    from ..plot import sparkline
+    from ._table import fmt_metric
+
+    names: dict[str, None] = {}
+    for cp in cps:
+        for k in cp.metrics:
+            names.setdefault(k, None)
+    shown = list(names)[:most]
+    pad = max((len(m) for m in shown), default=0)
+    lines = []
+    for m in shown:
+        values = [value(cp.metrics, m) for cp in cps]
+        line = sparkline(values, width)
+        if not line:
+            continue
+        present = [v for v in values if v is not None]
+        text = f"{m:<{pad}}  {line:<{min(width, len(values))}}  {fmt_metric(present[0])} → {fmt_metric(present[-1])}"
+        try:
+            better = t.direction(m)
+        except UsageError:
+            better = None
+        if better is not None:
+            ranked, _ = rank(cps, m, better.minimize, metrics_of=lambda cp: cp.metrics, tie=lambda cp: cp.number)
+            best = ranked[0]
+            text += f"  (best #{best.number}: {fmt_metric(best.metrics[m])}, {better.extreme})"
+        lines.append(text)
+    if len(names) > most:
+        lines.append(f"+{len(names) - most} metrics: ckpt plot {t.name} draws them")
+    return lines
