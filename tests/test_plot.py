@@ -106,7 +106,7 @@ def test_plot_svg_marks_each_checkpoint_model_latest_best_and_trash(ws, run_json
 def test_plot_png_has_the_expected_size(ws, run_json, tmp_path):
     rich_task(ws)
     got = run_json("plot", "unet", "--metric", "val_loss", "--out", str(tmp_path / "p.png"))
-    assert png_size(tmp_path / "p.png") == (got["width"], got["height"]) == (800, 330)
+    assert png_size(tmp_path / "p.png") == (got["width"], got["height"]) == (800, 370)
     got = run_json("plot", "unet", "--out", str(tmp_path / "p.png"))  # --out replaces: three panels now
     assert png_size(tmp_path / "p.png") == (800, 850)
 

@@ -33,14 +33,14 @@ def plot(
     ],
     metric: Annotated[
         list[str] | None,
-        typer.Option("--metric", "-m", help="A metric to draw (repeatable; default: every metric, up to 8)."),
+        typer.Option("--metric", "-m", metavar="METRIC", help="A metric to draw (repeatable; default: all, up to 8)."),
     ] = None,
     x: Annotated[
         str | None, typer.Option("--x", metavar="step|epoch|number", help="The x axis (default: step, else epoch).")
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Write this .png or .svg (replaced if it exists; default: see below)."),
+        typer.Option("--out", "-o", help="Write this .png or .svg (replaced if it exists; default: as said above)."),
     ] = None,
     overlay: Annotated[bool, typer.Option("--overlay", help="Every metric in one panel.")] = False,
     with_plan: Annotated[
