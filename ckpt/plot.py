@@ -246,11 +246,23 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
     marks = dict.fromkeys(MARKS, 0)
     several = len(data.tasks) > 1
     for ax, metrics in zip(axes, panels, strict=True):
+        labels: list[tuple[float, float, str]] = []
         for ti, c in enumerate(data.tasks):
             for mi, m in enumerate(metrics):
                 colour = _COLOURS[(ti if several or not overlay else mi) % len(_COLOURS)]
                 label = " ".join(x for x in (c.task if several else "", m if overlay else "") if x) or None
-                _draw(ax, c, m, data.x, colour, label, marks)
+                _draw(ax, c, m, data.x, colour, label, marks, labels)
+        low, high = ax.get_xlim()
+        for x, y, text in labels:  # a label near the right edge goes to the left of its marker, inside the panel
+            left = (high - x) / ((high - low) or 1) < 0.25
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=(-4 if left else 4, 6),
+                textcoords="offset points",
+                ha="right" if left else "left",
+                fontsize="small",
+            )
         ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # short tick labels fit the fixed margin
         ax.grid(True, alpha=0.3)
@@ -270,8 +282,10 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
     return Rendered(buf.getvalue(), fmt, int(width), int(height), marks)
 
 
-def _draw(ax: Any, c: TaskCurves, m: str, xk: str, colour: str, label: str | None, marks: dict[str, int]) -> None:
-    """One task's curve of metric `m` and its marks on `ax`."""
+def _draw(
+    ax: Any, c: TaskCurves, m: str, xk: str, colour: str, label: str | None, marks: dict[str, int], labels: list[Any]
+) -> None:
+    """One task's curve of metric `m` and its marks on `ax`; the models' labels are added to `labels`."""
     pts: list[tuple[Point, float, float]] = []
     for p in c.points:
         py = p.metrics.get(m)
@@ -336,8 +350,7 @@ def _draw(ax: Any, c: TaskCurves, m: str, xk: str, colour: str, label: str | Non
     )
     modelled = [t for t in pts if t[0].models and t[0].trashed is None]
     plot("model", modelled, marker="D", markersize=7, color=colour, markeredgecolor="black")
-    for p, x, y in modelled:
-        ax.annotate(", ".join(p.models), (x, y), xytext=(4, 6), textcoords="offset points", fontsize="small")
+    labels.extend((x, y, ", ".join(p.models)) for p, x, y in modelled)
 
 
 def _legend(Line2D: Any, plan: bool) -> list[Any]:

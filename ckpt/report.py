@@ -200,13 +200,18 @@ def _best(c: TaskCurves, data: PlotData, task: str, cmd: Callable[..., str]) -> 
             why = "no checkpoint records it" if d is not None else "direction unknown (pass --min or --max)"
             rows.append(f"<tr><td>{_e(m)}</td><td colspan=3>{_e(why)}</td></tr>")
             continue
+        point = next((p for p in c.points if p.number == best.number), None)
+        if point is not None and point.models:
+            cell = _e("already model " + ", ".join(point.models))
+        else:
+            cell = f"<code>{_e(cmd('promote', task, str(best.number)))}</code>"
         rows.append(
             f"<tr><td>{_e(m)}</td><td>{_e(best.direction.explain())}</td><td class=n>#{best.number} "
-            f"({_e(_num(best.value))})</td><td><code>{_e(cmd('promote', task, str(best.number)))}</code></td></tr>"
+            f"({_e(_num(best.value))})</td><td>{cell}</td></tr>"
         )
     return (
         '<section id="best"><h2>Best by metric</h2><table><thead><tr><th>metric</th><th>direction</th>'
-        "<th>best</th><th>to promote it</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></section>"
+        "<th>best</th><th>model</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></section>"
     )
 
 
@@ -224,10 +229,12 @@ def _table(c: TaskCurves, metrics: list[str]) -> str:
     best_of: dict[int, list[str]] = {}
     for m, best in c.best.items():
         if best is not None:
-            best_of.setdefault(best.number, []).append(f"best {m}")
+            best_of.setdefault(best.number, []).append(m)
     rows = []
     for p in c.points:
-        marks = (["latest"] if p.number == c.latest else []) + best_of.get(p.number, [])
+        marks = ["latest"] if p.number == c.latest else []
+        if p.number in best_of:
+            marks.append("best " + ", ".join(best_of[p.number]))
         cells = [str(p.number), _num(p.step), _num(p.epoch)]
         cells += [_metric_cell(p.metrics, m) for m in metrics]
         state = "live" if p.trashed is None else f"trash {p.trashed}"
@@ -239,11 +246,11 @@ def _table(c: TaskCurves, metrics: list[str]) -> str:
         )
     return (
         f'<section id="checkpoints"><h2>Checkpoints ({len(c.points)})</h2><p class="hint">Click a column to sort; '
-        'rows in grey italics are in the trash.</p><table class="sortable"><thead><tr>'
+        'rows in grey italics are in the trash.</p><div class="scroll"><table class="sortable"><thead><tr>'
         + th
         + "</tr></thead><tbody>"
         + "\n".join(rows)
-        + "</tbody></table></section>"
+        + "</tbody></table></div></section>"
     )
 
 
@@ -304,14 +311,26 @@ def _commands(c: TaskCurves, task: str, models: Sequence[Any], cmd: Callable[...
         if p.trashed is not None:
             entries.setdefault(p.trashed, []).append(p.number)
     for entry, numbers in entries.items():
-        what = f"#{numbers[0]}" if len(numbers) == 1 else f"{len(numbers)} checkpoints, #{numbers[0]}-#{numbers[-1]}"
+        what = f"#{numbers[0]}" if len(numbers) == 1 else f"{len(numbers)} checkpoints, {_ranges(numbers)}"
         lines.append(f"# back from the trash: {what}\n{cmd('trash', 'restore', entry)}")
     lines.append(f"# what trash-unused would do now\n{cmd('trash-unused', task, '--dry-run')}")
     return '<section id="commands"><h2>Commands</h2><pre>' + _e("\n".join(lines)) + "</pre></section>"
 
 
+def _ranges(numbers: Sequence[int]) -> str:
+    """`#1-3, 5-6, 9` for [1, 2, 3, 5, 6, 9] (sorted), with at most 6 runs shown."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:6])
+    return "#" + text + (", …" if len(runs) > 6 else "")
+
+
 _STYLE = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1100px;padding:0 1em;
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1280px;padding:0 1em;
 color:#222}
 h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;border-bottom:1px solid #ddd;margin-top:1.6em}
 .facts{display:grid;grid-template-columns:max-content 1fr;gap:.1em 1em;margin:.5em 0}.facts dt{color:#666}
@@ -320,13 +339,14 @@ img.curves,img.preview{max-width:100%;height:auto}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{padding:.15em .6em;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
 td.n,table.sortable td{text-align:right}table.sortable td:nth-last-child(-n+4){text-align:left}
+table.sortable td:nth-last-child(-n+2){white-space:normal;min-width:9em}
 table.sortable th{cursor:pointer;user-select:none;position:sticky;top:0;background:#f7f7f7}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 tr.t{color:#888;font-style:italic}
-pre{background:#f6f6f6;padding:.8em;overflow-x:auto}.notes{color:#8a5a00}.hint{color:#666;font-size:.9em}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto}.scroll{overflow-x:auto}.notes{color:#8a5a00}.hint{color:#666;font-size:.9em}
 footer{margin-top:2em;color:#888;font-size:.85em}
-@media print{body{max-width:none;margin:0;font-size:10px}table.sortable th{position:static}
+@media print{body{max-width:none;margin:0;font-size:10px}.scroll{overflow:visible}table.sortable th{position:static}
 section{break-inside:avoid-page}#checkpoints{break-inside:auto}tr{break-inside:avoid}.hint{display:none}
 pre{white-space:pre-wrap}}
 """

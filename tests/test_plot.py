@@ -488,3 +488,13 @@ def test_plot_and_report_do_not_import_torch(ws, tmp_path, command):
     mods = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "matplotlib" in mods and "ckpt.plot" in mods
     assert not {m for m in mods if m == "torch" or m.startswith("torch.")}
+
+
+def test_report_names_trash_entries_by_ranges_of_numbers(ws, run):
+    t = ws.create_task("r")
+    for i in range(1, 11):
+        t.save(b"r", step=i, metrics={"loss": 1 / i})
+    ws.promote("r", 4, title="r-four")
+    trash_unused(ws, "r", KeepRules(keep_last=3))  # trashes 1-3, 5-7
+    _, page = report_of(run, "r")
+    assert "# back from the trash: 6 checkpoints, #1-3, 5-7" in page

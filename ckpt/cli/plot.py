@@ -224,7 +224,7 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
     first → last value, and the best where the metric's direction is known. Cheap: one pass per metric."""
     from ..metrics import rank, value
     from ..plot import sparkline
-    from ._table import fmt_metric
+    from ._table import cut, fmt_metric, terminal_width
 
     names: dict[str, None] = {}
     for cp in cps:
@@ -251,4 +251,5 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
         lines.append(text)
     if len(names) > most:
         lines.append(f"+{len(names) - most} metrics: ckpt plot {t.name} draws them")
-    return lines
+    limit = terminal_width(sys.stdout)  # a line never wraps: cut to the terminal, as the table is
+    return lines if limit is None else [cut(line, limit) for line in lines]
