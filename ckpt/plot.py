@@ -250,20 +250,20 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
         for ti, c in enumerate(data.tasks):
             for mi, m in enumerate(metrics):
                 colour = _COLOURS[(ti if several or not overlay else mi) % len(_COLOURS)]
-                label = " ".join(x for x in (c.task if several else "", m if overlay else "") if x) or None
+                label = _plain(" ".join(x for x in (c.task if several else "", m if overlay else "") if x)) or None
                 _draw(ax, c, m, data.x, colour, label, marks, labels)
         low, high = ax.get_xlim()
         for x, y, text in labels:  # a label near the right edge goes to the left of its marker, inside the panel
             left = (high - x) / ((high - low) or 1) < 0.25
             ax.annotate(
-                text,
+                _plain(text),
                 (x, y),
                 xytext=(-4 if left else 4, 6),
                 textcoords="offset points",
                 ha="right" if left else "left",
                 fontsize="small",
             )
-        ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
+        ax.set_ylabel(_plain(metrics[0]) if len(metrics) == 1 else "value")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # short tick labels fit the fixed margin
         ax.grid(True, alpha=0.3)
         if several or overlay:
@@ -271,7 +271,7 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
     axes[-1].set_xlabel(data.x)
     fig.legend(handles=_legend(Line2D, data.plan), loc="lower center", ncols=7, fontsize="small", frameon=False)
     title = ", ".join(c.task for c in data.tasks)
-    fig.suptitle(title if len(title) <= 80 else title[:79] + "…", fontsize="medium")
+    fig.suptitle(_plain(title if len(title) <= 80 else title[:79] + "…"), fontsize="medium")
     import io
 
     buf = io.BytesIO()
@@ -280,6 +280,11 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
     fig.savefig(buf, format=fmt, metadata=meta)
     width, height = (round(v) for v in fig.get_size_inches() * dpi)
     return Rendered(buf.getvalue(), fmt, int(width), int(height), marks)
+
+
+def _plain(text: str) -> str:
+    """`text` shown as it is: a `$` would start matplotlib's math mode (a name from a record may hold one)."""
+    return text.replace("$", r"\$")
 
 
 def _draw(

@@ -498,3 +498,38 @@ def test_report_names_trash_entries_by_ranges_of_numbers(ws, run):
     trash_unused(ws, "r", KeepRules(keep_last=3))  # trashes 1-3, 5-7
     _, page = report_of(run, "r")
     assert "# back from the trash: 6 checkpoints, #1-3, 5-7" in page
+
+
+def test_plot_overlay_draws_every_metric_in_one_panel(ws, run_json, tmp_path):
+    rich_task(ws)
+    got = run_json("plot", "unet", "--overlay", "--out", str(tmp_path / "o.svg"))
+    assert got["height"] == 370  # one panel
+    m = marks(tmp_path / "o.svg")
+    assert m["mark-checkpoint-unet-acc"] == 9 and m["mark-checkpoint-unet-val_loss"] == 8
+    assert m["mark-checkpoint-unet-val_iou"] == 6
+
+
+def test_report_of_a_task_without_checkpoints_or_metrics(ws, run):
+    ws.create_task("empty")
+    got, page = report_of(run, "empty")
+    assert got["checkpoints"] == 0 and "No checkpoint records a metric." in page and fetches(page) == []
+    ws.create_task("bare").save(b"b", step=1)
+    got, page = report_of(run, "bare")
+    assert got["checkpoints"] == 1 and 'id="cp-1"' in page and "<img" not in page
+
+
+def test_report_escapes_names_from_records(ws, run):
+    t = ws.create_task("esc")
+    t.save(b"e", step=1, metrics={"a<b>\"c'&_loss": 0.5, "</script><script>alert(1)</script>": 1.0})
+    _, page = report_of(run, "esc")
+    assert "<b>" not in page and "alert(1)</script>" not in page and page.count("<script>") == 1
+    assert "a&lt;b&gt;&quot;c&#x27;&amp;_loss" in page
+
+
+def test_plot_names_with_dollars_are_text_not_math(ws, run_json, tmp_path):
+    t = ws.create_task("d")
+    for i in range(1, 4):
+        t.save(b"d", step=i, metrics={"cost$a^$_loss": 1 / i})
+    ws.promote("d", 2, title="m-2")
+    got = run_json("plot", "d", "--out", str(tmp_path / "d.png"))
+    assert got["metrics"] == ["cost$a^$_loss"] and png_size(tmp_path / "d.png") == (800, 370)
