@@ -14,8 +14,8 @@ import typer
 
 from ..errors import UsageError
 from ._app import app
-from ._complete import tasks as complete_tasks
 from ._common import JsonOpt, again, command, err, open_workspace, out, plural, print_json
+from ._complete import tasks as complete_tasks
 
 if TYPE_CHECKING:
     from ..plot import PlotData, Rendered

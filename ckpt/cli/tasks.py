@@ -204,17 +204,11 @@ def list_checkpoints(
         err(f"task '{task}' has no checkpoints yet")
         return
     render(checkpoint_columns(cps, latest, models, sort), title=f"{task} ({t.status})", columns=columns, wide=wide)
-    if spark or (spark is None and _stdout_tty()):
+    if spark or (spark is None and json_to_terminal()):  # (stdout is a terminal)
         from .plot import spark_lines
 
         for line in spark_lines(t, every):
             out(line)
-
-
-def _stdout_tty() -> bool:
-    from ._common import json_to_terminal
-
-    return json_to_terminal()  # stdout is a terminal
 
 
 def _check_top(task: str, sort: str | None, desc: bool | None, limit: int | None) -> None:
