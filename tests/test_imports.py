@@ -25,7 +25,7 @@ from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.fsutil import hash_tree
-from ckpt.manifest import _COLUMNS, Checkpoint, TaskReader, parse_task
+from ckpt.manifest import COLUMNS, Checkpoint, TaskReader, parse_task
 from ckpt.workspace import (
     CACHE_FILE,
     LIST_CACHE_FILE,
@@ -61,14 +61,17 @@ def _loaded(cmd: list[str], env: dict[str, str]) -> set[str]:
         ["-m", "ckpt", "--help"],
         ["-m", "ckpt", "tasks", "--json"],
         ["-m", "ckpt", "list", "T", "--json"],
+        ["-m", "ckpt", "list", "T", "--spark"],
     ],
-    ids=["import", "help", "tasks", "list"],
+    ids=["import", "help", "tasks", "list", "list-spark"],
 )
 def test_light_commands_do_not_import_torch(ws: ckpt.Workspace, args: list[str]) -> None:
     make_task(ws, "T", n=2)
     mods = _loaded([sys.executable, *args], _env(ws))
     assert "ckpt" in mods
     assert not {m for m in mods if m == "torch" or m.startswith("torch.")}
+    # matplotlib (the plot extra) only for `ckpt plot` and `ckpt report`
+    assert not {m for m in mods if m == "matplotlib" or m.startswith(("matplotlib.", "numpy"))}
 
 
 def test_installed_script_does_not_import_torch(ws: ckpt.Workspace) -> None:
@@ -152,7 +155,7 @@ def _same(listed: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
 
 
 def test_cache_columns_are_the_checkpoint_fields() -> None:
-    assert (*_COLUMNS, "task") == tuple(f.name for f in dataclasses.fields(Checkpoint))
+    assert (*COLUMNS, "task") == tuple(f.name for f in dataclasses.fields(Checkpoint))
 
 
 def test_list_cache_follows_appends_by_another_process(ws: ckpt.Workspace) -> None:

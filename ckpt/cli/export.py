@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from . import _complete, app
+from . import _complete
+from ._app import app
 from ._common import JsonOpt, command, console, err, human_size, is_tty, open_workspace, out, plural, print_json
 
 

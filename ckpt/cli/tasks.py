@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from . import _complete, app
+from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
@@ -23,6 +23,7 @@ from ._common import (
     show_plan,
     table,
 )
+from ._complete import tasks as complete_tasks
 from ._render import (
     ROWS_FORM,
     TASKS_FORM,
@@ -127,7 +128,7 @@ def _sorted(t: Any, cps: list[Any], field: str, desc: bool | None) -> list[Any]:
 
 @command(app, "list")
 def list_checkpoints(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     sort: Annotated[
         str | None, typer.Option("--sort", help="Sort by a metric (or number, step, epoch, size, created).")
     ] = None,
@@ -142,6 +143,10 @@ def list_checkpoints(
     ] = None,
     columns: ColumnsOpt = None,
     wide: WideOpt = False,
+    spark: Annotated[
+        bool | None,
+        typer.Option("--spark/--no-spark", help="A sparkline per metric under the table (default: at a terminal)."),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them.
@@ -168,7 +173,7 @@ def list_checkpoints(
             err(_linked_warning(number, link))
         print_json_pieces(pieces)
         return
-    cps = t.checkpoints
+    cps = every = t.checkpoints
     t.refresh_cache()
     linked = t.linked(cps)
     for cp, link in linked:
@@ -199,6 +204,11 @@ def list_checkpoints(
         err(f"task '{task}' has no checkpoints yet")
         return
     render(checkpoint_columns(cps, latest, models, sort), title=f"{task} ({t.status})", columns=columns, wide=wide)
+    if spark or (spark is None and json_to_terminal()):  # (stdout is a terminal)
+        from .plot import spark_lines
+
+        for line in spark_lines(t, every):
+            out(line)
 
 
 def _check_top(task: str, sort: str | None, desc: bool | None, limit: int | None) -> None:
@@ -234,7 +244,7 @@ def _linked_warning(number: int, link: str) -> str:
 
 @command(app, "show")
 def show(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     number: Annotated[int, typer.Argument(help="The checkpoint number.")],
     json: JsonOpt = False,
 ) -> None:
@@ -314,7 +324,7 @@ def show(
 
 @command(app, "finish")
 def finish(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,
     title: Annotated[
         str | None, typer.Option("--title", "-t", help="Title for the model (default: TASK-NUMBER).")
