@@ -506,3 +506,36 @@ def test_a_run_with_loose_files_beside_step_folders(run_json: Any, ws: ckpt.Work
     assert run_json("import", str(tmp_path / "mixed"), "--task", "a")["format"] == "files"
     rows = run_json("import", str(tmp_path / "mixed"), "--task", "b", "--format", "dcp")["checkpoints"]
     assert [(r["original_name"], r["action"]) for r in rows] == [("step_1", "added"), ("final.pt", "skipped")]
+
+
+def test_damaged_files_are_integrity_errors_never_crashes(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    """Bytes flipped or cut anywhere in .metadata, a .distcp file or a safetensors shard: exit 6 (or a clean
+    export of what still reads), never an internal error."""
+    import random
+
+    from safetensors.torch import save_file
+
+    rng = random.Random(17)
+    base = tmp_path / "base"
+    wr.dcp_save(base / "step_1", {"model": wr.state_dict(1)})
+    (base / "step_2").mkdir()
+    save_file({"a": torch.ones(50), "b": torch.zeros(3, 4)}, base / "step_2" / "model-00001-of-00001.safetensors")
+    weight_map = {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}
+    (base / "step_2" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    t = ws.create_task("damaged")
+    victims = [("step_1", ".metadata"), ("step_1", "__0_0.distcp"), ("step_2", "model-00001-of-00001.safetensors")]
+    for i in range(24):
+        folder, name = victims[i % len(victims)]
+        work = tmp_path / f"case{i}" / folder
+        shutil.copytree(base / folder, work)
+        data = bytearray((work / name).read_bytes())
+        if i % 2:
+            del data[rng.randrange(len(data)) :]
+        else:
+            for _ in range(8):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        (work / name).write_bytes(bytes(data))
+        number = t.save_file(work)
+        for args in (("show", "damaged", str(number)), ("export", "damaged", str(number), "--out", str(work) + ".st")):
+            result = run(*args)
+            assert result.exit_code in (0, 6), (i, name, result.output)
