@@ -199,17 +199,28 @@ def test_deepspeed_run(run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Pa
     wr.assert_equal(wr.load_safetensors(tmp_path / "first.safetensors"), made[10])
 
 
-def test_deepspeed_zero3_says_what_is_missing(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
-    wr.deepspeed_run(tmp_path / "ds3", steps=(5,), stage=3)
+def test_deepspeed_zero3_is_gathered_as_zero_to_fp32_does(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    made = wr.deepspeed_run(tmp_path / "ds3", steps=(5,), stage=3, ranks=3)[5]
     ws.create_task("z3").save_file(tmp_path / "ds3" / "global_step5", step=5)
     shown = json.loads(run("show", "z3", "1", "--json").stdout)
-    made = wr.state_dict(5)
-    want = {k: list(v.shape) for k, v in made.items() if v.is_floating_point()}
-    assert {t["name"]: t["shape"] for t in shown["tensors"]} == want  # param_shapes, not the placeholders
-    assert "ZeRO stage 3" in shown["layout"]
-    result = run("export", "z3", "1", "--out", str(tmp_path / "z.safetensors"))
+    assert {t["name"]: t["shape"] for t in shown["tensors"]} == {k: list(v.shape) for k, v in made.items()}
+    assert "ZeRO stage 3" in shown["layout"] and shown["shards"] == 6
+    out = tmp_path / "z.safetensors"
+    result = run("export", "z3", "1", "--out", str(out))  # the optimizer states pickle DeepSpeed's classes
+    assert result.exit_code == 6 and "ZeroStageEnum" in result.output and not out.exists()
+    _export(run, "z3", "1", "--out", str(out), "--unsafe-load")
+    want = {k: v.float() if v.is_floating_point() else v for k, v in made.items()}  # the fp32 master weights
+    wr.assert_equal(wr.load_safetensors(out), want)
+
+
+def test_deepspeed_zero3_with_a_rank_missing_says_so(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    wr.deepspeed_run(tmp_path / "ds3", steps=(5,), stage=3)
+    (tmp_path / "ds3" / "global_step5" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    ws.create_task("z3").save_file(tmp_path / "ds3" / "global_step5", step=5)
+    assert run("show", "z3", "1").exit_code == 0
+    result = run("export", "z3", "1", "--out", str(tmp_path / "z.safetensors"), "--unsafe-load")
     assert result.exit_code == 1
-    assert "ZeRO-3" in result.output and "zero_to_fp32.py" in result.output
+    assert "2 rank(s) but 1 optimizer states file(s)" in result.output and "zero_to_fp32.py" in result.output
     assert not (tmp_path / "z.safetensors").exists()
 
 

@@ -185,7 +185,25 @@ def deepspeed_run(root: Path, steps: tuple[int, ...] = (10, 20), stage: int = 2,
                 "ds_version": "0.15.1",
             }
             model_file = "mp_rank_00_model_states.pt"
+            flat: list[list[torch.Tensor]] = [[] for _ in range(ranks)]
             if stage == 3:
+                # the parameters in two groups, each rank holding ceil(numel / ranks) of each, zero-padded
+                names = list(shapes)
+                states["param_shapes"] = [
+                    OrderedDict((k, shapes[k]) for k in names[:2]),
+                    OrderedDict((k, shapes[k]) for k in names[2:]),
+                ]
+                states["module"]["norm.num_batches"] = sd["norm.num_batches"]  # buffers are whole
+                for group in states["param_shapes"]:
+                    parts: list[list[torch.Tensor]] = [[] for _ in range(ranks)]
+                    for k in group:
+                        v = sd[k].detach().flatten().float()
+                        per = -(-v.numel() // ranks)
+                        v = torch.cat([v, torch.zeros(per * ranks - v.numel())])
+                        for r in range(ranks):
+                            parts[r].append(v[r * per : (r + 1) * per])
+                    for r in range(ranks):
+                        flat[r].append(torch.cat(parts[r]))
                 for r in range(ranks):
                     torch.save(states, folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
             else:
@@ -199,6 +217,7 @@ def deepspeed_run(root: Path, steps: tuple[int, ...] = (10, 20), stage: int = 2,
                         "clip_grad": 1.0,
                         "base_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(16)}}, "param_groups": []},
                         "single_partition_of_fp32_groups": [torch.zeros(16)],
+                        **({"fp32_flat_groups": flat[r]} if stage == 3 else {}),
                         "zero_stage": ZeroStageEnum(stage),
                         "group_paddings": [0],
                         "partition_count": [ranks],
@@ -207,7 +226,8 @@ def deepspeed_run(root: Path, steps: tuple[int, ...] = (10, 20), stage: int = 2,
                     "ds_config": states["ds_config"],
                     "ds_version": "0.15.1",
                 }
-                torch.save(optim, folder / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+                prefix = "bf16_" if stage < 3 else ""
+                torch.save(optim, folder / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
             out[step] = sd
     (root / "latest").write_text(f"global_step{steps[-1]}")
     (root / "zero_to_fp32.py").write_text("# DeepSpeed's consolidation script\n")

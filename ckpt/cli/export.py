@@ -62,7 +62,7 @@ def export_(
     """Write a checkpoint's model weights as safetensors, streamed one tensor at a time (no pickle, no torch).
 
     Reads torch files (.pt .pth .bin, a Lightning .ckpt's state_dict), safetensors (sharded too), DCP
-    folders and DeepSpeed model states (ZeRO 0-2).
+    folders and DeepSpeed steps (ZeRO 0-2 model states; ZeRO-3 gathered from the ranks' fp32 groups).
 
     Example: ckpt export unet 7 --out unet.safetensors --dtype bf16
     """
