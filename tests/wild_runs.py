@@ -188,11 +188,13 @@ def deepspeed_run(root: Path, steps: tuple[int, ...] = (10, 20), stage: int = 2,
             flat: list[list[torch.Tensor]] = [[] for _ in range(ranks)]
             if stage == 3:
                 # the parameters in two groups, each rank holding ceil(numel / ranks) of each, zero-padded
-                names = list(shapes)
+                frozen = "layer.0.bias"  # a frozen parameter: a fragment in each rank's model states
+                names = [k for k in shapes if k != frozen]
                 states["param_shapes"] = [
                     OrderedDict((k, shapes[k]) for k in names[:2]),
                     OrderedDict((k, shapes[k]) for k in names[2:]),
                 ]
+                states["frozen_param_shapes"] = OrderedDict([(frozen, shapes[frozen])])
                 states["module"]["norm.num_batches"] = sd["norm.num_batches"]  # buffers are whole
                 for group in states["param_shapes"]:
                     parts: list[list[torch.Tensor]] = [[] for _ in range(ranks)]
@@ -204,7 +206,11 @@ def deepspeed_run(root: Path, steps: tuple[int, ...] = (10, 20), stage: int = 2,
                             parts[r].append(v[r * per : (r + 1) * per])
                     for r in range(ranks):
                         flat[r].append(torch.cat(parts[r]))
+                v = sd[frozen].detach().flatten()
+                per = -(-v.numel() // ranks)
+                v = torch.cat([v, torch.zeros(per * ranks - v.numel(), dtype=v.dtype)])
                 for r in range(ranks):
+                    states["frozen_param_fragments"] = {frozen: v[r * per : (r + 1) * per].clone()}
                     torch.save(states, folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
             else:
                 torch.save(states, folder / model_file)
