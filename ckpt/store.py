@@ -190,7 +190,19 @@ class StoreWorkspace(Workspace):
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
         source: Mapping[str, str] | None = None,
+        policy: Any = None,
     ) -> Task:
+        if policy is not None:  # made, then its policy recorded (ckpt.policy), as in a folder
+            return super().create_task(
+                name,
+                arch=arch,
+                arch_kwargs=arch_kwargs,
+                exist_ok=exist_ok,
+                settings=settings,
+                metric_modes=metric_modes,
+                source=source,
+                policy=policy,
+            )
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
             raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
@@ -628,6 +640,12 @@ class StoreTask(Task):
     def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
         if replace(self.state().header).note_import(metric_modes, source):
             self.update(lambda state: state.header.note_import(metric_modes, source))
+
+    def set_policy(self, policy: dict[str, Any] | None) -> None:
+        def change(state: TaskState) -> None:
+            state.header.policy = dict(policy) if policy else None
+
+        self.update(change)
 
     def set_status(self, status: str) -> TaskHeader:
         def change(state: TaskState) -> TaskHeader:
@@ -2100,6 +2118,28 @@ def _check_task(
 
 # the implementations StoreWorkspace gives for the core operations marked `per_backend` (same names and
 # signatures as the local ones); an operation missing here is refused with exit 2
+def read_workspace_doc(ws: StoreWorkspace) -> dict[str, Any]:
+    data, _ = ws.storage.get(WORKSPACE_FILE)
+    doc = parse_toml(data, Path(WORKSPACE_FILE))
+    workspace_doc(doc, Path(WORKSPACE_FILE))
+    return doc
+
+
+def update_workspace_doc(ws: StoreWorkspace, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """`ckpt.toml` changed by `change` and written back with If-Match; a lost race reads and applies it again."""
+    for attempt in range(COMMIT_TRIES):
+        data, etag = ws.storage.get(WORKSPACE_FILE)
+        doc = parse_toml(data, Path(WORKSPACE_FILE))
+        change(doc)
+        workspace_doc(doc, Path(WORKSPACE_FILE))
+        try:
+            ws.storage.put(WORKSPACE_FILE, dumps(doc), if_match=etag)
+            return doc
+        except PreconditionFailed:
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+    raise BusyError(f"{WORKSPACE_FILE} changed {COMMIT_TRIES} times while writing it; try again")
+
+
 OPERATIONS: dict[str, Callable[..., Any]] = {
     "promote": promote,
     "finish": finish,
@@ -2114,4 +2154,6 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "disk_use": disk_use,
     "scan": scan,
     "doctor": doctor,
+    "read_workspace_doc": read_workspace_doc,
+    "update_workspace_doc": update_workspace_doc,
 }

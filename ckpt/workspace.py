@@ -44,6 +44,7 @@ from .manifest import (
 )
 from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
+from .policy import after_save
 from .storage import is_url
 from .timeutil import now_iso
 
@@ -250,14 +251,31 @@ class Workspace:
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
         source: Mapping[str, str] | None = None,
+        policy: Any = None,
     ) -> Task:
         """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
 
         `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
         arguments (JSON-serialisable; None is kept); `metric_modes` says which way each metric is better
-        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}). Raises
+        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}); `policy` is
+        the task's retention policy (ckpt.policy: `{"keep_last": 3, "keep_best": 2, "metric": "val_loss"}`),
+        applied in the background after each save (also to an existing task, with `exist_ok`). Raises
         UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
         """
+        if policy is not None:
+            from .policy import set_policy
+
+            task = self.create_task(
+                name,
+                arch=arch,
+                arch_kwargs=arch_kwargs,
+                exist_ok=exist_ok,
+                settings=settings,
+                metric_modes=metric_modes,
+                source=source,
+            )
+            set_policy(self, name, policy)
+            return task
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
             raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
@@ -822,7 +840,9 @@ class Task:
                 torch.save(obj, w)  # type: ignore[arg-type]
 
             ext = suffix or ".pt"
-        return self._commit_new(produce, ext, step, epoch, clean, None)
+        number = self._commit_new(produce, ext, step, epoch, clean, None)
+        after_save(self, number)  # the retention policy, if any, in the background
+        return number
 
     def save_file(
         self,
@@ -844,7 +864,9 @@ class Task:
             with fsutil.open_regular_file(src) as f:  # a FIFO swapped in after is_file() is refused, not waited on
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
-        return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
+        number = self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
+        after_save(self, number)
+        return number
 
     def _commit_new(
         self,
@@ -1069,6 +1091,19 @@ class Task:
                 )
             )
 
+    def set_policy(self, policy: dict[str, Any] | None) -> None:
+        """Record the task's retention policy (a `[policy]` table made by ckpt.policy), or drop it (None)."""
+        with self.lock():
+            state = self.state()
+            state.header.policy = dict(policy) if policy else None
+            self._rewrite(state)
+
+    def wait(self) -> None:
+        """Wait for what this process runs in the background after saves into this task (its retention policy)."""
+        from .policy import wait
+
+        wait(self)
+
     def _rewrite(self, state: TaskState) -> None:
         """Replace the manifest with `state` (caller holds the lock)."""
         fsutil.atomic_write(self.manifest, task_bytes(state))
@@ -1100,6 +1135,7 @@ class Task:
         """
         from .models import finish
 
+        self.wait()
         return finish(self.ws, self.name, failed=failed, title=title).model
 
 

@@ -74,6 +74,7 @@ from . import models as _models  # noqa: E402,F401
 from . import trash as _trash  # noqa: E402,F401
 from . import imports as _imports  # noqa: E402,F401
 from . import preview as _preview  # noqa: E402,F401
+from . import policy as _policy  # noqa: E402,F401
 
 # Commands that run networks (long, and torch makes reference cycles): they keep the cyclic garbage collector.
 _COLLECTING = frozenset({"preview", "demo"})
