@@ -116,7 +116,7 @@ def latest(
 ) -> None:
     """The latest checkpoint of TASK: its number, or with --path the file to resume from; exit 3 when none.
 
-    Example: python train.py --resume "$(ckpt latest unet --path)"
+    Example: ckpt latest unet --path  (python train.py --resume "$(ckpt latest unet --path)")
     """
     from ..errors import CheckpointNotFound
     from ..manifest import metric_json
