@@ -320,6 +320,10 @@ def trash_empty(
     older_than: Annotated[
         str | None, typer.Option("--older-than", help="Only entries older than this: 45s, 30m, 12h, 7d, 2w.")
     ] = None,
+    auto: Annotated[
+        bool,
+        typer.Option("--auto", help="The oldest entries first, until ckpt.toml's [trash] max_size and max_age hold."),
+    ] = False,
     yes: YesOpt = False,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
@@ -332,7 +336,22 @@ def trash_empty(
 
     age = parse_age(older_than) if older_than is not None else None
     ws = open_workspace()
-    plan = plan_empty(ws, entries or None, age)
+    budget: Any = None
+    if auto:
+        from ..budget import plan_auto
+        from ..errors import UsageError
+
+        if entries or older_than is not None:
+            raise UsageError("--auto chooses the entries by the budget: it takes no ids and no --older-than")
+        budget = plan_auto(ws)
+        plan = budget.plan
+        limits = _limits(budget.budget)
+        err(
+            f"trash budget {limits}: the trash would free {human_size(budget.bytes_before)}; "
+            f"after this, {human_size(budget.bytes_after)}"
+        )
+    else:
+        plan = plan_empty(ws, entries or None, age)
     for entry_id, why in plan.skipped:
         err(f"skipped {entry_id}: {why}")
     if dry_run:
@@ -341,6 +360,9 @@ def trash_empty(
         would = [
             f"delete trash entry {e.id} ({human_size(e.size)}; frees about {human_size(e.bytes)})" for e in plan.entries
         ]
+        if json and budget is not None:
+            print_json({"dry_run": True, "would": would, **_budget_json(budget)})
+            return
         show_plan(Plan(would + [f"finish deleting {p.name}" for p in plan.leftovers]), json)
         return
     if plan.entries:
@@ -359,15 +381,31 @@ def trash_empty(
                 "bytes_freed": freed,
                 "not_freed": res.held.to_json() if res and res.held else None,
                 "skipped": [{"id": i, "reason": r} for i, r in (res.skipped if res else plan.skipped)],
+                **(_budget_json(budget) if budget is not None else {}),
             }
         )
         return
     if not emptied:
-        out("nothing to empty")
+        out("nothing to empty" + (": the trash is within its budget" if budget is not None else ""))
         return
     out(f"deleted {plural(len(emptied), 'trash entry', 'trash entries')}; freed {human_size(freed)} ({freed} bytes)")
     if res and res.held:
         err(f"note: {human_size(res.held.bytes)} stay on disk: {res.held.why}")
+
+
+def _limits(b: Any) -> str:
+    parts = []
+    if b.max_size is not None:
+        parts.append(f"max_size {human_size(b.max_size)} ({b.max_size} bytes)")
+    if b.max_age is not None:
+        from ..policy import interval_text
+
+        parts.append(f"max_age {interval_text(int(b.max_age.total_seconds()))}")
+    return ", ".join(parts)
+
+
+def _budget_json(auto: Any) -> dict[str, Any]:
+    return {"budget": {**auto.budget.to_json(), "bytes_before": auto.bytes_before, "bytes_after": auto.bytes_after}}
 
 
 @command(models_app, "remove")
