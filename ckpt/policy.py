@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -385,16 +385,16 @@ class _Worker:
 
     def __init__(self, location: str, task: str):
         self.location, self.task = location, task
-        self.jobs: queue.Queue[int | None] = queue.Queue()
+        self.jobs: queue.Queue[frozenset[int] | None] = queue.Queue()
         self.pending = 0  # saves not yet covered by a finished run
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"ckpt-policy-{task}", daemon=True)
         self.thread.start()
 
-    def submit(self, number: int) -> None:
+    def submit(self, numbers: frozenset[int]) -> None:
         with self.cond:
             self.pending += 1
-        self.jobs.put(number)
+        self.jobs.put(numbers)
 
     def wait(self) -> None:
         with self.cond:
@@ -402,10 +402,10 @@ class _Worker:
 
     def _loop(self) -> None:
         while True:
-            number = self.jobs.get()
-            if number is None:
+            numbers = self.jobs.get()
+            if numbers is None:
                 return
-            just_saved, done = {number}, 1
+            just_saved, done = set(numbers), 1
             while True:  # fold in the saves queued meanwhile: one run covers them all
                 try:
                     more = self.jobs.get_nowait()
@@ -414,7 +414,7 @@ class _Worker:
                 if more is None:
                     self.jobs.put(None)
                     break
-                just_saved.add(more)
+                just_saved |= more
                 done += 1
             try:
                 _apply_after_save(self.location, self.task, just_saved)
@@ -448,8 +448,9 @@ def _apply_after_save(location: str, task_name: str, just_saved: set[int]) -> No
     trash_unused(ws, task_name, rules, reason=f"retention policy ({eff.source}) after saving checkpoint {numbers}")
 
 
-def after_save(task: Task, number: int) -> None:
-    """Apply the task's policy (its own, else the workspace's) in the background after `number` was saved.
+def after_save(task: Task, number: int, keep: Iterable[int] = ()) -> None:
+    """Apply the task's policy (its own, else the workspace's) in the background after `number` was saved;
+    that run keeps `number` and `keep` whatever the policy says.
 
     Never raises: a policy that cannot be read is a warning."""
     try:
@@ -467,7 +468,7 @@ def after_save(task: Task, number: int) -> None:
         if not _at_exit:
             atexit.register(wait_all)
             _at_exit = True
-    worker.submit(number)
+    worker.submit(frozenset((number, *keep)))
 
 
 def wait(task: Task) -> None:
