@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import fsutil
 from .backend import F
@@ -44,11 +44,12 @@ from .manifest import (
 )
 from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
-from .policy import after_save
 from .storage import is_url
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .models import Model, ModelIndex
     from .staging import Marker
     from .trash_results import Repair
@@ -806,6 +807,30 @@ class Task:
             pass
         return pending, importing
 
+    @overload
+    def save(
+        self,
+        obj: Any,
+        *,
+        step: int | None = ...,
+        epoch: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
+        suffix: str | None = ...,
+        background: Literal[False] = ...,
+    ) -> int: ...
+
+    @overload
+    def save(
+        self,
+        obj: Any,
+        *,
+        step: int | None = ...,
+        epoch: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
+        suffix: str | None = ...,
+        background: Literal[True],
+    ) -> Future[int]: ...
+
     def save(
         self,
         obj: Any,
@@ -814,13 +839,26 @@ class Task:
         epoch: int | None = None,
         metrics: Mapping[str, float] | None = None,
         suffix: str | None = None,
-    ) -> int:
+        background: bool = False,
+    ) -> int | Future[int]:
         """Save a checkpoint and return its number (1, 2, 3...).
 
         `obj` is a state dict (or anything `torch.save` takes), bytes, or a path to an existing file
         (copied; see `save_file`). The file is written under a temporary name, fsynced, and renamed into
         place before its record is appended, so a record never points at a half-written file.
+
+        With `background`, the tensors are copied to host memory and the rest happens on a worker thread
+        (ckpt.background): it returns a Future of the number, known once the record is committed; an error
+        there is raised by the next `save` or `wait`.
         """
+        if background:
+            _check_metrics(metrics)
+            _check_int(step, "step")
+            _check_int(epoch, "epoch")
+            from .background import save as save_in_background
+
+            return save_in_background(self, obj, step=step, epoch=epoch, metrics=metrics, suffix=suffix)
+        _settle_background(self)  # in save order: a pending background save commits first
         if isinstance(obj, str | os.PathLike):
             return self.save_file(obj, step=step, epoch=epoch, metrics=metrics)
         clean = _check_metrics(metrics)
@@ -841,7 +879,7 @@ class Task:
 
             ext = suffix or ".pt"
         number = self._commit_new(produce, ext, step, epoch, clean, None)
-        after_save(self, number)  # the retention policy, if any, in the background
+        _after_save(self, number)  # the retention policy, if any, in the background
         return number
 
     def save_file(
@@ -853,6 +891,7 @@ class Task:
         metrics: Mapping[str, float] | None = None,
     ) -> int:
         """Copy an existing checkpoint file written by someone else into the task; return its number."""
+        _settle_background(self)
         src = Path(path)
         if not src.is_file():
             raise CheckpointNotFound(f"'{src}' is not a file", path=src)
@@ -865,7 +904,7 @@ class Task:
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
         number = self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
-        after_save(self, number)
+        _after_save(self, number)
         return number
 
     def _commit_new(
@@ -1099,9 +1138,11 @@ class Task:
             self._rewrite(state)
 
     def wait(self) -> None:
-        """Wait for what this process runs in the background after saves into this task (its retention policy)."""
+        """Wait for what this process runs in the background for this task: a background save (whose error
+        is raised here), then its retention policy."""
         from .policy import wait
 
+        _settle_background(self)
         wait(self)
 
     def _rewrite(self, state: TaskState) -> None:
@@ -1137,6 +1178,18 @@ class Task:
 
         self.wait()
         return finish(self.ws, self.name, failed=failed, title=title).model
+
+
+def _settle_background(task: Task) -> None:
+    from .background import settle  # here: `import ckpt` need not pay for it; a lookup in sys.modules after
+
+    settle(task)
+
+
+def _after_save(task: Task, number: int) -> None:
+    from .policy import after_save
+
+    after_save(task, number)
 
 
 def _check_int(value: object, what: str) -> None:
