@@ -48,9 +48,7 @@ def main() -> None:
             syncs.append(time.perf_counter() - start)
             shutil.rmtree(task.folder)  # keep the disk from filling: 2 GiB a round
         copy_s, blocked_s, sync_s = (statistics.median(x) for x in (copies, blocked, syncs))
-        info(
-            f"1 GiB state dict: one copy {copy_s:.3f} s, background save blocks {blocked_s:.3f} s, sync save {sync_s:.3f} s"
-        )
+        info(f"1 GiB: one copy {copy_s:.3f} s, background save blocks {blocked_s:.3f} s, sync save {sync_s:.3f} s")
         ratio("background_blocked_vs_one_copy", blocked_s / copy_s, "<=1.5")
         ratio("background_blocked_vs_sync_save", blocked_s / sync_s, "<=0.25")
     finally:
