@@ -310,6 +310,7 @@ def set_policy(ws: Workspace, task_name: str | None, rules: KeepRules | Mapping[
     if task is not None:
         if task.header.policy != doc:
             task.set_policy(doc)
+        _task_policy.pop((ws.location, task.name), None)
         return Effective(recorded, "task" if recorded is not None else None)
 
     def change(d: dict[str, Any]) -> None:
@@ -319,6 +320,7 @@ def set_policy(ws: Workspace, task_name: str | None, rules: KeepRules | Mapping[
             d["policy"] = doc
 
     update_workspace_doc(ws, change)
+    _ws_policy.pop(ws.location, None)
     return Effective(recorded, "workspace" if recorded is not None else None)
 
 
@@ -454,7 +456,7 @@ def after_save(task: Task, number: int, keep: Iterable[int] = ()) -> None:
 
     Never raises: a policy that cannot be read is a warning."""
     try:
-        if task.header.policy is None and not _workspace_has_policy(task.ws):
+        if not _task_has_policy(task) and not _workspace_has_policy(task.ws):
             return
     except Exception as e:
         warnings.warn(f"ckpt: the retention policy of task '{task.name}' could not be read: {e}", stacklevel=3)
@@ -484,6 +486,21 @@ def wait_all() -> None:
         workers = list(_workers.values())
     for w in workers:
         w.wait()
+
+
+_task_policy: dict[tuple[str, str], bool] = {}  # a bucket's tasks: whether each has a policy, read once
+
+
+def _task_has_policy(task: Task) -> bool:
+    """Whether the task's manifest has a [policy]: read afresh in a folder (a stat when unchanged); once per
+    process in a bucket, where reading it again after every save would cost requests (a policy set by this
+    process is seen at once; one set elsewhere, by the next process)."""
+    if not task.ws.remote:
+        return task.header.policy is not None
+    key = (task.ws.location, task.name)
+    if key not in _task_policy:
+        _task_policy[key] = task.header.policy is not None
+    return _task_policy[key]
 
 
 _ws_policy: dict[str, tuple[Any, bool]] = {}  # location -> (what says whether ckpt.toml changed, has a policy)
