@@ -153,7 +153,7 @@ def trainer(ws: str, out: str) -> None:
 
     first = run(8, None)
     last = get_last_checkpoint(out)  # through the link the callback left: the task's latest
-    Path(ws).with_name("trainer.json").write_text(
+    Path(out).with_name("trainer.json").write_text(
         json.dumps({"log_history": first.state.log_history, "last": last, "best": first.state.best_model_checkpoint})
     )
 

@@ -115,3 +115,18 @@ def test_import_ckpt_stays_free_of_the_training_libraries() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_trainer_callback_into_a_bucket(s3_url: str, tmp_path: Path, run_json: Any) -> None:
+    out = tmp_path / "out"
+    _train("transformers", "trainer", s3_url, str(out))
+    rows = run_json("-w", s3_url, "list", "bert")
+    assert rows[-1]["step"] == 8 and all("eval_score" in r["metrics"] for r in rows)
+    trashed = [n for e in run_json("-w", s3_url, "trash", "list") for n in e["checkpoints"]]
+    assert len(rows) == 2 and len(trashed) == 2  # keep-last 1 and keep-best 1 (the best is not the latest)
+    assert run_json("-w", s3_url, "models", "show", "bert-4")["step"] == 8
+    # the folders uploaded stay only where the Trainer needs them: its latest and its best
+    truth = json.loads((tmp_path / "trainer.json").read_text())
+    kept = {p.name for p in out.glob("checkpoint-*")}
+    assert kept == {"checkpoint-8", Path(truth["best"]).name}
+    assert not any(p.is_symlink() for p in out.glob("checkpoint-*"))
