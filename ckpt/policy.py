@@ -15,6 +15,7 @@ After each save of the library (`Task.save`), the task's policy runs on a backgr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import queue
@@ -30,7 +31,7 @@ from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ManifestError, UsageError
 from .manifest import dumps, read_toml, workspace_doc
-from .metrics import check_modes, direction
+from .metrics import check_modes, direction, value
 from .timeutil import parse_age, parse_iso
 
 if TYPE_CHECKING:
@@ -421,11 +422,12 @@ class _Worker:
             try:
                 _apply_after_save(self.location, self.task, just_saved)
             except BaseException as e:  # a policy error is a warning: the training loop goes on
-                warnings.warn(
-                    f"ckpt: the retention policy of task '{self.task}' was not applied: {e}",
-                    RuntimeWarning,
-                    stacklevel=1,
-                )
+                with contextlib.suppress(Exception):  # warnings turned into errors must not end this thread
+                    warnings.warn(
+                        f"ckpt: the retention policy of task '{self.task}' was not applied: {e}",
+                        RuntimeWarning,
+                        stacklevel=1,
+                    )
             finally:
                 with self.cond:
                     self.pending -= done
@@ -445,7 +447,12 @@ def _apply_after_save(location: str, task_name: str, just_saved: set[int]) -> No
     eff = effective(ws, task_name)
     if eff.rules is None:
         return
+    task_cps = ws.task(task_name).checkpoints
     rules = replace(eff.rules, protect=frozenset(just_saved))
+    if rules.keep_best and rules.metric and not any(value(cp.metrics, rules.metric) is not None for cp in task_cps):
+        # no checkpoint has the metric yet (saves before the first validation): that rule keeps none of them,
+        # as it would rank them last; said here rather than warned about at every save
+        rules = replace(rules, keep_best=0, metric=None, mode=None)
     numbers = ", ".join(map(str, sorted(just_saved)))
     trash_unused(ws, task_name, rules, reason=f"retention policy ({eff.source}) after saving checkpoint {numbers}")
 

@@ -232,6 +232,20 @@ def test_a_policy_error_is_a_warning_never_an_exception(ws: ckpt.Workspace) -> N
     assert len(task.checkpoints) == 2
 
 
+def test_saves_before_the_metric_is_logged_are_no_error(ws: ckpt.Workspace) -> None:
+    task = ws.create_task("run", policy={"keep_last": 1, "keep_best": 1, "metric": "val_loss"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning from the background run fails the test
+        for step in (1, 2, 3):
+            task.save(b"no metric yet", step=step)
+        task.wait()
+        assert [cp.number for cp in task.checkpoints] == [3]
+        task.save(b"validated", step=4, metrics={"val_loss": 0.3})
+        task.save(b"later", step=5)
+        task.wait()
+    assert [cp.number for cp in task.checkpoints] == [4, 5]
+
+
 def test_a_restart_saves_on_into_the_same_task_under_its_policy(ws: ckpt.Workspace) -> None:
     first = ws.create_task("run", policy={"keep_last": 2})
     for i in range(3):
