@@ -750,7 +750,7 @@ def inode_key(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def disk_usage(path: Path, seen: set[tuple[int, int]]) -> int:
+def disk_usage(path: Path, seen: set[object]) -> int:
     """Bytes allocated under `path` (like `du -B1`, files only), counting each inode once via `seen`."""
     total = 0
     try:
@@ -849,6 +849,12 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def hash_workers(total_bytes: int) -> int | None:
+    """Threads for hashing `total_bytes`: one for a few MiB (threads cost more than they save on small
+    files), else one per core (None: sha256_many's default)."""
+    return 1 if total_bytes < 16 * 2**20 else None
 
 
 def sha256_many(

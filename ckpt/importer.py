@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 FORMATS = ("auto", "lightning", "huggingface", "files")
 MODES = ("link", "copy", "move")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-_HF_DIR = re.compile(r"checkpoint-(\d+)")
+HF_DIR = re.compile(r"checkpoint-(\d+)")
 _LAST = re.compile(r"last(-v\d+)?")
 _KEY = re.compile(r"(?:^|(?<=-))([A-Za-z_][A-Za-z0-9_.@]*)=")
 _VERSION = re.compile(r"-v\d+$")
@@ -244,8 +243,8 @@ def _single(path: Path) -> list[tuple[Path, os.stat_result | None]]:
 def detect_format(path: Path) -> str:
     """The format of `path`: "huggingface" (checkpoint-N folders), "lightning" (*.ckpt files), else "files"."""
     if path.is_dir():
-        if _HF_DIR.fullmatch(path.name) or any(
-            _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
+        if HF_DIR.fullmatch(path.name) or any(
+            HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
         ):
             return "huggingface"
         return "lightning" if _any_file(str(path), ".ckpt") else "files"
@@ -439,17 +438,17 @@ def _is_last(filename: str) -> bool:
 
 def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
     """The `checkpoint-N/` folders of a Trainer's output_dir, in numeric order of N."""
-    if _HF_DIR.fullmatch(path.name):
+    if HF_DIR.fullmatch(path.name):
         root, dirs = path.parent, [path]
     else:
         root = path
-        dirs = [Path(e.path) for e in os.scandir(path) if _HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        dirs = [Path(e.path) for e in os.scandir(path) if HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
     top = _read_json(root / "trainer_state.json")
     best = top.get("best_model_checkpoint")
     best_step = int(top["global_step"]) if isinstance(top.get("global_step"), int) else -1
     found: list[Found] = []
     for d in dirs:
-        step = int(_HF_DIR.fullmatch(d.name).group(1))  # type: ignore[union-attr]
+        step = int(HF_DIR.fullmatch(d.name).group(1))  # type: ignore[union-attr]
         state = _read_json(d / "trainer_state.json")
         if not isinstance(state.get("log_history"), list) or not state["log_history"]:
             state = top
@@ -535,7 +534,7 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
         def done(i: int) -> None:
             progress(sizes[i], total)
 
-    digests = fsutil.sha256_many(jobs, workers=_workers(total), done=done)
+    digests = fsutil.sha256_many(jobs, workers=fsutil.hash_workers(total), done=done)
     for d in digests:
         if isinstance(d, CkptError):  # NotRegularFile: a FIFO or device among the files (exit 6)
             raise d
@@ -561,7 +560,7 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
 def default_task_name(path: Path, fmt: str) -> str:
     """A task name from the source path: its folder name, skipping Lightning's `checkpoints` folder."""
     p = path.resolve()
-    if not p.is_dir() or (fmt == "huggingface" and _HF_DIR.fullmatch(p.name)):
+    if not p.is_dir() or (fmt == "huggingface" and HF_DIR.fullmatch(p.name)):
         p = p.parent
     if p.name == "checkpoints" and p.parent != p:
         p = p.parent
@@ -764,12 +763,12 @@ def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
     """Files in a task folder that its manifest does not know; with `add`, checkpoint-like ones are added
     (moved into checkpoints/ under new numbers, ordered as plain files are). Raises TaskNotFound, BusyError."""
     t = ws.task(task_name)
-    result = _scan(ws, t)
+    result = scan_folder(ws, t)
     if add:
         candidates = [u for u in result.unknown if u.addable]
         if candidates:
             with t.lock():  # scanned again under the lock: a file can only be added while nothing else moves
-                fresh = {u.rel for u in _scan(ws, t).unknown}
+                fresh = {u.rel for u in scan_folder(ws, t).unknown}
             candidates = [u for u in candidates if u.rel in fresh]
             found = [_found_of(u, t) for u in candidates]
             order_by_plain_name(found)
@@ -801,7 +800,7 @@ def _found_of(u: Unknown, t: Task) -> Found:
     name = escape_path(u.path.relative_to(t.folder).as_posix())
     base = u.path.name
     if u.kind == "dir":
-        m = _HF_DIR.fullmatch(base)
+        m = HF_DIR.fullmatch(base)
         if m:
             epoch, metrics = hf_metrics(_read_json(u.path / "trainer_state.json"), int(m.group(1)))
             return Found(
@@ -832,7 +831,8 @@ def _unknown(ws: Workspace, path: Path) -> Unknown:
     return Unknown(path, ws.rel(path), "file", st.st_size, _iso(st.st_mtime), addable)
 
 
-def _scan(ws: Workspace, t: Task) -> ScanResult:
+def scan_folder(ws: Workspace, t: Task) -> ScanResult:
+    """What a folder task holds that its manifest does not know (a folder's `Task.unknown_files`)."""
     known = {cp.file for cp in t.checkpoints}
     unknown: list[Unknown] = []
     temporary: list[Unknown] = []
@@ -854,179 +854,3 @@ def _scan(ws: Workspace, t: Task) -> ScanResult:
             else:
                 unknown.append(_unknown(ws, Path(e.path)))
     return ScanResult(t.name, unknown, temporary)
-
-
-# --- verify -----------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Problem:
-    """Something verify found wrong: missing, changed (size or sha256), unknown (a file no record names)."""
-
-    kind: str
-    path: str
-    task: str | None = None
-    number: int | None = None
-    model: str | None = None
-    expected: str | None = None
-    actual: str | None = None
-    note: str | None = None
-
-
-@dataclass(slots=True)
-class VerifyResult:
-    tasks: list[str]
-    models: list[str]
-    checked: int  # checkpoints and models checked
-    files: int  # files hashed (each inode once)
-    bytes: int  # bytes hashed
-    seconds: float
-    problems: list[Problem]
-    temporary: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass(slots=True)
-class _Target:
-    """One checkpoint or model to check: a file or a folder."""
-
-    path: Path
-    rel: str
-    size: int
-    sha256: str
-    task: str | None
-    number: int | None
-    model: str | None
-    files: list[tuple[str, int]] = field(default_factory=list)
-
-
-@per_backend
-def verify(
-    ws: Workspace,
-    tasks: list[str] | None = None,
-    *,
-    models: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> VerifyResult:
-    """Re-hash every checkpoint of `tasks` (default: all) and, with `models`, every model, against the
-    recorded sha256; report missing, changed and unknown files. Files are hashed on all cores, each
-    inode read once (a model hard-linked to its checkpoint is read once). `progress(bytes, total)` is
-    called as files are hashed (from worker threads). Raises TaskNotFound."""
-    start = time.perf_counter()
-    names = list(tasks) if tasks else ws.task_names()
-    task_objs = [ws.task(n) for n in names]
-    targets: list[_Target] = []
-    problems: list[Problem] = []
-    temporary: list[str] = []
-    for t in task_objs:
-        for cp in t.checkpoints:
-            p = t.path_of(cp)
-            targets.append(_Target(p, ws.rel(p), cp.size, cp.sha256, t.name, cp.number, None))
-        sr = _scan(ws, t)
-        problems += [Problem("unknown", u.rel, task=t.name, note=f"a {u.kind} no record names") for u in sr.unknown]
-        temporary += [u.rel for u in sr.temporary]
-    model_titles: list[str] = []
-    if models:
-        found_models, errors = ws.models.read_all()
-        for e in errors:
-            problems.append(Problem("unreadable", str(e.path or ""), note=str(e)))
-        for m in found_models:
-            if tasks and m.task not in names:
-                continue
-            model_titles.append(m.title)
-            targets.append(_Target(m.path, ws.rel(m.path), m.size, m.sha256, m.task, m.checkpoint, m.title))
-    found_problems, files_hashed, bytes_hashed = _check(targets, progress)
-    problems += found_problems
-    # a checkpoint trashed while we hashed is not a problem: keep only what the manifests still name
-    still = {(t.name, cp.number) for t in task_objs for cp in t.checkpoints}
-    problems = [p for p in problems if p.model is not None or p.number is None or (p.task, p.number) in still]
-    return VerifyResult(
-        names,
-        model_titles,
-        len(targets),
-        files_hashed,
-        bytes_hashed,
-        time.perf_counter() - start,
-        problems,
-        temporary,
-    )
-
-
-def _check(
-    targets: list[_Target], progress: Callable[[int, int], None] | None = None
-) -> tuple[list[Problem], int, int]:
-    """The problems of `targets`, and how many files and bytes were hashed."""
-    problems: list[Problem] = []
-    jobs: dict[tuple[int, int], Path] = {}
-    plans: list[tuple[_Target, list[tuple[str, tuple[int, int]]]]] = []
-    for tg in targets:
-        where = {"task": tg.task, "number": tg.number, "model": tg.model}
-        if not os.path.lexists(tg.path):
-            problems.append(Problem("missing", tg.rel, **where, expected=tg.sha256))  # type: ignore[arg-type]
-            continue
-        if fsutil.is_symlink(tg.path):
-            problems.append(Problem("changed", tg.rel, **where, note="is a symlink"))  # type: ignore[arg-type]
-            continue
-        try:
-            if tg.path.is_dir():
-                entries = [(rel, tg.path / rel) for rel, _ in fsutil.tree_files(tg.path)]
-            else:
-                entries = [("", tg.path)]
-        except (CkptError, OSError) as e:
-            problems.append(Problem("changed", tg.rel, **where, note=str(e)))  # type: ignore[arg-type]
-            continue
-        size = 0
-        keyed: list[tuple[str, tuple[int, int]]] = []
-        for rel, p in entries:
-            st = os.stat(p, follow_symlinks=False)
-            size += st.st_size
-            key = (st.st_dev, st.st_ino)
-            jobs.setdefault(key, p)
-            keyed.append((rel, key))
-        if size != tg.size:
-            problems.append(
-                Problem("changed", tg.rel, **where, expected=tg.sha256, note=f"size {size}, recorded {tg.size}")  # type: ignore[arg-type]
-            )
-            continue
-        plans.append((tg, keyed))
-    # only the inodes still needed are hashed, largest first so the cores finish together
-    needed = {key for _, keyed in plans for _, key in keyed}
-    sizes = {k: _size(jobs[k]) for k in needed}
-    order = sorted(needed, key=lambda k: -sizes[k])
-    total = sum(sizes.values())
-
-    def done(i: int) -> None:
-        if progress is not None:
-            progress(sizes[order[i]], total)
-
-    hashed = fsutil.sha256_many([jobs[k] for k in order], workers=_workers(total), done=done)
-    digests = dict(zip(order, hashed, strict=True))
-    for tg, keyed in plans:
-        where = {"task": tg.task, "number": tg.number, "model": tg.model}
-        got = [digests[key] for _, key in keyed]
-        errs = [g for g in got if isinstance(g, OSError)]
-        if errs:
-            problems.append(Problem("missing", tg.rel, **where, expected=tg.sha256, note=str(errs[0])))  # type: ignore[arg-type]
-            continue
-        if keyed and keyed[0][0] == "":
-            actual = str(got[0])
-        else:
-            actual = fsutil.tree_digest([(rel, str(d)) for (rel, _), d in zip(keyed, got, strict=True)])
-        if actual != tg.sha256:
-            problems.append(Problem("changed", tg.rel, **where, expected=tg.sha256, actual=actual))  # type: ignore[arg-type]
-    return problems, len(order), sum(sizes.values())
-
-
-def _workers(total_bytes: int) -> int | None:
-    """One thread for a few MiB (threads cost more than they save on small files), else one per core."""
-    return 1 if total_bytes < 16 * 2**20 else None
-
-
-def _size(p: Path) -> int:
-    try:
-        return os.stat(p, follow_symlinks=False).st_size
-    except OSError:
-        return 0

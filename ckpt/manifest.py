@@ -723,7 +723,7 @@ class TaskReader:
                 return
             cols = raw["checkpoints"]
             # columns load several times faster than one object per checkpoint (benchmarks/README.md)
-            columns = [cols[k] for k in _COLUMNS]
+            columns = [cols[k] for k in COLUMNS]
             if any(not isinstance(c, list) or len(c) != len(columns[0]) for c in columns) or not _valid_columns(
                 columns
             ):
@@ -769,7 +769,7 @@ class TaskReader:
             "mtime": self._seen.mtime,
             "ctime": self._seen.ctime,
             "header": self.state.header.to_json(),
-            "checkpoints": {k: list(map(attrgetter(k), cps)) for k in _COLUMNS},
+            "checkpoints": {k: list(map(attrgetter(k), cps)) for k in COLUMNS},
         }
         try:
             fsutil.atomic_write_nosync(self.cache, json.dumps(doc, separators=(",", ":")).encode())
@@ -779,7 +779,7 @@ class TaskReader:
 
 
 # the cache's columns: Checkpoint's fields in order, less `task` (the reader's)
-_COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "metrics", "original_name")
+COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "metrics", "original_name")
 
 
 def _valid_columns(columns: list[list[Any]]) -> bool:

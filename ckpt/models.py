@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
-from .backend import per_backend
 from .errors import (
     CheckpointNotFound,
     CkptError,
@@ -141,6 +140,13 @@ class ModelIndex:
             and e.is_dir(follow_symlinks=False)
             and os.path.exists(os.path.join(e.path, MODEL_FILE))
         )
+
+    def names(self) -> list[str]:
+        """Every name under models/, whether or not it holds a model yet: what a new title must not twin."""
+        try:
+            return os.listdir(self.ws.models_dir)
+        except FileNotFoundError:
+            return []
 
     def __getitem__(self, title: str) -> Model:
         check_title(title)
@@ -294,7 +300,6 @@ def choose(
     return Choice(cp, why, better, title, already_made(ws, title, task.name, cp))
 
 
-@per_backend
 def promote(
     ws: Workspace,
     task_name: str,
@@ -312,6 +317,9 @@ def promote(
     Promoting the same checkpoint again under its title changes nothing (`unchanged`). Raises UsageError
     (bad title, neither or both of number and best, unknown direction), NotFoundError (task, checkpoint),
     ConflictError (title taken by another checkpoint), IntegrityError (file missing or changed).
+    One sequence for every store: the store makes the model (`ws.make_model`) so that it appears whole or
+    not at all, and the task's `lock()` is its lock on a folder and nothing in a bucket, whose commits
+    are conditional.
     """
     if title is not None:
         check_title(title)
@@ -319,15 +327,14 @@ def promote(
     flag = "min" if minimize else mode
     task = ws.task(task_name)
     if title is not None:
-        _check_case_twin(ws, title)  # before the lock: a refused title touches nothing (again below, under it)
+        check_case_twin(ws, title)  # before the lock: a refused title touches nothing (the store checks again)
     # under the task lock, so a concurrent trash-unused sees this model before it decides
     with task.lock():
         c = choose(ws, task, number, best, flag, title)
         if c.same is not None:
             return c.unchanged()
-        _check_case_twin(ws, c.title)
         try:
-            model = _make_model(ws, task, c.cp, c.title, copy)
+            model = ws.make_model(task, c.cp, c.title, copy)
         except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
             c.same = already_made(ws, c.title, task.name, c.cp)
             if c.same is None:
@@ -336,7 +343,10 @@ def promote(
     return PromoteResult(model, c.why, c.better)
 
 
-def _make_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+def make_folder_model(ws: Workspace, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+    """The model `title` of checkpoint `cp`, made in a staging folder and renamed into place in one step that
+    never replaces (a folder's `Workspace.make_model`); ConflictError when the title exists."""
+    check_case_twin(ws, title)
     src = task.path_of(cp)
     if fsutil.symlink_on_path(task.folder, cp.file) is not None:
         raise IntegrityError(
@@ -438,7 +448,6 @@ def finish_title(task: str, number: int) -> str:
     return task[: 100 - len(suffix)] + suffix
 
 
-@per_backend
 def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | None = None) -> FinishResult:
     """Mark `task_name` finished and promote its latest checkpoint (or mark it failed, promoting nothing).
 
@@ -448,26 +457,28 @@ def finish(ws: Workspace, task_name: str, *, failed: bool = False, title: str | 
     if title is not None:
         check_title(title)
     task = ws.task(task_name)
+    task.wait()  # this process's background saves of the task are committed first (their errors raised)
     model: Model | None = None
-    note = ""
-    with task.lock():
+    note = "no checkpoint to promote"
+    with task.lock():  # the task's lock on a folder; nothing in a bucket (its commit is conditional)
         if failed:
             task.set_status_locked("failed")
             return FinishResult(task.name, "failed", None, "marked failed; nothing promoted")
         cp = task.latest()
-        if cp is None:
-            note = "no checkpoint to promote"
-        else:
+        if cp is not None:
             base = title or finish_title(task.name, cp.number)
             candidate = base
             for i in range(2, 1000):
                 existing = _existing(ws, candidate)
                 if existing is None:
-                    # promote first, mark finished last: after a crash between, finish again completes it
-                    model = _make_model(ws, task, cp, candidate, copy=False)
-                    note = f"promoted checkpoint {cp.number} as '{candidate}'"
-                    break
-                if existing.task == task.name and existing.checkpoint == cp.number:
+                    try:
+                        # promote first, mark finished last: after a crash between, finish again completes it
+                        model = ws.make_model(task, cp, candidate, False)
+                        note = f"promoted checkpoint {cp.number} as '{candidate}'"
+                        break
+                    except ConflictError:  # a racer took the title meanwhile (or holds its claim)
+                        existing = _existing(ws, candidate)
+                if existing is not None and existing.task == task.name and existing.checkpoint == cp.number:
                     model = existing
                     note = f"checkpoint {cp.number} is already model '{candidate}'"
                     break
@@ -482,16 +493,13 @@ def title_claim(ws: Workspace, title: str, renaming: str | None = None) -> Itera
     in it: ConflictError when it differs from one (not `renaming`) only in case. Make the title's folder inside."""
     fsutil.refuse_links(ws.root, "models")
     with fsutil.locked(ws.models_dir / CREATE_LOCK_FILE, "making a model title"):
-        _check_case_twin(ws, title, renaming)
+        check_case_twin(ws, title, renaming)
         yield
 
 
-def _check_case_twin(ws: Workspace, title: str, renaming: str | None = None) -> None:
+def check_case_twin(ws: Workspace, title: str, renaming: str | None = None) -> None:
     """Refuse a new title that differs from an existing model's only in case (one folder on macOS, Windows)."""
-    try:
-        twin = case_twin(title, (t for t in os.listdir(ws.models_dir) if t != renaming))
-    except FileNotFoundError:
-        return
+    twin = case_twin(title, (t for t in ws.models.names() if t != renaming))
     if twin is not None:
         raise ConflictError(
             f"model title '{title}' differs from model '{twin}' only in case",
@@ -500,32 +508,38 @@ def _check_case_twin(ws: Workspace, title: str, renaming: str | None = None) -> 
 
 
 def _existing(ws: Workspace, title: str) -> Model | None:
-    folder = ws.models_dir / title
-    if not folder.exists() and not fsutil.is_symlink(folder):
+    """The model `title`, None when the title is free, or a blank model when it is taken otherwise (a title
+    differing only in case, a model that cannot be read)."""
+    try:
+        return ws.models[title]
+    except ModelNotFound:
         try:
-            _check_case_twin(ws, title)
+            check_case_twin(ws, title)
         except ConflictError:
             return Model(title, "", 0, "", "", 0, "", "copy")  # a title differing only in case: taken
         return None
-    try:
-        return ws.models[title]
     except CkptError:
         return Model(title, "", 0, "", "", 0, "", "copy")  # unreadable: treat the title as taken
 
 
-@per_backend
 def rename(ws: Workspace, old: str, new: str) -> Model:
     """Rename model `old` to `new`; its source checkpoint is untouched. Raises ModelNotFound, ConflictError."""
     check_title(old)
     check_title(new)
     model = ws.models[old]
-    _check_case_twin(ws, new, renaming=old)
+    check_case_twin(ws, new, renaming=old)
     with contextlib.ExitStack() as stack:
         with contextlib.suppress(CkptError):
             # the source task's lock keeps trash-unused from deciding while the model has no folder name
             stack.enter_context(ws.task(model.task).lock())
-        fsutil.refuse_links(ws.root, f"models/{old}")
-        stack.enter_context(title_claim(ws, new, renaming=old))  # the case check again, inside the lock
+        return ws.move_model(model, new)
+
+
+def move_folder_model(ws: Workspace, model: Model, new: str) -> Model:
+    """A folder's `Workspace.move_model`: one rename that never replaces, under the lock that makes titles."""
+    old = model.title
+    fsutil.refuse_links(ws.root, f"models/{old}")
+    with title_claim(ws, new, renaming=old):  # the case check again, inside the lock
         try:
             fsutil.move_noreplace(ws.models_dir / old, ws.models_dir / new)
         except ConflictError:

@@ -10,7 +10,7 @@ from .errors import UsageError
 _NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
 
 
-def _describe(value: str) -> str:
+def describe(value: str) -> str:
     shown = value if len(value) <= 60 else value[:57] + "..."
     return repr(shown)
 
@@ -21,7 +21,7 @@ def check_name(value: object, what: str) -> str:
     Valid: 1-100 characters of letters, digits, '-', '_', '.'; not starting with '.'.
     """
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        shown = _describe(value) if isinstance(value, str) else type(value).__name__
+        shown = describe(value) if isinstance(value, str) else type(value).__name__
         raise UsageError(
             f"invalid {what} {shown}",
             hint="use 1-100 letters, digits, '-', '_' or '.', not starting with '.'",

@@ -44,7 +44,7 @@ from .errors import (
     WorkspaceNotFound,
 )
 from .manifest import (
-    _COLUMNS,
+    COLUMNS,
     FORMAT,
     Checkpoint,
     TaskHeader,
@@ -58,16 +58,7 @@ from .manifest import (
 )
 from .metrics import check_modes
 from .model_sources import Source, store_sources
-from .models import (
-    MODEL_FILE,
-    FinishResult,
-    Model,
-    ModelIndex,
-    PromoteResult,
-    already_made,
-    choose,
-    finish_title,
-)
+from .models import MODEL_FILE, Model, ModelIndex, check_case_twin
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
@@ -75,9 +66,10 @@ from .timeutil import now_iso, parse_iso
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:
-    from .importer import Found, ScanResult, Unknown, VerifyResult
+    from .importer import Found, ScanResult, Unknown
     from .trash import Entry, KeepRules, TrashResult
-    from .trash_results import DiskUse, EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
+    from .trash_results import EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
+    from .verify import Stored
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
@@ -270,6 +262,60 @@ class StoreWorkspace(Workspace):
     def models(self) -> ModelIndex:
         return StoreModelIndex(self)
 
+    def stored_files(self, rels: list[str]) -> list[list[Stored] | str | None]:
+        """The store's step of verify: the objects of each key (one, or a folder's in key order); one LIST of
+        a task's checkpoints/ and one of models/, whatever their number."""
+        from .verify import Stored
+
+        listed: dict[str, dict[str, int]] = {}
+        out: list[list[Stored] | str | None] = []
+        for rel in rels:
+            prefix = "models/" if rel.startswith("models/") else rel.rsplit("/", 1)[0] + "/"
+            if prefix not in listed:
+                listed[prefix] = {b.key: b.size for b in self.storage.list_prefix(prefix)}
+            objects = listed[prefix]
+            if rel in objects:
+                out.append([Stored("", objects[rel], rel, rel)])
+                continue
+            inner = sorted((k, n) for k, n in objects.items() if k.startswith(rel + "/"))
+            out.append([Stored(k[len(rel) + 1 :], n, k, k) for k, n in inner] or None)
+        return out
+
+    def hash_files(self, keys: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
+        """The store's step of verify: the sha256 of each object, streamed through this process once."""
+        out: list[str | OSError] = []
+        for i, key in enumerate(keys):
+            try:
+                out.append(self.storage.sha256(key))
+            except FileNotFoundError as e:
+                out.append(e)
+            done(i)
+        return out
+
+    def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
+        """Bytes of the objects under each of `prefixes`, and of the rest: one LIST of the whole workspace
+        (a request per 1,000 objects). Objects share nothing, so each counts once, where its key is."""
+        sizes = [0] * len(prefixes)
+        index = {p + "/": i for i, p in enumerate(prefixes)}
+        other = 0
+        for b in self.storage.list_prefix(""):
+            parts = b.key.split("/")
+            i = index.get(parts[0] + "/", index.get("/".join(parts[:2]) + "/")) if len(parts) > 1 else None
+            if i is None:
+                other += b.size
+            else:
+                sizes[i] += b.size
+        return sizes, other
+
+    def move_model(self, model: Model, new: str) -> Model:
+        """The store's step of rename: claim `new`, copy on the server, its record, then the old one goes."""
+        return _move_model(self, model, new)
+
+    def make_model(self, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+        """The store's step of promote: claim the title, copy on the server, write model.toml last (every
+        copy in a bucket is one: `copy` changes nothing)."""
+        return _make_model(self, task, cp, title)
+
 
 class StoreTask(Task):
     """A task in object storage: its manifest is one object, committed with If-Match (see `update`)."""
@@ -435,10 +481,12 @@ class StoreTask(Task):
 
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
-        # object storage has no locks: the changes of this module commit with If-Match instead; a caller
-        # that wants a lock is a local code path not ported here
-        raise unsupported("this operation")
-        yield  # pragma: no cover
+        """Nothing: object storage has no locks, and every change here commits with If-Match instead (a
+        lost race reads again and retries), so an operation written for both stores runs unlocked here."""
+        yield
+
+    def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
+        return _unknown_objects(self.ws, self)
 
     def discard_if_empty(self) -> bool:
         """An object-store task a failed import created is left as it is (not yet done here)."""
@@ -663,7 +711,7 @@ def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str]:
         raw = json.loads(path.read_bytes())
         if raw.get("v") != MANIFEST_CACHE_VERSION:
             return None, ""
-        cols = [raw["checkpoints"][k] for k in _COLUMNS]
+        cols = [raw["checkpoints"][k] for k in COLUMNS]
         task = raw["header"]["name"]
         cps = dict(zip(cols[0], map(Checkpoint, *cols, repeat(task, len(cols[0]))), strict=True))
         return TaskState(TaskHeader(**raw["header"]), cps), str(raw["etag"])
@@ -677,7 +725,7 @@ def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
         "v": MANIFEST_CACHE_VERSION,
         "etag": etag,
         "header": state.header.to_json(),
-        "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in _COLUMNS},
+        "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in COLUMNS},
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -692,14 +740,14 @@ def _load_log_cache(path: Path, task: str) -> dict[int, Checkpoint]:
         raw = json.loads(path.read_bytes())
         if raw.get("v") != MANIFEST_CACHE_VERSION:
             return {}
-        rows = [dict(zip(_COLUMNS, row, strict=True)) for row in raw["records"]]
+        rows = [dict(zip(COLUMNS, row, strict=True)) for row in raw["records"]]
         return {int(r["number"]): Checkpoint(**r, task=task) for r in rows}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
 def _save_log_cache(path: Path, records: list[Checkpoint]) -> None:
-    doc = {"v": MANIFEST_CACHE_VERSION, "records": [[getattr(cp, k) for k in _COLUMNS] for cp in records]}
+    doc = {"v": MANIFEST_CACHE_VERSION, "records": [[getattr(cp, k) for k in COLUMNS] for cp in records]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fsutil.atomic_write_nosync(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -773,6 +821,9 @@ class StoreModelIndex(ModelIndex):
         keys = self._keys()
         return sorted(k[len("models/") : -len(suffix)] for k in keys if k.endswith(suffix) and k.count("/") == 2)
 
+    def names(self) -> list[str]:
+        return self.ws.storage.children("models/")
+
     def __getitem__(self, title: str) -> Model:
         check_title(title)
         folder = Path("models") / title
@@ -826,32 +877,6 @@ class StoreModelIndex(ModelIndex):
                 m = None
             out.append(((m.task, m.checkpoint) if m is not None else None, data is not None))
         return out
-
-
-def promote(
-    ws: StoreWorkspace,
-    task_name: str,
-    number: int | None,
-    *,
-    title: str | None = None,
-    best: str | None = None,
-    mode: str | None = None,
-    minimize: bool = False,
-    copy: bool = False,
-) -> PromoteResult:
-    if title is not None:
-        check_title(title)
-    check_task_name(task_name)
-    task = ws.task(task_name)
-    c = choose(ws, task, number, best, "min" if minimize else mode, title)
-    if c.same is None:
-        try:
-            return PromoteResult(_make_model(ws, task, c.cp, c.title), c.why, c.better)
-        except ConflictError:  # a racer made the title meanwhile: the same model is no conflict
-            c.same = already_made(ws, c.title, task.name, c.cp)
-            if c.same is None:
-                raise
-    return c.unchanged()
 
 
 class Lease:
@@ -927,12 +952,7 @@ def _claim_lines(data: bytes) -> tuple[str, str]:
 
 
 def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> Model:
-    twin = case_twin(title, ws.models.titles())
-    if twin is not None:
-        raise ConflictError(
-            f"model title '{title}' differs from model '{twin}' only in case",
-            hint="titles must stay distinct on case-insensitive file systems; choose another title",
-        )
+    check_case_twin(ws, title)
     # the title is claimed first (If-None-Match), so a losing racer never touches the winner's objects;
     # the weights are copied on the server, and model.toml comes last: a model never names missing weights
     lease = Lease(ws, title).take()
@@ -976,47 +996,6 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
             ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{title}/")])
         raise
     return model
-
-
-def finish(ws: StoreWorkspace, task_name: str, *, failed: bool = False, title: str | None = None) -> FinishResult:
-    if title is not None:
-        check_title(title)
-    task = ws.task(task_name)
-    assert isinstance(task, StoreTask)
-    if failed:
-        task.set_status("failed")
-        return FinishResult(task.name, "failed", None, "marked failed; nothing promoted")
-    model: Model | None = None
-    note = "no checkpoint to promote"
-    cp = task.latest()
-    if cp is not None:
-        base = title or finish_title(task.name, cp.number)
-        candidate = base
-        for i in range(2, 1000):
-            try:
-                # promote first, mark finished last: after a crash between, finish again completes it
-                model = _make_model(ws, task, cp, candidate)
-                note = f"promoted checkpoint {cp.number} as '{candidate}'"
-                break
-            except ConflictError:
-                existing = _existing(ws, candidate)
-                if existing is not None and existing.task == task.name and existing.checkpoint == cp.number:
-                    model = existing
-                    note = f"checkpoint {cp.number} is already model '{candidate}'"
-                    break
-            candidate = f"{base[: 100 - len(str(i)) - 1]}-{i}"
-    task.set_status("finished")
-    return FinishResult(task.name, "finished", model, note)
-
-
-def _existing(ws: StoreWorkspace, title: str) -> Model | None:
-    try:
-        return ws.models[title]
-    except CkptError:
-        return None
-
-
-# --- trash ---------------------------------------------------------------------------------------------
 
 
 def trash_unused(
@@ -1200,7 +1179,7 @@ def _read_entry(ws: StoreWorkspace, entry_id: str) -> Entry:
 
 
 def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
-    from .trash import ENTRY_FILE, _entry_from_doc, check_entry_id
+    from .trash import ENTRY_FILE, check_entry_id, entry_from_doc
 
     check_entry_id(entry_id)
     try:
@@ -1208,16 +1187,16 @@ def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
     except FileNotFoundError:
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list") from None
     folder = Path("trash") / entry_id
-    return _entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
+    return entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
 
 
 def list_entries(ws: StoreWorkspace) -> tuple[list[Entry], list[CkptError]]:
-    from .trash import _ID
+    from .trash import ENTRY_ID
 
     entries: list[Entry] = []
     errors: list[CkptError] = []
     for entry_id in ws.storage.children("trash/"):
-        if not _ID.fullmatch(entry_id):
+        if not ENTRY_ID.fullmatch(entry_id):
             continue
         try:
             entries.append(_settle(ws, _read_entry(ws, entry_id)))
@@ -1278,7 +1257,7 @@ def _copies_whole(ws: StoreWorkspace, entry: Entry) -> bool:
 def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
     """Whether another trash entry holds one of `entry`'s checkpoints, or its model (the same title, record
     time and sha256); reads every entry: a rare path."""
-    from .trash import _ID
+    from .trash import ENTRY_ID
 
     def model_of(e: Entry) -> tuple[Any, ...] | None:
         m = e.model or {}
@@ -1286,7 +1265,7 @@ def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
 
     mine = set(entry.numbers)
     for other in ws.storage.children("trash/"):
-        if other == entry.id or not _ID.fullmatch(other):
+        if other == entry.id or not ENTRY_ID.fullmatch(other):
             continue
         try:
             e = _read_entry(ws, other)
@@ -1441,73 +1420,6 @@ def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
 # --- verify --------------------------------------------------------------------------------------------
 
 
-def verify(
-    ws: StoreWorkspace,
-    tasks: list[str] | None = None,
-    *,
-    models: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> VerifyResult:
-    """Re-hash every checkpoint (and model) object against its recorded sha256: the bytes are streamed
-    through this process once. Missing, changed and unknown objects are reported."""
-    from .importer import Problem, VerifyResult
-
-    start = time.perf_counter()
-    names = list(tasks) if tasks else ws.task_names()
-    problems: list[Problem] = []
-    jobs: list[tuple[str, Checkpoint | Model, str | None]] = []  # (key, record, model title)
-    sizes: dict[str, int] = {}  # every object of the tasks (and models) verified: one LIST each
-    temporary: list[str] = []
-    for name in names:
-        t = ws.task(name)
-        for cp in t.checkpoints:
-            jobs.append((f"tasks/{name}/{cp.file}", cp, None))
-        unknown, temp = _unknown_objects(ws, t)  # what the local verify reports too: anything in the task folder
-        problems += [Problem("unknown", u.rel, task=name, note=f"a {u.kind} no record names") for u in unknown]
-        temporary += [u.rel for u in temp]
-        sizes.update((b.key, b.size) for b in ws.storage.list_prefix(f"tasks/{name}/{CHECKPOINT_DIR}/"))
-    titles: list[str] = []
-    if models:
-        found, errors = ws.models.read_all()
-        problems += [Problem("unreadable", "", note=str(e)) for e in errors]
-        sizes.update((b.key, b.size) for b in ws.storage.list_prefix("models/"))
-        for m in found:
-            if tasks and m.task not in names:
-                continue
-            titles.append(m.title)
-            jobs.append((_key(m.path), m, m.title))
-    total = sum(r.size for _, r, _ in jobs)
-    hashed = 0
-    files = 0
-    for key, rec, title in jobs:
-        number = rec.number if isinstance(rec, Checkpoint) else rec.checkpoint
-        where: dict[str, Any] = {"task": rec.task, "number": number, "model": title}
-        blobs = (
-            {k: n for k, n in sizes.items() if k == key or k.startswith(key + "/")}
-            if key not in sizes
-            else {key: sizes[key]}
-        )
-        if not blobs:
-            problems.append(Problem("missing", key, **where, expected=rec.sha256))
-            continue
-        size = sum(blobs.values())
-        if size != rec.size:
-            note = f"size {size}, recorded {rec.size}"
-            problems.append(Problem("changed", key, **where, expected=rec.sha256, note=note))
-            continue
-        if list(blobs) == [key]:
-            actual = ws.storage.sha256(key)
-        else:
-            actual = fsutil.tree_digest([(k[len(key) + 1 :], ws.storage.sha256(k)) for k in sorted(blobs)])
-        files += len(blobs)
-        hashed += size
-        if progress is not None:
-            progress(size, total)
-        if actual != rec.sha256:
-            problems.append(Problem("changed", key, **where, expected=rec.sha256, actual=actual))
-    return VerifyResult(names, titles, len(jobs), files, hashed, time.perf_counter() - start, problems, temporary)
-
-
 # --- models remove and rename --------------------------------------------------------------------------
 
 
@@ -1574,12 +1486,12 @@ def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashR
 def _settle_removes(ws: StoreWorkspace, title: str) -> ModelTrashResult | None:
     """Settle the pending removes of model `title` (the model is gone from models/); the result of one that is
     complete now, as the remove run again reports it."""
-    from .trash import _ID
+    from .trash import ENTRY_ID
     from .trash_results import ModelTrashResult
 
     found: ModelTrashResult | None = None
     for entry_id in ws.storage.children("trash/"):
-        if not _ID.fullmatch(entry_id):
+        if not ENTRY_ID.fullmatch(entry_id):
             continue
         try:
             entry = _read_entry(ws, entry_id)
@@ -1689,16 +1601,8 @@ def _restore_model(ws: StoreWorkspace, entry: Entry, etag: str) -> Entry:
     return entry
 
 
-def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
-    check_title(old)
-    check_title(new)
-    model = ws.models[old]
-    twin = case_twin(new, [t for t in ws.models.titles() if t != old])
-    if twin is not None:
-        raise ConflictError(
-            f"model title '{new}' differs from model '{twin}' only in case",
-            hint="titles must stay distinct on case-insensitive file systems; choose another title",
-        )
+def _move_model(ws: StoreWorkspace, model: Model, new: str) -> Model:
+    old = model.title
     try:
         lease = Lease(ws, new).take()
     except ConflictError:
@@ -1727,27 +1631,6 @@ def rename(ws: StoreWorkspace, old: str, new: str) -> Model:
 
 
 # --- du, scan, doctor ----------------------------------------------------------------------------------
-
-
-def disk_use(ws: StoreWorkspace) -> DiskUse:
-    """Bytes stored under the workspace by task, models and trash: one LIST of the whole prefix (a request per
-    1,000 objects). Objects share nothing, so every object counts once, where its key is."""
-    from .trash_results import DiskUse
-
-    by_task = dict.fromkeys(ws.task_names(), 0)
-    models = trash = other = 0
-    for b in ws.storage.list_prefix(""):
-        top, _, rest = b.key.partition("/")
-        name = rest.partition("/")[0]
-        if top == "tasks" and name in by_task:
-            by_task[name] += b.size
-        elif top == "models" and rest:
-            models += b.size
-        elif top == "trash" and rest:
-            trash += b.size
-        else:
-            other += b.size
-    return DiskUse(by_task, models, trash, other, sum(by_task.values()) + models + trash + other)
 
 
 def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult:
@@ -1846,7 +1729,7 @@ def _weights_in(names: list[str]) -> str | None:
 
 def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown]) -> list[tuple[Found, Unknown]]:
     """What each object's name says (as the local scan reads file names), in the order they will be numbered."""
-    from .importer import _HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
+    from .importer import HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
 
     pairs: dict[int, Unknown] = {}
     found: list[Found] = []
@@ -1856,7 +1739,7 @@ def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown])
         mtime = parse_iso(u.modified).timestamp()
         if u.kind == "dir":
             c = Found(Path(u.rel), name, is_dir=True, mtime=mtime)
-            m = _HF_DIR.fullmatch(leaf)
+            m = HF_DIR.fullmatch(leaf)
             if m:
                 try:
                     state = json.loads(ws.storage.get(f"{u.rel}/trainer_state.json")[0])
@@ -1939,12 +1822,12 @@ def doctor(
 
 
 def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
-    from .trash import _ID
+    from .trash import ENTRY_ID
     from .trash_results import Repair
 
     repairs: list[Repair] = []
     for entry_id in ws.storage.children("trash/"):
-        if not _ID.fullmatch(entry_id):
+        if not ENTRY_ID.fullmatch(entry_id):
             continue
         rel = f"trash/{entry_id}"
         try:
@@ -2141,17 +2024,12 @@ def update_workspace_doc(ws: StoreWorkspace, change: Callable[[dict[str, Any]], 
 
 
 OPERATIONS: dict[str, Callable[..., Any]] = {
-    "promote": promote,
-    "finish": finish,
     "trash_unused": trash_unused,
     "list_entries": list_entries,
     "restore": restore,
     "plan_empty": plan_empty,
     "empty": empty,
-    "verify": verify,
     "trash_model": trash_model,
-    "rename": rename,
-    "disk_use": disk_use,
     "scan": scan,
     "doctor": doctor,
     "read_workspace_doc": read_workspace_doc,

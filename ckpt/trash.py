@@ -38,7 +38,7 @@ from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
 from .manifest import FORMAT, Checkpoint, TaskState, check_files, check_format, dumps, read_toml
 from .metrics import Direction, rank, require
-from .names import _describe, is_valid_name
+from .names import describe, is_valid_name
 from .timeutil import now_iso, parse_iso
 from .timeutil import parse_age as parse_age  # where `ckpt trash empty --older-than` finds it
 from .workspace import LOCK_FILE as TASK_LOCK
@@ -57,7 +57,7 @@ STAGING_PREFIX = ".staging-"
 KINDS = ("checkpoints", "model")
 STATES = ("pending", "complete", "restoring", "emptying")  # "emptying": object storage only (docs/s3.md)
 STALE_AFTER = 3600.0  # seconds before doctor treats a temp file or staging folder as abandoned
-_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
+ENTRY_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 
 
 _RESULTS = ("DiskUse", "EmptyPlan", "EmptyResult", "ModelTrashResult", "Repair", "RestoreResult")
@@ -123,7 +123,7 @@ class Entry:
         return doc
 
 
-def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
+def entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
     path = folder / ENTRY_FILE
     check_format(doc, path)
 
@@ -142,10 +142,10 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
     task = get("task", str, required=(kind == "checkpoints"))
     # every name read here becomes a path (the task folder, the model's title): checked as if typed
     if task is not None and not is_valid_name(task):
-        raise ManifestError(f"{path}: 'task' ({_describe(task)}) is not a valid task name", path=path)
+        raise ManifestError(f"{path}: 'task' ({describe(task)}) is not a valid task name", path=path)
     entry_id = get("id", str)
     if entry_id != folder.name:
-        raise ManifestError(f"{path}: 'id' ({_describe(entry_id)}) is not its folder's name", path=path)
+        raise ManifestError(f"{path}: 'id' ({describe(entry_id)}) is not its folder's name", path=path)
     records = get("checkpoints", list, required=False) or []
     try:
         cps = [Checkpoint.from_record(rec, path, task or "") for rec in records]
@@ -161,7 +161,7 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
     if model is not None and not isinstance(model.get("title"), str):
         raise ManifestError(f"{path}: model has no title", path=path)
     if model is not None and not is_valid_name(model["title"]):
-        raise ManifestError(f"{path}: model: 'title' ({_describe(model['title'])}) is not a valid title", path=path)
+        raise ManifestError(f"{path}: model: 'title' ({describe(model['title'])}) is not a valid title", path=path)
     return Entry(
         id=entry_id,
         kind=kind,
@@ -179,9 +179,9 @@ def _entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
 
 
 def check_entry_id(entry_id: str) -> str:
-    if not _ID.fullmatch(entry_id):
+    if not ENTRY_ID.fullmatch(entry_id):
         raise UsageError(
-            f"invalid trash entry id {_describe(entry_id)}",
+            f"invalid trash entry id {describe(entry_id)}",
             hint="ids look like 20250101-120000-a1b2c3; see: ckpt trash list",
         )
     return entry_id
@@ -196,7 +196,7 @@ def read_entry(ws: Workspace, entry_id: str) -> Entry:
     fsutil.refuse_links(ws.root, f"trash/{entry_id}/{ENTRY_FILE}")
     if not (folder / ENTRY_FILE).is_file():
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list")
-    return _entry_from_doc(read_toml(folder / ENTRY_FILE, "trash entry"), folder)
+    return entry_from_doc(read_toml(folder / ENTRY_FILE, "trash entry"), folder)
 
 
 def _entry_or_none(ws: Workspace, entry_id: str) -> Entry | None:
@@ -210,7 +210,7 @@ def entry_ids(ws: Workspace) -> list[str]:
     """Ids of the folders in the trash that hold an entry, oldest first."""
     try:
         with os.scandir(ws.trash_dir) as it:
-            names = [e.name for e in it if _ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+            names = [e.name for e in it if ENTRY_ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return []
     return sorted(n for n in names if os.path.isfile(os.path.join(ws.trash_dir, n, ENTRY_FILE)))
@@ -228,7 +228,7 @@ def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
             errors.append(e)
     try:
         with os.scandir(ws.trash_dir) as it:
-            links = sorted(e.name for e in it if _ID.fullmatch(e.name) and e.is_symlink())
+            links = sorted(e.name for e in it if ENTRY_ID.fullmatch(e.name) and e.is_symlink())
     except FileNotFoundError:
         links = []
     for name in links:  # reported, never followed: emptying removes the link only, restoring refuses it
@@ -1027,27 +1027,16 @@ def _delete_trees(paths: list[Path]) -> tuple[int, Held | None]:
 # --- du ------------------------------------------------------------------------------------------------
 
 
-@per_backend
 def disk_use(ws: Workspace) -> DiskUse:
-    """Disk use of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
-    checkpoint of a task costs nothing more."""
+    """Bytes of the workspace by task, models and trash. Tasks count first: a model hard-linked to a
+    checkpoint of a task costs nothing more (`ws.usage` counts each file, inode or object once)."""
     from .trash_results import DiskUse
 
-    seen: set[tuple[int, int]] = set()
-    by_task: dict[str, int] = {}
-    for name in ws.task_names():
-        by_task[name] = _du(ws.tasks_dir / name, seen)
-    models = _du(ws.models_dir, seen)
-    trash = _du(ws.trash_dir, seen)
-    total = _du(ws.root, seen) + sum(by_task.values()) + models + trash
-    return DiskUse(by_task, models, trash, total - models - trash - sum(by_task.values()), total)
-
-
-def _du(path: Path, seen: set[tuple[int, int]]) -> int:
-    try:
-        return fsutil.disk_usage(path, seen)
-    except OSError:  # something vanished while we walked (a save or a trash at the same time)
-        return 0
+    names = ws.task_names()
+    sizes, other = ws.usage([f"tasks/{n}" for n in names] + ["models", "trash"])
+    by_task = dict(zip(names, sizes, strict=False))
+    models, trash = sizes[-2:]
+    return DiskUse(by_task, models, trash, other, sum(sizes) + other)
 
 
 # --- recovery --------------------------------------------------------------------------------------------
@@ -1070,7 +1059,7 @@ def _recover_marker(task: Task, marker: Path) -> Repair:
     ws = task.ws
     entry_id = marker.name[len(PENDING_PREFIX) :]
     rel = ws.rel(marker)
-    if not _ID.fullmatch(entry_id):
+    if not ENTRY_ID.fullmatch(entry_id):
         fsutil.remove_file(marker)
         return Repair(rel, "a pending marker that names no trash entry", "removed the marker")
     folder = ws.trash_dir / entry_id
@@ -1209,7 +1198,7 @@ def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: floa
             _delete_trees([path])
     try:
         with os.scandir(ws.trash_dir) as it:
-            loose = [Path(e.path) for e in it if _ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+            loose = [Path(e.path) for e in it if ENTRY_ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         loose = []
     for folder in sorted(loose):

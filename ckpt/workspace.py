@@ -48,11 +48,12 @@ from .storage import is_url
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
+    from .background import PendingSave
+    from .importer import Unknown
     from .models import Model, ModelIndex
     from .staging import Marker
     from .trash_results import Repair
+    from .verify import Stored
 
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
@@ -487,6 +488,64 @@ class Workspace:
 
         return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
+    def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
+        """Bytes on disk under each of `prefixes`, each inode counted once, in the order given; and the bytes
+        of the rest of the workspace. A file that vanishes while walked (a save or a trash at the same
+        time) counts 0."""
+        seen: set[object] = set()
+        sizes = [self._usage(self.root / p, seen) for p in prefixes]
+        return sizes, self._usage(self.root, seen)
+
+    @staticmethod
+    def _usage(path: Path, seen: set[object]) -> int:
+        try:
+            return fsutil.disk_usage(path, seen)
+        except OSError:
+            return 0
+
+    def stored_files(self, rels: list[str]) -> list[list[Stored] | str | None]:
+        """The store's step of verify: the files under each path (a file, or a folder's files in sorted order),
+        keyed by inode; None where nothing is, a note where the path cannot be read (a symlink)."""
+        from .verify import Stored
+
+        out: list[list[Stored] | str | None] = []
+        for rel in rels:
+            path = self.root / rel
+            if not os.path.lexists(path):
+                out.append(None)
+                continue
+            if fsutil.is_symlink(path):
+                out.append("is a symlink")
+                continue
+            try:
+                entries = [(r, path / r) for r, _ in fsutil.tree_files(path)] if path.is_dir() else [("", path)]
+                files = []
+                for name, p in entries:
+                    st = os.stat(p, follow_symlinks=False)
+                    files.append(Stored(name, st.st_size, (st.st_dev, st.st_ino), p))
+            except (CkptError, OSError) as e:
+                out.append(str(e))
+                continue
+            out.append(files)
+        return out
+
+    def hash_files(self, handles: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
+        """The store's step of verify: the sha256 of each file, on all cores; `done(i)` as each is hashed."""
+        return fsutil.sha256_many(handles, workers=fsutil.hash_workers(total), done=done)
+
+    def make_model(self, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
+        """The store's step of promote: model `title` of checkpoint `cp`, whole or not at all (a folder built
+        aside and renamed into place); ConflictError when the title exists."""
+        from .models import make_folder_model
+
+        return make_folder_model(self, task, cp, title, copy)
+
+    def move_model(self, model: Model, new: str) -> Model:
+        """The store's step of rename: model `model` under title `new`, whole under one title at every moment."""
+        from .models import move_folder_model
+
+        return move_folder_model(self, model, new)
+
     def models_of(self, task: str) -> dict[int, list[str]]:
         """Titles of the models made from each checkpoint number of `task`."""
         from .models import models_by_checkpoint
@@ -576,7 +635,7 @@ class Task:
         if number in cps:
             return cps[number]
         if cps:
-            have = f"it has {_ranges(sorted(cps))}"
+            have = f"it has {ranges(sorted(cps))}"
         else:
             have = "it has none"
         raise CheckpointNotFound(
@@ -812,11 +871,11 @@ class Task:
         self,
         obj: Any,
         *,
-        step: int | None = ...,
-        epoch: int | None = ...,
-        metrics: Mapping[str, float] | None = ...,
-        suffix: str | None = ...,
-        background: Literal[False] = ...,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        suffix: str | None = None,
+        background: Literal[False] = False,
     ) -> int: ...
 
     @overload
@@ -824,12 +883,12 @@ class Task:
         self,
         obj: Any,
         *,
-        step: int | None = ...,
-        epoch: int | None = ...,
-        metrics: Mapping[str, float] | None = ...,
-        suffix: str | None = ...,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        suffix: str | None = None,
         background: Literal[True],
-    ) -> Future[int]: ...
+    ) -> PendingSave: ...
 
     def save(
         self,
@@ -840,25 +899,28 @@ class Task:
         metrics: Mapping[str, float] | None = None,
         suffix: str | None = None,
         background: bool = False,
-    ) -> int | Future[int]:
+    ) -> int | PendingSave:
         """Save a checkpoint and return its number (1, 2, 3...).
 
         `obj` is a state dict (or anything `torch.save` takes), bytes, or a path to an existing file
         (copied; see `save_file`). The file is written under a temporary name, fsynced, and renamed into
         place before its record is appended, so a record never points at a half-written file.
 
-        With `background`, the tensors are copied to host memory and the rest happens on a worker thread
-        (ckpt.background): it returns a Future of the number, known once the record is committed; an error
-        there is raised by the next `save` or `wait`.
+        With `background=True` the tensors are copied to host memory and the call returns a PendingSave
+        (`.result()` is the number, known once committed); a worker thread writes and commits, in save
+        order (ckpt.background). It first waits for the task's previous background save, and raises that
+        one's error if it failed; `wait()` waits for the last.
         """
         if background:
-            _check_metrics(metrics)
+            clean = _check_metrics(metrics)
             _check_int(step, "step")
             _check_int(epoch, "epoch")
-            from .background import save as save_in_background
+            from .background import host_copy, writer_for  # threads only for a background save
 
-            return save_in_background(self, obj, step=step, epoch=epoch, metrics=metrics, suffix=suffix)
-        _settle_background(self)  # in save order: a pending background save commits first
+            writer = writer_for((self.ws.location, self.name))
+            writer.wait()  # one save outstanding at most: host memory holds one copy of the state
+            data = obj if isinstance(obj, str | os.PathLike) else host_copy(obj)
+            return writer.submit(lambda: self.save(data, step=step, epoch=epoch, metrics=clean, suffix=suffix))
         if isinstance(obj, str | os.PathLike):
             return self.save_file(obj, step=step, epoch=epoch, metrics=metrics)
         clean = _check_metrics(metrics)
@@ -882,6 +944,22 @@ class Task:
         _after_save(self, number)  # the retention policy, if any, in the background
         return number
 
+    def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
+        """What the task folder holds that its manifest does not know: (unknown, ckpt's own temporary names)."""
+        from .importer import scan_folder
+
+        found = scan_folder(self.ws, self)
+        return found.unknown, found.temporary
+
+    def wait(self) -> None:
+        """Wait for this task's background save, if one is outstanding (raise its error if one failed), then
+        for the retention policy this process runs after its saves (ckpt.policy)."""
+        from .background import writer_for
+        from .policy import wait
+
+        writer_for((self.ws.location, self.name)).wait()
+        wait(self)
+
     def save_file(
         self,
         path: str | os.PathLike[str],
@@ -891,7 +969,6 @@ class Task:
         metrics: Mapping[str, float] | None = None,
     ) -> int:
         """Copy an existing checkpoint file written by someone else into the task; return its number."""
-        _settle_background(self)
         src = Path(path)
         if not src.is_file():
             raise CheckpointNotFound(f"'{src}' is not a file", path=src)
@@ -1137,14 +1214,6 @@ class Task:
             state.header.policy = dict(policy) if policy else None
             self._rewrite(state)
 
-    def wait(self) -> None:
-        """Wait for what this process runs in the background for this task: a background save (whose error
-        is raised here), then its retention policy."""
-        from .policy import wait
-
-        _settle_background(self)
-        wait(self)
-
     def _rewrite(self, state: TaskState) -> None:
         """Replace the manifest with `state` (caller holds the lock)."""
         fsutil.atomic_write(self.manifest, task_bytes(state))
@@ -1176,18 +1245,11 @@ class Task:
         """
         from .models import finish
 
-        self.wait()
         return finish(self.ws, self.name, failed=failed, title=title).model
 
 
-def _settle_background(task: Task) -> None:
-    from .background import settle  # here: `import ckpt` need not pay for it; a lookup in sys.modules after
-
-    settle(task)
-
-
 def _after_save(task: Task, number: int) -> None:
-    from .policy import after_save
+    from .policy import after_save  # here: `import ckpt` need not pay for it; a lookup in sys.modules after
 
     after_save(task, number)
 
@@ -1212,7 +1274,7 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     return out
 
 
-def _ranges(numbers: list[int]) -> str:
+def ranges(numbers: list[int]) -> str:
     """'1–10' or '1–3, 5, 8–9'."""
     parts: list[str] = []
     start = prev = numbers[0]

@@ -441,7 +441,7 @@ def test_s3_concurrent_processes_lose_nothing(s3_url: str) -> None:
     for m in ws.models:
         cp = task.checkpoint(m.checkpoint)
         assert m.sha256 == cp.sha256  # each model is the checkpoint its record names
-    from ckpt.importer import verify
+    from ckpt.verify import verify
 
     assert verify(ws, models=True).ok
 

@@ -22,14 +22,15 @@ import ckpt
 from ckpt import store
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
-from ckpt.importer import import_path, scan, verify
+from ckpt.importer import import_path, scan
 from ckpt.manifest import TaskState, parse_task, parse_toml
 from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
 from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
 from ckpt.store_log import log_prefix, number_of, parse_record
-from ckpt.trash import ENTRY_FILE, FILES_DIR, MODEL_DIR, _entry_from_doc, empty, plan_empty, restore, trash_model
+from ckpt.trash import ENTRY_FILE, FILES_DIR, MODEL_DIR, empty, entry_from_doc, plan_empty, restore, trash_model
 from ckpt.trash import trash_unused as trash_unused_op
+from ckpt.verify import verify
 
 _names = itertools.count()
 
@@ -112,7 +113,7 @@ def picture(st: MemoryStorage) -> dict[str, Any]:
                     problems.append(f"{key}: record {cp.number} names a missing or changed object")
                 where.setdefault(cp.sha256, []).append(f"task:{parts[1]}")
         elif parts[0] == "trash" and parts[-1] == ENTRY_FILE and len(parts) == 3:
-            entry = _entry_from_doc(parse_toml(data, Path(key)), Path("trash") / parts[1])
+            entry = entry_from_doc(parse_toml(data, Path(key)), Path("trash") / parts[1])
             if entry.state != "complete":
                 continue  # not restorable (pending, restoring, emptying): counted nowhere
             if entry.kind == "checkpoints":

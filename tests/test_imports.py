@@ -25,7 +25,7 @@ from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.fsutil import hash_tree
-from ckpt.manifest import _COLUMNS, Checkpoint, TaskReader, parse_task
+from ckpt.manifest import COLUMNS, Checkpoint, TaskReader, parse_task
 from ckpt.workspace import (
     CACHE_FILE,
     LIST_CACHE_FILE,
@@ -152,7 +152,7 @@ def _same(listed: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
 
 
 def test_cache_columns_are_the_checkpoint_fields() -> None:
-    assert (*_COLUMNS, "task") == tuple(f.name for f in dataclasses.fields(Checkpoint))
+    assert (*COLUMNS, "task") == tuple(f.name for f in dataclasses.fields(Checkpoint))
 
 
 def test_list_cache_follows_appends_by_another_process(ws: ckpt.Workspace) -> None:

@@ -45,7 +45,7 @@ def originals(task: ckpt.Task) -> dict[int, tuple[str, str]]:
 
 def entry_folders(root: Path) -> list[Path]:
     trash_dir = root / "trash"
-    return sorted(p for p in trash_dir.iterdir() if trash._ID.fullmatch(p.name))
+    return sorted(p for p in trash_dir.iterdir() if trash.ENTRY_ID.fullmatch(p.name))
 
 
 def check_nothing_lost(root: Path, task: str, cps: dict[int, tuple[str, str]]) -> None:

@@ -127,7 +127,7 @@ def test_scan_adds_a_numbered_file_left_without_record(ws: ckpt.Workspace, run_j
 
 
 def test_verify_reports_progress(ws: ckpt.Workspace) -> None:
-    from ckpt.importer import verify
+    from ckpt.verify import verify
 
     make_task(ws, "a", n=4, size=3000)
     seen: list[tuple[int, int]] = []

@@ -7,75 +7,24 @@ import gc
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated, NoReturn
+from typing import NoReturn
 
 import typer
 
-from .. import __version__
-from ._common import STATE, err
+from ._app import app
+from ._common import err
 
-app = typer.Typer(
-    name="ckpt",
-    help="Manage the checkpoints training runs leave behind: list, promote, preview, trash.",
-    # plain help: Rich's help (panels) made `ckpt --help` 2.4x `import typer, rich` against 1.7x plain
-    # (benchmarks/README.md); the groups are named in the epilog instead
-    rich_markup_mode=None,
-    epilog="Commands by group, in the order you meet them. Tasks: init, tasks, list, show, finish. "
-    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Retention: policy, latest. "
-    "Files: import, scan, verify. "
-    "Preview: preview, demo. Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.",
-    add_completion=True,
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# registers the commands, in the order help lists them: tasks, models, trash, files, preview
+# isort: off
+from . import tasks as _tasks  # noqa: F401
+from . import models as _models  # noqa: F401
+from . import trash as _trash  # noqa: F401
+from . import imports as _imports  # noqa: F401
+from . import preview as _preview  # noqa: F401
+from . import policy as _policy  # noqa: F401
+# isort: on
 
-
-def _version(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"ckpt {__version__}\n")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    workspace: Annotated[
-        str | None,
-        typer.Option(
-            "--workspace",
-            "-w",
-            help="The workspace folder or s3://bucket/prefix (else CKPT_WORKSPACE, else the nearest ckpt.toml above).",
-        ),
-    ] = None,
-    wait: Annotated[
-        float | None,
-        typer.Option(
-            "--wait",
-            min=0,
-            metavar="SECONDS",
-            help="Wait this long for a lock another ckpt holds, then exit 5 (else CKPT_LOCK_TIMEOUT, else 30).",
-        ),
-    ] = None,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """ckpt: the checkpoints of your training runs, kept tidy.
-
-    Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.
-    """
-    STATE.workspace = workspace
-    from ..fsutil import set_lock_timeout
-
-    set_lock_timeout(wait)  # always set: in-process callers (tests) run several commands in one process
-
-
-# registers the commands, in the order help lists their panels: tasks, models, trash, files, preview
-from . import tasks as _tasks  # noqa: E402,F401,I001
-from . import models as _models  # noqa: E402,F401
-from . import trash as _trash  # noqa: E402,F401
-from . import imports as _imports  # noqa: E402,F401
-from . import preview as _preview  # noqa: E402,F401
-from . import policy as _policy  # noqa: E402,F401
+__all__ = ["app", "main"]
 
 # Commands that run networks (long, and torch makes reference cycles): they keep the cyclic garbage collector.
 _COLLECTING = frozenset({"preview", "demo"})

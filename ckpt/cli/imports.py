@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import _complete, app
+from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
@@ -26,6 +26,7 @@ from ._common import (
     show_plan,
     table,
 )
+from ._complete import tasks as complete_tasks
 from ._render import metric_or_none
 
 
@@ -140,7 +141,7 @@ def _unknown_json(u: Any) -> dict[str, Any]:
 
 @command(app, "scan")
 def scan(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     add: Annotated[
         bool, typer.Option("--add", help="Add the checkpoint files found as new checkpoints (moved into checkpoints/).")
     ] = False,
@@ -201,7 +202,7 @@ def scan(
 @command(app, "verify")
 def verify(
     tasks: Annotated[
-        list[str] | None, typer.Argument(help="Tasks to verify (default: all).", autocompletion=_complete.tasks)
+        list[str] | None, typer.Argument(help="Tasks to verify (default: all).", autocompletion=complete_tasks)
     ] = None,
     models: Annotated[bool, typer.Option("--models", help="Verify the models too.")] = False,
     json: JsonOpt = False,
@@ -212,7 +213,7 @@ def verify(
 
     Example: ckpt verify unet --models
     """
-    from ..importer import verify as do_verify
+    from ..verify import verify as do_verify
 
     ws = open_workspace()
     with _hashing_progress(not json) as progress:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import _complete, app
+from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
@@ -22,6 +22,8 @@ from ._common import (
     print_json,
     show_plan,
 )
+from ._complete import tasks as complete_tasks
+from ._complete import titles as complete_titles
 from ._render import model_json
 from ._table import ColumnsOpt, LimitOpt, WideOpt, check_view, limited, model_columns, render
 
@@ -37,7 +39,7 @@ app.add_typer(models_app, name="models")
 
 @command(app, "promote")
 def promote(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (or use --best).")] = None,
     title: Annotated[
         str | None, typer.Option("--title", "-t", help="The model's title (letters, digits, - _ .); default TASK-N.")
@@ -151,7 +153,7 @@ def _list(json: bool, view: tuple[int | None, str | None, bool]) -> None:
 
 @command(models_app, "show")
 def models_show(
-    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=_complete.titles)],
+    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=complete_titles)],
     json: JsonOpt = False,
 ) -> None:
     """One model in full: where it came from, its metrics, size and storage.
@@ -174,7 +176,7 @@ def models_show(
 
 @command(models_app, "rename")
 def models_rename(
-    old: Annotated[str, typer.Argument(help="The current title.", autocompletion=_complete.titles)],
+    old: Annotated[str, typer.Argument(help="The current title.", autocompletion=complete_titles)],
     new: Annotated[str, typer.Argument(help="The new title.")],
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from . import _complete, app
+from ._app import app
 from ._common import JsonOpt, MaxOpt, MinOpt, command, err, open_workspace, out, print_json
+from ._complete import tasks as complete_tasks
 from .trash import KeepBestOpt, KeepEveryOpt, KeepIntervalOpt, KeepLastOpt, MetricOpt
 
 policy_app = typer.Typer(
@@ -20,7 +21,7 @@ policy_app = typer.Typer(
 app.add_typer(policy_app, name="policy")
 
 PolicyTaskArg = Annotated[
-    str | None, typer.Argument(help="The task (default: the workspace default).", autocompletion=_complete.tasks)
+    str | None, typer.Argument(help="The task (default: the workspace default).", autocompletion=complete_tasks)
 ]
 
 
@@ -108,7 +109,7 @@ def policy_unset(task: PolicyTaskArg = None, json: JsonOpt = False) -> None:
 
 @command(app, "latest")
 def latest(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     path: Annotated[
         bool, typer.Option("--path", help="Print only the path of its file (in a bucket: a verified local copy).")
     ] = False,

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import UsageError
-from . import _complete, app
+from ._app import app
 from ._common import JsonOpt, command, err, open_workspace, out, plural, print_json, table
+from ._complete import tasks as complete_tasks
 
 if TYPE_CHECKING:
     from ..preview import PreviewResult, Progress
@@ -161,7 +162,7 @@ def _precision(precision: str, agreement: float | None) -> str:
 @command(app, "preview")
 def preview(
     task: Annotated[
-        str | None, typer.Argument(help="The task whose checkpoints to preview.", autocompletion=_complete.tasks)
+        str | None, typer.Argument(help="The task whose checkpoints to preview.", autocompletion=complete_tasks)
     ] = None,
     numbers: Annotated[
         list[int] | None, typer.Argument(help="Checkpoint numbers (default: all of the task's).")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from . import _complete, app
+from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
@@ -23,6 +23,7 @@ from ._common import (
     show_plan,
     table,
 )
+from ._complete import tasks as complete_tasks
 from ._render import (
     ROWS_FORM,
     TASKS_FORM,
@@ -127,7 +128,7 @@ def _sorted(t: Any, cps: list[Any], field: str, desc: bool | None) -> list[Any]:
 
 @command(app, "list")
 def list_checkpoints(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     sort: Annotated[
         str | None, typer.Option("--sort", help="Sort by a metric (or number, step, epoch, size, created).")
     ] = None,
@@ -234,7 +235,7 @@ def _linked_warning(number: int, link: str) -> str:
 
 @command(app, "show")
 def show(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     number: Annotated[int, typer.Argument(help="The checkpoint number.")],
     json: JsonOpt = False,
 ) -> None:
@@ -288,7 +289,7 @@ def show(
 
 @command(app, "finish")
 def finish(
-    task: Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)],
+    task: Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)],
     failed: Annotated[bool, typer.Option("--failed", help="Mark the run failed; promote nothing.")] = False,
     title: Annotated[
         str | None, typer.Option("--title", "-t", help="Title for the model (default: TASK-NUMBER).")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import _complete, app
+from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
@@ -27,6 +27,9 @@ from ._common import (
     show_plan,
     table,
 )
+from ._complete import entries as complete_entries
+from ._complete import tasks as complete_tasks
+from ._complete import titles as complete_titles
 from ._table import ColumnsOpt, LimitOpt, WideOpt, check_view, limited, render, trash_columns
 from .models import models_app
 
@@ -39,11 +42,11 @@ trash_app = typer.Typer(
 app.add_typer(trash_app, name="trash")
 
 # trash-unused's options, declared once: Typer evaluates each annotation's text at every start, a name costs least
-TaskArg = Annotated[str, typer.Argument(help="The task.", autocompletion=_complete.tasks)]
+TaskArg = Annotated[str, typer.Argument(help="The task.", autocompletion=complete_tasks)]
 KeepLastOpt = Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")]
 KeepBestOpt = Annotated[int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")]
-OptTaskArg = Annotated[str | None, typer.Argument(help="The task (or --all).", autocompletion=_complete.tasks)]
+OptTaskArg = Annotated[str | None, typer.Argument(help="The task (or --all).", autocompletion=complete_tasks)]
 KeepEveryOpt = Annotated[
     int, typer.Option("--keep-every", min=0, help="Also keep the first checkpoint at or after every K steps.")
 ]
@@ -58,9 +61,9 @@ def _reason(*words: Any) -> str:
 
 
 def _numbers(numbers: list[int]) -> str:
-    from ..workspace import _ranges
+    from ..workspace import ranges
 
-    return _ranges(numbers) if numbers else ""
+    return ranges(numbers) if numbers else ""
 
 
 @command(app, "trash-unused")
@@ -276,7 +279,7 @@ def _what(e: Any) -> str:
 @command(trash_app, "restore")
 def trash_restore(
     entry: Annotated[
-        str, typer.Argument(help="The trash entry id (see: ckpt trash list).", autocompletion=_complete.entries)
+        str, typer.Argument(help="The trash entry id (see: ckpt trash list).", autocompletion=complete_entries)
     ],
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
@@ -315,7 +318,7 @@ def trash_restore(
 def trash_empty(
     entries: Annotated[
         list[str] | None,
-        typer.Argument(help="Entry ids to delete (default: every entry).", autocompletion=_complete.entries),
+        typer.Argument(help="Entry ids to delete (default: every entry).", autocompletion=complete_entries),
     ] = None,
     older_than: Annotated[
         str | None, typer.Option("--older-than", help="Only entries older than this: 45s, 30m, 12h, 7d, 2w.")
@@ -410,7 +413,7 @@ def _budget_json(auto: Any) -> dict[str, Any]:
 
 @command(models_app, "remove")
 def models_remove(
-    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=_complete.titles)],
+    title: Annotated[str, typer.Argument(help="The model's title.", autocompletion=complete_titles)],
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:

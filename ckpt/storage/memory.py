@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from . import Blob, PreconditionFailed, Storage, mount_for_tests, unmount_for_tests
+from . import mount_for_tests, unmount_for_tests
+from .base import Blob, PreconditionFailed, Storage
 
 T = TypeVar("T")
 KINDS = ("fail", "lose", "retry", "kill_before", "kill_after")

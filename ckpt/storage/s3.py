@@ -13,7 +13,7 @@ import s3fs
 from fsspec.asyn import sync
 
 from ..errors import CkptError, UsageError
-from . import Blob, PreconditionFailed, Storage
+from .base import Blob, PreconditionFailed, Storage
 
 _READ_BLOCK = 8 * 2**20
 _BATCH = 1000
