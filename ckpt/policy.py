@@ -307,6 +307,13 @@ def set_policy(ws: Workspace, task_name: str | None, rules: KeepRules | Mapping[
     TaskNotFound, BusyError."""
     task = ws.task(task_name) if task_name is not None else None
     recorded = _recorded(ws, task, rules_of(rules)) if rules is not None else None
+    if recorded is not None and not (
+        recorded.keep_last or recorded.keep_best or recorded.keep_every or recorded.keep_interval
+    ):  # a policy of no rule would trash all but models and the latest after every save: never by accident
+        raise UsageError(
+            "a policy needs at least one rule (--keep-last, --keep-best, --keep-every, --keep-interval)",
+            hint="to remove a policy: ckpt policy unset",
+        )
     doc = to_doc(recorded) if recorded is not None else None
     if task is not None:
         if task.header.policy != doc:

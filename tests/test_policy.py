@@ -112,6 +112,8 @@ def test_policy_set_and_show_records_the_direction(any_ws: ckpt.Workspace, run: 
         run_json("policy", "set", "run", "--keep-best", "1", "--metric", "score", "--max")["policy"]["direction"]
         == "max"
     )
+    empty = run("policy", "set", "run")
+    assert empty.exit_code == 2 and "at least one rule" in empty.stderr and "policy unset" in empty.stderr
     assert run_json("policy", "unset", "run")["source"] is None
     assert run_json("policy", "show", "run")["source"] == "workspace"
 
