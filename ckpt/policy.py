@@ -473,7 +473,7 @@ def after_save(task: Task, number: int, keep: Iterable[int] = ()) -> None:
         if not _task_has_policy(task) and not _workspace_has_policy(task.ws):
             return
     except Exception as e:
-        warnings.warn(f"ckpt: the retention policy of task '{task.name}' could not be read: {e}", stacklevel=3)
+        warnings.warn(f"ckpt: the retention policy of task '{task.name}' could not be read: {e}", stacklevel=4)
         return
     key = (task.ws.location, task.name)
     global _at_exit
