@@ -69,8 +69,9 @@ def main() -> None:
     parser.add_argument("workspace", nargs="?", default="runs")
     parser.add_argument("--task", default="spirals")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="another seed: another run to compare")
     args = parser.parse_args()
-    train(args.workspace, args.task, args.epochs)
+    train(args.workspace, args.task, args.epochs, args.seed)
 
 
 if __name__ == "__main__":

@@ -61,14 +61,17 @@ def _loaded(cmd: list[str], env: dict[str, str]) -> set[str]:
         ["-m", "ckpt", "--help"],
         ["-m", "ckpt", "tasks", "--json"],
         ["-m", "ckpt", "list", "T", "--json"],
+        ["-m", "ckpt", "list", "T", "--spark"],
     ],
-    ids=["import", "help", "tasks", "list"],
+    ids=["import", "help", "tasks", "list", "list-spark"],
 )
 def test_light_commands_do_not_import_torch(ws: ckpt.Workspace, args: list[str]) -> None:
     make_task(ws, "T", n=2)
     mods = _loaded([sys.executable, *args], _env(ws))
     assert "ckpt" in mods
     assert not {m for m in mods if m == "torch" or m.startswith("torch.")}
+    # matplotlib (the plot extra) only for `ckpt plot` and `ckpt report`
+    assert not {m for m in mods if m == "matplotlib" or m.startswith(("matplotlib.", "numpy"))}
 
 
 def test_installed_script_does_not_import_torch(ws: ckpt.Workspace) -> None:

@@ -127,8 +127,11 @@ def test_list_fits_a_terminal(tables_ws: ckpt.Workspace, columns: int) -> None:
         metric = next(iter(_metrics(n, 0)), None)
         lines, stderr = _in_terminal(tables_ws, columns, "list", name)
         _fits(lines, columns)
-        header, rows = lines[1], lines[2:]
+        header, rows, sparks = lines[1], lines[2:6], lines[6:]
         assert len(rows) == 4
+        # then, at a terminal, a sparkline per metric (at most 8, then a line saying how many more)
+        assert len(sparks) == min(n, 8) + (n > 8), sparks
+        assert all(set(x) & set("▁▂▃▄▅▆▇█") or x.startswith("+") for x in sparks), sparks
         spans = {c: _span(header, c) for c in ["#", "step", "size", "models", *_metrics(n, 0)]}
         assert all(spans[c] for c in ("#", "step", "size")) and (metric is None or spans[metric]), header
         for row in rows:

@@ -14,7 +14,7 @@ import typer
 from ._app import app
 from ._common import err
 
-# registers the commands, in the order help lists them: tasks, models, trash, files, preview
+# registers the commands, in the order help lists them: tasks, models, trash, files, preview, look
 # isort: off
 from . import tasks as _tasks  # noqa: F401
 from . import models as _models  # noqa: F401
@@ -22,12 +22,13 @@ from . import trash as _trash  # noqa: F401
 from . import imports as _imports  # noqa: F401
 from . import preview as _preview  # noqa: F401
 from . import policy as _policy  # noqa: F401
+from . import plot as _plot  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]
 
 # Commands that run networks (long, and torch makes reference cycles): they keep the cyclic garbage collector.
-_COLLECTING = frozenset({"preview", "demo"})
+_COLLECTING = frozenset({"preview", "demo", "report"})
 
 
 def main() -> NoReturn:

@@ -143,6 +143,10 @@ def list_checkpoints(
     ] = None,
     columns: ColumnsOpt = None,
     wide: WideOpt = False,
+    spark: Annotated[
+        bool | None,
+        typer.Option("--spark/--no-spark", help="A sparkline per metric under the table (default: at a terminal)."),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """A task's checkpoints: number, step, epoch, metrics, size, created, models made from them.
@@ -169,7 +173,7 @@ def list_checkpoints(
             err(_linked_warning(number, link))
         print_json_pieces(pieces)
         return
-    cps = t.checkpoints
+    cps = every = t.checkpoints
     t.refresh_cache()
     linked = t.linked(cps)
     for cp, link in linked:
@@ -200,6 +204,11 @@ def list_checkpoints(
         err(f"task '{task}' has no checkpoints yet")
         return
     render(checkpoint_columns(cps, latest, models, sort), title=f"{task} ({t.status})", columns=columns, wide=wide)
+    if spark or (spark is None and json_to_terminal()):  # (stdout is a terminal)
+        from .plot import spark_lines
+
+        for line in spark_lines(t, every):
+            out(line)
 
 
 def _check_top(task: str, sort: str | None, desc: bool | None, limit: int | None) -> None:
