@@ -85,6 +85,19 @@ def lightning(ws: str) -> None:
     resume = CkptCallback.resume_path(ws, "tiny")
     assert resume is not None and resume.endswith(".ckpt")
     fit([], resume)
+    # every 3 steps instead of at validation ends: 8 steps in 2 epochs save at steps 3 and 6
+    steps = CkptCallback(ws, task="by-steps", every_n_steps=3)
+    L.Trainer(
+        max_epochs=2,
+        callbacks=[steps],
+        enable_checkpointing=False,
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(Tiny(), data)
     Path(ws).with_name("lightning.json").write_text(json.dumps({"seen": seen, "resumed_from": resume}))
 
 
