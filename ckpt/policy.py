@@ -27,10 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import fsutil
-from .backend import per_backend
 from .errors import CkptError, ManifestError, UsageError
-from .manifest import dumps, read_toml, workspace_doc
 from .metrics import check_modes, direction, value
 from .timeutil import parse_age, parse_iso
 
@@ -40,7 +37,6 @@ if TYPE_CHECKING:
     from .workspace import Task, Workspace
 
 KEYS = ("keep_last", "keep_best", "metric", "mode", "keep_every", "keep_interval")
-WORKSPACE_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
 _UNITS = (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 
@@ -241,27 +237,15 @@ class Effective:
     source: str | None
 
 
-@per_backend
 def read_workspace_doc(ws: Workspace) -> dict[str, Any]:
-    """`ckpt.toml` as read now (checked as `Workspace.open` checks it)."""
-    path = ws.root / "ckpt.toml"
-    doc = read_toml(path, "workspace")
-    workspace_doc(doc, path)
-    return doc
+    """`ckpt.toml` as read now (checked as `Workspace.open` checks it): the store's `read_settings`."""
+    return ws.read_settings()
 
 
-@per_backend
 def update_workspace_doc(ws: Workspace, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Apply `change` to `ckpt.toml` and write it back whole (temporary file, fsync, rename), one change at a
-    time; everything else in the file is kept. Returns the new document."""
-    path = ws.root / "ckpt.toml"
-    fsutil.refuse_links(ws.root, "ckpt.toml")
-    with fsutil.locked(ws.tasks_dir / WORKSPACE_LOCK, "the workspace's ckpt.toml"):
-        doc = read_toml(path, "workspace")
-        change(doc)
-        workspace_doc(doc, path)  # never write what the next open would refuse
-        fsutil.atomic_write(path, dumps(doc))
-    return doc
+    """Apply `change` to `ckpt.toml` and write it back whole, one change at a time, everything else kept (the
+    store's `update_settings`: a folder's lock and atomic rename, a bucket's If-Match). The new document."""
+    return ws.update_settings(change)
 
 
 def workspace_policy(ws: Workspace, doc: Mapping[str, Any] | None = None) -> KeepRules | None:

@@ -292,6 +292,27 @@ class StoreWorkspace(Workspace):
             done(i)
         return out
 
+    def read_settings(self) -> dict[str, Any]:
+        """`ckpt.toml` as read now (checked as `open` checks it)."""
+        data, _ = self.storage.get(WORKSPACE_FILE)
+        doc = parse_toml(data, Path(WORKSPACE_FILE))
+        workspace_doc(doc, Path(WORKSPACE_FILE))
+        return doc
+
+    def update_settings(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """`ckpt.toml` changed by `change` and written back with If-Match; a lost race reads and applies it again."""
+        for attempt in range(COMMIT_TRIES):
+            data, etag = self.storage.get(WORKSPACE_FILE)
+            doc = parse_toml(data, Path(WORKSPACE_FILE))
+            change(doc)
+            workspace_doc(doc, Path(WORKSPACE_FILE))
+            try:
+                self.storage.put(WORKSPACE_FILE, dumps(doc), if_match=etag)
+                return doc
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+        raise BusyError(f"{WORKSPACE_FILE} changed {COMMIT_TRIES} times while writing it; try again")
+
     def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
         """Bytes of the objects under each of `prefixes`, and of the rest: one LIST of the whole workspace
         (a request per 1,000 objects). Objects share nothing, so each counts once, where its key is."""
@@ -2001,28 +2022,6 @@ def _check_task(
 
 # the implementations StoreWorkspace gives for the core operations marked `per_backend` (same names and
 # signatures as the local ones); an operation missing here is refused with exit 2
-def read_workspace_doc(ws: StoreWorkspace) -> dict[str, Any]:
-    data, _ = ws.storage.get(WORKSPACE_FILE)
-    doc = parse_toml(data, Path(WORKSPACE_FILE))
-    workspace_doc(doc, Path(WORKSPACE_FILE))
-    return doc
-
-
-def update_workspace_doc(ws: StoreWorkspace, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """`ckpt.toml` changed by `change` and written back with If-Match; a lost race reads and applies it again."""
-    for attempt in range(COMMIT_TRIES):
-        data, etag = ws.storage.get(WORKSPACE_FILE)
-        doc = parse_toml(data, Path(WORKSPACE_FILE))
-        change(doc)
-        workspace_doc(doc, Path(WORKSPACE_FILE))
-        try:
-            ws.storage.put(WORKSPACE_FILE, dumps(doc), if_match=etag)
-            return doc
-        except PreconditionFailed:
-            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
-    raise BusyError(f"{WORKSPACE_FILE} changed {COMMIT_TRIES} times while writing it; try again")
-
-
 OPERATIONS: dict[str, Callable[..., Any]] = {
     "trash_unused": trash_unused,
     "list_entries": list_entries,
@@ -2032,6 +2031,4 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "trash_model": trash_model,
     "scan": scan,
     "doctor": doctor,
-    "read_workspace_doc": read_workspace_doc,
-    "update_workspace_doc": update_workspace_doc,
 }

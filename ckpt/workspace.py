@@ -63,6 +63,7 @@ SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see
 TASK_ROWS_CACHE_FILE = ".tasks.rows.cache.json"  # in tasks/: every task's rendered row (see manifest.TaskRowsCache)
 LOCK_FILE = ".lock"
 CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
+SETTINGS_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
 CHECKPOINT_DIR = "checkpoints"
 PENDING_PREFIX = ".pending-"
 
@@ -487,6 +488,25 @@ class Workspace:
         from .models import promote
 
         return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
+
+    def read_settings(self) -> dict[str, Any]:
+        """`ckpt.toml` as read now (checked as `open` checks it)."""
+        path = self.root / WORKSPACE_FILE
+        doc = read_toml(path, "workspace")
+        workspace_doc(doc, path)
+        return doc
+
+    def update_settings(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Apply `change` to `ckpt.toml` and write it back whole (temporary file, fsync, rename) under the
+        workspace's lock, one change at a time; everything else in the file is kept. The new document."""
+        path = self.root / WORKSPACE_FILE
+        fsutil.refuse_links(self.root, WORKSPACE_FILE)
+        with fsutil.locked(self.tasks_dir / SETTINGS_LOCK, "the workspace's ckpt.toml"):
+            doc = read_toml(path, "workspace")
+            change(doc)
+            workspace_doc(doc, path)  # never write what the next open would refuse
+            fsutil.atomic_write(path, dumps(doc))
+        return doc
 
     def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
         """Bytes on disk under each of `prefixes`, each inode counted once, in the order given; and the bytes
