@@ -30,6 +30,8 @@ from .errors import CkptError, ManifestError
 
 FORMAT = 1
 LOG_FORMAT = 2  # a bucket task manifest with an open log beside it (ckpt.store_log): older ckpts must refuse it
+# a task manifest with a [policy] table (ckpt.policy): a ckpt that knows none would drop it when rewriting the file
+POLICY_FORMAT = 3
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
 _CHECKPOINT_DIR = "checkpoints"  # workspace.CHECKPOINT_DIR
 # the task folder's own hidden files (workspace.py)
@@ -335,6 +337,8 @@ class TaskHeader:
     # `format` is LOG_FORMAT), and the numbers of the log objects the last fold took in (readers skip them)
     log: bool = False
     folded: list[int] = field(default_factory=list)
+    # the task's retention policy, the [policy] table as written (parsed and checked by ckpt.policy)
+    policy: dict[str, Any] | None = None
 
     def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> bool:
         """Add what an import found: the directions of metrics the task has not recorded yet (one it has is
@@ -350,7 +354,7 @@ class TaskHeader:
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "format": LOG_FORMAT if self.log else FORMAT,
+            "format": POLICY_FORMAT if self.policy else LOG_FORMAT if self.log else FORMAT,
             "name": self.name,
             "status": self.status,
             "created": self.created,
@@ -374,12 +378,16 @@ class TaskHeader:
             doc["log"] = True
         if self.folded:
             doc["folded"] = list(self.folded)
+        if self.policy:
+            doc["policy"] = dict(self.policy)
         return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], path: Path) -> TaskHeader:
         log = doc.get("log") is True
-        check_format(doc, path, LOG_FORMAT if log else FORMAT)
+        check_format(doc, path, POLICY_FORMAT if "policy" in doc else LOG_FORMAT if log else FORMAT)
+        policy = _get(doc, "policy", dict, path, "", required=False)
+        check_nesting(policy, path, "'policy'")
         folded = _get(doc, "folded", list, path, "", required=False) or []
         if not all(type(n) is int for n in folded):
             raise ManifestError(f"{path}: 'folded' must be a list of integers", path=path)
@@ -426,6 +434,7 @@ class TaskHeader:
             trashing=_ids(doc, "trashing", path),
             log=log,
             folded=list(folded),
+            policy=dict(policy) if policy else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -444,6 +453,7 @@ class TaskHeader:
             "trashing": self.trashing,
             "log": self.log,
             "folded": self.folded,
+            "policy": self.policy,
         }
 
 
@@ -551,7 +561,7 @@ def task_bytes(state: TaskState) -> bytes:
 _FINGERPRINT = 64
 _HEAD = 128  # the first bytes kept: `format` and `revision` come first in every manifest ckpt writes
 _REVISION = b'\nrevision = "'
-CACHE_VERSION = 5
+CACHE_VERSION = 6  # 6: the header may hold a [policy]; an older ckpt must not take it from a cache without one
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ HIGHER = frozenset("acc accuracy iou miou dice f1 precision recall auc map bleu 
 SOURCES = ("flag", "task", "workspace", "name")
 _SOURCE_TEXT = {
     "flag": "the command's flag",
+    "policy": "the retention policy",  # recorded in a policy when it was set (ckpt.policy): not consulted
     "task": "recorded in the task",
     "workspace": "the workspace's [metrics] setting",
     "name": "the metric's name",

@@ -182,7 +182,19 @@ class StoreWorkspace(Workspace):
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
         source: Mapping[str, str] | None = None,
+        policy: Any = None,
     ) -> Task:
+        if policy is not None:  # made, then its policy recorded (ckpt.policy), as in a folder
+            return super().create_task(
+                name,
+                arch=arch,
+                arch_kwargs=arch_kwargs,
+                exist_ok=exist_ok,
+                settings=settings,
+                metric_modes=metric_modes,
+                source=source,
+                policy=policy,
+            )
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
             raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
@@ -279,6 +291,27 @@ class StoreWorkspace(Workspace):
                 out.append(e)
             done(i)
         return out
+
+    def read_settings(self) -> dict[str, Any]:
+        """`ckpt.toml` as read now (checked as `open` checks it)."""
+        data, _ = self.storage.get(WORKSPACE_FILE)
+        doc = parse_toml(data, Path(WORKSPACE_FILE))
+        workspace_doc(doc, Path(WORKSPACE_FILE))
+        return doc
+
+    def update_settings(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """`ckpt.toml` changed by `change` and written back with If-Match; a lost race reads and applies it again."""
+        for attempt in range(COMMIT_TRIES):
+            data, etag = self.storage.get(WORKSPACE_FILE)
+            doc = parse_toml(data, Path(WORKSPACE_FILE))
+            change(doc)
+            workspace_doc(doc, Path(WORKSPACE_FILE))
+            try:
+                self.storage.put(WORKSPACE_FILE, dumps(doc), if_match=etag)
+                return doc
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+        raise BusyError(f"{WORKSPACE_FILE} changed {COMMIT_TRIES} times while writing it; try again")
 
     def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
         """Bytes of the objects under each of `prefixes`, and of the rest: one LIST of the whole workspace
@@ -676,6 +709,12 @@ class StoreTask(Task):
     def note_import(self, metric_modes: dict[str, str], source: dict[str, str] | None) -> None:
         if replace(self.state().header).note_import(metric_modes, source):
             self.update(lambda state: state.header.note_import(metric_modes, source))
+
+    def set_policy(self, policy: dict[str, Any] | None) -> None:
+        def change(state: TaskState) -> None:
+            state.header.policy = dict(policy) if policy else None
+
+        self.update(change)
 
     def set_status(self, status: str) -> TaskHeader:
         def change(state: TaskState) -> TaskHeader:

@@ -37,7 +37,7 @@ from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
 from .manifest import FORMAT, Checkpoint, TaskState, check_files, check_format, dumps, read_toml
-from .metrics import rank, require
+from .metrics import Direction, rank, require
 from .names import describe, is_valid_name
 from .timeutil import now_iso, parse_iso
 from .timeutil import parse_age as parse_age  # where `ckpt trash empty --older-than` finds it
@@ -45,7 +45,6 @@ from .workspace import LOCK_FILE as TASK_LOCK
 from .workspace import PENDING_PREFIX
 
 if TYPE_CHECKING:
-    from .metrics import Direction
     from .trash_results import DiskUse, EmptyPlan, EmptyResult, Held, ModelTrashResult, Repair, RestoreResult
     from .workspace import Task, Workspace
 
@@ -302,10 +301,16 @@ class KeepRules:
     keep_best: int = 0
     metric: str | None = None
     mode: str | None = None  # "min" / "max" from --min / --max; None: the direction ckpt.metrics finds
+    # a retention policy's rules too (ckpt.policy): the first checkpoint at or after each multiple of
+    # `keep_every` steps, and the latest of each `keep_interval` seconds counted from the task's creation
+    keep_every: int = 0
+    keep_interval: int = 0
+    mode_from: str = ""  # where `mode` came from when not a flag: "the task's policy", "the workspace's policy"
+    protect: frozenset[int] = frozenset()  # kept whatever the rules say: the checkpoints a training loop just saved
 
     def check(self) -> None:
-        if self.keep_last < 0 or self.keep_best < 0:
-            raise UsageError("--keep-last and --keep-best take a number of 0 or more")
+        if self.keep_last < 0 or self.keep_best < 0 or self.keep_every < 0 or self.keep_interval < 0:
+            raise UsageError("--keep-last, --keep-best, --keep-every and --keep-interval take 0 or more")
         if self.keep_best and not self.metric:
             raise UsageError("--keep-best needs --metric", hint="e.g. --keep-best 3 --metric val_iou")
         if self.metric and not self.keep_best:
@@ -577,11 +582,24 @@ def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: 
     if rules.keep_last:
         for cp in cps[-rules.keep_last :]:
             why[cp.number].append(f"keep-last {rules.keep_last}")
+    for number in sorted(rules.protect):
+        if number in why:
+            why[number].append("just saved")
+    if rules.keep_every or rules.keep_interval:
+        from .policy import keep_every, keep_interval  # the policy's rules: only where one asks for them
+
+        for number, why_kept in (
+            *keep_every(cps, rules.keep_every),
+            *keep_interval(cps, rules.keep_interval, task.header.created),
+        ):
+            why[number].append(why_kept)
     if rules.keep_best and rules.metric:
         metric = rules.metric
         if cps:
             require(cps, metric, task.name)
         better = out.direction = task.direction(metric, rules.mode)
+        if rules.mode_from and rules.mode is not None:
+            better = out.direction = Direction(metric, rules.mode, "policy", rules.mode_from)
         ranked, missing = rank(cps, metric, better.minimize, metrics_of=lambda cp: cp.metrics, tie=lambda cp: cp.number)
         out.unranked = {cp.number for cp in missing}
         for cp in ranked[: rules.keep_best]:

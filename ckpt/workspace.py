@@ -63,6 +63,7 @@ SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see
 TASK_ROWS_CACHE_FILE = ".tasks.rows.cache.json"  # in tasks/: every task's rendered row (see manifest.TaskRowsCache)
 LOCK_FILE = ".lock"
 CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
+SETTINGS_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
 CHECKPOINT_DIR = "checkpoints"
 PENDING_PREFIX = ".pending-"
 
@@ -253,14 +254,31 @@ class Workspace:
         settings: Mapping[str, Any] | None = None,
         metric_modes: Mapping[str, str] | None = None,
         source: Mapping[str, str] | None = None,
+        policy: Any = None,
     ) -> Task:
         """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
 
         `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
         arguments (JSON-serialisable; None is kept); `metric_modes` says which way each metric is better
-        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}). Raises
+        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}); `policy` is
+        the task's retention policy (ckpt.policy: `{"keep_last": 3, "keep_best": 2, "metric": "val_loss"}`),
+        applied in the background after each save (also to an existing task, with `exist_ok`). Raises
         UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
         """
+        if policy is not None:
+            from .policy import set_policy
+
+            task = self.create_task(
+                name,
+                arch=arch,
+                arch_kwargs=arch_kwargs,
+                exist_ok=exist_ok,
+                settings=settings,
+                metric_modes=metric_modes,
+                source=source,
+            )
+            set_policy(self, name, policy)
+            return task
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
             raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
@@ -470,6 +488,25 @@ class Workspace:
         from .models import promote
 
         return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
+
+    def read_settings(self) -> dict[str, Any]:
+        """`ckpt.toml` as read now (checked as `open` checks it)."""
+        path = self.root / WORKSPACE_FILE
+        doc = read_toml(path, "workspace")
+        workspace_doc(doc, path)
+        return doc
+
+    def update_settings(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Apply `change` to `ckpt.toml` and write it back whole (temporary file, fsync, rename) under the
+        workspace's lock, one change at a time; everything else in the file is kept. The new document."""
+        path = self.root / WORKSPACE_FILE
+        fsutil.refuse_links(self.root, WORKSPACE_FILE)
+        with fsutil.locked(self.tasks_dir / SETTINGS_LOCK, "the workspace's ckpt.toml"):
+            doc = read_toml(path, "workspace")
+            change(doc)
+            workspace_doc(doc, path)  # never write what the next open would refuse
+            fsutil.atomic_write(path, dumps(doc))
+        return doc
 
     def usage(self, prefixes: list[str]) -> tuple[list[int], int]:
         """Bytes on disk under each of `prefixes`, each inode counted once, in the order given; and the bytes
@@ -923,7 +960,9 @@ class Task:
                 torch.save(obj, w)  # type: ignore[arg-type]
 
             ext = suffix or ".pt"
-        return self._commit_new(produce, ext, step, epoch, clean, None)
+        number = self._commit_new(produce, ext, step, epoch, clean, None)
+        _after_save(self, number)  # the retention policy, if any, in the background
+        return number
 
     def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
         """What the task folder holds that its manifest does not know: (unknown, ckpt's own temporary names)."""
@@ -933,10 +972,13 @@ class Task:
         return found.unknown, found.temporary
 
     def wait(self) -> None:
-        """Wait for this task's background save, if one is outstanding; raise its error if one failed."""
+        """Wait for this task's background save, if one is outstanding (raise its error if one failed), then
+        for the retention policy this process runs after its saves (ckpt.policy)."""
         from .background import writer_for
+        from .policy import wait
 
         writer_for((self.ws.location, self.name)).wait()
+        wait(self)
 
     def save_file(
         self,
@@ -964,7 +1006,9 @@ class Task:
             with fsutil.open_regular_file(src) as f:  # a FIFO swapped in after is_file() is refused, not waited on
                 shutil.copyfileobj(f, w, fsutil.CHUNK)  # type: ignore[misc]
 
-        return self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
+        number = self._commit_new(produce, src.suffix or ".pt", step, epoch, clean, src.name)
+        _after_save(self, number)
+        return number
 
     def _save_folder(self, src: Path, step: int | None, epoch: int | None, metrics: Mapping[str, float] | None) -> int:
         clean = _check_metrics(metrics)
@@ -1217,6 +1261,13 @@ class Task:
                 )
             )
 
+    def set_policy(self, policy: dict[str, Any] | None) -> None:
+        """Record the task's retention policy (a `[policy]` table made by ckpt.policy), or drop it (None)."""
+        with self.lock():
+            state = self.state()
+            state.header.policy = dict(policy) if policy else None
+            self._rewrite(state)
+
     def _rewrite(self, state: TaskState) -> None:
         """Replace the manifest with `state` (caller holds the lock)."""
         fsutil.atomic_write(self.manifest, task_bytes(state))
@@ -1249,6 +1300,12 @@ class Task:
         from .models import finish
 
         return finish(self.ws, self.name, failed=failed, title=title).model
+
+
+def _after_save(task: Task, number: int) -> None:
+    from .policy import after_save  # here: `import ckpt` need not pay for it; a lookup in sys.modules after
+
+    after_save(task, number)
 
 
 def _check_int(value: object, what: str) -> None:

@@ -22,6 +22,7 @@ from . import trash as _trash  # noqa: F401
 from . import imports as _imports  # noqa: F401
 from . import export as _export  # noqa: F401
 from . import preview as _preview  # noqa: F401
+from . import policy as _policy  # noqa: F401
 from . import plot as _plot  # noqa: F401
 # isort: on
 

@@ -17,8 +17,8 @@ app = typer.Typer(
     # (benchmarks/README.md); the groups are named in the epilog instead
     rich_markup_mode=None,
     epilog="Commands by group, in the order you meet them. Tasks: init, tasks, list, show, finish. "
-    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Files: import, scan, verify, export. "
-    "Preview: preview, demo. Look: plot, report. "
+    "Models: promote, models. Trash: trash-unused, trash, du, doctor. Retention: policy, latest. "
+    "Files: import, scan, verify, export. Preview: preview, demo. Look: plot, report. "
     "Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.",
     add_completion=True,
     no_args_is_help=True,

@@ -46,6 +46,13 @@ TaskArg = Annotated[str, typer.Argument(help="The task.", autocompletion=complet
 KeepLastOpt = Annotated[int, typer.Option("--keep-last", min=0, help="Also keep the last N checkpoints.")]
 KeepBestOpt = Annotated[int, typer.Option("--keep-best", min=0, help="Also keep the best N checkpoints by --metric.")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="The metric for --keep-best.")]
+OptTaskArg = Annotated[str | None, typer.Argument(help="The task (or --all).", autocompletion=complete_tasks)]
+KeepEveryOpt = Annotated[
+    int, typer.Option("--keep-every", min=0, help="Also keep the first checkpoint at or after every K steps.")
+]
+KeepIntervalOpt = Annotated[
+    str | None, typer.Option("--keep-interval", help="Also keep the latest checkpoint of each interval: 30m, 6h, 1d.")
+]
 
 
 def _reason(*words: Any) -> str:
@@ -61,31 +68,46 @@ def _numbers(numbers: list[int]) -> str:
 
 @command(app, "trash-unused")
 def trash_unused(
-    task: TaskArg,
+    task: OptTaskArg = None,
+    every_task: Annotated[
+        bool, typer.Option("--all", help="Every task, each by its retention policy; tasks without one are skipped.")
+    ] = False,
     keep_last: KeepLastOpt = 0,
     keep_best: KeepBestOpt = 0,
     metric: MetricOpt = None,
     minimize: MinOpt = False,
     maximize: MaxOpt = False,
+    keep_every: KeepEveryOpt = 0,
+    keep_interval: KeepIntervalOpt = None,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Move every unused checkpoint of TASK to the trash, as one entry (restorable until emptied).
 
-    Used: a model was made from it, it is the latest, or --keep-last / --keep-best protect it.
+    Used: a model was made from it, it is the latest, or a keep rule protects it. Without keep flags the
+    task's retention policy decides (ckpt policy show TASK); flags replace it for this run.
 
     Example: ckpt trash-unused unet --keep-best 2 --metric val_loss --dry-run
     """
     from ..errors import UsageError
     from ..metrics import flag_mode
+    from ..policy import apply, parse_interval
     from ..trash import KeepRules
-    from ..trash import trash_unused as do_trash
 
     mode = flag_mode(minimize, maximize)
     if mode is not None and not keep_best:
         raise UsageError(
             f"--{mode} goes with --keep-best N --metric M", hint=f"e.g. --keep-best 2 --metric val_loss --{mode}"
         )
+    interval = parse_interval(keep_interval) if keep_interval is not None else 0
+    flags = bool(keep_last or keep_best or metric or keep_every or interval)
+    if every_task:
+        if task is not None or flags:
+            raise UsageError("--all applies each task's own policy: it takes no TASK and no keep flags")
+        _trash_all(dry_run, json)
+        return
+    if task is None:
+        raise UsageError("trash-unused needs a TASK (or --all)", hint="e.g. ckpt trash-unused unet --dry-run")
     reason = _reason(
         "trash-unused",
         task,
@@ -93,26 +115,45 @@ def trash_unused(
         *(["--keep-best", keep_best] if keep_best else []),
         *(["--metric", metric] if metric else []),
         f"--{mode}" if mode else None,
+        *(["--keep-every", keep_every] if keep_every else []),
+        *(["--keep-interval", keep_interval] if interval else []),
     )
+    rules = KeepRules(keep_last, keep_best, metric, mode, keep_every, interval) if flags else None
     ws = open_workspace()
-    res = do_trash(ws, task, KeepRules(keep_last, keep_best, metric, mode), reason=reason, dry_run=dry_run)
+    res, source = apply(ws, task, rules, reason=reason, dry_run=dry_run)
+    _report_trash(ws, task, res, source, dry_run, json)
+
+
+def _policy_words(source: str | None) -> str:
+    return {"task": "the task's policy", "workspace": "the workspace's policy"}.get(source or "", "")
+
+
+def _trash_json(task: str, res: Any, source: str | None, dry_run: bool) -> dict[str, Any]:
+    plan = res.plan
+    return {
+        "task": task,
+        "dry_run": dry_run,
+        "entry": res.entry,
+        "trashed": plan.trashed,
+        "kept": [{"number": d.number, "reason": d.reason} for d in plan.kept],
+        "bytes_freed_on_empty": plan.bytes_freed_on_empty,
+        "not_freed": plan.held.to_json() if plan.held else None,
+        "rules": source if source else None,
+        **direction_json(plan.direction),
+    }
+
+
+def _report_trash(ws: Any, task: str, res: Any, source: str | None, dry_run: bool, json: bool) -> None:
     plan = res.plan
     for w in plan.warnings:
         err(f"warning: {w}")
     if json:
-        print_json(
-            {
-                "task": task,
-                "dry_run": dry_run,
-                "entry": res.entry,
-                "trashed": plan.trashed,
-                "kept": [{"number": d.number, "reason": d.reason} for d in plan.kept],
-                "bytes_freed_on_empty": plan.bytes_freed_on_empty,
-                "not_freed": plan.held.to_json() if plan.held else None,
-                **direction_json(plan.direction),
-            }
-        )
+        print_json(_trash_json(task, res, source, dry_run))
         return
+    if source in ("task", "workspace"):
+        from ..policy import describe, effective
+
+        err(f"policy ({_policy_words(source)}): {describe(effective(ws, task).rules)}")
     if plan.direction is not None:
         d = plan.direction
         err(f"keep-best: the {d.extreme} {d.metric} is best ({d.explain()})")
@@ -143,6 +184,52 @@ def trash_unused(
     if plan.held:
         err(f"note: {human_size(plan.held.bytes)} stay on disk: {plan.held.why}")
     err(f"undo with: {again('trash', 'restore', res.entry)}")
+
+
+def _trash_all(dry_run: bool, json: bool) -> None:
+    import typer as _typer
+
+    from ..policy import apply_all
+
+    ws = open_workspace()
+    outcomes = apply_all(ws, reason=_reason("trash-unused", "--all"), dry_run=dry_run)
+    failed = [o for o in outcomes if o.error is not None]
+    if json:
+        print_json(
+            {
+                "dry_run": dry_run,
+                "tasks": [_trash_json(o.task, o.result, o.source, dry_run) for o in outcomes if o.result is not None],
+                "skipped": [{"task": o.task, "reason": o.skipped} for o in outcomes if o.skipped],
+                "errors": [{"task": o.task, "error": str(o.error)} for o in failed],
+            }
+        )
+    else:
+        for o in outcomes:
+            if o.result is None:
+                continue
+            plan = o.result.plan
+            if dry_run:
+                keep = ", ".join(f"{d.number} ({d.reason})" for d in plan.kept)
+                out(
+                    f"{o.task}: would trash {plural(len(plan.trashed), 'checkpoint')}"
+                    f"{' (' + _numbers(plan.trashed) + ')' if plan.trashed else ''}, keep {keep or 'none'} "
+                    f"[{_policy_words(o.source)}]"
+                )
+            elif o.result.entry is None:
+                out(f"{o.task}: nothing to trash [{_policy_words(o.source)}]")
+            else:
+                out(
+                    f"{o.task}: moved {plural(len(plan.trashed), 'checkpoint')} ({_numbers(plan.trashed)}) to the "
+                    f"trash as entry {o.result.entry}; emptying it frees {human_size(plan.bytes_freed_on_empty)} "
+                    f"[{_policy_words(o.source)}]"
+                )
+        skipped = [o.task for o in outcomes if o.skipped]
+        if skipped:
+            err(f"skipped {plural(len(skipped), 'task')} without a policy: {', '.join(skipped)} (see: ckpt policy set)")
+    for o in failed:
+        err(f"error: task '{o.task}': {o.error}")
+    if failed:
+        raise _typer.Exit(max(o.error.exit_code for o in failed if o.error is not None))
 
 
 def _entry_json(e: Any) -> dict[str, Any]:
@@ -236,6 +323,10 @@ def trash_empty(
     older_than: Annotated[
         str | None, typer.Option("--older-than", help="Only entries older than this: 45s, 30m, 12h, 7d, 2w.")
     ] = None,
+    auto: Annotated[
+        bool,
+        typer.Option("--auto", help="The oldest entries first, until ckpt.toml's [trash] max_size and max_age hold."),
+    ] = False,
     yes: YesOpt = False,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
@@ -248,7 +339,22 @@ def trash_empty(
 
     age = parse_age(older_than) if older_than is not None else None
     ws = open_workspace()
-    plan = plan_empty(ws, entries or None, age)
+    budget: Any = None
+    if auto:
+        from ..budget import plan_auto
+        from ..errors import UsageError
+
+        if entries or older_than is not None:
+            raise UsageError("--auto chooses the entries by the budget: it takes no ids and no --older-than")
+        budget = plan_auto(ws)
+        plan = budget.plan
+        limits = _limits(budget.budget)
+        err(
+            f"trash budget {limits}: the trash would free {human_size(budget.bytes_before)}; "
+            f"after this, {human_size(budget.bytes_after)}"
+        )
+    else:
+        plan = plan_empty(ws, entries or None, age)
     for entry_id, why in plan.skipped:
         err(f"skipped {entry_id}: {why}")
     if dry_run:
@@ -257,6 +363,9 @@ def trash_empty(
         would = [
             f"delete trash entry {e.id} ({human_size(e.size)}; frees about {human_size(e.bytes)})" for e in plan.entries
         ]
+        if json and budget is not None:
+            print_json({"dry_run": True, "would": would, **_budget_json(budget)})
+            return
         show_plan(Plan(would + [f"finish deleting {p.name}" for p in plan.leftovers]), json)
         return
     if plan.entries:
@@ -275,15 +384,31 @@ def trash_empty(
                 "bytes_freed": freed,
                 "not_freed": res.held.to_json() if res and res.held else None,
                 "skipped": [{"id": i, "reason": r} for i, r in (res.skipped if res else plan.skipped)],
+                **(_budget_json(budget) if budget is not None else {}),
             }
         )
         return
     if not emptied:
-        out("nothing to empty")
+        out("nothing to empty" + (": the trash is within its budget" if budget is not None else ""))
         return
     out(f"deleted {plural(len(emptied), 'trash entry', 'trash entries')}; freed {human_size(freed)} ({freed} bytes)")
     if res and res.held:
         err(f"note: {human_size(res.held.bytes)} stay on disk: {res.held.why}")
+
+
+def _limits(b: Any) -> str:
+    parts = []
+    if b.max_size is not None:
+        parts.append(f"max_size {human_size(b.max_size)} ({b.max_size} bytes)")
+    if b.max_age is not None:
+        from ..policy import interval_text
+
+        parts.append(f"max_age {interval_text(int(b.max_age.total_seconds()))}")
+    return ", ".join(parts)
+
+
+def _budget_json(auto: Any) -> dict[str, Any]:
+    return {"budget": {**auto.budget.to_json(), "bytes_before": auto.bytes_before, "bytes_after": auto.bytes_after}}
 
 
 @command(models_app, "remove")
