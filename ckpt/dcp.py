@@ -16,6 +16,7 @@ from typing import Any
 
 from . import fsutil
 from .errors import CkptError, IntegrityError, UnsafeFileError
+from .formats import ITEMSIZE
 from .unpickle import BoundedUnpickler, Budget, TooComplex
 
 METADATA_FILE = ".metadata"
@@ -61,8 +62,6 @@ _DTYPES = {
     "uint64",
 }
 MAX_METADATA = 1 << 30
-_ITEMSIZE = {"float64": 8, "int64": 8, "complex64": 8, "uint64": 8, "complex128": 16, "float32": 4, "int32": 4}
-_ITEMSIZE |= {"uint32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2}
 
 
 class _Record:
@@ -299,7 +298,7 @@ def check_chunks(folder: Path, meta: DcpMetadata) -> None:
         for d in t.shape:
             whole *= d
         stored = sum(c.length for c in t.chunks)
-        if whole * _ITEMSIZE.get(t.dtype, 1) > stored:  # before anything is made that big: a hostile shape
+        if whole * ITEMSIZE.get(t.dtype, 1) > stored:  # before anything is made that big: a hostile shape
             raise IntegrityError(
                 f"'{folder}': tensor '{t.name}' needs {whole:,} elements but its chunks store {stored:,} bytes",
                 path=folder,

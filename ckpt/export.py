@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConflictError, UsageError
-from .sources import ITEMSIZE, PIECE, Contents, Entry, need_numpy
+from .formats import ITEMSIZE
+from .sources import PIECE, Contents, Entry, need_numpy
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _CODES = {

@@ -73,7 +73,7 @@ _SAFETENSORS_DTYPES = {
     "U32": "uint32",
     "U64": "uint64",
 }
-_ITEMSIZE = {
+ITEMSIZE = {  # bytes per element of each dtype ckpt names
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "uint16": 2, "uint32": 4, "uint64": 8,
@@ -134,7 +134,7 @@ class FileInfo:
     @property
     def bytes(self) -> int:
         """What the tensors take, by their dtypes (0 for a dtype of unknown size)."""
-        return sum(t.numel * _ITEMSIZE.get(t.dtype, 0) for t in self.tensors)
+        return sum(t.numel * ITEMSIZE.get(t.dtype, 0) for t in self.tensors)
 
 
 # --- a pickle interpreter that builds nothing real ----------------------------------------------

@@ -23,6 +23,7 @@ from . import fsutil
 from .dcp import DcpTensor, check_chunks, read_metadata, split_of
 from .errors import CkptError, IntegrityError, UsageError
 from .formats import (
+    ITEMSIZE,
     SAFETENSORS_DTYPES,
     FileInfo,
     StoredTensor,
@@ -35,25 +36,6 @@ from .formats import (
 from .layouts import BIN_INDEX_SUFFIX, DCP_INNER, DEEPSPEED_MODEL, INDEX_SUFFIX, folder_kind
 from .unpickle import BoundedUnpickler, TooComplex
 
-ITEMSIZE = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "complex64": 8,
-    "complex128": 16,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "uint16": 2,
-    "uint32": 4,
-    "uint64": 8,
-}
 PIECE = 16 << 20  # bytes read and written at a time: the memory a plain copy holds
 
 
