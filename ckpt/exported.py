@@ -8,17 +8,13 @@ keeps its checkpoint from `trash-unused`.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
 from .errors import ConflictError
 from .export import ExportResult, Progress, export
 from .manifest import dumps
-from .model_sources import MODEL_FILE
-from .models import Model, title_claim
+from .models import Model
 from .names import case_twin, check_title
 from .sources import Contents, open_contents
 from .timeutil import now_iso
@@ -52,8 +48,7 @@ def export_model(
     t = ws.task(task_name)
     cp = t.checkpoint(number)
     contents = open_contents(t.local_path(cp), key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".staging-{title}-", dir=None if ws.remote else ws.models_dir))
-    try:
+    with ws.model_staging(title) as tmp:
         meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
         res = export(contents, tmp / WEIGHTS, dtype=dtype, unsafe=unsafe, metadata=meta, progress=progress)
         model = Model(
@@ -68,7 +63,7 @@ def export_model(
             step=cp.step,
             epoch=cp.epoch,
             metrics=dict(cp.metrics),
-            folder=ws.models_dir / title if not ws.remote else Path("models") / title,
+            folder=ws.model_folder(title),
         )
         doc: dict[str, Any] = model.to_doc()
         doc["exported_from"] = {
@@ -78,32 +73,7 @@ def export_model(
             "dtype": dtype,
             "tensors": res.tensors,
         }
-        if ws.remote:
-            _upload(ws, t.name, number, title, tmp / WEIGHTS, dumps(doc))
-        else:
-            fsutil.atomic_write(tmp / MODEL_FILE, dumps(doc))
-            # under the task lock, as promote: a trash-unused running now sees the model, or has already
-            # taken the checkpoint (then no model is made)
-            with t.lock():
-                ws.task(task_name).checkpoint(number)
-                with title_claim(ws, title):
-                    fsutil.move_noreplace(tmp, ws.models_dir / title)
-                    fsutil.fsync_dir(ws.models_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # as promote: made whole or not at all, while the checkpoint is still in its task (a trash-unused
+        # running now sees the model, or has already taken the checkpoint: then no model is made)
+        ws.add_model(t.name, number, title, tmp, dumps(doc))
     return model, res, contents
-
-
-def _upload(ws: Workspace, task: str, number: int, title: str, weights: Path, doc: bytes) -> None:
-    from .store import Lease, put_once
-
-    ws.task(task).checkpoint(number)
-    storage: Any = ws.storage  # type: ignore[attr-defined]
-    lease = Lease(ws, title).take()  # type: ignore[arg-type]
-    try:
-        storage.upload(f"models/{title}/{WEIGHTS}", weights, if_none_match=True)
-        lease.renew()
-        put_once(storage, f"models/{title}/{MODEL_FILE}", doc, if_none_match=True)  # last: a model never lacks weights
-    except BaseException:
-        storage.delete([b.key for b in storage.list_prefix(f"models/{title}/")])
-        raise

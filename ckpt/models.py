@@ -535,6 +535,22 @@ def rename(ws: Workspace, old: str, new: str) -> Model:
         return ws.move_model(model, new)
 
 
+def add_folder_model(ws: Workspace, task_name: str, number: int, title: str, staged: Path, doc: bytes) -> None:
+    """A folder's `Workspace.add_model`: `staged` (a folder under models/ holding the weights) gets `doc` as its
+    model.toml and is renamed to `models/<title>` in one step that never replaces, under the task's lock
+    while checkpoint `number` is still in the task."""
+    fsutil.atomic_write(staged / MODEL_FILE, doc)
+    task = ws.task(task_name)
+    with task.lock():
+        task.checkpoint(number)  # raises CheckpointNotFound when it went to the trash meanwhile
+        with title_claim(ws, title):
+            try:
+                fsutil.move_noreplace(staged, ws.models_dir / title)
+            except ConflictError:
+                raise ConflictError(f"model '{title}' already exists", hint="choose another title") from None
+            fsutil.fsync_dir(ws.models_dir)
+
+
 def move_folder_model(ws: Workspace, model: Model, new: str) -> Model:
     """A folder's `Workspace.move_model`: one rename that never replaces, under the lock that makes titles."""
     old = model.title

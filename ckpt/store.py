@@ -19,6 +19,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -327,6 +328,35 @@ class StoreWorkspace(Workspace):
             else:
                 sizes[i] += b.size
         return sizes, other
+
+    def model_folder(self, title: str) -> Path:
+        return Path("models") / title
+
+    @contextlib.contextmanager
+    def model_staging(self, title: str) -> Iterator[Path]:
+        """A local temporary folder to build model `title` in (`add_model` uploads it)."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-model-{title}-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def add_model(self, task: str, number: int, title: str, staged: Path, doc: bytes) -> None:
+        """The store's step of `export --as-model`: the title claimed (a lease), the files of `staged`
+        uploaded, `doc` written as model.toml last (a model never lacks its weights); undone on failure."""
+        self.task(task).checkpoint(number)
+        lease = Lease(self, title).take()
+        try:
+            for rel, _ in fsutil.tree_files(staged):
+                self.storage.upload(f"models/{title}/{rel}", staged / rel, if_none_match=True)
+                lease.renew()
+            put_once(self.storage, f"models/{title}/{MODEL_FILE}", doc, if_none_match=True)
+        except LeaseLost:
+            raise  # the title is another command's now: nothing of it is touched
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.storage.delete([b.key for b in self.storage.list_prefix(f"models/{title}/")])
+            raise
 
     def move_model(self, model: Model, new: str) -> Model:
         """The store's step of rename: claim `new`, copy on the server, its record, then the old one goes."""

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -552,6 +553,30 @@ class Workspace:
     def hash_files(self, handles: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
         """The store's step of verify: the sha256 of each file, on all cores; `done(i)` as each is hashed."""
         return fsutil.sha256_many(handles, workers=fsutil.hash_workers(total), done=done)
+
+    def model_folder(self, title: str) -> Path:
+        """Where model `title`'s folder is (a `Model`'s `folder`)."""
+        return self.models_dir / title
+
+    @contextlib.contextmanager
+    def model_staging(self, title: str) -> Iterator[Path]:
+        """A new folder to build model `title` in, beside models/ (so that `add_model` renames it into place);
+        removed afterwards with whatever is left in it."""
+        fsutil.refuse_links(self.root, "models")
+        self.models_dir.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".staging-{title}-", dir=self.models_dir))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def add_model(self, task: str, number: int, title: str, staged: Path, doc: bytes) -> None:
+        """The store's step of `export --as-model`: the files built in `staged` become model `title` with `doc`
+        as its model.toml, whole or not at all, while checkpoint `number` of `task` is still there;
+        ConflictError when the title exists, CheckpointNotFound when the checkpoint was trashed."""
+        from .models import add_folder_model
+
+        add_folder_model(self, task, number, title, staged, doc)
 
     def make_model(self, task: Task, cp: Checkpoint, title: str, copy: bool) -> Model:
         """The store's step of promote: model `title` of checkpoint `cp`, whole or not at all (a folder built

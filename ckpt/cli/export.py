@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from . import _complete
 from ._app import app
 from ._common import JsonOpt, command, console, err, human_size, is_tty, open_workspace, out, plural, print_json
+from ._complete import tasks as complete_tasks
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def _writing_progress() -> Iterator[Callable[[int, int], None] | None]:
 @command(app, "export")
 def export_(
     task: Annotated[
-        str | None, typer.Argument(help="The task (or give --model).", autocompletion=_complete.tasks)
+        str | None, typer.Argument(help="The task (or give --model).", autocompletion=complete_tasks)
     ] = None,
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (default: the latest).")] = None,
     out_path: Annotated[
