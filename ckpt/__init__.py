@@ -7,6 +7,7 @@ n = task.save(model.state_dict(), step=500, epoch=1, metrics={"val_iou": 0.41})
 task.finish()
 """
 
+from .background import PendingSave
 from .errors import (
     BusyError,
     CheckpointNotFound,
@@ -38,6 +39,7 @@ __all__ = [
     "Model",
     "ModelNotFound",
     "NotFoundError",
+    "PendingSave",
     "Task",
     "TaskNotFound",
     "TaskSummary",

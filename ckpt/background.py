@@ -1,17 +1,20 @@
 """Background saves: `task.save(state, background=True)`.
 
-The training thread pays only for a copy of the tensors in host memory; a worker thread writes, fsyncs,
-hashes and commits each save in the order given, through the same steps as a synchronous save (so a
-crash mid-write leaves no record without its file). At most one save is outstanding: a further save
-first waits for it, so host memory holds at most one extra copy of the state. An error in the worker is
-raised by the next `save` or `wait` of the task. Every pending save is waited for at interpreter exit.
+The caller pays only for a copy of the tensors in host memory; a worker thread writes, fsyncs, hashes and
+commits the save through the same steps as a synchronous save (so a crash mid-write leaves no record
+without its file). One save per task is outstanding at most: a further save, from any thread, first
+waits for it, so host memory holds at most one extra copy of the state, freed once it is committed.
+Saves are committed in the order they were made. An error in the worker is raised by the next `save`
+or `wait` of the task (with a note saying which save it was); one that no later call reported is said
+on stderr at interpreter exit, which then exits 1.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+import sys
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +23,11 @@ __all__ = ["PendingSave", "Writer", "host_copy", "writer_for"]
 
 class PendingSave:
     """A save handed to the background writer. Its checkpoint number is known once it is committed:
-    `result()` waits for that and returns it (or raises the save's error); `done()` says whether it ended."""
+    `result()` (or `.number`) waits for that and returns it, or raises the save's error; `done()` says
+    whether it has ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what  # "task 'unet', step 300": said with its error
         self._event = threading.Event()
         self._number: int | None = None
         self._error: BaseException | None = None
@@ -33,7 +38,7 @@ class PendingSave:
     def result(self, timeout: float | None = None) -> int:
         """The checkpoint's number, once committed; raises the save's error, or TimeoutError."""
         if not self._event.wait(timeout):
-            raise TimeoutError("the background save has not finished yet")
+            raise TimeoutError(f"the background save of {self.what} has not finished yet")
         if self._error is not None:
             raise self._error
         assert self._number is not None
@@ -41,12 +46,70 @@ class PendingSave:
 
     @property
     def number(self) -> int:
+        """The checkpoint's number: waits for the commit (as `result()`)."""
         return self.result()
 
     def __repr__(self) -> str:
         if not self.done():
-            return "PendingSave(pending)"
-        return f"PendingSave(error={self._error!r})" if self._error else f"PendingSave(number={self._number})"
+            return f"PendingSave({self.what}, pending)"
+        if self._error is not None:
+            return f"PendingSave({self.what}, error={self._error!r})"
+        return f"PendingSave({self.what}, number={self._number})"
+
+
+class Writer:
+    """The background saves of one task in this process: one at a time, in order, each on its own thread."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._turn = threading.Lock()  # one saver at a time: wait for the last save, copy, hand over
+        self._last: PendingSave | None = None
+        self._unreported: PendingSave | None = None  # a failed save no save/wait has raised yet
+        self._guard = threading.Lock()
+
+    def save(self, what: str, prepare: Callable[[], Any], commit: Callable[[Any], int]) -> PendingSave:
+        """Wait for the outstanding save (raising its error), then `prepare()` the host copy here and hand
+        it to a new thread that runs `commit(copy)`."""
+        with self._turn:
+            self._settle()
+            data = prepare()
+            pending = PendingSave(what)
+            self._last = pending
+            thread = threading.Thread(target=self._run, args=(pending, commit, data), name=f"ckpt-save-{self.name}")
+            del data  # the thread holds the only reference: the copy is freed when it is committed
+            thread.start()
+            return pending
+
+    def wait(self) -> None:
+        """Wait for the outstanding save; raise the error of a save that failed and was not reported yet."""
+        with self._turn:
+            self._settle()
+
+    def _settle(self) -> None:
+        last = self._last
+        if last is not None:
+            last._event.wait()
+        with self._guard:
+            failed, self._unreported = self._unreported, None
+        if failed is not None and failed._error is not None:
+            error = failed._error
+            error.add_note(f"(raised by the earlier background save of {failed.what})")
+            raise error
+
+    def _run(self, pending: PendingSave, commit: Callable[[Any], int], data: Any) -> None:
+        try:
+            pending._number = commit(data)
+        except BaseException as e:  # handed to the caller at its next save or wait
+            pending._error = e
+            with self._guard:
+                self._unreported = pending
+        finally:
+            del data
+            pending._event.set()
+
+
+_WRITERS: dict[tuple[str, str], Writer] = {}
+_WRITERS_LOCK = threading.Lock()
 
 
 def writer_for(key: tuple[str, str]) -> Writer:
@@ -59,85 +122,54 @@ def writer_for(key: tuple[str, str]) -> Writer:
         return writer
 
 
-class Writer:
-    """One worker thread of one task: runs the saves handed to it, one at a time, in order."""
-
-    def __init__(self, name: str):
-        self._name = name
-        self._lock = threading.Lock()
-        self._current: PendingSave | None = None
-        self._thread: threading.Thread | None = None
-        self._job: tuple[Callable[[], int], PendingSave] | None = None
-        self._ready = threading.Condition(self._lock)
-        self._error: BaseException | None = None  # of a save no one has been told of yet
-        _LIVE.add(self)
-
-    def submit(self, run: Callable[[], int]) -> PendingSave:
-        """Hand `run` (which commits a save and returns its number) to the worker; the caller has waited."""
-        pending = PendingSave()
-        with self._lock:
-            self._job = (run, pending)
-            self._current = pending
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name=f"ckpt-save-{self._name}", daemon=True)
-                self._thread.start()
-            self._ready.notify()
-        return pending
-
-    def wait(self) -> None:
-        """Wait for the outstanding save; raise the error of a save that failed since the last call."""
-        current = self._current
-        if current is not None:
-            current._event.wait()
-        with self._lock:
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                while self._job is None:
-                    if not self._ready.wait(timeout=5.0) and self._job is None:
-                        self._thread = None  # idle: the thread ends; the next submit starts another
-                        return
-                run, pending = self._job
-                self._job = None
-            try:
-                pending._number = run()
-            except BaseException as e:  # handed to the training thread at its next save or wait
-                pending._error = e
-                with self._lock:
-                    self._error = e
-            finally:
-                pending._event.set()
-
-
-_LIVE: weakref.WeakSet[Writer] = weakref.WeakSet()
-_WRITERS: dict[tuple[str, str], Writer] = {}
-_WRITERS_LOCK = threading.Lock()
-
-
 @atexit.register
 def _wait_all() -> None:
-    """At interpreter exit, let every outstanding save finish (its error, if any, is lost with the process)."""
-    for writer in list(_LIVE):
-        current = writer._current
-        if current is not None:
-            current._event.wait()
+    """At interpreter exit, let every outstanding save finish; a failure no call reported is said on stderr
+    and the process exits 1, so that a job whose last checkpoint was lost does not report success."""
+    lost = []
+    for writer in list(_WRITERS.values()):
+        last = writer._last
+        if last is not None:
+            last._event.wait()
+        failed = writer._unreported
+        if failed is not None and failed._error is not None:
+            lost.append(failed)
+    if not lost:
+        return
+    for p in lost:
+        sys.stderr.write(f"ckpt: error: the background save of {p.what} failed: {p._error}; it was not saved\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def host_copy(obj: Any) -> Any:
     """A copy of `obj` whose tensors are in host memory and no longer shared with the caller's, so training
-    may change its own at once; containers are copied, other leaves kept (they are not changed in place by
-    training). Bytes are copied too."""
+    may change its own at once. Tensors that share storage (tied weights, views) still share it in the
+    copy, which holds each storage once; containers are copied, other leaves kept. Bytes are copied."""
     if isinstance(obj, bytes | bytearray | memoryview):
         return bytes(obj)
-    copier = _tensor_copier()
+    torch: Any = sys.modules.get("torch")  # a state dict of tensors has imported it
+    storages: dict[tuple[Any, ...], Any] = {}
+
+    def tensor(t: Any) -> Any:
+        t = t.detach()
+        if t.device.type == "meta":
+            return t  # no data to copy
+        if t.layout != torch.strided or t.is_quantized:
+            return t.to("cpu", copy=True)  # sparse and quantized tensors: copied whole, aliasing not kept
+        st = t.untyped_storage()
+        key = (t.device.type, t.device.index, st.data_ptr(), st.nbytes())
+        new = storages.get(key)
+        if new is None:
+            new = storages[key] = st.clone() if t.device.type == "cpu" else st.cpu()
+        out = torch.empty(0, dtype=t.dtype)
+        out.set_(new, t.storage_offset(), t.size(), t.stride())
+        return out
 
     def walk(x: Any) -> Any:
-        if copier is not None and copier[0](x):
-            return copier[1](x)
+        if torch is not None and isinstance(x, torch.Tensor):
+            return tensor(x)
         if isinstance(x, dict):
             return type(x)((k, walk(v)) for k, v in x.items())  # an OrderedDict stays one
         if isinstance(x, list):
@@ -147,20 +179,3 @@ def host_copy(obj: Any) -> Any:
         return x
 
     return walk(obj)
-
-
-def _tensor_copier() -> tuple[Callable[[Any], bool], Callable[[Any], Any]] | None:
-    """(is a tensor, copy it to host memory) when torch is imported (a state dict of tensors needs it)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
-
-    def copy(t: Any) -> Any:
-        t = t.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        return t.to("cpu", copy=True)
-
-    return (lambda x: isinstance(x, torch.Tensor)), copy

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CLAIM_FILE = ".claim"
+MOVING_FILE = ".moving"  # in a model folder while a rename copies it (see _claim_source)
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
 COMMIT_IDS = 8  # the ids of the last commits kept in a manifest (see StoreTask.update)
@@ -345,7 +346,7 @@ class StoreWorkspace(Workspace):
         """The store's step of `export --as-model`: the title claimed (a lease), the files of `staged`
         uploaded, `doc` written as model.toml last (a model never lacks its weights); undone on failure."""
         self.task(task).checkpoint(number)
-        lease = Lease(self, title).take()
+        lease = _take_title(self, title)
         try:
             for rel, _ in fsutil.tree_files(staged):
                 self.storage.upload(f"models/{title}/{rel}", staged / rel, if_none_match=True)
@@ -1006,7 +1007,7 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
     check_case_twin(ws, title)
     # the title is claimed first (If-None-Match), so a losing racer never touches the winner's objects;
     # the weights are copied on the server, and model.toml comes last: a model never names missing weights
-    lease = Lease(ws, title).take()
+    lease = _take_title(ws, title)
     src = _key(task.path_of(cp))
     name = PurePosixPath(cp.file).name
     try:
@@ -1654,31 +1655,85 @@ def _restore_model(ws: StoreWorkspace, entry: Entry, etag: str) -> Entry:
 
 def _move_model(ws: StoreWorkspace, model: Model, new: str) -> Model:
     old = model.title
+    # the source is claimed first (If-None-Match on its `.moving`): of two renames of one model one wins, and
+    # the other never copies it under a second title
+    moving = _claim_source(ws, old)
     try:
-        lease = Lease(ws, new).take()
-    except ConflictError:
-        raise ConflictError(f"model '{new}' already exists", hint="choose another title") from None
-    # the new title is claimed, its weights copied on the server and its record written; only then does the
-    # old one go (record first): a crash between leaves both titles, each whole
-    renamed = replace(model, title=new, folder=Path("models") / new)
-    blobs, _ = _model_keys(ws, old)
-    folder = f"models/{old}/"
-    try:
-        ws.storage.copy_many(
-            [(b.key, f"models/{new}/{b.key[len(folder) :]}") for b in blobs if b.key != folder + MODEL_FILE]
-        )
-        lease.renew()
-        put_once(ws.storage, f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()), if_none_match=True)
-    except LeaseLost:
-        raise
-    except BaseException as e:
+        lease = _take_title(ws, new, hint="choose another title")
+        # the new title is claimed, its weights copied on the server and its record written; only then does the
+        # old one go (record first): a crash between leaves both titles, each whole
+        renamed = replace(model, title=new, folder=Path("models") / new)
+        blobs, _ = _model_keys(ws, old)
+        folder = f"models/{old}/"
+        try:
+            ws.storage.copy_many(
+                [
+                    (b.key, f"models/{new}/{b.key[len(folder) :]}")
+                    for b in blobs
+                    if b.key not in (folder + MODEL_FILE, moving)
+                ]
+            )
+            lease.renew()
+            put_once(ws.storage, f"models/{new}/{MODEL_FILE}", dumps(renamed.to_doc()), if_none_match=True)
+        except LeaseLost:
+            raise
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{new}/")])
+            if isinstance(e, FileNotFoundError):  # removed by another machine meanwhile
+                raise ModelNotFound(
+                    f"model '{old}' was removed or renamed meanwhile", hint="see: ckpt models"
+                ) from None
+            raise
+    except BaseException:
         with contextlib.suppress(Exception):
-            ws.storage.delete([b.key for b in ws.storage.list_prefix(f"models/{new}/")])
-        if isinstance(e, FileNotFoundError):  # removed or renamed by another machine meanwhile
-            raise ModelNotFound(f"model '{old}' was removed or renamed meanwhile", hint="see: ckpt models") from None
+            ws.storage.delete([moving])  # the source is free again
         raise
-    _drop_model(ws, old, [b.key for b in blobs])
+    _drop_model(ws, old, [b.key for b in blobs if b.key != moving] + [moving])
     return renamed
+
+
+def _claim_source(ws: StoreWorkspace, title: str) -> str:
+    """Claim model `title` for a rename: `models/<title>/.moving`, created with If-None-Match and holding the
+    time. One a rename left when it died is taken over (If-Match) once older than LEASE. Its key."""
+    key = f"models/{title}/{MOVING_FILE}"
+    busy = ConflictError(f"model '{title}' is being renamed by another command", hint="see: ckpt models")
+    body = f"{now_iso()}\n".encode()
+    try:
+        put_once(ws.storage, key, body, if_none_match=True)
+        return key
+    except PreconditionFailed:
+        pass
+    try:
+        held, etag = ws.storage.get(key)
+    except FileNotFoundError:
+        raise busy from None
+    if _age(held.decode("utf-8", "replace").strip()) < LEASE:
+        raise busy
+    try:
+        put_once(ws.storage, key, body, if_match=etag)
+    except PreconditionFailed:
+        raise busy from None
+    return key
+
+
+def _take_title(ws: StoreWorkspace, title: str, hint: str | None = None) -> Lease:
+    """The lease of a new title, checked again for case twins once held: two commands making `case` and
+    `CASE` at once both see the other's claim then, and neither goes on (ConflictError; nothing is left).
+    `hint` replaces the one of the "already exists" error."""
+    try:
+        lease = Lease(ws, title).take()
+    except ConflictError as e:
+        if hint is None:
+            raise
+        raise ConflictError(f"model '{title}' already exists", hint=hint) from e
+    try:
+        check_case_twin(ws, title)
+    except ConflictError:
+        with contextlib.suppress(Exception):
+            ws.storage.delete([lease.key])
+        raise
+    return lease
 
 
 # --- du, scan, doctor ----------------------------------------------------------------------------------

@@ -962,10 +962,12 @@ class Task:
             _check_int(epoch, "epoch")
             from .background import host_copy, writer_for  # threads only for a background save
 
-            writer = writer_for((self.ws.location, self.name))
-            writer.wait()  # one save outstanding at most: host memory holds one copy of the state
-            data = obj if isinstance(obj, str | os.PathLike) else host_copy(obj)
-            return writer.submit(lambda: self.save(data, step=step, epoch=epoch, metrics=clean, suffix=suffix))
+            what = f"task '{self.name}'" + (f", step {step}" if step is not None else "")
+            return writer_for((self.ws.location, self.name)).save(
+                what,
+                lambda: obj if isinstance(obj, str | os.PathLike) else host_copy(obj),
+                lambda data: self.save(data, step=step, epoch=epoch, metrics=clean, suffix=suffix),
+            )
         if isinstance(obj, str | os.PathLike):
             return self.save_file(obj, step=step, epoch=epoch, metrics=metrics)
         clean = _check_metrics(metrics)

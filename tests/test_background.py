@@ -136,3 +136,96 @@ def test_a_kill_during_background_writes_leaves_no_record_without_its_file(ws: c
     from ckpt.verify import verify
 
     assert verify(ckpt.Workspace.open(ws.root), ["run"]).ok
+
+
+def test_saves_from_several_threads_are_all_committed_in_turn(ws: ckpt.Workspace) -> None:
+    import threading
+
+    task = ws.create_task("threads")
+    pendings: list[PendingSave] = []
+    lock = threading.Lock()
+
+    def saver(k: int) -> None:
+        for i in range(4):
+            p = task.save(f"{k}-{i}".encode(), metrics={"k": float(k)}, background=True)
+            with lock:
+                pendings.append(p)
+
+    threads = [threading.Thread(target=saver, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a saving thread hung"
+    task.wait()
+    assert sorted(p.result(timeout=10) for p in pendings) == list(range(1, 17))
+    payloads = {task.path_of(cp).read_bytes() for cp in ws.task("threads").checkpoints}
+    assert payloads == {f"{k}-{i}".encode() for k in range(4) for i in range(4)}
+
+
+def test_tensors_that_share_storage_still_share_it(ws: ckpt.Workspace) -> None:
+    task = ws.create_task("tied")
+    w = torch.randn(256, 256)
+    n = task.save({"emb": w, "head": w, "view": w[:10], "t": w.t()}, background=True).result()
+    sync = task.save({"emb": w, "head": w, "view": w[:10], "t": w.t()})
+    records = {cp.number: cp for cp in task.checkpoints}
+    assert records[n].size == records[sync].size  # one storage written, as a synchronous save writes
+    back = torch.load(task.path_of(records[n]), weights_only=True)
+    assert back["emb"].untyped_storage().data_ptr() == back["head"].untyped_storage().data_ptr()
+    assert torch.equal(back["view"], w[:10]) and torch.equal(back["t"], w.t())
+
+
+def test_the_host_copy_is_freed_once_committed(ws: ckpt.Workspace) -> None:
+    import gc
+    import weakref
+
+    from ckpt.background import host_copy
+
+    task = ws.create_task("freed")
+    copies: list[weakref.ref[torch.Tensor]] = []
+    real = host_copy
+
+    def spy(obj: object) -> object:
+        out = real(obj)
+        copies.append(weakref.ref(out["w"]))  # type: ignore[index]
+        return out
+
+    import ckpt.background as bg
+
+    bg.host_copy = spy  # type: ignore[assignment]
+    try:
+        task.save({"w": torch.ones(64, 64)}, background=True).result()
+    finally:
+        bg.host_copy = real  # type: ignore[assignment]
+    gc.collect()
+    assert copies and copies[0]() is None
+
+
+def test_a_meta_tensor_saves_as_a_synchronous_save_does(ws: ckpt.Workspace) -> None:
+    task = ws.create_task("meta")
+    n = task.save({"m": torch.empty(3, device="meta"), "w": torch.ones(2)}, background=True).result()
+    assert n == 1
+
+
+def test_an_error_raised_at_the_next_save_names_the_save_it_belongs_to(ws: ckpt.Workspace) -> None:
+    import threading as th
+
+    task = ws.create_task("named")
+    task.save({"lock": th.Lock()}, step=7, background=True)  # cannot be pickled
+    with pytest.raises(Exception) as info:
+        task.save(b"next", background=True)
+    assert "step 7" in "".join(getattr(info.value, "__notes__", []))
+    task.wait()
+
+
+def test_a_failed_save_no_call_reported_is_said_at_exit_with_status_1(ws: ckpt.Workspace) -> None:
+    ws.create_task("run")
+    res = subprocess.run(
+        _script(ws.root, 'import threading\ntask.save({"l": threading.Lock()}, step=3, background=True)\n'),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1
+    assert "background save of task 'run', step 3 failed" in res.stderr
+    assert "Traceback" not in res.stderr

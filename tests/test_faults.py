@@ -690,3 +690,63 @@ def test_trash_unused_whose_commit_failed_leaves_no_entry(memory: Callable[[], M
     with pytest.raises(ConnectionError):
         trash_unused_op(ws, "unet")
     assert {k: v[0] for k, v in st.objects.items()} == snapshot  # nothing changed, no pending entry left
+
+
+def test_two_renames_of_one_model_never_make_two_models(
+    memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second rename run while the first has written its new record but not yet dropped the old one (the
+    moment two machines' renames overlap worst) is refused: the model stays one."""
+    import ckpt.store as store
+    from ckpt.models import promote, rename
+
+    st = memory()
+    ws = seeded(st, n=1)
+    promote(ws, "unet", 1, title="m")
+    real = store._drop_model
+    seen: list[BaseException] = []
+
+    def second_rename_meanwhile(w: Any, title: str, keys: list[str]) -> None:
+        monkeypatch.setattr(store, "_drop_model", real)
+        try:
+            rename(fresh(st), "m", "b")
+        except ckpt.ConflictError as e:
+            seen.append(e)
+        real(w, title, keys)
+
+    monkeypatch.setattr(store, "_drop_model", second_rename_meanwhile)
+    rename(ws, "m", "a")
+    assert seen and "being renamed" in str(seen[0])
+    ws = fresh(st)
+    assert ws.models.titles() == ["a"]
+    a = ws.models["a"]
+    assert f"models/a/{a.file}" in st.objects  # its weights came along
+    assert not any(k.endswith("/.moving") for k in st.objects)
+    rename(ws, "a", "c")  # free again for the next rename
+    assert fresh(st).models.titles() == ["c"]
+
+
+def test_a_title_twinned_in_case_by_a_racer_is_refused_once_claimed(
+    memory: Callable[[], MemoryStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two renames to `case` and `CASE` from two machines: each checked the titles before the other claimed.
+    The one that claims second sees the other's claim and stops: never two titles that differ only in case."""
+    import ckpt.store as store
+    from ckpt.models import promote, rename
+
+    st = memory()
+    ws = seeded(st, n=1)
+    promote(ws, "unet", 1, title="p")
+    promote(ws, "unet", 1, title="q")
+    real = store.Lease.take
+
+    def twin_made_meanwhile(self: Any) -> Any:
+        monkeypatch.setattr(store.Lease, "take", real)
+        rename(fresh(st), "q", "CASE")  # after this rename checked the titles, before it claims its own
+        return real(self)
+
+    monkeypatch.setattr(store.Lease, "take", twin_made_meanwhile)
+    with pytest.raises(ckpt.ConflictError, match="only in case"):
+        rename(ws, "p", "case")
+    assert fresh(st).models.titles() == ["CASE", "p"]
+    assert not any(k.startswith("models/case/") for k in st.objects)
