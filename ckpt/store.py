@@ -461,6 +461,12 @@ class StoreTask(Task):
     def refresh_cache(self) -> None:
         pass
 
+    def wait(self) -> None:
+        """As a folder task's `wait`; then the next read revalidates the manifest (a 304 when unchanged), so that
+        what the background policy moved to the trash is seen at once, not after HOLD."""
+        super().wait()
+        self._state = None
+
     def summary(self) -> TaskSummary:
         st = self.state()
         latest = max(st.checkpoints, default=None)
