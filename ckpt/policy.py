@@ -379,16 +379,16 @@ class _Worker:
 
     def __init__(self, location: str, task: str):
         self.location, self.task = location, task
-        self.jobs: queue.Queue[frozenset[int] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[int, frozenset[int]] | None] = queue.Queue()
         self.pending = 0  # saves not yet covered by a finished run
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"ckpt-policy-{task}", daemon=True)
         self.thread.start()
 
-    def submit(self, numbers: frozenset[int]) -> None:
+    def submit(self, number: int, keep: frozenset[int]) -> None:
         with self.cond:
             self.pending += 1
-        self.jobs.put(numbers)
+        self.jobs.put((number, keep))
 
     def wait(self) -> None:
         with self.cond:
@@ -396,10 +396,10 @@ class _Worker:
 
     def _loop(self) -> None:
         while True:
-            numbers = self.jobs.get()
-            if numbers is None:
+            job = self.jobs.get()
+            if job is None:
                 return
-            just_saved, done = set(numbers), 1
+            newest, done = job, 1
             while True:  # fold in the saves queued meanwhile: one run covers them all
                 try:
                     more = self.jobs.get_nowait()
@@ -408,10 +408,13 @@ class _Worker:
                 if more is None:
                     self.jobs.put(None)
                     break
-                just_saved |= more
+                if more[0] >= newest[0]:
+                    newest = more
                 done += 1
+            # only the newest save (and what its caller keeps, e.g. the Trainer's best) is protected: the saves
+            # folded into this run are older ones the policy decides on, so that after wait() the task conforms
             try:
-                _apply_after_save(self.location, self.task, just_saved)
+                _apply_after_save(self.location, self.task, newest[0], set(newest[1]))
             except BaseException as e:  # a policy error is a warning: the training loop goes on
                 with contextlib.suppress(Exception):  # warnings turned into errors must not end this thread
                     warnings.warn(
@@ -430,7 +433,7 @@ _workers_lock = threading.Lock()
 _at_exit = False
 
 
-def _apply_after_save(location: str, task_name: str, just_saved: set[int]) -> None:
+def _apply_after_save(location: str, task_name: str, number: int, keep: set[int]) -> None:
     from .trash import trash_unused
     from .workspace import Workspace
 
@@ -439,13 +442,12 @@ def _apply_after_save(location: str, task_name: str, just_saved: set[int]) -> No
     if eff.rules is None:
         return
     task_cps = ws.task(task_name).checkpoints
-    rules = replace(eff.rules, protect=frozenset(just_saved))
+    rules = replace(eff.rules, protect=frozenset({number, *keep}))
     if rules.keep_best and rules.metric and not any(value(cp.metrics, rules.metric) is not None for cp in task_cps):
         # no checkpoint has the metric yet (saves before the first validation): that rule keeps none of them,
         # as it would rank them last; said here rather than warned about at every save
         rules = replace(rules, keep_best=0, metric=None, mode=None)
-    numbers = ", ".join(map(str, sorted(just_saved)))
-    trash_unused(ws, task_name, rules, reason=f"retention policy ({eff.source}) after saving checkpoint {numbers}")
+    trash_unused(ws, task_name, rules, reason=f"retention policy ({eff.source}) after saving checkpoint {number}")
 
 
 def after_save(task: Task, number: int, keep: Iterable[int] = ()) -> None:
@@ -468,7 +470,7 @@ def after_save(task: Task, number: int, keep: Iterable[int] = ()) -> None:
         if not _at_exit:
             atexit.register(wait_all)
             _at_exit = True
-    worker.submit(frozenset((number, *keep)))
+    worker.submit(number, frozenset(keep))
 
 
 def wait(task: Task) -> None:

@@ -221,6 +221,30 @@ def test_the_checkpoint_just_saved_is_never_trashed(ws: ckpt.Workspace) -> None:
     assert [cp.number for cp in task.checkpoints] == [1, 3]
 
 
+def test_coalesced_background_runs_protect_only_the_newest_save(
+    any_ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import ckpt.policy as policy
+
+    real, go, calls = policy._apply_after_save, threading.Event(), []
+
+    def held(*args: Any) -> None:  # the first run waits until every save is queued: the rest fold into one run
+        calls.append(args[2])
+        go.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(policy, "_apply_after_save", held)
+    task = any_ws.create_task("run", policy={"keep_last": 1})
+    for i in range(4):
+        task.save(f"w{i}".encode(), step=i)
+    go.set()
+    task.wait()
+    assert calls == [1, 4]  # two runs: the second covered saves 2, 3 and 4
+    assert [cp.number for cp in ckpt.Workspace.open(any_ws.location).task("run").checkpoints] == [4]
+
+
 def test_a_policy_error_is_a_warning_never_an_exception(ws: ckpt.Workspace) -> None:
     task = ws.create_task("run")
     path = ws.root / "ckpt.toml"
