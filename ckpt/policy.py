@@ -433,6 +433,9 @@ _workers_lock = threading.Lock()
 _at_exit = False
 
 
+_warned_metric: set[tuple[str, str, str]] = set()  # (location, task, metric) warned about as recorded nowhere
+
+
 def _apply_after_save(location: str, task_name: str, number: int, keep: set[int]) -> None:
     from .trash import trash_unused
     from .workspace import Workspace
@@ -445,7 +448,20 @@ def _apply_after_save(location: str, task_name: str, number: int, keep: set[int]
     rules = replace(eff.rules, protect=frozenset({number, *keep}))
     if rules.keep_best and rules.metric and not any(value(cp.metrics, rules.metric) is not None for cp in task_cps):
         # no checkpoint has the metric yet (saves before the first validation): that rule keeps none of them,
-        # as it would rank them last; said here rather than warned about at every save
+        # as it would rank them last; said here rather than warned about at every save. But when checkpoints
+        # record other metrics and never this one, its name is likely wrong (trash-unused refuses it): warned
+        # once per task and metric in this process
+        known = sorted({k for cp in task_cps for k in cp.metrics})
+        key = (location, task_name, rules.metric)
+        if known and rules.metric not in known and key not in _warned_metric:
+            _warned_metric.add(key)
+            warnings.warn(
+                f"ckpt: the retention policy of task '{task_name}' keeps the best by '{rules.metric}', which no "
+                f"checkpoint records (they record {', '.join(known)}): keep-best keeps none, as `ckpt trash-unused` "
+                "would refuse it; fix the metric's name (ckpt policy set) or log it",
+                RuntimeWarning,
+                stacklevel=1,
+            )
         rules = replace(rules, keep_best=0, metric=None, mode=None)
     trash_unused(ws, task_name, rules, reason=f"retention policy ({eff.source}) after saving checkpoint {number}")
 

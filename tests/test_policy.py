@@ -272,6 +272,19 @@ def test_saves_before_the_metric_is_logged_are_no_error(ws: ckpt.Workspace) -> N
     assert [cp.number for cp in task.checkpoints] == [4, 5]
 
 
+def test_a_keep_best_metric_no_checkpoint_records_is_warned_about_once(ws: ckpt.Workspace) -> None:
+    policy = {"keep_best": 1, "metric": "val_los", "mode": "min", "keep_last": 2}
+    task = ws.create_task("run", policy=policy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(4):
+            task.save(f"w{i}".encode(), step=i, metrics={"val_loss": 1 / (i + 1)})
+            task.wait()
+    said = [str(w.message) for w in caught if "val_los'" in str(w.message)]
+    assert len(said) == 1 and "val_loss" in said[0] and "ckpt policy set" in said[0]
+    assert [cp.number for cp in task.checkpoints] == [3, 4]  # keep-last still applies
+
+
 def test_a_restart_saves_on_into_the_same_task_under_its_policy(ws: ckpt.Workspace) -> None:
     first = ws.create_task("run", policy={"keep_last": 2})
     for i in range(3):
