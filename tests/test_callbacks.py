@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,31 @@ def test_trainer_callback_into_a_bucket(s3_url: str, tmp_path: Path, run_json: A
     kept = {p.name for p in out.glob("checkpoint-*")}
     assert kept == {"checkpoint-8", Path(truth["best"]).name}
     assert not any(p.is_symlink() for p in out.glob("checkpoint-*"))
+
+
+# --- the callbacks' checks at train start, called directly (no training) --------------------------------------------
+
+
+def _hf_args(tmp_path: Path, **kw: Any) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(tmp_path / "out"), metric_for_best_model=None, **kw)
+
+
+def _hf_state() -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(is_world_process_zero=True, global_step=0, best_model_checkpoint=None)
+
+
+def test_trainer_callback_warns_that_save_total_limit_without_a_policy_keeps_everything(
+    ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    hf = pytest.importorskip("ckpt.integrations.transformers")
+    with pytest.warns(UserWarning, match="save_total_limit=2 .*keeps every one.*keep_last"):
+        hf.CkptCallback(ws, task="bert").on_train_begin(_hf_args(tmp_path, save_total_limit=2), _hf_state(), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb = hf.CkptCallback(ws, task="other", policy={"keep_last": 2})  # a policy: nothing to say
+        cb.on_train_begin(_hf_args(tmp_path, save_total_limit=2), _hf_state(), None)
+        hf.CkptCallback(ws, task="third").on_train_begin(_hf_args(tmp_path, save_total_limit=None), _hf_state(), None)

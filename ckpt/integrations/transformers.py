@@ -11,7 +11,9 @@ left under its name in the output folder, so that the Trainer still finds it (`r
 `load_best_model_at_end`). The task's retention policy then runs in the background (ckpt.policy): a
 checkpoint it trashes moves to ckpt's trash (restorable; emptying frees its bytes) and its link in the output
 folder dangles, which the Trainer skips. The latest and the Trainer's best are never trashed by that run.
-`save_total_limit` is not needed (rotation skips the links). At the end of training the task is finished.
+`save_total_limit` is not needed (rotation skips the links) and is not mapped to a policy: with it and no policy
+(given, the task's or the workspace's), train start warns that ckpt keeps every checkpoint. At the end of
+training the task is finished.
 
 In a bucket workspace (`s3://`), each folder is uploaded and stays where it is, and the folders taken in
 earlier are deleted, but for the latest and the Trainer's best (as `save_total_limit=1` would).
@@ -23,6 +25,7 @@ import contextlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +63,20 @@ class CkptCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            self._task(args)  # a policy that cannot be set fails here, before any training
+            task = self._task(args)  # a policy that cannot be set fails here, before any training
+            limit = getattr(args, "save_total_limit", None)
+            if limit:
+                from ..policy import effective
+
+                if effective(self.ws, task.name).rules is None:
+                    warnings.warn(
+                        f"ckpt: save_total_limit={limit} does not apply to the checkpoints taken into task "
+                        f"'{task.name}': ckpt keeps every one of them unless a retention policy is given "
+                        f'(CkptCallback(..., policy={{"keep_last": {limit}}}) or: ckpt policy set {task.name} '
+                        f"--keep-last {limit})",
+                        UserWarning,
+                        stacklevel=2,
+                    )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
