@@ -151,6 +151,9 @@ def from_doc(doc: Any, where: str, source: str = "") -> KeepRules:
             seconds = parse_interval(interval)
         except UsageError as e:
             raise bad(f"'keep_interval': {e}") from None
+    if not (ints["keep_last"] or ints["keep_best"] or ints["keep_every"] or seconds):
+        # as `policy set` refuses it: a policy of no rule would trash all but models and the latest
+        raise bad("has no rule that keeps anything", hint="give it a rule (ckpt policy set), or: ckpt policy unset")
     return KeepRules(
         keep_last=ints["keep_last"],
         keep_best=ints["keep_best"],

@@ -152,6 +152,17 @@ def test_a_damaged_or_newer_policy_is_refused_not_ignored(ws: ckpt.Workspace, ru
     assert len(ws.task("run").checkpoints) == 3
 
 
+def test_a_hand_edited_policy_of_no_rule_is_refused(ws: ckpt.Workspace, run: Any) -> None:
+    task = _task(ws, n=3)
+    ckpt.policy.set_policy(ws, None, {"keep_last": 2})
+    text = task.manifest.read_text()
+    task.manifest.write_text(text + "\n[policy]\nkeep_last = 0\n")
+    for args in (("trash-unused", "run"), ("policy", "show", "run")):
+        res = run(*args)
+        assert res.exit_code == 6 and "no rule" in res.stderr, res.output
+    assert len(ws.task("run").checkpoints) == 3
+
+
 # --- trash-unused by policy --------------------------------------------------------------------------------------
 
 
