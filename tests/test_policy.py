@@ -327,3 +327,35 @@ def test_latest(any_ws: ckpt.Workspace, run: Any, run_json: Any) -> None:
     assert task.latest() is not None and task.latest().number == 2  # type: ignore[union-attr]
     assert run("latest", "nope").exit_code == 3
     assert json.loads(run("policy", "show", "run", "--json").stdout)["summary"].startswith("no policy")
+
+
+def test_latest_path_checks_the_file_against_its_record(any_ws: ckpt.Workspace, run: Any) -> None:
+    from ckpt.integrations.lightning import CkptCallback
+    from tests.conftest import put_bytes, remove_bytes
+
+    task = any_ws.create_task("run")
+    task.save(b"one", step=1)
+    task.save(b"two", step=2)
+    cp = task.latest()
+    assert cp is not None
+    key = f"tasks/run/{cp.file}"
+    if any_ws.remote:  # the cached copy handed out is checked again: changed since its download, it is fetched again
+        path = Path(run("latest", "run", "--path").stdout.strip())
+        path.chmod(0o644)
+        path.write_bytes(b"tw")
+        again = run("latest", "run", "--path")
+        assert again.exit_code == 0 and Path(again.stdout.strip()).read_bytes() == b"two"
+        path.write_bytes(b"twoo")
+        assert Path(CkptCallback.resume_path(any_ws, "run") or "").read_bytes() == b"two"
+        path.unlink()
+    else:
+        put_bytes(any_ws, key, b"tw")  # not the size recorded
+        res = run("latest", "run", "--path")
+        assert res.exit_code == 6 and "2 bytes, not the 3 recorded" in res.stderr and res.stdout == ""
+    remove_bytes(any_ws, key)
+    res = run("latest", "run", "--path")
+    assert res.exit_code == 6 and "missing" in res.stderr and res.stdout == ""
+    assert run("latest", "run", "--json").exit_code == 6
+    with pytest.raises(ckpt.IntegrityError):
+        CkptCallback.resume_path(any_ws, "run")
+    assert CkptCallback.resume_path(any_ws, "nope") is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import typer
@@ -121,13 +120,14 @@ def latest(
     """
     from ..errors import CheckpointNotFound
     from ..manifest import metric_json
+    from ..resume import resume_path
 
     ws = open_workspace()
     t = ws.task(task)
     cp = t.latest()
     if cp is None:
         raise CheckpointNotFound(f"task '{task}' has no checkpoint yet", hint="start from scratch")
-    local = os.path.abspath(t.local_path(cp)) if (path or json) else None
+    local = str(resume_path(t, cp)) if (path or json) else None
     if json:
         print_json(
             {

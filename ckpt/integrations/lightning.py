@@ -84,14 +84,19 @@ class CkptCallback(Callback):  # type: ignore[misc]
 
     @staticmethod
     def resume_path(workspace: str | os.PathLike[str] | Workspace, task: str) -> str | None:
-        """The latest checkpoint of `task` to pass as `ckpt_path=` (None when there is none: start afresh)."""
+        """The latest checkpoint of `task` to pass as `ckpt_path=` (None when there is none: start afresh).
+
+        Raises IntegrityError when its file is missing or its size is not the one recorded (ckpt.resume)."""
+        from ..errors import TaskNotFound
+        from ..resume import resume_path
+
         ws = _open(workspace)
         try:
             t = ws.task(task)
-        except Exception:
+        except TaskNotFound:
             return None
         cp = t.latest()
-        return str(t.local_path(cp)) if cp is not None else None
+        return str(resume_path(t, cp)) if cp is not None else None
 
     def _task(self, pl_module: Any) -> Task:
         if self.task is None:
