@@ -161,3 +161,19 @@ def test_trainer_callback_warns_that_save_total_limit_without_a_policy_keeps_eve
         cb = hf.CkptCallback(ws, task="other", policy={"keep_last": 2})  # a policy: nothing to say
         cb.on_train_begin(_hf_args(tmp_path, save_total_limit=2), _hf_state(), None)
         hf.CkptCallback(ws, task="third").on_train_begin(_hf_args(tmp_path, save_total_limit=None), _hf_state(), None)
+
+
+def test_callbacks_refuse_a_finished_task_before_training(ws: ckpt.Workspace, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    hf = pytest.importorskip("ckpt.integrations.transformers")
+    pl = pytest.importorskip("ckpt.integrations.lightning")
+    ws.create_task("done").save(b"w", step=1)
+    ws.task("done").finish()
+    with pytest.raises(ckpt.ConflictError, match="task 'done' is finished.*") as e:
+        pl.CkptCallback(ws, task="done").on_fit_start(SimpleNamespace(is_global_zero=True), None)
+    assert "new task name" in (e.value.hint or "")
+    with pytest.raises(ckpt.ConflictError, match="task 'done' is finished"):
+        hf.CkptCallback(ws, task="done").on_train_begin(_hf_args(tmp_path), _hf_state(), None)
+    pl.CkptCallback(ws, task="fresh").on_fit_start(SimpleNamespace(is_global_zero=True), None)  # a running one: fine
+    assert ws.task("fresh").status == "running"

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover (the older package name)
 
 from ..metrics import MODES, mode_from_name
 from ..workspace import Task, Workspace
+from .common import refuse_unless_running
 
 
 def _open(workspace: str | os.PathLike[str] | Workspace) -> Workspace:
@@ -104,7 +105,9 @@ class CkptCallback(Callback):  # type: ignore[misc]
             modes = {}
             if self.monitor:
                 modes[self.monitor] = self.mode or mode_from_name(self.monitor) or "min"
-            self.task = self.ws.create_task(name, exist_ok=True, metric_modes=modes, policy=self.policy)
+            task = self.ws.create_task(name, exist_ok=True, metric_modes=modes, policy=self.policy)
+            refuse_unless_running(task)
+            self.task = task
             self.task_name = name
             missing = {k: v for k, v in modes.items() if k not in self.task.header.metric_modes}
             if missing:  # an existing task learns the monitor's direction

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 from ..importer import import_path
 from ..workspace import Task, Workspace
+from .common import refuse_unless_running
 
 _CHECKPOINT = re.compile(r"checkpoint-([0-9]+)")
 
@@ -57,7 +58,9 @@ class CkptCallback(TrainerCallback):  # type: ignore[misc]
             if metric:  # logged with the eval_ prefix; recorded before the policy, which may rank by it
                 name_logged = metric if metric.startswith("eval_") else f"eval_{metric}"
                 modes[name_logged] = "max" if getattr(args, "greater_is_better", None) else "min"
-            self.task = self.ws.create_task(name, exist_ok=True, metric_modes=modes, policy=self.policy)
+            task = self.ws.create_task(name, exist_ok=True, metric_modes=modes, policy=self.policy)
+            refuse_unless_running(task)  # at train start: before an epoch is trained and a folder left behind
+            self.task = task
             self.task_name = name
         return self.task
 
