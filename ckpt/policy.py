@@ -6,7 +6,8 @@ in `ckpt.toml` (the workspace default; a task's policy replaces it, nothing is m
 latest checkpoint are always kept, and a checkpoint is kept when any rule keeps it. Flags on the command
 line replace the stored policy for that run: a policy and flags are one mechanism.
 
-The policy records its metric's direction, decided by the rules of `ckpt.metrics` when it is set.
+A task's policy records its metric's direction, decided by the rules of `ckpt.metrics` when it is set; the
+workspace default records it only when given (--min/--max), else each task decides it when it is applied.
 After each save of the library (`Task.save`), the task's policy runs on a background thread
 (`after_save`): it never trashes the checkpoint just saved nor one a model uses, moves to the trash
 (restorable), and a failure is a warning, never an exception in the training loop.
@@ -102,10 +103,13 @@ def parse_interval(text: str) -> int:
 
 
 def to_doc(rules: KeepRules) -> dict[str, Any]:
-    """The `[policy]` table of `rules` (keep_last always written: an empty policy is still a policy)."""
+    """The `[policy]` table of `rules` (keep_last always written: an empty policy is still a policy; mode only
+    when known: a workspace default without --min/--max leaves it to each task)."""
     doc: dict[str, Any] = {"keep_last": rules.keep_last}
     if rules.keep_best:
-        doc.update(keep_best=rules.keep_best, metric=rules.metric, mode=rules.mode)
+        doc.update(keep_best=rules.keep_best, metric=rules.metric)
+        if rules.mode is not None:
+            doc["mode"] = rules.mode
     if rules.keep_every:
         doc["keep_every"] = rules.keep_every
     if rules.keep_interval:
@@ -138,7 +142,7 @@ def from_doc(doc: Any, where: str, source: str = "") -> KeepRules:
     if ints["keep_best"]:
         if not isinstance(metric, str) or not metric:
             raise bad("'keep_best' needs 'metric'")
-        if mode not in ("min", "max"):
+        if mode is not None and mode not in ("min", "max"):  # absent: decided per task when applied
             raise bad(f"'mode' must be \"min\" or \"max\" (the direction of '{metric}'), not {mode!r}")
     elif metric is not None or mode is not None:
         raise bad("'metric' and 'mode' go with 'keep_best'")
@@ -173,8 +177,11 @@ def describe(rules: KeepRules | None) -> str:
     if rules.keep_last:
         parts.append(f"keep-last {rules.keep_last}")
     if rules.keep_best:
-        better = "lower" if rules.mode == "min" else "higher"
-        parts.append(f"keep-best {rules.keep_best} by {rules.metric} ({better} is better)")
+        if rules.mode is None:
+            better = "the direction each task gives it"
+        else:
+            better = ("lower" if rules.mode == "min" else "higher") + " is better"
+        parts.append(f"keep-best {rules.keep_best} by {rules.metric} ({better})")
     if rules.keep_every:
         parts.append(f"keep-every {rules.keep_every} steps")
     if rules.keep_interval:
@@ -284,7 +291,11 @@ def _recorded(ws: Workspace, task: Task | None, rules: KeepRules) -> KeepRules:
     if task is not None:
         d = task.direction(rules.metric, rules.mode)
     else:
+        # the workspace default: a direction nobody can tell is refused now, but only --min/--max is recorded;
+        # without it each task decides when the policy is applied (its metric_modes, then ckpt.toml, the name)
         d = direction(rules.metric, flag=rules.mode, workspace_modes=ws.metric_modes)
+        if rules.mode is None:
+            return replace(rules, mode=None, mode_from="")
     return replace(rules, mode=d.mode, mode_from="")
 
 

@@ -99,7 +99,9 @@ def test_policy_set_and_show_records_the_direction(any_ws: ckpt.Workspace, run: 
     shown = run_json("policy", "show", "run")
     assert shown["source"] is None and shown["policy"] is None
     got = run_json("policy", "set", "--keep-last", "3", "--keep-best", "1", "--metric", "val_loss")
-    assert got["source"] == "workspace" and got["policy"]["direction"] == "min"  # by the name, recorded
+    assert got["source"] == "workspace" and got["policy"]["direction"] is None  # each task decides it
+    assert "the direction each task gives it" in got["summary"]
+    assert run_json("policy", "show", "run")["policy"]["direction"] == "min"  # this task's: by the name
     got = run_json("policy", "set", "run", "--keep-every", "1000", "--keep-interval", "6h")
     assert got["policy"]["keep_interval"] == "6h" and got["policy"]["keep_interval_seconds"] == 21600
     shown = run_json("policy", "show", "run")  # the task's own replaces the workspace's: nothing merged
@@ -140,7 +142,25 @@ def test_workspace_policy_is_in_ckpt_toml_and_other_settings_stay(ws: ckpt.Works
     ckpt.policy.set_policy(ws, None, {"keep_best": 2, "metric": "score", "keep_interval": "1d"})
     doc = tomllib.loads(path.read_text())
     assert doc["metrics"] == {"score": "max"} and doc["format"] == 1
-    assert doc["policy"] == {"keep_last": 0, "keep_best": 2, "metric": "score", "mode": "max", "keep_interval": "1d"}
+    assert doc["policy"] == {"keep_last": 0, "keep_best": 2, "metric": "score", "keep_interval": "1d"}  # mode: per task
+
+
+def test_a_workspace_default_leaves_the_direction_to_each_task(any_ws: ckpt.Workspace, run: Any, run_json: Any) -> None:
+    _task(any_ws, "up", n=4, metric_modes={"val_loss": "max"})  # this task's val_loss: higher is better
+    _task(any_ws, "down", n=4)
+    assert run_json("policy", "set", "--keep-best", "1", "--metric", "val_loss")["policy"]["direction"] is None
+    assert run_json("policy", "show", "up")["policy"]["direction"] == "max"
+    res = run_json("trash-unused", "up", "--dry-run")
+    assert res["direction"] == "max" and res["direction_source"] == "task"
+    kept = [k["number"] for k in res["kept"]]
+    assert kept == [1, 4]  # the highest loss (0.9, #1), as promote --best val_loss picks it, and the latest
+    assert run_json("promote", "up", "--best", "val_loss")["checkpoint"] == 1
+    assert [k["number"] for k in run_json("trash-unused", "down", "--dry-run")["kept"]] == [4]  # lowest 0.4: #4
+    # --min / --max on the default is recorded and applies to every task
+    got = run_json("policy", "set", "--keep-best", "1", "--metric", "val_loss", "--min")
+    assert got["policy"]["direction"] == "min"
+    res = run_json("trash-unused", "up", "--dry-run")
+    assert res["direction"] == "min" and res["direction_source"] == "policy"
 
 
 def test_a_damaged_or_newer_policy_is_refused_not_ignored(ws: ckpt.Workspace, run: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -45,7 +46,8 @@ def policy_set(
     """Set the retention policy of TASK (or, without TASK, the workspace default), replacing the one it had.
 
     A checkpoint is kept when any rule keeps it; models and the latest are always kept. The metric's
-    direction is decided now (--min/--max, the task, ckpt.toml [metrics], the name) and recorded.
+    direction is decided now (--min/--max, the task, ckpt.toml [metrics], the name) and recorded; for the
+    workspace default only --min/--max is recorded, else each task decides it when the policy is applied.
 
     Example: ckpt policy set unet --keep-last 3 --keep-best 2 --metric val_loss --keep-every 1000 --keep-interval 6h
     """
@@ -79,6 +81,10 @@ def policy_show(task: PolicyTaskArg = None, json: JsonOpt = False) -> None:
     ws = open_workspace()
     if task is not None:
         eff = effective(ws, task)
+        if eff.rules is not None and eff.rules.keep_best and eff.rules.metric and eff.rules.mode is None:
+            # the workspace default leaves the direction to each task: show this task's
+            d = ws.task(task).direction(eff.rules.metric)
+            eff = Effective(replace(eff.rules, mode=d.mode), eff.source)
     else:
         rules = workspace_policy(ws)
         eff = Effective(rules, "workspace" if rules is not None else None)
