@@ -116,8 +116,14 @@ def test_policy_set_and_show_records_the_direction(any_ws: ckpt.Workspace, run: 
     )
     empty = run("policy", "set", "run")
     assert empty.exit_code == 2 and "at least one rule" in empty.stderr and "policy unset" in empty.stderr
-    assert run_json("policy", "unset", "run")["source"] is None
+    got = run_json("policy", "unset", "run")  # what applies next: the workspace default
+    assert got["removed"] is True and got["source"] == "workspace" and got["policy"]["keep_last"] == 3
     assert run_json("policy", "show", "run")["source"] == "workspace"
+    again = run("policy", "unset", "run")
+    assert again.exit_code == 0 and "nothing removed" in again.stdout and "workspace default" in again.stderr
+    assert run_json("policy", "unset", "run")["removed"] is False
+    assert run_json("policy", "unset")["removed"] is True and run_json("policy", "unset")["removed"] is False
+    assert run_json("policy", "show", "run")["source"] is None
 
 
 def test_a_task_policy_raises_the_manifest_format_and_survives_rewrites(ws: ckpt.Workspace, run_json: Any) -> None:

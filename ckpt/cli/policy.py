@@ -102,14 +102,21 @@ def policy_unset(task: PolicyTaskArg = None, json: JsonOpt = False) -> None:
 
     Example: ckpt policy unset unet
     """
-    from ..policy import set_policy
+    from ..policy import Effective, describe, effective, read_workspace_doc, set_policy
 
     ws = open_workspace()
-    eff = set_policy(ws, task, None)
+    had = ws.task(task).header.policy is not None if task is not None else "policy" in read_workspace_doc(ws)
+    set_policy(ws, task, None)
+    # what applies now: a task follows the workspace default, if any
+    eff = effective(ws, task) if task is not None else Effective(None, None)
     if json:
-        print_json(_policy_json(task, eff))
+        print_json({**_policy_json(task, eff), "removed": had})
         return
-    out(f"removed the policy of {f'task {task!r}' if task else 'the workspace'}")
+    whose = f"task '{task}'" if task else "the workspace"
+    out(f"removed the policy of {whose}" if had else f"{whose} had no policy of its own: nothing removed")
+    if task is not None:
+        now = "the workspace default" if eff.source == "workspace" else "none"
+        err(f"policy now: {now}: {describe(eff.rules)}")
 
 
 @command(app, "latest")
