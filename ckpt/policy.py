@@ -233,6 +233,11 @@ def rules_of(value: KeepRules | Mapping[str, Any]) -> KeepRules:
     if rules.mode is not None:
         check_modes({rules.metric or "metric": rules.mode})
     rules.check()
+    for flag, n in (("keep-last", rules.keep_last), ("keep-best", rules.keep_best), ("keep-every", rules.keep_every)):
+        if n >= 2**63:  # stored in TOML, whose integers are 64-bit
+            raise UsageError(f"--{flag} {n} is beyond TOML's 64-bit integers", hint=f"use a smaller --{flag}")
+    if rules.keep_interval >= 2**63:
+        raise UsageError("--keep-interval is beyond TOML's 64-bit integers", hint="use a shorter interval")
     return rules
 
 

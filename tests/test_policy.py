@@ -114,6 +114,9 @@ def test_policy_set_and_show_records_the_direction(any_ws: ckpt.Workspace, run: 
         run_json("policy", "set", "run", "--keep-best", "1", "--metric", "score", "--max")["policy"]["direction"]
         == "max"
     )
+    huge = run("policy", "set", "run", "--keep-last", "99999999999999999999")
+    assert huge.exit_code == 2 and "64-bit" in huge.stderr
+    assert run_json("policy", "show", "run")["policy"]["keep_best"] == 1  # nothing written
     empty = run("policy", "set", "run")
     assert empty.exit_code == 2 and "at least one rule" in empty.stderr and "policy unset" in empty.stderr
     got = run_json("policy", "unset", "run")  # what applies next: the workspace default
