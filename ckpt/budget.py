@@ -63,11 +63,17 @@ def budget_of(doc: dict[str, Any]) -> Budget | None:
     unknown = sorted(set(table) - {"max_size", "max_age"})
     if unknown:
         raise ManifestError(f"ckpt.toml: [trash] has unknown key(s) {', '.join(map(repr, unknown))}", path=where)
+    hint = 'e.g. max_size = "10GB", max_age = "30d"'
+    if "max_age" in table and not isinstance(table["max_age"], str):
+        raise ManifestError(
+            f"ckpt.toml: [trash] 'max_age' must be a string such as \"30d\", not {table['max_age']!r}",
+            path=where,
+            hint=hint,
+        )
     try:
         size = parse_size(table["max_size"]) if "max_size" in table else None
         age = parse_age(table["max_age"]) if "max_age" in table else None
     except (UsageError, TypeError) as e:
-        hint = 'e.g. max_size = "10GB", max_age = "30d"'
         raise ManifestError(f"ckpt.toml: [trash] {e}", path=where, hint=hint) from None
     if size is None and age is None:
         return None

@@ -77,3 +77,13 @@ def test_auto_needs_a_budget_and_takes_no_ids(ws: ckpt.Workspace, run: Any) -> N
     _budget(ws, max_size="lots")
     bad = run("trash", "empty", "--auto", "--yes")
     assert bad.exit_code == 6 and "[trash]" in bad.stderr
+
+
+def test_a_budget_of_the_wrong_type_says_what_is_expected(any_ws: ckpt.Workspace, run: Any) -> None:
+    _budget(any_ws, max_age=30)
+    bad = run("trash", "empty", "--auto", "--yes")
+    assert bad.exit_code == 6 and "'max_age' must be a string such as \"30d\", not 30" in bad.stderr
+    assert "bytes-like" not in bad.stderr
+    update_workspace_doc(any_ws, lambda doc: doc.__setitem__("trash", 5))
+    bad = run("trash", "empty", "--auto", "--yes")
+    assert bad.exit_code == 6 and "[trash] is not a table" in bad.stderr, bad.output
