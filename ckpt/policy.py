@@ -215,21 +215,23 @@ def rules_of(value: KeepRules | Mapping[str, Any]) -> KeepRules:
         if unknown:
             raise UsageError(f"unknown policy key(s) {', '.join(map(repr, unknown))}", hint=f"known: {', '.join(KEYS)}")
         interval = value.get("keep_interval") or 0
-        try:
-            rules = KeepRules(
-                keep_last=int(value.get("keep_last") or 0),
-                keep_best=int(value.get("keep_best") or 0),
-                metric=value.get("metric"),
-                mode=value.get("mode"),
-                keep_every=int(value.get("keep_every") or 0),
-                keep_interval=parse_interval(interval) if isinstance(interval, str) else int(interval),
-            )
-        except (TypeError, ValueError) as e:
-            if isinstance(e, UsageError):
-                raise
-            raise UsageError(f"invalid policy {dict(value)!r}: {e}") from None
+        rules = KeepRules(
+            keep_last=value.get("keep_last") or 0,
+            keep_best=value.get("keep_best") or 0,
+            metric=value.get("metric"),
+            mode=value.get("mode"),
+            keep_every=value.get("keep_every") or 0,
+            keep_interval=parse_interval(interval) if isinstance(interval, str) else interval,
+        )
     else:
         raise UsageError(f"a policy is a mapping such as {{'keep_last': 3}}, not {value!r}")
+    for key in ("keep_last", "keep_best", "keep_every", "keep_interval"):
+        n = getattr(rules, key)
+        if type(n) is not int:  # never coerced: 2.5 is not 2, True is not 1
+            what = "seconds or a text such as '6h'" if key == "keep_interval" else "a whole number"
+            raise UsageError(f"policy '{key}' must be {what}, not {n!r}", hint="e.g. {'keep_last': 3}")
+    if rules.metric is not None and not isinstance(rules.metric, str):
+        raise UsageError(f"policy 'metric' must be a metric's name, not {rules.metric!r}")
     if rules.mode is not None:
         check_modes({rules.metric or "metric": rules.mode})
     rules.check()

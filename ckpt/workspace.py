@@ -267,8 +267,9 @@ class Workspace:
         UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
         """
         if policy is not None:
-            from .policy import set_policy
+            from .policy import rules_of, set_policy
 
+            rules_of(policy)  # a malformed policy is refused before the task is made
             task = self.create_task(
                 name,
                 arch=arch,

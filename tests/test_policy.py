@@ -172,6 +172,18 @@ def test_a_workspace_default_leaves_the_direction_to_each_task(any_ws: ckpt.Work
     assert res["direction"] == "min" and res["direction_source"] == "policy"
 
 
+def test_library_policy_values_are_never_coerced(ws: ckpt.Workspace) -> None:
+    ws.create_task("run")
+    for bad in ({"keep_last": 2.5}, {"keep_last": True}, {"keep_every": "10"}, {"keep_interval": 1.5},
+                {"keep_best": 1, "metric": 3}, {"keep_last": -1}):  # fmt: skip
+        with pytest.raises(ckpt.UsageError):
+            ckpt.policy.set_policy(ws, "run", bad)
+        with pytest.raises(ckpt.UsageError):
+            ws.create_task(f"t{len(str(bad))}", policy=bad)
+    assert ws.task("run").header.policy is None and ws.task_names() == ["run"]  # no task made for a bad policy
+    assert ckpt.policy.set_policy(ws, "run", {"keep_last": 2, "keep_interval": 3600}).rules.keep_interval == 3600
+
+
 def test_a_damaged_or_newer_policy_is_refused_not_ignored(ws: ckpt.Workspace, run: Any) -> None:
     _task(ws, n=3)
     path = ws.root / "ckpt.toml"
