@@ -68,6 +68,7 @@ def _numbers(numbers: list[int]) -> str:
 
 @command(app, "trash-unused")
 def trash_unused(
+    ctx: typer.Context,
     task: OptTaskArg = None,
     every_task: Annotated[
         bool, typer.Option("--all", help="Every task, each by its retention policy; tasks without one are skipped.")
@@ -99,6 +100,7 @@ def trash_unused(
         raise UsageError(
             f"--{mode} goes with --keep-best N --metric M", hint=f"e.g. --keep-best 2 --metric val_loss --{mode}"
         )
+    _refuse_zero(ctx, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     interval = parse_interval(keep_interval) if keep_interval is not None else 0
     flags = bool(keep_last or keep_best or metric or keep_every or interval)
     if every_task:
@@ -122,6 +124,20 @@ def trash_unused(
     ws = open_workspace()
     res, source = apply(ws, task, rules, reason=reason, dry_run=dry_run)
     _report_trash(ws, task, res, source, dry_run, json)
+
+
+def _refuse_zero(ctx: typer.Context, **given: int) -> None:
+    """A keep flag given as 0 would be no flag at all, so the stored policy would decide: refused (exit 2)."""
+    from ..errors import UsageError
+
+    for name, n in given.items():
+        source = ctx.get_parameter_source(name)
+        if n == 0 and source is not None and source.name == "COMMANDLINE":
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} 0 keeps nothing, so the task's retention policy would decide instead",
+                hint=f"give {flag} 1 or more, or leave it out (models and the latest are always kept)",
+            )
 
 
 def _policy_words(source: str | None) -> str:
