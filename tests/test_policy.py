@@ -373,6 +373,22 @@ def test_latest(any_ws: ckpt.Workspace, run: Any, run_json: Any) -> None:
     assert json.loads(run("policy", "show", "run", "--json").stdout)["summary"].startswith("no policy")
 
 
+def test_latest_of_a_task_whose_checkpoints_are_all_in_the_trash_points_at_it(ws: ckpt.Workspace, run: Any) -> None:
+    import tomli_w
+
+    task = ws.create_task("gone")
+    task.save(b"a")
+    task.save(b"b")
+    entry = trash_unused(ws, "gone").entry
+    # the latest is never trashed by trash-unused; its record is dropped by hand here (as a crash or an edit might)
+    doc = tomllib.loads(task.manifest.read_text())
+    doc["checkpoints"] = [c for c in doc["checkpoints"] if c["number"] != 2]
+    task.manifest.write_text(tomli_w.dumps(doc))
+    res = run("latest", "gone")
+    assert res.exit_code == 3 and "in the trash" in res.stderr and f"ckpt trash restore {entry}" in res.stderr
+    assert "ckpt trash list" in res.stderr
+
+
 def test_latest_path_checks_the_file_against_its_record(any_ws: ckpt.Workspace, run: Any) -> None:
     from ckpt.integrations.lightning import CkptCallback
     from tests.conftest import put_bytes, remove_bytes

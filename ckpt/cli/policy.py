@@ -139,6 +139,12 @@ def latest(
     t = ws.task(task)
     cp = t.latest()
     if cp is None:
+        trashed = _trashed_entries(ws, task)
+        if trashed:
+            raise CheckpointNotFound(
+                f"task '{task}' has no checkpoint: its checkpoints are in the trash ({', '.join(trashed)})",
+                hint=f"see: ckpt trash list; to resume from them: ckpt trash restore {trashed[-1]}",
+            )
         raise CheckpointNotFound(f"task '{task}' has no checkpoint yet", hint="start from scratch")
     local = str(resume_path(t, cp)) if (path or json) else None
     if json:
@@ -161,3 +167,15 @@ def latest(
         out(str(local))
         return
     out(str(cp.number))
+
+
+def _trashed_entries(ws: Any, task: str) -> list[str]:
+    """Ids of the trash entries holding checkpoints of `task`, oldest first (none when the trash is unreadable)."""
+    from ..errors import CkptError
+    from ..trash import list_entries
+
+    try:
+        entries, _ = list_entries(ws)
+    except CkptError:
+        return []
+    return [e.id for e in entries if e.kind == "checkpoints" and e.task == task and e.checkpoints]
