@@ -160,7 +160,7 @@ class StoreWorkspace(Workspace):
         return _key(path)
 
     def model_local_path(self, model: Model) -> Path:
-        return download_cached(self.storage, _key(model.path), model.sha256, model.file)
+        return download_cached(self.storage, _key(model.path), model.sha256, model.file, model.size)
 
     def implementation(self, name: str, local: F) -> F:
         """This module's function `name` (see `OPERATIONS`) in place of the local one."""
@@ -580,7 +580,7 @@ class StoreTask(Task):
 
     def local_path(self, cp: Checkpoint) -> Path:
         """The checkpoint downloaded into the local cache (by sha256: downloaded once), for reading."""
-        return download_cached(self.storage, _key(self.path_of(cp)), cp.sha256, cp.file)
+        return download_cached(self.storage, _key(self.path_of(cp)), cp.sha256, cp.file, cp.size)
 
     # -- writing --
 
@@ -813,14 +813,20 @@ def _save_log_cache(path: Path, records: list[Checkpoint]) -> None:
         pass  # only a cache
 
 
-def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
+def download_cached(storage: Storage, key: str, sha256: str, name: str, size: int | None = None) -> Path:
     """`key` in the local cache under its sha256 (downloaded once, then reused); returns the local path.
 
-    A folder checkpoint (the objects under `key/`) is downloaded as a folder and checked by its tree digest."""
+    A folder checkpoint (the objects under `key/`) is downloaded as a folder and checked by its tree digest.
+    A cached copy whose size is no longer `size` (changed on this machine) is downloaded again."""
     folder = cache_dir() / "objects" / sha256[:2]
     dest = folder / f"{sha256}{os.path.splitext(name)[1]}"
     if dest.is_file() or dest.is_dir():
-        return dest
+        if size is None or _cached_size(dest) == size:
+            return dest
+        if dest.is_dir():
+            fsutil.remove_tree(dest)
+        else:
+            fsutil.remove_file(dest)
     folder.mkdir(parents=True, exist_ok=True)
     inside = [b.key for b in storage.list_prefix(key + "/")] if not os.path.splitext(name)[1] else []
     if inside:
@@ -836,6 +842,13 @@ def download_cached(storage: Storage, key: str, sha256: str, name: str) -> Path:
     finally:
         fsutil.remove_file(tmp)
     return dest
+
+
+def _cached_size(path: Path) -> int:
+    try:
+        return sum(n for _, n in fsutil.tree_files(path)) if path.is_dir() else path.stat().st_size
+    except (OSError, CkptError):
+        return -1
 
 
 def _download_tree(storage: Storage, key: str, keys: list[str], sha256: str, dest: Path) -> Path:

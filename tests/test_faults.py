@@ -750,3 +750,15 @@ def test_a_title_twinned_in_case_by_a_racer_is_refused_once_claimed(
         rename(ws, "p", "case")
     assert fresh(st).models.titles() == ["CASE", "p"]
     assert not any(k.startswith("models/case/") for k in st.objects)
+
+
+def test_a_local_copy_changed_on_this_machine_is_downloaded_again(memory: Callable[[], MemoryStorage]) -> None:
+    st = memory()
+    ws = seeded(st, n=1)
+    task = ws.task("unet")
+    cp = task.checkpoint(1)
+    path = task.local_path(cp)
+    assert path.read_bytes() == b"weights 0"
+    path.write_bytes(b"tampered, longer than it was")
+    again = fresh(st).task("unet").local_path(cp)
+    assert again.read_bytes() == b"weights 0"
