@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from math import isfinite
+from math import isfinite, nan
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,10 +184,27 @@ def collect(
                     best = ranked[0]
                     c.best[m] = Best(m, best.number, float(best.metrics[m]), d)
     kind = x or _auto_x(curves)
+    for c in curves:
+        notes.extend(f"task '{c.task}' {r}" for r in restarts(c.points, kind))
     missing = sum(1 for c in curves for p in c.points if p.x(kind) is None)
     if missing:
         notes.append(f"{missing} checkpoint(s) record no {kind}, so they are not drawn; try --x number")
     return PlotData(curves, chosen, kind, notes, plan is not None)
+
+
+def restarts(points: Sequence[Point], kind: str) -> list[str]:
+    """Where x (`kind`) goes back from one checkpoint to the next in number order (a run restarted from an
+    earlier checkpoint): "restarted at checkpoint N: step went from A back to B", one per place."""
+    found = []
+    last: float | None = None
+    for p in points:
+        px = p.x(kind)
+        if px is None:
+            continue
+        if last is not None and px < last:
+            found.append(f"restarted at checkpoint {p.number}: {kind} went from {last} back to {px}")
+        last = px
+    return found
 
 
 def _names(tasks: Sequence[str]) -> str:
@@ -302,7 +319,16 @@ def _draw(
             pts.append((p, px, py))
     if not pts:
         return
-    pts.sort(key=lambda t: (t[1], t[0].number))
+    # in checkpoint-number order, as they were saved; where x goes back (a run restarted from an earlier
+    # checkpoint) the line breaks and a new one starts: no sawtooth between two runs that never happened
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, (_, px, py) in enumerate(pts):
+        if i and px < pts[i - 1][1]:
+            xs.append(nan)
+            ys.append(nan)
+        xs.append(px)
+        ys.append(py)
 
     def plot(kind: str, sel: list[tuple[Point, float, float]], **style: Any) -> None:
         if not sel:
@@ -311,7 +337,7 @@ def _draw(
         line.set_gid(mark_id(kind, c.task, m))
         marks[kind] += len(sel)
 
-    (curve,) = ax.plot([t[1] for t in pts], [t[2] for t in pts], "-", color=colour, linewidth=1.0, label=label)
+    (curve,) = ax.plot(xs, ys, "-", color=colour, linewidth=1.0, label=label)
     curve.set_gid(mark_id("curve", c.task, m))
     small = 3 if len(pts) <= 500 else 1.5
     plot("checkpoint", [t for t in pts if t[0].trashed is None], marker="o", markersize=small, color=colour)

@@ -557,3 +557,27 @@ def test_report_sorts_ten_thousand_rows_again_and_again(ws, run, tmp_path):
     assert ms and ends, dom[:2000]
     assert ends.group(1) == "1 10000 cp-1 cp-10000"  # three clicks: ascending, descending, ascending
     assert max(float(v) for v in ms.group(1).split()) < 3000, ms.group(1)
+
+
+def curve_moves(svg: Path, gid: str) -> list[int]:
+    """The number of points of each piece of line (a `M` starts one) in the group `gid` of the SVG."""
+    root = ET.fromstring(svg.read_bytes())
+    group = next(g for g in root.iter(f"{SVG}g") if g.get("id") == gid)
+    d = " ".join(p.get("d", "") for p in group.iter(f"{SVG}path"))
+    return [1 + piece.count("L") for piece in d.split("M")[1:]]
+
+
+def test_plot_a_restart_breaks_the_line_where_the_step_goes_back(ws, run, tmp_path):
+    t = ws.create_task("r")
+    steps = [0, 100, 200, 300, 400, 500, 300, 400, 500, 600]  # a run restarted from #4 (step 300) at #7
+    for i, s in enumerate(steps):
+        t.save(b"r", step=s, metrics={"val_loss": 1 / (i + 1)})
+    r = run("plot", "r", "--json", "--out", str(tmp_path / "r.svg"))
+    assert r.exit_code == 0, r.output
+    note = "task 'r' restarted at checkpoint 7: step went from 500 back to 300"
+    assert note in json.loads(r.stdout)["notes"] and f"note: {note}" in r.stderr
+    # two pieces in the order saved (not one sawtooth sorted by step): #1-#6, then #7-#10
+    assert curve_moves(tmp_path / "r.svg", "mark-curve-r-val_loss") == [6, 4]
+    assert marks(tmp_path / "r.svg")["mark-checkpoint-r-val_loss"] == 10
+    r = run("plot", "r", "--json", "--x", "number", "--out", str(tmp_path / "n.svg"))  # by number: no restart
+    assert json.loads(r.stdout)["notes"] == [] and curve_moves(tmp_path / "n.svg", "mark-curve-r-val_loss") == [10]
