@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from math import isfinite, nan
@@ -242,14 +244,50 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
         names = ", ".join(c.task for c in data.tasks)
         hint = "metrics come from Task.save(metrics=...) or import"
         raise UsageError(f"nothing to plot: {names} record(s) no metrics", hint=hint)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    import logging
+
+    # matplotlib's log quiet below errors while it is imported and draws (a config folder it cannot write, a
+    # bad line in a matplotlibrc, the font cache being built)
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
-        import matplotlib
-    except ImportError:
-        raise CkptError(
-            "drawing curves needs matplotlib, which is not installed", hint="pip install 'ckpt[plot]'"
-        ) from None
+        matplotlib = _matplotlib()
+        # matplotlib's own defaults, whatever the user's matplotlibrc says (text.usetex, savefig.dpi/bbox, a
+        # style): the picture is the same everywhere and its size is the one reported; its warnings (a glyph
+        # missing from the font) are not the user's business
+        with matplotlib.rc_context(), warnings.catch_warnings():
+            matplotlib.rcdefaults()
+            warnings.simplefilter("ignore", UserWarning)
+            return _render(data, fmt, overlay, dpi)
+    finally:
+        log.setLevel(level)
+
+
+def _matplotlib() -> Any:
+    """matplotlib, imported with the Agg backend whatever MPLBACKEND says."""
+    if "matplotlib" not in sys.modules:
+        # read once, when matplotlib is imported: a bogus value would fail the import
+        saved = os.environ.get("MPLBACKEND")
+        os.environ["MPLBACKEND"] = "Agg"
+        try:
+            import matplotlib
+        except ImportError:
+            raise CkptError(
+                "drawing curves needs matplotlib, which is not installed", hint="pip install 'ckpt[plot]'"
+            ) from None
+        finally:
+            if saved is None:
+                os.environ.pop("MPLBACKEND", None)
+            else:
+                os.environ["MPLBACKEND"] = saved
+    import matplotlib
+
     matplotlib.use("Agg")
+    return matplotlib
+
+
+def _render(data: PlotData, fmt: str, overlay: bool, dpi: int) -> Rendered:
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
     from matplotlib.lines import Line2D
 

@@ -581,3 +581,28 @@ def test_plot_a_restart_breaks_the_line_where_the_step_goes_back(ws, run, tmp_pa
     assert marks(tmp_path / "r.svg")["mark-checkpoint-r-val_loss"] == 10
     r = run("plot", "r", "--json", "--x", "number", "--out", str(tmp_path / "n.svg"))  # by number: no restart
     assert json.loads(r.stdout)["notes"] == [] and curve_moves(tmp_path / "n.svg", "mark-curve-r-val_loss") == [10]
+
+
+def test_plot_and_report_ignore_the_users_matplotlib_settings(ws, tmp_path):
+    import sys
+
+    t = ws.create_task("rc")
+    for i in range(1, 4):
+        t.save(b"r", step=i, metrics={"val_loss": 1 / i, "损失_\U0001f600_loss": 2 / i})  # glyphs the font lacks
+    # a matplotlibrc here (read first) that would draw with LaTeX at 300 dpi, cropped; a config folder
+    # matplotlib cannot write (a file); a backend that does not exist
+    (tmp_path / "matplotlibrc").write_text("text.usetex: True\nsavefig.dpi: 300\nsavefig.bbox: tight\n")
+    (tmp_path / "not-a-folder").write_text("")
+    env = {
+        **os.environ,
+        "CKPT_WORKSPACE": str(ws.root),
+        "MPLCONFIGDIR": str(tmp_path / "not-a-folder"),
+        "MPLBACKEND": "bogus",
+    }
+    for args in (["plot", "rc", "--out", "p.png", "--json"], ["report", "rc", "--out", "r.html"]):
+        proc = subprocess.run([sys.executable, "-m", "ckpt", *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert [line for line in proc.stderr.splitlines() if not line.startswith("note: ")] == [], proc.stderr
+        if args[0] == "plot":
+            got = json.loads(proc.stdout)
+            assert png_size(tmp_path / "p.png") == (got["width"], got["height"]) == (800, 610)
