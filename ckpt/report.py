@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import shlex
 import tempfile
 from collections.abc import Callable, Sequence
@@ -101,8 +102,9 @@ def build(
         f"{_e(ws.location)}.</footer>"
     )
     parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
+    names = [*all_metrics, *(title for p in curves.points for title in p.models), *(m.title for m in mine)]
     return Report(
-        "".join(parts),
+        _isolate("".join(parts), names),
         task,
         len(live),
         len(trashed),
@@ -134,6 +136,17 @@ def _run_preview(ws: Workspace, task: str, req: PreviewRequest) -> tuple[Preview
 
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _isolate(page: str, names: Sequence[str]) -> str:
+    """`page` with each name that holds a control or bidi character (U+202E turns the text after it around)
+    wrapped in <bdi> wherever it shows as text, so that it cannot turn the text around it."""
+    odd = sorted({_e(n) for n in names if not n.isprintable()}, key=len, reverse=True)
+    if not odd:
+        return page
+    pattern = re.compile("|".join(map(re.escape, odd)))
+    parts = re.split(r"(<title>.*?</title>|<[^>]*>)", page, flags=re.S)  # text at even places, tags at odd
+    return "".join(p if i % 2 else pattern.sub(lambda m: f"<bdi>{m.group(0)}</bdi>", p) for i, p in enumerate(parts))
 
 
 def _size(n: int) -> str:

@@ -606,3 +606,28 @@ def test_plot_and_report_ignore_the_users_matplotlib_settings(ws, tmp_path):
         if args[0] == "plot":
             got = json.loads(proc.stdout)
             assert png_size(tmp_path / "p.png") == (got["width"], got["height"]) == (800, 610)
+
+
+def test_control_characters_in_names_never_reach_the_terminal_raw_and_are_isolated_in_the_page(ws, run, tmp_path):
+    t = ws.create_task("cc")
+    odd = ["\x1b[31mred", "two\nlines", "\u202eevil"]  # an escape sequence, a newline, RIGHT-TO-LEFT OVERRIDE
+    for i in range(1, 4):
+        t.save(b"c", step=i, metrics=dict.fromkeys(odd, i / 10))
+    raw = ("\x1b", "\u202e")
+    r = run("list", "cc", "--spark")
+    assert r.exit_code == 0, r.output
+    spark = [line for line in r.stdout.splitlines() if "→" in line]
+    assert len(spark) == 3 and not any(c in r.stdout for c in raw)
+    assert any(line.startswith("\\x1b[31mred") for line in spark) and any("two\\nlines" in line for line in spark)
+    assert any(line.startswith("\\u202eevil") for line in spark)
+    for args in (["plot", "cc", "--out", "p.png"], ["report", "cc", "--out", "r.html"]):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        notes = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
+        assert len(notes) == len(r.stderr.splitlines()) == 3  # no direction known: one note per metric, one line each
+        assert not any(c in r.stderr for c in raw) and "'\\u202eevil'" in r.stderr
+    page = Path("r.html").read_text(encoding="utf-8")
+    # as text, U+202E shows only inside <bdi> (in <title> and attribute values it cannot turn the page around)
+    text = re.sub(r"<title>.*?</title>|<[^>]*>", "\n", re.sub(r"<bdi>[^<]*</bdi>", "", page), flags=re.S)
+    assert "\u202e" in page and "\u202e" not in text
+    assert page.count("<bdi>\u202eevil</bdi>") >= 3  # the table's column, the best table, the note

@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ._app import app
 from ._common import JsonOpt, again, command, err, open_workspace, out, plural, print_json
 from ._complete import tasks as complete_tasks
+from ._table import printable
 
 if TYPE_CHECKING:
     from ..plot import PlotData, Rendered
@@ -86,7 +87,7 @@ def plot(
     ws = open_workspace()
     data = collect(ws, tasks, metric or [], x, plan=rules)
     for note in data.notes:
-        err(f"note: {note}")
+        err(f"note: {printable(note)}")
     protocol = image_protocol(os.environ) if output is None and not json and _stdout_tty() else None
     picture = render(data, fmt, overlay=overlay)
     written: Path | None = None
@@ -102,7 +103,7 @@ def plot(
         return
     if written is not None:
         what = f"{picture.width}×{picture.height}, {plural(len(data.metrics), 'metric')} over {data.x}"
-        out(f"wrote {written} ({what})")
+        out(f"wrote {printable(str(written))} ({what})")
 
 
 def _stdout_tty() -> bool:
@@ -194,7 +195,7 @@ def report(
     ws = open_workspace()
     page = build(ws, task, preview=request, command=again)
     for note in page.notes:
-        err(f"note: {note}")
+        err(f"note: {printable(note)}")
     data = page.html.encode("utf-8")
     if output is not None:
         write_file(output, data)
@@ -216,7 +217,7 @@ def report(
         )
         return
     what = f"{plural(page.checkpoints, 'checkpoint')}, {page.trashed} in the trash, {plural(len(page.models), 'model')}"
-    out(f"wrote {written} ({what})")
+    out(f"wrote {printable(str(written))} ({what})")
 
 
 def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[str]:
@@ -231,7 +232,8 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
         for k in cp.metrics:
             names.setdefault(k, None)
     shown = list(names)[:most]
-    pad = max((len(m) for m in shown), default=0)
+    labels = {m: printable(m) for m in shown}  # a name with a newline or an escape sequence: escaped, as in the table
+    pad = max((len(label) for label in labels.values()), default=0)
     lines = []
     for m in shown:
         values = [value(cp.metrics, m) for cp in cps]
@@ -239,7 +241,8 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
         if not line:
             continue
         present = [v for v in values if v is not None]
-        text = f"{m:<{pad}}  {line:<{min(width, len(values))}}  {fmt_metric(present[0])} → {fmt_metric(present[-1])}"
+        first_last = f"{fmt_metric(present[0])} → {fmt_metric(present[-1])}"
+        text = f"{labels[m]:<{pad}}  {line:<{min(width, len(values))}}  {first_last}"
         try:
             better = t.direction(m)
         except UsageError:
