@@ -230,6 +230,7 @@ def mark_id(kind: str, task: str, metric: str) -> str:
 
 # --- the picture ----------------------------------------------------------------------------------------------
 
+_STYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 3, 3)))
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 
@@ -306,7 +307,10 @@ def _render(data: PlotData, fmt: str, overlay: bool, dpi: int) -> Rendered:
             for mi, m in enumerate(metrics):
                 colour = _COLOURS[(ti if several or not overlay else mi) % len(_COLOURS)]
                 label = _plain(" ".join(x for x in (c.task if several else "", m if overlay else "") if x)) or None
-                _draw(ax, c, m, data.x, colour, label, marks, labels)
+                # several tasks in one panel: a colour per task, a line style per metric (else the legend's
+                # entries of one task's metrics would look the same)
+                style = _STYLES[mi % len(_STYLES)] if several and overlay else "-"
+                _draw(ax, c, m, data.x, colour, label, marks, labels, style)
         low, high = ax.get_xlim()
         for x, y, text in labels:  # a label near the right edge goes to the left of its marker, inside the panel
             left = (high - x) / ((high - low) or 1) < 0.25
@@ -343,7 +347,15 @@ def _plain(text: str) -> str:
 
 
 def _draw(
-    ax: Any, c: TaskCurves, m: str, xk: str, colour: str, label: str | None, marks: dict[str, int], labels: list[Any]
+    ax: Any,
+    c: TaskCurves,
+    m: str,
+    xk: str,
+    colour: str,
+    label: str | None,
+    marks: dict[str, int],
+    labels: list[Any],
+    style: Any = "-",
 ) -> None:
     """One task's curve of metric `m` and its marks on `ax`; the models' labels are added to `labels`."""
     pts: list[tuple[Point, float, float]] = []
@@ -375,7 +387,7 @@ def _draw(
         line.set_gid(mark_id(kind, c.task, m))
         marks[kind] += len(sel)
 
-    (curve,) = ax.plot(xs, ys, "-", color=colour, linewidth=1.0, label=label)
+    (curve,) = ax.plot(xs, ys, linestyle=style, color=colour, linewidth=1.0, label=label)
     curve.set_gid(mark_id("curve", c.task, m))
     small = 3 if len(pts) <= 500 else 1.5
     plot("checkpoint", [t for t in pts if t[0].trashed is None], marker="o", markersize=small, color=colour)

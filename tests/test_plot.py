@@ -631,3 +631,24 @@ def test_control_characters_in_names_never_reach_the_terminal_raw_and_are_isolat
     text = re.sub(r"<title>.*?</title>|<[^>]*>", "\n", re.sub(r"<bdi>[^<]*</bdi>", "", page), flags=re.S)
     assert "\u202e" in page and "\u202e" not in text
     assert page.count("<bdi>\u202eevil</bdi>") >= 3  # the table's column, the best table, the note
+
+
+def test_plot_overlay_of_several_tasks_draws_each_metric_in_its_own_line_style(ws, run_json, tmp_path):
+    rich_task(ws)
+    other = ws.create_task("other")
+    for i in range(1, 5):
+        other.save(b"o", step=i * 10, metrics={"val_loss": 2 / i, "acc": i / 4})
+    run_json("plot", "unet", "other", "-m", "acc", "-m", "val_loss", "--overlay", "--out", str(tmp_path / "o.svg"))
+    root = ET.fromstring((tmp_path / "o.svg").read_bytes())
+
+    def style(gid: str) -> tuple[str, str]:  # the curve's (stroke colour, dashes)
+        group = next(g for g in root.iter(f"{SVG}g") if g.get("id") == gid)
+        css = next(group.iter(f"{SVG}path")).get("style", "")
+        colour = re.search(r"stroke: ?(#[0-9a-f]+)", css)
+        dashes = re.search(r"stroke-dasharray: ?([^;]+)", css)
+        return (colour.group(1) if colour else "", dashes.group(1) if dashes else "solid")
+
+    styles = {(t, m): style(f"mark-curve-{t}-{m}") for t in ("unet", "other") for m in ("acc", "val_loss")}
+    assert len(set(styles.values())) == 4  # four legend entries, four looks
+    assert styles["unet", "acc"][0] == styles["unet", "val_loss"][0]  # a colour per task
+    assert styles["unet", "acc"][1] == styles["other", "acc"][1]  # a line style per metric
