@@ -188,6 +188,20 @@ def collect(
     kind = x or _auto_x(curves)
     for c in curves:
         notes.extend(f"task '{c.task}' {r}" for r in restarts(c.points, kind))
+    if plan is not None:
+        for c in curves:
+            for m in chosen:
+                unseen = [
+                    p.number
+                    for p in c.points
+                    if p.plan == "trash" and (value(p.metrics, m) is None or p.x(kind) is None)
+                ]
+                if unseen:
+                    shown = ", ".join(f"#{n}" for n in unseen[:10]) + (", …" if len(unseen) > 10 else "")
+                    notes.append(
+                        f"task '{c.task}': {len(unseen)} checkpoint(s) that trash-unused would trash have no {m} "
+                        f"(or no {kind}), so the '{m}' panel cannot show them: {shown}"
+                    )
     missing = sum(1 for c in curves for p in c.points if p.x(kind) is None)
     if missing:
         notes.append(f"{missing} checkpoint(s) record no {kind}, so they are not drawn; try --x number")

@@ -652,3 +652,18 @@ def test_plot_overlay_of_several_tasks_draws_each_metric_in_its_own_line_style(w
     assert len(set(styles.values())) == 4  # four legend entries, four looks
     assert styles["unet", "acc"][0] == styles["unet", "val_loss"][0]  # a colour per task
     assert styles["unet", "acc"][1] == styles["other", "acc"][1]  # a line style per metric
+
+
+def test_plot_with_plan_says_which_would_be_trashed_that_a_panel_cannot_show(ws, run_json, tmp_path):
+    rich_task(ws)  # val_iou only from #7 on; val_loss NaN at #4
+    got = run_json(
+        "plot", "unet", "-m", "val_iou", "-m", "val_loss", "--keep-last", "2", "--out", str(tmp_path / "p.svg")
+    )
+    assert got["tasks"][0]["would_trash"] == [4, 6, 7, 8, 9, 10]
+    m = marks(tmp_path / "p.svg")
+    assert m["mark-plan_trash-unet-val_iou"] == 4 and m["mark-plan_trash-unet-val_loss"] == 5
+    assert (
+        "task 'unet': 2 checkpoint(s) that trash-unused would trash have no val_iou (or no step), "
+        "so the 'val_iou' panel cannot show them: #4, #6" in got["notes"]
+    )
+    assert any(n.startswith("task 'unet': 1 checkpoint(s)") and n.endswith(": #4") for n in got["notes"])
