@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CkptError, ConflictError, UsageError
-from .metrics import Direction, rank, value
+from .metrics import Direction, rank, toml_key, value
 
 if TYPE_CHECKING:
     from .trash import KeepRules
@@ -177,7 +177,9 @@ def collect(
             except UsageError as e:
                 d = None
                 if any(value(p.metrics, m) is not None for p in c.points):
-                    notes.append(f"no best marked for '{m}' of task '{c.task}': {e}")
+                    # these commands take no --min/--max (one flag for many metrics would say little): the
+                    # way to say it is the workspace's ckpt.toml, once
+                    notes.append(f"no best marked for '{m}' of task '{c.task}': {e.message}; {how_to_direct(m)}")
             c.directions[m] = d
             c.best[m] = None
             if d is not None:
@@ -206,6 +208,11 @@ def collect(
     if missing:
         notes.append(f"{missing} checkpoint(s) record no {kind}, so they are not drawn; try --x number")
     return PlotData(curves, chosen, kind, notes, plan is not None)
+
+
+def how_to_direct(metric: str) -> str:
+    """How to tell ckpt which way `metric` is better, for commands without --min/--max."""
+    return f'set it once in the workspace\'s ckpt.toml: [metrics] {toml_key(metric)} = "min" (or "max")'
 
 
 def restarts(points: Sequence[Point], kind: str) -> list[str]:

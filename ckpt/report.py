@@ -36,6 +36,8 @@ class PreviewRequest:
     images: list[Path]
     masks: Path | None = None
     device: str = "auto"
+    arch: str | None = None  # the network factory, where the task records none (as `ckpt preview --arch`)
+    arch_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -127,7 +129,15 @@ def _run_preview(ws: Workspace, task: str, req: PreviewRequest) -> tuple[Preview
     sources = task_sources(ws, task, req.numbers)
     with tempfile.TemporaryDirectory(prefix="ckpt-report-") as tmp:
         out = Path(tmp) / "preview.png"
-        res = run_preview(sources, PreviewOptions(images=list(req.images), masks=req.masks, out=out, device=req.device))
+        options = PreviewOptions(
+            images=list(req.images),
+            masks=req.masks,
+            out=out,
+            device=req.device,
+            arch=req.arch,
+            arch_kwargs=req.arch_kwargs,
+        )
+        res = run_preview(sources, options)
         return res, out.read_bytes()
 
 
@@ -204,13 +214,15 @@ def _curves(picture: Any, data: PlotData) -> str:
 
 
 def _best(c: TaskCurves, data: PlotData, task: str, cmd: Callable[..., str]) -> str:
+    from .plot import how_to_direct
+
     if not data.metrics:
         return ""
     rows = []
     for m in data.metrics:
         best, d = c.best.get(m), c.directions.get(m)
         if best is None:
-            why = "no checkpoint records it" if d is not None else "direction unknown (pass --min or --max)"
+            why = "no checkpoint records it" if d is not None else f"direction unknown: {how_to_direct(m)}"
             rows.append(f"<tr><td>{_e(m)}</td><td colspan=3>{_e(why)}</td></tr>")
             continue
         point = next((p for p in c.points if p.number == best.number), None)

@@ -667,3 +667,38 @@ def test_plot_with_plan_says_which_would_be_trashed_that_a_panel_cannot_show(ws,
         "so the 'val_iou' panel cannot show them: #4, #6" in got["notes"]
     )
     assert any(n.startswith("task 'unet': 1 checkpoint(s)") and n.endswith(": #4") for n in got["notes"])
+
+
+def test_hints_name_only_options_the_command_has(ws, run, tmp_path):
+    t = ws.create_task("u")
+    for i in range(1, 4):
+        t.save(b"u", step=i, metrics={"score": i})
+    for args in (["plot", "u", "--out", "u.svg"], ["report", "u", "--out", "u.html"]):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert "no best marked for 'score'" in r.stderr and "--min" not in r.stderr and "--max" not in r.stderr
+        assert '[metrics] score = "min" (or "max")' in r.stderr
+    page = Path("u.html").read_text(encoding="utf-8")
+    assert "--min" not in page and "direction unknown: set it once" in page
+
+
+def test_report_preview_takes_arch_as_the_hint_says(ws, run, tmp_path):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from ckpt.zoo import UNet
+
+    kwargs = {"in_channels": 3, "classes": 2, "width": 4, "depth": 2}
+    t = ws.create_task("bare")  # records no architecture
+    torch.manual_seed(0)
+    t.save(UNet(**kwargs).state_dict(), step=1, metrics={"val_iou": 0.1})
+    (tmp_path / "im").mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "im" / "a.png")
+    r = run("report", "bare", "--preview", "1", "--images", "im")
+    assert r.exit_code == 2 and "records no architecture" in r.stderr and "--arch" in r.stderr
+    got, page = report_of(
+        run, "bare", "--preview", "1", "--images", "im", "--arch", "ckpt.zoo:UNet", "--arch-kwargs", json.dumps(kwargs)
+    )
+    assert got["preview"] == [1] and '<section id="preview">' in page
+    r = run("report", "bare", "--arch", "ckpt.zoo:UNet")
+    assert r.exit_code == 2 and "go with --preview" in r.stderr

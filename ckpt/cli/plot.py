@@ -170,6 +170,13 @@ def report(
     masks: Annotated[
         Path | None, typer.Option("--masks", help="With --preview: ground-truth masks named like the images.")
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="With --preview: network factory 'package.module:factory' (default: the task's)."),
+    ] = None,
+    arch_kwargs: Annotated[
+        str | None, typer.Option("--arch-kwargs", help="With --preview: the factory's keyword arguments (JSON).")
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML page about a task: curves, every checkpoint (sortable), models, trash,
@@ -188,10 +195,15 @@ def report(
     if numbers and not preview:
         example = f"e.g. ckpt report {task} --preview 3 7 --images DIR"
         raise UsageError("checkpoint numbers go with --preview", hint=example)
-    if (images or masks) and not preview:
+    if (images or masks or arch or arch_kwargs) and not preview:
         example = f"e.g. ckpt report {task} --preview 3 7 --images DIR"
-        raise UsageError("--images and --masks go with --preview", hint=example)
-    request = PreviewRequest(list(numbers or []), list(images or []), masks) if preview else None
+        raise UsageError("--images, --masks, --arch and --arch-kwargs go with --preview", hint=example)
+    request = None
+    if preview:
+        from .preview import arch_kwargs_of
+
+        kwargs = arch_kwargs_of(arch_kwargs)
+        request = PreviewRequest(list(numbers or []), list(images or []), masks, arch=arch, arch_kwargs=kwargs)
     ws = open_workspace()
     page = build(ws, task, preview=request, command=again)
     for note in page.notes:
