@@ -243,10 +243,27 @@ def _auto_x(curves: Sequence[TaskCurves]) -> str:
     return "number"
 
 
-def mark_id(kind: str, task: str, metric: str) -> str:
+def mark_id(kind: str, task: str, metric: str, suffix: str = "") -> str:
     """The SVG group id of the marks of `kind` of `task` in `metric`'s panel (characters outside
-    [A-Za-z0-9_.-] become `_`)."""
-    return "mark-" + "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", s) for s in (kind, task, metric))
+    [A-Za-z0-9_.] become `_`), and `suffix` (see `mark_suffixes`)."""
+    return "mark-" + "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", s) for s in (kind, task, metric)) + suffix
+
+
+def mark_suffixes(pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(task, metric) -> the suffix that makes its ids unique in one picture: "" for the first pair to give an
+    id, "-2", "-3"… for the next ones that would give it again (`val loss`, `val_loss` and `val/loss` give
+    one id)."""
+    used: set[str] = set()
+    out: dict[tuple[str, str], str] = {}
+    for task, metric in dict.fromkeys(pairs):
+        base = mark_id("", task, metric)
+        suffix, n = "", 1
+        while base + suffix in used:
+            n += 1
+            suffix = f"-{n}"
+        used.add(base + suffix)
+        out[task, metric] = suffix
+    return out
 
 
 # --- the picture ----------------------------------------------------------------------------------------------
@@ -322,6 +339,7 @@ def _render(data: PlotData, fmt: str, overlay: bool, dpi: int) -> Rendered:
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     marks = dict.fromkeys(MARKS, 0)
     several = len(data.tasks) > 1
+    suffixes = mark_suffixes([(c.task, m) for c in data.tasks for m in data.metrics])
     for ax, metrics in zip(axes, panels, strict=True):
         labels: list[tuple[float, float, str]] = []
         for ti, c in enumerate(data.tasks):
@@ -331,7 +349,7 @@ def _render(data: PlotData, fmt: str, overlay: bool, dpi: int) -> Rendered:
                 # several tasks in one panel: a colour per task, a line style per metric (else the legend's
                 # entries of one task's metrics would look the same)
                 style = _STYLES[mi % len(_STYLES)] if several and overlay else "-"
-                _draw(ax, c, m, data.x, colour, label, marks, labels, style)
+                _draw(ax, c, m, data.x, colour, label, marks, labels, style, suffixes[c.task, m])
         low, high = ax.get_xlim()
         for x, y, text in labels:  # a label near the right edge goes to the left of its marker, inside the panel
             left = (high - x) / ((high - low) or 1) < 0.25
@@ -377,6 +395,7 @@ def _draw(
     marks: dict[str, int],
     labels: list[Any],
     style: Any = "-",
+    suffix: str = "",
 ) -> None:
     """One task's curve of metric `m` and its marks on `ax`; the models' labels are added to `labels`."""
     pts: list[tuple[Point, float, float]] = []
@@ -405,11 +424,11 @@ def _draw(
         if not sel:
             return
         (line,) = ax.plot([s[1] for s in sel], [s[2] for s in sel], linestyle="none", **style)
-        line.set_gid(mark_id(kind, c.task, m))
+        line.set_gid(mark_id(kind, c.task, m, suffix))
         marks[kind] += len(sel)
 
     (curve,) = ax.plot(xs, ys, linestyle=style, color=colour, linewidth=1.0, label=label)
-    curve.set_gid(mark_id("curve", c.task, m))
+    curve.set_gid(mark_id("curve", c.task, m, suffix))
     small = 3 if len(pts) <= 500 else 1.5
     plot("checkpoint", [t for t in pts if t[0].trashed is None], marker="o", markersize=small, color=colour)
     plot(

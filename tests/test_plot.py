@@ -702,3 +702,22 @@ def test_report_preview_takes_arch_as_the_hint_says(ws, run, tmp_path):
     assert got["preview"] == [1] and '<section id="preview">' in page
     r = run("report", "bare", "--arch", "ckpt.zoo:UNet")
     assert r.exit_code == 2 and "go with --preview" in r.stderr
+
+
+def test_plot_svg_ids_are_unique_when_names_give_the_same_id(ws, run_json, tmp_path):
+    t = ws.create_task("v")
+    names = ["val loss", "val_loss", "val/loss", "val_loss-2"]  # the first three give one id ("-" becomes "_")
+    for i in range(1, 4):
+        t.save(b"v", step=i, metrics=dict.fromkeys(names, 1 / i))
+    run_json("plot", "v", "--out", str(tmp_path / "v.svg"))
+    ids = [e.get("id") for e in ET.fromstring((tmp_path / "v.svg").read_bytes()).iter() if e.get("id")]
+    assert len(ids) == len(set(ids))
+    m = marks(tmp_path / "v.svg")
+    checkpoints = sorted(k for k in m if k.startswith("mark-checkpoint-"))
+    assert len(checkpoints) == 4 and all(m[k] == 3 for k in checkpoints)
+    assert core.mark_suffixes([("v", n) for n in sorted(names)]) == {
+        ("v", "val loss"): "",
+        ("v", "val/loss"): "-2",
+        ("v", "val_loss"): "-3",
+        ("v", "val_loss-2"): "",
+    }
