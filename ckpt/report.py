@@ -229,7 +229,7 @@ def _best(c: TaskCurves, data: PlotData, task: str, cmd: Callable[..., str]) -> 
         if point is not None and point.models:
             cell = _e("already model " + ", ".join(point.models))
         else:
-            cell = f"<code>{_e(cmd('promote', task, str(best.number)))}</code>"
+            cell = f"<code>{_e(cmd('promote', *_words(task), str(best.number)))}</code>"
         rows.append(
             f"<tr><td>{_e(m)}</td><td>{_e(best.direction.explain())}</td><td class=n>#{best.number} "
             f"({_e(_num(best.value))})</td><td>{cell}</td></tr>"
@@ -327,10 +327,10 @@ def _commands(c: TaskCurves, task: str, models: Sequence[Any], cmd: Callable[...
     made = {m.checkpoint for m in models}
     for m, best in c.best.items():
         if best is not None and best.number not in made:
-            lines.append(f"# the best {m} (#{best.number})\n{cmd('promote', task, str(best.number))}")
+            lines.append(f"# the best {m} (#{best.number})\n{cmd('promote', *_words(task), str(best.number))}")
             made.add(best.number)
     if c.latest is not None and c.latest not in made:
-        lines.append(f"# the latest (#{c.latest})\n{cmd('promote', task, str(c.latest))}")
+        lines.append(f"# the latest (#{c.latest})\n{cmd('promote', *_words(task), str(c.latest))}")
     entries: dict[str, list[int]] = {}
     for p in c.points:
         if p.trashed is not None:
@@ -338,8 +338,13 @@ def _commands(c: TaskCurves, task: str, models: Sequence[Any], cmd: Callable[...
     for entry, numbers in entries.items():
         what = f"#{numbers[0]}" if len(numbers) == 1 else f"{len(numbers)} checkpoints, {_ranges(numbers)}"
         lines.append(f"# back from the trash: {what}\n{cmd('trash', 'restore', entry)}")
-    lines.append(f"# what trash-unused would do now\n{cmd('trash-unused', task, '--dry-run')}")
+    lines.append(f"# what trash-unused would do now\n{cmd('trash-unused', '--dry-run', *_words(task))}")
     return '<section id="commands"><h2>Commands</h2><pre>' + _e("\n".join(lines)) + "</pre></section>"
+
+
+def _words(task: str) -> list[str]:
+    """`task` as the words of a command line: after `--` where it looks like an option (`-rf`)."""
+    return ["--", task] if task.startswith("-") else [task]
 
 
 def _ranges(numbers: Sequence[int]) -> str:

@@ -4,9 +4,11 @@ the report's page checked for anything it would fetch, and opened in headless Ch
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -721,3 +723,23 @@ def test_plot_svg_ids_are_unique_when_names_give_the_same_id(ws, run_json, tmp_p
         ("v", "val_loss"): "-3",
         ("v", "val_loss-2"): "",
     }
+
+
+def test_report_commands_for_a_task_named_like_an_option_work(ws, run):
+    t = ws.create_task("-rf")
+    for i in range(1, 4):
+        t.save(b"r", step=i, metrics={"val_loss": 1 / i})
+    ws.create_task("ok").save(b"o", step=1, metrics={"val_loss": 1.0})
+    r = run("report", "--out", "rf.html", "--", "-rf")
+    assert r.exit_code == 0, r.output
+    page = Path("rf.html").read_text(encoding="utf-8")
+    commands = re.search(r"<pre>(.*?)</pre>", page, re.S)
+    assert commands
+    lines = [html.unescape(line) for line in commands.group(1).splitlines() if line.startswith("ckpt ")]
+    assert "ckpt promote -- -rf 3" in lines and "ckpt trash-unused --dry-run -- -rf" in lines
+    for line in lines:  # each runs as written
+        r = run(*shlex.split(line)[1:])
+        assert r.exit_code == 0, (line, r.output)
+    assert ws.models_of("-rf") == {3: ["-rf-3"]}
+    _, page = report_of(run, "ok")
+    assert "ckpt promote ok 1" in page and "ckpt trash-unused --dry-run ok" in page and " -- " not in page

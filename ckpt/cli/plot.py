@@ -265,6 +265,7 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
             text += f"  (best #{best.number}: {fmt_metric(best.metrics[m])}, {better.extreme})"
         lines.append(text)
     if len(names) > most:
-        lines.append(f"+{len(names) - most} metrics: ckpt plot {t.name} draws them")
+        words = ["--", t.name] if t.name.startswith("-") else [t.name]  # a name like an option after --
+        lines.append(f"+{len(names) - most} metrics: {again('plot', *words)} draws them")
     limit = terminal_width(sys.stdout)  # a line never wraps: cut to the terminal, as the table is
     return lines if limit is None else [cut(line, limit) for line in lines]
