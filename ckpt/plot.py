@@ -20,7 +20,7 @@ from math import isfinite, nan
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CkptError, ConflictError, UsageError
+from .errors import CkptError, ConflictError, UsageError, WriteError
 from .metrics import Direction, rank, toml_key, value
 
 if TYPE_CHECKING:
@@ -517,8 +517,17 @@ def write_new(folder: Path, name: str, data: bytes) -> Path:
             make_file_new(path, data)
         except ConflictError:
             continue
+        except OSError as e:
+            if path.exists():  # begun, then refused (a full disk): not left half written
+                path.unlink(missing_ok=True)
+            raise _write_error(path, e, "pass --out to write it elsewhere") from None
         return path
     raise ConflictError(f"too many files named like '{base}'", path=base, hint="pass --out")
+
+
+def _write_error(path: Path, e: OSError, hint: str) -> WriteError:
+    """The output file `path` and the system's reason it could not be written (not ckpt's workspace)."""
+    return WriteError(f"cannot write '{path}': {e.strerror or e}", errno=e.errno, path=path, hint=hint)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -529,7 +538,12 @@ def write_file(path: Path, data: bytes) -> None:
         raise ConflictError(f"'{path}' is a folder", path=path, hint="pass a file name, e.g. --out plot.png")
     if not path.parent.is_dir():
         raise UsageError(f"folder '{path.parent}' does not exist", hint="create it first or choose another --out")
-    atomic_write(path, data)
+    try:
+        atomic_write(path, data)
+    except CkptError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e, "choose another --out") from None
 
 
 # --- pictures in the terminal ---------------------------------------------------------------------------------

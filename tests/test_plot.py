@@ -743,3 +743,19 @@ def test_report_commands_for_a_task_named_like_an_option_work(ws, run):
     assert ws.models_of("-rf") == {3: ["-rf-3"]}
     _, page = report_of(run, "ok")
     assert "ckpt promote ok 1" in page and "ckpt trash-unused --dry-run ok" in page and " -- " not in page
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+def test_out_refuses_urls_and_names_the_file_it_cannot_write(ws, run, monkeypatch, command):
+    rich_task(ws)
+    ext = "png" if command == "plot" else "html"
+    r = run(command, "unet", "--out", f"s3://bkt/out.{ext}")
+    assert r.exit_code == 2 and f"not a URL ('s3://bkt/out.{ext}')" in r.stderr and "does not exist" not in r.stderr
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("needs Linux's /sys, where no one may create a file")
+    r = run(command, "unet", "--out", f"/sys/a.{ext}")
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: cannot write '/sys/a.{ext}': ")
+    assert "doctor" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir("/sys")  # without --out: a new file here, which /sys refuses too
+    r = run(command, "unet")
+    assert r.exit_code == 1 and f"cannot write '{command}-unet.{ext}'" in r.stderr and "doctor" not in r.stderr

@@ -6,6 +6,7 @@ matplotlib (the `plot` extra) is imported only inside these commands, through ck
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -73,6 +74,7 @@ def plot(
     from ..trash import KeepRules
 
     fmt = "png"
+    _local_out(output, "e.g. --out plot.png, then copy it")
     if output is not None:
         if output.suffix.lower() not in FORMATS:
             raise UsageError(f"--out must end in .png or .svg, not '{output.name}'", hint="e.g. --out plot.svg")
@@ -104,6 +106,14 @@ def plot(
     if written is not None:
         what = f"{picture.width}×{picture.height}, {plural(len(data.metrics), 'metric')} over {data.x}"
         out(f"wrote {printable(str(written))} ({what})")
+
+
+def _local_out(output: Path | None, hint: str) -> None:
+    """--out is a file here: a URL (s3://bucket/x.png, which a Path shows as `s3:/bucket/x.png`) is refused."""
+    text = str(output) if output is not None else ""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):  # a scheme of two letters or more: not a drive (C:/)
+        url = re.sub(r":/+", "://", text, count=1)
+        raise UsageError(f"--out takes a local file, not a URL ('{printable(url)}')", hint=hint)
 
 
 def _stdout_tty() -> bool:
@@ -190,6 +200,7 @@ def report(
     from ..plot import default_name, write_file, write_new
     from ..report import PreviewRequest, build
 
+    _local_out(output, "e.g. --out report.html, then copy it")
     if output is not None and output.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out must end in .html, not '{output.name}'", hint="e.g. --out report.html")
     if numbers and not preview:
