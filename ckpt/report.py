@@ -327,7 +327,9 @@ def _commands(c: TaskCurves, task: str, models: Sequence[Any], cmd: Callable[...
     made = {m.checkpoint for m in models}
     for m, best in c.best.items():
         if best is not None and best.number not in made:
-            lines.append(f"# the best {m} (#{best.number})\n{cmd('promote', *_words(task), str(best.number))}")
+            # a newline in the name must not end the comment and put the rest on a line of its own
+            name = m if m.isprintable() else repr(m)[1:-1]
+            lines.append(f"# the best {name} (#{best.number})\n{cmd('promote', *_words(task), str(best.number))}")
             made.add(best.number)
     if c.latest is not None and c.latest not in made:
         lines.append(f"# the latest (#{c.latest})\n{cmd('promote', *_words(task), str(c.latest))}")

@@ -522,8 +522,16 @@ def test_report_of_a_task_without_checkpoints_or_metrics(ws, run):
 
 def test_report_escapes_names_from_records(ws, run):
     t = ws.create_task("esc")
-    t.save(b"e", step=1, metrics={"a<b>\"c'&_loss": 0.5, "</script><script>alert(1)</script>": 1.0})
+    t.save(
+        b"e",
+        step=1,
+        metrics={"a<b>\"c'&_loss": 0.5, "</script><script>alert(1)</script>": 1.0, "rm -rf ~\nval_loss": 0.1},
+    )
+    t.save(b"e", step=2, metrics={"a<b>\"c'&_loss": 0.4, "rm -rf ~\nval_loss": 1.0})
     _, page = report_of(run, "esc")
+    commands = re.search(r"<pre>(.*?)</pre>", page, re.S)
+    assert commands and "# the best rm -rf ~\\nval_loss (#1)" in commands.group(1)  # one comment line, not two
+    assert not any(line.startswith("val_loss") for line in commands.group(1).splitlines())
     assert "<b>" not in page and "alert(1)</script>" not in page and page.count("<script>") == 1
     assert "a&lt;b&gt;&quot;c&#x27;&amp;_loss" in page
 
