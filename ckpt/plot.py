@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from math import isfinite
+from math import isfinite, nan
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CkptError, ConflictError, UsageError
-from .metrics import Direction, rank, value
+from .errors import CkptError, ConflictError, UsageError, WriteError
+from .metrics import Direction, rank, toml_key, value
 
 if TYPE_CHECKING:
     from .trash import KeepRules
@@ -175,7 +177,9 @@ def collect(
             except UsageError as e:
                 d = None
                 if any(value(p.metrics, m) is not None for p in c.points):
-                    notes.append(f"no best marked for '{m}' of task '{c.task}': {e}")
+                    # these commands take no --min/--max (one flag for many metrics would say little): the
+                    # way to say it is the workspace's ckpt.toml, once
+                    notes.append(f"no best marked for '{m}' of task '{c.task}': {e.message}; {how_to_direct(m)}")
             c.directions[m] = d
             c.best[m] = None
             if d is not None:
@@ -184,10 +188,46 @@ def collect(
                     best = ranked[0]
                     c.best[m] = Best(m, best.number, float(best.metrics[m]), d)
     kind = x or _auto_x(curves)
+    for c in curves:
+        notes.extend(f"task '{c.task}' {r}" for r in restarts(c.points, kind))
+    if plan is not None:
+        for c in curves:
+            for m in chosen:
+                unseen = [
+                    p.number
+                    for p in c.points
+                    if p.plan == "trash" and (value(p.metrics, m) is None or p.x(kind) is None)
+                ]
+                if unseen:
+                    shown = ", ".join(f"#{n}" for n in unseen[:10]) + (", …" if len(unseen) > 10 else "")
+                    notes.append(
+                        f"task '{c.task}': {len(unseen)} checkpoint(s) that trash-unused would trash have no {m} "
+                        f"(or no {kind}), so the '{m}' panel cannot show them: {shown}"
+                    )
     missing = sum(1 for c in curves for p in c.points if p.x(kind) is None)
     if missing:
         notes.append(f"{missing} checkpoint(s) record no {kind}, so they are not drawn; try --x number")
     return PlotData(curves, chosen, kind, notes, plan is not None)
+
+
+def how_to_direct(metric: str) -> str:
+    """How to tell ckpt which way `metric` is better, for commands without --min/--max."""
+    return f'set it once in the workspace\'s ckpt.toml: [metrics] {toml_key(metric)} = "min" (or "max")'
+
+
+def restarts(points: Sequence[Point], kind: str) -> list[str]:
+    """Where x (`kind`) goes back from one checkpoint to the next in number order (a run restarted from an
+    earlier checkpoint): "restarted at checkpoint N: step went from A back to B", one per place."""
+    found = []
+    last: float | None = None
+    for p in points:
+        px = p.x(kind)
+        if px is None:
+            continue
+        if last is not None and px < last:
+            found.append(f"restarted at checkpoint {p.number}: {kind} went from {last} back to {px}")
+        last = px
+    return found
 
 
 def _names(tasks: Sequence[str]) -> str:
@@ -203,14 +243,32 @@ def _auto_x(curves: Sequence[TaskCurves]) -> str:
     return "number"
 
 
-def mark_id(kind: str, task: str, metric: str) -> str:
+def mark_id(kind: str, task: str, metric: str, suffix: str = "") -> str:
     """The SVG group id of the marks of `kind` of `task` in `metric`'s panel (characters outside
-    [A-Za-z0-9_.-] become `_`)."""
-    return "mark-" + "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", s) for s in (kind, task, metric))
+    [A-Za-z0-9_.] become `_`), and `suffix` (see `mark_suffixes`)."""
+    return "mark-" + "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", s) for s in (kind, task, metric)) + suffix
+
+
+def mark_suffixes(pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(task, metric) -> the suffix that makes its ids unique in one picture: "" for the first pair to give an
+    id, "-2", "-3"… for the next ones that would give it again (`val loss`, `val_loss` and `val/loss` give
+    one id)."""
+    used: set[str] = set()
+    out: dict[tuple[str, str], str] = {}
+    for task, metric in dict.fromkeys(pairs):
+        base = mark_id("", task, metric)
+        suffix, n = "", 1
+        while base + suffix in used:
+            n += 1
+            suffix = f"-{n}"
+        used.add(base + suffix)
+        out[task, metric] = suffix
+    return out
 
 
 # --- the picture ----------------------------------------------------------------------------------------------
 
+_STYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 3, 3)))
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 
@@ -225,14 +283,50 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
         names = ", ".join(c.task for c in data.tasks)
         hint = "metrics come from Task.save(metrics=...) or import"
         raise UsageError(f"nothing to plot: {names} record(s) no metrics", hint=hint)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    import logging
+
+    # matplotlib's log quiet below errors while it is imported and draws (a config folder it cannot write, a
+    # bad line in a matplotlibrc, the font cache being built)
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
-        import matplotlib
-    except ImportError:
-        raise CkptError(
-            "drawing curves needs matplotlib, which is not installed", hint="pip install 'ckpt[plot]'"
-        ) from None
+        matplotlib = _matplotlib()
+        # matplotlib's own defaults, whatever the user's matplotlibrc says (text.usetex, savefig.dpi/bbox, a
+        # style): the picture is the same everywhere and its size is the one reported; its warnings (a glyph
+        # missing from the font) are not the user's business
+        with matplotlib.rc_context(), warnings.catch_warnings():
+            matplotlib.rcdefaults()
+            warnings.simplefilter("ignore", UserWarning)
+            return _render(data, fmt, overlay, dpi)
+    finally:
+        log.setLevel(level)
+
+
+def _matplotlib() -> Any:
+    """matplotlib, imported with the Agg backend whatever MPLBACKEND says."""
+    if "matplotlib" not in sys.modules:
+        # read once, when matplotlib is imported: a bogus value would fail the import
+        saved = os.environ.get("MPLBACKEND")
+        os.environ["MPLBACKEND"] = "Agg"
+        try:
+            import matplotlib
+        except ImportError:
+            raise CkptError(
+                "drawing curves needs matplotlib, which is not installed", hint="pip install 'ckpt[plot]'"
+            ) from None
+        finally:
+            if saved is None:
+                os.environ.pop("MPLBACKEND", None)
+            else:
+                os.environ["MPLBACKEND"] = saved
+    import matplotlib
+
     matplotlib.use("Agg")
+    return matplotlib
+
+
+def _render(data: PlotData, fmt: str, overlay: bool, dpi: int) -> Rendered:
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
     from matplotlib.lines import Line2D
 
@@ -245,13 +339,17 @@ def render(data: PlotData, fmt: str = "png", *, overlay: bool = False, dpi: int 
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     marks = dict.fromkeys(MARKS, 0)
     several = len(data.tasks) > 1
+    suffixes = mark_suffixes([(c.task, m) for c in data.tasks for m in data.metrics])
     for ax, metrics in zip(axes, panels, strict=True):
         labels: list[tuple[float, float, str]] = []
         for ti, c in enumerate(data.tasks):
             for mi, m in enumerate(metrics):
                 colour = _COLOURS[(ti if several or not overlay else mi) % len(_COLOURS)]
                 label = _plain(" ".join(x for x in (c.task if several else "", m if overlay else "") if x)) or None
-                _draw(ax, c, m, data.x, colour, label, marks, labels)
+                # several tasks in one panel: a colour per task, a line style per metric (else the legend's
+                # entries of one task's metrics would look the same)
+                style = _STYLES[mi % len(_STYLES)] if several and overlay else "-"
+                _draw(ax, c, m, data.x, colour, label, marks, labels, style, suffixes[c.task, m])
         low, high = ax.get_xlim()
         for x, y, text in labels:  # a label near the right edge goes to the left of its marker, inside the panel
             left = (high - x) / ((high - low) or 1) < 0.25
@@ -288,7 +386,16 @@ def _plain(text: str) -> str:
 
 
 def _draw(
-    ax: Any, c: TaskCurves, m: str, xk: str, colour: str, label: str | None, marks: dict[str, int], labels: list[Any]
+    ax: Any,
+    c: TaskCurves,
+    m: str,
+    xk: str,
+    colour: str,
+    label: str | None,
+    marks: dict[str, int],
+    labels: list[Any],
+    style: Any = "-",
+    suffix: str = "",
 ) -> None:
     """One task's curve of metric `m` and its marks on `ax`; the models' labels are added to `labels`."""
     pts: list[tuple[Point, float, float]] = []
@@ -302,17 +409,26 @@ def _draw(
             pts.append((p, px, py))
     if not pts:
         return
-    pts.sort(key=lambda t: (t[1], t[0].number))
+    # in checkpoint-number order, as they were saved; where x goes back (a run restarted from an earlier
+    # checkpoint) the line breaks and a new one starts: no sawtooth between two runs that never happened
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, (_, px, py) in enumerate(pts):
+        if i and px < pts[i - 1][1]:
+            xs.append(nan)
+            ys.append(nan)
+        xs.append(px)
+        ys.append(py)
 
     def plot(kind: str, sel: list[tuple[Point, float, float]], **style: Any) -> None:
         if not sel:
             return
         (line,) = ax.plot([s[1] for s in sel], [s[2] for s in sel], linestyle="none", **style)
-        line.set_gid(mark_id(kind, c.task, m))
+        line.set_gid(mark_id(kind, c.task, m, suffix))
         marks[kind] += len(sel)
 
-    (curve,) = ax.plot([t[1] for t in pts], [t[2] for t in pts], "-", color=colour, linewidth=1.0, label=label)
-    curve.set_gid(mark_id("curve", c.task, m))
+    (curve,) = ax.plot(xs, ys, linestyle=style, color=colour, linewidth=1.0, label=label)
+    curve.set_gid(mark_id("curve", c.task, m, suffix))
     small = 3 if len(pts) <= 500 else 1.5
     plot("checkpoint", [t for t in pts if t[0].trashed is None], marker="o", markersize=small, color=colour)
     plot(
@@ -401,8 +517,17 @@ def write_new(folder: Path, name: str, data: bytes) -> Path:
             make_file_new(path, data)
         except ConflictError:
             continue
+        except OSError as e:
+            if path.exists():  # begun, then refused (a full disk): not left half written
+                path.unlink(missing_ok=True)
+            raise _write_error(path, e, "pass --out to write it elsewhere") from None
         return path
     raise ConflictError(f"too many files named like '{base}'", path=base, hint="pass --out")
+
+
+def _write_error(path: Path, e: OSError, hint: str) -> WriteError:
+    """The output file `path` and the system's reason it could not be written (not ckpt's workspace)."""
+    return WriteError(f"cannot write '{path}': {e.strerror or e}", errno=e.errno, path=path, hint=hint)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -413,7 +538,12 @@ def write_file(path: Path, data: bytes) -> None:
         raise ConflictError(f"'{path}' is a folder", path=path, hint="pass a file name, e.g. --out plot.png")
     if not path.parent.is_dir():
         raise UsageError(f"folder '{path.parent}' does not exist", hint="create it first or choose another --out")
-    atomic_write(path, data)
+    try:
+        atomic_write(path, data)
+    except CkptError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e, "choose another --out") from None
 
 
 # --- pictures in the terminal ---------------------------------------------------------------------------------

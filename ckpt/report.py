@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import shlex
 import tempfile
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ class PreviewRequest:
     images: list[Path]
     masks: Path | None = None
     device: str = "auto"
+    arch: str | None = None  # the network factory, where the task records none (as `ckpt preview --arch`)
+    arch_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -101,8 +104,9 @@ def build(
         f"{_e(ws.location)}.</footer>"
     )
     parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
+    names = [*all_metrics, *(title for p in curves.points for title in p.models), *(m.title for m in mine)]
     return Report(
-        "".join(parts),
+        _isolate("".join(parts), names),
         task,
         len(live),
         len(trashed),
@@ -125,7 +129,15 @@ def _run_preview(ws: Workspace, task: str, req: PreviewRequest) -> tuple[Preview
     sources = task_sources(ws, task, req.numbers)
     with tempfile.TemporaryDirectory(prefix="ckpt-report-") as tmp:
         out = Path(tmp) / "preview.png"
-        res = run_preview(sources, PreviewOptions(images=list(req.images), masks=req.masks, out=out, device=req.device))
+        options = PreviewOptions(
+            images=list(req.images),
+            masks=req.masks,
+            out=out,
+            device=req.device,
+            arch=req.arch,
+            arch_kwargs=req.arch_kwargs,
+        )
+        res = run_preview(sources, options)
         return res, out.read_bytes()
 
 
@@ -134,6 +146,17 @@ def _run_preview(ws: Workspace, task: str, req: PreviewRequest) -> tuple[Preview
 
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _isolate(page: str, names: Sequence[str]) -> str:
+    """`page` with each name that holds a control or bidi character (U+202E turns the text after it around)
+    wrapped in <bdi> wherever it shows as text, so that it cannot turn the text around it."""
+    odd = sorted({_e(n) for n in names if not n.isprintable()}, key=len, reverse=True)
+    if not odd:
+        return page
+    pattern = re.compile("|".join(map(re.escape, odd)))
+    parts = re.split(r"(<title>.*?</title>|<[^>]*>)", page, flags=re.S)  # text at even places, tags at odd
+    return "".join(p if i % 2 else pattern.sub(lambda m: f"<bdi>{m.group(0)}</bdi>", p) for i, p in enumerate(parts))
 
 
 def _size(n: int) -> str:
@@ -191,20 +214,22 @@ def _curves(picture: Any, data: PlotData) -> str:
 
 
 def _best(c: TaskCurves, data: PlotData, task: str, cmd: Callable[..., str]) -> str:
+    from .plot import how_to_direct
+
     if not data.metrics:
         return ""
     rows = []
     for m in data.metrics:
         best, d = c.best.get(m), c.directions.get(m)
         if best is None:
-            why = "no checkpoint records it" if d is not None else "direction unknown (pass --min or --max)"
+            why = "no checkpoint records it" if d is not None else f"direction unknown: {how_to_direct(m)}"
             rows.append(f"<tr><td>{_e(m)}</td><td colspan=3>{_e(why)}</td></tr>")
             continue
         point = next((p for p in c.points if p.number == best.number), None)
         if point is not None and point.models:
             cell = _e("already model " + ", ".join(point.models))
         else:
-            cell = f"<code>{_e(cmd('promote', task, str(best.number)))}</code>"
+            cell = f"<code>{_e(cmd('promote', *_words(task), str(best.number)))}</code>"
         rows.append(
             f"<tr><td>{_e(m)}</td><td>{_e(best.direction.explain())}</td><td class=n>#{best.number} "
             f"({_e(_num(best.value))})</td><td>{cell}</td></tr>"
@@ -302,10 +327,12 @@ def _commands(c: TaskCurves, task: str, models: Sequence[Any], cmd: Callable[...
     made = {m.checkpoint for m in models}
     for m, best in c.best.items():
         if best is not None and best.number not in made:
-            lines.append(f"# the best {m} (#{best.number})\n{cmd('promote', task, str(best.number))}")
+            # a newline in the name must not end the comment and put the rest on a line of its own
+            name = m if m.isprintable() else repr(m)[1:-1]
+            lines.append(f"# the best {name} (#{best.number})\n{cmd('promote', *_words(task), str(best.number))}")
             made.add(best.number)
     if c.latest is not None and c.latest not in made:
-        lines.append(f"# the latest (#{c.latest})\n{cmd('promote', task, str(c.latest))}")
+        lines.append(f"# the latest (#{c.latest})\n{cmd('promote', *_words(task), str(c.latest))}")
     entries: dict[str, list[int]] = {}
     for p in c.points:
         if p.trashed is not None:
@@ -313,8 +340,13 @@ def _commands(c: TaskCurves, task: str, models: Sequence[Any], cmd: Callable[...
     for entry, numbers in entries.items():
         what = f"#{numbers[0]}" if len(numbers) == 1 else f"{len(numbers)} checkpoints, {_ranges(numbers)}"
         lines.append(f"# back from the trash: {what}\n{cmd('trash', 'restore', entry)}")
-    lines.append(f"# what trash-unused would do now\n{cmd('trash-unused', task, '--dry-run')}")
+    lines.append(f"# what trash-unused would do now\n{cmd('trash-unused', '--dry-run', *_words(task))}")
     return '<section id="commands"><h2>Commands</h2><pre>' + _e("\n".join(lines)) + "</pre></section>"
+
+
+def _words(task: str) -> list[str]:
+    """`task` as the words of a command line: after `--` where it looks like an option (`-rf`)."""
+    return ["--", task] if task.startswith("-") else [task]
 
 
 def _ranges(numbers: Sequence[int]) -> str:
@@ -380,9 +412,15 @@ _SCRIPT = """
       var d = num ? a[0] - b[0] : (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0);
       return (asc ? d : -d) || a[1] - b[1];
     });
-    var frag = document.createDocumentFragment();
-    rows.forEach(function (r) { frag.appendChild(r[2]); });
-    body.appendChild(frag);
+    // the rows go into a new tbody away from the page, which then replaces the old one in one step: moving
+    // 10,000 rows one by one out of a tbody (live or not) takes seconds a click in Chromium, so the old tbody
+    // is taken off the page and emptied at once first
+    var spot = document.createComment("");
+    table.replaceChild(spot, body);
+    body.textContent = "";
+    var fresh = body.cloneNode(false);
+    rows.forEach(function (r) { fresh.appendChild(r[2]); });
+    table.replaceChild(fresh, spot);
     Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", asc ? "ascending" : "descending");
   }

@@ -4,9 +4,11 @@ the report's page checked for anything it would fetch, and opened in headless Ch
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -520,8 +522,16 @@ def test_report_of_a_task_without_checkpoints_or_metrics(ws, run):
 
 def test_report_escapes_names_from_records(ws, run):
     t = ws.create_task("esc")
-    t.save(b"e", step=1, metrics={"a<b>\"c'&_loss": 0.5, "</script><script>alert(1)</script>": 1.0})
+    t.save(
+        b"e",
+        step=1,
+        metrics={"a<b>\"c'&_loss": 0.5, "</script><script>alert(1)</script>": 1.0, "rm -rf ~\nval_loss": 0.1},
+    )
+    t.save(b"e", step=2, metrics={"a<b>\"c'&_loss": 0.4, "rm -rf ~\nval_loss": 1.0})
     _, page = report_of(run, "esc")
+    commands = re.search(r"<pre>(.*?)</pre>", page, re.S)
+    assert commands and "# the best rm -rf ~\\nval_loss (#1)" in commands.group(1)  # one comment line, not two
+    assert not any(line.startswith("val_loss") for line in commands.group(1).splitlines())
     assert "<b>" not in page and "alert(1)</script>" not in page and page.count("<script>") == 1
     assert "a&lt;b&gt;&quot;c&#x27;&amp;_loss" in page
 
@@ -533,3 +543,227 @@ def test_plot_names_with_dollars_are_text_not_math(ws, run_json, tmp_path):
     ws.promote("d", 2, title="m-2")
     got = run_json("plot", "d", "--out", str(tmp_path / "d.png"))
     assert got["metrics"] == ["cost$a^$_loss"] and png_size(tmp_path / "d.png") == (800, 370)
+
+
+def test_report_sorts_ten_thousand_rows_again_and_again(ws, run, tmp_path):
+    # moving 10,000 rows one by one inside the live table took 8-13 s a click after the first; a new tbody
+    # swapped in at once takes well under a second. The bound is generous: it catches only the slow way.
+    big_task(ws, tmp_path)
+    _, page = report_of(run, "big", "--out", "big.html")
+    probe = (
+        "<script>var th=Array.prototype.filter.call(document.querySelectorAll('table.sortable th'),"
+        "function(h){return h.textContent==='#';})[0];var ms=[];"
+        "for(var k=0;k<3;k++){var t0=performance.now();th.click();ms.push(performance.now()-t0);}"
+        "var rows=document.querySelector('table.sortable').tBodies;"
+        "document.body.setAttribute('data-ms',ms.map(Math.round).join(' '));"
+        "document.body.setAttribute('data-ends',[rows.length,rows[0].rows.length,rows[0].rows[0].id,"
+        "rows[0].rows[9999].id].join(' '));</script></body>"
+    )
+    Path("probe.html").write_text(page.replace("</body>", probe), encoding="utf-8")
+    dom, console = open_headless(Path("probe.html"), tmp_path)
+    assert console == []
+    ms = re.search(r'data-ms="([^"]*)"', dom)
+    ends = re.search(r'data-ends="([^"]*)"', dom)
+    assert ms and ends, dom[:2000]
+    assert ends.group(1) == "1 10000 cp-1 cp-10000"  # three clicks: ascending, descending, ascending
+    assert max(float(v) for v in ms.group(1).split()) < 3000, ms.group(1)
+
+
+def curve_moves(svg: Path, gid: str) -> list[int]:
+    """The number of points of each piece of line (a `M` starts one) in the group `gid` of the SVG."""
+    root = ET.fromstring(svg.read_bytes())
+    group = next(g for g in root.iter(f"{SVG}g") if g.get("id") == gid)
+    d = " ".join(p.get("d", "") for p in group.iter(f"{SVG}path"))
+    return [1 + piece.count("L") for piece in d.split("M")[1:]]
+
+
+def test_plot_a_restart_breaks_the_line_where_the_step_goes_back(ws, run, tmp_path):
+    t = ws.create_task("r")
+    steps = [0, 100, 200, 300, 400, 500, 300, 400, 500, 600]  # a run restarted from #4 (step 300) at #7
+    for i, s in enumerate(steps):
+        t.save(b"r", step=s, metrics={"val_loss": 1 / (i + 1)})
+    r = run("plot", "r", "--json", "--out", str(tmp_path / "r.svg"))
+    assert r.exit_code == 0, r.output
+    note = "task 'r' restarted at checkpoint 7: step went from 500 back to 300"
+    assert note in json.loads(r.stdout)["notes"] and f"note: {note}" in r.stderr
+    # two pieces in the order saved (not one sawtooth sorted by step): #1-#6, then #7-#10
+    assert curve_moves(tmp_path / "r.svg", "mark-curve-r-val_loss") == [6, 4]
+    assert marks(tmp_path / "r.svg")["mark-checkpoint-r-val_loss"] == 10
+    r = run("plot", "r", "--json", "--x", "number", "--out", str(tmp_path / "n.svg"))  # by number: no restart
+    assert json.loads(r.stdout)["notes"] == [] and curve_moves(tmp_path / "n.svg", "mark-curve-r-val_loss") == [10]
+
+
+def test_plot_and_report_ignore_the_users_matplotlib_settings(ws, tmp_path):
+    import sys
+
+    t = ws.create_task("rc")
+    for i in range(1, 4):
+        t.save(b"r", step=i, metrics={"val_loss": 1 / i, "损失_\U0001f600_loss": 2 / i})  # glyphs the font lacks
+    # a matplotlibrc here (read first) that would draw with LaTeX at 300 dpi, cropped; a config folder
+    # matplotlib cannot write (a file); a backend that does not exist
+    (tmp_path / "matplotlibrc").write_text("text.usetex: True\nsavefig.dpi: 300\nsavefig.bbox: tight\n")
+    (tmp_path / "not-a-folder").write_text("")
+    env = {
+        **os.environ,
+        "CKPT_WORKSPACE": str(ws.root),
+        "MPLCONFIGDIR": str(tmp_path / "not-a-folder"),
+        "MPLBACKEND": "bogus",
+    }
+    for args in (["plot", "rc", "--out", "p.png", "--json"], ["report", "rc", "--out", "r.html"]):
+        proc = subprocess.run([sys.executable, "-m", "ckpt", *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert [line for line in proc.stderr.splitlines() if not line.startswith("note: ")] == [], proc.stderr
+        if args[0] == "plot":
+            got = json.loads(proc.stdout)
+            assert png_size(tmp_path / "p.png") == (got["width"], got["height"]) == (800, 610)
+
+
+def test_control_characters_in_names_never_reach_the_terminal_raw_and_are_isolated_in_the_page(ws, run, tmp_path):
+    t = ws.create_task("cc")
+    odd = ["\x1b[31mred", "two\nlines", "\u202eevil"]  # an escape sequence, a newline, RIGHT-TO-LEFT OVERRIDE
+    for i in range(1, 4):
+        t.save(b"c", step=i, metrics=dict.fromkeys(odd, i / 10))
+    raw = ("\x1b", "\u202e")
+    r = run("list", "cc", "--spark")
+    assert r.exit_code == 0, r.output
+    spark = [line for line in r.stdout.splitlines() if "→" in line]
+    assert len(spark) == 3 and not any(c in r.stdout for c in raw)
+    assert any(line.startswith("\\x1b[31mred") for line in spark) and any("two\\nlines" in line for line in spark)
+    assert any(line.startswith("\\u202eevil") for line in spark)
+    for args in (["plot", "cc", "--out", "p.png"], ["report", "cc", "--out", "r.html"]):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        notes = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
+        assert len(notes) == len(r.stderr.splitlines()) == 3  # no direction known: one note per metric, one line each
+        assert not any(c in r.stderr for c in raw) and "'\\u202eevil'" in r.stderr
+    page = Path("r.html").read_text(encoding="utf-8")
+    # as text, U+202E shows only inside <bdi> (in <title> and attribute values it cannot turn the page around)
+    text = re.sub(r"<title>.*?</title>|<[^>]*>", "\n", re.sub(r"<bdi>[^<]*</bdi>", "", page), flags=re.S)
+    assert "\u202e" in page and "\u202e" not in text
+    assert page.count("<bdi>\u202eevil</bdi>") >= 3  # the table's column, the best table, the note
+
+
+def test_plot_overlay_of_several_tasks_draws_each_metric_in_its_own_line_style(ws, run_json, tmp_path):
+    rich_task(ws)
+    other = ws.create_task("other")
+    for i in range(1, 5):
+        other.save(b"o", step=i * 10, metrics={"val_loss": 2 / i, "acc": i / 4})
+    run_json("plot", "unet", "other", "-m", "acc", "-m", "val_loss", "--overlay", "--out", str(tmp_path / "o.svg"))
+    root = ET.fromstring((tmp_path / "o.svg").read_bytes())
+
+    def style(gid: str) -> tuple[str, str]:  # the curve's (stroke colour, dashes)
+        group = next(g for g in root.iter(f"{SVG}g") if g.get("id") == gid)
+        css = next(group.iter(f"{SVG}path")).get("style", "")
+        colour = re.search(r"stroke: ?(#[0-9a-f]+)", css)
+        dashes = re.search(r"stroke-dasharray: ?([^;]+)", css)
+        return (colour.group(1) if colour else "", dashes.group(1) if dashes else "solid")
+
+    styles = {(t, m): style(f"mark-curve-{t}-{m}") for t in ("unet", "other") for m in ("acc", "val_loss")}
+    assert len(set(styles.values())) == 4  # four legend entries, four looks
+    assert styles["unet", "acc"][0] == styles["unet", "val_loss"][0]  # a colour per task
+    assert styles["unet", "acc"][1] == styles["other", "acc"][1]  # a line style per metric
+
+
+def test_plot_with_plan_says_which_would_be_trashed_that_a_panel_cannot_show(ws, run_json, tmp_path):
+    rich_task(ws)  # val_iou only from #7 on; val_loss NaN at #4
+    got = run_json(
+        "plot", "unet", "-m", "val_iou", "-m", "val_loss", "--keep-last", "2", "--out", str(tmp_path / "p.svg")
+    )
+    assert got["tasks"][0]["would_trash"] == [4, 6, 7, 8, 9, 10]
+    m = marks(tmp_path / "p.svg")
+    assert m["mark-plan_trash-unet-val_iou"] == 4 and m["mark-plan_trash-unet-val_loss"] == 5
+    assert (
+        "task 'unet': 2 checkpoint(s) that trash-unused would trash have no val_iou (or no step), "
+        "so the 'val_iou' panel cannot show them: #4, #6" in got["notes"]
+    )
+    assert any(n.startswith("task 'unet': 1 checkpoint(s)") and n.endswith(": #4") for n in got["notes"])
+
+
+def test_hints_name_only_options_the_command_has(ws, run, tmp_path):
+    t = ws.create_task("u")
+    for i in range(1, 4):
+        t.save(b"u", step=i, metrics={"score": i})
+    for args in (["plot", "u", "--out", "u.svg"], ["report", "u", "--out", "u.html"]):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert "no best marked for 'score'" in r.stderr and "--min" not in r.stderr and "--max" not in r.stderr
+        assert '[metrics] score = "min" (or "max")' in r.stderr
+    page = Path("u.html").read_text(encoding="utf-8")
+    assert "--min" not in page and "direction unknown: set it once" in page
+
+
+def test_report_preview_takes_arch_as_the_hint_says(ws, run, tmp_path):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from ckpt.zoo import UNet
+
+    kwargs = {"in_channels": 3, "classes": 2, "width": 4, "depth": 2}
+    t = ws.create_task("bare")  # records no architecture
+    torch.manual_seed(0)
+    t.save(UNet(**kwargs).state_dict(), step=1, metrics={"val_iou": 0.1})
+    (tmp_path / "im").mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "im" / "a.png")
+    r = run("report", "bare", "--preview", "1", "--images", "im")
+    assert r.exit_code == 2 and "records no architecture" in r.stderr and "--arch" in r.stderr
+    got, page = report_of(
+        run, "bare", "--preview", "1", "--images", "im", "--arch", "ckpt.zoo:UNet", "--arch-kwargs", json.dumps(kwargs)
+    )
+    assert got["preview"] == [1] and '<section id="preview">' in page
+    r = run("report", "bare", "--arch", "ckpt.zoo:UNet")
+    assert r.exit_code == 2 and "go with --preview" in r.stderr
+
+
+def test_plot_svg_ids_are_unique_when_names_give_the_same_id(ws, run_json, tmp_path):
+    t = ws.create_task("v")
+    names = ["val loss", "val_loss", "val/loss", "val_loss-2"]  # the first three give one id ("-" becomes "_")
+    for i in range(1, 4):
+        t.save(b"v", step=i, metrics=dict.fromkeys(names, 1 / i))
+    run_json("plot", "v", "--out", str(tmp_path / "v.svg"))
+    ids = [e.get("id") for e in ET.fromstring((tmp_path / "v.svg").read_bytes()).iter() if e.get("id")]
+    assert len(ids) == len(set(ids))
+    m = marks(tmp_path / "v.svg")
+    checkpoints = sorted(k for k in m if k.startswith("mark-checkpoint-"))
+    assert len(checkpoints) == 4 and all(m[k] == 3 for k in checkpoints)
+    assert core.mark_suffixes([("v", n) for n in sorted(names)]) == {
+        ("v", "val loss"): "",
+        ("v", "val/loss"): "-2",
+        ("v", "val_loss"): "-3",
+        ("v", "val_loss-2"): "",
+    }
+
+
+def test_report_commands_for_a_task_named_like_an_option_work(ws, run):
+    t = ws.create_task("-rf")
+    for i in range(1, 4):
+        t.save(b"r", step=i, metrics={"val_loss": 1 / i})
+    ws.create_task("ok").save(b"o", step=1, metrics={"val_loss": 1.0})
+    r = run("report", "--out", "rf.html", "--", "-rf")
+    assert r.exit_code == 0, r.output
+    page = Path("rf.html").read_text(encoding="utf-8")
+    commands = re.search(r"<pre>(.*?)</pre>", page, re.S)
+    assert commands
+    lines = [html.unescape(line) for line in commands.group(1).splitlines() if line.startswith("ckpt ")]
+    assert "ckpt promote -- -rf 3" in lines and "ckpt trash-unused --dry-run -- -rf" in lines
+    for line in lines:  # each runs as written
+        r = run(*shlex.split(line)[1:])
+        assert r.exit_code == 0, (line, r.output)
+    assert ws.models_of("-rf") == {3: ["-rf-3"]}
+    _, page = report_of(run, "ok")
+    assert "ckpt promote ok 1" in page and "ckpt trash-unused --dry-run ok" in page and " -- " not in page
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+def test_out_refuses_urls_and_names_the_file_it_cannot_write(ws, run, monkeypatch, command):
+    rich_task(ws)
+    ext = "png" if command == "plot" else "html"
+    r = run(command, "unet", "--out", f"s3://bkt/out.{ext}")
+    assert r.exit_code == 2 and f"not a URL ('s3://bkt/out.{ext}')" in r.stderr and "does not exist" not in r.stderr
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("needs Linux's /sys, where no one may create a file")
+    r = run(command, "unet", "--out", f"/sys/a.{ext}")
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: cannot write '/sys/a.{ext}': ")
+    assert "doctor" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir("/sys")  # without --out: a new file here, which /sys refuses too
+    r = run(command, "unet")
+    assert r.exit_code == 1 and f"cannot write '{command}-unet.{ext}'" in r.stderr and "doctor" not in r.stderr

@@ -127,6 +127,9 @@ def _printable(s: str) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
 
 
+printable = _printable  # the same escaping for names printed outside a table (notes, sparklines)
+
+
 def _min_width(c: Column) -> int:
     """The least width a column may get: all of it for NUM and WHOLE, a dozen characters of text."""
     if c.kind in (NUM, WHOLE):

@@ -6,6 +6,7 @@ matplotlib (the `plot` extra) is imported only inside these commands, through ck
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,6 +17,7 @@ from ..errors import UsageError
 from ._app import app
 from ._common import JsonOpt, again, command, err, open_workspace, out, plural, print_json
 from ._complete import tasks as complete_tasks
+from ._table import printable
 
 if TYPE_CHECKING:
     from ..plot import PlotData, Rendered
@@ -72,6 +74,7 @@ def plot(
     from ..trash import KeepRules
 
     fmt = "png"
+    _local_out(output, "e.g. --out plot.png, then copy it")
     if output is not None:
         if output.suffix.lower() not in FORMATS:
             raise UsageError(f"--out must end in .png or .svg, not '{output.name}'", hint="e.g. --out plot.svg")
@@ -86,7 +89,7 @@ def plot(
     ws = open_workspace()
     data = collect(ws, tasks, metric or [], x, plan=rules)
     for note in data.notes:
-        err(f"note: {note}")
+        err(f"note: {printable(note)}")
     protocol = image_protocol(os.environ) if output is None and not json and _stdout_tty() else None
     picture = render(data, fmt, overlay=overlay)
     written: Path | None = None
@@ -102,7 +105,15 @@ def plot(
         return
     if written is not None:
         what = f"{picture.width}×{picture.height}, {plural(len(data.metrics), 'metric')} over {data.x}"
-        out(f"wrote {written} ({what})")
+        out(f"wrote {printable(str(written))} ({what})")
+
+
+def _local_out(output: Path | None, hint: str) -> None:
+    """--out is a file here: a URL (s3://bucket/x.png, which a Path shows as `s3:/bucket/x.png`) is refused."""
+    text = str(output) if output is not None else ""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):  # a scheme of two letters or more: not a drive (C:/)
+        url = re.sub(r":/+", "://", text, count=1)
+        raise UsageError(f"--out takes a local file, not a URL ('{printable(url)}')", hint=hint)
 
 
 def _stdout_tty() -> bool:
@@ -169,6 +180,13 @@ def report(
     masks: Annotated[
         Path | None, typer.Option("--masks", help="With --preview: ground-truth masks named like the images.")
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="With --preview: network factory 'package.module:factory' (default: the task's)."),
+    ] = None,
+    arch_kwargs: Annotated[
+        str | None, typer.Option("--arch-kwargs", help="With --preview: the factory's keyword arguments (JSON).")
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML page about a task: curves, every checkpoint (sortable), models, trash,
@@ -182,19 +200,25 @@ def report(
     from ..plot import default_name, write_file, write_new
     from ..report import PreviewRequest, build
 
+    _local_out(output, "e.g. --out report.html, then copy it")
     if output is not None and output.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out must end in .html, not '{output.name}'", hint="e.g. --out report.html")
     if numbers and not preview:
         example = f"e.g. ckpt report {task} --preview 3 7 --images DIR"
         raise UsageError("checkpoint numbers go with --preview", hint=example)
-    if (images or masks) and not preview:
+    if (images or masks or arch or arch_kwargs) and not preview:
         example = f"e.g. ckpt report {task} --preview 3 7 --images DIR"
-        raise UsageError("--images and --masks go with --preview", hint=example)
-    request = PreviewRequest(list(numbers or []), list(images or []), masks) if preview else None
+        raise UsageError("--images, --masks, --arch and --arch-kwargs go with --preview", hint=example)
+    request = None
+    if preview:
+        from .preview import arch_kwargs_of
+
+        kwargs = arch_kwargs_of(arch_kwargs)
+        request = PreviewRequest(list(numbers or []), list(images or []), masks, arch=arch, arch_kwargs=kwargs)
     ws = open_workspace()
     page = build(ws, task, preview=request, command=again)
     for note in page.notes:
-        err(f"note: {note}")
+        err(f"note: {printable(note)}")
     data = page.html.encode("utf-8")
     if output is not None:
         write_file(output, data)
@@ -216,7 +240,7 @@ def report(
         )
         return
     what = f"{plural(page.checkpoints, 'checkpoint')}, {page.trashed} in the trash, {plural(len(page.models), 'model')}"
-    out(f"wrote {written} ({what})")
+    out(f"wrote {printable(str(written))} ({what})")
 
 
 def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[str]:
@@ -231,7 +255,8 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
         for k in cp.metrics:
             names.setdefault(k, None)
     shown = list(names)[:most]
-    pad = max((len(m) for m in shown), default=0)
+    labels = {m: printable(m) for m in shown}  # a name with a newline or an escape sequence: escaped, as in the table
+    pad = max((len(label) for label in labels.values()), default=0)
     lines = []
     for m in shown:
         values = [value(cp.metrics, m) for cp in cps]
@@ -239,7 +264,8 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
         if not line:
             continue
         present = [v for v in values if v is not None]
-        text = f"{m:<{pad}}  {line:<{min(width, len(values))}}  {fmt_metric(present[0])} → {fmt_metric(present[-1])}"
+        first_last = f"{fmt_metric(present[0])} → {fmt_metric(present[-1])}"
+        text = f"{labels[m]:<{pad}}  {line:<{min(width, len(values))}}  {first_last}"
         try:
             better = t.direction(m)
         except UsageError:
@@ -250,6 +276,7 @@ def spark_lines(t: Any, cps: list[Any], width: int = 24, most: int = 8) -> list[
             text += f"  (best #{best.number}: {fmt_metric(best.metrics[m])}, {better.extreme})"
         lines.append(text)
     if len(names) > most:
-        lines.append(f"+{len(names) - most} metrics: ckpt plot {t.name} draws them")
+        words = ["--", t.name] if t.name.startswith("-") else [t.name]  # a name like an option after --
+        lines.append(f"+{len(names) - most} metrics: {again('plot', *words)} draws them")
     limit = terminal_width(sys.stdout)  # a line never wraps: cut to the terminal, as the table is
     return lines if limit is None else [cut(line, limit) for line in lines]

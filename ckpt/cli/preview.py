@@ -98,6 +98,9 @@ def _kwargs(value: str | None) -> dict[str, Any] | None:
     return parsed
 
 
+arch_kwargs_of = _kwargs  # --arch-kwargs of other commands that run a preview (report)
+
+
 def result_json(res: PreviewResult) -> dict[str, Any]:
     """The documented JSON of a preview (docs/preview.md)."""
     checkpoints = []
