@@ -213,9 +213,9 @@ def test_trash_unused_applies_the_policy_and_flags_replace_it(any_ws: ckpt.Works
     dry = run("trash-unused", "run", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "the task's policy" in dry.stderr and "keep-last 3" in dry.stdout
-    for flag in ("--keep-last", "--keep-every", "--keep-best"):  # 0 would be no flag: the policy would decide
-        zero = run("trash-unused", "run", flag, "0", "--dry-run")
-        assert zero.exit_code == 2 and f"{flag} 0" in zero.stderr, zero.output
+    for flag in ("--keep-last", "--keep-every"):  # a 0 typed is a flag: models and the latest only, this run
+        zero = run_json("trash-unused", "run", flag, "0", "--dry-run")
+        assert zero["rules"] == "flags" and zero["trashed"] == [1, 2, 3, 4, 5], zero
     res = run_json("trash-unused", "run", "--keep-last", "5", "--dry-run")  # flags replace it for this run
     assert res["rules"] == "flags" and res["trashed"] == [1]
     res = run_json("trash-unused", "run")

@@ -100,9 +100,11 @@ def trash_unused(
         raise UsageError(
             f"--{mode} goes with --keep-best N --metric M", hint=f"e.g. --keep-best 2 --metric val_loss --{mode}"
         )
-    _refuse_zero(ctx, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     interval = parse_interval(keep_interval) if keep_interval is not None else 0
-    flags = bool(keep_last or keep_best or metric or keep_every or interval)
+    # a keep flag typed as 0 is a flag too: `--keep-last 0` keeps models and the latest only, whatever the policy
+    flags = bool(keep_last or keep_best or metric or keep_every or interval) or _typed(
+        ctx, "keep_last", "keep_best", "keep_every"
+    )
     if every_task:
         if task is not None or flags:
             raise UsageError("--all applies each task's own policy: it takes no TASK and no keep flags")
@@ -126,18 +128,13 @@ def trash_unused(
     _report_trash(ws, task, res, source, dry_run, json)
 
 
-def _refuse_zero(ctx: typer.Context, **given: int) -> None:
-    """A keep flag given as 0 would be no flag at all, so the stored policy would decide: refused (exit 2)."""
-    from ..errors import UsageError
-
-    for name, n in given.items():
+def _typed(ctx: typer.Context, *names: str) -> bool:
+    """Whether any of these options was given on the command line (a 0 typed is told from one left out)."""
+    for name in names:
         source = ctx.get_parameter_source(name)
-        if n == 0 and source is not None and source.name == "COMMANDLINE":
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(
-                f"{flag} 0 keeps nothing, so the task's retention policy would decide instead",
-                hint=f"give {flag} 1 or more, or leave it out (models and the latest are always kept)",
-            )
+        if source is not None and source.name == "COMMANDLINE":
+            return True
+    return False
 
 
 def _policy_words(source: str | None) -> str:
