@@ -60,6 +60,7 @@ class RunLayout:
     steps: list[Step] = field(default_factory=list)
     pointers: list[Pointer] = field(default_factory=list)
     loose: list[Path] = field(default_factory=list)  # checkpoint files beside the step folders (not imported)
+    links: list[Pointer] = field(default_factory=list)  # other symlinks in the run folder: never followed
 
 
 def _names(path: Path) -> list[os.DirEntry[str]]:
@@ -113,7 +114,7 @@ def step_epoch(name: str) -> tuple[int | None, int | None]:
     return step, epoch
 
 
-def _pointer_target(path: Path) -> str | None:
+def pointer_target(path: Path) -> str | None:
     """What a DeepSpeed `latest` file names (a short line of text), or None when it is not one."""
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 256:
@@ -139,6 +140,7 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
     pointers: list[Pointer] = []
     kinds: list[str] = []
     loose: list[Path] = []
+    links: list[Pointer] = []
     for e in entries:
         p = Path(e.path)
         if e.name.startswith("."):
@@ -146,6 +148,8 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
         if e.is_symlink():
             if COMPOSER_LATEST.fullmatch(e.name) or e.name == "latest":
                 pointers.append(Pointer(p, e.name, os.readlink(p)))
+            else:
+                links.append(Pointer(p, e.name, os.readlink(p)))
             continue
         if e.is_dir():
             k = folder_kind(p)
@@ -158,7 +162,7 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
             step, epoch = step_epoch(e.name)
             steps.append(Step(p, e.name, False, step, epoch))
         elif e.name == "latest":
-            target = _pointer_target(p)
+            target = pointer_target(p)
             if target is not None:
                 pointers.append(Pointer(p, e.name, target))
         elif e.name.endswith(_CHECKPOINT_SUFFIXES):
@@ -170,4 +174,4 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
         found = inner.is_dir() and not inner.is_symlink() and folder_kind(inner) is None
         return find_run(inner, mixed=mixed) if found else None
     steps.sort(key=lambda s: (s.step is None, s.step or 0, s.name))  # by step; unnumbered ones last
-    return RunLayout(max(set(kinds), key=kinds.count), steps, pointers, loose)
+    return RunLayout(max(set(kinds), key=kinds.count), steps, pointers, loose, links)

@@ -550,3 +550,38 @@ def test_damaged_files_are_integrity_errors_never_crashes(run: Any, ws: ckpt.Wor
         for args in (("show", "damaged", str(number)), ("export", "damaged", str(number), "--out", str(work) + ".st")):
             result = run(*args)
             assert result.exit_code in (0, 6), (i, name, result.output)
+
+
+# --- found by review (issue 17 fixes) -------------------------------------------------------------------
+
+
+def test_a_symlink_given_to_import_is_refused_and_links_in_a_run_are_skipped(
+    run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    wr.composer_run(tmp_path / "composer")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a checkpoint")
+    for target, name in ((secret, "passwd.pt"), (tmp_path / "composer" / "ep1-ba10-rank0.pt", "l.pt")):
+        (tmp_path / name).symlink_to(target)
+        result = run("import", str(tmp_path / name), "--task", "t", "--move")
+        assert result.exit_code == 6 and "is a symlink" in result.output, result.output
+        assert target.exists()
+    wr.dcp_run(tmp_path / "fsdp", steps=(1,))
+    (tmp_path / "fsdp" / "step_7").symlink_to(tmp_path / "fsdp" / "step_1")
+    imported = run_json("import", str(tmp_path / "fsdp"), "--task", "f", "--move")
+    assert [r["original_name"] for r in imported["checkpoints"] if r["action"] == "added"] == ["step_1"]
+    (link,) = [r for r in imported["checkpoints"] if r["action"] == "skipped"]
+    assert link["original_name"] == "step_7" and "symlink" in link["note"]
+    assert "t" not in ws.task_names()
+
+
+def test_a_latest_pointer_or_other_file_given_to_import_is_refused(
+    run: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    wr.deepspeed_run(tmp_path / "ds", steps=(10,))
+    result = run("import", str(tmp_path / "ds" / "latest"), "--task", "ds")
+    assert result.exit_code == 2 and "latest pointer (to global_step10)" in result.output, result.output
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run("import", str(tmp_path / "notes.txt"), "--task", "ds")
+    assert result.exit_code == 2 and "not a checkpoint file" in result.output
+    assert run("list", "ds").exit_code == 3
