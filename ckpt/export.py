@@ -40,6 +40,10 @@ _CODES = {
     "uint16": "U16",
     "uint32": "U32",
     "uint64": "U64",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
+    "complex64": "C64",  # safetensors >= 0.5
 }
 _CONVERTIBLE = {"float64", "float32", "float16", "bfloat16"}
 _SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*")
@@ -162,7 +166,10 @@ def _header(entries: list[Entry], dtype: str | None, metadata: dict[str, str]) -
     for e in entries:
         out = _out_dtype(e, dtype)
         if out not in _CODES:
-            raise UsageError(f"tensor '{e.name}' is {e.dtype}, which safetensors cannot hold")
+            raise UsageError(
+                f"tensor '{e.name}' is {e.dtype}, which safetensors cannot hold",
+                hint="pick another state dict with --key, or leave this checkpoint in its own format",
+            )
         n = _out_nbytes(e, dtype)
         head[e.name] = {"dtype": _CODES[out], "shape": e.shape, "data_offsets": [at, at + n]}
         sizes.append(n)

@@ -653,6 +653,7 @@ def plan(
 def _check_single_file(path: Path) -> None:
     """A file given to import on its own must be a checkpoint: a run's `latest` pointer, or any file
     without a checkpoint suffix, is refused (UsageError) rather than numbered as one."""
+    fsutil.refuse_irregular(path, os.stat(path, follow_symlinks=False).st_mode)  # /dev/zero, a FIFO: exit 6
     if path.name.endswith(FILE_SUFFIXES):
         return
     target = pointer_target(path) if path.name == "latest" else None

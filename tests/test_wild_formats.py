@@ -585,3 +585,51 @@ def test_a_latest_pointer_or_other_file_given_to_import_is_refused(
     result = run("import", str(tmp_path / "notes.txt"), "--task", "ds")
     assert result.exit_code == 2 and "not a checkpoint file" in result.output
     assert run("list", "ds").exit_code == 3
+
+
+def _odd_dtypes() -> dict[str, torch.Tensor]:
+    """Tensors torch saves through `_rebuild_tensor_v3` on an untyped storage (and complex64, safetensors' C64)."""
+    ints = torch.tensor([1, 2, 300])
+    return {
+        "f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
+        "f8b": torch.tensor([0.5, -2.0, 57344.0]).to(torch.float8_e5m2),
+        "e8m0": torch.tensor([0.5, 2.0, 1024.0]).to(torch.float8_e8m0fnu),
+        "u16": ints.to(torch.uint16),
+        "u32": ints.to(torch.uint32),
+        "u64": ints.to(torch.uint64),
+        "c64": torch.tensor([1 + 2j, -3j, 0.5], dtype=torch.complex64),
+    }
+
+
+def _bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("kind", ["pt", "dcp"])
+def test_float8_unsigned_and_complex64_are_shown_and_exported(
+    run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path, kind: str
+) -> None:
+    sd = _odd_dtypes()
+    source = tmp_path / ("w.pt" if kind == "pt" else "step_1")
+    if kind == "pt":
+        torch.save(sd, source)
+    else:
+        wr.dcp_save(source, {"model": sd})
+    ws.create_task("odd").save_file(source)
+    shown = run_json("show", "odd", "1")
+    assert {t["name"]: t["dtype"] for t in shown["tensors"]} == {k: str(v.dtype)[6:] for k, v in sd.items()}
+    assert not shown["unsafe_globals"]
+    out = tmp_path / "odd.safetensors"
+    _export(run, "odd", "1", "--out", str(out), "--dtype", "bf16")  # none of them is converted
+    _bitwise(wr.load_safetensors(out), sd)
+
+
+def test_a_dtype_safetensors_cannot_hold_is_a_usage_error_naming_it(
+    run: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    torch.save({"ok": torch.ones(2), "z": torch.ones(2, dtype=torch.complex128)}, tmp_path / "c.pt")
+    ws.create_task("c").save_file(tmp_path / "c.pt")
+    result = run("export", "c", "1", "--out", str(tmp_path / "c.safetensors"))
+    assert result.exit_code == 2 and "tensor 'z' is complex128" in result.output
