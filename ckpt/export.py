@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import fsutil
 from .errors import ConflictError, UsageError
 from .formats import ITEMSIZE
 from .sources import PIECE, Contents, Entry, need_numpy
@@ -285,6 +286,7 @@ def export(
     all_bytes = output_bytes(contents, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, fsutil.DIR_MODE)  # a shards folder is renamed into place: the umask's mode, not 0700
         if max_shard_size is None:
             part = tmp / "model.safetensors"
             result.converted = _write_file(part, contents.entries, to, meta, progress, all_bytes)

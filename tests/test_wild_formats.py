@@ -633,3 +633,81 @@ def test_a_dtype_safetensors_cannot_hold_is_a_usage_error_naming_it(
     ws.create_task("c").save_file(tmp_path / "c.pt")
     result = run("export", "c", "1", "--out", str(tmp_path / "c.safetensors"))
     assert result.exit_code == 2 and "tensor 'z' is complex128" in result.output
+
+
+def test_export_of_an_exported_model_writes_its_own_weights(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    sd = wr.state_dict(3)
+    torch.save(sd, tmp_path / "w.pt")
+    ws.create_task("t").save_file(tmp_path / "w.pt")
+    assert run("export", "t", "1", "--as-model", "half", "--dtype", "fp16").exit_code == 0
+    assert oct(os.stat(ws.models_dir / "half").st_mode & 0o777) == oct(0o777 & ~_umask())  # as promote makes them
+    _export(run, "--model", "half", "--out", str(tmp_path / "half.safetensors"))
+    got = wr.load_safetensors(tmp_path / "half.safetensors")
+    wr.assert_equal(got, {k: v.half() if v.is_floating_point() else v for k, v in sd.items()})
+    result = run("export", "--model", "half", "--as-model", "again")
+    assert result.exit_code == 2 and "ckpt export t 1 --as-model again" in result.output
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_out_inside_the_workspace_is_refused(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save(wr.state_dict(1), tmp_path / "w.pt")
+    t = ws.create_task("t")
+    t.save_file(tmp_path / "w.pt")
+    ws.promote("t", 1, title="m")
+    (tmp_path / "hop").symlink_to(ws.root / "tasks" / "t")
+    before = sorted(p.name for p in (ws.root / "tasks" / "t").rglob("*"))
+    for out in (
+        t.path_of(t.checkpoint(1)).parent / "x.safetensors",
+        ws.root / "models" / "m" / "model.safetensors",
+        ws.root / "models" / ".." / "trash" / "x.safetensors",
+        tmp_path / "hop" / "checkpoints" / "y.safetensors",
+    ):
+        result = run("export", "t", "1", "--out", str(out))
+        assert result.exit_code == 2 and "inside the workspace" in result.output, (out, result.output)
+    assert sorted(p.name for p in (ws.root / "tasks" / "t").rglob("*")) == before
+    assert run("verify", "--models").exit_code == 0
+
+
+def test_shard_folders_honour_the_umask(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save(wr.state_dict(1), tmp_path / "w.pt")
+    ws.create_task("t").save_file(tmp_path / "w.pt")
+    _export(run, "t", "1", "--out", str(tmp_path / "shards"), "--max-shard-size", "100")
+    assert oct(os.stat(tmp_path / "shards").st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+@pytest.mark.parametrize("damage", ["file-link", "shard-link", "bytes"])
+def test_show_and_export_refuse_what_verify_refuses(
+    run: Any, ws: ckpt.Workspace, tmp_path: Path, hf_model: tuple[Path, dict[str, torch.Tensor]], damage: str
+) -> None:
+    t = ws.create_task("t")
+    if damage == "shard-link":
+        t.save_file(hf_model[0] / "checkpoint-8")
+        target = next(t.path_of(t.checkpoint(1)).glob("*-of-*.safetensors"))
+    else:
+        torch.save(wr.state_dict(1), tmp_path / "w.pt")
+        t.save_file(tmp_path / "w.pt")
+        target = t.path_of(t.checkpoint(1))
+    if damage == "bytes":
+        data = bytearray(target.read_bytes())
+        data[-100] ^= 1  # inside the archive's last records: still readable, no longer the recorded bytes
+        target.write_bytes(bytes(data))
+    else:
+        shutil.copy(target, tmp_path / "elsewhere")
+        target.unlink()
+        target.symlink_to(tmp_path / "elsewhere")
+    assert run("verify", "t").exit_code == 6
+    out = tmp_path / "o.safetensors"
+    result = run("export", "t", "1", "--out", str(out))
+    assert result.exit_code == 6 and not out.exists(), result.output
+    if damage == "bytes":
+        assert "does not match its recorded sha256; run: ckpt verify t" in result.output
+        assert run("export", "t", "1", "--as-model", "m").exit_code == 6 and "m" not in ws.models
+    else:
+        assert "symlink" in result.output
+        shown = run("show", "t", "1")
+        assert shown.exit_code == 6 and "symlink" in shown.output
