@@ -144,9 +144,16 @@ def _converted(e: Entry, to: str) -> Iterator[bytes]:
             raise Overflow(
                 f"tensor '{e.name}' holds {float(value):g}, which overflows {to} (its largest value is {limit})",
                 tensor=e.name,
-                hint="export it in a wider dtype (--dtype bf16 or fp32)",
+                hint=_WIDER[to],
             )
         yield out.tobytes()
+
+
+_WIDER = {  # what to do instead, never the dtype that overflowed
+    "float16": "export it in a wider dtype (--dtype bf16 or fp32), or drop --dtype",
+    "bfloat16": "export it in fp32 (--dtype fp32), or drop --dtype to keep its dtype",
+    "float32": "drop --dtype to keep its dtype (float64)",
+}
 
 
 def _to_bf16(np: Any, x: Any) -> Any:
@@ -281,6 +288,17 @@ def export(
         raise ConflictError(f"'{out}' already exists", path=out, hint="remove it or pass another --out")
     if not out.parent.is_dir():
         raise UsageError(f"the folder of '{out}' does not exist", path=out)
+    try:
+        name_max = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - len(f"..tmp-{'x' * 8}")  # the temporary name `.NAME.tmp-XXXXXXXX` must fit too
+    if len(os.fsencode(out.name)) > room:
+        raise UsageError(
+            f"the name '{out.name[:40]}…' is too long ({len(os.fsencode(out.name))} bytes; at most {room} here)",
+            path=out,
+            hint="pass a shorter --out",
+        )
     meta = {"format": "pt", **(metadata or {})}
     result = ExportResult(out, [], contents.format, contents.key, len(contents.entries), contents.parameters, 0, dtype)
     all_bytes = output_bytes(contents, dtype)

@@ -714,7 +714,19 @@ def _inspect_open(f: BinaryIO, path: Path) -> FileInfo:
             return _inspect_safetensors(path, f)
         except IntegrityError:
             pass
-    return FileInfo("unknown", note="not a torch archive or safetensors file")
+    return FileInfo("unknown", note=not_readable_note(magic))
+
+
+_LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # torch.save's magic number, pickled: the pre-zip format
+
+
+def not_readable_note(head: bytes) -> str:
+    """What a file that is neither a torch zip nor safetensors is, from its first bytes (8 suffice)."""
+    if head.startswith(_LEGACY_TORCH[:8]):
+        return "a legacy (non-zip) torch.save file, which ckpt does not read; re-save it with torch >= 1.6"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a bare pickle (not a torch archive or safetensors file), which ckpt does not read"
+    return "not a torch archive or safetensors file"
 
 
 # --- loading (needs torch) ----------------------------------------------------------------------

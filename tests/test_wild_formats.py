@@ -711,3 +711,28 @@ def test_show_and_export_refuse_what_verify_refuses(
         assert "symlink" in result.output
         shown = run("show", "t", "1")
         assert shown.exit_code == 6 and "symlink" in shown.output
+
+
+def test_export_messages_say_what_is_wrong(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "bare.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    torch.save({"huge": torch.tensor([1e39], dtype=torch.float64)}, tmp_path / "big.pt")
+    t = ws.create_task("t")
+    for name in ("legacy.pt", "bare.pt", "big.pt"):
+        t.save_file(tmp_path / name)
+    out = str(tmp_path / "o.safetensors")
+    legacy, bare = run("export", "t", "1", "--out", out), run("export", "t", "2", "--out", out)
+    assert "legacy (non-zip) torch.save file" in legacy.output and "safetensors header" not in legacy.output
+    assert "bare pickle" in bare.output and "safetensors header" not in bare.output
+    assert "legacy (non-zip)" in run("show", "t", "1").output
+    bf16 = run("export", "t", "3", "--out", out, "--dtype", "bf16")
+    assert bf16.exit_code == 2 and "overflows bfloat16" in bf16.output and "bf16 or" not in bf16.output
+    fp32 = run("export", "t", "3", "--out", out, "--dtype", "fp32")
+    assert fp32.exit_code == 2 and "--dtype fp32" not in fp32.output.split(";", 1)[1]
+    empty = run("export", "t", "3", "--out", "")
+    assert empty.exit_code == 2 and "--out needs a path" in empty.output
+    both = run("export", "t", "3", "--out", out, "--as-model", "m")
+    assert both.exit_code == 2 and "not both" in both.output
+    long = run("export", "t", "3", "--out", str(tmp_path / ("x" * 250)))
+    assert long.exit_code == 2 and "too long" in long.output and "doctor" not in long.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pt", "big.pt", "legacy.pt", "ws"]
