@@ -736,3 +736,45 @@ def test_export_messages_say_what_is_wrong(run: Any, ws: ckpt.Workspace, tmp_pat
     long = run("export", "t", "3", "--out", str(tmp_path / ("x" * 250)))
     assert long.exit_code == 2 and "too long" in long.output and "doctor" not in long.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pt", "big.pt", "legacy.pt", "ws"]
+
+
+_SIGTERM_MID_EXPORT = """
+import os, signal, sys
+from ckpt import export as ex
+real = ex._write_file
+def write_then_term(*args, **kwargs):
+    n = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # after the first shard: the others not written yet
+    return n
+ex._write_file = write_then_term
+from ckpt.cli import main
+sys.argv = ["ckpt", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_during_export_leaves_no_partial_shards(ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save({f"t{i}": torch.randn(100) for i in range(5)}, tmp_path / "m.pt")
+    ws.create_task("t").save_file(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    args = ["export", "t", "1", "--out", str(out), "--max-shard-size", "900"]
+    env = {**os.environ, "CKPT_WORKSPACE": str(ws.root)}
+    res = subprocess.run([sys.executable, "-c", _SIGTERM_MID_EXPORT, *args], capture_output=True, text=True, env=env)
+    assert res.returncode == 143 and res.stderr.strip() == "terminated", res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "ws"]
+
+
+_INTERRUPT_WHILE_LOADING = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ckpt.cli.plot":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from ckpt.cli import main
+"""
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", _INTERRUPT_WHILE_LOADING], capture_output=True, text=True)
+    assert res.returncode == 130 and res.stderr == "interrupted\n", res.stderr

@@ -28,6 +28,34 @@ def _writing_progress() -> Iterator[Callable[[int, int], None] | None]:
         yield lambda n, total: bar.update(job, advance=n, total=total)
 
 
+class _Terminated(BaseException):
+    """SIGTERM during an export: unwinds like Ctrl-C (each temporary name removed on the way out), but is
+    no Exception, so no reader turns it into an error about the file."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM raises _Terminated inside the block, so `finally` removes what the export left; exit 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except _Terminated:
+        err("terminated")
+        raise typer.Exit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @command(app, "export")
 def export_(
     task: Annotated[
@@ -109,7 +137,7 @@ def export_(
     if as_model is not None:
         from ..exported import export_model
 
-        with _writing_progress() as progress:
+        with _terminate_cleanly(), _writing_progress() as progress:
             _, res, contents = export_model(
                 ws, t.name, cp.number, as_model, key=key, dtype=dtype, unsafe=unsafe_load, progress=progress
             )
@@ -124,7 +152,7 @@ def export_(
         else:
             check_readable(ws, t.path_of(cp), sha256=cp.sha256, size=cp.size, task=t.name)
             contents = open_contents(t.local_path(cp), key)
-        with _writing_progress() as progress:
+        with _terminate_cleanly(), _writing_progress() as progress:
             res = export(
                 contents,
                 out_path,
