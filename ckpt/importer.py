@@ -501,7 +501,13 @@ def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
         for p in run.pointers
     ]
     skipped += [
-        _skip(p.path, _rel(p.path, root), f"a symlink (to {escape_path(p.target)}); never followed, not imported")
+        _skip(
+            p.path,
+            _rel(p.path, root),
+            f"a step folder that {escape_path(p.target)}; never followed, not imported"
+            if p.target.startswith("holds the symlink ")
+            else f"a symlink (to {escape_path(p.target)}); never followed, not imported",
+        )
         for p in run.links
     ]
     skipped += [

@@ -97,6 +97,19 @@ def folder_kind(path: Path) -> str | None:
     return None
 
 
+def _link_inside(path: Path) -> str | None:
+    """The name of a symlink in `path` when `path` would be a step folder if its links were files, else None."""
+    entries = _names(path)
+    links = [e.name for e in entries if e.is_symlink()]
+    if not links:
+        return None
+    names = {e.name for e in entries}
+    dcp = ".metadata" in names and any(n.endswith(".distcp") for n in names)
+    sharded = any(n.endswith((INDEX_SUFFIX, BIN_INDEX_SUFFIX)) for n in names)
+    ds = any(DEEPSPEED_MODEL.fullmatch(n) or DEEPSPEED_OPTIM.fullmatch(n) for n in names)
+    return links[0] if dcp or sharded or ds else None
+
+
 def step_epoch(name: str) -> tuple[int | None, int | None]:
     """(step, epoch) that a step folder's or file's name records: `global_step300`, `step_300`,
     `epoch=1-step=300`, Composer's `ep1-ba300-rank0.pt`; a name with one number and no word is that step."""
@@ -153,6 +166,9 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
             continue
         if e.is_dir():
             k = folder_kind(p)
+            link = _link_inside(p) if k is None else None
+            if link is not None:  # a step folder but for a link in it: never read through, said as skipped
+                links.append(Pointer(p, e.name, f"holds the symlink {link}"))
             if k is not None:
                 kinds.append(k)
                 step, epoch = step_epoch(e.name)

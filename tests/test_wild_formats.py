@@ -566,12 +566,16 @@ def test_a_symlink_given_to_import_is_refused_and_links_in_a_run_are_skipped(
         result = run("import", str(tmp_path / name), "--task", "t", "--move")
         assert result.exit_code == 6 and "is a symlink" in result.output, result.output
         assert target.exists()
-    wr.dcp_run(tmp_path / "fsdp", steps=(1,))
+    wr.dcp_run(tmp_path / "fsdp", steps=(1, 2))
     (tmp_path / "fsdp" / "step_7").symlink_to(tmp_path / "fsdp" / "step_1")
+    shard = next((tmp_path / "fsdp" / "step_2").glob("*.distcp"))
+    shutil.move(shard, tmp_path / "shard.distcp")
+    shard.symlink_to(tmp_path / "shard.distcp")
     imported = run_json("import", str(tmp_path / "fsdp"), "--task", "f", "--move")
     assert [r["original_name"] for r in imported["checkpoints"] if r["action"] == "added"] == ["step_1"]
-    (link,) = [r for r in imported["checkpoints"] if r["action"] == "skipped"]
-    assert link["original_name"] == "step_7" and "symlink" in link["note"]
+    skipped = {r["original_name"]: r["note"] for r in imported["checkpoints"] if r["action"] == "skipped"}
+    assert sorted(skipped) == ["step_2", "step_7"] and all("symlink" in n for n in skipped.values())
+    assert (tmp_path / "shard.distcp").is_file() and shard.is_symlink()
     assert "t" not in ws.task_names()
 
 
