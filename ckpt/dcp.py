@@ -60,6 +60,9 @@ _DTYPES = {
     "uint16",
     "uint32",
     "uint64",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
 }
 MAX_METADATA = 1 << 30
 

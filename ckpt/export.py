@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import fsutil
 from .errors import ConflictError, UsageError
 from .formats import ITEMSIZE
 from .sources import PIECE, Contents, Entry, need_numpy
@@ -40,6 +41,10 @@ _CODES = {
     "uint16": "U16",
     "uint32": "U32",
     "uint64": "U64",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
+    "complex64": "C64",  # safetensors >= 0.5
 }
 _CONVERTIBLE = {"float64", "float32", "float16", "bfloat16"}
 _SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*")
@@ -139,9 +144,16 @@ def _converted(e: Entry, to: str) -> Iterator[bytes]:
             raise Overflow(
                 f"tensor '{e.name}' holds {float(value):g}, which overflows {to} (its largest value is {limit})",
                 tensor=e.name,
-                hint="export it in a wider dtype (--dtype bf16 or fp32)",
+                hint=_WIDER[to],
             )
         yield out.tobytes()
+
+
+_WIDER = {  # what to do instead, never the dtype that overflowed
+    "float16": "export it in a wider dtype (--dtype bf16 or fp32), or drop --dtype",
+    "bfloat16": "export it in fp32 (--dtype fp32), or drop --dtype to keep its dtype",
+    "float32": "drop --dtype to keep its dtype (float64)",
+}
 
 
 def _to_bf16(np: Any, x: Any) -> Any:
@@ -162,7 +174,10 @@ def _header(entries: list[Entry], dtype: str | None, metadata: dict[str, str]) -
     for e in entries:
         out = _out_dtype(e, dtype)
         if out not in _CODES:
-            raise UsageError(f"tensor '{e.name}' is {e.dtype}, which safetensors cannot hold")
+            raise UsageError(
+                f"tensor '{e.name}' is {e.dtype}, which safetensors cannot hold",
+                hint="pick another state dict with --key, or leave this checkpoint in its own format",
+            )
         n = _out_nbytes(e, dtype)
         head[e.name] = {"dtype": _CODES[out], "shape": e.shape, "data_offsets": [at, at + n]}
         sizes.append(n)
@@ -273,11 +288,23 @@ def export(
         raise ConflictError(f"'{out}' already exists", path=out, hint="remove it or pass another --out")
     if not out.parent.is_dir():
         raise UsageError(f"the folder of '{out}' does not exist", path=out)
+    try:
+        name_max = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - len(f"..tmp-{'x' * 8}")  # the temporary name `.NAME.tmp-XXXXXXXX` must fit too
+    if len(os.fsencode(out.name)) > room:
+        raise UsageError(
+            f"the name '{out.name[:40]}…' is too long ({len(os.fsencode(out.name))} bytes; at most {room} here)",
+            path=out,
+            hint="pass a shorter --out",
+        )
     meta = {"format": "pt", **(metadata or {})}
     result = ExportResult(out, [], contents.format, contents.key, len(contents.entries), contents.parameters, 0, dtype)
     all_bytes = output_bytes(contents, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, fsutil.DIR_MODE)  # a shards folder is renamed into place: the umask's mode, not 0700
         if max_shard_size is None:
             part = tmp / "model.safetensors"
             result.converted = _write_file(part, contents.entries, to, meta, progress, all_bytes)

@@ -16,6 +16,7 @@ from .export import ExportResult, Progress, export
 from .manifest import dumps
 from .models import Model
 from .names import case_twin, check_title
+from .readcheck import check_readable
 from .sources import Contents, open_contents
 from .timeutil import now_iso
 
@@ -47,6 +48,7 @@ def export_model(
         raise ConflictError(f"model '{twin or title}' already exists", hint="choose another title, or see: ckpt models")
     t = ws.task(task_name)
     cp = t.checkpoint(number)
+    check_readable(ws, t.path_of(cp), sha256=cp.sha256, size=cp.size, task=t.name)
     contents = open_contents(t.local_path(cp), key)
     with ws.model_staging(title) as tmp:
         meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}

@@ -55,6 +55,9 @@ _DTYPE_NAMES = {
     "uint16",
     "uint32",
     "uint64",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
 }
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
@@ -72,13 +75,18 @@ _SAFETENSORS_DTYPES = {
     "U16": "uint16",
     "U32": "uint32",
     "U64": "uint64",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64",
 }
 ITEMSIZE = {  # bytes per element of each dtype ckpt names
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
-    "uint16": 2, "uint32": 4, "uint64": 8,
+    "uint16": 2, "uint32": 4, "uint64": 8, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
 }  # fmt: skip
 # Globals torch's weights_only loader accepts; anything else needs full unpickling.
+_UNTYPED_STORAGES = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"),
     ("torch._utils", "_rebuild_tensor_v2"),
@@ -194,9 +202,10 @@ class _Global:
                 return _Tensor([int(s) for s in size], "unknown")
             stride = args[3] if len(args) > 3 and isinstance(args[3], tuple | list) else None
             strides = [int(x) for x in stride] if stride is not None and all(type(x) is int for x in stride) else None
-            return _Tensor(
-                [int(s) for s in size], storage.dtype, storage, offset if type(offset) is int else 0, strides
-            )
+            dtype = storage.dtype
+            if key[1] == "_rebuild_tensor_v3" and len(args) > 6 and args[6] in _DTYPE_NAMES:
+                dtype = args[6]  # an UntypedStorage (float8, uint16/32/64): the dtype is the 7th argument
+            return _Tensor([int(s) for s in size], dtype, storage, offset if type(offset) is int else 0, strides)
         if key in (
             ("torch._utils", "_rebuild_parameter"),
             ("torch._utils", "_rebuild_parameter_with_state"),
@@ -273,6 +282,8 @@ class _ScanUnpickler(BoundedUnpickler):
     def _stand_in(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
+        if (module, name) in _UNTYPED_STORAGES:  # torch's weights-only loader admits it (its dtype comes later)
+            return "unknown"
         if module == "torch" and name in _DTYPE_NAMES:
             return name
         if (module, name) in _SAFE_GLOBALS:
@@ -703,7 +714,19 @@ def _inspect_open(f: BinaryIO, path: Path) -> FileInfo:
             return _inspect_safetensors(path, f)
         except IntegrityError:
             pass
-    return FileInfo("unknown", note="not a torch archive or safetensors file")
+    return FileInfo("unknown", note=not_readable_note(magic))
+
+
+_LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # torch.save's magic number, pickled: the pre-zip format
+
+
+def not_readable_note(head: bytes) -> str:
+    """What a file that is neither a torch zip nor safetensors is, from its first bytes (8 suffice)."""
+    if head.startswith(_LEGACY_TORCH[:8]):
+        return "a legacy (non-zip) torch.save file, which ckpt does not read; re-save it with torch >= 1.6"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a bare pickle (not a torch archive or safetensors file), which ckpt does not read"
+    return "not a torch archive or safetensors file"
 
 
 # --- loading (needs torch) ----------------------------------------------------------------------

@@ -151,6 +151,7 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()  # what mkdir makes; mkdtemp makes 0700: chmod a new folder to this
 
 
 def temp_path(folder: Path, name: str) -> Path:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, NotFoundError, TaskNotFound, UsageError
-from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, step_epoch
+from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, pointer_target, step_epoch
 from .names import check_task_name
 from .pathtext import escape_path
 from .workspace import (
@@ -501,6 +501,16 @@ def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
         for p in run.pointers
     ]
     skipped += [
+        _skip(
+            p.path,
+            _rel(p.path, root),
+            f"a step folder that {escape_path(p.target)}; never followed, not imported"
+            if p.target.startswith("holds the symlink ")
+            else f"a symlink (to {escape_path(p.target)}); never followed, not imported",
+        )
+        for p in run.links
+    ]
+    skipped += [
         _skip(p, _rel(p, root), f"a file beside the {run.kind} step folders; import it with --format files")
         for p in run.loose
     ]
@@ -620,8 +630,15 @@ def plan(
         raise UsageError(f"unknown format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
     if not os.path.lexists(path):
         raise NotFoundError(f"'{path}' does not exist", path=path)
-    if fsutil.is_symlink(path):
-        path = path.resolve()
+    if fsutil.is_symlink(path):  # never followed: an import would link, copy or move the link's target
+        target = escape_path(os.readlink(path))
+        raise IntegrityError(
+            f"'{path}' is a symlink (to {target}); ckpt never follows a link",
+            path=path,
+            hint=f"import what it points at: ckpt import {target}",
+        )
+    if not path.is_dir():
+        _check_single_file(path)
     if fmt == "auto":
         fmt = detect_format(path)
     finder = {"lightning": find_lightning, "huggingface": find_huggingface, "files": find_files}.get(fmt, find_steps)
@@ -637,6 +654,26 @@ def plan(
         )
     hash_found(found, progress)
     return fmt, found, skipped
+
+
+def _check_single_file(path: Path) -> None:
+    """A file given to import on its own must be a checkpoint: a run's `latest` pointer, or any file
+    without a checkpoint suffix, is refused (UsageError) rather than numbered as one."""
+    fsutil.refuse_irregular(path, os.stat(path, follow_symlinks=False).st_mode)  # /dev/zero, a FIFO: exit 6
+    if path.name.endswith(FILE_SUFFIXES):
+        return
+    target = pointer_target(path) if path.name == "latest" else None
+    if target is not None:
+        raise UsageError(
+            f"'{path}' is DeepSpeed's latest pointer (to {escape_path(target)}), not a checkpoint",
+            path=path,
+            hint=f"import the run folder: ckpt import {escape_path(str(path.parent))}",
+        )
+    raise UsageError(
+        f"'{path}' is not a checkpoint file ({' '.join(FILE_SUFFIXES)})",
+        path=path,
+        hint="import a checkpoint file, a step folder or a run folder",
+    )
 
 
 def import_path(

@@ -60,6 +60,7 @@ class RunLayout:
     steps: list[Step] = field(default_factory=list)
     pointers: list[Pointer] = field(default_factory=list)
     loose: list[Path] = field(default_factory=list)  # checkpoint files beside the step folders (not imported)
+    links: list[Pointer] = field(default_factory=list)  # other symlinks in the run folder: never followed
 
 
 def _names(path: Path) -> list[os.DirEntry[str]]:
@@ -96,6 +97,19 @@ def folder_kind(path: Path) -> str | None:
     return None
 
 
+def _link_inside(path: Path) -> str | None:
+    """The name of a symlink in `path` when `path` would be a step folder if its links were files, else None."""
+    entries = _names(path)
+    links = [e.name for e in entries if e.is_symlink()]
+    if not links:
+        return None
+    names = {e.name for e in entries}
+    dcp = ".metadata" in names and any(n.endswith(".distcp") for n in names)
+    sharded = any(n.endswith((INDEX_SUFFIX, BIN_INDEX_SUFFIX)) for n in names)
+    ds = any(DEEPSPEED_MODEL.fullmatch(n) or DEEPSPEED_OPTIM.fullmatch(n) for n in names)
+    return links[0] if dcp or sharded or ds else None
+
+
 def step_epoch(name: str) -> tuple[int | None, int | None]:
     """(step, epoch) that a step folder's or file's name records: `global_step300`, `step_300`,
     `epoch=1-step=300`, Composer's `ep1-ba300-rank0.pt`; a name with one number and no word is that step."""
@@ -113,7 +127,7 @@ def step_epoch(name: str) -> tuple[int | None, int | None]:
     return step, epoch
 
 
-def _pointer_target(path: Path) -> str | None:
+def pointer_target(path: Path) -> str | None:
     """What a DeepSpeed `latest` file names (a short line of text), or None when it is not one."""
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 256:
@@ -139,6 +153,7 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
     pointers: list[Pointer] = []
     kinds: list[str] = []
     loose: list[Path] = []
+    links: list[Pointer] = []
     for e in entries:
         p = Path(e.path)
         if e.name.startswith("."):
@@ -146,9 +161,14 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
         if e.is_symlink():
             if COMPOSER_LATEST.fullmatch(e.name) or e.name == "latest":
                 pointers.append(Pointer(p, e.name, os.readlink(p)))
+            else:
+                links.append(Pointer(p, e.name, os.readlink(p)))
             continue
         if e.is_dir():
             k = folder_kind(p)
+            link = _link_inside(p) if k is None else None
+            if link is not None:  # a step folder but for a link in it: never read through, said as skipped
+                links.append(Pointer(p, e.name, f"holds the symlink {link}"))
             if k is not None:
                 kinds.append(k)
                 step, epoch = step_epoch(e.name)
@@ -158,7 +178,7 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
             step, epoch = step_epoch(e.name)
             steps.append(Step(p, e.name, False, step, epoch))
         elif e.name == "latest":
-            target = _pointer_target(p)
+            target = pointer_target(p)
             if target is not None:
                 pointers.append(Pointer(p, e.name, target))
         elif e.name.endswith(_CHECKPOINT_SUFFIXES):
@@ -170,4 +190,4 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
         found = inner.is_dir() and not inner.is_symlink() and folder_kind(inner) is None
         return find_run(inner, mixed=mixed) if found else None
     steps.sort(key=lambda s: (s.step is None, s.step or 0, s.name))  # by step; unnumbered ones last
-    return RunLayout(max(set(kinds), key=kinds.count), steps, pointers, loose)
+    return RunLayout(max(set(kinds), key=kinds.count), steps, pointers, loose, links)

@@ -29,6 +29,7 @@ from .formats import (
     StoredTensor,
     TensorInfo,
     inspect_file,
+    not_readable_note,
     read_safetensors_header,
     read_torch_pickle,
     weights_file,
@@ -740,9 +741,12 @@ def open_contents(path: Path, key: str | None = None) -> Contents:
             return _deepspeed_contents(path, key)
         path = weights_file(path)
     with _open(path) as f:
-        magic = f.read(4)
-    if magic == b"PK\x03\x04":
+        magic = f.read(8)
+    if magic[:4] == b"PK\x03\x04":
         return _zip_contents(path, key)
+    note = not_readable_note(magic)
+    if magic[:1] == b"\x80" and note.startswith(("a legacy", "a bare")):
+        raise CkptError(f"'{path}' is {note}", path=path)
     if key is not None:
         raise UsageError("--key picks a state dict inside a pickled file; a safetensors file holds one")
     return Contents("safetensors", _safetensors_entries(path))

@@ -566,6 +566,7 @@ class Workspace:
         fsutil.refuse_links(self.root, "models")
         self.models_dir.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".staging-{title}-", dir=self.models_dir))
+        os.chmod(tmp, fsutil.DIR_MODE)  # the model's folder: as mkdir (promote) makes them, not mkdtemp's 0700
         try:
             yield tmp
         finally:

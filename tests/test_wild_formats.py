@@ -550,3 +550,235 @@ def test_damaged_files_are_integrity_errors_never_crashes(run: Any, ws: ckpt.Wor
         for args in (("show", "damaged", str(number)), ("export", "damaged", str(number), "--out", str(work) + ".st")):
             result = run(*args)
             assert result.exit_code in (0, 6), (i, name, result.output)
+
+
+# --- found by review (issue 17 fixes) -------------------------------------------------------------------
+
+
+def test_a_symlink_given_to_import_is_refused_and_links_in_a_run_are_skipped(
+    run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    wr.composer_run(tmp_path / "composer")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a checkpoint")
+    for target, name in ((secret, "passwd.pt"), (tmp_path / "composer" / "ep1-ba10-rank0.pt", "l.pt")):
+        (tmp_path / name).symlink_to(target)
+        result = run("import", str(tmp_path / name), "--task", "t", "--move")
+        assert result.exit_code == 6 and "is a symlink" in result.output, result.output
+        assert target.exists()
+    wr.dcp_run(tmp_path / "fsdp", steps=(1, 2))
+    (tmp_path / "fsdp" / "step_7").symlink_to(tmp_path / "fsdp" / "step_1")
+    shard = next((tmp_path / "fsdp" / "step_2").glob("*.distcp"))
+    shutil.move(shard, tmp_path / "shard.distcp")
+    shard.symlink_to(tmp_path / "shard.distcp")
+    imported = run_json("import", str(tmp_path / "fsdp"), "--task", "f", "--move")
+    assert [r["original_name"] for r in imported["checkpoints"] if r["action"] == "added"] == ["step_1"]
+    skipped = {r["original_name"]: r["note"] for r in imported["checkpoints"] if r["action"] == "skipped"}
+    assert sorted(skipped) == ["step_2", "step_7"] and all("symlink" in n for n in skipped.values())
+    assert (tmp_path / "shard.distcp").is_file() and shard.is_symlink()
+    assert "t" not in ws.task_names()
+
+
+def test_a_latest_pointer_or_other_file_given_to_import_is_refused(
+    run: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    wr.deepspeed_run(tmp_path / "ds", steps=(10,))
+    result = run("import", str(tmp_path / "ds" / "latest"), "--task", "ds")
+    assert result.exit_code == 2 and "latest pointer (to global_step10)" in result.output, result.output
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run("import", str(tmp_path / "notes.txt"), "--task", "ds")
+    assert result.exit_code == 2 and "not a checkpoint file" in result.output
+    assert run("list", "ds").exit_code == 3
+
+
+def _odd_dtypes() -> dict[str, torch.Tensor]:
+    """Tensors torch saves through `_rebuild_tensor_v3` on an untyped storage (and complex64, safetensors' C64)."""
+    ints = torch.tensor([1, 2, 300])
+    return {
+        "f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
+        "f8b": torch.tensor([0.5, -2.0, 57344.0]).to(torch.float8_e5m2),
+        "e8m0": torch.tensor([0.5, 2.0, 1024.0]).to(torch.float8_e8m0fnu),
+        "u16": ints.to(torch.uint16),
+        "u32": ints.to(torch.uint32),
+        "u64": ints.to(torch.uint64),
+        "c64": torch.tensor([1 + 2j, -3j, 0.5], dtype=torch.complex64),
+    }
+
+
+def _bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("kind", ["pt", "dcp"])
+def test_float8_unsigned_and_complex64_are_shown_and_exported(
+    run: Any, run_json: Any, ws: ckpt.Workspace, tmp_path: Path, kind: str
+) -> None:
+    sd = _odd_dtypes()
+    source = tmp_path / ("w.pt" if kind == "pt" else "step_1")
+    if kind == "pt":
+        torch.save(sd, source)
+    else:
+        wr.dcp_save(source, {"model": sd})
+    ws.create_task("odd").save_file(source)
+    shown = run_json("show", "odd", "1")
+    assert {t["name"]: t["dtype"] for t in shown["tensors"]} == {k: str(v.dtype)[6:] for k, v in sd.items()}
+    assert not shown["unsafe_globals"]
+    out = tmp_path / "odd.safetensors"
+    _export(run, "odd", "1", "--out", str(out), "--dtype", "bf16")  # none of them is converted
+    _bitwise(wr.load_safetensors(out), sd)
+
+
+def test_a_dtype_safetensors_cannot_hold_is_a_usage_error_naming_it(
+    run: Any, ws: ckpt.Workspace, tmp_path: Path
+) -> None:
+    torch.save({"ok": torch.ones(2), "z": torch.ones(2, dtype=torch.complex128)}, tmp_path / "c.pt")
+    ws.create_task("c").save_file(tmp_path / "c.pt")
+    result = run("export", "c", "1", "--out", str(tmp_path / "c.safetensors"))
+    assert result.exit_code == 2 and "tensor 'z' is complex128" in result.output
+
+
+def test_export_of_an_exported_model_writes_its_own_weights(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    sd = wr.state_dict(3)
+    torch.save(sd, tmp_path / "w.pt")
+    ws.create_task("t").save_file(tmp_path / "w.pt")
+    assert run("export", "t", "1", "--as-model", "half", "--dtype", "fp16").exit_code == 0
+    assert oct(os.stat(ws.models_dir / "half").st_mode & 0o777) == oct(0o777 & ~_umask())  # as promote makes them
+    _export(run, "--model", "half", "--out", str(tmp_path / "half.safetensors"))
+    got = wr.load_safetensors(tmp_path / "half.safetensors")
+    wr.assert_equal(got, {k: v.half() if v.is_floating_point() else v for k, v in sd.items()})
+    result = run("export", "--model", "half", "--as-model", "again")
+    assert result.exit_code == 2 and "ckpt export t 1 --as-model again" in result.output
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_out_inside_the_workspace_is_refused(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save(wr.state_dict(1), tmp_path / "w.pt")
+    t = ws.create_task("t")
+    t.save_file(tmp_path / "w.pt")
+    ws.promote("t", 1, title="m")
+    (tmp_path / "hop").symlink_to(ws.root / "tasks" / "t")
+    before = sorted(p.name for p in (ws.root / "tasks" / "t").rglob("*"))
+    for out in (
+        t.path_of(t.checkpoint(1)).parent / "x.safetensors",
+        ws.root / "models" / "m" / "model.safetensors",
+        ws.root / "models" / ".." / "trash" / "x.safetensors",
+        tmp_path / "hop" / "checkpoints" / "y.safetensors",
+    ):
+        result = run("export", "t", "1", "--out", str(out))
+        assert result.exit_code == 2 and "inside the workspace" in result.output, (out, result.output)
+    assert sorted(p.name for p in (ws.root / "tasks" / "t").rglob("*")) == before
+    assert run("verify", "--models").exit_code == 0
+
+
+def test_shard_folders_honour_the_umask(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save(wr.state_dict(1), tmp_path / "w.pt")
+    ws.create_task("t").save_file(tmp_path / "w.pt")
+    _export(run, "t", "1", "--out", str(tmp_path / "shards"), "--max-shard-size", "100")
+    assert oct(os.stat(tmp_path / "shards").st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+@pytest.mark.parametrize("damage", ["file-link", "shard-link", "bytes"])
+def test_show_and_export_refuse_what_verify_refuses(
+    run: Any, ws: ckpt.Workspace, tmp_path: Path, hf_model: tuple[Path, dict[str, torch.Tensor]], damage: str
+) -> None:
+    t = ws.create_task("t")
+    if damage == "shard-link":
+        t.save_file(hf_model[0] / "checkpoint-8")
+        target = next(t.path_of(t.checkpoint(1)).glob("*-of-*.safetensors"))
+    else:
+        torch.save(wr.state_dict(1), tmp_path / "w.pt")
+        t.save_file(tmp_path / "w.pt")
+        target = t.path_of(t.checkpoint(1))
+    if damage == "bytes":
+        data = bytearray(target.read_bytes())
+        data[-100] ^= 1  # inside the archive's last records: still readable, no longer the recorded bytes
+        target.write_bytes(bytes(data))
+    else:
+        shutil.copy(target, tmp_path / "elsewhere")
+        target.unlink()
+        target.symlink_to(tmp_path / "elsewhere")
+    assert run("verify", "t").exit_code == 6
+    out = tmp_path / "o.safetensors"
+    result = run("export", "t", "1", "--out", str(out))
+    assert result.exit_code == 6 and not out.exists(), result.output
+    if damage == "bytes":
+        assert "does not match its recorded sha256; run: ckpt verify t" in result.output
+        assert run("export", "t", "1", "--as-model", "m").exit_code == 6 and "m" not in ws.models
+    else:
+        assert "symlink" in result.output
+        shown = run("show", "t", "1")
+        assert shown.exit_code == 6 and "symlink" in shown.output
+
+
+def test_export_messages_say_what_is_wrong(run: Any, ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "bare.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    torch.save({"huge": torch.tensor([1e39], dtype=torch.float64)}, tmp_path / "big.pt")
+    t = ws.create_task("t")
+    for name in ("legacy.pt", "bare.pt", "big.pt"):
+        t.save_file(tmp_path / name)
+    out = str(tmp_path / "o.safetensors")
+    legacy, bare = run("export", "t", "1", "--out", out), run("export", "t", "2", "--out", out)
+    assert "legacy (non-zip) torch.save file" in legacy.output and "safetensors header" not in legacy.output
+    assert "bare pickle" in bare.output and "safetensors header" not in bare.output
+    assert "legacy (non-zip)" in run("show", "t", "1").output
+    bf16 = run("export", "t", "3", "--out", out, "--dtype", "bf16")
+    assert bf16.exit_code == 2 and "overflows bfloat16" in bf16.output and "bf16 or" not in bf16.output
+    fp32 = run("export", "t", "3", "--out", out, "--dtype", "fp32")
+    assert fp32.exit_code == 2 and "--dtype fp32" not in fp32.output.split(";", 1)[1]
+    empty = run("export", "t", "3", "--out", "")
+    assert empty.exit_code == 2 and "--out needs a path" in empty.output
+    both = run("export", "t", "3", "--out", out, "--as-model", "m")
+    assert both.exit_code == 2 and "not both" in both.output
+    long = run("export", "t", "3", "--out", str(tmp_path / ("x" * 250)))
+    assert long.exit_code == 2 and "too long" in long.output and "doctor" not in long.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pt", "big.pt", "legacy.pt", "ws"]
+
+
+_SIGTERM_MID_EXPORT = """
+import os, signal, sys
+from ckpt import export as ex
+real = ex._write_file
+def write_then_term(*args, **kwargs):
+    n = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # after the first shard: the others not written yet
+    return n
+ex._write_file = write_then_term
+from ckpt.cli import main
+sys.argv = ["ckpt", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_during_export_leaves_no_partial_shards(ws: ckpt.Workspace, tmp_path: Path) -> None:
+    torch.save({f"t{i}": torch.randn(100) for i in range(5)}, tmp_path / "m.pt")
+    ws.create_task("t").save_file(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    args = ["export", "t", "1", "--out", str(out), "--max-shard-size", "900"]
+    env = {**os.environ, "CKPT_WORKSPACE": str(ws.root)}
+    res = subprocess.run([sys.executable, "-c", _SIGTERM_MID_EXPORT, *args], capture_output=True, text=True, env=env)
+    assert res.returncode == 143 and res.stderr.strip() == "terminated", res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "ws"]
+
+
+_INTERRUPT_WHILE_LOADING = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ckpt.cli.plot":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from ckpt.cli import main
+"""
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", _INTERRUPT_WHILE_LOADING], capture_output=True, text=True)
+    assert res.returncode == 130 and res.stderr == "interrupted\n", res.stderr

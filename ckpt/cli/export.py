@@ -28,14 +28,42 @@ def _writing_progress() -> Iterator[Callable[[int, int], None] | None]:
         yield lambda n, total: bar.update(job, advance=n, total=total)
 
 
+class _Terminated(BaseException):
+    """SIGTERM during an export: unwinds like Ctrl-C (each temporary name removed on the way out), but is
+    no Exception, so no reader turns it into an error about the file."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM raises _Terminated inside the block, so `finally` removes what the export left; exit 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except _Terminated:
+        err("terminated")
+        raise typer.Exit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @command(app, "export")
 def export_(
     task: Annotated[
         str | None, typer.Argument(help="The task (or give --model).", autocompletion=complete_tasks)
     ] = None,
     number: Annotated[int | None, typer.Argument(help="The checkpoint number (default: the latest).")] = None,
-    out_path: Annotated[
-        Path | None,
+    out_text: Annotated[
+        str | None,
         typer.Option("--out", "-o", help="The .safetensors file to write (a folder with --max-shard-size)."),
     ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Export this model instead.")] = None,
@@ -68,21 +96,30 @@ def export_(
     """
     from ..errors import UsageError
     from ..export import export, parse_size
+    from ..readcheck import check_out, check_readable
     from ..sources import open_contents
 
     if (model is None) == (task is None):
         raise UsageError(
             "give a TASK (and NUMBER) or --model TITLE", hint="e.g. ckpt export unet 7 --out unet.safetensors"
         )
-    if (out_path is None) == (as_model is None):
+    if out_text is not None and as_model is not None:
+        raise UsageError("give --out PATH or --as-model TITLE, not both", hint="--as-model keeps the export as a model")
+    if out_text is None and as_model is None:
         raise UsageError("give --out PATH or --as-model TITLE", hint="e.g. --out model.safetensors")
+    if out_text is not None and not out_text.strip():
+        raise UsageError("--out needs a path", hint="e.g. --out model.safetensors")
+    out_path = Path(out_text) if out_text is not None else None
     if as_model is not None and max_shard_size is not None:
         raise UsageError("--as-model keeps one model.safetensors; drop --max-shard-size")
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     ws = open_workspace()
+    if out_path is not None:
+        check_out(ws, out_path)
+    m = None
     if model is not None:
         if number is not None:
-            raise UsageError("--model exports that model's checkpoint; drop NUMBER")
+            raise UsageError("--model exports that model's weights; drop NUMBER")
         m = ws.models[model]
         task, number = m.task, m.checkpoint
     assert task is not None
@@ -91,18 +128,31 @@ def export_(
     cp = t.checkpoint(number) if number is not None else t.latest()
     if cp is None:
         raise UsageError(f"task '{task}' has no checkpoints to export")
+    own = m is not None and m.sha256 != cp.sha256  # an export kept as a model: its weights are its own file
+    if own and as_model is not None:
+        raise UsageError(
+            f"model '{model}' is itself an export of {t.name} checkpoint {cp.number}",
+            hint=f"make the new model from that checkpoint: ckpt export {t.name} {cp.number} --as-model {as_model}",
+        )
     if as_model is not None:
         from ..exported import export_model
 
-        with _writing_progress() as progress:
+        with _terminate_cleanly(), _writing_progress() as progress:
             _, res, contents = export_model(
                 ws, t.name, cp.number, as_model, key=key, dtype=dtype, unsafe=unsafe_load, progress=progress
             )
     else:
         assert out_path is not None
-        contents = open_contents(t.local_path(cp), key)
         meta = {"ckpt_task": t.name, "ckpt_checkpoint": str(cp.number), "ckpt_sha256": cp.sha256}
-        with _writing_progress() as progress:
+        if own:
+            assert m is not None
+            check_readable(ws, m.path, sha256=m.sha256, size=m.size, task=t.name)
+            contents = open_contents(ws.model_local_path(m), key)
+            meta.update({"ckpt_model": m.title, "ckpt_sha256": m.sha256})
+        else:
+            check_readable(ws, t.path_of(cp), sha256=cp.sha256, size=cp.size, task=t.name)
+            contents = open_contents(t.local_path(cp), key)
+        with _terminate_cleanly(), _writing_progress() as progress:
             res = export(
                 contents,
                 out_path,

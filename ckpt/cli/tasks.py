@@ -252,6 +252,7 @@ def show(
 
     Example: ckpt show unet 7 --json
     """
+    from ..readcheck import check_readable
     from ..sources import inspect_checkpoint
 
     ws = open_workspace()
@@ -260,6 +261,7 @@ def show(
     cp = t.checkpoint(number)
     latest = t.latest()
     models = ws.models_of(task).get(number, [])
+    check_readable(ws, t.path_of(cp), task=t.name)  # as verify: nothing is read through a symlink
     info = inspect_checkpoint(t.local_path(cp))
     data = checkpoint_json(ws, t, cp, latest is not None and latest.number == number, models)
     data["format"] = info.format
