@@ -110,16 +110,19 @@ def collect(
     x: str | None = None,
     *,
     plan: KeepRules | None = None,
+    with_plan: bool = False,
     max_panels: int = MAX_PANELS,
 ) -> PlotData:
     """The curves of `tasks` in `ws`: every checkpoint (the trash's too) with its metrics and marks.
 
     `metrics` chooses the panels (default: every metric the tasks record, at most `max_panels`); `x` is
     "step", "epoch" or "number" (default: step where every checkpoint has one, else epoch, else number).
-    `plan` (keep rules) adds what `trash-unused` would decide now. Raises TaskNotFound, UsageError (an
+    `with_plan` adds what `trash-unused` would decide now: by the keep rules `plan` when given, else by the
+    task's retention policy, as `trash-unused` without flags. Raises TaskNotFound, UsageError (an
     unknown metric or x), IntegrityError (a model or trash entry that cannot be read while planning).
     """
-    from .trash import list_entries, trash_unused
+    from .policy import apply
+    from .trash import list_entries
 
     if not tasks:
         raise UsageError("no task to plot", hint="e.g. ckpt plot unet")
@@ -148,8 +151,8 @@ def collect(
                     points[cp.number] = Point(
                         cp.number, cp.step, cp.epoch, cp.metrics, cp.size, cp.created, entry.id, []
                     )
-        if plan is not None:
-            decided = trash_unused(ws, name, plan, dry_run=True).plan
+        if with_plan or plan is not None:
+            decided = apply(ws, name, plan, dry_run=True)[0].plan
             for decision in decided.decisions:
                 if decision.number in points:
                     points[decision.number].plan = decision.action
@@ -190,7 +193,13 @@ def collect(
     kind = x or _auto_x(curves)
     for c in curves:
         notes.extend(f"task '{c.task}' {r}" for r in restarts(c.points, kind))
-    if plan is not None:
+    for c in curves:
+        for m in chosen:
+            huge = [p.number for p in c.points if (v := value(p.metrics, m)) is not None and abs(v) > DRAWN_LIMIT]
+            if huge:
+                shown = ", ".join(f"#{n}" for n in huge[:10]) + (", …" if len(huge) > 10 else "")
+                notes.append(f"task '{c.task}': {m} beyond ±1e300 is not drawn: {shown}")
+    if with_plan or plan is not None:
         for c in curves:
             for m in chosen:
                 unseen = [
@@ -207,7 +216,7 @@ def collect(
     missing = sum(1 for c in curves for p in c.points if p.x(kind) is None)
     if missing:
         notes.append(f"{missing} checkpoint(s) record no {kind}, so they are not drawn; try --x number")
-    return PlotData(curves, chosen, kind, notes, plan is not None)
+    return PlotData(curves, chosen, kind, notes, with_plan or plan is not None)
 
 
 def how_to_direct(metric: str) -> str:
@@ -380,8 +389,15 @@ def _render(data: PlotData, fmt: str, overlay: bool, dpi: int) -> Rendered:
     return Rendered(buf.getvalue(), fmt, int(width), int(height), marks)
 
 
+DRAWN_LIMIT = 1e300  # |value| beyond which a point is not drawn: the axis between two such values overflows
+
+
 def _plain(text: str) -> str:
-    """`text` shown as it is: a `$` would start matplotlib's math mode (a name from a record may hold one)."""
+    """`text` shown as it is: a `$` would start matplotlib's math mode (a name from a record may hold one), and
+    a character that is not printable (a control character, a direction mark) is drawn as its escape: an SVG
+    holding it raw would not even parse."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return text.replace("$", r"\$")
 
 
@@ -404,6 +420,8 @@ def _draw(
         # a finite float is its own value; anything else (missing, NaN, an int, a bool) as ckpt.metrics says
         if type(py) is not float or not isfinite(py):
             py = value(p.metrics, m)
+        if py is not None and abs(py) > DRAWN_LIMIT:
+            py = None  # beyond what an axis can span (matplotlib cannot place ticks): left out, with a note
         px = p.x(xk)
         if px is not None and py is not None:
             pts.append((p, px, py))
@@ -643,14 +661,14 @@ def sparkline(values: Sequence[float | None], width: int = 24) -> str:
     for i in range(min(width, n)):
         lo, hi = i * n // min(width, n), (i + 1) * n // min(width, n)
         share = [v for v in values[lo:hi] if v is not None]
-        cells.append(sum(share) / len(share) if share else None)
+        cells.append(sum(v / len(share) for v in share) if share else None)  # no overflow near ±1.8e308
     finite = [v for v in cells if v is not None]
     if not finite:
         return ""
     low, high = min(finite), max(finite)
-    span = high - low
+    span = high / 2 - low / 2  # halves: the span of values near ±1.8e308 would overflow to inf
     top = len(SPARKS) - 1
     return "".join(
-        " " if v is None else SPARKS[top // 2 if span == 0 else min(top, int((v - low) / span * top + 0.5))]
+        " " if v is None else SPARKS[top // 2 if span == 0 else min(top, int((v / 2 - low / 2) / span * top + 0.5))]
         for v in cells
     )

@@ -37,6 +37,9 @@ def _size(path: Path) -> int | None:
 def resume_path(task: Task, cp: Checkpoint) -> Path:
     """An absolute local path to `cp`'s file whose size is the one recorded; raises IntegrityError (exit 6)."""
     if not task.ws.remote:
+        from .readcheck import check_readable
+
+        check_readable(task.ws, task.path_of(cp), task=task.name)  # never a path through a link (exit 6)
         path = Path(os.path.abspath(task.path_of(cp)))
         size = _size(path)
         if size is None:

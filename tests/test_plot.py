@@ -767,3 +767,32 @@ def test_out_refuses_urls_and_names_the_file_it_cannot_write(ws, run, monkeypatc
     monkeypatch.chdir("/sys")  # without --out: a new file here, which /sys refuses too
     r = run(command, "unet")
     assert r.exit_code == 1 and f"cannot write '{command}-unet.{ext}'" in r.stderr and "doctor" not in r.stderr
+
+
+def test_plan_without_keep_flags_is_the_task_policy(ws, run_json, tmp_path):
+    task = ws.create_task("pol")
+    for i in range(12):
+        task.save(b"w", step=i, metrics={"loss": 1.0 / (i + 1)})
+    run_json("policy", "set", "pol", "--keep-last", "5")
+    planned = run_json("trash-unused", "pol", "--dry-run")["trashed"]
+    res = run_json("plot", "pol", "--with-plan", "--out", str(tmp_path / "p.svg"))
+    assert res["tasks"][0]["would_trash"] == planned == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_names_with_control_characters_and_huge_values_still_draw(ws, run, run_json, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    task = ws.create_task("odd")
+    name = "x\x1b[31m\u202eevil\nloss"
+    for i, v in enumerate([1e308, -1e308, 1.7e308, 0.5, 0.25]):
+        task.save(b"w", step=i, metrics={name: v, "ok": float(i)})
+    out = tmp_path / "odd.svg"
+    res = run("plot", "odd", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    ET.parse(out)  # well-formed: no raw control character in the file
+    assert "beyond ±1e300 is not drawn: #1, #2, #3" in res.stderr
+    assert "Warning" not in res.stderr
+    listed = run("list", "odd", "--spark")
+    assert listed.exit_code == 0, listed.output
+    rep = run("report", "odd", "--out", str(tmp_path / "odd.html"))
+    assert rep.exit_code == 0, rep.output

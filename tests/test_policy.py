@@ -419,3 +419,17 @@ def test_latest_path_checks_the_file_against_its_record(any_ws: ckpt.Workspace, 
     with pytest.raises(ckpt.IntegrityError):
         CkptCallback.resume_path(any_ws, "run")
     assert CkptCallback.resume_path(any_ws, "nope") is None
+
+
+def test_latest_path_never_hands_out_a_checkpoint_through_a_link(ws: ckpt.Workspace, run: Any, tmp_path: Path) -> None:
+    task = ws.create_task("lnk")
+    task.save(b"x" * 800)
+    cp = task.checkpoint(1)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"y" * 800)
+    path = task.path_of(cp)
+    path.unlink()
+    path.symlink_to(outside)
+    res = run("latest", "lnk", "--path")
+    assert res.exit_code == 6, res.output
+    assert "link" in res.stderr and str(outside) not in res.stdout

@@ -79,15 +79,15 @@ def plot(
         if output.suffix.lower() not in FORMATS:
             raise UsageError(f"--out must end in .png or .svg, not '{output.name}'", hint="e.g. --out plot.svg")
         fmt = output.suffix.lower()[1:]
-    rules = None
-    if with_plan or keep_last or keep_best:
+    rules = None  # --with-plan alone: the task's retention policy decides, as trash-unused without flags
+    if keep_last or keep_best:
         if keep_best and len(metric or []) != 1:
             hint = "e.g. --keep-best 3 --metric val_loss"
             raise UsageError("--keep-best N ranks by the --metric given: give exactly one", hint=hint)
         by = metric[0] if keep_best and metric else None
         rules = KeepRules(keep_last=keep_last, keep_best=keep_best, metric=by)
     ws = open_workspace()
-    data = collect(ws, tasks, metric or [], x, plan=rules)
+    data = collect(ws, tasks, metric or [], x, plan=rules, with_plan=with_plan or rules is not None)
     for note in data.notes:
         err(f"note: {printable(note)}")
     protocol = image_protocol(os.environ) if output is None and not json and _stdout_tty() else None
