@@ -85,7 +85,7 @@ def lightning(ws: str) -> None:
     resume = CkptCallback.resume_path(ws, "tiny")
     assert resume is not None and resume.endswith(".ckpt")
     fit([], resume)
-    # every 3 steps instead of at validation ends: 8 steps in 2 epochs save at steps 3 and 6
+    # every 3 steps instead of at validation ends: 8 steps in 2 epochs save at steps 3 and 6, and 8 at the end
     steps = CkptCallback(ws, task="by-steps", every_n_steps=3)
     L.Trainer(
         max_epochs=2,

@@ -75,7 +75,10 @@ def test_lightning_callback_saves_restarts_and_applies_the_policy(
     trashed = sorted(n for e in run_json("-w", str(ws), "trash", "list") for n in e["checkpoints"])
     assert trashed == [1, 2]
     by_steps = run_json("-w", str(ws), "list", "by-steps")
-    assert [(r["step"], r["epoch"]) for r in by_steps] == [(3, 0), (6, 1)] and "train_loss" in by_steps[0]["metrics"]
+    # steps 3 and 6, and the fit's last state (step 8), which `finish` makes the model
+    assert [(r["step"], r["epoch"]) for r in by_steps] == [(3, 0), (6, 1), (8, 1)]
+    assert "train_loss" in by_steps[0]["metrics"]
+    assert [m["checkpoint"] for m in run_json("-w", str(ws), "models") if m["task"] == "by-steps"] == [3]
     _restore_all(run, run_json, ws)
     rows = run_json("-w", str(ws), "list", "tiny")
     assert [(r["number"], r["step"], r["epoch"]) for r in rows] == [(1, 4, 0), (2, 8, 1), (3, 12, 2), (4, 16, 3)]

@@ -114,17 +114,19 @@ class CkptCallback(Callback):  # type: ignore[misc]
                 self.task.note_import(missing, None)
         return self.task
 
-    def _save(self, trainer: Any, pl_module: Any) -> None:
+    def _save(self, trainer: Any, pl_module: Any, epoch: int | None = None) -> None:
+        self._last_step = int(trainer.global_step)
+        epoch = int(trainer.current_epoch) if epoch is None else epoch
         task = self._task(pl_module)
         folder = Path(tempfile.mkdtemp(prefix="ckpt-lightning-"))
         try:
-            path = folder / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
+            path = folder / f"epoch={epoch}-step={trainer.global_step}.ckpt"
             trainer.save_checkpoint(str(path))  # every rank calls it; rank 0 writes
             if trainer.is_global_zero:
                 number = task.save_file(
                     path,
                     step=int(trainer.global_step),
-                    epoch=int(trainer.current_epoch),
+                    epoch=epoch,
                     metrics=_scalars(dict(trainer.callback_metrics)),
                 )
                 self.saved.append(number)
@@ -141,10 +143,14 @@ class CkptCallback(Callback):  # type: ignore[misc]
         self._save(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_epoch = int(trainer.current_epoch)  # at fit end the counter has moved past the last epoch
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.every_n_steps and getattr(self, "_last_step", -1) != int(trainer.global_step):
+            # the final weights: the model `finish` makes is the fit's last state
+            self._save(trainer, pl_module, getattr(self, "_batch_epoch", None))
         if trainer.is_global_zero and self.task is not None:
             self.task.finish()
 
