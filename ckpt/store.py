@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -329,6 +329,13 @@ class StoreWorkspace(Workspace):
             else:
                 sizes[i] += b.size
         return sizes, other
+
+    def trash_entry(self, entry_id: str) -> Entry:
+        """Trash entry `entry_id`; a pending one (an interrupted trash) is finished or undone first (_settle)."""
+        return _settle(self, _read_entry(self, entry_id))
+
+    def trash_leftovers(self) -> list[Path]:
+        return []  # an interrupted empty leaves an "emptying" entry, not a folder aside
 
     def model_folder(self, title: str) -> Path:
         return Path("models") / title
@@ -1447,33 +1454,6 @@ def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
     return RestoreResult(entry)
 
 
-def plan_empty(ws: StoreWorkspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
-    from .trash_results import EmptyPlan
-
-    skipped: list[tuple[str, str]] = []
-    if ids:
-        candidates = [_settle(ws, _read_entry(ws, i)) for i in dict.fromkeys(ids)]
-    else:
-        candidates, errors = list_entries(ws)
-        skipped += [("?", f"unreadable: {e}") for e in errors]
-    cutoff = datetime.now(UTC) - older_than if older_than is not None else None
-    chosen = []
-    for e in candidates:
-        if e.state == "gone":
-            continue
-        if e.state == "emptying":  # an interrupted empty: finished whatever its age
-            chosen.append(e)
-            continue
-        if e.state != "complete":
-            why = "being made, or interrupted in the last hour" if e.state == "pending" else "an interrupted restore"
-            skipped.append((e.id, f"{e.state}: {why}; see docs/s3.md"))
-            continue
-        if cutoff is not None and parse_iso(e.created) > cutoff:
-            continue
-        chosen.append(e)
-    return EmptyPlan(chosen, skipped, [])
-
-
 def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
     from .trash_results import EmptyResult
 
@@ -2134,7 +2114,6 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "trash_unused": trash_unused,
     "list_entries": list_entries,
     "restore": restore,
-    "plan_empty": plan_empty,
     "empty": empty,
     "trash_model": trash_model,
     "scan": scan,

@@ -931,25 +931,31 @@ def _is_file_or_folder(path: Path) -> bool:
 # --- empty -------------------------------------------------------------------------------------------
 
 
-@per_backend
 def plan_empty(ws: Workspace, ids: list[str] | None = None, older_than: timedelta | None = None) -> EmptyPlan:
-    """Choose the entries to delete: `ids` (all when empty or None), only those older than `older_than`.
-
-    Raises NotFoundError for an id that is not in the trash.
+    """Choose the entries to delete: `ids` (all when empty or None), only those older than `older_than`; an
+    entry an interrupted empty left ("emptying") is chosen whatever its age, one being made or restored
+    (or interrupted doing so) is skipped. One plan for every store (`ws.trash_entry` reads an entry as
+    it stands; a bucket settles a pending one first). Raises NotFoundError for an id not in the trash.
     """
     from .trash_results import EmptyPlan
 
-    chosen: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     if ids:
-        candidates = [read_entry(ws, i) for i in dict.fromkeys(ids)]
+        candidates = [ws.trash_entry(i) for i in dict.fromkeys(ids)]
     else:
         candidates, errors = list_entries(ws)
         skipped.extend((str(e.path and Path(e.path).parent.name), f"unreadable: {e}") for e in errors)
     cutoff = datetime.now(UTC) - older_than if older_than is not None else None
+    chosen: list[Entry] = []
     for e in candidates:
+        if e.state == "gone":
+            continue
+        if e.state == "emptying":
+            chosen.append(e)
+            continue
         if e.state != "complete":
-            skipped.append((e.id, f"{e.state} (an interrupted operation; run: ckpt doctor)"))
+            doing = "being restored" if e.state == "restoring" else "being made"
+            skipped.append((e.id, f"{e.state}: {doing}, or interrupted doing so; run: ckpt doctor"))
             continue
         if cutoff is not None:
             try:
@@ -959,10 +965,12 @@ def plan_empty(ws: Workspace, ids: list[str] | None = None, older_than: timedelt
                 skipped.append((e.id, f"unreadable created time {e.created!r}"))
                 continue
         chosen.append(e)
-    return EmptyPlan(chosen, skipped, _deleting_leftovers(ws))
+    return EmptyPlan(chosen, skipped, ws.trash_leftovers())
 
 
-def _deleting_leftovers(ws: Workspace) -> list[Path]:
+def deleting_leftovers(ws: Workspace) -> list[Path]:
+    """Folders an interrupted `trash empty` renamed aside and did not finish deleting (a folder's
+    `Workspace.trash_leftovers`)."""
     try:
         with os.scandir(ws.trash_dir) as it:
             return sorted(Path(e.path) for e in it if e.name.startswith(DELETING_PREFIX))
@@ -1192,7 +1200,7 @@ def recover_workspace(ws: Workspace, *, dry_run: bool = False, stale_after: floa
                 if fresh is not None and fresh.state != "complete":
                     repairs.append(_recover_entry(task, fresh))
     # 3. folders in the trash: `.deleting-*` (committed to deletion) and entry folders with no entry.toml
-    for path in _deleting_leftovers(ws):
+    for path in deleting_leftovers(ws):
         repairs.append(Repair(ws.rel(path), "an interrupted trash empty", "would delete it" if dry_run else "deleted"))
         if not dry_run:
             _delete_trees([path])

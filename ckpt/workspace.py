@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .importer import Unknown
     from .models import Model, ModelIndex
     from .staging import Marker
+    from .trash import Entry
     from .trash_results import Repair
     from .verify import Stored
 
@@ -554,6 +555,18 @@ class Workspace:
     def hash_files(self, handles: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
         """The store's step of verify: the sha256 of each file, on all cores; `done(i)` as each is hashed."""
         return fsutil.sha256_many(handles, workers=fsutil.hash_workers(total), done=done)
+
+    def trash_entry(self, entry_id: str) -> Entry:
+        """Trash entry `entry_id` as it stands; raises NotFoundError, ManifestError, IntegrityError (a link)."""
+        from .trash import read_entry
+
+        return read_entry(self, entry_id)
+
+    def trash_leftovers(self) -> list[Path]:
+        """What an interrupted `trash empty` left to delete: folders renamed aside (`.deleting-*`)."""
+        from .trash import deleting_leftovers
+
+        return deleting_leftovers(self)
 
     def model_folder(self, title: str) -> Path:
         """Where model `title`'s folder is (a `Model`'s `folder`)."""
