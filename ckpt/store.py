@@ -334,6 +334,12 @@ class StoreWorkspace(Workspace):
         """Trash entry `entry_id`; a pending one (an interrupted trash) is finished or undone first (_settle)."""
         return _settle(self, _read_entry(self, entry_id))
 
+    def trash_entry_ids(self) -> tuple[list[str], list[CkptError]]:
+        """The entry ids under trash/ (one LIST with a delimiter); ids sort by creation time."""
+        from .trash import ENTRY_ID
+
+        return sorted(i for i in self.storage.children("trash/") if ENTRY_ID.fullmatch(i)), []
+
     def trash_leftovers(self) -> list[Path]:
         return []  # an interrupted empty leaves an "emptying" entry, not a folder aside
 
@@ -1268,23 +1274,6 @@ def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
     return entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
 
 
-def list_entries(ws: StoreWorkspace) -> tuple[list[Entry], list[CkptError]]:
-    from .trash import ENTRY_ID
-
-    entries: list[Entry] = []
-    errors: list[CkptError] = []
-    for entry_id in ws.storage.children("trash/"):
-        if not ENTRY_ID.fullmatch(entry_id):
-            continue
-        try:
-            entries.append(_settle(ws, _read_entry(ws, entry_id)))
-        except NotFoundError:
-            continue  # copies without their record (an interrupted empty): not an entry
-        except CkptError as e:
-            errors.append(e)
-    return [e for e in entries if e.state != "gone"], errors
-
-
 def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
     """A "pending" entry of an interrupted trash: finished when its records left the manifest, else undone."""
     if entry.state != "pending":
@@ -2112,7 +2101,6 @@ def _check_task(
 # signatures as the local ones); an operation missing here is refused with exit 2
 OPERATIONS: dict[str, Callable[..., Any]] = {
     "trash_unused": trash_unused,
-    "list_entries": list_entries,
     "restore": restore,
     "empty": empty,
     "trash_model": trash_model,

@@ -206,39 +206,45 @@ def _entry_or_none(ws: Workspace, entry_id: str) -> Entry | None:
         return None
 
 
-def entry_ids(ws: Workspace) -> list[str]:
-    """Ids of the folders in the trash that hold an entry, oldest first."""
+def entry_ids(ws: Workspace) -> tuple[list[str], list[CkptError]]:
+    """Ids of the folders in the trash that hold an entry, oldest first, and an error for each entry that is
+    a symlink (reported, never followed: emptying removes the link only, restoring refuses it): a folder's
+    `Workspace.trash_entry_ids`."""
     try:
         with os.scandir(ws.trash_dir) as it:
-            names = [e.name for e in it if ENTRY_ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+            found = [
+                (e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in it if ENTRY_ID.fullmatch(e.name)
+            ]
     except FileNotFoundError:
-        return []
-    return sorted(n for n in names if os.path.isfile(os.path.join(ws.trash_dir, n, ENTRY_FILE)))
+        return [], []
+    ids = sorted(n for n, _, d in found if d and os.path.isfile(os.path.join(ws.trash_dir, n, ENTRY_FILE)))
+    links: list[CkptError] = [
+        IntegrityError(
+            f"trash entry '{name}' is a symlink; ckpt does not follow it",
+            path=ws.trash_dir / name / ENTRY_FILE,
+            hint=f"remove the link {ws.rel(ws.trash_dir / name)} by hand",
+        )
+        for name in sorted(n for n, link, _ in found if link)
+    ]
+    return ids, links
 
 
-@per_backend
 def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
-    """Every readable trash entry (oldest first), and the errors of those that could not be read."""
+    """Every readable trash entry (oldest first), and the errors of those that could not be read. One listing
+    for every store: `ws.trash_entry_ids` names them (with the errors of entries it will not read), and
+    `ws.trash_entry` reads each as it stands (a bucket settles a pending one: finished or undone)."""
+    ids, errors = ws.trash_entry_ids()
     entries: list[Entry] = []
-    errors: list[CkptError] = []
-    for entry_id in entry_ids(ws):
+    for entry_id in ids:
         try:
-            entries.append(read_entry(ws, entry_id))
+            entry = ws.trash_entry(entry_id)
+        except NotFoundError:
+            continue  # emptied or restored meanwhile (in a bucket: copies without their record)
         except CkptError as e:
             errors.append(e)
-    try:
-        with os.scandir(ws.trash_dir) as it:
-            links = sorted(e.name for e in it if ENTRY_ID.fullmatch(e.name) and e.is_symlink())
-    except FileNotFoundError:
-        links = []
-    for name in links:  # reported, never followed: emptying removes the link only, restoring refuses it
-        errors.append(
-            IntegrityError(
-                f"trash entry '{name}' is a symlink; ckpt does not follow it",
-                path=ws.trash_dir / name / ENTRY_FILE,
-                hint=f"remove the link {ws.rel(ws.trash_dir / name)} by hand",
-            )
-        )
+            continue
+        if entry.state != "gone":
+            entries.append(entry)
     return entries, errors
 
 

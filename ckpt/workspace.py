@@ -562,6 +562,12 @@ class Workspace:
 
         return read_entry(self, entry_id)
 
+    def trash_entry_ids(self) -> tuple[list[str], list[CkptError]]:
+        """The trash's entry ids, oldest first, and an error for each entry that is a symlink (never read)."""
+        from .trash import entry_ids
+
+        return entry_ids(self)
+
     def trash_leftovers(self) -> list[Path]:
         """What an interrupted `trash empty` left to delete: folders renamed aside (`.deleting-*`)."""
         from .trash import deleting_leftovers
