@@ -827,14 +827,21 @@ def _save_log_cache(path: Path, records: list[Checkpoint]) -> None:
 
 
 def download_cached(storage: Storage, key: str, sha256: str, name: str, size: int | None = None) -> Path:
-    """`key` in the local cache under its sha256 (downloaded once, then reused); returns the local path.
+    """`key` in the local cache under its sha256 (downloaded and verified once, then reused); the local path.
 
     A folder checkpoint (the objects under `key/`) is downloaded as a folder and checked by its tree digest.
-    A cached copy whose size is no longer `size` (changed on this machine) is downloaded again."""
+    Beside a verified copy lies its stamp (`<copy>.ok`: the size, mtime and inode of each of its files when it
+    was verified); a copy whose files no longer match their stamp (changed on this machine, even at the same
+    size), or has none, is downloaded again. `size` is the recorded size, checked too."""
     folder = cache_dir() / "objects" / sha256[:2]
     dest = folder / f"{sha256}{os.path.splitext(name)[1]}"
+    stamp = dest.with_name(dest.name + ".ok")
     if dest.is_file() or dest.is_dir():
-        if size is None or _cached_size(dest) == size:
+        try:
+            held = stamp.read_text()
+        except OSError:
+            held = ""
+        if held and held == _stamp(dest) and (size is None or _cached_size(dest) == size):
             return dest
         if dest.is_dir():
             fsutil.remove_tree(dest)
@@ -843,18 +850,36 @@ def download_cached(storage: Storage, key: str, sha256: str, name: str, size: in
     folder.mkdir(parents=True, exist_ok=True)
     inside = [b.key for b in storage.list_prefix(key + "/")] if not os.path.splitext(name)[1] else []
     if inside:
-        return _download_tree(storage, key, inside, sha256, dest)
-    tmp = fsutil.temp_path(folder, dest.name)
-    try:
-        storage.download(key, tmp)
-        if fsutil.sha256_file(tmp) != sha256:
-            raise IntegrityError(f"{storage.url}/{key} does not match its recorded sha256", hint="run: ckpt verify")
-        os.replace(tmp, dest)
-    except FileNotFoundError:
-        raise IntegrityError(f"{storage.url}/{key} is missing", hint="run: ckpt verify") from None
-    finally:
-        fsutil.remove_file(tmp)
+        _download_tree(storage, key, inside, sha256, dest)
+    else:
+        tmp = fsutil.temp_path(folder, dest.name)
+        try:
+            storage.download(key, tmp)
+            if fsutil.sha256_file(tmp) != sha256:
+                raise IntegrityError(f"{storage.url}/{key} does not match its recorded sha256", hint="run: ckpt verify")
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            raise IntegrityError(f"{storage.url}/{key} is missing", hint="run: ckpt verify") from None
+        finally:
+            fsutil.remove_file(tmp)
+    fsutil.atomic_write_nosync(stamp, _stamp(dest).encode())
     return dest
+
+
+def _stamp(path: Path) -> str:
+    """What a verified copy looked like: each file's relative name, size, mtime and inode ('' if unreadable)."""
+    try:
+        if path.is_dir():
+            files = [(rel, path / rel) for rel, _ in fsutil.tree_files(path)]
+        else:
+            files = [("", path)]
+        lines = []
+        for rel, p in files:
+            st = os.stat(p, follow_symlinks=False)
+            lines.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\n")
+        return "".join(lines)
+    except (OSError, CkptError):
+        return ""
 
 
 def _cached_size(path: Path) -> int:

@@ -762,3 +762,18 @@ def test_a_local_copy_changed_on_this_machine_is_downloaded_again(memory: Callab
     path.write_bytes(b"tampered, longer than it was")
     again = fresh(st).task("unet").local_path(cp)
     assert again.read_bytes() == b"weights 0"
+
+
+def test_a_local_copy_changed_at_the_same_size_is_downloaded_again(memory: Callable[[], MemoryStorage]) -> None:
+    import os
+    import time
+
+    st = memory()
+    ws = seeded(st, n=1)
+    task = ws.task("unet")
+    cp = task.checkpoint(1)
+    path = task.local_path(cp)
+    time.sleep(0.01)
+    path.write_bytes(b"weights X")  # same size, other bytes
+    os.utime(path)
+    assert fresh(st).task("unet").local_path(cp).read_bytes() == b"weights 0"
