@@ -245,7 +245,16 @@ def list_entries(ws: Workspace) -> tuple[list[Entry], list[CkptError]]:
             continue
         if entry.state != "gone":
             entries.append(entry)
+    # oldest first by the time recorded (to the microsecond): ids name the second only, then a random suffix
+    entries.sort(key=lambda e: (_created_key(e.created), e.id))
     return entries, errors
+
+
+def _created_key(created: str) -> float:
+    try:
+        return parse_iso(created).timestamp()
+    except (ValueError, OverflowError):
+        return float("inf")  # unreadable: after the others
 
 
 def _new_entry(ws: Workspace) -> tuple[str, Path]:

@@ -474,3 +474,16 @@ def test_new_folders_of_a_trash_entry_are_made_durable_in_their_parents(
     first_move = events.index("rename")
     for parent in (ws.trash_dir, entry, entry / "files"):
         assert f"fsync {parent}" in events[:first_move], parent
+
+
+def test_trash_list_is_oldest_first_within_one_second(ws: ckpt.Workspace) -> None:
+    from ckpt.trash import KeepRules, list_entries, trash_unused
+
+    task = ws.create_task("order")
+    for i in range(6):
+        task.save(f"w{i}".encode())
+    made = []
+    for keep in (4, 3, 2, 1, 0):  # five trash-unused within a second or so: ids share their time part
+        made.append(trash_unused(ws, "order", KeepRules(keep_last=keep)).entry)
+    entries, _ = list_entries(ws)
+    assert [e.id for e in entries] == [m for m in made if m is not None] and len(entries) >= 4
