@@ -28,6 +28,18 @@ from .workspace import Task, TaskSummary, Workspace
 
 __version__ = "0.1.0"
 
+
+def _open_url(url: str, create: bool) -> Workspace:
+    """A workspace in object storage (`s3://bucket/prefix`): made with `create`, else opened. The package is
+    where both stores meet: ckpt.workspace (the folder) does not import ckpt.store (the bucket), which builds
+    on it; ckpt.store is imported only when a URL is opened."""
+    from .store import StoreWorkspace
+
+    return StoreWorkspace.init_url(url) if create else StoreWorkspace.open_url(url)
+
+
+Workspace.url_opener = _open_url
+
 __all__ = [
     "BusyError",
     "Checkpoint",

@@ -13,14 +13,18 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ManifestError
+from .layout import LOCK_FILE
 from .manifest import TaskState, parse_task, parse_toml, salvage_task, task_bytes
 from .trash import recover_workspace
 from .trash_results import Repair
-from .workspace import LOCK_FILE, Task, Workspace
+
+if TYPE_CHECKING:
+    from .workspace import Task, Workspace
 
 
 @per_backend

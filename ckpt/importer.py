@@ -21,10 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, NotFoundError, TaskNotFound, UsageError
-from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, pointer_target, step_epoch
-from .names import check_task_name
-from .pathtext import escape_path
-from .workspace import (
+from .layout import (
     CACHE_FILE,
     CHECKPOINT_DIR,
     IMPORT_MARKER_PREFIX,
@@ -35,6 +32,9 @@ from .workspace import (
     TASK_FILE,
     Incoming,
 )
+from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, pointer_target, step_epoch
+from .names import check_task_name
+from .pathtext import escape_path
 
 if TYPE_CHECKING:
     from .formats import LightningState

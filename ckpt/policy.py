@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import math
 import os
 import queue
 import threading
@@ -30,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CkptError, ManifestError, UsageError
 from .metrics import check_modes, direction, value
-from .timeutil import parse_age, parse_iso
+from .timeutil import parse_age
 
 if TYPE_CHECKING:
-    from .manifest import Checkpoint
     from .trash import KeepRules, TrashResult
     from .workspace import Task, Workspace
 
@@ -41,54 +39,8 @@ KEYS = ("keep_last", "keep_best", "metric", "mode", "keep_every", "keep_interval
 _UNITS = (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 
-# --- the rules keep-every and keep-interval (pure) -------------------------------------------------------
-
-
-def keep_every(cps: list[Checkpoint], every: int) -> list[tuple[int, str]]:
-    """(number, why) for the first checkpoint at or after each multiple of `every` steps (K, 2K, ...): the one
-    with the smallest step not below it, the lower number on a tie. Checkpoints without a step are not
-    considered; a gap spanning several multiples keeps one checkpoint for all of them."""
-    if every <= 0:
-        return []
-    stepped = sorted((cp.step, cp.number) for cp in cps if cp.step is not None and cp.step >= 0)
-    out: list[tuple[int, str]] = []
-    covered = 0  # multiples up to covered * every already have their checkpoint
-    for step, number in stepped:
-        reached = step // every
-        if reached > covered:
-            out.append((number, f"keep-every {every} (step {step}, first at or after {reached * every})"))
-            covered = reached
-    return out
-
-
-def keep_interval(cps: list[Checkpoint], seconds: int, created: str) -> list[tuple[int, str]]:
-    """(number, why) for the latest checkpoint (highest number) of each interval of `seconds`, counted from
-    `created` (the task's creation). A checkpoint whose time cannot be read, or that is older than the
-    task, counts in the first interval."""
-    if seconds <= 0:
-        return []
-    try:
-        start = parse_iso(created)
-    except ValueError:
-        return []
-    latest: dict[int, int] = {}
-    for cp in cps:
-        try:
-            index = max(0, math.floor((parse_iso(cp.created) - start).total_seconds() / seconds))
-        except ValueError:
-            index = 0
-        if cp.number > latest.get(index, 0):
-            latest[index] = cp.number
-    text = interval_text(seconds)
-    return [(number, f"keep-interval {text} (the latest of interval {index + 1})") for index, number in latest.items()]
-
-
-def interval_text(seconds: int) -> str:
-    """21600 -> "6h": the largest unit that divides it."""
-    for unit, size in _UNITS:
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"  # pragma: no cover (every whole number of seconds divides by 1)
+# the rules keep-every and keep-interval (pure) are in ckpt.keep, below ckpt.trash which applies them
+from .keep import interval_text, keep_every, keep_interval  # noqa: E402,F401 (re-exported)
 
 
 def parse_interval(text: str) -> int:
@@ -398,8 +350,8 @@ class _Worker:
     """One background thread per task (per process) that applies its policy after saves, one run at a time:
     saves that come while a run is queued are folded into it (it reads the manifest when it starts)."""
 
-    def __init__(self, location: str, task: str):
-        self.location, self.task = location, task
+    def __init__(self, location: str, task: str, opener: Callable[[str], Workspace]):
+        self.location, self.task, self.opener = location, task, opener
         self.jobs: queue.Queue[tuple[int, frozenset[int]] | None] = queue.Queue()
         self.pending = 0  # saves not yet covered by a finished run
         self.cond = threading.Condition()
@@ -435,7 +387,7 @@ class _Worker:
             # only the newest save (and what its caller keeps, e.g. the Trainer's best) is protected: the saves
             # folded into this run are older ones the policy decides on, so that after wait() the task conforms
             try:
-                _apply_after_save(self.location, self.task, newest[0], set(newest[1]))
+                _apply_after_save(self.opener, self.location, self.task, newest[0], set(newest[1]))
             except BaseException as e:  # a policy error is a warning: the training loop goes on
                 with contextlib.suppress(Exception):  # warnings turned into errors must not end this thread
                     warnings.warn(
@@ -457,11 +409,12 @@ _at_exit = False
 _warned_metric: set[tuple[str, str, str]] = set()  # (location, task, metric) warned about as recorded nowhere
 
 
-def _apply_after_save(location: str, task_name: str, number: int, keep: set[int]) -> None:
+def _apply_after_save(
+    opener: Callable[[str], Workspace], location: str, task_name: str, number: int, keep: set[int]
+) -> None:
     from .trash import trash_unused
-    from .workspace import Workspace
 
-    ws = Workspace.open(location)  # its own handles: the training thread's task object is not shared
+    ws = opener(location)  # its own handles: the training thread's task object is not shared
     eff = effective(ws, task_name)
     if eff.rules is None:
         return
@@ -503,7 +456,7 @@ def after_save(task: Task, number: int, keep: Iterable[int] = ()) -> None:
     with _workers_lock:
         worker = _workers.get(key)
         if worker is None:
-            worker = _workers[key] = _Worker(*key)
+            worker = _workers[key] = _Worker(*key, type(task.ws).open)  # the same store, its own handles
         if not _at_exit:
             atexit.register(wait_all)
             _at_exit = True

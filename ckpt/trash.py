@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 from . import fsutil
 from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, ManifestError, NotFoundError, UsageError
+from .layout import LOCK_FILE as TASK_LOCK
+from .layout import PENDING_PREFIX
 from .manifest import FORMAT, Checkpoint, TaskState, check_files, check_format, dumps, read_toml
 from .metrics import Direction, rank, require
 from .names import describe, is_valid_name
 from .timeutil import now_iso, parse_iso
 from .timeutil import parse_age as parse_age  # where `ckpt trash empty --older-than` finds it
-from .workspace import LOCK_FILE as TASK_LOCK
-from .workspace import PENDING_PREFIX
 
 if TYPE_CHECKING:
     from .trash_results import DiskUse, EmptyPlan, EmptyResult, Held, ModelTrashResult, Repair, RestoreResult
@@ -601,7 +601,7 @@ def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: 
         if number in why:
             why[number].append("just saved")
     if rules.keep_every or rules.keep_interval:
-        from .policy import keep_every, keep_interval  # the policy's rules: only where one asks for them
+        from .keep import keep_every, keep_interval  # only where one asks for them
 
         for number, why_kept in (
             *keep_every(cps, rules.keep_every),

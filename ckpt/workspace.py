@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
 
 from . import fsutil
 from .backend import F
@@ -57,17 +57,22 @@ if TYPE_CHECKING:
     from .trash_results import Repair
     from .verify import Stored
 
-WORKSPACE_FILE = "ckpt.toml"
-TASK_FILE = "task.toml"
-CACHE_FILE = ".task.cache.json"
-LIST_CACHE_FILE = ".task.list.cache"  # rendered rows of `ckpt list --json` (see manifest.RowCache)
-SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see manifest.SummaryCache)
-TASK_ROWS_CACHE_FILE = ".tasks.rows.cache.json"  # in tasks/: every task's rendered row (see manifest.TaskRowsCache)
-LOCK_FILE = ".lock"
-CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
-SETTINGS_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
-CHECKPOINT_DIR = "checkpoints"
-PENDING_PREFIX = ".pending-"
+from .layout import (  # noqa: F401 (re-exported: where tests and older callers find them)
+    CACHE_FILE,
+    CHECKPOINT_DIR,
+    CREATE_LOCK_FILE,
+    IMPORT_MARKER_PREFIX,
+    LIST_CACHE_FILE,
+    LOCK_FILE,
+    PENDING_PREFIX,
+    SETTINGS_LOCK,
+    STAGING_PREFIX,
+    SUMMARY_CACHE_FILE,
+    TASK_FILE,
+    TASK_ROWS_CACHE_FILE,
+    WORKSPACE_FILE,
+    Incoming,
+)
 
 
 def find_workspace(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:
@@ -159,6 +164,17 @@ class Workspace:
 
     # -- opening --
 
+    # How a workspace named by a URL is made or opened: (url, create) -> the workspace. Set once by the package
+    # (ckpt/__init__.py), which knows both stores; this module knows only the folder (no import of ckpt.store).
+    url_opener: ClassVar[Callable[[str, bool], Workspace] | None] = None
+
+    @classmethod
+    def _url(cls, url: str, create: bool) -> Workspace:
+        opener = Workspace.url_opener
+        if opener is None:  # pragma: no cover (ckpt/__init__.py sets it whenever ckpt.workspace is imported)
+            raise UsageError(f"cannot open {url!r}: import ckpt first")
+        return opener(url, create)
+
     @classmethod
     def init(cls, path: str | os.PathLike[str] = ".") -> Workspace:
         """Create a workspace at `path` (the folder may exist) and return it; an existing one is opened.
@@ -166,9 +182,7 @@ class Workspace:
         `path` may be a URL (`s3://bucket/prefix`): the workspace is then made in object storage.
         """
         if is_url(path):
-            from .store import StoreWorkspace
-
-            return StoreWorkspace.init_url(str(path))
+            return cls._url(str(path), True)
         root = Path(path).expanduser()
         if (root / WORKSPACE_FILE).exists():
             return cls.open(root)
@@ -189,9 +203,7 @@ class Workspace:
         """
         chosen = path if path not in (None, "") else os.environ.get("CKPT_WORKSPACE") or None
         if is_url(chosen):
-            from .store import StoreWorkspace
-
-            return StoreWorkspace.open_url(str(chosen))
+            return cls._url(str(chosen), False)
         root = find_workspace(path)
         for own in (WORKSPACE_FILE, "tasks", "models", "trash"):
             fsutil.refuse_links(root, own)  # before anything is read or made through one
@@ -1388,27 +1400,6 @@ def ranges(numbers: list[int]) -> str:
         if n is not None:
             start = prev = n
     return ", ".join(parts)
-
-
-STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
-IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)
-
-
-@dataclass(slots=True)
-class Incoming:
-    """A file or folder to add to a task as it is (see Task.add_existing)."""
-
-    source: Path
-    original_name: str
-    size: int
-    sha256: str  # of the file; of a folder, fsutil.tree_digest of its files
-    step: int | None = None
-    epoch: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    created: str | None = None
-    files: list[tuple[str, int, str]] | None = None  # a folder's (relative path, size, sha256), if known
-    is_dir: bool = False
-    dev: int = -1  # st_dev of the source: a hard link needs the same file system
 
 
 def _staging_name() -> str:

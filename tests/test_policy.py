@@ -286,7 +286,7 @@ def test_coalesced_background_runs_protect_only_the_newest_save(
     real, go, calls = policy._apply_after_save, threading.Event(), []
 
     def held(*args: Any) -> None:  # the first run waits until every save is queued: the rest fold into one run
-        calls.append(args[2])
+        calls.append(args[3])  # (opener, location, task, number, keep)
         go.wait(10)
         real(*args)
 
