@@ -9,6 +9,7 @@ as torch does. Everything is written under a temporary name (`.NAME.tmp-*`) and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -340,7 +341,14 @@ def export(
             result.files = names_
             result.bytes = sum((tmp / x).stat().st_size for x in names_)
             _fsync_dir(tmp)
-            os.rename(tmp, out)
+            try:  # never replaces: a folder (even an empty one) or file that appeared at `out` meanwhile is kept
+                fsutil.move_noreplace(tmp, out)
+            except OSError as e:  # ConflictError too: another export won the race (exit 4, as for one file)
+                if not isinstance(e, ConflictError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+                raise ConflictError(
+                    f"'{out}' already exists", path=out, hint="remove it or pass another --out"
+                ) from None
         _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

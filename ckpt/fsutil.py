@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BusyError, CkptError, ConflictError, NotRegularFile, SymlinkError, WriteError
+from .errors import BusyError, CkptError, ConflictError, IntegrityError, NotRegularFile, SymlinkError, WriteError
 
 if TYPE_CHECKING:
     import ctypes
@@ -801,7 +801,11 @@ def tree_files(path: Path) -> list[tuple[str, int]]:
             for e in it:
                 rel = f"{prefix}{e.name}"
                 if e.is_symlink():
-                    raise CkptError(f"'{e.path}' is a symlink; ckpt does not follow links in checkpoints", path=e.path)
+                    raise IntegrityError(  # exit 6, as for a checkpoint file that is a link
+                        f"'{e.path}' is a symlink; ckpt does not follow links in checkpoints",
+                        path=e.path,
+                        hint="replace the link with the file it points at",
+                    )
                 if e.is_dir(follow_symlinks=False):
                     walk(Path(e.path), rel + "/")
                 elif e.is_file(follow_symlinks=False):

@@ -32,7 +32,7 @@ from .layout import (
     TASK_FILE,
     Incoming,
 )
-from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, pointer_target, step_epoch
+from .layouts import COMPOSER_FILE, KINDS, find_run, folder_kind, link_below, pointer_target, step_epoch
 from .names import check_task_name
 from .pathtext import escape_path
 
@@ -245,8 +245,8 @@ def detect_format(path: Path) -> str:
     """The format of `path`: "huggingface" (checkpoint-N folders), "lightning" (*.ckpt files), else "files"."""
     if path.is_dir():
         if HF_DIR.fullmatch(path.name) or any(
-            HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in os.scandir(path)
-        ):
+            HF_DIR.fullmatch(e.name) and (e.is_dir(follow_symlinks=False) or e.is_symlink()) for e in os.scandir(path)
+        ):  # a checkpoint-N link is a Trainer's too: listed as skipped, never followed
             return "huggingface"
         run = find_run(path)
         if run is not None:
@@ -447,6 +447,21 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
     else:
         root = path
         dirs = [Path(e.path) for e in os.scandir(path) if HF_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    skipped: list[ImportRow] = []
+    if not HF_DIR.fullmatch(path.name):
+        for e in sorted(os.scandir(path), key=lambda e: e.name):
+            if HF_DIR.fullmatch(e.name) and e.is_symlink():  # never followed (as a DCP step link)
+                target = escape_path(os.readlink(e.path))
+                skipped.append(_skip(Path(e.path), e.name, f"a symlink (to {target}); never followed, not imported"))
+    kept = []
+    for d in dirs:  # a file in it (at any depth) replaced by a link: skipped (given on its own: exit 6 at hashing)
+        link = link_below(d) if d != path else None
+        if link is None:
+            kept.append(d)
+        else:
+            what = f"a step folder that holds the symlink {escape_path(link)}; never followed, not imported"
+            skipped.append(_skip(d, _rel(d, root), what))
+    dirs = kept
     top = _read_json(root / "trainer_state.json")
     best = top.get("best_model_checkpoint")
     best_step = int(top["global_step"]) if isinstance(top.get("global_step"), int) else -1
@@ -470,7 +485,7 @@ def find_huggingface(path: Path) -> tuple[list[Found], list[ImportRow]]:
         for c in found:
             if Path(best).name == c.path.name:
                 c.note = "the Trainer's best_model_checkpoint"
-    return found, []
+    return found, skipped
 
 
 def find_steps(path: Path) -> tuple[list[Found], list[ImportRow]]:
@@ -630,13 +645,7 @@ def plan(
         raise UsageError(f"unknown format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
     if not os.path.lexists(path):
         raise NotFoundError(f"'{path}' does not exist", path=path)
-    if fsutil.is_symlink(path):  # never followed: an import would link, copy or move the link's target
-        target = escape_path(os.readlink(path))
-        raise IntegrityError(
-            f"'{path}' is a symlink (to {target}); ckpt never follows a link",
-            path=path,
-            hint=f"import what it points at: ckpt import {target}",
-        )
+    _refuse_link(path)
     if not path.is_dir():
         _check_single_file(path)
     if fmt == "auto":
@@ -654,6 +663,16 @@ def plan(
         )
     hash_found(found, progress)
     return fmt, found, skipped
+
+
+def _refuse_link(path: Path) -> None:
+    if fsutil.is_symlink(path):  # never followed: an import would link, copy or move the link's target
+        target = escape_path(os.readlink(path))
+        raise IntegrityError(
+            f"'{path}' is a symlink (to {target}); ckpt never follows a link",
+            path=path,
+            hint=f"import what it points at: ckpt import {target}",
+        )
 
 
 def _check_single_file(path: Path) -> None:
@@ -697,6 +716,7 @@ def import_path(
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="use --link, --copy or --move")
     src = Path(path).expanduser()
+    _refuse_link(src)  # before resolving it: a link loop is refused as a link, not a resolve error
     if ws.holds(src):
         raise UsageError(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"

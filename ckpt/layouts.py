@@ -110,6 +110,19 @@ def _link_inside(path: Path) -> str | None:
     return links[0] if dcp or sharded or ds else None
 
 
+def link_below(path: Path) -> str | None:
+    """The path (relative to folder `path`, in name order) of the first symlink at any depth under it, else None:
+    a step folder holding one (a shard replaced by a link) is skipped, never read through."""
+    for e in _names(path):
+        if e.is_symlink():
+            return e.name
+        if e.is_dir(follow_symlinks=False):
+            inner = link_below(Path(e.path))
+            if inner is not None:
+                return f"{e.name}/{inner}"
+    return None
+
+
 def step_epoch(name: str) -> tuple[int | None, int | None]:
     """(step, epoch) that a step folder's or file's name records: `global_step300`, `step_300`,
     `epoch=1-step=300`, Composer's `ep1-ba300-rank0.pt`; a name with one number and no word is that step."""
@@ -167,9 +180,11 @@ def find_run(path: Path, *, mixed: bool = False) -> RunLayout | None:
         if e.is_dir():
             k = folder_kind(p)
             link = _link_inside(p) if k is None else None
+            if k is not None:
+                link = link_below(p)  # a shard (at any depth) replaced by a link: the step is skipped
             if link is not None:  # a step folder but for a link in it: never read through, said as skipped
                 links.append(Pointer(p, e.name, f"holds the symlink {link}"))
-            if k is not None:
+            elif k is not None:
                 kinds.append(k)
                 step, epoch = step_epoch(e.name)
                 steps.append(Step(p, e.name, True, step, epoch))

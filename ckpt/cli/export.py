@@ -35,7 +35,8 @@ class _Terminated(BaseException):
 
 @contextlib.contextmanager
 def _terminate_cleanly() -> Iterator[None]:
-    """SIGTERM raises _Terminated inside the block, so `finally` removes what the export left; exit 143."""
+    """SIGTERM (also SIGHUP, SIGUSR1) raises _Terminated inside the block, so `finally` removes what the export
+    left; exit 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP)."""
     import signal
     import threading
 
@@ -43,17 +44,23 @@ def _terminate_cleanly() -> Iterator[None]:
         yield
         return
 
+    caught: list[int] = []
+
     def on_term(signum: int, frame: object) -> None:
+        caught.append(signum)
         raise _Terminated
 
-    old = signal.signal(signal.SIGTERM, on_term)
+    # SIGHUP: the terminal closed; SIGUSR1 (a batch system's warning): both end the process by default too
+    signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n)]
+    old = {n: signal.signal(n, on_term) for n in signums}
     try:
         yield
     except _Terminated:
         err("terminated")
-        raise typer.Exit(143) from None
+        raise typer.Exit(128 + caught[0]) from None
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for n, handler in old.items():
+            signal.signal(n, handler)
 
 
 @command(app, "export")
