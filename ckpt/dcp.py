@@ -16,7 +16,7 @@ from typing import Any
 
 from . import fsutil
 from .errors import CkptError, IntegrityError, UnsafeFileError
-from .formats import ITEMSIZE
+from .formats import DTYPE_NAMES, ITEMSIZE
 from .unpickle import BoundedUnpickler, Budget, TooComplex
 
 METADATA_FILE = ".metadata"
@@ -41,28 +41,6 @@ _CALLS = {
     ("pathlib", "PurePosixPath"),
     ("pathlib", "PureWindowsPath"),
     ("pathlib", "Path"),
-}
-_DTYPES = {
-    "float32",
-    "float64",
-    "float16",
-    "bfloat16",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint8",
-    "bool",
-    "complex64",
-    "complex128",
-    "float8_e4m3fn",
-    "float8_e5m2",
-    "uint16",
-    "uint32",
-    "uint64",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "float8_e8m0fnu",
 }
 MAX_METADATA = 1 << 30
 
@@ -120,7 +98,7 @@ class _MetadataUnpickler(BoundedUnpickler):
             found: Any = type(name, (_Record,), {"kind": name, "__module__": "ckpt.dcp.standin"})
         elif key in _CALLS:
             found = _Call(key, self)
-        elif module == "torch" and name in _DTYPES:
+        elif module == "torch" and name in DTYPE_NAMES:
             found = name
         else:
             raise UnsafeFileError(f"global {module}.{name}")

@@ -37,7 +37,7 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128",
 }
-_DTYPE_NAMES = {
+DTYPE_NAMES = {  # the dtypes torch pickles by name (torch.float32...): inert when unpickled
     "float32",
     "float64",
     "float16",
@@ -203,7 +203,7 @@ class _Global:
             stride = args[3] if len(args) > 3 and isinstance(args[3], tuple | list) else None
             strides = [int(x) for x in stride] if stride is not None and all(type(x) is int for x in stride) else None
             dtype = storage.dtype
-            if key[1] == "_rebuild_tensor_v3" and len(args) > 6 and args[6] in _DTYPE_NAMES:
+            if key[1] == "_rebuild_tensor_v3" and len(args) > 6 and args[6] in DTYPE_NAMES:
                 dtype = args[6]  # an UntypedStorage (float8, uint16/32/64): the dtype is the 7th argument
             return _Tensor([int(s) for s in size], dtype, storage, offset if type(offset) is int else 0, strides)
         if key in (
@@ -284,7 +284,7 @@ class _ScanUnpickler(BoundedUnpickler):
             return _STORAGE_DTYPES[name]
         if (module, name) in _UNTYPED_STORAGES:  # torch's weights-only loader admits it (its dtype comes later)
             return "unknown"
-        if module == "torch" and name in _DTYPE_NAMES:
+        if module == "torch" and name in DTYPE_NAMES:
             return name
         if (module, name) in _SAFE_GLOBALS:
             return _Global(module, name, self)
