@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import fsutil
-from .backend import per_backend
 from .errors import CkptError, ConflictError, IntegrityError, NotFoundError, TaskNotFound, UsageError
 from .layout import (
     CACHE_FILE,
@@ -856,42 +855,47 @@ class ScanResult:
 _OWNED = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
 
 
-@per_backend
 def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
-    """Files in a task folder that its manifest does not know; with `add`, checkpoint-like ones are added
-    (moved into checkpoints/ under new numbers, ordered as plain files are). Raises TaskNotFound, BusyError."""
+    """Files in a task that its manifest does not know; with `add`, checkpoint-like ones are added under new
+    numbers, ordered as plain files are (`Task.adopt`: moved on a folder; on a bucket copied on the server,
+    recorded, and only then the original deleted). Raises TaskNotFound, BusyError."""
     t = ws.task(task_name)
-    result = scan_folder(ws, t)
+    result = ScanResult(t.name, *t.unknown_files())
     if add:
         candidates = [u for u in result.unknown if u.addable]
         if candidates:
-            with t.lock():  # scanned again under the lock: a file can only be added while nothing else moves
-                fresh = {u.rel for u in scan_folder(ws, t).unknown}
-            candidates = [u for u in candidates if u.rel in fresh]
-            found = [_found_of(u, t) for u in candidates]
-            order_by_plain_name(found)
-            hash_found(found)
-            items = [
-                Incoming(
-                    source=c.path,
-                    original_name=c.name,
-                    size=c.size,
-                    sha256=c.sha256,
-                    step=c.step,
-                    epoch=c.epoch,
-                    metrics=dict(c.metrics),
-                    created=_iso(c.mtime) if c.mtime else None,
-                    files=c.files,
-                    is_dir=c.is_dir,
-                    dev=c.dev,
-                )
-                for c in found
-            ]
-            result.added = t.add_existing(items, mode="move")
-            added = {u.rel for u in candidates}
+            result.added, added = t.adopt(candidates)
             result.unknown = [u for u in result.unknown if u.rel not in added]
-            t.refresh_cache()
     return result
+
+
+def adopt_files(t: Task, candidates: list[Unknown]) -> tuple[list[Checkpoint], set[str]]:
+    """A folder's `Task.adopt`: the candidates still unknown under the lock, moved in under new numbers."""
+    with t.lock():  # scanned again under the lock: a file can only be added while nothing else moves
+        fresh = {u.rel for u in scan_folder(t.ws, t).unknown}
+    candidates = [u for u in candidates if u.rel in fresh]
+    found = [_found_of(u, t) for u in candidates]
+    order_by_plain_name(found)
+    hash_found(found)
+    items = [
+        Incoming(
+            source=c.path,
+            original_name=c.name,
+            size=c.size,
+            sha256=c.sha256,
+            step=c.step,
+            epoch=c.epoch,
+            metrics=dict(c.metrics),
+            created=_iso(c.mtime) if c.mtime else None,
+            files=c.files,
+            is_dir=c.is_dir,
+            dev=c.dev,
+        )
+        for c in found
+    ]
+    added = t.add_existing(items, mode="move")
+    t.refresh_cache()
+    return added, {u.rel for u in candidates}
 
 
 def _found_of(u: Unknown, t: Task) -> Found:

@@ -17,6 +17,7 @@ CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the ca
 SETTINGS_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
 CHECKPOINT_DIR = "checkpoints"
 PENDING_PREFIX = ".pending-"
+CLAIM_FILE = ".claim"  # models/<title>/.claim: the lease of a title in a bucket (ckpt.store.Lease)
 
 STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
 IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)

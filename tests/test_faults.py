@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import ckpt
+import ckpt.trash
 from ckpt import store
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
@@ -28,8 +29,9 @@ from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
 from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
 from ckpt.store_log import log_prefix, number_of, parse_record
-from ckpt.trash import ENTRY_FILE, FILES_DIR, MODEL_DIR, empty, entry_from_doc, plan_empty, restore, trash_model
+from ckpt.trash import FILES_DIR, MODEL_DIR, empty, plan_empty, restore, trash_model
 from ckpt.trash import trash_unused as trash_unused_op
+from ckpt.trash_entry import ENTRY_FILE, entry_from_doc
 from ckpt.verify import verify
 
 _names = itertools.count()
@@ -67,6 +69,7 @@ def seeded(st: MemoryStorage, n: int = 4) -> ckpt.Workspace:
 def later(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time moves past every lease and staleness limit: what a dead process left may be taken over."""
     monkeypatch.setattr(store, "LEASE", -1.0)
+    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", -1.0)
     monkeypatch.setattr(store, "STALE_PENDING", -1.0)
 
 
@@ -703,18 +706,18 @@ def test_two_renames_of_one_model_never_make_two_models(
     st = memory()
     ws = seeded(st, n=1)
     promote(ws, "unet", 1, title="m")
-    real = store._drop_model
+    real = store.drop_model
     seen: list[BaseException] = []
 
     def second_rename_meanwhile(w: Any, title: str, keys: list[str]) -> None:
-        monkeypatch.setattr(store, "_drop_model", real)
+        monkeypatch.setattr(store, "drop_model", real)
         try:
             rename(fresh(st), "m", "b")
         except ckpt.ConflictError as e:
             seen.append(e)
         real(w, title, keys)
 
-    monkeypatch.setattr(store, "_drop_model", second_rename_meanwhile)
+    monkeypatch.setattr(store, "drop_model", second_rename_meanwhile)
     rename(ws, "m", "a")
     assert seen and "being renamed" in str(seen[0])
     ws = fresh(st)
