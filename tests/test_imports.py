@@ -93,15 +93,6 @@ def test_trash_unused_leaves_the_other_trash_results_unimported(ws: ckpt.Workspa
     assert "ckpt.trash_results" in mods
 
 
-def test_trash_results_are_still_exported_by_ckpt_trash() -> None:
-    from ckpt import trash, trash_results
-
-    for name in ("DiskUse", "EmptyPlan", "EmptyResult", "ModelTrashResult", "Repair", "RestoreResult"):
-        assert getattr(trash, name) is getattr(trash_results, name)
-    with pytest.raises(AttributeError):
-        trash.NoSuchName  # noqa: B018
-
-
 def test_import_reads_inside_files_only_when_they_are_torch_archives(tmp_path: Path, ws: ckpt.Workspace) -> None:
     """`ckpt.formats` (pickle, decimal) is imported only for a `.ckpt` that starts as a zip archive."""
     named = tmp_path / "named"
