@@ -167,7 +167,8 @@ def child(mode: str, root: Path, device: str) -> None:
 
 
 def _agreements(res: object) -> str:
-    from ckpt.preview import PreviewResult, percent
+    from ckpt.picture import percent
+    from ckpt.preview import PreviewResult
 
     assert isinstance(res, PreviewResult)
     return ", ".join(
@@ -241,7 +242,8 @@ def _load() -> str:
 
 def demo_miou(device: str) -> None:
     """mIoU of the demo's checkpoints 3, 7, 10 with auto and with fp32, and the largest difference."""
-    from ckpt.preview import PreviewOptions, demo_numbers, load_training_example, run_preview, task_sources
+    from ckpt.demo import demo_numbers, load_training_example
+    from ckpt.preview import PreviewOptions, run_preview, task_sources
     from ckpt.workspace import Workspace
 
     given = _arg("--demo")
