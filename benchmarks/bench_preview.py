@@ -8,7 +8,7 @@ thread no operation waits at a barrier for a thread the scheduler put aside, so 
 with other work the figures follow the work each path does rather than how often it synchronises.
 
 Both paths use the same UNet (ckpt.zoo:UNet, the demo's size) and the same three checkpoint files,
-loaded with ckpt.formats.load_state_dict. The naive loop is what a first script does: one image at a
+loaded with ckpt.loading.load_state_dict. The naive loop is what a first script does: one image at a
 time, the default memory format, `torch.no_grad()`, the prediction as a class-index array. The preview
 path is `ckpt.preview.run_preview` end to end: batches, `torch.inference_mode`, channels-last,
 convolutions with their batch norms folded in, freed activations kept in the heap (glibc), and it
@@ -96,7 +96,7 @@ def child(mode: str, root: Path, device: str) -> None:
     from PIL import Image
 
     import ckpt
-    from ckpt.formats import load_state_dict
+    from ckpt.loading import load_state_dict
     from ckpt.preview import PreviewOptions, run_preview, task_sources
     from ckpt.zoo import UNet
 

@@ -37,7 +37,7 @@ from .names import check_task_name
 from .pathtext import escape_path
 
 if TYPE_CHECKING:
-    from .formats import LightningState
+    from .lightning_state import LightningState
     from .manifest import Checkpoint
     from .workspace import Task, Workspace
 
@@ -307,7 +307,7 @@ def _read_lightning(found: list[Found]) -> None:
     states: dict[int, LightningState] = {}
     archives = [c for c in found if _is_zip(c.path)]
     if archives:
-        from .formats import read_lightning_state  # imported only for torch archives
+        from .lightning_state import read_lightning_state  # imported only for torch archives
     for c in archives:
         try:
             states[id(c)] = st = read_lightning_state(c.path)
@@ -537,7 +537,7 @@ def trainer_modes(path: Path) -> dict[str, str]:
     the Trainer logs it (with the `eval_` prefix it adds), and `greater_is_better`; {} when unreadable."""
     if not path.is_file():
         return {}
-    from .formats import read_training_args
+    from .lightning_state import read_training_args
 
     args = read_training_args(path)
     metric = args.get("metric_for_best_model")

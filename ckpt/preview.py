@@ -27,7 +27,6 @@ except ImportError as e:  # pragma: no cover - the dev extra installs them
         f"preview needs torch, numpy and Pillow ({e.name} is missing)", hint="pip install 'ckpt[torch]'"
     ) from None
 
-from .formats import fit_state_dict, load_state_dict, require_safe_torch
 from .inference import (
     AGREEMENT_IMAGES,
     Computed,
@@ -40,6 +39,7 @@ from .inference import (
     resolve_precision,
     reuse_freed_memory,
 )
+from .loading import fit_state_dict, load_state_dict, require_safe_torch
 from .network import build_network
 from .picture import (
     collect_images,

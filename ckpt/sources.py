@@ -25,6 +25,7 @@ from .errors import CkptError, IntegrityError, UsageError
 from .formats import (
     ITEMSIZE,
     SAFETENSORS_DTYPES,
+    WRAPPER_KEYS,
     FileInfo,
     StoredTensor,
     TensorInfo,
@@ -297,9 +298,6 @@ def _at(obj: Any, key: str) -> Any:
     return obj
 
 
-_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "module")
-
-
 def _default_key(obj: Any) -> str | None:
     """Where a training script's file keeps the weights: Lightning's `state_dict`, DeepSpeed's `module`,
     Composer's `state.model`, a loop's `model`...; None when the file is the state dict itself."""
@@ -309,7 +307,7 @@ def _default_key(obj: Any) -> str | None:
         return "module"
     if isinstance(_at(obj, "state.model"), dict):
         return "state.model"
-    return next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+    return next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
 
 
 def _zip_contents(path: Path, key: str | None, fmt: str = "torch-zip") -> Contents:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ckpt
-from ckpt.formats import StateDictMismatch, fit_state_dict
+from ckpt.loading import StateDictMismatch, fit_state_dict
 from ckpt.picture import layout
 from ckpt.zoo import UNet
 
