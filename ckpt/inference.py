@@ -221,7 +221,6 @@ def resolve_device(device: str) -> torch.device:
     raise UsageError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # a reduced precision is kept for a checkpoint when its masks agree with float32's on at least this
 # share of the pixels of the first images (AGREEMENT_IMAGES) it predicts

@@ -46,6 +46,31 @@ class _Seen:
     mtime: int = -1  # st_mtime_ns and st_ctime_ns when it was read: a same-size edit in place changes them
     ctime: int = -1
 
+    def appended(self, data: bytes, st: os.stat_result) -> _Seen:
+        """What is seen once `data` is appended, `st` being the file's stat after it."""
+        tail = (self.tail + data)[-_FINGERPRINT:]
+        crc = zlib.crc32(data, self.crc)
+        return _Seen(self.ino, self.size + len(data), tail, crc, self.head, st.st_mtime_ns, st.st_ctime_ns)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ino": self.ino,
+            "size": self.size,
+            "mtime": self.mtime,
+            "ctime": self.ctime,
+            "tail": self.tail.hex(),
+            "crc": self.crc,
+            "head": self.head.hex(),
+        }
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> _Seen:
+        """The inverse of `to_json`; raises KeyError, TypeError or ValueError for anything else."""
+        ino, size, crc, mtime, ctime = (doc[k] for k in ("ino", "size", "crc", "mtime", "ctime"))
+        if any(type(v) is not int for v in (ino, size, crc, mtime, ctime)):
+            raise TypeError("not an integer")
+        return _Seen(ino, size, bytes.fromhex(doc["tail"]), crc, bytes.fromhex(doc["head"]), mtime, ctime)
+
 
 def _same_prefix(fd: int, seen: _Seen) -> bool:
     """Whether the open manifest's first `seen.size` bytes are still those `seen` describes (same inode assumed).
@@ -109,7 +134,7 @@ class TaskReader:
                     if st.st_size == seen.size:
                         return self.state
                     grown = self._read_from(fd, seen.size)
-                    self._extend(grown, st, seen.size + len(grown))
+                    self._extend(grown, st)
                     return self.state
             data = self._read_from(fd, 0)
         finally:
@@ -138,7 +163,7 @@ class TaskReader:
             offset += len(b)
         return b"".join(chunks)
 
-    def _extend(self, grown: bytes, st: os.stat_result, size: int) -> None:
+    def _extend(self, grown: bytes, st: os.stat_result) -> None:
         assert self.state is not None and self._seen is not None
         doc = parse_toml(grown, self.manifest)
         if set(doc) - {"checkpoints"}:
@@ -156,9 +181,7 @@ class TaskReader:
         merged = {**self.state.checkpoints, **new}
         check_files(merged.values(), self.manifest)  # before anything is kept: a refused read changes nothing
         self.state.checkpoints = merged
-        tail = (self._seen.tail + grown)[-_FINGERPRINT:]
-        crc = zlib.crc32(grown, self._seen.crc)
-        self._seen = _Seen(st.st_ino, size, tail, crc, self._seen.head, st.st_mtime_ns, st.st_ctime_ns)
+        self._seen = self._seen.appended(grown, st)  # the same inode (read() checked), grown by `grown`
         self._changed = True
 
     def note_append(self, cp: Checkpoint, appended: bytes, st: os.stat_result) -> None:
@@ -166,15 +189,7 @@ class TaskReader:
         the manifest's stat after the append (fsutil.append_durably's)."""
         assert self.state is not None and self._seen is not None
         self.state.checkpoints[cp.number] = cp
-        self._seen = _Seen(
-            self._seen.ino,
-            self._seen.size + len(appended),
-            (self._seen.tail + appended)[-_FINGERPRINT:],
-            zlib.crc32(appended, self._seen.crc),
-            self._seen.head,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-        )
+        self._seen = self._seen.appended(appended, st)
         self._changed = True
 
     def forget(self) -> None:
@@ -210,14 +225,10 @@ class TaskReader:
                 if any(record_file_problem(f) is not None for f in files):
                     raise ManifestError(f"{self.cache}: a record's file is not allowed", path=self.cache)
                 check_files(cps.values(), self.cache)
-            key = [raw[k] for k in ("ino", "size", "crc", "mtime", "ctime")]
-            if any(type(v) is not int for v in key):
-                return
+            seen = _Seen.from_json(raw)
             header = _header_from_json(raw["header"], self.cache)
             if header.name != self.task:
                 return
-            ino, size, crc, mtime, ctime = key
-            seen = _Seen(ino, size, bytes.fromhex(raw["tail"]), crc, bytes.fromhex(raw["head"]), mtime, ctime)
             self.state = TaskState(header, cps)
             self._seen = seen
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ManifestError):
@@ -233,13 +244,7 @@ class TaskReader:
         cps = self.state.checkpoints.values()
         doc = {
             "v": CACHE_VERSION,
-            "ino": self._seen.ino,
-            "size": self._seen.size,
-            "tail": self._seen.tail.hex(),
-            "crc": self._seen.crc,
-            "head": self._seen.head.hex(),
-            "mtime": self._seen.mtime,
-            "ctime": self._seen.ctime,
+            **self._seen.to_json(),
             "header": self.state.header.to_json(),
             "checkpoints": {k: list(map(attrgetter(k), cps)) for k in COLUMNS},
         }
@@ -306,15 +311,7 @@ def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
         return None
     if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (seen.ino, seen.size, seen.mtime, seen.ctime):
         return None  # changed since it was read
-    return {
-        "ino": seen.ino,
-        "size": seen.size,
-        "mtime": st.st_mtime_ns,
-        "ctime": st.st_ctime_ns,
-        "tail": seen.tail.hex(),
-        "crc": seen.crc,
-        "head": seen.head.hex(),
-    }
+    return seen.to_json()
 
 
 def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -> bool:
@@ -328,15 +325,12 @@ def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -
         return False
     try:
         st = os.fstat(fd)
-        ino, size, mtime, ctime, crc = mark["ino"], mark["size"], mark["mtime"], mark["ctime"], mark["crc"]
+        seen = _Seen.from_json(mark)
         if grown:
-            if st.st_ino != ino or st.st_size < size:
+            if st.st_ino != seen.ino or st.st_size < seen.size:
                 return False
-        elif (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ino, size, mtime, ctime):
+        elif (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (seen.ino, seen.size, seen.mtime, seen.ctime):
             return False
-        if type(size) is not int or type(crc) is not int:
-            return False
-        seen = _Seen(ino, size, bytes.fromhex(mark["tail"]), crc, bytes.fromhex(mark["head"]))
         return _same_prefix(fd, seen)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
