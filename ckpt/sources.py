@@ -121,9 +121,6 @@ def _dcp_pieces(folder: Path, t: DcpTensor) -> Callable[[], Iterator[bytes]]:
     return in_rows if rows else assembled
 
 
-# --- DeepSpeed ------------------------------------------------------------------------------------------
-
-
 # --- any checkpoint -------------------------------------------------------------------------------------
 
 
