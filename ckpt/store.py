@@ -69,7 +69,8 @@ from .trash_entry import ENTRY_ID, STALE_AFTER, STALE_PENDING, put_once
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:
-    from .importer import Found, Unknown
+    from .finders import Found
+    from .importer import Unknown
     from .trash_results import Repair
     from .verify import Stored
 
@@ -1292,7 +1293,8 @@ def _digest_of(ws: StoreWorkspace, u: Unknown) -> str:
 
 
 def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], list[Unknown]]:
-    from .importer import FILE_SUFFIXES, Unknown
+    from .finders import FILE_SUFFIXES
+    from .importer import Unknown
 
     base = f"tasks/{task.name}/"
     known = {cp.file for cp in task.checkpoints}
@@ -1339,7 +1341,8 @@ def _weights_in(names: list[str]) -> str | None:
 
 def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown]) -> list[tuple[Found, Unknown]]:
     """What each object's name says (as the local scan reads file names), in the order they will be numbered."""
-    from .importer import HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
+    from .finders import HF_DIR, Found, order_by_plain_name
+    from .import_names import hf_metrics, parse_lightning_name, parse_plain_name
     from .layouts import step_epoch
 
     pairs: dict[int, Unknown] = {}

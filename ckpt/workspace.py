@@ -31,11 +31,7 @@ from .manifest import (
     FORMAT,
     STATUSES,
     Checkpoint,
-    RowCache,
-    SummaryCache,
     TaskHeader,
-    TaskReader,
-    TaskRowsCache,
     TaskState,
     dumps,
     read_toml,
@@ -45,8 +41,10 @@ from .manifest import (
 )
 from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
+from .row_caches import RowCache, SummaryCache, TaskRowsCache
 from .storage import Storage, is_url
 from .storage.folder import FolderStorage
+from .task_reader import TaskReader
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -416,7 +414,7 @@ class Workspace:
         """`render` of the summary of every task, in `tasks` order, and the errors of tasks that could not be read.
 
         The text is kept in tasks/.tasks.rows.cache.json and used again while one `stat` of the task's manifest
-        is what it was (see manifest.TaskRowsCache); `form` names how `render` renders: a change must change it.
+        is what it was (see row_caches.TaskRowsCache); `form` names how `render` renders: a change must change it.
         """
         folder = str(self.tasks_dir)  # plain strings joined by hand: os.path.join is half the time of a stat
         cache = TaskRowsCache(self.tasks_dir / TASK_ROWS_CACHE_FILE, form)

@@ -25,7 +25,8 @@ from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.fsutil import hash_tree
-from ckpt.manifest import COLUMNS, Checkpoint, TaskReader, parse_task
+from ckpt.manifest import COLUMNS, Checkpoint, parse_task
+from ckpt.task_reader import TaskReader
 from ckpt.workspace import (
     CACHE_FILE,
     LIST_CACHE_FILE,
