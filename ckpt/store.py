@@ -874,6 +874,8 @@ def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str, dict[str, l
         header = TaskHeader(**raw["header"])
         header.segments = [(a, b, c, str(d)) for a, b, c, d in header.segments]
         members = {str(k): [int(n) for n in v] for k, v in raw["members"].items()}
+        if set(members) != {e[3] for e in header.segments} or not all(n in cps for v in members.values() for n in v):
+            return None, "", {}
         return TaskState(header, cps), str(raw["etag"]), members
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, "", {}

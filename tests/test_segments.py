@@ -255,3 +255,22 @@ def test_a_manifest_of_an_older_ckpt_opens_and_is_migrated_by_the_next_commit(st
     assert root(st).startswith(b"format = 4\n") and not state.checkpoints
     assert [e[:3] for e in state.header.segments] == [(1, 41, 41)]
     assert numbers(st) == list(range(1, 42))
+
+
+def test_segments_on_a_real_s3_api(s3_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """moto's server: segments created with If-None-Match, fetched concurrently, replaced and deleted."""
+    monkeypatch.setattr(store, "FOLD_EVERY", 4)
+    monkeypatch.setattr(store_segments, "TAIL_MAX", 2)
+    task = ckpt.Workspace.init(s3_url).create_task("unet")
+    for i in range(1, 14):
+        task.save(f"w{i}".encode(), step=i)
+    storage = ckpt.Workspace.open(s3_url).storage  # type: ignore[attr-defined]
+    assert len(storage.list_prefix("tasks/unet/segments/")) == 3
+    monkeypatch.setenv("CKPT_CACHE", str(tmp_path / "another"))  # another machine
+    assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == list(range(1, 14))
+    res = trash_unused(ckpt.Workspace.open(s3_url), "unet", rules=KeepRules(keep_last=2))
+    assert res.entry is not None and not storage.list_prefix("tasks/unet/segments/")
+    restore(ckpt.Workspace.open(s3_url), res.entry)
+    assert len(storage.list_prefix("tasks/unet/segments/")) == 1
+    assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == list(range(1, 14))
+    assert doctor(ckpt.Workspace.open(s3_url)) == []
