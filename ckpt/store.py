@@ -473,10 +473,11 @@ class StoreTask(Task):
         """(None, the records of each segment `root` names), or (the key of one that is missing, {})."""
         parts: dict[str, dict[int, Checkpoint]] = {}
         need = []
+        had = self._manifest.checkpoints if self._manifest is not None else {}  # the last read's, by number
         for e in root.header.segments:
-            known = self._members.get(e[3]) if self._manifest is not None else None
-            if known is not None and all(n in self._manifest.checkpoints for n in known):  # type: ignore[union-attr]
-                parts[e[3]] = {n: self._manifest.checkpoints[n] for n in known}  # type: ignore[union-attr]
+            known = self._members.get(e[3])
+            if known is not None and all(n in had for n in known):
+                parts[e[3]] = {n: had[n] for n in known}
             elif len(cached := _load_log_cache(self._segment_cache_file(e[3]), self.name)) == e[2]:
                 parts[e[3]] = cached
             else:
