@@ -274,3 +274,26 @@ def test_segments_on_a_real_s3_api(s3_url: str, monkeypatch: pytest.MonkeyPatch,
     assert len(storage.list_prefix("tasks/unet/segments/")) == 1
     assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == list(range(1, 14))
     assert doctor(ckpt.Workspace.open(s3_url)) == []
+
+
+def _cps(numbers: range) -> dict[int, Checkpoint]:
+    return {n: Checkpoint(n, f"checkpoints/{n:06d}.pt", 1, "0" * 64, "2026-12-01T00:00:00+00:00", n) for n in numbers}
+
+
+def test_plan_keeps_what_it_does_not_change_and_merges_a_full_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _cps(range(1, 101))
+    entries = [(1, 40, 40, "a" * 16), (41, 80, 40, "b" * 16)]
+    members = {"a" * 16: list(range(1, 41)), "b" * 16: list(range(41, 81))}  # 81-100 inline
+    same = store_segments.plan(entries, members, before, dict(before))
+    assert same.segments[:2] == entries and same.new is not None and same.new[1] == list(range(81, 101))
+    after = dict(before)
+    del after[3]  # a trash took one record of the first segment
+    after[50] = Checkpoint(50, "checkpoints/000050.pt", 2, "1" * 64, "2026-12-01T00:00:00+00:00", 50)  # changed
+    both = store_segments.plan(entries, members, before, after)
+    assert both.retired == ["a" * 16, "b" * 16] and both.tail == [] and len(both.segments) == 1
+    assert both.new is not None and both.new[1] == sorted(after) and both.segments[0][:3] == (1, 100, 99)
+    few = store_segments.plan(entries, members, before, {n: cp for n, cp in before.items() if n <= 40 or n > 95})
+    assert few.segments == entries[:1] and few.tail == [96, 97, 98, 99, 100] and few.new is None
+    monkeypatch.setattr(store_segments, "FAN", 3)
+    merged = store_segments.plan(entries, members, before, dict(before))  # 2 kept + the new one: a full band
+    assert merged.retired == ["a" * 16, "b" * 16] and [e[:3] for e in merged.segments] == [(1, 100, 100)]
