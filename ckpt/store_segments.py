@@ -8,7 +8,7 @@ every segment whose records it leaves as they are; the records of the others (a 
 forgot one), the ones it adds (a fold's log records, a restore) and its inline tail go into one new segment,
 or stay inline when there are few. Segments of one size band are merged when `FAN` of them gather (an LSM
 tree's tiers), so the root names at most (FAN - 1) per band: a few dozen at 10,000 checkpoints, and each record
-is rewritten once per band it climbs (twice by 1,000,000 checkpoints).
+is rewritten once per band it climbs (once by 10,000 checkpoints, twice by 100,000, 3 times by 1,000,000).
 
 The segments a commit replaced are named in the root's `retired` and deleted once it landed; the next commit
 deletes them again before dropping the names (a crash between). A segment written by a commit that did not
