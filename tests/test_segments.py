@@ -297,3 +297,25 @@ def test_plan_keeps_what_it_does_not_change_and_merges_a_full_band(monkeypatch: 
     monkeypatch.setattr(store_segments, "FAN", 3)
     merged = store_segments.plan(entries, members, before, dict(before))  # 2 kept + the new one: a full band
     assert merged.retired == ["a" * 16, "b" * 16] and [e[:3] for e in merged.segments] == [(1, 100, 100)]
+
+
+def test_two_writers_folding_into_segments_lose_nothing_and_leave_no_stray(
+    st: MemoryStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_segments, "FAN", 3)
+    monkeypatch.setattr(store_segments, "BAND_BASE", 2)
+    lost: list[str] = []  # the new segments of commits that lost a race (the other writer committed first)
+    real = store.StoreTask._forget
+    monkeypatch.setattr(store.StoreTask, "_forget", lambda self, key: (lost.append(key), real(self, key)))
+    ckpt.Workspace.init(st.url).create_task("unet")
+    a, b = (ckpt.Workspace.open(st.url).task("unet") for _ in range(2))
+    saved = [(a if i % 3 else b).save(f"w{i}".encode(), step=i) for i in range(1, 41)]
+    trashed = trash_unused(ckpt.Workspace.open(st.url), "unet", rules=KeepRules(keep_last=25))
+    assert trashed.entry is not None
+    saved += [(b if i % 2 else a).save(f"w{i}".encode(), step=i) for i in range(41, 61)]
+    gone = {cp.number for cp in trashed.plan.checkpoints}
+    assert len(set(saved)) == 60 and len(gone) == 15
+    assert numbers(st) == sorted(set(saved) - gone)
+    named = {e[3] for e in parse_task(root(st), Path("task.toml"), "unet").header.segments}
+    assert {k.rsplit("/", 1)[1].removesuffix(".toml.gz") for k in segments(st)} == named  # none left over
+    assert [k for k in lost if k is not None]  # the races did happen
