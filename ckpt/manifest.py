@@ -29,6 +29,9 @@ FORMAT = 1
 LOG_FORMAT = 2  # a bucket task manifest with an open log beside it (ckpt.store_log): older ckpts must refuse it
 # a task manifest with a [policy] table (ckpt.policy): a ckpt that knows none would drop it when rewriting the file
 POLICY_FORMAT = 3
+# a bucket task manifest naming segment objects (ckpt.store_segments): a ckpt that knows none would drop their records
+SEGMENT_FORMAT = 4
+SEGMENT_ID = re.compile(r"[0-9a-f]{16}")
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
 _CHECKPOINT_DIR = "checkpoints"  # workspace.CHECKPOINT_DIR
 # the task folder's own hidden files (workspace.py)
@@ -334,6 +337,10 @@ class TaskHeader:
     # `format` is LOG_FORMAT), and the numbers of the log objects the last fold took in (readers skip them)
     log: bool = False
     folded: list[int] = field(default_factory=list)
+    # object storage only (ckpt.store_segments): the segment objects holding records, each (first number, last
+    # number, records, id) (then `format` is SEGMENT_FORMAT), and the ids of those the last commit replaced
+    segments: list[tuple[int, int, int, str]] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
     # the task's retention policy, the [policy] table as written (parsed and checked by ckpt.policy)
     policy: dict[str, Any] | None = None
 
@@ -351,7 +358,7 @@ class TaskHeader:
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "format": POLICY_FORMAT if self.policy else LOG_FORMAT if self.log else FORMAT,
+            "format": _format(bool(self.segments), bool(self.policy), self.log),
             "name": self.name,
             "status": self.status,
             "created": self.created,
@@ -375,6 +382,10 @@ class TaskHeader:
             doc["log"] = True
         if self.folded:
             doc["folded"] = list(self.folded)
+        if self.segments:
+            doc["segments"] = [list(s) for s in self.segments]
+        if self.retired:
+            doc["retired"] = list(self.retired)
         if self.policy:
             doc["policy"] = dict(self.policy)
         return doc
@@ -382,7 +393,8 @@ class TaskHeader:
     @classmethod
     def from_doc(cls, doc: dict[str, Any], path: Path) -> TaskHeader:
         log = doc.get("log") is True
-        check_format(doc, path, POLICY_FORMAT if "policy" in doc else LOG_FORMAT if log else FORMAT)
+        check_format(doc, path, _format("segments" in doc, "policy" in doc, log))
+        segments = _segments(doc, path)
         policy = _get(doc, "policy", dict, path, "", required=False)
         check_nesting(policy, path, "'policy'")
         folded = _get(doc, "folded", list, path, "", required=False) or []
@@ -431,6 +443,8 @@ class TaskHeader:
             trashing=_ids(doc, "trashing", path),
             log=log,
             folded=list(folded),
+            segments=segments,
+            retired=_ids(doc, "retired", path),
             policy=dict(policy) if policy else None,
         )
 
@@ -450,8 +464,30 @@ class TaskHeader:
             "trashing": self.trashing,
             "log": self.log,
             "folded": self.folded,
+            "segments": self.segments,
+            "retired": self.retired,
             "policy": self.policy,
         }
+
+
+def _format(segments: bool, policy: bool, log: bool) -> int:
+    """The format a task manifest holding these says: the newest of what it needs a ckpt to understand."""
+    return SEGMENT_FORMAT if segments else POLICY_FORMAT if policy else LOG_FORMAT if log else FORMAT
+
+
+def _segments(doc: dict[str, Any], path: Path) -> list[tuple[int, int, int, str]]:
+    raw = _get(doc, "segments", list, path, "", required=False) or []
+    out: list[tuple[int, int, int, str]] = []
+    for s in raw:
+        ok = isinstance(s, list) and len(s) == 4 and all(type(v) is int for v in s[:3]) and isinstance(s[3], str)
+        if not ok or not (1 <= s[0] <= s[1] and 1 <= s[2] <= s[1] - s[0] + 1 and SEGMENT_ID.fullmatch(s[3])):
+            raise ManifestError(
+                f"{path}: 'segments' must hold [first, last, records, id] entries, got {s!r}", path=path
+            )
+        out.append((s[0], s[1], s[2], s[3]))
+    if len({s[3] for s in out}) != len(out):
+        raise ManifestError(f"{path}: 'segments' names a segment twice", path=path)
+    return out
 
 
 def _ids(doc: dict[str, Any], key: str, path: Path) -> list[str]:

@@ -63,6 +63,7 @@ from .models import MODEL_FILE, Model, ModelIndex, check_case_twin
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
+from .store_segments import HINT, SEGMENT_DIR, decode, encode, id_of, merge, plan, segment_key, segment_prefix
 from .timeutil import now_iso, parse_iso
 from .trash import drop_model
 from .trash_entry import ENTRY_ID, STALE_AFTER, STALE_PENDING, put_once
@@ -79,7 +80,7 @@ MOVING_FILE = ".moving"  # in a model folder while a rename copies it (see _clai
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
 COMMIT_IDS = 8  # the ids of the last commits kept in a manifest (see StoreTask.update)
-MANIFEST_CACHE_VERSION = 4
+MANIFEST_CACHE_VERSION = 5  # 5: segments (ckpt.store_segments)
 LEASE = 600.0  # seconds a title claim holds without being renewed (see Lease)
 TASKS_IN_FLIGHT = 128  # manifests `tasks` reads at once (each a GET, or a 304 when cached)
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
@@ -395,7 +396,8 @@ class StoreWorkspace(Workspace):
 
 
 class StoreTask(Task):
-    """A task in object storage: its manifest is one object, committed with If-Match (see `update`)."""
+    """A task in object storage: its manifest is task.toml, committed with If-Match (see `update`), and the
+    segment objects it names (ckpt.store_segments), with a log of saves beside it (ckpt.store_log)."""
 
     ws: StoreWorkspace
 
@@ -405,7 +407,9 @@ class StoreTask(Task):
         self.folder = Path("tasks") / name
         self.manifest = self.folder / TASK_FILE
         self.key = f"tasks/{name}/{TASK_FILE}"
-        self._manifest: TaskState | None = None  # task.toml alone, as read or committed (with `_etag`)
+        self._manifest: TaskState | None = None  # task.toml and its segments, as read or committed (with `_etag`)
+        self._members: dict[str, list[int]] = {}  # the numbers each segment of `_manifest` holds
+        self._gone: set[str] = set()  # retired segments this handle deleted (see update)
         self._state: TaskState | None = None  # the manifest with the log records it has not folded (see reload)
         self._etag = ""
         self._read_at = 0.0
@@ -447,27 +451,73 @@ class StoreTask(Task):
         return TaskState(replace(manifest.header), cps)
 
     def _read_manifest(self) -> TaskState:
+        """task.toml (a GET, or a 304 when unchanged) with the records of the segments it names: those this
+        machine has not read yet fetched concurrently (a segment never changes). A segment found missing was
+        replaced by a commit after this root was read: the root is read again (twice at most)."""
         if self._manifest is None:
-            self._manifest, self._etag = _load_manifest_cache(self._cache_file())
-        try:
-            if self._manifest is not None:
-                got = self.storage.get_if_changed(self.key, self._etag)
-                if got is None:
-                    return self._manifest
-                data, etag = got
+            self._manifest, self._etag, self._members = _load_manifest_cache(self._cache_file())
+        for attempt in range(3):
+            try:
+                if self._manifest is not None and not attempt:
+                    got = self.storage.get_if_changed(self.key, self._etag)
+                    if got is None:
+                        return self._manifest
+                    data, etag = got
+                else:
+                    data, etag = self.storage.get(self.key)
+            except FileNotFoundError:
+                self._state = self._manifest = None
+                raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
+            if not data.strip():
+                raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
+            root = parse_task(data, self.manifest, self.name)
+            if root.header.name != self.name:
+                raise ManifestError(f"{self.key}: 'name' is {root.header.name!r} but the folder is '{self.name}'")
+            missing, parts = self._segments(root)
+            if missing is None:
+                state = TaskState(root.header, merge(root.checkpoints, parts, self.manifest))
+                self._manifest, self._etag, self._members = state, etag, {s: list(p) for s, p in parts.items()}
+                _save_manifest_cache(self._cache_file(), state, etag, self._members)
+                return state
+        raise ManifestError(f"{missing}: missing (task.toml names it)", path=missing, hint=HINT)
+
+    def _segments(self, root: TaskState) -> tuple[str | None, dict[str, dict[int, Checkpoint]]]:
+        """(None, the records of each segment `root` names), or (the key of one that is missing, {})."""
+        parts: dict[str, dict[int, Checkpoint]] = {}
+        need = []
+        had = self._manifest.checkpoints if self._manifest is not None else {}  # the last read's, by number
+        for e in root.header.segments:
+            known = self._members.get(e[3])
+            if known is not None and all(n in had for n in known):
+                parts[e[3]] = {n: had[n] for n in known}
+            elif len(cached := _load_log_cache(self._segment_cache_file(e[3]), self.name)) == e[2]:
+                parts[e[3]] = cached
             else:
-                data, etag = self.storage.get(self.key)
-        except FileNotFoundError:
-            self._state = self._manifest = None
-            raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
-        if not data.strip():
-            raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
-        state = parse_task(data, self.manifest, self.name)
-        if state.header.name != self.name:
-            raise ManifestError(f"{self.key}: 'name' is {state.header.name!r} but the folder is '{self.name}'")
-        self._manifest, self._etag = state, etag
-        _save_manifest_cache(self._cache_file(), state, etag)
-        return state
+                need.append(e)
+        keys = [segment_key(self.name, e[3]) for e in need]
+        for e, key, data in zip(need, keys, self.storage.get_many(keys), strict=True):
+            if data is None:
+                return key, {}
+            parts[e[3]] = decode(data, key, self.name, e)
+            _save_log_cache(self._segment_cache_file(e[3]), list(parts[e[3]].values()))
+        return None, parts
+
+    def _segment_cache_file(self, sid: str) -> Path:
+        digest = hashlib.sha256(f"{self.ws.url}/{segment_key(self.name, sid)}".encode()).hexdigest()[:32]
+        return cache_dir() / "segments" / f"{digest}.json"
+
+    def stray_segments(self, stale_after: float) -> list[str]:
+        """The segment objects task.toml does not name that may go: those its last commit replaced, and others
+        older than `stale_after` seconds (a younger one may be a commit's still running on another machine)."""
+        header = self.state().header
+        named = {e[3] for e in header.segments}
+        prefix, now = segment_prefix(self.name), time.time()
+        out = []
+        for b in self.storage.list_prefix(prefix):
+            sid = id_of(b.key, prefix)
+            if sid is not None and sid not in named and (sid in header.retired or now - b.modified >= stale_after):
+                out.append(b.key)
+        return out
 
     def _cache_file(self) -> Path:
         digest = hashlib.sha256(f"{self.ws.url}/{self.key}".encode()).hexdigest()[:32]
@@ -510,7 +560,11 @@ class StoreTask(Task):
         lost race, read and apply again.
 
         The commit folds the log: it names the log records it took in (`folded`), after deleting those an
-        earlier fold named; once it landed they are deleted too (best effort: the next commit does it).
+        earlier fold named; once it landed they are deleted too (best effort: the next commit does it). The
+        records go into segments as ckpt.store_segments.plan lays them out: a new segment is created first
+        (If-None-Match), and the segments the commit replaced are named in `retired` and deleted once it
+        landed, again by the next commit before it drops the names; a commit that did not land deletes its
+        new segment.
 
         `change` mutates the state it is given and may raise to abandon the commit. Each commit carries its
         own id (kept among the header's last `COMMIT_IDS`): when a request fails or answers 412, the manifest
@@ -520,35 +574,67 @@ class StoreTask(Task):
         """
         for attempt in range(COMMIT_TRIES):
             current = self.reload() if attempt or self._state is None else self.state()
-            pending, stale = list(self._pending), list(self._stale)
+            pending, stale, base = list(self._pending), list(self._stale), self._manifest
+            assert base is not None
             state = TaskState(replace(current.header), dict(current.checkpoints))
             result = change(state)
             if stale:  # folded by an earlier commit that named them: deleted before that name goes
                 self.storage.delete(stale)
+            retired = [s for s in base.header.retired if s not in self._gone]
+            if retired:  # replaced by an earlier commit that named them: deleted before that name goes
+                self.storage.delete([segment_key(self.name, s) for s in retired])
+            layout = plan(base.header.segments, self._members, base.checkpoints, state.checkpoints)
+            new_key = segment_key(self.name, layout.new[0]) if layout.new else None
+            if layout.new and new_key:
+                data = encode(self.name, layout.new[0], (state.checkpoints[n] for n in layout.new[1]))
+                try:
+                    put_once(self.storage, new_key, data, if_none_match=True)
+                except BaseException:
+                    self._forget(new_key)
+                    raise
             commit = secrets.token_hex(8)
             state.header.commits = [*state.header.commits, commit][-COMMIT_IDS:]
             state.header.folded = pending
             state.header.log = state.header.status == "running"
+            state.header.segments, state.header.retired = layout.segments, layout.retired
+            state.header.last_number = state.max_number
+            root = TaskState(state.header, {n: state.checkpoints[n] for n in layout.tail})
             try:
-                etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
+                etag = self.storage.put(self.key, task_bytes(root), if_match=self._etag)
             except PreconditionFailed:
                 if self._landed(commit):
                     return result
+                self._forget(new_key)
                 time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
                 continue
             except Exception:
                 if self._landed(commit):
                     return result
+                self._forget(new_key)
                 raise
             self._etag, self._manifest, self._state, self._read_at = etag, state, state, time.monotonic()
+            self._members = layout.members
             self._pending, self._stale = [], [log_key(self.name, n) for n in pending]
-            _save_manifest_cache(self._cache_file(), state, etag)
+            if layout.new:
+                _save_log_cache(self._segment_cache_file(layout.new[0]), [state.checkpoints[n] for n in layout.new[1]])
+            _save_manifest_cache(self._cache_file(), state, etag, self._members)
             if pending:
                 with contextlib.suppress(Exception):
                     self.storage.delete(self._stale)
                     self._stale = []
+            self._gone = set()
+            if layout.retired:
+                with contextlib.suppress(Exception):
+                    self.storage.delete([segment_key(self.name, s) for s in layout.retired])
+                    self._gone = set(layout.retired)
             return result
         raise BusyError(f"task '{self.name}' changed {COMMIT_TRIES} times while committing; try again")
+
+    def _forget(self, key: str | None) -> None:
+        """Delete the new segment of a commit known not to have landed (best effort: doctor deletes it later)."""
+        if key is not None:
+            with contextlib.suppress(Exception):
+                self.storage.delete([key])
 
     def _landed(self, commit: str) -> bool:
         """Whether commit `commit` is in the manifest now (read again); raises CommitUnknown when it cannot be
@@ -798,28 +884,35 @@ class StoreTask(Task):
         return self.update(change)
 
 
-def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str]:
-    """The parsed manifest and its ETag from the local cache, or (None, ""): parsing 10,000 records of TOML
-    takes 1.5 s, loading them as JSON columns a tenth of that, and a 304 confirms they are current."""
+def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str, dict[str, list[int]]]:
+    """The parsed manifest (with its segments' records), its ETag and the numbers each segment holds from the
+    local cache, or (None, "", {}): parsing 10,000 records of TOML takes 1.5 s, loading them as JSON columns a
+    tenth of that, and a 304 confirms they are current."""
     try:
         raw = json.loads(path.read_bytes())
         if raw.get("v") != MANIFEST_CACHE_VERSION:
-            return None, ""
+            return None, "", {}
         cols = [raw["checkpoints"][k] for k in COLUMNS]
         task = raw["header"]["name"]
         cps = dict(zip(cols[0], map(Checkpoint, *cols, repeat(task, len(cols[0]))), strict=True))
-        return TaskState(TaskHeader(**raw["header"]), cps), str(raw["etag"])
+        header = TaskHeader(**raw["header"])
+        header.segments = [(a, b, c, str(d)) for a, b, c, d in header.segments]
+        members = {str(k): [int(n) for n in v] for k, v in raw["members"].items()}
+        if set(members) != {e[3] for e in header.segments} or not all(n in cps for v in members.values() for n in v):
+            return None, "", {}
+        return TaskState(header, cps), str(raw["etag"]), members
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, ""
+        return None, "", {}
 
 
-def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
+def _save_manifest_cache(path: Path, state: TaskState, etag: str, members: dict[str, list[int]]) -> None:
     cps = state.checkpoints.values()
     doc = {
         "v": MANIFEST_CACHE_VERSION,
         "etag": etag,
         "header": state.header.to_json(),
         "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in COLUMNS},
+        "members": members,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1302,7 +1395,7 @@ def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], lis
     for b in ws.storage.list_prefix(base):
         rel = b.key[len(base) :]
         parts = rel.split("/")
-        if rel == TASK_FILE or parts[0] in (NUMBERS_DIR, LOG_DIR):
+        if rel == TASK_FILE or parts[0] in (NUMBERS_DIR, LOG_DIR, SEGMENT_DIR):
             continue
         top = "/".join(parts[:2]) if parts[0] == CHECKPOINT_DIR and len(parts) > 1 else parts[0]
         if top not in known:
@@ -1479,6 +1572,12 @@ def _task_leftovers(task: StoreTask, dry_run: bool) -> tuple[list[Repair], set[s
             task.update(lambda st: None)
         problem = f"task '{task.name}' is {state.header.status} with {len(task._pending)} records in its log"
         repairs.append(Repair(task.key, problem, "would fold them in" if dry_run else "folded them in"))
+    strays = task.stray_segments(STALE_PENDING)  # a commit's that did not land, or replaced by one that did
+    for key in strays:
+        what = f"a segment of task '{task.name}' its manifest does not name"
+        repairs.append(Repair(key, what, "would delete it" if dry_run else "deleted"))
+    if strays and not dry_run:
+        ws.storage.delete(strays)
     claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
     orphans: list[str] = []
     dealt: set[str] = set()

@@ -9,6 +9,7 @@ a command reported done is undone. `test_every_fault_at_every_call` walks every 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -20,7 +21,7 @@ import pytest
 
 import ckpt
 import ckpt.trash
-from ckpt import store
+from ckpt import store, store_segments
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
 from ckpt.importer import import_path, scan
@@ -29,6 +30,7 @@ from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
 from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
 from ckpt.store_log import log_prefix, number_of, parse_record
+from ckpt.store_segments import decode, id_of, segment_key, segment_prefix
 from ckpt.trash import FILES_DIR, MODEL_DIR, empty, plan_empty, restore, trash_model
 from ckpt.trash import trash_unused as trash_unused_op
 from ckpt.trash_entry import ENTRY_FILE, entry_from_doc
@@ -77,6 +79,9 @@ def task_state(st: MemoryStorage, name: str) -> TaskState:
     """Task `name`'s manifest with the log records it has not folded (read directly, no call counted)."""
     objs = st.objects
     state = parse_task(objs[f"tasks/{name}/task.toml"][0], Path(name), name)
+    for e in state.header.segments:  # a segment the root names and that is missing fails the test here
+        key = segment_key(name, e[3])
+        state.checkpoints.update(decode(objs[key][0], key, name, e))
     skip = set(state.header.folded) | state.checkpoints.keys()
     prefix = log_prefix(name)
     for k, (rec, _, _) in sorted(objs.items()):
@@ -230,6 +235,37 @@ def setup_stale_log(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     return {}
 
 
+@contextlib.contextmanager
+def segmenting() -> Iterator[None]:
+    """Every commit writes a segment and every two of a size band are merged: the walk reaches their calls."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(store, "FOLD_EVERY", 2)
+        m.setattr(store_segments, "TAIL_MAX", 0)
+        m.setattr(store_segments, "FAN", 2)
+        m.setattr(store_segments, "BAND_BASE", 1)
+        yield
+
+
+def setup_segmented(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    with segmenting():
+        seeded(st)
+    assert any("/segments/" in k for k in st.objects)
+    return {}
+
+
+def setup_segmented_trashed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    with segmenting():
+        return {"entry": _entry(seeded(st))}
+
+
+def in_segments(run: Callable[..., Any]) -> Callable[..., Any]:
+    def op(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
+        with segmenting():
+            return run(ws, ctx)
+
+    return op
+
+
 def run_save(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
     return ws.task("unet").save(b"the new one", step=99)
 
@@ -267,6 +303,9 @@ OPERATIONS: dict[str, tuple[Callable[[MemoryStorage, Path], dict[str, Any]], Cal
     "restore_model": (setup_removed, run_restore),
     "import": (setup_import, run_import),
     "scan_add": (setup_stray, lambda ws, ctx: scan(ws, "unet", add=True)),
+    "save_segments": (setup_segmented, in_segments(run_save)),
+    "trash_unused_segments": (setup_segmented, in_segments(lambda ws, ctx: trash_unused_op(ws, "unet"))),
+    "restore_segments": (setup_segmented_trashed, in_segments(run_restore)),
 }
 
 
@@ -287,9 +326,9 @@ def done_as_reported(st: MemoryStorage, op: str, result: Any, ctx: dict[str, Any
     elif op == "models_remove":
         assert "models/m1/model.toml" not in objs
         assert f"trash/{result.entry}/{ENTRY_FILE}" in objs
-    elif op == "trash_unused":
+    elif op.startswith("trash_unused"):
         assert result.entry is None or f"trash/{result.entry}/{ENTRY_FILE}" in objs
-    elif op == "restore":
+    elif op.startswith("restore") and op != "restore_model":
         assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
         state = task_state(st, "unet")
         assert len(state.checkpoints) == 4
@@ -373,6 +412,10 @@ def one_fault(
                 assert b'state = "complete"' in st.objects[key][0], key
             if key.startswith("models/") and key.endswith("/.claim"):
                 assert key.replace(".claim", "model.toml") in st.objects, key
+            if "/segments/" in key:  # no segment the root does not name: none is left behind
+                name = key.split("/")[1]
+                header = parse_task(st.objects[f"tasks/{name}/task.toml"][0], Path(name), name).header
+                assert id_of(key, segment_prefix(name)) in {e[3] for e in header.segments}, key
     del after
     return calls
 
