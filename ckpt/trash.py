@@ -129,7 +129,7 @@ def _execute(ws: Workspace, task: Task, plan: TrashPlan) -> str:
             entry.id = new_entry_id()
             entry.folder = ws.root / "trash" / entry.id
             if storage.can_rename:  # the marker first: from here on the next lock of the task settles the entry
-                storage.put(_marker(task, entry.id), entry.id.encode(), if_none_match=True)
+                storage.claim(_marker(task, entry.id), entry.id.encode())
             try:
                 put_entry(ws, entry, new=True)
                 break
@@ -438,8 +438,7 @@ def _restore_locked(ws: Workspace, task: Task, entry: Entry, etag: str) -> None:
             hint="see: ckpt doctor",
         )
     if storage.can_rename:  # files are about to move: the next lock of the task finishes this restore
-        with contextlib.suppress(PreconditionFailed):  # an interrupted restore's marker: this one's now
-            storage.put(_marker(task, entry.id), entry.id.encode(), if_none_match=True)
+        storage.claim(_marker(task, entry.id), entry.id.encode())  # or an interrupted restore's: this one's now
     if entry.state != "restoring":  # If-Match: an empty that began meanwhile wins, and this restore stops
         mark(ws, entry, "restoring", etag)
     # the files back first, then the records: a record never names a file that is not in place
