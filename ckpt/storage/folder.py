@@ -134,7 +134,7 @@ class FolderStorage(Storage):
             top = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        if stat.S_ISREG(top.st_mode):
+        if stat.S_ISREG(top.st_mode) and not prefix.endswith("/"):
             return [_blob(base, top)]
         if not stat.S_ISDIR(top.st_mode):
             if prefix.endswith("/"):
