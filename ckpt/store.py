@@ -65,8 +65,8 @@ from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
 from .store_segments import HINT, SEGMENT_DIR, decode, encode, id_of, merge, plan, segment_key, segment_prefix
 from .timeutil import now_iso, parse_iso
-from .trash import drop_model
 from .trash_entry import ENTRY_ID, STALE_AFTER, STALE_PENDING, put_once
+from .trash_models import drop_model
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:

@@ -21,6 +21,7 @@ import pytest
 
 import ckpt
 import ckpt.trash
+import ckpt.trash_entry
 from ckpt import store, store_segments
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
@@ -31,9 +32,10 @@ from ckpt.storage import PreconditionFailed
 from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
 from ckpt.store_log import log_prefix, number_of, parse_record
 from ckpt.store_segments import decode, id_of, segment_key, segment_prefix
-from ckpt.trash import FILES_DIR, MODEL_DIR, empty, plan_empty, restore, trash_model
+from ckpt.trash import FILES_DIR, empty, plan_empty, restore
 from ckpt.trash import trash_unused as trash_unused_op
-from ckpt.trash_entry import ENTRY_FILE, entry_from_doc
+from ckpt.trash_entry import ENTRY_FILE, MODEL_DIR, entry_from_doc
+from ckpt.trash_models import trash_model
 from ckpt.verify import verify
 
 _names = itertools.count()
@@ -71,7 +73,7 @@ def seeded(st: MemoryStorage, n: int = 4) -> ckpt.Workspace:
 def later(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time moves past every lease and staleness limit: what a dead process left may be taken over."""
     monkeypatch.setattr(store, "LEASE", -1.0)
-    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", -1.0)
+    monkeypatch.setattr(ckpt.trash_entry, "STALE_PENDING", -1.0)
     monkeypatch.setattr(store, "STALE_PENDING", -1.0)
 
 
