@@ -61,7 +61,7 @@ def _reason(*words: Any) -> str:
 
 
 def _numbers(numbers: list[int]) -> str:
-    from ..workspace import ranges
+    from ..task import ranges
 
     return ranges(numbers) if numbers else ""
 
