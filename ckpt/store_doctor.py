@@ -35,6 +35,7 @@ class Duplicate(Exception):
 
 
 def keys_of(ws: StoreWorkspace, key: str) -> list[str]:
+    """The keys of object `key`, or of the objects of folder checkpoint `key/` (from one LIST)."""
     return [b.key for b in ws.storage.list_prefix(key) if b.key == key or b.key.startswith(key + "/")]
 
 

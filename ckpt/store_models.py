@@ -311,6 +311,3 @@ def take_title(ws: StoreWorkspace, title: str, hint: str | None = None) -> Lease
             ws.storage.delete([lease.key])
         raise
     return lease
-
-
-# --- du, scan, doctor ----------------------------------------------------------------------------------
