@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import ckpt
-from ckpt import store
+from ckpt import store_task
 from ckpt.storage import Blob
 from ckpt.storage.memory import MemoryStorage, mounted
 from ckpt.store_log import FOLD_EVERY
@@ -27,7 +27,7 @@ PAYLOAD = b"x" * 64  # the checkpoint itself (its bytes are not counted)
 
 
 class Clock:
-    """store's `time` module with a monotonic clock the loop moves on."""
+    """store_task's `time` module with a monotonic clock the loop moves on."""
 
     now = 0.0
 
@@ -66,7 +66,7 @@ class Counting(MemoryStorage):
 def main(marks: list[int]) -> None:
     os.environ.setdefault("CKPT_CACHE", tempfile.mkdtemp(prefix="ckpt-bench-cache-"))
     clock = Clock()
-    store.time = clock  # type: ignore[assignment]  # saves a minute apart: each revalidates what it read
+    store_task.time = clock  # type: ignore[assignment]  # saves a minute apart: each revalidates what it read
     st = Counting("memory://bench")
     with mounted(st):
         task = ckpt.Workspace.init(st.url).create_task("unet")

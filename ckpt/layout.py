@@ -16,8 +16,9 @@ LOCK_FILE = ".lock"
 CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
 SETTINGS_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
 CHECKPOINT_DIR = "checkpoints"
+NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n in a bucket (empty objects)
 PENDING_PREFIX = ".pending-"
-CLAIM_FILE = ".claim"  # models/<title>/.claim: the lease of a title in a bucket (ckpt.store.Lease)
+CLAIM_FILE = ".claim"  # models/<title>/.claim: the lease of a title in a bucket (ckpt.store_models.Lease)
 
 STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
 IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)

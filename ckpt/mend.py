@@ -1,6 +1,6 @@
 """What a folder's own interrupted writes leave, and how `ckpt doctor` mends a folder task's manifest: a last
 record cut short by a crash while appending, records it must not hold (manifest.salvage_task), a promote's
-staging folder and temporary files left behind. The bucket's counterparts are in ckpt.store."""
+staging folder and temporary files left behind. The bucket's counterparts are in ckpt.store_doctor."""
 
 from __future__ import annotations
 

@@ -20,6 +20,14 @@ def parse_iso(value: str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+def seconds_since(created: str) -> float:
+    """Seconds since the ISO time `created` (0 when unreadable: treated as young)."""
+    try:
+        return (datetime.now(UTC) - parse_iso(created)).total_seconds()
+    except ValueError:
+        return 0.0
+
+
 def parse_age(text: str) -> timedelta:
     """'7d', '12h', '30m', '2w', '45s' as a timedelta; raises UsageError, also for an age over 100 years (one
     that large would not fit a date: `99999999999w` overflowed)."""

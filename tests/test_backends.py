@@ -490,7 +490,7 @@ def test_s3_trash_interrupted_before_the_manifest_is_undone(
     run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash after the entry and its copies, before the manifest commit: the checkpoints never moved."""
-    from ckpt import store
+    from ckpt import store_task
 
     monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
     ws = ckpt.Workspace.init(s3_url)
@@ -503,7 +503,7 @@ def test_s3_trash_interrupted_before_the_manifest_is_undone(
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(store.StoreTask, "update", crash)
+        m.setattr(store_task.StoreTask, "update", crash)
         with pytest.raises(Killed):
             trash_unused(ckpt.Workspace.open(s3_url), "unet")
     assert [b.key.split("/")[1] for b in ws.storage.list_prefix("trash/")]  # the pending entry is there
@@ -720,7 +720,7 @@ def test_s3_rename_racing_for_one_title(run_json: Any, s3_url: str, monkeypatch:
 def test_s3_import_move_keeps_the_source_until_its_record_is_committed(
     run_json: Any, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckpt import store
+    from ckpt import store_task
     from ckpt.importer import import_path
 
     monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
@@ -729,7 +729,7 @@ def test_s3_import_move_keeps_the_source_until_its_record_is_committed(
     src.mkdir()
     for step in (1, 2):
         (src / f"step={step}.ckpt").write_bytes(os.urandom(100))
-    real = store.StoreTask.update
+    real = store_task.StoreTask.update
     commits: list[int] = []
 
     def second_commit_fails(self: Any, change: Any) -> Any:
@@ -738,10 +738,10 @@ def test_s3_import_move_keeps_the_source_until_its_record_is_committed(
             raise _Crash
         return real(self, change)
 
-    monkeypatch.setattr(store.StoreTask, "update", second_commit_fails)
+    monkeypatch.setattr(store_task.StoreTask, "update", second_commit_fails)
     with pytest.raises(_Crash):
         import_path(ckpt.Workspace.open(s3_url), src, task="lit", mode="move")
-    monkeypatch.setattr(store.StoreTask, "update", real)
+    monkeypatch.setattr(store_task.StoreTask, "update", real)
     assert sorted(p.name for p in src.iterdir()) == ["step=2.ckpt"]  # only the committed one went
     assert [r["step"] for r in run_json("list", "lit")] == [1]
     again = run_json("import", str(src), "--task", "lit", "--move")
@@ -764,13 +764,13 @@ def test_s3_doctor_aborts_multipart_uploads_a_crashed_save_left(
     assert [(k, u) for k, u, _ in storage.incomplete_uploads("")] == [(key, upload)]
     what = "an unfinished multipart upload (a save that stopped)"
     # moto reports one fixed initiation date (in 2010) for every upload: the age limit is moved instead
-    stale = ckpt.store.STALE_AFTER
-    monkeypatch.setattr(ckpt.store, "STALE_AFTER", 1e12)
+    stale = ckpt.store_doctor.STALE_AFTER
+    monkeypatch.setattr(ckpt.store_doctor, "STALE_AFTER", 1e12)
     young = [r for r in run_json("doctor")["repairs"] if r["path"] == key]
     assert [(r["problem"], r["action"]) for r in young] == [
         (what, "left alone: less than an hour old, it may still be running")
     ]
-    monkeypatch.setattr(ckpt.store, "STALE_AFTER", stale)
+    monkeypatch.setattr(ckpt.store_doctor, "STALE_AFTER", stale)
     dry = [r for r in run_json("doctor", "--dry-run")["repairs"] if r["path"] == key]
     assert [r["action"] for r in dry] == ["would abort it"]
     assert len(storage.incomplete_uploads("")) == 1

@@ -22,7 +22,7 @@ import pytest
 import ckpt
 import ckpt.trash
 import ckpt.trash_entry
-from ckpt import store, store_segments
+from ckpt import store_doctor, store_models, store_segments, store_task
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
 from ckpt.importer import import_path, scan
@@ -72,9 +72,9 @@ def seeded(st: MemoryStorage, n: int = 4) -> ckpt.Workspace:
 
 def later(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time moves past every lease and staleness limit: what a dead process left may be taken over."""
-    monkeypatch.setattr(store, "LEASE", -1.0)
+    monkeypatch.setattr(store_models, "LEASE", -1.0)
     monkeypatch.setattr(ckpt.trash_entry, "STALE_PENDING", -1.0)
-    monkeypatch.setattr(store, "STALE_PENDING", -1.0)
+    monkeypatch.setattr(store_doctor, "STALE_PENDING", -1.0)
 
 
 def task_state(st: MemoryStorage, name: str) -> TaskState:
@@ -230,7 +230,7 @@ def setup_stale_log(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     log = {k: v for k, v in st.objects.items() if "/log/" in k}
     assert len(log) == 3  # the first save opened the log in the manifest, the other three are in it
     task = ws.task("unet")
-    assert isinstance(task, store.StoreTask)
+    assert isinstance(task, store_task.StoreTask)
     task.update(lambda state: None)
     assert not any("/log/" in k for k in st.objects)
     st.objects.update(log)
@@ -241,7 +241,7 @@ def setup_stale_log(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
 def segmenting() -> Iterator[None]:
     """Every commit writes a segment and every two of a size band are merged: the walk reaches their calls."""
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(store, "FOLD_EVERY", 2)
+        m.setattr(store_task, "FOLD_EVERY", 2)
         m.setattr(store_segments, "TAIL_MAX", 0)
         m.setattr(store_segments, "FAN", 2)
         m.setattr(store_segments, "BAND_BASE", 1)
@@ -274,7 +274,7 @@ def run_save(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
 
 def run_save_fold(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
     with pytest.MonkeyPatch.context() as m:  # this save crosses the threshold: it folds the log
-        m.setattr(store, "FOLD_EVERY", 4)
+        m.setattr(store_task, "FOLD_EVERY", 4)
         return ws.task("unet").save(b"the new one", step=99)
 
 
@@ -745,24 +745,23 @@ def test_two_renames_of_one_model_never_make_two_models(
 ) -> None:
     """A second rename run while the first has written its new record but not yet dropped the old one (the
     moment two machines' renames overlap worst) is refused: the model stays one."""
-    import ckpt.store as store
     from ckpt.models import promote, rename
 
     st = memory()
     ws = seeded(st, n=1)
     promote(ws, "unet", 1, title="m")
-    real = store.drop_model
+    real = store_models.drop_model
     seen: list[BaseException] = []
 
     def second_rename_meanwhile(w: Any, title: str, keys: list[str]) -> None:
-        monkeypatch.setattr(store, "drop_model", real)
+        monkeypatch.setattr(store_models, "drop_model", real)
         try:
             rename(fresh(st), "m", "b")
         except ckpt.ConflictError as e:
             seen.append(e)
         real(w, title, keys)
 
-    monkeypatch.setattr(store, "drop_model", second_rename_meanwhile)
+    monkeypatch.setattr(store_models, "drop_model", second_rename_meanwhile)
     rename(ws, "m", "a")
     assert seen and "being renamed" in str(seen[0])
     ws = fresh(st)
@@ -779,21 +778,20 @@ def test_a_title_twinned_in_case_by_a_racer_is_refused_once_claimed(
 ) -> None:
     """Two renames to `case` and `CASE` from two machines: each checked the titles before the other claimed.
     The one that claims second sees the other's claim and stops: never two titles that differ only in case."""
-    import ckpt.store as store
     from ckpt.models import promote, rename
 
     st = memory()
     ws = seeded(st, n=1)
     promote(ws, "unet", 1, title="p")
     promote(ws, "unet", 1, title="q")
-    real = store.Lease.take
+    real = store_models.Lease.take
 
     def twin_made_meanwhile(self: Any) -> Any:
-        monkeypatch.setattr(store.Lease, "take", real)
+        monkeypatch.setattr(store_models.Lease, "take", real)
         rename(fresh(st), "q", "CASE")  # after this rename checked the titles, before it claims its own
         return real(self)
 
-    monkeypatch.setattr(store.Lease, "take", twin_made_meanwhile)
+    monkeypatch.setattr(store_models.Lease, "take", twin_made_meanwhile)
     with pytest.raises(ckpt.ConflictError, match="only in case"):
         rename(ws, "p", "case")
     assert fresh(st).models.titles() == ["CASE", "p"]

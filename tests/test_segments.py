@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import store, store_segments
+from ckpt import store_doctor, store_segments, store_task
 from ckpt.doctor import doctor
 from ckpt.errors import ManifestError
 from ckpt.manifest import Checkpoint, check_format, parse_task, parse_toml, task_bytes
@@ -21,7 +21,7 @@ from ckpt.trash import KeepRules, restore, trash_unused
 @pytest.fixture
 def st(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryStorage]:
     monkeypatch.setenv("CKPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(store, "FOLD_EVERY", 4)  # a fold every 4 saves
+    monkeypatch.setattr(store_task, "FOLD_EVERY", 4)  # a fold every 4 saves
     monkeypatch.setattr(store_segments, "TAIL_MAX", 2)  # more than 2 loose records make a segment
     with mounted(MemoryStorage(f"memory://seg-{tmp_path.name}")) as storage:
         yield storage
@@ -128,7 +128,7 @@ def test_a_crash_between_segment_and_commit_leaves_an_unnamed_segment_doctor_del
     assert numbers(st) == records  # never read: the root does not name it (the w8 object is unrecorded)
     ws = ckpt.Workspace.open(st.url)
     assert not any("segment" in r.problem for r in doctor(ws))  # young: it may be a commit still running
-    monkeypatch.setattr(store, "STALE_PENDING", -1.0)
+    monkeypatch.setattr(store_doctor, "STALE_PENDING", -1.0)
     repairs = [r for r in doctor(ws) if "segment" in r.problem]
     assert [(r.path, r.action) for r in repairs] == [(stray.pop(), "deleted")]
     assert set(segments(st)) == before
@@ -259,7 +259,7 @@ def test_a_manifest_of_an_older_ckpt_opens_and_is_migrated_by_the_next_commit(st
 
 def test_segments_on_a_real_s3_api(s3_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """moto's server: segments created with If-None-Match, fetched concurrently, replaced and deleted."""
-    monkeypatch.setattr(store, "FOLD_EVERY", 4)
+    monkeypatch.setattr(store_task, "FOLD_EVERY", 4)
     monkeypatch.setattr(store_segments, "TAIL_MAX", 2)
     task = ckpt.Workspace.init(s3_url).create_task("unet")
     for i in range(1, 14):
@@ -305,8 +305,8 @@ def test_two_writers_folding_into_segments_lose_nothing_and_leave_no_stray(
     monkeypatch.setattr(store_segments, "FAN", 3)
     monkeypatch.setattr(store_segments, "BAND_BASE", 2)
     lost: list[str] = []  # the new segments of commits that lost a race (the other writer committed first)
-    real = store.StoreTask._forget
-    monkeypatch.setattr(store.StoreTask, "_forget", lambda self, key: (lost.append(key), real(self, key)))
+    real = store_task.StoreTask._forget
+    monkeypatch.setattr(store_task.StoreTask, "_forget", lambda self, key: (lost.append(key), real(self, key)))
     ckpt.Workspace.init(st.url).create_task("unet")
     a, b = (ckpt.Workspace.open(st.url).task("unet") for _ in range(2))
     saved = [(a if i % 3 else b).save(f"w{i}".encode(), step=i) for i in range(1, 41)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ckpt
-from ckpt import store
+from ckpt import store_task
 from ckpt.doctor import doctor
 from ckpt.errors import ManifestError
 from ckpt.manifest import check_format, parse_task, parse_toml
@@ -51,7 +51,7 @@ def test_saves_write_log_objects_and_leave_the_manifest_alone(st: MemoryStorage)
 
 
 def test_the_save_that_crosses_the_threshold_folds_the_log(st: MemoryStorage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "FOLD_EVERY", 4)
+    monkeypatch.setattr(store_task, "FOLD_EVERY", 4)
     task = ckpt.Workspace.init(st.url).create_task("unet")
     for i in range(1, 11):
         task.save(f"w{i}".encode(), step=i)
@@ -75,7 +75,7 @@ def test_finish_folds_the_log_and_closes_it(st: MemoryStorage) -> None:
 
 
 class Clock:
-    """store's `time` module, with a monotonic clock that moves a minute whenever `tick` is called."""
+    """store_task's `time` module, with a monotonic clock that moves a minute whenever `tick` is called."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -94,7 +94,7 @@ def test_a_save_costs_the_same_requests_whatever_the_task_holds(
     st: MemoryStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock()
-    monkeypatch.setattr(store, "time", clock)  # saves a minute apart: each revalidates what it read
+    monkeypatch.setattr(store_task, "time", clock)  # saves a minute apart: each revalidates what it read
     task = ckpt.Workspace.init(st.url).create_task("unet")
 
     def one_save() -> tuple[list[str], int]:
@@ -112,9 +112,9 @@ def test_a_save_costs_the_same_requests_whatever_the_task_holds(
 
 
 def test_two_writers_and_a_trash_lose_no_record(st: MemoryStorage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "FOLD_EVERY", 4)
+    monkeypatch.setattr(store_task, "FOLD_EVERY", 4)
     clock = Clock()
-    monkeypatch.setattr(store, "time", clock)
+    monkeypatch.setattr(store_task, "time", clock)
     ckpt.Workspace.init(st.url).create_task("unet")
     a, b = (ckpt.Workspace.open(st.url).task("unet") for _ in range(2))
     saved = []
@@ -139,7 +139,7 @@ def test_a_save_that_raced_finish_is_kept_and_doctor_folds_it(
     st: MemoryStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock()
-    monkeypatch.setattr(store, "time", clock)  # the clock stands still: the writer keeps its view of "running"
+    monkeypatch.setattr(store_task, "time", clock)  # the clock stands still: the writer keeps its view of "running"
     task = ckpt.Workspace.init(st.url).create_task("unet")
     for i in range(1, 4):
         task.save(f"w{i}".encode(), step=i)
