@@ -158,6 +158,8 @@ def done_as_reported(objs: Objects, op: str, result: Any, ctx: dict[str, Any]) -
         for entry_id in result.emptied:
             assert not any(k.startswith(f"trash/{entry_id}/") for k in objs)
     elif op == "scan_add":
-        assert len(task_state(objs, "unet").checkpoints) == 5 and "tasks/unet/step=50.pt" not in objs
+        recorded = task_state(objs, "unet").checkpoints
+        assert all(cp.number in recorded and recorded[cp.number].sha256 == cp.sha256 for cp in result.added)
+        assert not result.added or "tasks/unet/step=50.pt" not in objs
     elif op == "import":
         assert len(task_state(objs, "lit").checkpoints) == 2
