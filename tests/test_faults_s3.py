@@ -32,7 +32,7 @@ from ckpt.trash import empty, list_entries, plan_empty, restore, trash_model, tr
 from . import faultcheck
 
 T = TypeVar("T")
-SAMPLE = 3  # faults tried per operation: each trial costs ~100 requests to the server
+SAMPLE = 4  # faults tried per operation: each trial costs ~100 requests to the server
 _prefixes = itertools.count()
 
 
