@@ -42,7 +42,8 @@ class Faulty(Storage):
     def __init__(self, inner: Storage):
         self.inner, self.url = inner, inner.url
         self.calls: list[str] = []
-        self.at, self.kind, self.method = 0, "", None
+        self.at, self.kind = 0, ""
+        self.method: str | None = None
         self.active = self.dead = False
         self.struck: str | None = None
 
