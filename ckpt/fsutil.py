@@ -124,10 +124,12 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
     try:
         yield
     finally:
-        # removed while still held: a later holder's file is never removed by us
-        with contextlib.suppress(OSError):
-            os.unlink(holder_file)
-        lock.release()
+        try:
+            # removed while still held: a later holder's file is never removed by us
+            with contextlib.suppress(OSError):
+                os.unlink(holder_file)
+        finally:  # released even when an interrupt (Ctrl-C, SIGTERM) lands on the unlink: the process lives on
+            lock.release()
 
 
 def fsync_dir(path: Path) -> None:

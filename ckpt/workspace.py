@@ -1145,10 +1145,13 @@ class Task:
                 )
                 # the record is appended only once the file is complete and in place
                 data = record_bytes(cp)
+                size = os.stat(self.manifest).st_size
                 try:
                     after = fsutil.append_durably(self.manifest, data)
                 except BaseException:
-                    fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
+                    # an interrupt (Ctrl-C, SIGTERM) after the record landed: it names the file, which stays
+                    if os.stat(self.manifest).st_size != size + len(data):
+                        fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
                     raise
                 self._reader.note_append(cp, data, after)
         finally:
@@ -1216,14 +1219,19 @@ class Task:
                 number = state.max_number
                 placed: list[Checkpoint] = []
                 renamed: list[tuple[str, str | Path]] = []
+                committed = -1  # the manifest's size once the records are in it
                 try:
                     self._place_locked(staged, cdir, number, placed, renamed)
                     fsutil.fsync_dir(cdir)
                     # records are appended (in one write) only once every file is in place; a crash between
                     # leaves numbered files without records, which `ckpt scan TASK --add` takes back in
                     chunks = [_record_bytes_fast(cp) for cp in placed]
-                    after = fsutil.append_durably(self.manifest, b"".join(chunks))
+                    blob = b"".join(chunks)
+                    committed = os.stat(self.manifest).st_size + len(blob)
+                    after = fsutil.append_durably(self.manifest, blob)
                 except BaseException:
+                    if os.stat(self.manifest).st_size == committed:
+                        raise  # an interrupt after the records landed: they name the files, which stay
                     for target, back in reversed(renamed):  # nothing was recorded: back to the staging names
                         with contextlib.suppress(OSError, CkptError):
                             if back == target:
@@ -1299,11 +1307,17 @@ class Task:
                         back = target  # on failure there is nothing to put back: the new name goes
                     else:
                         how = "staged"
-                        fsutil.move_noreplace(tmp, target)
+                        renamed.append((target, back))  # first: an interrupt right after the rename still undoes it
+                        try:
+                            fsutil.move_noreplace(tmp, target)
+                        except ConflictError:
+                            renamed.pop()
+                            raise
                     break
                 except ConflictError:
                     number += 1  # a file without a record: never reuse its number
-            renamed.append((target, back))
+            if how != "staged":
+                renamed.append((target, back))
             if how == "copy":  # the link was refused and the copy made under the lock must match the hash
                 _check_copy(item, Path(target))
             placed.append(

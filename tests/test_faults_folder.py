@@ -55,7 +55,7 @@ for _name in (
 ):  # imported now: the walk replaces `os` in every ckpt module loaded
     importlib.import_module(f"ckpt.{_name}")
 
-KINDS = ("fail", "kill_before", "kill_after")
+KINDS = ("fail", "interrupt", "kill_before", "kill_after")
 FSUTIL_STEPS = (
     "atomic_write",
     "atomic_write_nosync",
@@ -174,6 +174,8 @@ class Faults:
             result = fn(*args, **kwargs)
             if after == "kill_after":
                 self._after(name)
+            if after == "interrupt":  # Ctrl-C or SIGTERM right after it: the process lives on, its cleanup runs
+                raise KeyboardInterrupt(f"interrupted after {name}")
             return result
 
         return call
@@ -328,7 +330,7 @@ class Walk:
         kill is a failure."""
         try:
             return True, OPERATIONS[self.op][1](ckpt.Workspace.open(root / "ws"), root, self.ctx)
-        except (CkptError, OSError, Killed):
+        except (CkptError, OSError, Killed, KeyboardInterrupt):
             return False, None
 
     def check(self, root: Path, before: dict[str, Any], settled: bool, doctored: bool) -> None:
@@ -440,7 +442,7 @@ def faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Faults:
 
 def killed(faults: Faults, method: str, command: Callable[[], Any], at: int = 1, kind: str = "kill_after") -> None:
     faults.start(at, kind, method)
-    with pytest.raises((Killed, OSError)):
+    with pytest.raises((Killed, OSError, KeyboardInterrupt)):
         command()
     faults.revive()
 
@@ -487,3 +489,42 @@ def test_scan_add_killed_after_staging_takes_the_file_in_when_run_again(tmp_path
     assert not (tmp_path / "ws/tasks/unet/step=50.pt").exists()
     result = scan(ckpt.Workspace.open(tmp_path / "ws"), "unet", add=True)  # today: nothing added, nothing said
     assert [cp.sha256 for cp in result.added] == [sha256(b"a stray file")]
+
+
+# --- what the walk found and ckpt now does: an interrupt (Ctrl-C, SIGTERM) right after a step --------------
+
+
+def test_a_lock_interrupted_as_it_is_let_go_is_let_go(
+    tmp_path: Path, faults: Faults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CKPT_LOCK_TIMEOUT", "1")
+    ws = seeded(tmp_path)
+    faults.start(1, "interrupt", "os.unlink")  # the holder file's removal, as the task's lock is let go
+    with pytest.raises(KeyboardInterrupt) as kept:  # kept, as Jupyter keeps the last traceback (and the lock in it)
+        promote(ws, "unet", 2, title="m")
+    faults.revive()
+    assert faults.struck == "interrupt at os.unlink" and kept.value
+    # a library user's process lives on: its next command must not find the task locked by itself
+    assert promote(ckpt.Workspace.open(tmp_path / "ws"), "unet", 3, title="n").model.checkpoint == 3
+
+
+@pytest.mark.parametrize("op", ["save", "import", "scan_add"])
+def test_an_interrupt_right_after_the_records_landed_keeps_their_files(tmp_path: Path, faults: Faults, op: str) -> None:
+    ctx = OPERATIONS[op][0](tmp_path)
+    before = faultcheck.picture(files(tmp_path / "ws"))
+    ws = ckpt.Workspace.open(tmp_path / "ws")
+    killed(faults, "append_durably", lambda: OPERATIONS[op][1](ws, tmp_path, ctx), kind="interrupt")
+    after = faultcheck.check(files(tmp_path / "ws"), before, new=faultcheck.expected_new(op))  # no record is broken
+    assert after["where"].keys() - before["where"].keys() == faultcheck.expected_new(op)  # recorded, and kept
+
+
+def test_an_import_interrupted_right_after_a_rename_puts_its_source_back(tmp_path: Path, faults: Faults) -> None:
+    setup_import(tmp_path)
+    sources = files(tmp_path / "run")
+    ws = ckpt.Workspace.open(tmp_path / "ws")
+    # moves: each source to its staging name, then (under the lock) each staged file to its number
+    killed(faults, "move_noreplace", lambda: run_import(ws, tmp_path, {}), at=3, kind="interrupt")
+    assert files(tmp_path / "run") == sources  # both back where they were, none left numbered without a record
+    numbered = tmp_path / "ws/tasks/lit/checkpoints"
+    assert not numbered.exists() or not list(numbered.iterdir())
+    assert len(run_import(ckpt.Workspace.open(tmp_path / "ws"), tmp_path, {}).rows) == 2
