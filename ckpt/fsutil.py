@@ -120,8 +120,8 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
             hint="try again later, or wait longer with --wait SECONDS (or CKPT_LOCK_TIMEOUT)",
         ) from None
     holder_file = f"{lock_path}{HOLDER_SUFFIX}"
-    _write_holder(holder_file)
     try:
+        _write_holder(holder_file)  # inside: an interrupt while it writes still lets the lock go
         yield
     finally:
         try:

@@ -31,7 +31,7 @@ import pytest
 import ckpt
 from ckpt import fsutil
 from ckpt.doctor import doctor
-from ckpt.errors import CkptError
+from ckpt.errors import BusyError, CkptError
 from ckpt.importer import import_path, scan
 from ckpt.models import finish, promote, rename
 from ckpt.storage.memory import Killed
@@ -330,6 +330,8 @@ class Walk:
         kill is a failure."""
         try:
             return True, OPERATIONS[self.op][1](ckpt.Workspace.open(root / "ws"), root, self.ctx)
+        except BusyError as e:  # one process at a time here: a lock still held is one a fault left behind
+            raise AssertionError(f"a lock was left held: {e}") from None
         except (CkptError, OSError, Killed, KeyboardInterrupt):
             return False, None
 
@@ -416,6 +418,7 @@ def sample(op: str, calls: int, size: int = SAMPLE) -> list[tuple[int, str, bool
 
 @pytest.mark.parametrize("op", list(OPERATIONS))
 def test_a_sample_of_faults_at_the_calls_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    monkeypatch.setenv("CKPT_LOCK_TIMEOUT", "1")  # a lock left held is found at once (and said: see Walk.attempt)
     faults = Faults(monkeypatch)
     walk = Walk(op, tmp_path, faults)
     calls = walk.one(0, "", at_once=True)
@@ -494,16 +497,17 @@ def test_scan_add_killed_after_staging_takes_the_file_in_when_run_again(tmp_path
 # --- what the walk found and ckpt now does: an interrupt (Ctrl-C, SIGTERM) right after a step --------------
 
 
-def test_a_lock_interrupted_as_it_is_let_go_is_let_go(
-    tmp_path: Path, faults: Faults, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("call", ["os.write", "os.unlink"], ids=["as-it-is-taken", "as-it-is-let-go"])
+def test_a_lock_interrupted_is_let_go(
+    tmp_path: Path, faults: Faults, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
     monkeypatch.setenv("CKPT_LOCK_TIMEOUT", "1")
     ws = seeded(tmp_path)
-    faults.start(1, "interrupt", "os.unlink")  # the holder file's removal, as the task's lock is let go
+    faults.start(1, "interrupt", call)  # the holder file's writing, once the lock is taken; its removal
     with pytest.raises(KeyboardInterrupt) as kept:  # kept, as Jupyter keeps the last traceback (and the lock in it)
         promote(ws, "unet", 2, title="m")
     faults.revive()
-    assert faults.struck == "interrupt at os.unlink" and kept.value
+    assert faults.struck == f"interrupt at {call}" and kept.value
     # a library user's process lives on: its next command must not find the task locked by itself
     assert promote(ckpt.Workspace.open(tmp_path / "ws"), "unet", 3, title="n").model.checkpoint == 3
 
