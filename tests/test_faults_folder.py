@@ -284,12 +284,12 @@ def run_import(ws: ckpt.Workspace, root: Path, ctx: dict[str, Any]) -> Any:
 
 
 def setup_interrupted(root: Path) -> dict[str, Any]:
-    """A trash-unused killed after moving its second file, and a promote killed after linking its weights."""
+    """A promote killed after linking its weights, then a trash-unused killed after moving its second file."""
     seeded(root)
     faults = FAULTS[-1]
     for kind, method, command in [
-        ("kill_after", "os.rename", lambda ws: trash_unused(ws, "unet")),
         ("kill_after", "os.link", lambda ws: promote(ws, "unet", 4, title="half")),
+        ("kill_after", "os.rename", lambda ws: trash_unused(ws, "unet")),
     ]:
         faults.root = root
         faults.start(2 if method == "os.rename" else 1, kind, method)
