@@ -89,7 +89,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     py = [sys.executable, "-m", "ckpt"]
-    load = "import sys; from pathlib import Path; from ckpt.formats import load_state_dict\n"
+    load = "import sys; from pathlib import Path; from ckpt.loading import load_state_dict\n"
     load += "try:\n    load_state_dict(Path(sys.argv[1]))\n"
     load += "except Exception as e:\n    print(e, file=sys.stderr); sys.exit(6)\n"
     failed = 0

@@ -8,7 +8,7 @@ thread no operation waits at a barrier for a thread the scheduler put aside, so 
 with other work the figures follow the work each path does rather than how often it synchronises.
 
 Both paths use the same UNet (ckpt.zoo:UNet, the demo's size) and the same three checkpoint files,
-loaded with ckpt.formats.load_state_dict. The naive loop is what a first script does: one image at a
+loaded with ckpt.loading.load_state_dict. The naive loop is what a first script does: one image at a
 time, the default memory format, `torch.no_grad()`, the prediction as a class-index array. The preview
 path is `ckpt.preview.run_preview` end to end: batches, `torch.inference_mode`, channels-last,
 convolutions with their batch norms folded in, freed activations kept in the heap (glibc), and it
@@ -96,7 +96,7 @@ def child(mode: str, root: Path, device: str) -> None:
     from PIL import Image
 
     import ckpt
-    from ckpt.formats import load_state_dict
+    from ckpt.loading import load_state_dict
     from ckpt.preview import PreviewOptions, run_preview, task_sources
     from ckpt.zoo import UNet
 
@@ -167,7 +167,8 @@ def child(mode: str, root: Path, device: str) -> None:
 
 
 def _agreements(res: object) -> str:
-    from ckpt.preview import PreviewResult, percent
+    from ckpt.picture import percent
+    from ckpt.preview import PreviewResult
 
     assert isinstance(res, PreviewResult)
     return ", ".join(
@@ -241,7 +242,8 @@ def _load() -> str:
 
 def demo_miou(device: str) -> None:
     """mIoU of the demo's checkpoints 3, 7, 10 with auto and with fp32, and the largest difference."""
-    from ckpt.preview import PreviewOptions, demo_numbers, load_training_example, run_preview, task_sources
+    from ckpt.demo import demo_numbers, load_training_example
+    from ckpt.preview import PreviewOptions, run_preview, task_sources
     from ckpt.workspace import Workspace
 
     given = _arg("--demo")

@@ -1,8 +1,10 @@
 """Requests and metadata bytes per save into a bucket task, at the Nth checkpoint (docs/s3.md, "Saves: the log").
 
 Runs on the in-memory store (ckpt.storage.memory), counting every primitive call and the bytes each sends
-and receives, less the checkpoints' own bytes. Each figure is the mean over one fold cycle (FOLD_EVERY saves)
-ending at the checkpoint named: a fold's rewrite of task.toml is spread over the saves that led to it.
+and receives, less the checkpoints' own bytes (their uploads are not counted). Each figure is the mean over one
+fold cycle (FOLD_EVERY saves) ending at the checkpoint named: a fold's commit is spread over the saves that led
+to it; and over one merge cycle (FAN fold cycles, where the task has that many saves): a merge of segments
+(ckpt.store_segments) is spread over the saves whose folds made them.
 
     python benchmarks/bucket_save_cost.py 10 2000 10000
 """
@@ -19,6 +21,7 @@ from ckpt import store
 from ckpt.storage import Blob
 from ckpt.storage.memory import MemoryStorage, mounted
 from ckpt.store_log import FOLD_EVERY
+from ckpt.store_segments import FAN
 
 PAYLOAD = b"x" * 64  # the checkpoint itself (its bytes are not counted)
 
@@ -50,7 +53,7 @@ class Counting(MemoryStorage):
         self.received += len(got[0]) if got else 0
         return got
 
-    def put(self, key: str, data: bytes, **kw: object) -> str:
+    def put(self, key: str, data: bytes, **kw: object) -> str:  # (`upload`, the checkpoint's, is not counted)
         self.sent += len(data)
         return super().put(key, data, **kw)  # type: ignore[arg-type]
 
@@ -70,20 +73,10 @@ def main(marks: list[int]) -> None:
         rows = []
         for n in range(1, max(marks) + 1):
             clock.now += 60.0
-            if any(m - FOLD_EVERY < n <= m or (m < FOLD_EVERY and n <= FOLD_EVERY) for m in marks):
-                before = (len(st.calls), st.sent, st.received, st.listed)
-                task.save(PAYLOAD, step=n, metrics={"val_iou": n / 1e4, "loss": 1 / n})
-                rows.append(
-                    (
-                        n,
-                        len(st.calls) - before[0],
-                        st.sent - before[1] - len(PAYLOAD),
-                        st.received - before[2],
-                        st.listed - before[3],
-                    )
-                )
-            else:
-                task.save(PAYLOAD, step=n, metrics={"val_iou": n / 1e4, "loss": 1 / n})
+            before = (len(st.calls), st.sent, st.received, st.listed)
+            task.save(PAYLOAD, step=n, metrics={"val_iou": n / 1e4, "loss": 1 / n})
+            now = (len(st.calls), st.sent, st.received, st.listed)
+            rows.append((n, *(a - b for a, b in zip(now, before, strict=True))))
         manifest = len(st.objects["tasks/unet/task.toml"][0])
         for label in ("warm", "cold"):  # a reader on this machine (its cache), then on another one
             if label == "cold":
@@ -92,14 +85,15 @@ def main(marks: list[int]) -> None:
             assert ckpt.Workspace.open(st.url).task("unet").checkpoints
             print(f"{label} read of the task: {len(st.calls) - start} requests ({', '.join(st.calls[start:])})")
     print(f"FOLD_EVERY={FOLD_EVERY}; task.toml at the end: {manifest:,} bytes")
-    print("checkpoint  requests/save  sent B/save  received B/save  keys listed/save  (mean over the fold cycle)")
-    for m in marks:
-        window = [r for r in rows if (m - FOLD_EVERY < r[0] <= m) or (m < FOLD_EVERY and r[0] <= FOLD_EVERY)]
-        k = len(window)
-        print(
-            f"{m:>10,}  {sum(r[1] for r in window) / k:>13.2f}  {sum(r[2] for r in window) / k:>11,.0f}"
-            f"  {sum(r[3] for r in window) / k:>15,.0f}  {sum(r[4] for r in window) / k:>16.1f}"
-        )
+    for cycle, what in ((FOLD_EVERY, "the fold cycle"), (FOLD_EVERY * FAN, "the merge cycle")):
+        print(f"checkpoint  requests/save  sent B/save  received B/save  keys listed/save  (mean over {what})")
+        for m in marks if cycle == FOLD_EVERY else [m for m in marks if m >= cycle]:
+            window = [r for r in rows if max(m, cycle) - cycle < r[0] <= max(m, cycle)]
+            k = len(window)
+            print(
+                f"{m:>10,}  {sum(r[1] for r in window) / k:>13.2f}  {sum(r[2] for r in window) / k:>11,.0f}"
+                f"  {sum(r[3] for r in window) / k:>15,.0f}  {sum(r[4] for r in window) / k:>16.1f}"
+            )
 
 
 if __name__ == "__main__":

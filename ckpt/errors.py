@@ -78,6 +78,10 @@ class BusyError(CkptError, TimeoutError):
     exit_code = 5
 
 
+class CommitUnknown(CkptError):
+    """A commit's request failed and the manifest could not be read to learn whether it landed."""
+
+
 class IntegrityError(CkptError):
     """A hash mismatch, a corrupt or unreadable manifest or file, or a file that is unsafe to load."""
 

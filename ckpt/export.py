@@ -23,7 +23,7 @@ from typing import Any
 from . import fsutil
 from .errors import ConflictError, UsageError
 from .formats import ITEMSIZE
-from .sources import PIECE, Contents, Entry, need_numpy
+from .tensor_streams import PIECE, Contents, Entry, need_numpy
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _CODES = {

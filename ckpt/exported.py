@@ -17,7 +17,8 @@ from .manifest import dumps
 from .models import Model
 from .names import case_twin, check_title
 from .readcheck import check_readable
-from .sources import Contents, open_contents
+from .sources import open_contents
+from .tensor_streams import Contents
 from .timeutil import now_iso
 
 if TYPE_CHECKING:

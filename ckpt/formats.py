@@ -1,8 +1,8 @@
-"""Reading checkpoint files: torch zip archives, safetensors, Lightning, and folders of files.
+"""Reading checkpoint files without running them: torch zip archives, safetensors, and folders of files.
 
 `inspect_file` never imports torch and never runs code from the file: it reads the zip index and
-interprets the pickle with stand-ins for every global. `load_state_dict` imports torch and loads
-with `weights_only=True`, always passed explicitly.
+interprets the pickle with stand-ins for every global. Loading with torch is in loading.py, what
+Lightning and the Trainer record in lightning_state.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
-import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -20,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import fsutil
-from .errors import CkptError, IntegrityError, UnsafeFileError, UsageError
+from .errors import CkptError, IntegrityError
 from .unpickle import BoundedUnpickler, Budget, TooComplex
 
 _STORAGE_DTYPES = {
@@ -59,7 +57,7 @@ DTYPE_NAMES = {  # the dtypes torch pickles by name (torch.float32...): inert wh
     "float8_e5m2fnuz",
     "float8_e8m0fnu",
 }
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {  # safetensors dtype code -> ckpt's dtype name
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -86,6 +84,8 @@ ITEMSIZE = {  # bytes per element of each dtype ckpt names
     "uint16": 2, "uint32": 4, "uint64": 8, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
 }  # fmt: skip
 # Globals torch's weights_only loader accepts; anything else needs full unpickling.
+# the keys training code commonly keeps the weights under (Lightning, DeepSpeed, plain training loops)
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 _UNTYPED_STORAGES = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"),
@@ -160,7 +160,10 @@ class _Storage:
         self.key = key  # the archive's `data/<key>` member that holds the bytes
 
 
-class _Tensor:
+class StoredTensor:
+    """A tensor stand-in: its shape and dtype, and where its bytes are (`storage.key` names the archive
+    member `data/<key>` that holds them)."""
+
     __slots__ = ("shape", "dtype", "storage", "offset", "stride")
 
     def __init__(
@@ -178,11 +181,6 @@ class _Tensor:
         self.stride = stride  # in elements; None when the pickle gave none that reads as one
 
 
-# Public names for readers built on this one (ckpt.sources): a tensor stand-in is a StoredTensor, whose
-# `storage.key` names the archive member `data/<key>` holding its bytes.
-StoredTensor = _Tensor
-
-
 _PY2_NAMES = {("__builtin__", n): ("builtins", n) for n in ("set", "frozenset", "bytearray", "slice", "complex")}
 _HASHING_CALLS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "Counter")}
 
@@ -190,7 +188,7 @@ _HASHING_CALLS = {("builtins", "set"), ("builtins", "frozenset"), ("collections"
 class _Global:
     """A stand-in for a global the pickle names; calling it builds another stand-in, charged to its reader."""
 
-    def __init__(self, module: str, name: str, reader: _ScanUnpickler):
+    def __init__(self, module: str, name: str, reader: ScanUnpickler):
         self.module, self.name, self.reader = module, name, reader
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -199,13 +197,13 @@ class _Global:
         if key in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3")):
             storage, offset, size = args[0], args[1], args[2]
             if not isinstance(storage, _Storage):
-                return _Tensor([int(s) for s in size], "unknown")
+                return StoredTensor([int(s) for s in size], "unknown")
             stride = args[3] if len(args) > 3 and isinstance(args[3], tuple | list) else None
             strides = [int(x) for x in stride] if stride is not None and all(type(x) is int for x in stride) else None
             dtype = storage.dtype
             if key[1] == "_rebuild_tensor_v3" and len(args) > 6 and args[6] in DTYPE_NAMES:
                 dtype = args[6]  # an UntypedStorage (float8, uint16/32/64): the dtype is the 7th argument
-            return _Tensor([int(s) for s in size], dtype, storage, offset if type(offset) is int else 0, strides)
+            return StoredTensor([int(s) for s in size], dtype, storage, offset if type(offset) is int else 0, strides)
         if key in (
             ("torch._utils", "_rebuild_parameter"),
             ("torch._utils", "_rebuild_parameter_with_state"),
@@ -242,7 +240,7 @@ class _Opaque:
         pass
 
 
-class _Tolerant(dict):  # type: ignore[type-arg]
+class Tolerant(dict):  # type: ignore[type-arg]
     """Stand-in class for an unknown global: takes any arguments, any state, and items or appends, so
     NEWOBJ and dict/list subclasses (Lightning's AttributeDict in `hyper_parameters`) load as stand-ins."""
 
@@ -262,8 +260,10 @@ class _Tolerant(dict):  # type: ignore[type-arg]
         pass
 
 
-class _ScanUnpickler(BoundedUnpickler):
+class ScanUnpickler(BoundedUnpickler):
     """Reads a pickle with stand-ins for every global (tolerant classes for unknown ones), within `budget`."""
+
+    stand_in_class: type[Tolerant] = Tolerant  # the base of the stand-in for an unknown class
 
     def __init__(self, data: bytes, budget: Budget):
         super().__init__(data, budget)
@@ -291,7 +291,7 @@ class _ScanUnpickler(BoundedUnpickler):
         if not (module == "builtins" and name in {"dict", "list", "tuple"}):
             self.seen_globals.append(f"{module}.{name}")
         attrs = {"__module__": "ckpt.formats.standin", "_reader": self, "_key": (module, name)}
-        return type(name, (_Tolerant,), attrs)
+        return type(name, (self.stand_in_class,), attrs)
 
     def persistent_load(self, pid: Any) -> Any:
         # ('storage', storage_type, key, location, numel)
@@ -318,7 +318,7 @@ def _tensors(reader: BoundedUnpickler, obj: Any) -> list[TensorInfo]:
     out: list[TensorInfo] = []
 
     def visit(value: Any, path: list[Any]) -> None:
-        if isinstance(value, _Tensor):
+        if isinstance(value, StoredTensor):
             name = ".".join(_key_name(k) for k in path) or "<tensor>"
             reader.budget.spend(len(path), 64 + len(name) + 8 * len(value.shape))
             out.append(TensorInfo(name, value.shape, value.dtype))
@@ -349,9 +349,9 @@ def _archive_pickle(f: BinaryIO, path: Path) -> tuple[bytes, int] | None:
             return member.read(), pkl[0].compress_size
 
 
-def _read_pickle(
-    f: BinaryIO, path: Path, reader_type: type[_ScanUnpickler] | None = None
-) -> tuple[Any, _ScanUnpickler] | None:
+def read_pickle(
+    f: BinaryIO, path: Path, reader_type: type[ScanUnpickler] | None = None
+) -> tuple[Any, ScanUnpickler] | None:
     """The torch zip's pickle, interpreted with stand-ins within its budget; None for a zip without one.
 
     Raises zipfile.BadZipFile for a file that is no zip, IntegrityError for a corrupt, hostile or too costly one.
@@ -367,11 +367,11 @@ def _read_pickle(
     if found is None:
         return None
     data, stored = found
-    reader = (reader_type or _ScanUnpickler)(data, Budget.for_pickle(stored))
+    reader = (reader_type or ScanUnpickler)(data, Budget.for_pickle(stored))
     try:
         return reader.load(), reader
     except TooComplex as e:
-        raise _too_complex(path, e) from None
+        raise too_complex(path, e) from None
     except Exception as e:  # a hostile or truncated pickle: any failure means corrupt
         raise IntegrityError(f"'{path}' holds an unreadable pickle ({type(e).__name__})", path=path) from None
 
@@ -384,7 +384,7 @@ def read_torch_pickle(f: BinaryIO, path: Path) -> tuple[Any, BoundedUnpickler, l
     or too costly one.
     """
     try:
-        found = _read_pickle(f, path)
+        found = read_pickle(f, path)
     except zipfile.BadZipFile as e:
         raise IntegrityError(f"'{path}' is not a torch archive ({e})", path=path) from None
     if found is None:
@@ -395,13 +395,6 @@ def read_torch_pickle(f: BinaryIO, path: Path) -> tuple[Any, BoundedUnpickler, l
 
 def too_complex(path: Path, e: TooComplex) -> IntegrityError:
     """The error for a pickle at `path` that would cost more than its budget (refused as hostile)."""
-    return _too_complex(path, e)
-
-
-SAFETENSORS_DTYPES = _SAFETENSORS_DTYPES  # safetensors dtype code -> ckpt's dtype name
-
-
-def _too_complex(path: Path, e: TooComplex) -> IntegrityError:
     return IntegrityError(
         f"'{path}' holds a pickle that needs {e.what}: refused as hostile",
         path=path,
@@ -411,7 +404,7 @@ def _too_complex(path: Path, e: TooComplex) -> IntegrityError:
 
 def _inspect_torch_zip(f: BinaryIO, path: Path) -> FileInfo:
     try:
-        found = _read_pickle(f, path)
+        found = read_pickle(f, path)
     except zipfile.BadZipFile as e:
         raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
     if found is None:
@@ -430,7 +423,7 @@ def _inspect_torch_zip(f: BinaryIO, path: Path) -> FileInfo:
             )
         tensors = _tensors(reader, obj)
     except TooComplex as e:
-        raise _too_complex(path, e) from None
+        raise too_complex(path, e) from None
     return FileInfo("torch-zip", tensors, sorted(set(reader.seen_globals)))
 
 
@@ -441,193 +434,6 @@ def _is_lightning(obj: Any) -> bool:
         and isinstance(obj.get("state_dict"), dict)
         and any(k in obj for k in ("pytorch-lightning_version", "global_step", "callbacks", "optimizer_states"))
     )
-
-
-def top_level_scalars(path: Path) -> dict[str, int | float | str | bool]:
-    """The top-level numbers, strings and booleans of a torch zip checkpoint's pickled dict.
-
-    Lightning stores `epoch` and `global_step` there. Nothing is imported or run: every global is a
-    stand-in. Returns {} for a file that is not a torch zip or not a dict; raises IntegrityError when
-    corrupt, hostile or too costly to read, NotRegularFile for a FIFO or device.
-    """
-    path = Path(path)
-    with fsutil.open_regular_file(path) as f:
-        try:
-            found = _read_pickle(f, path)
-        except zipfile.BadZipFile:
-            return {}
-    if found is None:
-        return {}
-    obj = found[0]
-    if not isinstance(obj, dict):
-        return {}
-    return {k: v for k, v in obj.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
-
-
-# --- what Lightning and the Trainer recorded about a run -----------------------------------------
-
-_SCALAR_FORMATS = {
-    "float64": "d",
-    "float32": "f",
-    "float16": "e",
-    "int64": "q",
-    "int32": "i",
-    "int16": "h",
-    "int8": "b",
-    "uint8": "B",
-}
-_MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
-
-
-@dataclass(slots=True)
-class Monitored:
-    """What one `ModelCheckpoint` callback with a `monitor` kept in a Lightning checkpoint."""
-
-    monitor: str
-    mode: str | None  # "min" or "max", kept only in the callback's key: ModelCheckpoint{'monitor': ..., 'mode': ...}
-    score: float | None  # the value it recorded for this very file: its `best_k_models` entry of the file's name
-    current_score: float | None
-    best_model_score: float | None
-    best_model_name: str | None  # the file name of its `best_model_path`
-    wrote_last: bool  # its `last_model_path` has this file's name (save_last)
-
-
-@dataclass(slots=True)
-class LightningState:
-    """The top-level `epoch` and `global_step` of a Lightning checkpoint and its monitoring callbacks."""
-
-    epoch: int | None = None
-    global_step: int | None = None
-    monitors: list[Monitored] = field(default_factory=list)
-
-
-def _base(p: object) -> str | None:
-    return re.split(r"[\\/]", p)[-1] if isinstance(p, str) and p else None
-
-
-def read_lightning_state(path: Path) -> LightningState:
-    """The epoch, global step and `ModelCheckpoint` states of the Lightning checkpoint at `path`.
-
-    Nothing is imported or run: every global is a stand-in, and the few scalar tensors wanted (the
-    scores) are decoded from their bytes in the archive. Returns an empty state for a file that is not a
-    torch zip or does not hold a dict; raises IntegrityError when it is corrupt.
-    """
-    path = Path(path)
-    out = LightningState()
-    with fsutil.open_regular_file(path) as f:
-        try:
-            found = _read_pickle(f, path)  # within the pickle's budget, like `show`
-        except zipfile.BadZipFile:
-            return out
-        if found is None:
-            return out
-        obj = found[0]
-        try:
-            zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise IntegrityError(f"'{path}' is a corrupt torch archive ({e})", path=path) from None
-        return _lightning_state(zf, path, obj, out)
-
-
-def _lightning_state(zf: zipfile.ZipFile, path: Path, obj: Any, out: LightningState) -> LightningState:
-    with zf:
-        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        prefix = pkl[0][: -len("data.pkl")] if pkl else ""
-        if not isinstance(obj, dict):
-            return out
-        if type(obj.get("epoch")) is int:
-            out.epoch = obj["epoch"]
-        if type(obj.get("global_step")) is int:
-            out.global_step = obj["global_step"]
-        callbacks = obj.get("callbacks")
-        if not isinstance(callbacks, dict):
-            return out
-        big = _member(zf, f"{prefix}byteorder", 16).strip() == b"big"
-        for key, st in callbacks.items():
-            if not isinstance(key, str) or not isinstance(st, dict) or not isinstance(st.get("monitor"), str):
-                continue
-            mode = _MODE_IN_KEY.search(key)
-            kept = st.get("best_k_models")
-            own = next((v for k, v in kept.items() if _base(k) == path.name), None) if isinstance(kept, dict) else None
-            out.monitors.append(
-                Monitored(
-                    st["monitor"],
-                    mode.group(1) if mode else None,
-                    _scalar(zf, prefix, big, own),
-                    _scalar(zf, prefix, big, st.get("current_score")),
-                    _scalar(zf, prefix, big, st.get("best_model_score")),
-                    _base(st.get("best_model_path")),
-                    _base(st.get("last_model_path")) == path.name,
-                )
-            )
-    return out
-
-
-def _member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
-    """The first `limit` bytes of member `name`, or b"" when it is missing or unreadable."""
-    try:
-        with zf.open(name) as f:
-            return f.read(limit)
-    except Exception:  # KeyError, BadZipFile, zlib.error...: a score that cannot be read is left out
-        return b""
-
-
-def _scalar(zf: zipfile.ZipFile, prefix: str, big: bool, v: object) -> float | None:
-    """A number, or a one-element tensor stand-in decoded from its storage's bytes; else None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int | float):
-        return float(v)
-    if not isinstance(v, _Tensor) or v.storage is None or v.storage.key is None or any(d != 1 for d in v.shape):
-        return None
-    order = ">" if big else "<"
-    if v.dtype == "bfloat16":  # the top half of a float32
-        raw = _member(zf, f"{prefix}data/{v.storage.key}", 2 * (v.offset + 1))[2 * v.offset :]
-        return struct.unpack(f"{order}f", raw + b"\0\0" if big else b"\0\0" + raw)[0] if len(raw) == 2 else None
-    code = _SCALAR_FORMATS.get(v.dtype)
-    if code is None:
-        return None
-    size = struct.calcsize(code)
-    raw = _member(zf, f"{prefix}data/{v.storage.key}", size * (v.offset + 1))[size * v.offset :]
-    return float(struct.unpack(f"{order}{code}", raw)[0]) if len(raw) == size else None
-
-
-class _Kept(_Tolerant):
-    """A stand-in that keeps the state the pickle gives it (the fields of a pickled dataclass)."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.kept = state
-
-
-class _StateUnpickler(_ScanUnpickler):
-    """A reader whose stand-ins for unknown classes keep their pickled state (`_Kept`)."""
-
-    def _stand_in(self, module: str, name: str) -> Any:
-        found = super()._stand_in(module, name)
-        if isinstance(found, type) and issubclass(found, _Tolerant):
-            attrs = {"__module__": "ckpt.formats.standin", "_reader": self, "_key": (module, name)}
-            return type(name, (_Kept,), attrs)
-        return found
-
-
-def read_training_args(path: Path) -> dict[str, int | float | str | bool | None]:
-    """The plain fields (numbers, strings, booleans, None) of a Trainer's `training_args.bin`: a pickled
-    `TrainingArguments`, read with stand-ins for every global, so nothing is imported or run.
-
-    Returns {} for a file that cannot be read that way (missing, corrupt, an older format).
-    """
-    try:
-        with fsutil.open_regular_file(path) as f:
-            found = _read_pickle(f, path, _StateUnpickler)
-    except Exception:  # anything unreadable (or hostile): the caller goes on without it
-        return {}
-    if found is None:
-        return {}
-    obj = found[0]
-    fields = getattr(obj, "kept", None)
-    if not isinstance(fields, dict):
-        return {}
-    return {k: v for k, v in fields.items() if isinstance(k, str) and (v is None or type(v) in (int, float, str, bool))}
 
 
 def read_safetensors_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, Any], int]:
@@ -664,7 +470,7 @@ def _inspect_safetensors(path: Path, f: BinaryIO | None = None) -> FileInfo:
         shape = meta.get("shape", [])
         if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
             raise IntegrityError(f"'{path}': tensor '{name}' has a corrupt shape", path=path)
-        tensors.append(TensorInfo(name, shape, _SAFETENSORS_DTYPES.get(str(meta.get("dtype")), str(meta.get("dtype")))))
+        tensors.append(TensorInfo(name, shape, SAFETENSORS_DTYPES.get(str(meta.get("dtype")), str(meta.get("dtype")))))
     return FileInfo("safetensors", tensors)
 
 
@@ -689,11 +495,12 @@ def inspect_file(path: Path) -> FileInfo:
     hostile or too costly file, NotRegularFile (an IntegrityError) for a FIFO, device or socket.
     """
     path = weights_file(path)
-    with _open(path) as f:
-        return _inspect_open(f, path)
+    with open_checkpoint(path) as f:
+        return inspect_open(f, path)
 
 
-def _open(path: Path) -> BinaryIO:
+def open_checkpoint(path: Path) -> BinaryIO:
+    """The regular file at `path`, open for reading; raises IntegrityError (NotRegularFile for a FIFO or device)."""
     try:
         return fsutil.open_regular_file(path)
     except CkptError:
@@ -702,7 +509,8 @@ def _open(path: Path) -> BinaryIO:
         raise IntegrityError(f"cannot read '{path}': {e.strerror}", path=path) from None
 
 
-def _inspect_open(f: BinaryIO, path: Path) -> FileInfo:
+def inspect_open(f: BinaryIO, path: Path) -> FileInfo:
+    """`inspect_file` of the file open as `f` (read from its start)."""
     try:
         magic = f.read(8)
     except OSError as e:
@@ -727,173 +535,3 @@ def not_readable_note(head: bytes) -> str:
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "a bare pickle (not a torch archive or safetensors file), which ckpt does not read"
     return "not a torch archive or safetensors file"
-
-
-# --- loading (needs torch) ----------------------------------------------------------------------
-
-
-class StateDictMismatch(UsageError):
-    """A checkpoint's tensors do not fit the network: `missing`, `unexpected` and `mismatched` name the keys."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[str],
-        path: Path | str | None = None,
-        hint: str | None = None,
-    ):
-        super().__init__(message, path=path, hint=hint)
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-
-
-# Containers that training code commonly wraps the weights in (Lightning, plain training loops).
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
-
-
-def load_state_dict(path: Path, *, unsafe: bool = False, map_location: str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint's tensors safely: safetensors, or `torch.load(weights_only=True)`.
-
-    Lightning checkpoints give their `state_dict` (and `{"model": ..., "optimizer": ...}` dicts their
-    `model`). Raises UnsafeFileError (exit 6) for a file that needs full unpickling, naming the
-    offending globals, unless `unsafe` is true; IntegrityError for a corrupt file.
-    """
-    import torch
-
-    require_safe_torch()
-    path = weights_file(Path(path))
-    # one open file for the check and the load: what torch reads is what was checked
-    with _open(path) as f:
-        info = _inspect_open(f, path)  # bounded: a hostile pickle is refused before torch walks it
-        if info.format == "safetensors":
-            return _load_safetensors(path, f)
-        f.seek(0)
-        try:
-            obj = torch.load(f, map_location=map_location, weights_only=not unsafe)
-        except pickle.UnpicklingError as e:
-            names = ", ".join(info.unsafe_globals) or _offending_global(str(e))
-            raise UnsafeFileError(
-                f"'{path}' needs full unpickling to load, which could run code: it names {names}",
-                path=path,
-                hint="load only files you trust, with --unsafe-load",
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise IntegrityError(f"cannot load '{path}': {first}", path=path) from None
-    obj = _unwrap(obj, torch.Tensor)
-    if not isinstance(obj, dict):
-        raise IntegrityError(f"'{path}' does not hold a state dict (it holds a {type(obj).__name__})", path=path)
-    return obj
-
-
-MIN_TORCH = (2, 10)
-
-
-def require_safe_torch() -> None:
-    """Raise CkptError when the installed torch is older than 2.10 (known `weights_only` bypasses)."""
-    import re
-
-    import torch
-
-    found = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
-    if found < MIN_TORCH:
-        raise CkptError(
-            f"torch {torch.__version__} is too old to load checkpoints safely (weights_only has known bypasses"
-            f" before {MIN_TORCH[0]}.{MIN_TORCH[1]})",
-            hint="upgrade: pip install -U 'torch>=2.10'",
-        )
-
-
-def _unwrap(obj: Any, tensor_type: type) -> Any:
-    for _ in range(3):  # e.g. {"state_dict": {...}} or {"model": {...}, "optimizer": {...}, "epoch": 3}
-        if not isinstance(obj, dict) or all(isinstance(v, tensor_type) for v in obj.values()):
-            return obj
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            return obj
-        obj = inner
-    return obj
-
-
-def fit_state_dict(
-    state: dict[str, Any], expected: dict[str, tuple[int, ...]], *, path: Path | str | None = None
-) -> dict[str, Any]:
-    """`state` with its keys made to match `expected` (key -> shape of the network's own state dict).
-
-    A common prefix is stripped where that makes the keys match: `model.` (Lightning), `module.`
-    (DataParallel, DistributedDataParallel), `_orig_mod.` (torch.compile), or any other one; keys
-    outside a stripped prefix belong to the wrapper (a loss, metrics) and are dropped. Raises
-    StateDictMismatch listing the missing, unexpected and wrongly shaped keys.
-    """
-    want = set(expected)
-    best_prefix, best_score = "", len(want & set(state))
-    if best_score < len(want):
-        counts: dict[str, int] = {}
-        for key in state:
-            parts = key.split(".")
-            for i in range(1, len(parts)):
-                prefix = ".".join(parts[:i]) + "."
-                if key[len(prefix) :] in want:
-                    counts[prefix] = counts.get(prefix, 0) + 1
-        if counts:
-            prefix, score = min(counts.items(), key=lambda kv: (-kv[1], len(kv[0])))
-            if score > best_score:
-                best_prefix, best_score = prefix, score
-    if best_prefix:
-        fitted = {k[len(best_prefix) :]: v for k, v in state.items() if k.startswith(best_prefix)}
-    else:
-        fitted = dict(state)
-    missing = sorted(want - set(fitted))
-    unexpected = sorted(set(fitted) - want)
-    mismatched = sorted(
-        f"{k} (file {tuple(fitted[k].shape)}, network {tuple(expected[k])})"
-        for k in want & set(fitted)
-        if hasattr(fitted[k], "shape") and tuple(fitted[k].shape) != tuple(expected[k])
-    )
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-                parts.append(f"{label} ({len(keys)}): {shown}")
-        where = f"'{path}'" if path is not None else "the checkpoint"
-        raise StateDictMismatch(
-            f"{where} does not fit the network: " + "; ".join(parts),
-            missing=missing,
-            unexpected=unexpected,
-            mismatched=mismatched,
-            path=path,
-            hint="check the architecture (--arch) and its keyword arguments (--arch-kwargs)",
-        )
-    return fitted
-
-
-def _offending_global(message: str) -> str:
-    import re
-
-    found = re.findall(r"GLOBAL ([\w.]+)", message)
-    return ", ".join(dict.fromkeys(found)) if found else "a global outside torch's safe list"
-
-
-def _load_safetensors(path: Path, f: BinaryIO) -> dict[str, Any]:
-    import torch
-
-    header, start = read_safetensors_header(path, f)
-    dtypes = {k: getattr(torch, v) for k, v in _SAFETENSORS_DTYPES.items() if hasattr(torch, v)}
-    f.seek(0)
-    data = f.read()
-    out: dict[str, Any] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = dtypes[meta["dtype"]]
-            a, b = meta["data_offsets"]
-            buf = bytearray(data[start + a : start + b])
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(meta["shape"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise IntegrityError(f"'{path}': tensor '{name}' is corrupt ({e})", path=path) from None
-    return out

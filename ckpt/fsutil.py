@@ -171,18 +171,23 @@ def atomic_write(path: Path, data: bytes) -> None:
 
     The temporary file is removed when anything fails, so no `*.tmp` is left behind.
     """
+    _replace(path, data, sync=True)
+    fsync_dir(path.parent)
+
+
+def _replace(path: Path, data: bytes, sync: bool) -> None:
     tmp = temp_path(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
 
 
 def make_file_new(path: Path, data: bytes = b"") -> None:
@@ -465,7 +470,7 @@ def move_noreplace(
         raise ConflictError(f"'{dst}' already exists", path=dst) from None
     except OSError as e:
         if e.errno == errno.EXDEV:
-            raise CkptError(f"cannot move '{src}' to '{dst}': different file systems", path=src) from None
+            raise _cross_device(src, dst) from None
         raise
     # Fallback without RENAME_NOREPLACE: callers hold the lock for this folder, so check-then-rename is safe.
     try:
@@ -474,6 +479,10 @@ def move_noreplace(
         os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
     raise ConflictError(f"'{dst}' already exists", path=dst)
+
+
+def _cross_device(src: str | Path, dst: str | Path) -> CkptError:
+    return CkptError(f"cannot move '{src}' to '{dst}': different file systems", path=src)
 
 
 def open_folder(path: str | Path) -> int | None:
@@ -551,12 +560,7 @@ class Mover:
                 raise self._error(e, rel) from None
 
     def _error(self, e: OSError, rel: str) -> Exception:
-        if e.errno == errno.EXDEV:
-            return CkptError(
-                f"cannot move '{self.src_root / rel}' to '{self.dst_root / rel}': different file systems",
-                path=self.src_root / rel,
-            )
-        return e
+        return _cross_device(self.src_root / rel, self.dst_root / rel) if e.errno == errno.EXDEV else e
 
     def sync(self) -> None:
         """fsync every folder a move touched, on both sides."""
@@ -744,15 +748,6 @@ def remove_file(path: Path) -> None:
         os.unlink(path)
 
 
-def inode_key(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of `path` without following a symlink, or None if it is gone."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 def disk_usage(path: Path, seen: set[object]) -> int:
     """Bytes allocated under `path` (like `du -B1`, files only), counting each inode once via `seen`."""
     total = 0
@@ -776,15 +771,7 @@ def disk_usage(path: Path, seen: set[object]) -> int:
 
 def atomic_write_nosync(path: Path, data: bytes) -> None:
     """Replace `path` atomically without fsync: for derived caches, which may be lost but never torn."""
-    tmp = temp_path(path.parent, path.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _replace(path, data, sync=False)
 
 
 # --- trees and parallel hashing (import, scan, verify) -----------------------------------------------
@@ -910,12 +897,8 @@ def place_new(src: Path, dst: Path, mode: str) -> str:
     copies and leaves the source for the caller to remove once the copy is committed ("copy" is returned).
     """
     if mode == "move":
-        try:
-            move_noreplace(src, dst)
+        if _moved(src, dst):
             return "move"
-        except CkptError as e:
-            if isinstance(e, ConflictError):
-                raise
         mode = "copy"
     if mode == "link":
         try:
@@ -930,16 +913,23 @@ def place_new(src: Path, dst: Path, mode: str) -> str:
     return "copy"
 
 
+def _moved(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` (never replacing: ConflictError); False, with nothing done, across file systems."""
+    try:
+        move_noreplace(src, dst)
+    except ConflictError:
+        raise
+    except CkptError:
+        return False
+    return True
+
+
 def place_tree_new(src: Path, dst: Path, mode: str, files: list[tuple[str, int]] | None = None) -> str:
     """Put folder `src` at new path `dst` file by file (see place_new); returns the weakest storage used."""
     if mode == "move":
-        try:
-            move_noreplace(src, dst)
+        if _moved(src, dst):
             return "move"
-        except ConflictError:
-            raise
-        except CkptError:
-            mode = "copy"
+        mode = "copy"
     os.mkdir(dst)
     used = {"hardlink"}
     for rel, _ in files if files is not None else tree_files(src):

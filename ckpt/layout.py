@@ -9,14 +9,15 @@ from pathlib import Path
 WORKSPACE_FILE = "ckpt.toml"
 TASK_FILE = "task.toml"
 CACHE_FILE = ".task.cache.json"
-LIST_CACHE_FILE = ".task.list.cache"  # rendered rows of `ckpt list --json` (see manifest.RowCache)
-SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see manifest.SummaryCache)
-TASK_ROWS_CACHE_FILE = ".tasks.rows.cache.json"  # in tasks/: every task's rendered row (see manifest.TaskRowsCache)
+LIST_CACHE_FILE = ".task.list.cache"  # rendered rows of `ckpt list --json` (see row_caches.RowCache)
+SUMMARY_CACHE_FILE = ".tasks.cache.json"  # in tasks/: every task's summary (see row_caches.SummaryCache)
+TASK_ROWS_CACHE_FILE = ".tasks.rows.cache.json"  # in tasks/: every task's rendered row (see row_caches.TaskRowsCache)
 LOCK_FILE = ".lock"
 CREATE_LOCK_FILE = ".create.lock"  # in tasks/: serialises task creation (the case check)
 SETTINGS_LOCK = ".workspace.lock"  # in tasks/: one change to ckpt.toml at a time
 CHECKPOINT_DIR = "checkpoints"
 PENDING_PREFIX = ".pending-"
+CLAIM_FILE = ".claim"  # models/<title>/.claim: the lease of a title in a bucket (ckpt.store.Lease)
 
 STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
 IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)

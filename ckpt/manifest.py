@@ -1,4 +1,4 @@
-"""Manifests: the TOML files that are the source of truth, and the JSON cache derived from them.
+"""Manifests: the TOML files that are the source of truth (read incrementally by task_reader.py).
 
 Formats (documented in docs/formats.md):
 - `ckpt.toml`: `format`, optional `[settings]`.
@@ -13,12 +13,9 @@ import json
 import math
 import os
 import re
-import sys
 import tomllib
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,9 @@ FORMAT = 1
 LOG_FORMAT = 2  # a bucket task manifest with an open log beside it (ckpt.store_log): older ckpts must refuse it
 # a task manifest with a [policy] table (ckpt.policy): a ckpt that knows none would drop it when rewriting the file
 POLICY_FORMAT = 3
+# a bucket task manifest naming segment objects (ckpt.store_segments): a ckpt that knows none would drop their records
+SEGMENT_FORMAT = 4
+SEGMENT_ID = re.compile(r"[0-9a-f]{16}")
 _TASK_FILE = "task.toml"  # workspace.TASK_FILE (which imports this module)
 _CHECKPOINT_DIR = "checkpoints"  # workspace.CHECKPOINT_DIR
 # the task folder's own hidden files (workspace.py)
@@ -41,7 +41,7 @@ _PLAIN_FILE = re.compile(r"checkpoints/[0-9]{6,}[A-Za-z0-9_.\-]*")
 _PLAIN_FILES = re.compile(r"(?:checkpoints/[0-9]{6,}[A-Za-z0-9_.\-]*\n)*")  # many, each ending in a newline
 
 
-def _all_plain(files: list[str]) -> bool:
+def all_plain(files: list[str]) -> bool:
     """Whether every one of `files` (strings) is a plain name of ckpt's: one regex over them all, not one per file."""
     return _PLAIN_FILES.fullmatch("\n".join(files) + "\n" if files else "") is not None
 
@@ -270,7 +270,7 @@ def check_files(cps: Iterable[Checkpoint], path: Path) -> None:
     """Refuse (ManifestError naming both) two records of one file, or a record inside another's folder."""
     cps = list(cps)
     files = list(map(attrgetter("file"), cps))
-    if len(set(files)) == len(files) and _all_plain(files):
+    if len(set(files)) == len(files) and all_plain(files):
         return  # distinct plain names: none can be another's, nor inside another's folder
     seen: dict[str, int] = {}
     odd: list[tuple[Checkpoint, str]] = []
@@ -337,6 +337,10 @@ class TaskHeader:
     # `format` is LOG_FORMAT), and the numbers of the log objects the last fold took in (readers skip them)
     log: bool = False
     folded: list[int] = field(default_factory=list)
+    # object storage only (ckpt.store_segments): the segment objects holding records, each (first number, last
+    # number, records, id) (then `format` is SEGMENT_FORMAT), and the ids of those the last commit replaced
+    segments: list[tuple[int, int, int, str]] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
     # the task's retention policy, the [policy] table as written (parsed and checked by ckpt.policy)
     policy: dict[str, Any] | None = None
 
@@ -354,7 +358,7 @@ class TaskHeader:
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "format": POLICY_FORMAT if self.policy else LOG_FORMAT if self.log else FORMAT,
+            "format": _format(bool(self.segments), bool(self.policy), self.log),
             "name": self.name,
             "status": self.status,
             "created": self.created,
@@ -378,6 +382,10 @@ class TaskHeader:
             doc["log"] = True
         if self.folded:
             doc["folded"] = list(self.folded)
+        if self.segments:
+            doc["segments"] = [list(s) for s in self.segments]
+        if self.retired:
+            doc["retired"] = list(self.retired)
         if self.policy:
             doc["policy"] = dict(self.policy)
         return doc
@@ -385,7 +393,8 @@ class TaskHeader:
     @classmethod
     def from_doc(cls, doc: dict[str, Any], path: Path) -> TaskHeader:
         log = doc.get("log") is True
-        check_format(doc, path, POLICY_FORMAT if "policy" in doc else LOG_FORMAT if log else FORMAT)
+        check_format(doc, path, _format("segments" in doc, "policy" in doc, log))
+        segments = _segments(doc, path)
         policy = _get(doc, "policy", dict, path, "", required=False)
         check_nesting(policy, path, "'policy'")
         folded = _get(doc, "folded", list, path, "", required=False) or []
@@ -434,6 +443,8 @@ class TaskHeader:
             trashing=_ids(doc, "trashing", path),
             log=log,
             folded=list(folded),
+            segments=segments,
+            retired=_ids(doc, "retired", path),
             policy=dict(policy) if policy else None,
         )
 
@@ -453,8 +464,30 @@ class TaskHeader:
             "trashing": self.trashing,
             "log": self.log,
             "folded": self.folded,
+            "segments": self.segments,
+            "retired": self.retired,
             "policy": self.policy,
         }
+
+
+def _format(segments: bool, policy: bool, log: bool) -> int:
+    """The format a task manifest holding these says: the newest of what it needs a ckpt to understand."""
+    return SEGMENT_FORMAT if segments else POLICY_FORMAT if policy else LOG_FORMAT if log else FORMAT
+
+
+def _segments(doc: dict[str, Any], path: Path) -> list[tuple[int, int, int, str]]:
+    raw = _get(doc, "segments", list, path, "", required=False) or []
+    out: list[tuple[int, int, int, str]] = []
+    for s in raw:
+        ok = isinstance(s, list) and len(s) == 4 and all(type(v) is int for v in s[:3]) and isinstance(s[3], str)
+        if not ok or not (1 <= s[0] <= s[1] and 1 <= s[2] <= s[1] - s[0] + 1 and SEGMENT_ID.fullmatch(s[3])):
+            raise ManifestError(
+                f"{path}: 'segments' must hold [first, last, records, id] entries, got {s!r}", path=path
+            )
+        out.append((s[0], s[1], s[2], s[3]))
+    if len({s[3] for s in out}) != len(out):
+        raise ManifestError(f"{path}: 'segments' names a segment twice", path=path)
+    return out
 
 
 def _ids(doc: dict[str, Any], key: str, path: Path) -> list[str]:
@@ -479,8 +512,7 @@ class TaskState:
 def parse_task(data: bytes, path: Path, task: str) -> TaskState:
     doc = parse_toml(data, path)
     header = TaskHeader.from_doc(doc, path)
-    cps = _get(doc, "checkpoints", list, path, "", required=False) or []
-    return TaskState(header, _index(cps, path, task))
+    return TaskState(header, records_in(doc, path, task))
 
 
 def salvage_task(data: bytes, path: Path, task: str) -> tuple[TaskState, list[tuple[int | None, str]]]:
@@ -535,9 +567,10 @@ def salvage_task(data: bytes, path: Path, task: str) -> tuple[TaskState, list[tu
     return TaskState(header, kept), dropped
 
 
-def _index(records: list[Any], path: Path, task: str) -> dict[int, Checkpoint]:
+def records_in(doc: dict[str, Any], path: Path, task: str) -> dict[int, Checkpoint]:
+    """The `[[checkpoints]]` of a parsed manifest (or of the bytes appended to one) by number; raises ManifestError."""
     out: dict[int, Checkpoint] = {}
-    for rec in records:
+    for rec in _get(doc, "checkpoints", list, path, "", required=False) or []:
         cp = Checkpoint.from_record(rec, path, task)
         if cp.number in out:
             raise ManifestError(f"{path}: checkpoint {cp.number} is recorded twice", path=path, hint=REPAIR_HINT)
@@ -556,523 +589,5 @@ def task_bytes(state: TaskState) -> bytes:
     return dumps(doc)
 
 
-# --- incremental reading with a derived cache -----------------------------------------------------
-
-_FINGERPRINT = 64
-_HEAD = 128  # the first bytes kept: `format` and `revision` come first in every manifest ckpt writes
-_REVISION = b'\nrevision = "'
-CACHE_VERSION = 6  # 6: the header may hold a [policy]; an older ckpt must not take it from a cache without one
-
-
-@dataclass(slots=True)
-class _Seen:
-    ino: int
-    size: int
-    tail: bytes  # the last 64 bytes read
-    crc: int  # CRC-32 of the first `size` bytes
-    head: bytes  # the first 128 bytes (fewer in a smaller file)
-    mtime: int = -1  # st_mtime_ns and st_ctime_ns when it was read: a same-size edit in place changes them
-    ctime: int = -1
-
-
-def _same_prefix(fd: int, seen: _Seen) -> bool:
-    """Whether the open manifest's first `seen.size` bytes are still those `seen` describes (same inode assumed).
-
-    A manifest that ckpt wrote whole has a random `revision` near its start, new at every such write, and
-    appends never touch it: the same first bytes and the same last bytes mean the same file, checked in
-    two small reads. A manifest without one (written by another tool) is checked by the CRC-32 of all
-    those bytes.
-    """
-    if len(seen.head) > seen.size or len(seen.tail) > seen.size:
-        return False  # not what a read of `size` bytes gives (a damaged or lying cache)
-    if os.pread(fd, len(seen.head), 0) != seen.head:
-        return False
-    if os.pread(fd, len(seen.tail), seen.size - len(seen.tail)) != seen.tail:
-        return False
-    if _REVISION in seen.head:
-        return True
-    prefix = TaskReader._read_from(fd, 0, seen.size)
-    return len(prefix) == seen.size and zlib.crc32(prefix) == seen.crc
-
-
-class TaskReader:
-    """Reads a task manifest, re-parsing only what was appended since the last read.
-
-    Saving appends `[[checkpoints]]` tables, and every other change replaces the file, so a file with
-    the same inode whose bytes up to the size we saw are unchanged only grew: parsing the appended
-    bytes alone is enough. The inode and the last bytes alone do not show "unchanged": a replacement
-    often gets the inode number its predecessor freed, and a manifest rewritten with other records of
-    the same total length ends with the same latest record (a trash and a restore in turn did this,
-    and the stale state went into the next rewrite: records lost). So every whole write carries a
-    new random `revision`, and `_same_prefix` compares the first bytes too. The JSON cache next to
-    the manifest holds the same state between processes; it is never the source of truth.
-    """
-
-    def __init__(self, manifest: Path, cache: Path | None, task: str):
-        self.manifest = manifest
-        self.cache = cache
-        self.task = task
-        self.state: TaskState | None = None
-        self._seen: _Seen | None = None
-        self._changed = False
-
-    def read(self, use_cache: bool = True) -> TaskState:
-        try:
-            fd = fsutil.open_own(self.manifest)
-        except FileNotFoundError:
-            raise ManifestError(f"task manifest {self.manifest} is missing", path=self.manifest) from None
-        except CkptError:
-            raise  # a FIFO or device in its place (NotRegularFile is an OSError too)
-        except OSError as e:
-            raise ManifestError(f"cannot read {self.manifest}: {e.strerror}", path=self.manifest) from None
-        try:
-            st = os.fstat(fd)
-            if self.state is None and use_cache and self.cache is not None:
-                self._load_cache()
-            seen = self._seen
-            if self.state is not None and seen is not None and seen.ino == st.st_ino and st.st_size >= seen.size:
-                # the same size with another mtime or ctime is an edit in place (or a touch): read it all again
-                edited = st.st_size == seen.size and (st.st_mtime_ns, st.st_ctime_ns) != (seen.mtime, seen.ctime)
-                if not edited and _same_prefix(fd, seen):
-                    if st.st_size == seen.size:
-                        return self.state
-                    grown = self._read_from(fd, seen.size)
-                    self._extend(grown, st, seen.size + len(grown))
-                    return self.state
-            data = self._read_from(fd, 0)
-        finally:
-            os.close(fd)
-        if not data.strip():
-            raise ManifestError(f"task manifest {self.manifest} is empty", path=self.manifest)
-        self.state = None  # a manifest that does not parse leaves nothing of an older read behind
-        self._seen = None
-        state = parse_task(data, self.manifest, self.task)
-        self.state = state
-        self._seen = _Seen(
-            st.st_ino, len(data), data[-_FINGERPRINT:], zlib.crc32(data), data[:_HEAD], st.st_mtime_ns, st.st_ctime_ns
-        )
-        self._changed = True
-        return state
-
-    @staticmethod
-    def _read_from(fd: int, offset: int, end: int | None = None) -> bytes:
-        """The bytes from `offset` to the end of the file (or to `end`)."""
-        chunks = []
-        while end is None or offset < end:
-            b = os.pread(fd, 1 << 20 if end is None else min(1 << 20, end - offset), offset)
-            if not b:
-                break
-            chunks.append(b)
-            offset += len(b)
-        return b"".join(chunks)
-
-    def _extend(self, grown: bytes, st: os.stat_result, size: int) -> None:
-        assert self.state is not None and self._seen is not None
-        doc = parse_toml(grown, self.manifest)
-        if set(doc) - {"checkpoints"}:
-            # something other than appended checkpoints: read it all again
-            self.state = None
-            self._seen = None
-            self.read(use_cache=False)
-            return
-        new = _index(_get(doc, "checkpoints", list, self.manifest, "", required=False) or [], self.manifest, self.task)
-        for n in new:
-            if n in self.state.checkpoints:
-                raise ManifestError(
-                    f"{self.manifest}: checkpoint {n} is recorded twice", path=self.manifest, hint=REPAIR_HINT
-                )
-        merged = {**self.state.checkpoints, **new}
-        check_files(merged.values(), self.manifest)  # before anything is kept: a refused read changes nothing
-        self.state.checkpoints = merged
-        tail = (self._seen.tail + grown)[-_FINGERPRINT:]
-        crc = zlib.crc32(grown, self._seen.crc)
-        self._seen = _Seen(st.st_ino, size, tail, crc, self._seen.head, st.st_mtime_ns, st.st_ctime_ns)
-        self._changed = True
-
-    def note_append(self, cp: Checkpoint, appended: bytes, st: os.stat_result) -> None:
-        """Record that this process appended `appended` (the record of `cp`) to the manifest it last read; `st` is
-        the manifest's stat after the append (fsutil.append_durably's)."""
-        assert self.state is not None and self._seen is not None
-        self.state.checkpoints[cp.number] = cp
-        self._seen = _Seen(
-            self._seen.ino,
-            self._seen.size + len(appended),
-            (self._seen.tail + appended)[-_FINGERPRINT:],
-            zlib.crc32(appended, self._seen.crc),
-            self._seen.head,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-        )
-        self._changed = True
-
-    def forget(self) -> None:
-        self.state = None
-        self._seen = None
-
-    # -- the JSON cache --
-
-    def _load_cache(self) -> None:
-        assert self.cache is not None
-        self._changed = False
-        # the cache is other people's input as much as the manifest: every value is checked as a manifest's
-        # would be, and read() then checks its key against the manifest; a cache failing either is not used
-        # (and is rewritten by the next save_cache)
-        try:
-            raw = json.loads(fsutil.read_own(self.cache))
-            if raw.get("v") != CACHE_VERSION:
-                return
-            cols = raw["checkpoints"]
-            # columns load several times faster than one object per checkpoint (benchmarks/README.md)
-            columns = [cols[k] for k in COLUMNS]
-            if any(not isinstance(c, list) or len(c) != len(columns[0]) for c in columns) or not _valid_columns(
-                columns
-            ):
-                return
-            numbers = columns[0]
-            made = map(Checkpoint, *columns, repeat(self.task, len(numbers)))
-            cps = dict(zip(numbers, made, strict=True))
-            if len(cps) != len(numbers):
-                return
-            files = columns[1]
-            if len(set(files)) != len(files) or not _all_plain(files):  # else: distinct plain names, all valid
-                if any(record_file_problem(f) is not None for f in files):
-                    raise ManifestError(f"{self.cache}: a record's file is not allowed", path=self.cache)
-                check_files(cps.values(), self.cache)
-            key = [raw[k] for k in ("ino", "size", "crc", "mtime", "ctime")]
-            if any(type(v) is not int for v in key):
-                return
-            header = _header_from_json(raw["header"], self.cache)
-            if header.name != self.task:
-                return
-            ino, size, crc, mtime, ctime = key
-            seen = _Seen(ino, size, bytes.fromhex(raw["tail"]), crc, bytes.fromhex(raw["head"]), mtime, ctime)
-            self.state = TaskState(header, cps)
-            self._seen = seen
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ManifestError):
-            self.state = None
-            self._seen = None
-            if not isinstance(sys.exc_info()[1], FileNotFoundError):
-                fsutil.remove_file(self.cache)  # dropped: the next save_cache writes it again from the manifest
-
-    def save_cache(self) -> None:
-        """Write the cache if this reader learned something new; failures are ignored (it is only a cache)."""
-        if self.cache is None or self.state is None or self._seen is None or not self._changed:
-            return
-        cps = self.state.checkpoints.values()
-        doc = {
-            "v": CACHE_VERSION,
-            "ino": self._seen.ino,
-            "size": self._seen.size,
-            "tail": self._seen.tail.hex(),
-            "crc": self._seen.crc,
-            "head": self._seen.head.hex(),
-            "mtime": self._seen.mtime,
-            "ctime": self._seen.ctime,
-            "header": self.state.header.to_json(),
-            "checkpoints": {k: list(map(attrgetter(k), cps)) for k in COLUMNS},
-        }
-        try:
-            fsutil.atomic_write_nosync(self.cache, json.dumps(doc, separators=(",", ":")).encode())
-            self._changed = False
-        except (OSError, TypeError, ValueError):  # TOML-only values (a datetime in arch kwargs) have no JSON
-            pass
-
-
-# the cache's columns: Checkpoint's fields in order, less `task` (the reader's)
+# the JSON caches' columns (task_reader.py): Checkpoint's fields in order, less `task` (the reader's)
 COLUMNS = ("number", "file", "size", "sha256", "created", "step", "epoch", "metrics", "original_name")
-
-
-def _valid_columns(columns: list[list[Any]]) -> bool:
-    """Whether the cache's columns hold what a manifest's records may: each value typed as Checkpoint.from_record
-    takes it (the files are checked by the caller)."""
-    numbers, files, sizes, shas, created, steps, epochs, metrics, names = columns
-    if not numbers:
-        return True
-    # sets of types, made by map() in C: a tenth of the time of a test per value
-    int_, str_, none = {int}, {str}, {int, str, type(None)}
-    return (
-        set(map(type, numbers)) == int_
-        and min(numbers) >= 1
-        and set(map(type, files)) == str_  # their paths: _load_cache, with the check of two records of one file
-        and set(map(type, sizes)) == int_
-        and set(map(type, shas)) == str_
-        and set(map(type, created)) == str_
-        and set(map(type, steps)) <= none - str_
-        and set(map(type, epochs)) <= none - str_
-        and set(map(type, names)) <= none - int_
-        and set(map(type, metrics)) == {dict}
-        and set(map(type, chain.from_iterable(map(dict.values, metrics)))) <= {int, float}
-    )
-
-
-def _header_from_json(h: Any, path: Path) -> TaskHeader:
-    """A TaskHeader from its `to_json` form, checked as `TaskHeader.from_doc` checks a manifest's."""
-    if not isinstance(h, dict):
-        raise ManifestError(f"{path}: the header is not an object", path=path)
-    doc = {k: v for k, v in h.items() if v is not None and k not in ("arch", "arch_kwargs")}
-    if h.get("arch") is not None:
-        doc["arch"] = {"factory": h["arch"]}
-        if h.get("arch_kwargs") is not None:
-            doc["arch"]["kwargs"] = h["arch_kwargs"]
-    return TaskHeader.from_doc({**doc, "format": FORMAT}, path)
-
-
-# --- fingerprints of what a reader read -------------------------------------------------------------
-
-
-def fingerprint(reader: TaskReader) -> dict[str, Any] | None:
-    """The manifest's (inode, size, mtime in ns, first 128 and last 64 bytes, CRC-32) as `reader` last read it;
-    None when it changed since.
-
-    Saving appends (size and mtime change) and every other change replaces the file, as TaskReader relies
-    on; the mtime also catches a file rewritten in place to the same size, and the first bytes (the
-    manifest's `revision`, else the CRC-32) a replacement that got the same inode number, size and last
-    bytes (see `_same_prefix`).
-    """
-    seen = reader._seen
-    if seen is None:
-        return None
-    try:
-        st = os.lstat(reader.manifest)
-    except OSError:
-        return None
-    if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (seen.ino, seen.size, seen.mtime, seen.ctime):
-        return None  # changed since it was read
-    return {
-        "ino": seen.ino,
-        "size": seen.size,
-        "mtime": st.st_mtime_ns,
-        "ctime": st.st_ctime_ns,
-        "tail": seen.tail.hex(),
-        "crc": seen.crc,
-        "head": seen.head.hex(),
-    }
-
-
-def unchanged(manifest: Path | str, mark: dict[str, Any], grown: bool = False) -> bool:
-    """Whether `manifest` still has the `fingerprint` `mark`; False for a malformed mark or a read error.
-
-    With `grown`, also True when the file only grew since (records appended), as TaskReader reads it.
-    """
-    try:
-        fd = os.open(manifest, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        ino, size, mtime, ctime, crc = mark["ino"], mark["size"], mark["mtime"], mark["ctime"], mark["crc"]
-        if grown:
-            if st.st_ino != ino or st.st_size < size:
-                return False
-        elif (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ino, size, mtime, ctime):
-            return False
-        if type(size) is not int or type(crc) is not int:
-            return False
-        seen = _Seen(ino, size, bytes.fromhex(mark["tail"]), crc, bytes.fromhex(mark["head"]))
-        return _same_prefix(fd, seen)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    finally:
-        os.close(fd)
-
-
-# --- the workspace's summary cache -------------------------------------------------------------------
-
-
-class SummaryCache:
-    """`ckpt tasks`'s rows, kept by the fingerprint of the manifest each came from; never the source of truth.
-
-    Reading 1,000 per-task caches costs more than ckpt's start-up, so `Workspace.tasks` keeps every
-    task's summary in one file, with the manifest's (inode, size, mtime, last 64 bytes) from the read
-    that produced it. A row is used only while its manifest still has that fingerprint: saving appends
-    (size and mtime change) and every other change replaces the file (new inode), as TaskReader relies
-    on. Each entry is consistent on its own, so concurrent writers, a lost or torn write (it is
-    replaced atomically) or a stale copy can only cost a re-read, never a wrong row.
-    """
-
-    def __init__(self, path: Path, fields: tuple[str, ...]):
-        self.path = path
-        self.fields = list(fields)
-        self.entries: dict[str, dict[str, Any]] = {}
-        self._changed = False
-        try:
-            raw = json.loads(fsutil.read_own(path))
-            if raw.get("v") == CACHE_VERSION and raw.get("fields") == self.fields and isinstance(raw["tasks"], dict):
-                self.entries = raw["tasks"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
-
-    def get(self, name: str, manifest: Path | str) -> dict[str, Any] | None:
-        """The summary of task `name` when its manifest is unchanged since it was cached, else None."""
-        entry = self.entries.get(name)
-        if not isinstance(entry, dict):
-            return None
-        summary = entry.get("row")
-        if not isinstance(summary, dict) or not unchanged(manifest, entry):
-            return None
-        return summary
-
-    def put(self, name: str, reader: TaskReader, summary: dict[str, Any]) -> None:
-        """Keep `summary`, which was made from what `reader` last read."""
-        mark = fingerprint(reader)
-        if mark is None:
-            return
-        self.entries[name] = {**mark, "row": summary}
-        self._changed = True
-
-    def save(self, names: list[str]) -> None:
-        """Write the cache, keeping the tasks in `names` only; failures are ignored (it is only a cache)."""
-        keep = set(names)
-        if set(self.entries) - keep:
-            self.entries = {k: v for k, v in self.entries.items() if k in keep}
-            self._changed = True
-        if not self._changed:
-            return
-        doc = {"v": CACHE_VERSION, "fields": self.fields, "tasks": self.entries}
-        try:
-            fsutil.atomic_write_nosync(self.path, json.dumps(doc, separators=(",", ":")).encode())
-            self._changed = False
-        except (OSError, ValueError, TypeError):
-            pass
-
-
-class TaskRowsCache:
-    """Each task's row of `ckpt tasks --json` as rendered text, kept with the `stat` of the manifest it came from;
-    never the source of truth.
-
-    An entry is `[inode, size, mtime in ns, ctime in ns, text]`, so one `stat` of a manifest checks it. Every
-    change of a file gives it the current time as its ctime, which nothing can set back: the caller keeps only
-    rows of manifests unchanged for a while (a later change then gets another ctime even on a coarse clock),
-    taking the `stat` before reading the manifest. `form` names how the text was rendered. A stale, foreign or
-    damaged entry or file only costs a re-read.
-    """
-
-    def __init__(self, path: Path, form: str):
-        self.path = path
-        self.form = form
-        self.entries: dict[str, Any] = {}
-        self._changed = False
-        try:
-            raw = json.loads(fsutil.read_own(path))
-            if raw.get("v") == TASK_ROWS_VERSION and raw.get("form") == form and isinstance(raw["tasks"], dict):
-                self.entries = raw["tasks"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
-
-    def get(self, name: str, st: os.stat_result) -> str | None:
-        """The text kept for task `name` when its manifest's `st` is the one it was kept with, else None."""
-        entry = self.entries.get(name)
-        if type(entry) is not list or len(entry) != 5:
-            return None
-        ino, size, mtime, ctime, text = entry
-        if ino != st.st_ino or size != st.st_size or mtime != st.st_mtime_ns or ctime != st.st_ctime_ns:
-            return None
-        return text if type(text) is str else None
-
-    def put(self, name: str, st: os.stat_result, text: str) -> None:
-        """Keep `text`, rendered from the manifest read after `st` was taken."""
-        self.entries[name] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, text]
-        self._changed = True
-
-    def drop(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
-            self._changed = True
-
-    def save(self, names: list[str]) -> None:
-        """Write the cache, keeping the tasks in `names` only; failures are ignored (it is only a cache)."""
-        keep = set(names)
-        if set(self.entries) - keep:
-            self.entries = {k: v for k, v in self.entries.items() if k in keep}
-            self._changed = True
-        if not self._changed:
-            return
-        doc = {"v": TASK_ROWS_VERSION, "form": self.form, "tasks": self.entries}
-        try:
-            fsutil.atomic_write_nosync(self.path, json.dumps(doc, separators=(",", ":")).encode())
-            self._changed = False
-        except (OSError, ValueError, TypeError):
-            pass
-
-
-TASK_ROWS_VERSION = 2
-
-
-# --- rendered rows of one task ----------------------------------------------------------------------
-
-ROWS_VERSION = 3
-
-
-class RowCache:
-    """Rendered text of every checkpoint of a task (`ckpt list --json`), kept with the `fingerprint` of the manifest
-    it came from; never the source of truth.
-
-    Records are immutable once written, so their text stays right while the manifest is unchanged (and the
-    text of the ones it had, while it only grows). The file is the CRC-32 of the rest (8 hex digits and a
-    newline), a JSON header line (the fingerprint, the form of the rows, whatever the caller keeps with the
-    text), a JSON index line (the checkpoint numbers and where each one's row starts in the text: parsed only
-    when asked for), then the text. A stale, foreign, torn or damaged file is not used.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def load(
-        self, manifest: Path, form: str, grown: bool = False
-    ) -> tuple[memoryview, memoryview, dict[str, Any]] | None:
-        """(text, index, extra) as kept by `store` with the same `form`, when `manifest` is unchanged since (with
-        `grown`: or only grew by appended records); else None. `index` is for `parse_index`."""
-        try:
-            data = fsutil.read_own(self.path)
-            view = memoryview(data)
-            if data[8:9] != b"\n" or int(data[:8], 16) != zlib.crc32(view[9:]):
-                return None
-            head_end = data.index(b"\n", 9)
-            index_end = data.index(b"\n", head_end + 1)
-            header = json.loads(view[9:head_end].tobytes())
-            extra = header["extra"]
-            if header["v"] != ROWS_VERSION or header["form"] != form or not isinstance(extra, dict):
-                return None
-            if not unchanged(manifest, header["manifest"], grown):
-                return None
-            return view[index_end + 1 :], view[head_end + 1 : index_end], extra
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    @staticmethod
-    def parse_index(index: memoryview) -> tuple[list[int], list[int]] | None:
-        """(numbers, starts) from `load`'s index: ascending numbers and each row's offset; None if malformed."""
-        try:
-            doc = json.loads(index.tobytes())
-            numbers, starts = doc["numbers"], doc["starts"]
-            if not isinstance(numbers, list) or not isinstance(starts, list) or len(numbers) != len(starts):
-                return None
-            if not all(type(n) is int for n in numbers) or not all(map(int.__lt__, numbers, numbers[1:])):
-                return None  # numbers are looked up by bisection: ascending integers only
-            if not all(type(n) is int for n in starts):
-                return None
-            return numbers, starts
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def store(
-        self,
-        reader: TaskReader,
-        form: str,
-        numbers: list[int],
-        starts: list[int],
-        text: bytes,
-        extra: dict[str, Any],
-    ) -> None:
-        """Keep `text`, holding one row per checkpoint number of `numbers` (ascending) at `starts`, made from what
-        `reader` last read; `form` names how the rows were rendered (a change of rendering must change it).
-        Failures are ignored (it is only a cache)."""
-        mark = fingerprint(reader)
-        if mark is None or len(starts) != len(numbers):
-            return
-        header = {"v": ROWS_VERSION, "manifest": mark, "form": form, "extra": extra}
-        index = {"numbers": numbers, "starts": starts}
-        try:
-            rest = b"\n".join([json.dumps(doc, separators=(",", ":")).encode() for doc in (header, index)] + [text])
-            fsutil.atomic_write_nosync(self.path, b"%08x\n" % zlib.crc32(rest) + rest)
-        except (OSError, ValueError, TypeError):
-            pass

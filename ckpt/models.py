@@ -116,8 +116,8 @@ class Model:
         )
 
     def load_state_dict(self, *, unsafe: bool = False) -> dict[str, Any]:
-        """The model's weights as a state dict, loaded safely (see ckpt.formats.load_state_dict)."""
-        from .formats import load_state_dict
+        """The model's weights as a state dict, loaded safely (see ckpt.loading.load_state_dict)."""
+        from .loading import load_state_dict
 
         return load_state_dict(self.path, unsafe=unsafe)
 

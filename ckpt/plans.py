@@ -134,7 +134,8 @@ def plan_remove(ws: Workspace, title: str) -> Plan:
 
 def plan_restore(ws: Workspace, entry_id: str) -> Plan:
     """What `trash restore` would do; raises NotFoundError or ConflictError as it would."""
-    from .trash import check_entry_id, list_entries
+    from .trash import list_entries
+    from .trash_entry import check_entry_id
 
     check_entry_id(entry_id)
     entries, _ = list_entries(ws)

@@ -28,22 +28,22 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import fsutil
-from .backend import F
 from .errors import (
     BusyError,
     CkptError,
+    CommitUnknown,
     ConflictError,
     IntegrityError,
     ManifestError,
     ModelNotFound,
-    NotFoundError,
     TaskNotFound,
     UsageError,
     WorkspaceNotFound,
 )
+from .layout import CLAIM_FILE
 from .manifest import (
     COLUMNS,
     FORMAT,
@@ -63,24 +63,25 @@ from .models import MODEL_FILE, Model, ModelIndex, check_case_twin
 from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
+from .store_segments import HINT, SEGMENT_DIR, decode, encode, id_of, merge, plan, segment_key, segment_prefix
 from .timeutil import now_iso, parse_iso
+from .trash import drop_model
+from .trash_entry import ENTRY_ID, STALE_AFTER, STALE_PENDING, put_once
 from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
 
 if TYPE_CHECKING:
-    from .importer import Found, ScanResult, Unknown
-    from .trash import Entry, KeepRules, TrashResult
-    from .trash_results import EmptyPlan, EmptyResult, ModelTrashResult, Repair, RestoreResult
+    from .finders import Found
+    from .importer import Unknown
+    from .trash_results import Repair
     from .verify import Stored
 
 T = TypeVar("T")
-CLAIM_FILE = ".claim"
 MOVING_FILE = ".moving"  # in a model folder while a rename copies it (see _claim_source)
 NUMBERS_DIR = "numbers"  # tasks/<task>/numbers/<n>: the claim of checkpoint number n (empty objects)
 COMMIT_TRIES = 100
 COMMIT_IDS = 8  # the ids of the last commits kept in a manifest (see StoreTask.update)
-MANIFEST_CACHE_VERSION = 4
+MANIFEST_CACHE_VERSION = 5  # 5: segments (ckpt.store_segments)
 LEASE = 600.0  # seconds a title claim holds without being renewed (see Lease)
-STALE_PENDING = 3600.0  # seconds before a "pending" trash entry whose records are still recorded is undone
 TASKS_IN_FLIGHT = 128  # manifests `tasks` reads at once (each a GET, or a 304 when cached)
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
@@ -161,13 +162,6 @@ class StoreWorkspace(Workspace):
 
     def model_local_path(self, model: Model) -> Path:
         return download_cached(self.storage, _key(model.path), model.sha256, model.file, model.size)
-
-    def implementation(self, name: str, local: F) -> F:
-        """This module's function `name` (see `OPERATIONS`) in place of the local one."""
-        impl = OPERATIONS.get(name)
-        if impl is None:
-            raise unsupported(name.replace("_", " "))
-        return cast(F, impl)
 
     def holds(self, path: Path) -> bool:
         return False  # a local path is never inside a bucket
@@ -330,14 +324,33 @@ class StoreWorkspace(Workspace):
                 sizes[i] += b.size
         return sizes, other
 
-    def trash_entry(self, entry_id: str) -> Entry:
-        """Trash entry `entry_id`; a pending one (an interrupted trash) is finished or undone first (_settle)."""
-        return _settle(self, _read_entry(self, entry_id))
+    def mend(self, name: str, error: ManifestError, *, dry_run: bool, drop_bad: bool) -> tuple[list[Repair], bool]:
+        """The store's step of doctor for a manifest that does not parse: records it must not hold."""
+        repairs, mended = _bad_records(self, name, error, dry_run, drop_bad)
+        self._tasks.pop(name, None)
+        return repairs, mended
+
+    def leftovers(self, *, dry_run: bool, stale_after: float | None = None) -> list[Repair]:
+        """The store's step of doctor: model folders claimed without a record, unfinished multipart uploads."""
+        return _unclaimed_models(self, dry_run) + _abort_stale_uploads(self, dry_run)
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str, timeout: float | None = None) -> Iterator[None]:
+        """Nothing: a bucket has no locks, and every change of a trash entry or model is conditional instead."""
+        yield
+
+    @contextlib.contextmanager
+    def title_lease(self, title: str, token: str, taken: CkptError) -> Iterator[Callable[[], None]]:
+        """The lease of model title `title` (`models/<title>/.claim`, see Lease) under `token`, taken again by
+        the same token after an interruption; raises `taken` when another holds it. Yields its renewal."""
+        try:
+            lease = Lease(self, title, token=token).take()
+        except ConflictError:
+            raise taken from None
+        yield lease.renew
 
     def trash_entry_ids(self) -> tuple[list[str], list[CkptError]]:
         """The entry ids under trash/ (one LIST with a delimiter); ids sort by creation time."""
-        from .trash import ENTRY_ID
-
         return sorted(i for i in self.storage.children("trash/") if ENTRY_ID.fullmatch(i)), []
 
     def trash_leftovers(self) -> list[Path]:
@@ -383,7 +396,8 @@ class StoreWorkspace(Workspace):
 
 
 class StoreTask(Task):
-    """A task in object storage: its manifest is one object, committed with If-Match (see `update`)."""
+    """A task in object storage: its manifest is task.toml, committed with If-Match (see `update`), and the
+    segment objects it names (ckpt.store_segments), with a log of saves beside it (ckpt.store_log)."""
 
     ws: StoreWorkspace
 
@@ -393,7 +407,9 @@ class StoreTask(Task):
         self.folder = Path("tasks") / name
         self.manifest = self.folder / TASK_FILE
         self.key = f"tasks/{name}/{TASK_FILE}"
-        self._manifest: TaskState | None = None  # task.toml alone, as read or committed (with `_etag`)
+        self._manifest: TaskState | None = None  # task.toml and its segments, as read or committed (with `_etag`)
+        self._members: dict[str, list[int]] = {}  # the numbers each segment of `_manifest` holds
+        self._gone: set[str] = set()  # retired segments this handle deleted (see update)
         self._state: TaskState | None = None  # the manifest with the log records it has not folded (see reload)
         self._etag = ""
         self._read_at = 0.0
@@ -435,27 +451,73 @@ class StoreTask(Task):
         return TaskState(replace(manifest.header), cps)
 
     def _read_manifest(self) -> TaskState:
+        """task.toml (a GET, or a 304 when unchanged) with the records of the segments it names: those this
+        machine has not read yet fetched concurrently (a segment never changes). A segment found missing was
+        replaced by a commit after this root was read: the root is read again (twice at most)."""
         if self._manifest is None:
-            self._manifest, self._etag = _load_manifest_cache(self._cache_file())
-        try:
-            if self._manifest is not None:
-                got = self.storage.get_if_changed(self.key, self._etag)
-                if got is None:
-                    return self._manifest
-                data, etag = got
+            self._manifest, self._etag, self._members = _load_manifest_cache(self._cache_file())
+        for attempt in range(3):
+            try:
+                if self._manifest is not None and not attempt:
+                    got = self.storage.get_if_changed(self.key, self._etag)
+                    if got is None:
+                        return self._manifest
+                    data, etag = got
+                else:
+                    data, etag = self.storage.get(self.key)
+            except FileNotFoundError:
+                self._state = self._manifest = None
+                raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
+            if not data.strip():
+                raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
+            root = parse_task(data, self.manifest, self.name)
+            if root.header.name != self.name:
+                raise ManifestError(f"{self.key}: 'name' is {root.header.name!r} but the folder is '{self.name}'")
+            missing, parts = self._segments(root)
+            if missing is None:
+                state = TaskState(root.header, merge(root.checkpoints, parts, self.manifest))
+                self._manifest, self._etag, self._members = state, etag, {s: list(p) for s, p in parts.items()}
+                _save_manifest_cache(self._cache_file(), state, etag, self._members)
+                return state
+        raise ManifestError(f"{missing}: missing (task.toml names it)", path=missing, hint=HINT)
+
+    def _segments(self, root: TaskState) -> tuple[str | None, dict[str, dict[int, Checkpoint]]]:
+        """(None, the records of each segment `root` names), or (the key of one that is missing, {})."""
+        parts: dict[str, dict[int, Checkpoint]] = {}
+        need = []
+        had = self._manifest.checkpoints if self._manifest is not None else {}  # the last read's, by number
+        for e in root.header.segments:
+            known = self._members.get(e[3])
+            if known is not None and all(n in had for n in known):
+                parts[e[3]] = {n: had[n] for n in known}
+            elif len(cached := _load_log_cache(self._segment_cache_file(e[3]), self.name)) == e[2]:
+                parts[e[3]] = cached
             else:
-                data, etag = self.storage.get(self.key)
-        except FileNotFoundError:
-            self._state = self._manifest = None
-            raise TaskNotFound(f"task '{self.name}' does not exist", hint="see: ckpt tasks") from None
-        if not data.strip():
-            raise ManifestError(f"task manifest {self.ws.url}/{self.key} is empty")
-        state = parse_task(data, self.manifest, self.name)
-        if state.header.name != self.name:
-            raise ManifestError(f"{self.key}: 'name' is {state.header.name!r} but the folder is '{self.name}'")
-        self._manifest, self._etag = state, etag
-        _save_manifest_cache(self._cache_file(), state, etag)
-        return state
+                need.append(e)
+        keys = [segment_key(self.name, e[3]) for e in need]
+        for e, key, data in zip(need, keys, self.storage.get_many(keys), strict=True):
+            if data is None:
+                return key, {}
+            parts[e[3]] = decode(data, key, self.name, e)
+            _save_log_cache(self._segment_cache_file(e[3]), list(parts[e[3]].values()))
+        return None, parts
+
+    def _segment_cache_file(self, sid: str) -> Path:
+        digest = hashlib.sha256(f"{self.ws.url}/{segment_key(self.name, sid)}".encode()).hexdigest()[:32]
+        return cache_dir() / "segments" / f"{digest}.json"
+
+    def stray_segments(self, stale_after: float) -> list[str]:
+        """The segment objects task.toml does not name that may go: those its last commit replaced, and others
+        older than `stale_after` seconds (a younger one may be a commit's still running on another machine)."""
+        header = self.state().header
+        named = {e[3] for e in header.segments}
+        prefix, now = segment_prefix(self.name), time.time()
+        out = []
+        for b in self.storage.list_prefix(prefix):
+            sid = id_of(b.key, prefix)
+            if sid is not None and sid not in named and (sid in header.retired or now - b.modified >= stale_after):
+                out.append(b.key)
+        return out
 
     def _cache_file(self) -> Path:
         digest = hashlib.sha256(f"{self.ws.url}/{self.key}".encode()).hexdigest()[:32]
@@ -498,7 +560,11 @@ class StoreTask(Task):
         lost race, read and apply again.
 
         The commit folds the log: it names the log records it took in (`folded`), after deleting those an
-        earlier fold named; once it landed they are deleted too (best effort: the next commit does it).
+        earlier fold named; once it landed they are deleted too (best effort: the next commit does it). The
+        records go into segments as ckpt.store_segments.plan lays them out: a new segment is created first
+        (If-None-Match), and the segments the commit replaced are named in `retired` and deleted once it
+        landed, again by the next commit before it drops the names; a commit that did not land deletes its
+        new segment.
 
         `change` mutates the state it is given and may raise to abandon the commit. Each commit carries its
         own id (kept among the header's last `COMMIT_IDS`): when a request fails or answers 412, the manifest
@@ -508,35 +574,67 @@ class StoreTask(Task):
         """
         for attempt in range(COMMIT_TRIES):
             current = self.reload() if attempt or self._state is None else self.state()
-            pending, stale = list(self._pending), list(self._stale)
+            pending, stale, base = list(self._pending), list(self._stale), self._manifest
+            assert base is not None
             state = TaskState(replace(current.header), dict(current.checkpoints))
             result = change(state)
             if stale:  # folded by an earlier commit that named them: deleted before that name goes
                 self.storage.delete(stale)
+            retired = [s for s in base.header.retired if s not in self._gone]
+            if retired:  # replaced by an earlier commit that named them: deleted before that name goes
+                self.storage.delete([segment_key(self.name, s) for s in retired])
+            layout = plan(base.header.segments, self._members, base.checkpoints, state.checkpoints)
+            new_key = segment_key(self.name, layout.new[0]) if layout.new else None
+            if layout.new and new_key:
+                data = encode(self.name, layout.new[0], (state.checkpoints[n] for n in layout.new[1]))
+                try:
+                    put_once(self.storage, new_key, data, if_none_match=True)
+                except BaseException:
+                    self._forget(new_key)
+                    raise
             commit = secrets.token_hex(8)
             state.header.commits = [*state.header.commits, commit][-COMMIT_IDS:]
             state.header.folded = pending
             state.header.log = state.header.status == "running"
+            state.header.segments, state.header.retired = layout.segments, layout.retired
+            state.header.last_number = state.max_number
+            root = TaskState(state.header, {n: state.checkpoints[n] for n in layout.tail})
             try:
-                etag = self.storage.put(self.key, task_bytes(state), if_match=self._etag)
+                etag = self.storage.put(self.key, task_bytes(root), if_match=self._etag)
             except PreconditionFailed:
                 if self._landed(commit):
                     return result
+                self._forget(new_key)
                 time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
                 continue
             except Exception:
                 if self._landed(commit):
                     return result
+                self._forget(new_key)
                 raise
             self._etag, self._manifest, self._state, self._read_at = etag, state, state, time.monotonic()
+            self._members = layout.members
             self._pending, self._stale = [], [log_key(self.name, n) for n in pending]
-            _save_manifest_cache(self._cache_file(), state, etag)
+            if layout.new:
+                _save_log_cache(self._segment_cache_file(layout.new[0]), [state.checkpoints[n] for n in layout.new[1]])
+            _save_manifest_cache(self._cache_file(), state, etag, self._members)
             if pending:
                 with contextlib.suppress(Exception):
                     self.storage.delete(self._stale)
                     self._stale = []
+            self._gone = set()
+            if layout.retired:
+                with contextlib.suppress(Exception):
+                    self.storage.delete([segment_key(self.name, s) for s in layout.retired])
+                    self._gone = set(layout.retired)
             return result
         raise BusyError(f"task '{self.name}' changed {COMMIT_TRIES} times while committing; try again")
+
+    def _forget(self, key: str | None) -> None:
+        """Delete the new segment of a commit known not to have landed (best effort: doctor deletes it later)."""
+        if key is not None:
+            with contextlib.suppress(Exception):
+                self.storage.delete([key])
 
     def _landed(self, commit: str) -> bool:
         """Whether commit `commit` is in the manifest now (read again); raises CommitUnknown when it cannot be
@@ -551,13 +649,24 @@ class StoreTask(Task):
             ) from None
 
     @contextlib.contextmanager
-    def lock(self, timeout: float | None = None) -> Iterator[None]:
+    def lock(self, timeout: float | None = None, *, settle: bool = True) -> Iterator[None]:
         """Nothing: object storage has no locks, and every change here commits with If-Match instead (a
         lost race reads again and retries), so an operation written for both stores runs unlocked here."""
         yield
 
     def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
         return _unknown_objects(self.ws, self)
+
+    def forget_read(self) -> None:
+        self._state = self._manifest = None
+
+    def adopt(self, candidates: list[Unknown]) -> tuple[list[Checkpoint], set[str]]:
+        """The store's step of `scan --add` (see _adopt_objects)."""
+        return _adopt_objects(self, candidates)
+
+    def leftovers(self, *, dry_run: bool) -> tuple[list[Repair], set[str]]:
+        """The store's step of doctor for what this task's saves left (see _task_leftovers)."""
+        return _task_leftovers(self, dry_run)
 
     def discard_if_empty(self) -> bool:
         """An object-store task a failed import created is left as it is (not yet done here)."""
@@ -775,28 +884,35 @@ class StoreTask(Task):
         return self.update(change)
 
 
-def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str]:
-    """The parsed manifest and its ETag from the local cache, or (None, ""): parsing 10,000 records of TOML
-    takes 1.5 s, loading them as JSON columns a tenth of that, and a 304 confirms they are current."""
+def _load_manifest_cache(path: Path) -> tuple[TaskState | None, str, dict[str, list[int]]]:
+    """The parsed manifest (with its segments' records), its ETag and the numbers each segment holds from the
+    local cache, or (None, "", {}): parsing 10,000 records of TOML takes 1.5 s, loading them as JSON columns a
+    tenth of that, and a 304 confirms they are current."""
     try:
         raw = json.loads(path.read_bytes())
         if raw.get("v") != MANIFEST_CACHE_VERSION:
-            return None, ""
+            return None, "", {}
         cols = [raw["checkpoints"][k] for k in COLUMNS]
         task = raw["header"]["name"]
         cps = dict(zip(cols[0], map(Checkpoint, *cols, repeat(task, len(cols[0]))), strict=True))
-        return TaskState(TaskHeader(**raw["header"]), cps), str(raw["etag"])
+        header = TaskHeader(**raw["header"])
+        header.segments = [(a, b, c, str(d)) for a, b, c, d in header.segments]
+        members = {str(k): [int(n) for n in v] for k, v in raw["members"].items()}
+        if set(members) != {e[3] for e in header.segments} or not all(n in cps for v in members.values() for n in v):
+            return None, "", {}
+        return TaskState(header, cps), str(raw["etag"]), members
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, ""
+        return None, "", {}
 
 
-def _save_manifest_cache(path: Path, state: TaskState, etag: str) -> None:
+def _save_manifest_cache(path: Path, state: TaskState, etag: str, members: dict[str, list[int]]) -> None:
     cps = state.checkpoints.values()
     doc = {
         "v": MANIFEST_CACHE_VERSION,
         "etag": etag,
         "header": state.header.to_json(),
         "checkpoints": {k: [getattr(cp, k) for cp in cps] for k in COLUMNS},
+        "members": members,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -910,10 +1026,6 @@ def _download_tree(storage: Storage, key: str, keys: list[str], sha256: str, des
 
 class _Duplicate(Exception):
     pass
-
-
-class CommitUnknown(CkptError):
-    """A commit's request failed and the manifest could not be read to learn whether it landed."""
 
 
 # --- models --------------------------------------------------------------------------------------------
@@ -1107,45 +1219,6 @@ def _make_model(ws: StoreWorkspace, task: Task, cp: Checkpoint, title: str) -> M
     return model
 
 
-def trash_unused(
-    ws: StoreWorkspace, task_name: str, rules: KeepRules | None = None, *, reason: str = "", dry_run: bool = False
-) -> TrashResult:
-    from .trash import Decision, KeepRules, TrashPlan, TrashResult, keep_reasons
-
-    rules = rules or KeepRules()
-    rules.check()
-    task = ws.task(task_name)
-    assert isinstance(task, StoreTask)
-    reason = reason or f"trash_unused({task_name!r})"
-    state = task.reload()
-    for entry_id in state.header.trashing:  # an earlier trash whose commit landed and that stopped after it
-        with contextlib.suppress(NotFoundError):
-            entry = _read_entry(ws, entry_id)
-            if entry.state == "pending":
-                _finish_trash(ws, task, entry)
-    cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
-    warnings: list[str] = []
-    reasons_of = keep_reasons(task, cps, rules, warnings)
-    why = reasons_of.why
-    objects = _objects(ws, task)
-    decisions: list[Decision] = []
-    trash: list[Checkpoint] = []
-    for cp in cps:
-        reasons = why[cp.number]
-        if not reasons and not objects.get(cp.file):
-            reasons.append("skipped: its file is missing (see: ckpt verify)")
-        if reasons:
-            decisions.append(Decision(cp.number, "keep", "; ".join(reasons), cp.size))
-        else:
-            decisions.append(Decision(cp.number, "trash", reasons_of.unused(cp.number), cp.size))
-            trash.append(cp)
-    # objects share nothing (a model is a copy): emptying frees every byte moved
-    plan = TrashPlan(task, decisions, trash, sum(cp.size for cp in trash), reason, warnings, reasons_of.direction)
-    if dry_run or not trash:
-        return TrashResult(plan, None)
-    return TrashResult(plan, _execute_trash(ws, task, plan.checkpoints, plan.bytes_freed_on_empty, reason, objects))
-
-
 def _objects(ws: StoreWorkspace, task: Task) -> dict[str, list[str]]:
     """The object keys of each checkpoint file of `task` (a folder checkpoint has several), from one LIST."""
     out: dict[str, list[str]] = {}
@@ -1155,231 +1228,6 @@ def _objects(ws: StoreWorkspace, task: Task) -> dict[str, list[str]]:
         parts = rel.split("/")
         out.setdefault("/".join(parts[:2]), []).append(b.key)
     return out
-
-
-def _new_entry_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def _entry_key(entry_id: str) -> str:
-    from .trash import ENTRY_FILE
-
-    return f"trash/{entry_id}/{ENTRY_FILE}"
-
-
-def _put_entry(ws: StoreWorkspace, entry: Entry, *, new: bool = False, if_match: str | None = None) -> str:
-    return put_once(ws.storage, _entry_key(entry.id), dumps(entry.to_doc()), if_match=if_match, if_none_match=new)
-
-
-def put_once(
-    storage: Storage, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
-) -> str:
-    """A conditional `put` that recognises its own write: when it answers 412 and `key` holds exactly `data`
-    (a retry whose first attempt landed: every conditional write here carries an id or a time of its own),
-    it landed; returns the etag."""
-    try:
-        return storage.put(key, data, if_match=if_match, if_none_match=if_none_match)
-    except PreconditionFailed:
-        try:
-            got, etag = storage.get(key)
-        except FileNotFoundError:
-            got, etag = b"", ""
-        if got == data and (if_none_match or if_match is not None):
-            return etag
-        raise
-
-
-def _execute_trash(
-    ws: StoreWorkspace,
-    task: StoreTask,
-    cps: list[Checkpoint],
-    freed: int,
-    reason: str,
-    objects: dict[str, list[str]],
-) -> str:
-    from .trash import FILES_DIR, Entry
-
-    # 1. the entry record first (If-None-Match claims the id): it names every object that may be copied
-    entry = _create_entry(
-        ws,
-        lambda entry_id: Entry(
-            id=entry_id,
-            kind="checkpoints",
-            task=task.name,
-            state="pending",
-            created=now_iso(),
-            reason=reason,
-            size=sum(cp.size for cp in cps),
-            bytes=freed,
-            checkpoints=list(cps),
-            folder=Path("trash") / entry_id,
-            tracked=True,
-        ),
-    )
-    base = f"tasks/{task.name}/"
-    moved = [k for cp in cps for k in objects.get(cp.file, [])]
-    # 2. server-side copies under the entry; 3. the manifest without the records and naming the entry in its
-    # `trashing` (If-Match, one commit): before it, a crash leaves the checkpoints as they were plus a "pending"
-    # entry the manifest does not name, which is undone; after it, the entry is named and is finished
-    gone = {cp.number for cp in cps}
-    try:
-        ws.storage.copy_many([(k, f"trash/{entry.id}/{FILES_DIR}/{k[len(base) :]}") for k in moved])
-    except FileNotFoundError:
-        raise _abandon(ws, task, entry.id) from None
-
-    def drop(state: TaskState) -> None:
-        if not gone <= state.checkpoints.keys():
-            raise _Overlap
-        state.header.last_number = state.max_number
-        for n in gone:
-            del state.checkpoints[n]
-        state.header.trashing = [*state.header.trashing, entry.id]
-
-    try:
-        task.update(drop)
-    except _Overlap:
-        raise _abandon(ws, task, entry.id) from None
-    except CommitUnknown:
-        raise  # the entry stays pending: the next trash-unused, trash list or doctor settles it
-    except Exception:
-        with contextlib.suppress(Exception):  # the commit is known not to have landed: undone at once
-            _delete_entry(ws, entry.id)
-        raise
-    _finish_trash(ws, task, entry, moved)
-    return entry.id
-
-
-def _finish_trash(ws: StoreWorkspace, task: StoreTask, entry: Entry, keys: list[str] | None = None) -> Entry:
-    """4. the originals (`keys`, else found by one LIST) deleted, 5. the entry complete, 6. its name out of the
-    manifest's `trashing`."""
-    if keys is None:
-        objects = _objects(ws, task)
-        keys = [k for cp in entry.checkpoints for k in objects.get(cp.file, [])]
-    ws.storage.delete(keys)
-    done = replace(entry, state="complete")
-    _put_entry(ws, done)
-
-    def untrack(state: TaskState) -> None:
-        if entry.id not in state.header.trashing:
-            raise _Overlap  # nothing to commit
-        state.header.trashing = [i for i in state.header.trashing if i != entry.id]
-
-    with contextlib.suppress(_Overlap):
-        task.update(untrack)
-    return done
-
-
-class _Overlap(Exception):
-    pass
-
-
-def _abandon(ws: StoreWorkspace, task: Task, entry_id: str) -> ConflictError:
-    """Another trash moved some of the same checkpoints first (two trash-unused at once): drop this entry whole."""
-    _delete_entry(ws, entry_id)
-    return ConflictError(
-        f"checkpoints of task '{task.name}' were moved to the trash by another command meanwhile; nothing "
-        "was changed by this one",
-        hint=f"see: ckpt trash list; run again: ckpt trash-unused {task.name}",
-    )
-
-
-def _read_entry(ws: StoreWorkspace, entry_id: str) -> Entry:
-    return _read_entry_tagged(ws, entry_id)[0]
-
-
-def _read_entry_tagged(ws: StoreWorkspace, entry_id: str) -> tuple[Entry, str]:
-    from .trash import ENTRY_FILE, check_entry_id, entry_from_doc
-
-    check_entry_id(entry_id)
-    try:
-        data, etag = ws.storage.get(_entry_key(entry_id))
-    except FileNotFoundError:
-        raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list") from None
-    folder = Path("trash") / entry_id
-    return entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
-
-
-def _settle(ws: StoreWorkspace, entry: Entry) -> Entry:
-    """A "pending" entry of an interrupted trash: finished when its records left the manifest, else undone."""
-    if entry.state != "pending":
-        return entry
-    if entry.kind == "model":
-        return _settle_model(ws, entry)
-    try:
-        task = ws.task(entry.task or "")
-        state = task.reload() if isinstance(task, StoreTask) else None
-    except TaskNotFound:
-        state = None
-    if state is not None and entry.id in state.header.trashing:  # its commit landed: finish it
-        assert isinstance(task, StoreTask)
-        return _finish_trash(ws, task, entry)
-    kept = state is not None and any(cp.number in state.checkpoints for cp in entry.checkpoints)
-    if kept and _age(entry.created) < STALE_PENDING:
-        # its commit has not landed. Without a lock, a trash still running on another machine looks the same,
-        # so only an entry older than STALE_PENDING is undone
-        return entry
-    # read again after the manifest: an entry finished meanwhile was complete before it left `trashing`
-    try:
-        fresh = _read_entry(ws, entry.id)
-    except NotFoundError:
-        return replace(entry, state="gone")
-    if fresh.state != "pending":
-        return fresh
-    if not kept and _copies_whole(ws, entry) and not _held_elsewhere(ws, entry):
-        # its records went and the manifest does not name it: its own commit landed and the name was lost (an
-        # entry of an older ckpt, or a manifest one rewrote), since no other entry holds its checkpoints
-        if isinstance(task, StoreTask):
-            return _finish_trash(ws, task, entry)
-        done = replace(entry, state="complete")
-        _put_entry(ws, done)
-        return done
-    # undone: its commit never landed (or another trash, run after it stopped, took its checkpoints)
-    _delete_entry(ws, entry.id)
-    return replace(entry, state="gone")
-
-
-def _copies_whole(ws: StoreWorkspace, entry: Entry) -> bool:
-    from .trash import FILES_DIR
-
-    prefix = f"trash/{entry.id}/{FILES_DIR}/"
-    tops = {"/".join(b.key[len(prefix) :].split("/")[:2]) for b in ws.storage.list_prefix(prefix)}
-    return all(cp.file in tops for cp in entry.checkpoints)
-
-
-def _held_elsewhere(ws: StoreWorkspace, entry: Entry) -> bool:
-    """Whether another trash entry holds one of `entry`'s checkpoints, or its model (the same title, record
-    time and sha256); reads every entry: a rare path."""
-    from .trash import ENTRY_ID
-
-    def model_of(e: Entry) -> tuple[Any, ...] | None:
-        m = e.model or {}
-        return (m.get("title"), m.get("created"), m.get("sha256")) if e.kind == "model" else None
-
-    mine = set(entry.numbers)
-    for other in ws.storage.children("trash/"):
-        if other == entry.id or not ENTRY_ID.fullmatch(other):
-            continue
-        try:
-            e = _read_entry(ws, other)
-        except CkptError:
-            continue
-        if e.kind == "checkpoints" and e.task == entry.task and mine & set(e.numbers):
-            return True
-        if e.kind == "model" and model_of(e) == model_of(entry):
-            return True
-    return False
-
-
-def _empty_entry(ws: StoreWorkspace, entry_id: str) -> int:
-    """Mark the entry "emptying" (If-Match), then delete its files and its record last: an interrupted empty
-    leaves an entry that says so (restore refuses it; empty and doctor finish it), never one that claims
-    files it no longer has."""
-    entry, etag = _read_entry_tagged(ws, entry_id)
-    if entry.state not in ("complete", "emptying"):
-        raise ConflictError(f"trash entry '{entry_id}' is {entry.state}", hint="run: ckpt doctor")
-    if entry.state != "emptying":
-        _mark(ws, entry, "emptying", etag)
-    return _delete_entry(ws, entry_id)
 
 
 def _age(created: str) -> float:
@@ -1394,94 +1242,6 @@ def _keys_of(ws: StoreWorkspace, key: str) -> list[str]:
     return [b.key for b in ws.storage.list_prefix(key) if b.key == key or b.key.startswith(key + "/")]
 
 
-def _delete_entry(ws: StoreWorkspace, entry_id: str) -> int:
-    """Delete the entry's objects, its record last (a record never names objects that are already gone)."""
-    blobs = ws.storage.list_prefix(f"trash/{entry_id}/")
-    record = _entry_key(entry_id)
-    ws.storage.delete([b.key for b in blobs if b.key != record])
-    ws.storage.delete([record])
-    return sum(b.size for b in blobs if b.key != record)
-
-
-def restore(ws: StoreWorkspace, entry_id: str) -> RestoreResult:
-    from .trash import FILES_DIR
-    from .trash_results import RestoreResult
-
-    entry, etag = _read_entry_tagged(ws, entry_id)
-    entry = _settle(ws, entry)
-    if entry.state == "emptying":
-        raise ConflictError(
-            f"trash entry '{entry_id}' is being emptied (or an empty was interrupted): its files are going",
-            hint=f"finish it: ckpt trash empty {entry_id} (or: ckpt doctor)",
-        )
-    if entry.state == "complete":  # the entry may have been settled just now: its etag again
-        entry, etag = _read_entry_tagged(ws, entry_id)
-    if entry.kind == "model" and entry.state in ("complete", "restoring"):
-        return RestoreResult(_restore_model(ws, entry, etag))
-    if entry.state == "gone":
-        raise NotFoundError(f"trash entry '{entry_id}' was an interrupted trash, undone", hint="see: ckpt trash list")
-    if entry.state == "pending":
-        raise ConflictError(
-            f"trash entry '{entry_id}' is still being made (or was interrupted less than an hour ago)",
-            hint="try again later",
-        )
-    task = ws.task(entry.task or "")
-    assert isinstance(task, StoreTask)
-    state = task.reload()
-    present = _objects(ws, task)
-    conflicts = [
-        f"checkpoint {cp.number} is in the manifest of task '{task.name}' again"
-        for cp in entry.checkpoints
-        if cp.number in state.checkpoints
-    ]
-    conflicts += [f"'tasks/{task.name}/{cp.file}' exists" for cp in entry.checkpoints if cp.file in present]
-    if conflicts and entry.state != "restoring":
-        raise ConflictError(
-            f"restoring trash entry '{entry_id}' would overwrite: {'; '.join(conflicts[:5])}; nothing was changed"
-        )
-    prefix = f"trash/{entry_id}/{FILES_DIR}/"
-    copies = [b.key for b in ws.storage.list_prefix(prefix)]
-    held = {k[len(prefix) :] for k in copies} | {k[len(f"tasks/{task.name}/") :] for ks in present.values() for k in ks}
-    tops = {"/".join(k.split("/")[:2]) for k in held}  # checkpoints/<file>, or the folder of a folder checkpoint
-    lacking = [cp for cp in entry.checkpoints if cp.file not in tops]
-    if lacking:  # never a record without its object: nothing is restored from a damaged entry
-        raise IntegrityError(
-            f"trash entry '{entry_id}' is missing the files of {len(lacking)} checkpoint(s) (first: "
-            f"{lacking[0].file}); nothing was changed",
-            hint="see: ckpt doctor",
-        )
-    if entry.state != "restoring":  # If-Match: an empty that began meanwhile wins, and this restore stops
-        _mark(ws, entry, "restoring", etag)
-    # the objects back first, then the records (If-Match): a record never names an object not in place
-    back = [(k, f"tasks/{task.name}/{k[len(prefix) :]}") for k in copies]
-    if entry.state == "restoring":  # an interrupted restore: what was copied back already stays
-        back = [(k, dst) for k, dst in back if ws.storage.head(dst) is None]
-    ws.storage.copy_many(back)
-    numbers = {cp.number: replace(cp, task=task.name) for cp in entry.checkpoints}
-
-    def add(st: TaskState) -> None:
-        for n, cp in numbers.items():
-            st.checkpoints.setdefault(n, cp)
-
-    task.update(add)
-    _delete_entry(ws, entry_id)
-    return RestoreResult(entry)
-
-
-def empty(ws: StoreWorkspace, plan: EmptyPlan) -> EmptyResult:
-    from .trash_results import EmptyResult
-
-    emptied: list[str] = []
-    freed = 0
-    for e in plan.entries:
-        try:
-            freed += _empty_entry(ws, e.id)
-        except (ConflictError, NotFoundError):
-            continue  # restored or emptied by another command meanwhile
-        emptied.append(e.id)
-    return EmptyResult(emptied, freed, list(plan.skipped))
-
-
 # --- verify --------------------------------------------------------------------------------------------
 
 
@@ -1494,176 +1254,6 @@ def _model_keys(ws: StoreWorkspace, title: str) -> tuple[list[Blob], str | None]
     blobs = ws.storage.list_prefix(folder)
     claim = folder + CLAIM_FILE
     return [b for b in blobs if b.key != claim], claim if any(b.key == claim for b in blobs) else None
-
-
-def _drop_model(ws: StoreWorkspace, title: str, keys: list[str]) -> None:
-    """Delete a model: its record first (it leaves every listing at once), its weights, its claim last (the
-    title stays taken until nothing of the folder is left)."""
-    record = f"models/{title}/{MODEL_FILE}"
-    ws.storage.delete([record])
-    ws.storage.delete([k for k in keys if k != record])
-    ws.storage.delete([f"models/{title}/{CLAIM_FILE}"])
-
-
-def trash_model(ws: StoreWorkspace, title: str, reason: str = "") -> ModelTrashResult:
-    from .trash import MODEL_DIR, Entry
-    from .trash_results import ModelTrashResult
-
-    try:
-        model = ws.models[title]
-    except ModelNotFound:
-        done = _settle_removes(ws, title)  # a remove of it that stopped after the record went: finished now
-        if done is None:
-            raise
-        return done
-    folder = f"models/{title}/"
-    blobs, _ = _model_keys(ws, title)
-    entry = _create_entry(
-        ws,
-        lambda entry_id: Entry(
-            id=entry_id,
-            kind="model",
-            task=model.task,
-            state="pending",
-            created=now_iso(),
-            reason=reason or f"trash_model({title!r})",
-            size=model.size,
-            bytes=sum(b.size for b in blobs if b.key != folder + MODEL_FILE),
-            model={"title": title, **{k: v for k, v in model.to_doc().items() if k != "format"}},
-            folder=Path("trash") / entry_id,
-        ),
-    )
-    # 1. the entry record (written above), 2. server-side copies under it, 3. the model deleted (model.toml
-    # first), 4. the entry complete: a crash before 3 leaves the model whole, after it the copies are whole
-    try:
-        ws.storage.copy_many([(b.key, f"trash/{entry.id}/{MODEL_DIR}/{b.key[len(folder) :]}") for b in blobs])
-    except FileNotFoundError:
-        _delete_entry(ws, entry.id)
-        raise ModelNotFound(f"model '{title}' was removed or renamed meanwhile", hint="see: ckpt models") from None
-    if ws.storage.head(folder + MODEL_FILE) is None:  # another remove or rename won: this entry is not needed
-        _delete_entry(ws, entry.id)
-        raise ModelNotFound(f"model '{title}' was removed or renamed meanwhile", hint="see: ckpt models")
-    _drop_model(ws, title, [b.key for b in blobs])
-    _put_entry(ws, replace(entry, state="complete"))
-    return ModelTrashResult(entry.id, model)
-
-
-def _settle_removes(ws: StoreWorkspace, title: str) -> ModelTrashResult | None:
-    """Settle the pending removes of model `title` (the model is gone from models/); the result of one that is
-    complete now, as the remove run again reports it."""
-    from .trash import ENTRY_ID
-    from .trash_results import ModelTrashResult
-
-    found: ModelTrashResult | None = None
-    for entry_id in ws.storage.children("trash/"):
-        if not ENTRY_ID.fullmatch(entry_id):
-            continue
-        try:
-            entry = _read_entry(ws, entry_id)
-        except CkptError:
-            continue
-        if entry.kind != "model" or entry.title != title or entry.state != "pending":
-            continue
-        settled = _settle(ws, entry)
-        if settled.state == "complete" and settled.model is not None:
-            doc = {"format": FORMAT, **{k: v for k, v in settled.model.items() if k != "title"}}
-            found = ModelTrashResult(settled.id, Model.from_doc(title, doc, Path("models") / title))
-    return found
-
-
-def _create_entry(ws: StoreWorkspace, make: Callable[[str], Entry]) -> Entry:
-    """A new entry record under a fresh id (If-None-Match claims the id)."""
-    while True:
-        entry = make(_new_entry_id())
-        try:
-            _put_entry(ws, entry, new=True)
-            return entry
-        except PreconditionFailed:
-            continue
-
-
-def _settle_model(ws: StoreWorkspace, entry: Entry) -> Entry:
-    """A "pending" model entry: finished when the model's record is gone (its copies are whole), else undone
-    once stale (a younger one may be a remove still running on another machine)."""
-    title = entry.title or ""
-    blobs, claim = _model_keys(ws, title)
-    if any(b.key == f"models/{title}/{MODEL_FILE}" for b in blobs):
-        if _age(entry.created) < STALE_PENDING:
-            return entry
-        _delete_entry(ws, entry.id)
-        return replace(entry, state="gone")
-    # the record went. By this remove (its copies are whole: they came before the record went), or by another
-    # one, that was run again after this one stopped: then this entry's copies are not all there, and it goes
-    from .trash import MODEL_DIR
-
-    prefix = f"trash/{entry.id}/{MODEL_DIR}/"
-    copied = {b.key[len(prefix) :] for b in ws.storage.list_prefix(prefix)}
-    weights = str((entry.model or {}).get("file", ""))
-    whole = MODEL_FILE in copied and (weights in copied or any(k.startswith(weights + "/") for k in copied))
-    if not whole or _held_elsewhere(ws, entry):
-        fresh = _read_entry(ws, entry.id)
-        if fresh.state != "pending":
-            return fresh
-        _delete_entry(ws, entry.id)
-        return replace(entry, state="gone")
-    # what is left of the folder is this model's, unless a new promote claimed the title after this remove
-    # freed it (its claim is then younger than the entry)
-    if claim is None or _claim_time(ws, title) <= entry.created:
-        _drop_model(ws, title, [b.key for b in blobs])
-    done = replace(entry, state="complete")
-    _put_entry(ws, done)
-    return done
-
-
-def _claim_time(ws: StoreWorkspace, title: str) -> str:
-    try:
-        return _claim_lines(ws.storage.get(f"models/{title}/{CLAIM_FILE}")[0])[0]
-    except FileNotFoundError:
-        return ""
-
-
-def _mark(ws: StoreWorkspace, entry: Entry, state: str, etag: str) -> str:
-    """Move `entry` to `state` with If-Match on the etag it was read with: of a restore and an empty of the same
-    entry begun at once, the first to mark it wins and the other stops before it changes anything."""
-    try:
-        return _put_entry(ws, replace(entry, state=state), if_match=etag)
-    except PreconditionFailed:
-        raise ConflictError(
-            f"trash entry '{entry.id}' was changed by another command meanwhile; nothing was changed by this one",
-            hint="see: ckpt trash list",
-        ) from None
-
-
-def _restore_model(ws: StoreWorkspace, entry: Entry, etag: str) -> Entry:
-    """Claim the title again, copy the weights back, then model.toml last; the entry goes."""
-    from .trash import MODEL_DIR
-
-    title = entry.title or ""
-    # the claim's token is the entry's id: an interrupted restore takes its own claim back at once
-    try:
-        lease = Lease(ws, title, token=f"restore-{entry.id}").take()
-    except ConflictError:
-        raise ConflictError(
-            f"model '{title}' exists again; restoring trash entry '{entry.id}' would overwrite it; nothing was changed",
-            hint="rename that model first: ckpt models rename",
-        ) from None
-    if entry.state != "restoring":
-        _mark(ws, entry, "restoring", etag)
-        lease.renew()
-    prefix = f"trash/{entry.id}/{MODEL_DIR}/"
-    record = f"models/{title}/{MODEL_FILE}"
-    if entry.state == "restoring" and ws.storage.head(record) is not None:
-        # an interrupted restore that had copied everything (model.toml comes last): only the entry is left
-        _delete_entry(ws, entry.id)
-        return entry
-    copies = [b.key for b in ws.storage.list_prefix(prefix)]
-    if not any(k == prefix + MODEL_FILE for k in copies):
-        raise IntegrityError(f"trash entry '{entry.id}' is missing its model record", hint="see: ckpt doctor")
-    back = [(k, f"models/{title}/{k[len(prefix) :]}") for k in copies]
-    ws.storage.copy_many([(k, dst) for k, dst in back if dst != record])
-    ws.storage.copy_many([(k, dst) for k, dst in back if dst == record])
-    _delete_entry(ws, entry.id)
-    return entry
 
 
 def _move_model(ws: StoreWorkspace, model: Model, new: str) -> Model:
@@ -1702,7 +1292,7 @@ def _move_model(ws: StoreWorkspace, model: Model, new: str) -> Model:
         with contextlib.suppress(Exception):
             ws.storage.delete([moving])  # the source is free again
         raise
-    _drop_model(ws, old, [b.key for b in blobs if b.key != moving] + [moving])
+    drop_model(ws, old, [b.key for b in blobs if b.key != moving] + [moving])
     return renamed
 
 
@@ -1752,25 +1342,19 @@ def _take_title(ws: StoreWorkspace, title: str, hint: str | None = None) -> Leas
 # --- du, scan, doctor ----------------------------------------------------------------------------------
 
 
-def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult:
-    """Objects under a task that its manifest does not know; with `add`, checkpoint-like ones are added: each
-    claims a number, is copied under it on the server, is recorded, and only then is the original deleted."""
-    from .importer import ScanResult
-
-    task = ws.task(task_name)
-    assert isinstance(task, StoreTask)
-    result = ScanResult(task.name, *_unknown_objects(ws, task))
-    if not add:
-        return result
-    # an object under a number a save, import or scan claimed and never recorded is not taken in: it is the
-    # upload of a command that failed or stopped (doctor deletes it once stale)
+def _adopt_objects(task: StoreTask, candidates: list[Unknown]) -> tuple[list[Checkpoint], set[str]]:
+    """A bucket's `Task.adopt`: each candidate claims a number, is copied under it on the server, is recorded,
+    and only then is the original deleted. An object under a number a save, import or scan claimed and never
+    recorded is not taken in: it is the upload of a command that failed or stopped (doctor deletes it once
+    stale)."""
+    ws = task.ws
     claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
-    candidates = [u for u in result.unknown if u.addable and _claimed_number(task, u.rel, claimed) is None]
-    found = _found_of_objects(ws, task, candidates)
+    candidates = [u for u in candidates if _claimed_number(task, u.rel, claimed) is None]
+    made: list[Checkpoint] = []
     added: set[str] = set()
-    for c, u in found:
+    for c, u in _found_of_objects(ws, task, candidates):
         try:
-            result.added.append(_adopt(ws, task, c, u))
+            made.append(_adopt(ws, task, c, u))
         except _Duplicate:
             # added by another scan meanwhile, or by this scan run before and stopped before it deleted the
             # original: a record made from this very object (same name, size and bytes) lets it go
@@ -1783,8 +1367,7 @@ def scan(ws: StoreWorkspace, task_name: str, *, add: bool = False) -> ScanResult
                 added.add(u.rel)
             continue
         added.add(u.rel)
-    result.unknown = [u for u in result.unknown if u.rel not in added]
-    return result
+    return made, added
 
 
 def _claimed_number(task: Task, rel: str, claimed: set[str]) -> str | None:
@@ -1803,7 +1386,8 @@ def _digest_of(ws: StoreWorkspace, u: Unknown) -> str:
 
 
 def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], list[Unknown]]:
-    from .importer import FILE_SUFFIXES, Unknown
+    from .finders import FILE_SUFFIXES
+    from .importer import Unknown
 
     base = f"tasks/{task.name}/"
     known = {cp.file for cp in task.checkpoints}
@@ -1811,7 +1395,7 @@ def _unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], lis
     for b in ws.storage.list_prefix(base):
         rel = b.key[len(base) :]
         parts = rel.split("/")
-        if rel == TASK_FILE or parts[0] in (NUMBERS_DIR, LOG_DIR):
+        if rel == TASK_FILE or parts[0] in (NUMBERS_DIR, LOG_DIR, SEGMENT_DIR):
             continue
         top = "/".join(parts[:2]) if parts[0] == CHECKPOINT_DIR and len(parts) > 1 else parts[0]
         if top not in known:
@@ -1850,7 +1434,8 @@ def _weights_in(names: list[str]) -> str | None:
 
 def _found_of_objects(ws: StoreWorkspace, task: Task, candidates: list[Unknown]) -> list[tuple[Found, Unknown]]:
     """What each object's name says (as the local scan reads file names), in the order they will be numbered."""
-    from .importer import HF_DIR, Found, hf_metrics, order_by_plain_name, parse_lightning_name, parse_plain_name
+    from .finders import HF_DIR, Found, order_by_plain_name
+    from .import_names import hf_metrics, parse_lightning_name, parse_plain_name
     from .layouts import step_epoch
 
     pairs: dict[int, Unknown] = {}
@@ -1901,91 +1486,11 @@ def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpo
     return made
 
 
-def doctor(
-    ws: StoreWorkspace,
-    *,
-    dry_run: bool = False,
-    forget_missing: bool = False,
-    drop_bad_records: bool = False,
-    recreate_manifests: bool = False,  # a bucket has no folders: a task is its manifest's key
-) -> list[Repair]:
-    """What interrupted commands left (trash entries pending or restoring, objects of an interrupted empty,
-    model folders claimed without a record), then every task's records against its objects; see docs/s3.md."""
-    from .trash_results import Repair
-
-    repairs = _recover(ws, dry_run) + _abort_stale_uploads(ws, dry_run)
-    for name in ws.task_names():
-        try:
-            task = ws.task(name)
-            state = task.state()
-        except ManifestError as problem:
-            bad = _bad_records(ws, name, problem, dry_run, drop_bad_records)
-            if bad is None:
-                repairs.append(Repair(f"tasks/{name}", str(problem), "left alone"))
-                continue
-            repairs += bad
-            if not (drop_bad_records and not dry_run):
-                continue
-            task = ws.task(name)  # mended: its files are checked as any task's
-            state = task.state()
-        except CkptError as problem:
-            repairs.append(Repair(f"tasks/{name}", str(problem), "left alone"))
-            continue
-        assert isinstance(task, StoreTask)
-        repairs += _check_task(ws, task, state, dry_run, forget_missing)
-    models, errors = ws.models.read_all()
-    for error in errors:
-        repairs.append(Repair(ws.rel(Path(error.path)) if error.path else "models", str(error), "left alone"))
-    have = {b.key for b in ws.storage.list_prefix("models/")}
-    for m in models:
-        key = _key(m.path)
-        if key not in have and not any(k.startswith(key + "/") for k in have):
-            repairs.append(Repair(key, f"model '{m.title}' has no weights file", "left alone: remove or restore it"))
-    return repairs
-
-
-def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
-    from .trash import ENTRY_ID
+def _unclaimed_models(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
+    """Model folders with a claim but no record: a promote or rename interrupted after its claim."""
     from .trash_results import Repair
 
     repairs: list[Repair] = []
-    for entry_id in ws.storage.children("trash/"):
-        if not ENTRY_ID.fullmatch(entry_id):
-            continue
-        rel = f"trash/{entry_id}"
-        try:
-            entry = _read_entry(ws, entry_id)
-        except NotFoundError:  # the record is written first and deleted last: only an interrupted empty
-            repairs.append(Repair(rel, "an interrupted trash empty", "would delete it" if dry_run else "deleted"))
-            if not dry_run:
-                _delete_entry(ws, entry_id)
-            continue
-        except CkptError as e:
-            repairs.append(Repair(rel, str(e), "left alone"))
-            continue
-        if entry.state == "complete":
-            continue
-        what = f"trash entry '{entry_id}' is {entry.state}"
-        if dry_run:
-            repairs.append(Repair(rel, what, "would recover it"))
-            continue
-        if entry.state == "emptying":
-            _delete_entry(ws, entry_id)
-            action = "finished the empty"
-        elif entry.state == "restoring":
-            try:
-                restore(ws, entry_id)
-                action = "finished the restore"
-            except CkptError as e:
-                action = f"left alone: {e}"
-        else:
-            settled = _settle(ws, entry).state
-            action = {
-                "complete": "finished: the entry is complete",
-                "gone": "undone: nothing had moved",
-            }.get(settled, "left alone: less than an hour old, it may still be running on another machine")
-        repairs.append(Repair(rel, what, action))
-    # model folders with a claim but no record: a promote or rename interrupted after its claim
     folders: dict[str, set[str]] = {}
     for b in ws.storage.list_prefix("models/"):
         title, _, rest = b.key[len("models/") :].partition("/")
@@ -1994,20 +1499,19 @@ def _recover(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
         if MODEL_FILE in names:
             continue
         rel = f"models/{title}"
-        if CLAIM_FILE in names and _age(_claim_time(ws, title)) < LEASE:
+        if CLAIM_FILE in names and _age(_claim_lines(ws.storage.get(f"{rel}/{CLAIM_FILE}")[0])[0]) < LEASE:
             repairs.append(Repair(rel, "a model folder without model.toml", "left alone: it may be in use"))
             continue
         what = "an interrupted promote (a model folder without model.toml)"
         repairs.append(Repair(rel, what, "would delete it" if dry_run else "deleted"))
         if not dry_run:
-            _drop_model(ws, title, [f"{rel}/{n}" for n in names if n != CLAIM_FILE])
+            drop_model(ws, title, [f"{rel}/{n}" for n in names if n != CLAIM_FILE])
     return repairs
 
 
 def _abort_stale_uploads(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
     """Multipart uploads a crashed save (or import) began and never finished: their parts are stored, and
     billed, until aborted. One younger than an hour may be a save running on another machine."""
-    from .trash import STALE_AFTER
     from .trash_results import Repair
 
     repairs: list[Repair] = []
@@ -2023,9 +1527,11 @@ def _abort_stale_uploads(ws: StoreWorkspace, dry_run: bool) -> list[Repair]:
     return repairs
 
 
-def _bad_records(ws: StoreWorkspace, name: str, error: ManifestError, dry_run: bool, drop: bool) -> list[Repair] | None:
+def _bad_records(
+    ws: StoreWorkspace, name: str, error: ManifestError, dry_run: bool, drop: bool
+) -> tuple[list[Repair], bool]:
     """A manifest refused for records it must not hold (see manifest.salvage_task): each reported, dropped with
-    `drop` (committed with If-Match); None when the manifest has no such record."""
+    `drop` (committed with If-Match); and whether it parses now."""
     from .trash_results import Repair
 
     key = f"tasks/{name}/{TASK_FILE}"
@@ -2033,14 +1539,14 @@ def _bad_records(ws: StoreWorkspace, name: str, error: ManifestError, dry_run: b
         data, etag = ws.storage.get(key)
         state, dropped = salvage_task(data, Path(key), name)
     except (FileNotFoundError, ManifestError):
-        return None
+        dropped = []
     if not dropped:
-        return None
+        return [Repair(key, str(error), "left alone")], False
     if drop and not dry_run:
         try:
             ws.storage.put(key, task_bytes(state), if_match=etag)
         except PreconditionFailed:
-            return [Repair(key, str(error), "left alone: it changed meanwhile; run ckpt doctor again")]
+            return [Repair(key, str(error), "left alone: it changed meanwhile; run ckpt doctor again")], False
         action = "dropped the record (its number is not reused); its file, if any, is reported below"
     elif drop:
         action = "would drop the record"
@@ -2049,86 +1555,40 @@ def _bad_records(ws: StoreWorkspace, name: str, error: ManifestError, dry_run: b
     return [
         Repair(key, f"{'checkpoint ' + str(n) if n is not None else 'a record'} of task '{name}': {why}", action)
         for n, why in dropped
-    ]
+    ], drop and not dry_run
 
 
-def _check_task(
-    ws: StoreWorkspace, task: StoreTask, state: TaskState, dry_run: bool, forget_missing: bool
-) -> list[Repair]:
+def _task_leftovers(task: StoreTask, dry_run: bool) -> tuple[list[Repair], set[str]]:
+    """What saves left in a task: records in the log of a finished task (folded in), and objects under a number
+    a save or import claimed and never recorded (deleted once stale); and the objects dealt with."""
     from .trash_results import Repair
 
+    ws = task.ws
     repairs: list[Repair] = []
+    state = task.state()
     if state.header.status != "running" and (task._pending or state.header.log):
         # a save that raced `finish` left its record in the log of a finished task: fold it (format 1 again)
         if not dry_run:
             task.update(lambda st: None)
         problem = f"task '{task.name}' is {state.header.status} with {len(task._pending)} records in its log"
         repairs.append(Repair(task.key, problem, "would fold them in" if dry_run else "folded them in"))
-        state = task.state()
-    objects = _objects(ws, task)
-    missing = [cp for cp in state.checkpoints.values() if cp.file not in objects]
-    if missing:
-        if forget_missing and not dry_run:
-            gone = {cp.number for cp in missing}
-
-            def forget(st: TaskState) -> None:
-                # last_number keeps the highest number; the claims stay too: a forgotten number is never reused
-                st.header.last_number = st.max_number
-                for n in gone:
-                    st.checkpoints.pop(n, None)
-
-            task.update(forget)
-            action = "forgot the record (its number is not reused)"
-        elif forget_missing:
-            action = "would forget the record"
-        else:
-            action = "left alone: put the file back, or forget the record with: ckpt doctor --forget-missing"
-        for cp in sorted(missing, key=lambda c: c.number):
-            repairs.append(
-                Repair(_key(task.path_of(cp)), f"checkpoint {cp.number} of task '{task.name}' has no file", action)
-            )
+    strays = task.stray_segments(STALE_PENDING)  # a commit's that did not land, or replaced by one that did
+    for key in strays:
+        what = f"a segment of task '{task.name}' its manifest does not name"
+        repairs.append(Repair(key, what, "would delete it" if dry_run else "deleted"))
+    if strays and not dry_run:
+        ws.storage.delete(strays)
     claimed = {b.key.rsplit("/", 1)[1] for b in ws.storage.list_prefix(f"tasks/{task.name}/{NUMBERS_DIR}/")}
     orphans: list[str] = []
+    dealt: set[str] = set()
     for u in _unknown_objects(ws, task)[0]:
-        if _claimed_number(task, u.rel, claimed) is not None:
+        if _claimed_number(task, u.rel, claimed) is not None and _age(u.modified) >= STALE_PENDING:
             # under a number a save (import, scan --add) claimed, never recorded: one that stopped before its
             # commit. The same while it is still running on another machine: only a stale one goes
-            if _age(u.modified) >= STALE_PENDING:
-                what = f"an object of task '{task.name}' a save or import stopped before recording"
-                repairs.append(Repair(u.rel, what, "would delete it" if dry_run else "deleted"))
-                orphans += [u.rel] if u.kind == "file" else _keys_of(ws, u.rel)
-                continue
-        how = f"ckpt scan {task.name} --add" if u.addable else "move it out of the task folder"
-        repairs.append(Repair(u.rel, f"a {u.kind} no record of task '{task.name}' names", f"left alone: {how}"))
+            what = f"an object of task '{task.name}' a save or import stopped before recording"
+            repairs.append(Repair(u.rel, what, "would delete it" if dry_run else "deleted"))
+            orphans += [u.rel] if u.kind == "file" else _keys_of(ws, u.rel)
+            dealt.add(u.rel)
     if orphans and not dry_run:
         ws.storage.delete(orphans)
-    # entries named in `trashing` that are no longer pending (finished but not yet struck off, or gone)
-    done = []
-    for entry_id in state.header.trashing:
-        try:
-            if _read_entry(ws, entry_id).state == "pending":
-                continue
-        except NotFoundError:
-            pass
-        done.append(entry_id)
-    if done:
-        repairs.append(Repair(task.key, f"{len(done)} finished trash entries still named", "struck off"))
-        if not dry_run:
-
-            def strike(st: TaskState) -> None:
-                st.header.trashing = [i for i in st.header.trashing if i not in done]
-
-            task.update(strike)
-    return repairs
-
-
-# the implementations StoreWorkspace gives for the core operations marked `per_backend` (same names and
-# signatures as the local ones); an operation missing here is refused with exit 2
-OPERATIONS: dict[str, Callable[..., Any]] = {
-    "trash_unused": trash_unused,
-    "restore": restore,
-    "empty": empty,
-    "trash_model": trash_model,
-    "scan": scan,
-    "doctor": doctor,
-}
+    return repairs, dealt

@@ -9,14 +9,14 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, overload
 
 from . import fsutil
-from .backend import F
 from .errors import (
     CheckpointNotFound,
     CkptError,
@@ -31,11 +31,7 @@ from .manifest import (
     FORMAT,
     STATUSES,
     Checkpoint,
-    RowCache,
-    SummaryCache,
     TaskHeader,
-    TaskReader,
-    TaskRowsCache,
     TaskState,
     dumps,
     read_toml,
@@ -45,7 +41,10 @@ from .manifest import (
 )
 from .metrics import Direction, check_modes, direction
 from .names import case_twin, check_task_name
-from .storage import is_url
+from .row_caches import RowCache, SummaryCache, TaskRowsCache
+from .storage import Storage, is_url
+from .storage.folder import FolderStorage
+from .task_reader import TaskReader
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
     from .importer import Unknown
     from .models import Model, ModelIndex
     from .staging import Marker
-    from .trash import Entry
     from .trash_results import Repair
     from .verify import Stored
 
@@ -73,6 +71,8 @@ from .layout import (  # noqa: F401 (re-exported: where tests and older callers 
     WORKSPACE_FILE,
     Incoming,
 )
+
+T = TypeVar("T")
 
 
 def find_workspace(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:
@@ -157,6 +157,7 @@ class Workspace:
 
     def __init__(self, root: Path, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None):
         self.root = root
+        self.storage: Storage = FolderStorage(root)  # the primitives the trash operations use (ckpt.trash)
         self.settings = settings or {}
         # ckpt.toml's [metrics]: the workspace's default direction per metric (see ckpt.metrics)
         self.metric_modes = metric_modes or {}
@@ -223,11 +224,6 @@ class Workspace:
     def model_local_path(self, model: Model) -> Path:
         """A local path to the model's weights, for reading (object storage: downloaded to a cache)."""
         return model.path
-
-    def implementation(self, name: str, local: F) -> F:
-        """The implementation of core operation `name` (marked `ckpt.backend.per_backend`) for this workspace:
-        `local`, the function's own body, for a folder."""
-        return local
 
     def holds(self, path: Path) -> bool:
         """Whether local `path` is inside this workspace."""
@@ -418,7 +414,7 @@ class Workspace:
         """`render` of the summary of every task, in `tasks` order, and the errors of tasks that could not be read.
 
         The text is kept in tasks/.tasks.rows.cache.json and used again while one `stat` of the task's manifest
-        is what it was (see manifest.TaskRowsCache); `form` names how `render` renders: a change must change it.
+        is what it was (see row_caches.TaskRowsCache); `form` names how `render` renders: a change must change it.
         """
         folder = str(self.tasks_dir)  # plain strings joined by hand: os.path.join is half the time of a stat
         cache = TaskRowsCache(self.tasks_dir / TASK_ROWS_CACHE_FILE, form)
@@ -568,23 +564,68 @@ class Workspace:
         """The store's step of verify: the sha256 of each file, on all cores; `done(i)` as each is hashed."""
         return fsutil.sha256_many(handles, workers=fsutil.hash_workers(total), done=done)
 
-    def trash_entry(self, entry_id: str) -> Entry:
-        """Trash entry `entry_id` as it stands; raises NotFoundError, ManifestError, IntegrityError (a link)."""
-        from .trash import read_entry
-
-        return read_entry(self, entry_id)
-
     def trash_entry_ids(self) -> tuple[list[str], list[CkptError]]:
-        """The trash's entry ids, oldest first, and an error for each entry that is a symlink (never read)."""
-        from .trash import entry_ids
+        """The folders under trash/ named as entries, oldest first, and an error for each that is a symlink
+        (reported, never followed: emptying removes the link only, restoring refuses it)."""
+        from .trash_entry import ENTRY_ID
 
-        return entry_ids(self)
+        try:
+            with os.scandir(self.trash_dir) as it:
+                found = [
+                    (e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in it if ENTRY_ID.fullmatch(e.name)
+                ]
+        except FileNotFoundError:
+            return [], []
+        links: list[CkptError] = [
+            IntegrityError(
+                f"trash entry '{name}' is a symlink; ckpt does not follow it",
+                path=self.trash_dir / name / "entry.toml",
+                hint=f"remove the link {self.rel(self.trash_dir / name)} by hand",
+            )
+            for name in sorted(n for n, link, _ in found if link)
+        ]
+        return sorted(n for n, _, d in found if d), links
 
     def trash_leftovers(self) -> list[Path]:
-        """What an interrupted `trash empty` left to delete: folders renamed aside (`.deleting-*`)."""
-        from .trash import deleting_leftovers
+        """What an older ckpt's interrupted `trash empty` left to delete: folders renamed aside (`.deleting-*`)."""
+        from .trash_entry import DELETING_PREFIX
 
-        return deleting_leftovers(self)
+        try:
+            with os.scandir(self.trash_dir) as it:
+                return sorted(Path(e.path) for e in it if e.name.startswith(DELETING_PREFIX))
+        except FileNotFoundError:
+            return []
+
+    def mend(self, name: str, error: ManifestError, *, dry_run: bool, drop_bad: bool) -> tuple[list[Repair], bool]:
+        """The store's step of doctor for task `name`'s manifest that does not parse (see ckpt.mend): what it
+        found, and whether the manifest parses now."""
+        from .mend import mend_manifest
+
+        task = self._tasks.get(name) or Task(self, name)
+        return mend_manifest(task, error, dry_run=dry_run, drop_bad=drop_bad)
+
+    def leftovers(self, *, dry_run: bool, stale_after: float | None = None) -> list[Repair]:
+        """The store's step of doctor: a promote's staging folders and temporary files, once stale."""
+        from .mend import folder_leftovers
+        from .trash_entry import STALE_AFTER
+
+        return folder_leftovers(self, dry_run=dry_run, stale_after=STALE_AFTER if stale_after is None else stale_after)
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str, timeout: float | None = None) -> Iterator[None]:
+        """Hold the workspace's lock of `what` (one name: "the trash") for a multi-step change of models and
+        trash entries; raises BusyError. A store without locks holds nothing (its commits are conditional)."""
+        with self.storage.locked(what, timeout):  # type: ignore[attr-defined]
+            yield
+
+    @contextlib.contextmanager
+    def title_lease(self, title: str, token: str, taken: CkptError) -> Iterator[Callable[[], None]]:
+        """Hold model title `title` for a change that makes it (a model restore); yields the lease's renewal
+        (nothing to renew on a folder: the claim is a lock). Raises ConflictError for a case twin."""
+        from .models import title_claim
+
+        with title_claim(self, title):
+            yield lambda: None
 
     def model_folder(self, title: str) -> Path:
         """Where model `title`'s folder is (a `Model`'s `folder`)."""
@@ -642,6 +683,7 @@ class Task:
         self._reader = TaskReader(self.manifest, self.folder / CACHE_FILE, name)
         self._marks: dict[str, list[Any] | None] | None = None  # what the last `linked` depended on
         self._marks_of: list[Checkpoint] | None = None  # ... and the checkpoints it was given
+        self._holder: int | None = None  # the thread that holds the task's lock through this handle (see lock)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -833,19 +875,43 @@ class Task:
     # -- writing --
 
     @contextlib.contextmanager
-    def lock(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold this task's lock (every manifest change happens under it); raises BusyError."""
+    def lock(self, timeout: float | None = None, *, settle: bool = True) -> Iterator[None]:
+        """Hold this task's lock (every manifest change happens under it); raises BusyError. Re-entrant: an
+        operation that holds it may call one that takes it. With `settle`, what an interrupted trash or import
+        left (its marker) is finished or undone first."""
+        if self._holder == threading.get_ident():
+            yield
+            return
         self.refuse_links()
         with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
-            pending, importing = self._markers()
-            if pending:
-                # an interrupted multi-step change (trash, restore) left a marker: finish or undo it first
-                from .trash import recover_task
+            self._holder = threading.get_ident()
+            try:
+                pending, importing = self._markers()
+                if pending and settle:
+                    # an interrupted multi-step change (trash) left a marker: finish or undo it first
+                    from .trash import settle_marker
 
-                recover_task(self)
-            if importing:
-                self._recover_imports_locked(importing)  # a killed import's staged files (ckpt.staging)
-            yield
+                    for marker in pending:
+                        settle_marker(self, marker)
+                if importing and settle:
+                    self._recover_imports_locked(importing)  # a killed import's staged files (ckpt.staging)
+                yield
+            finally:
+                self._holder = None
+
+    def reload(self) -> TaskState:
+        """The manifest as it is now (the caller holds the lock where it needs it not to change)."""
+        return self.state()
+
+    def update(self, change: Callable[[TaskState], T]) -> T:
+        """Apply `change` to a copy of the manifest and write it, under the lock; `change` mutates the state
+        it is given and may raise to abandon the change (nothing is written then)."""
+        with self.lock():
+            current = self.state()
+            state = TaskState(replace(current.header), dict(current.checkpoints))
+            result = change(state)
+            self._rewrite(state)
+            return result
 
     def settle(self) -> bool:
         """Finish or undo an interrupted trash or restore of this task, if one left a marker; whether one did.
@@ -1346,6 +1412,22 @@ class Task:
         """Replace the manifest with `state` (caller holds the lock)."""
         fsutil.atomic_write(self.manifest, task_bytes(state))
         self._reader.forget()
+
+    def adopt(self, candidates: list[Unknown]) -> tuple[list[Checkpoint], set[str]]:
+        """The store's step of `scan --add`: the candidates moved in under new numbers (ckpt.importer), and
+        the relative names of those taken in."""
+        from .importer import adopt_files
+
+        return adopt_files(self, candidates)
+
+    def forget_read(self) -> None:
+        """Read the manifest again next time (it was replaced behind this handle's back)."""
+        self._reader.forget()
+
+    def leftovers(self, *, dry_run: bool) -> tuple[list[Repair], set[str]]:
+        """The store's step of doctor for what this task's interrupted writes left beyond its marks: nothing on
+        a folder (a killed import's are `recover_imports`'); and the files it dealt with."""
+        return [], set()
 
     def set_status_locked(self, status: str) -> TaskHeader:
         """Set the task's status (caller holds the lock)."""

@@ -16,14 +16,20 @@ from typing import Any
 from ckpt import fsutil
 from ckpt.manifest import TaskState, parse_task, parse_toml
 from ckpt.store_log import log_prefix, number_of, parse_record
-from ckpt.trash import ENTRY_FILE, FILES_DIR, MODEL_DIR, entry_from_doc
+from ckpt.store_segments import decode, id_of, segment_key, segment_prefix
+from ckpt.trash import FILES_DIR, MODEL_DIR
+from ckpt.trash_entry import ENTRY_FILE, entry_from_doc
 
 Objects = Mapping[str, bytes]
 
 
 def task_state(objs: Objects, name: str) -> TaskState:
-    """Task `name`'s manifest with the log records it has not folded (a bucket's; a folder has no log)."""
+    """Task `name`'s manifest with its segments and the log records it has not folded (a bucket's; a folder has
+    neither)."""
     state = parse_task(objs[f"tasks/{name}/task.toml"], Path(name), name)
+    for e in state.header.segments:  # a segment the root names and that is missing fails the test here
+        key = segment_key(name, e[3])
+        state.checkpoints.update(decode(objs[key], key, name, e))
     skip = set(state.header.folded) | state.checkpoints.keys()
     prefix = log_prefix(name)
     for k in sorted(objs):
@@ -111,13 +117,18 @@ def check(
 
 def left_half_done(objs: Objects) -> list[str]:
     """Keys that say an operation is still half done once doctor ran: an entry not complete, a bucket title
-    claim without its model."""
+    claim without its model, a segment its task's root does not name (left behind)."""
     out = []
     for key, data in objs.items():
         if key.startswith("trash/") and key.endswith("/" + ENTRY_FILE) and b'state = "complete"' not in data:
             out.append(key)
         if key.startswith("models/") and key.endswith("/.claim") and key.replace(".claim", "model.toml") not in objs:
             out.append(key)
+        if key.startswith("tasks/") and "/segments/" in key:
+            name = key.split("/")[1]
+            header = parse_task(objs[f"tasks/{name}/task.toml"], Path(name), name).header
+            if id_of(key, segment_prefix(name)) not in {e[3] for e in header.segments}:
+                out.append(key)
     return out
 
 
@@ -148,7 +159,7 @@ def done_as_reported(objs: Objects, op: str, result: Any, ctx: dict[str, Any]) -
         assert f"trash/{result.entry}/{ENTRY_FILE}" in objs
     elif op.startswith("trash_unused"):
         assert result.entry is None or f"trash/{result.entry}/{ENTRY_FILE}" in objs
-    elif op == "restore":
+    elif op.startswith("restore") and op != "restore_model":
         assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
         assert len(task_state(objs, "unet").checkpoints) == 4
     elif op == "restore_model":

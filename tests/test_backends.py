@@ -356,14 +356,6 @@ def test_import_folder_checkpoints(run_json: Any, any_ws: ckpt.Workspace, tmp_pa
 # --- object storage only -------------------------------------------------------------------------------
 
 
-def test_s3_operation_without_an_implementation_is_refused(s3_url: str) -> None:
-    from ckpt.trash import recover_workspace
-
-    ws = ckpt.Workspace.init(s3_url)
-    with pytest.raises(ckpt.errors.UsageError, match="not supported on s3:// workspaces yet"):
-        recover_workspace(ws)
-
-
 def test_s3_missing_workspace_and_bucket(run: Any, s3_url: str) -> None:
     result = run("-w", s3_url + "-none", "tasks")
     assert result.exit_code == 3 and "not a ckpt workspace" in result.stderr
@@ -517,7 +509,7 @@ def test_s3_trash_interrupted_before_the_manifest_is_undone(
     listed = run_json("trash", "list")  # young: it may be a trash still running elsewhere, so it is left alone
     assert [e["state"] for e in listed] == ["pending"]
     assert run_json("trash", "empty", "--yes")["emptied"] == []
-    monkeypatch.setattr(store, "STALE_PENDING", 0.0)
+    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", 0.0)
     assert run_json("trash", "list") == []  # once stale, settled: undone
     assert ws.storage.list_prefix("trash/") == []
     assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4]
@@ -585,7 +577,6 @@ def test_s3_models_remove_interrupted_before_the_model_goes_is_undone(
     run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash after the entry record, while copying: the model is whole; doctor undoes the entry once stale."""
-    from ckpt import store
     from ckpt.storage.s3 import S3Storage
     from ckpt.trash import trash_model
 
@@ -605,7 +596,7 @@ def test_s3_models_remove_interrupted_before_the_model_goes_is_undone(
     assert [e["state"] for e in run_json("trash", "list")] == ["pending"]
     young = run_json("doctor")["repairs"]
     assert [r["action"][:10] for r in young] == ["left alone"]
-    monkeypatch.setattr(store, "STALE_PENDING", 0.0)
+    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", 0.0)
     undone = run_json("doctor")["repairs"]
     assert [(r["problem"], r["action"]) for r in undone] == [
         (f"trash entry '{young[0]['path'].split('/')[1]}' is pending", "undone: nothing had moved")
@@ -618,7 +609,6 @@ def test_s3_models_remove_interrupted_after_the_record_is_finished(
     run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash after model.toml was deleted, before the weights and the claim: the remove is finished."""
-    from ckpt import store
     from ckpt.trash import trash_model
 
     monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
@@ -631,7 +621,7 @@ def test_s3_models_remove_interrupted_after_the_record_is_finished(
         raise _Crash
 
     with monkeypatch.context() as m:
-        m.setattr(store, "_drop_model", crash)
+        m.setattr(ckpt.trash, "drop_model", crash)
         with pytest.raises(_Crash):
             trash_model(ckpt.Workspace.open(s3_url), "m")
     assert run_json("models") == []
@@ -680,17 +670,21 @@ def test_s3_doctor_cleans_what_interrupted_commands_left(
     put_bytes(ws, "models/old/.claim", b"2020-01-01T00:00:00.000000+00:00\n")  # a promote that crashed long ago
     put_bytes(ws, "models/old/000001.pt", b"x" * 1000)
     put_bytes(ws, "models/new/.claim", f"{ckpt.timeutil.now_iso()}\n".encode())  # a promote running now
-    put_bytes(ws, "trash/20200101-000000-abcdef/files/checkpoints/000001.pt", b"y")  # an empty cut short
+    # files under a trash id without its record: no ckpt leaves that (a record is written first and deleted
+    # last), so they may be the only copy of something: reported, never deleted
+    put_bytes(ws, "trash/20200101-000000-abcdef/files/checkpoints/000001.pt", b"y")
     dry = {r["path"]: r["action"] for r in run_json("doctor", "--dry-run")["repairs"]}
     assert dry == {
         "models/old": "would delete it",
         "models/new": "left alone: it may be in use",
-        "trash/20200101-000000-abcdef": "would delete it",
+        "trash/20200101-000000-abcdef": "left alone",
     }
     done = {r["path"]: r["action"] for r in run_json("doctor")["repairs"]}
-    assert done["models/old"] == "deleted" and done["trash/20200101-000000-abcdef"] == "deleted"
+    assert done["models/old"] == "deleted" and done["trash/20200101-000000-abcdef"] == "left alone"
     assert sorted(b.key for b in ws.storage.list_prefix("models/")) == ["models/new/.claim"]
-    assert ws.storage.list_prefix("trash/") == []
+    assert [b.key for b in ws.storage.list_prefix("trash/")] == [
+        "trash/20200101-000000-abcdef/files/checkpoints/000001.pt"
+    ]
 
 
 def test_s3_rename_racing_for_one_title(run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -769,13 +763,13 @@ def test_s3_doctor_aborts_multipart_uploads_a_crashed_save_left(
     assert [(k, u) for k, u, _ in storage.incomplete_uploads("")] == [(key, upload)]
     what = "an unfinished multipart upload (a save that stopped)"
     # moto reports one fixed initiation date (in 2010) for every upload: the age limit is moved instead
-    stale = ckpt.trash.STALE_AFTER
-    monkeypatch.setattr(ckpt.trash, "STALE_AFTER", 1e12)
+    stale = ckpt.store.STALE_AFTER
+    monkeypatch.setattr(ckpt.store, "STALE_AFTER", 1e12)
     young = [r for r in run_json("doctor")["repairs"] if r["path"] == key]
     assert [(r["problem"], r["action"]) for r in young] == [
         (what, "left alone: less than an hour old, it may still be running")
     ]
-    monkeypatch.setattr(ckpt.trash, "STALE_AFTER", stale)
+    monkeypatch.setattr(ckpt.store, "STALE_AFTER", stale)
     dry = [r for r in run_json("doctor", "--dry-run")["repairs"] if r["path"] == key]
     assert [r["action"] for r in dry] == ["would abort it"]
     assert len(storage.incomplete_uploads("")) == 1

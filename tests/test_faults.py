@@ -9,6 +9,7 @@ a command reported done is undone. `test_every_fault_at_every_call` walks every 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -18,7 +19,8 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import store
+import ckpt.trash
+from ckpt import store, store_segments
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
 from ckpt.importer import import_path, scan
@@ -67,11 +69,13 @@ def seeded(st: MemoryStorage, n: int = 4) -> ckpt.Workspace:
 def later(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time moves past every lease and staleness limit: what a dead process left may be taken over."""
     monkeypatch.setattr(store, "LEASE", -1.0)
+    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", -1.0)
     monkeypatch.setattr(store, "STALE_PENDING", -1.0)
 
 
 def task_state(st: MemoryStorage, name: str) -> TaskState:
-    """Task `name`'s manifest with the log records it has not folded (read directly, no call counted)."""
+    """Task `name`'s manifest with its segments and the log records it has not folded (read directly, no call
+    counted)."""
     return faultcheck.task_state(keys(st), name)
 
 
@@ -149,6 +153,37 @@ def setup_stale_log(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
     return {}
 
 
+@contextlib.contextmanager
+def segmenting() -> Iterator[None]:
+    """Every commit writes a segment and every two of a size band are merged: the walk reaches their calls."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(store, "FOLD_EVERY", 2)
+        m.setattr(store_segments, "TAIL_MAX", 0)
+        m.setattr(store_segments, "FAN", 2)
+        m.setattr(store_segments, "BAND_BASE", 1)
+        yield
+
+
+def setup_segmented(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    with segmenting():
+        seeded(st)
+    assert any("/segments/" in k for k in st.objects)
+    return {}
+
+
+def setup_segmented_trashed(st: MemoryStorage, tmp: Path) -> dict[str, Any]:
+    with segmenting():
+        return {"entry": _entry(seeded(st))}
+
+
+def in_segments(run: Callable[..., Any]) -> Callable[..., Any]:
+    def op(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
+        with segmenting():
+            return run(ws, ctx)
+
+    return op
+
+
 def run_save(ws: ckpt.Workspace, ctx: dict[str, Any]) -> Any:
     return ws.task("unet").save(b"the new one", step=99)
 
@@ -186,6 +221,9 @@ OPERATIONS: dict[str, tuple[Callable[[MemoryStorage, Path], dict[str, Any]], Cal
     "restore_model": (setup_removed, run_restore),
     "import": (setup_import, run_import),
     "scan_add": (setup_stray, lambda ws, ctx: scan(ws, "unet", add=True)),
+    "save_segments": (setup_segmented, in_segments(run_save)),
+    "trash_unused_segments": (setup_segmented, in_segments(lambda ws, ctx: trash_unused_op(ws, "unet"))),
+    "restore_segments": (setup_segmented_trashed, in_segments(run_restore)),
 }
 
 
@@ -250,7 +288,8 @@ def one_fault(
         after = check(st, before, may_go=may_go, new=expected_new(op), models_move=op in ("rename", "empty"))
         ws = fresh(st)
         assert doctor(ws) == [], "doctor left something to do"
-        # nothing is left half-done: no entry is pending, restoring or emptying, no claim without its model
+        # nothing is left half-done: no entry is pending, restoring or emptying, no claim without its model, no
+        # segment the root does not name
         assert faultcheck.left_half_done(keys(st)) == []
     del after
     return calls
@@ -585,18 +624,18 @@ def test_two_renames_of_one_model_never_make_two_models(
     st = memory()
     ws = seeded(st, n=1)
     promote(ws, "unet", 1, title="m")
-    real = store._drop_model
+    real = store.drop_model
     seen: list[BaseException] = []
 
     def second_rename_meanwhile(w: Any, title: str, keys: list[str]) -> None:
-        monkeypatch.setattr(store, "_drop_model", real)
+        monkeypatch.setattr(store, "drop_model", real)
         try:
             rename(fresh(st), "m", "b")
         except ckpt.ConflictError as e:
             seen.append(e)
         real(w, title, keys)
 
-    monkeypatch.setattr(store, "_drop_model", second_rename_meanwhile)
+    monkeypatch.setattr(store, "drop_model", second_rename_meanwhile)
     rename(ws, "m", "a")
     assert seen and "being renamed" in str(seen[0])
     ws = fresh(st)

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import pytest
 
 import ckpt
-from ckpt import store
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError
 from ckpt.importer import import_path, scan
@@ -30,6 +29,7 @@ from ckpt.storage.memory import KINDS, Killed
 from ckpt.trash import empty, list_entries, plan_empty, restore, trash_model, trash_unused
 
 from . import faultcheck
+from .test_faults import later  # time moves past every lease and staleness limit
 
 T = TypeVar("T")
 SAMPLE = 4  # faults tried per operation: each trial costs ~100 requests to the server
@@ -134,12 +134,6 @@ def objects(url: str) -> dict[str, bytes]:
         if data is not None:
             _by_etag[b.etag] = data
     return {b.key: _by_etag[b.etag] for b in blobs if b.etag in _by_etag}
-
-
-def later(m: pytest.MonkeyPatch) -> None:
-    """Time moves past every lease and staleness limit (as in tests/test_faults.py)."""
-    m.setattr(store, "LEASE", -1.0)
-    m.setattr(store, "STALE_PENDING", -1.0)
 
 
 # --- the operations ---------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import pytest
 
 import ckpt
 from ckpt.errors import IntegrityError, NotRegularFile
-from ckpt.formats import inspect_file, top_level_scalars
+from ckpt.formats import inspect_file
+from ckpt.lightning_state import top_level_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 GENEROUS = 120  # seconds: a hang shows as a timeout, never a slow machine as a failure
@@ -105,7 +106,7 @@ def test_hostile_pickles_are_refused_by_show_and_import_readers(tmp_path: Path, 
 
 
 def test_the_bytearray_bomb_never_reaches_torch(tmp_path: Path) -> None:
-    from ckpt.formats import load_state_dict
+    from ckpt.loading import load_state_dict
 
     path = _torch_zip(tmp_path / "b.pt", _bytearray_bomb())
     with pytest.raises(IntegrityError, match="more memory"):
@@ -133,7 +134,7 @@ def test_shared_and_ordinary_pickles_still_read(tmp_path: Path) -> None:
     assert len(info.tensors) == 3002 and info.tensors[0].name == "encoder.weight"  # as named in the state dict
     assert info.weights_under == "state_dict"
     assert top_level_scalars(tmp_path / "a.pt") == {"epoch": 4, "global_step": 99}
-    from ckpt.formats import load_state_dict
+    from ckpt.loading import load_state_dict
 
     assert len(load_state_dict(tmp_path / "a.pt")) == 3002
 
@@ -199,7 +200,7 @@ def test_load_state_dict_and_preview_refuse_the_nested_pickle(tmp_path: Path) ->
     task.save_file(_torch_zip(tmp_path / "nest.pt", _nested_pairs()))
     os.mkfifo(tmp_path / "fifo.pt")
     code = (
-        "import sys; from pathlib import Path; from ckpt.formats import load_state_dict\n"
+        "import sys; from pathlib import Path; from ckpt.loading import load_state_dict\n"
         "from ckpt.errors import CkptError\n"
         "try:\n    load_state_dict(Path(sys.argv[1]))\nexcept CkptError as e:\n    sys.exit(e.exit_code)\n"
     )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.importer import hf_metrics, parse_lightning_name, parse_plain_name
+from ckpt.import_names import hf_metrics, parse_lightning_name, parse_plain_name
 
 
 class AttributeDict(dict):  # type: ignore[type-arg]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.formats import read_lightning_state, read_training_args
-from ckpt.importer import trainer_modes
+from ckpt.import_names import trainer_modes
+from ckpt.lightning_state import read_lightning_state, read_training_args
 
 KEY = "ModelCheckpoint{{'monitor': '{monitor}', 'mode': '{mode}', 'every_n_train_steps': 0, 'every_n_epochs': 1}}"
 

@@ -25,7 +25,8 @@ from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.fsutil import hash_tree
-from ckpt.manifest import COLUMNS, Checkpoint, TaskReader, parse_task
+from ckpt.manifest import COLUMNS, Checkpoint, parse_task
+from ckpt.task_reader import TaskReader
 from ckpt.workspace import (
     CACHE_FILE,
     LIST_CACHE_FILE,
@@ -91,15 +92,6 @@ def test_trash_unused_leaves_the_other_trash_results_unimported(ws: ckpt.Workspa
     assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("T").checkpoints] == [3]
     mods = _loaded([*CKPT, "du", "--json"], _env(ws))
     assert "ckpt.trash_results" in mods
-
-
-def test_trash_results_are_still_exported_by_ckpt_trash() -> None:
-    from ckpt import trash, trash_results
-
-    for name in ("DiskUse", "EmptyPlan", "EmptyResult", "ModelTrashResult", "Repair", "RestoreResult"):
-        assert getattr(trash, name) is getattr(trash_results, name)
-    with pytest.raises(AttributeError):
-        trash.NoSuchName  # noqa: B018
 
 
 def test_import_reads_inside_files_only_when_they_are_torch_archives(tmp_path: Path, ws: ckpt.Workspace) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ckpt
-from ckpt import preview
+from ckpt import inference, picture, preview
 from ckpt.zoo import UNet
 
 KWARGS = {"in_channels": 3, "classes": 3, "width": 4, "depth": 2}
@@ -118,7 +118,7 @@ def tie_ws(ws: ckpt.Workspace, tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def bf16_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let auto and --precision bf16 choose bf16 on any CPU: torch computes it (slowly) where it is not native."""
-    monkeypatch.setattr(preview, "hardware_lacks", lambda device, precision: None)
+    monkeypatch.setattr(inference, "hardware_lacks", lambda device, precision: None)
 
 
 def _masks(folder: Path) -> list[np.ndarray]:
@@ -178,14 +178,14 @@ def test_reduced_precision_runs_its_convolutions_in_it(unet_ws, bf16_everywhere,
             assert counts == {torch.float32: 2 * per_batch}
         else:  # float32 only for the check of the first two images; bf16 for them and for the rest
             assert counts == {torch.float32: per_batch, torch.bfloat16: 2 * per_batch}
-            if preview._cpu_conv_relu() is not None:  # the ReLU still fused in bf16: 10 a forward
+            if inference._cpu_conv_relu() is not None:  # the ReLU still fused in bf16: 10 a forward
                 assert seen.fused.count(torch.bfloat16) == 20
             assert 0.9 <= result.checkpoints[0].agreement <= 1  # type: ignore[operator]
 
 
 def test_conv_relu_computes_in_autocasts_precision():
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-    fused = preview.ConvReLU(conv)
+    fused = inference.ConvReLU(conv)
     x = torch.randn(1, 3, 8, 8)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = fused(x)
@@ -201,7 +201,7 @@ def test_auto_on_a_bf16_cpu_computes_in_bf16_and_reports_its_agreement(run, unet
     data = json.loads(result.stdout)
     assert data["precision"] == "bf16"
     c = data["checkpoints"][0]
-    assert c["precision"] == "bf16" and preview.MIN_AGREEMENT <= c["agreement"] <= 1
+    assert c["precision"] == "bf16" and inference.MIN_AGREEMENT <= c["agreement"] <= 1
     assert result.stderr == ""
     table = run("preview", "u", "1", "--images", str(unet_ws["images"]), "--out", str(tmp_path / "p.png"))
     assert table.exit_code == 0 and "precision bf16" in table.stdout
@@ -264,32 +264,32 @@ def test_precision_in_the_legend_line():
     def result(label: str, precision: str, agreement: float | None) -> preview.CheckpointResult:
         return preview.CheckpointResult(label, 1, None, "t", Path("x"), None, None, [], precision, agreement)
 
-    assert preview.precision_note([result("#1", "fp32", None)], "fp32") == "precision fp32"
+    assert picture.precision_note([result("#1", "fp32", None)], "fp32") == "precision fp32"
     both = [result("#3", "bf16", 0.99931), result("#7", "bf16", 0.9999), result("#10", "fp32", 0.98)]
     assert (
-        preview.precision_note(both, "bf16")
+        picture.precision_note(both, "bf16")
         == "precision bf16 (agrees with fp32: 99.93 %); #10 fp32 (bf16 agreed 98 %)"
     )
     # the first (or only) checkpoint falling back does not make fp32 the headline
     fell_back = [result("#1", "fp32", 0.9421), result("#2", "bf16", 0.9973)]
     assert (
-        preview.precision_note(fell_back, "bf16")
+        picture.precision_note(fell_back, "bf16")
         == "precision bf16 (agrees with fp32: 99.73 %); #1 fp32 (bf16 agreed 94.21 %)"
     )
-    assert preview.precision_note(fell_back[:1], "bf16") == "precision bf16; #1 fp32 (bf16 agreed 94.21 %)"
-    assert [preview.percent(v) for v in (1.0, 0.99996, 0.995, 0.0)] == ["100 %", "99.99 %", "99.5 %", "0 %"]
+    assert picture.precision_note(fell_back[:1], "bf16") == "precision bf16; #1 fp32 (bf16 agreed 94.21 %)"
+    assert [picture.percent(v) for v in (1.0, 0.99996, 0.995, 0.0)] == ["100 %", "99.99 %", "99.5 %", "0 %"]
 
 
 def test_preview_bounds_and_non_regular_images(tmp_path: Path) -> None:
     fifo = tmp_path / "in.png"
     os.mkfifo(fifo)
     with pytest.raises(ckpt.errors.NotRegularFile):
-        preview.collect_images([fifo])
+        picture.collect_images([fifo])
     masks = tmp_path / "masks"
     masks.mkdir()
     os.mkfifo(masks / "x.png")
     with pytest.raises(ckpt.errors.NotRegularFile):
-        preview.match_masks([tmp_path / "x.png"], masks)
+        picture.match_masks([tmp_path / "x.png"], masks)
     for cell, size in [(100_000, None), (160, (60_000, 60_000))]:
         options = preview.PreviewOptions(images=[fifo], cell=cell, size=size)
         with pytest.raises(ckpt.UsageError):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ckpt
-from ckpt.formats import StateDictMismatch, fit_state_dict
-from ckpt.preview import layout
+from ckpt.loading import StateDictMismatch, fit_state_dict
+from ckpt.picture import layout
 from ckpt.zoo import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +220,7 @@ def test_lightning_and_dataparallel_checkpoints_load(run, ws, trained, tmp_path)
 
 
 def test_fused_network_predicts_the_same(trained):
-    from ckpt.preview import fuse_for_inference
+    from ckpt.inference import fuse_for_inference
 
     net = UNet(**KWARGS)
     net.load_state_dict(trained["state"])
@@ -233,7 +233,7 @@ def test_fused_network_predicts_the_same(trained):
 
 
 def test_fused_network_follows_each_new_state_dict(trained):
-    from ckpt.preview import FusedNetwork
+    from ckpt.inference import FusedNetwork
 
     net = UNet(**KWARGS).eval()
     net.load_state_dict(trained["state"])
@@ -331,33 +331,33 @@ class _FakeLibc:
 
 
 def test_freed_memory_is_kept_only_while_inferring_on_the_cpu(monkeypatch):
-    from ckpt import preview
+    from ckpt import inference
 
     libc = _FakeLibc()
-    monkeypatch.setattr(preview, "_glibc", lambda: libc)
-    with preview._reuse_freed_memory(torch.device("meta")):
+    monkeypatch.setattr(inference, "_glibc", lambda: libc)
+    with inference.reuse_freed_memory(torch.device("meta")):
         pass
     assert libc.calls == []
-    with pytest.raises(RuntimeError), preview._reuse_freed_memory(torch.device("cpu")):
-        assert [c[1] for c in libc.calls] == [preview._M_MMAP_THRESHOLD, preview._M_TRIM_THRESHOLD]
+    with pytest.raises(RuntimeError), inference.reuse_freed_memory(torch.device("cpu")):
+        assert [c[1] for c in libc.calls] == [inference._M_MMAP_THRESHOLD, inference._M_TRIM_THRESHOLD]
         raise RuntimeError("inference failed")
     # restored on the way out, even after an error, and the free memory given back
     assert libc.calls[2:] == [
-        ("mallopt", preview._M_MMAP_THRESHOLD, 32 * 2**20),
-        ("mallopt", preview._M_TRIM_THRESHOLD, 64 * 2**20),
+        ("mallopt", inference._M_MMAP_THRESHOLD, 32 * 2**20),
+        ("mallopt", inference._M_TRIM_THRESHOLD, 64 * 2**20),
         ("malloc_trim", 0),
     ]
 
 
 def test_freed_activations_are_reused_without_page_faults():
-    from ckpt import preview
+    from ckpt import inference
 
-    if preview._glibc() is None:
+    if inference._glibc() is None:
         pytest.skip("glibc only")
     # in a fresh process, as `ckpt preview` runs: the heap's layout depends on everything run before
     code = """
 import resource, sys, torch
-from ckpt import preview
+from ckpt import inference
 
 def faults_of_allocation():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -367,7 +367,7 @@ def faults_of_allocation():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 outside = [faults_of_allocation() for _ in range(3)]
-with preview._reuse_freed_memory(torch.device("cpu")):
+with inference.reuse_freed_memory(torch.device("cpu")):
     inside = [faults_of_allocation() for _ in range(8)]
 print(min(outside), min(inside))
 """
@@ -381,7 +381,7 @@ print(min(outside), min(inside))
 
 
 def test_conv_relu_in_one_call_gives_the_same_values(trained):
-    from ckpt.preview import ConvReLU, FusedNetwork, _cpu_conv_relu
+    from ckpt.inference import ConvReLU, FusedNetwork, _cpu_conv_relu
 
     if _cpu_conv_relu() is None:
         pytest.skip("this torch has no oneDNN convolution with a ReLU")
@@ -403,7 +403,7 @@ def test_conv_relu_in_one_call_gives_the_same_values(trained):
 def _without_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     import copy
 
-    from ckpt.preview import ConvReLU
+    from ckpt.inference import ConvReLU
 
     out = copy.deepcopy(net)
     for mod in out.modules():
@@ -415,7 +415,7 @@ def _without_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_conv_relu_falls_back_to_eager_when_onednn_fails(trained, monkeypatch):
-    from ckpt import preview
+    from ckpt import inference
 
     net = UNet(**KWARGS).eval()
     net.load_state_dict(trained["state"])
@@ -428,15 +428,15 @@ def test_conv_relu_falls_back_to_eager_when_onednn_fails(trained, monkeypatch):
         calls.append(len(args))
         raise RuntimeError("oneDNN cannot run this convolution")
 
-    monkeypatch.setattr(preview, "_cpu_conv_relu", lambda: failing)
-    fused = preview.FusedNetwork(net).refresh()
+    monkeypatch.setattr(inference, "_cpu_conv_relu", lambda: failing)
+    fused = inference.FusedNetwork(net).refresh()
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
         fused(x)
     assert len(calls) == 10  # each ConvReLU tried once, then stayed on the eager path
     # and a torch without the fused call keeps the plain ReLUs
-    monkeypatch.setattr(preview, "_cpu_conv_relu", lambda: None)
-    plain = preview.FusedNetwork(net).refresh()
-    assert not any(isinstance(m, preview.ConvReLU) for m in plain.modules())
+    monkeypatch.setattr(inference, "_cpu_conv_relu", lambda: None)
+    plain = inference.FusedNetwork(net).refresh()
+    assert not any(isinstance(m, inference.ConvReLU) for m in plain.modules())
     with torch.inference_mode():
         torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-4)

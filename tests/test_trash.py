@@ -17,6 +17,8 @@ import pytest
 
 import ckpt
 from ckpt import trash
+from ckpt.timeutil import parse_age
+from ckpt.trash_entry import entry_bytes, with_state
 
 from .conftest import make_task
 
@@ -303,10 +305,10 @@ def test_doctor_finishes_interrupted_empty(ws: ckpt.Workspace, run_json: Any) ->
 
 
 def test_parse_age() -> None:
-    assert trash.parse_age("7d").total_seconds() == 7 * 86400
-    assert trash.parse_age("1.5h").total_seconds() == 5400
+    assert parse_age("7d").total_seconds() == 7 * 86400
+    assert parse_age("1.5h").total_seconds() == 5400
     with pytest.raises(ckpt.UsageError):
-        trash.parse_age("7 days")
+        parse_age("7 days")
 
 
 def test_trash_commands_do_not_import_torch(ws: ckpt.Workspace, tmp_path: Path) -> None:
@@ -376,10 +378,10 @@ def test_entry_toml_fast_path_parses_like_tomli_w() -> None:
         Checkpoint(8, "checkpoints/8.pt", True, "y", "t", step=False, metrics={"flag": True}),  # bools are no ints
     ]
     entry = trash.Entry("20250101-000000-abcdef", "checkpoints", "unet", "pending", "t", "ckpt x 'y'", 1, 1, odd)
-    fast = tomllib.loads(trash._entry_bytes(entry).decode())
+    fast = tomllib.loads(entry_bytes(entry).decode())
     slow = tomllib.loads(dumps(entry.to_doc()).decode())
     assert json.dumps(fast, sort_keys=True) == json.dumps(slow, sort_keys=True)  # NaN compares equal as text
-    assert trash._with_state(trash._entry_bytes(entry), "pending", "complete").count(b'state = "complete"') == 1
+    assert with_state(entry_bytes(entry), "pending", "complete").count(b'state = "complete"') == 1
 
 
 def test_trash_unused_moves_files_of_several_folders(ws: ckpt.Workspace, run_json: Any) -> None:

@@ -168,7 +168,7 @@ def test_failure_after_each_step_of_restore(ws: ckpt.Workspace, monkeypatch: pyt
                 pass
             inj.active = False
         check_nothing_lost(root, "unet", cps)
-        trash.recover_workspace(ckpt.Workspace.open(root))
+        trash.recover_trash(ckpt.Workspace.open(root))
         check_consistent(root, "unet", cps)
         numbers = [cp.number for cp in ckpt.Workspace.open(root).task("unet").checkpoints]
         # a restore that failed before its marker changed nothing; after it, recovery finishes it
@@ -188,7 +188,7 @@ def test_failure_while_removing_a_model(ws: ckpt.Workspace, monkeypatch: pytest.
             Injector(m, at, sticky=True)
             with pytest.raises(OSError):
                 trash.trash_model(ws, "unet-1")
-        trash.recover_workspace(ws)
+        trash.recover_trash(ws)
         there = (ws.models_dir / "unet-1").is_dir()
         entries, _ = trash.list_entries(ws)
         assert [e.state for e in entries] == ([] if there else ["complete"])

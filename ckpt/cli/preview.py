@@ -130,7 +130,7 @@ def _warn(res: PreviewResult) -> None:
 
 
 def _render(res: PreviewResult) -> None:
-    from ..preview import precision_note
+    from ..picture import precision_note
 
     if res.masks is not None:
         table(
@@ -157,7 +157,7 @@ def _render(res: PreviewResult) -> None:
 
 def _precision(precision: str, agreement: float | None) -> str:
     """`bf16 (99.93 % as fp32)`: the precision, and the share of checked pixels agreeing with fp32."""
-    from ..preview import percent
+    from ..picture import percent
 
     return precision if agreement is None else f"{precision} ({percent(agreement)} as fp32)"
 
@@ -260,7 +260,7 @@ def demo(
 
     Example: ckpt demo
     """
-    from ..preview import run_demo
+    from ..demo import run_demo
 
     err(f"training a UNet on synthetic shapes into {path} ({epochs} epochs, a checkpoint each)")
     with _progress("preview") as progress:

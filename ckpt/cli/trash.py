@@ -348,7 +348,8 @@ def trash_empty(
 
     Example: ckpt trash empty --older-than 7d --yes
     """
-    from ..trash import empty, parse_age, plan_empty
+    from ..timeutil import parse_age
+    from ..trash import empty, plan_empty
 
     age = parse_age(older_than) if older_than is not None else None
     ws = open_workspace()

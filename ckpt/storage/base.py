@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ class Blob:
     size: int
     etag: str
     modified: float = 0.0  # seconds since the epoch (LastModified), where the listing gives it
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino) on a folder: hard links share one
+    links: int = 1  # st_nlink on a folder: the bytes stay on disk while another link holds them
 
 
 class Storage(ABC):
@@ -39,6 +42,8 @@ class Storage(ABC):
     """
 
     url: str
+    can_lock = False  # no lock spans an operation: a pending change may be one still running elsewhere
+    can_rename = False  # `transfer` copies: the source stays until deleted
 
     @abstractmethod
     def get(self, key: str) -> tuple[bytes, str]:
@@ -86,6 +91,50 @@ class Storage(ABC):
         """`copy` of each (src, dst), several at a time where the backend can; raises FileNotFoundError."""
         for src, dst in pairs:
             self.copy(src, dst)
+
+    def exists(self, key: str) -> bool:
+        """Whether `key` is an object, or a folder of objects (`key/...`)."""
+        return self.head(key) is not None or bool(self.list_prefix(key + "/"))
+
+    def why_missing(self, key: str) -> str:
+        """Why the file of a checkpoint at `key` is not in a listing (a plan's reason to keep its record)."""
+        return "skipped: its file is missing (see: ckpt verify)"
+
+    def transfer(
+        self,
+        src: str,
+        dst: str,
+        names: list[str],
+        *,
+        last: str | None = None,
+        into_new: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """Put each `src/name` (an object, or a folder of objects; "" names `src` itself) at `dst/name`:
+        server-side copies from one listing of their common folder. The sources stay: their keys are
+        returned, for the caller to delete once its change committed. Objects named `last` are copied after
+        the others (a record that says the rest is in place). FileNotFoundError names a source that is gone.
+        Objects named in `exclude` (a store's own bookkeeping, such as a title's claim) stay where they are.
+        (`into_new` says `dst` is a folder the caller just made; a store that renames may move faster then.)"""
+        if not names:
+            return []
+        keys = [f"{src}/{n}" if n else src for n in names]
+        common = os.path.commonpath(keys) if len(keys) > 1 else keys[0]
+        under: dict[str, list[str]] = {}
+        for b in self.list_prefix(common):
+            parts = b.key.split("/")
+            for i in range(1, len(parts) + 1):
+                under.setdefault("/".join(parts[:i]), []).append(b.key)
+        copies: list[tuple[str, str]] = []
+        for key, name in zip(keys, names, strict=True):
+            found = under.get(key)
+            if not found:
+                raise FileNotFoundError(key)
+            target = f"{dst}/{name}" if name else dst
+            copies += [(k, target + k[len(key) :]) for k in found if k.rsplit("/", 1)[-1] not in exclude]
+        self.copy_many([c for c in copies if c[0].rsplit("/", 1)[-1] != last])
+        self.copy_many([c for c in copies if c[0].rsplit("/", 1)[-1] == last])
+        return [k for k, _ in copies]
 
     @abstractmethod
     def children(self, prefix: str) -> list[str]:
