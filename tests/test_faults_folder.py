@@ -69,7 +69,7 @@ FSUTIL_STEPS = (
     "write_new_file",
 )
 OS_CALLS = ("replace", "rename", "unlink", "remove", "link", "mkdir", "rmdir", "fsync", "write", "ftruncate")
-SAMPLE = 24  # faults tried per operation (of calls x KINDS)
+SAMPLE = 16  # faults tried per operation (of calls x KINDS)
 
 
 class _Os:

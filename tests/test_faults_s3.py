@@ -32,7 +32,7 @@ from . import faultcheck
 from .test_faults import later  # time moves past every lease and staleness limit
 
 T = TypeVar("T")
-SAMPLE = 4  # faults tried per operation: each trial costs ~100 requests to the server
+SAMPLE = 3  # faults tried per operation: each trial costs ~100 requests to the server
 _prefixes = itertools.count()
 
 
