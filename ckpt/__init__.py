@@ -24,7 +24,8 @@ from .errors import (
 )
 from .manifest import Checkpoint
 from .models import Model
-from .workspace import Task, TaskSummary, Workspace
+from .task import Task, TaskSummary
+from .workspace import Workspace
 
 __version__ = "0.1.0"
 

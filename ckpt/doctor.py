@@ -22,7 +22,8 @@ from .trash_plan import locate
 from .trash_results import Repair
 
 if TYPE_CHECKING:
-    from .workspace import Task, Workspace
+    from .task import Task
+    from .workspace import Workspace
 
 
 def doctor(

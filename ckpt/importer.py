@@ -51,7 +51,8 @@ from .pathtext import escape_path
 
 if TYPE_CHECKING:
     from .manifest import Checkpoint
-    from .workspace import Task, Workspace
+    from .task import Task
+    from .workspace import Workspace
 
 FORMATS = ("auto", "lightning", "huggingface", "files", *KINDS)
 MODES = ("link", "copy", "move")

@@ -17,7 +17,8 @@ from .trash_entry import STAGING_PREFIX, is_temp
 from .trash_results import Repair
 
 if TYPE_CHECKING:
-    from .workspace import Task, Workspace
+    from .task import Task
+    from .workspace import Workspace
 
 
 def mend_manifest(task: Task, error: ManifestError, *, dry_run: bool, drop_bad: bool) -> tuple[list[Repair], bool]:

@@ -26,7 +26,8 @@ from .names import case_twin, check_task_name, check_title, is_valid_name
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
-    from .workspace import Task, Workspace
+    from .task import Task
+    from .workspace import Workspace
 
 CREATE_LOCK_FILE = ".create.lock"  # in models/: serialises making a title (the case check and the rename)
 STORAGES = ("hardlink", "reflink", "copy")

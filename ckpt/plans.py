@@ -17,7 +17,8 @@ from .names import case_twin, check_task_name, check_title
 
 if TYPE_CHECKING:
     from .manifest import Checkpoint
-    from .workspace import Task, Workspace
+    from .task import Task
+    from .workspace import Workspace
 
 
 @dataclass(slots=True)

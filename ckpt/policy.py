@@ -32,8 +32,9 @@ from .metrics import check_modes, direction, value
 from .timeutil import parse_age
 
 if TYPE_CHECKING:
+    from .task import Task
     from .trash import KeepRules, TrashResult
-    from .workspace import Task, Workspace
+    from .workspace import Workspace
 
 KEYS = ("keep_last", "keep_best", "metric", "mode", "keep_every", "keep_interval")
 _UNITS = (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))

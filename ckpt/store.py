@@ -43,7 +43,7 @@ from .errors import (
     UsageError,
     WorkspaceNotFound,
 )
-from .layout import CLAIM_FILE
+from .layout import CHECKPOINT_DIR, CLAIM_FILE, TASK_FILE, WORKSPACE_FILE, Incoming
 from .manifest import (
     COLUMNS,
     FORMAT,
@@ -64,10 +64,11 @@ from .names import case_twin, check_task_name, check_title
 from .storage import Blob, PreconditionFailed, Storage, open_storage
 from .store_log import FOLD_EVERY, LOG_DIR, log_key, log_prefix, number_of, parse_record, record_bytes
 from .store_segments import HINT, SEGMENT_DIR, decode, encode, id_of, merge, plan, segment_key, segment_prefix
+from .task import CachedRows, Task, TaskSummary
 from .timeutil import now_iso, parse_iso
-from .trash import drop_model
 from .trash_entry import ENTRY_ID, STALE_AFTER, STALE_PENDING, put_once
-from .workspace import CHECKPOINT_DIR, TASK_FILE, WORKSPACE_FILE, CachedRows, Incoming, Task, TaskSummary, Workspace
+from .trash_models import drop_model
+from .workspace import Workspace
 
 if TYPE_CHECKING:
     from .finders import Found

@@ -13,10 +13,11 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConflictError, ManifestError, NotFoundError, UsageError
+from .errors import CkptError, ConflictError, ManifestError, NotFoundError, UsageError
 from .manifest import FORMAT, Checkpoint, check_files, check_format, dumps, parse_toml
 from .names import describe, is_valid_name
 from .storage.base import PreconditionFailed, Storage
@@ -334,3 +335,48 @@ def with_state(data: bytes, old: str, new: str) -> bytes:
     before, after = f'state = "{old}"'.encode(), f'state = "{new}"'.encode()
     assert before in data
     return data.replace(before, after, 1)
+
+
+def held_elsewhere(ws: Workspace, entry: Entry) -> bool:
+    """Whether another trash entry holds one of `entry`'s checkpoints, or its model (the same title, record
+    time and sha256); reads every entry: a rare path."""
+
+    def model_of(e: Entry) -> tuple[Any, ...] | None:
+        m = e.model or {}
+        return (m.get("title"), m.get("created"), m.get("sha256")) if e.kind == "model" else None
+
+    mine = set(entry.numbers)
+    for other in ws.storage.children("trash/"):
+        if other == entry.id or not ENTRY_ID.fullmatch(other):
+            continue
+        try:
+            e = read_entry(ws, other)
+        except CkptError:
+            continue
+        if e.kind == "checkpoints" and e.task == entry.task and mine & set(e.numbers):
+            return True
+        if e.kind == "model" and model_of(e) == model_of(entry):
+            return True
+    return False
+
+
+def _age(created: str) -> float:
+    """Seconds since the ISO time `created` (0 when unreadable: treated as young)."""
+    try:
+        return (datetime.now(UTC) - parse_iso(created)).total_seconds()
+    except ValueError:
+        return 0.0
+
+
+def is_young(created: str) -> bool:
+    """Whether a pending change made at `created` may still be running on another machine (a store without
+    locks cannot tell otherwise): younger than STALE_PENDING."""
+    return age(created) < STALE_PENDING
+
+
+def age(created: str) -> float:
+    """Seconds since the ISO time `created` (0 when unreadable: treated as young)."""
+    try:
+        return (datetime.now(UTC) - parse_iso(created)).total_seconds()
+    except ValueError:
+        return 0.0

@@ -13,8 +13,8 @@ from .metrics import Direction, rank, require
 
 if TYPE_CHECKING:
     from .storage.base import Blob, Storage
+    from .task import Task
     from .trash_results import Held
-    from .workspace import Task
 
 
 @dataclass(slots=True, frozen=True)

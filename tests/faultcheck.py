@@ -17,8 +17,7 @@ from ckpt import fsutil
 from ckpt.manifest import TaskState, parse_task, parse_toml
 from ckpt.store_log import log_prefix, number_of, parse_record
 from ckpt.store_segments import decode, id_of, segment_key, segment_prefix
-from ckpt.trash import FILES_DIR, MODEL_DIR
-from ckpt.trash_entry import ENTRY_FILE, entry_from_doc
+from ckpt.trash_entry import ENTRY_FILE, FILES_DIR, MODEL_DIR, entry_from_doc
 
 Objects = Mapping[str, bytes]
 

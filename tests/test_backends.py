@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import ckpt
+import ckpt.trash_entry
 from ckpt.trash import trash_unused
 from tests.conftest import make_task, put_bytes, remove_bytes
 
@@ -509,7 +510,7 @@ def test_s3_trash_interrupted_before_the_manifest_is_undone(
     listed = run_json("trash", "list")  # young: it may be a trash still running elsewhere, so it is left alone
     assert [e["state"] for e in listed] == ["pending"]
     assert run_json("trash", "empty", "--yes")["emptied"] == []
-    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", 0.0)
+    monkeypatch.setattr(ckpt.trash_entry, "STALE_PENDING", 0.0)
     assert run_json("trash", "list") == []  # once stale, settled: undone
     assert ws.storage.list_prefix("trash/") == []
     assert [r["number"] for r in run_json("list", "unet")] == [1, 2, 3, 4]
@@ -578,7 +579,7 @@ def test_s3_models_remove_interrupted_before_the_model_goes_is_undone(
 ) -> None:
     """A crash after the entry record, while copying: the model is whole; doctor undoes the entry once stale."""
     from ckpt.storage.s3 import S3Storage
-    from ckpt.trash import trash_model
+    from ckpt.trash_models import trash_model
 
     monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
     ws = ckpt.Workspace.init(s3_url)
@@ -596,7 +597,7 @@ def test_s3_models_remove_interrupted_before_the_model_goes_is_undone(
     assert [e["state"] for e in run_json("trash", "list")] == ["pending"]
     young = run_json("doctor")["repairs"]
     assert [r["action"][:10] for r in young] == ["left alone"]
-    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", 0.0)
+    monkeypatch.setattr(ckpt.trash_entry, "STALE_PENDING", 0.0)
     undone = run_json("doctor")["repairs"]
     assert [(r["problem"], r["action"]) for r in undone] == [
         (f"trash entry '{young[0]['path'].split('/')[1]}' is pending", "undone: nothing had moved")
@@ -609,7 +610,7 @@ def test_s3_models_remove_interrupted_after_the_record_is_finished(
     run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash after model.toml was deleted, before the weights and the claim: the remove is finished."""
-    from ckpt.trash import trash_model
+    from ckpt.trash_models import trash_model
 
     monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
     ws = ckpt.Workspace.init(s3_url)
@@ -621,7 +622,7 @@ def test_s3_models_remove_interrupted_after_the_record_is_finished(
         raise _Crash
 
     with monkeypatch.context() as m:
-        m.setattr(ckpt.trash, "drop_model", crash)
+        m.setattr(ckpt.trash_models, "drop_model", crash)
         with pytest.raises(_Crash):
             trash_model(ckpt.Workspace.open(s3_url), "m")
     assert run_json("models") == []
@@ -637,7 +638,7 @@ def test_s3_two_models_removes_at_once_make_one_entry(
     run: Any, run_json: Any, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ckpt.storage.s3 import S3Storage
-    from ckpt.trash import trash_model
+    from ckpt.trash_models import trash_model
 
     monkeypatch.setenv("CKPT_WORKSPACE", s3_url)
     ws = ckpt.Workspace.init(s3_url)

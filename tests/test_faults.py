@@ -20,6 +20,7 @@ import pytest
 
 import ckpt
 import ckpt.trash
+import ckpt.trash_entry
 from ckpt import store, store_segments
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
@@ -28,8 +29,9 @@ from ckpt.manifest import TaskState
 from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
 from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, keys, mounted
-from ckpt.trash import FILES_DIR, empty, plan_empty, restore, trash_model
+from ckpt.trash import FILES_DIR, empty, plan_empty, restore
 from ckpt.trash import trash_unused as trash_unused_op
+from ckpt.trash_models import trash_model
 from ckpt.verify import verify
 
 from . import faultcheck
@@ -69,7 +71,7 @@ def seeded(st: MemoryStorage, n: int = 4) -> ckpt.Workspace:
 def later(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time moves past every lease and staleness limit: what a dead process left may be taken over."""
     monkeypatch.setattr(store, "LEASE", -1.0)
-    monkeypatch.setattr(ckpt.trash, "STALE_PENDING", -1.0)
+    monkeypatch.setattr(ckpt.trash_entry, "STALE_PENDING", -1.0)
     monkeypatch.setattr(store, "STALE_PENDING", -1.0)
 
 

@@ -36,7 +36,8 @@ from ckpt.errors import BusyError, CkptError
 from ckpt.importer import import_path, scan
 from ckpt.models import finish, promote, rename
 from ckpt.storage.memory import Killed
-from ckpt.trash import empty, list_entries, plan_empty, restore, trash_model, trash_unused
+from ckpt.trash import empty, list_entries, plan_empty, restore, trash_unused
+from ckpt.trash_models import trash_model
 
 from . import faultcheck
 

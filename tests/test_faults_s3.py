@@ -26,7 +26,8 @@ from ckpt.importer import import_path, scan
 from ckpt.models import finish, promote, rename
 from ckpt.storage import Blob, Storage, mount_for_tests, unmount_for_tests
 from ckpt.storage.memory import KINDS, Killed
-from ckpt.trash import empty, list_entries, plan_empty, restore, trash_model, trash_unused
+from ckpt.trash import empty, list_entries, plan_empty, restore, trash_unused
+from ckpt.trash_models import trash_model
 
 from . import faultcheck
 from .test_faults import later  # time moves past every lease and staleness limit

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import ckpt
-from ckpt import trash
+from ckpt import trash, trash_models
 from ckpt.cli import app
 
 from .conftest import make_task
@@ -101,7 +101,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_task(ws, "unet", n=4, size=64)
     ws.promote("unet", 2, title="m")
     ws.promote("unet", 3, title="gone")
-    trash.trash_model(ws, "gone")
+    trash_models.trash_model(ws, "gone")
     trash.trash_unused(ws, "unet")
     return root
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import trash
+from ckpt import trash, trash_models
 
 from .conftest import make_task
 from .test_hardening import assert_clean_error, sha, snapshot
@@ -236,7 +236,7 @@ def test_a_trash_entry_naming_a_path_as_title_is_refused(
 ) -> None:
     make_task(ws, n=2, size=100)
     ws.promote("unet", 1, title="m")
-    entry_id = trash.trash_model(ws, "m").entry
+    entry_id = trash_models.trash_model(ws, "m").entry
     entry_toml = ws.trash_dir / entry_id / "entry.toml"
     target = str(tmp_path / "escaped") if title == "/abs/path" else title
     text = entry_toml.read_text().replace('title = "m"', f"title = {json.dumps(target)}")
@@ -437,7 +437,7 @@ def test_case_twins_made_at_once_give_one_model(ws: ckpt.Workspace, kind: str) -
 def test_restoring_a_model_whose_title_has_a_case_twin_is_refused(ws: ckpt.Workspace, run: Callable[..., Any]) -> None:
     make_task(ws, n=2, size=100)
     ws.promote("unet", 1, title="Sa1")
-    entry_id = trash.trash_model(ws, "Sa1").entry
+    entry_id = trash_models.trash_model(ws, "Sa1").entry
     ws.promote("unet", 2, title="sA1")
     result = run("trash", "restore", entry_id)
     assert_clean_error(result, 4)

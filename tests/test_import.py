@@ -425,8 +425,8 @@ def test_trash_unused_keeps_promoted_hf_import(tmp_path: Path, ws: ckpt.Workspac
 
 def test_fast_record_bytes_match_tomli_w() -> None:
     """Import writes thousands of records; its fast writer must give exactly what tomli-w gives."""
+    from ckpt.adding import record_bytes_fast
     from ckpt.manifest import Checkpoint, record_bytes
-    from ckpt.workspace import _record_bytes_fast
 
     base = {
         "number": 7,
@@ -445,7 +445,7 @@ def test_fast_record_bytes_match_tomli_w() -> None:
         Checkpoint(**{**base, "created": "2024-01-01T00:00:00.000001+00:00"}, step=12, epoch=1),
     ]
     for cp in cases:
-        assert _record_bytes_fast(cp) == record_bytes(cp)
+        assert record_bytes_fast(cp) == record_bytes(cp)
 
 
 def test_two_imports_at_once_add_each_checkpoint_once(tmp_path: Path, ws: ckpt.Workspace) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import trash
+from ckpt import trash, trash_models
 from ckpt.cli._common import fmt_metric, human_size
 from ckpt.cli._table import NUM, TEXT, Column, cut, cut_items, left_out_line, render, short_times
 from ckpt.models import promote
@@ -226,7 +226,7 @@ def test_limit_on_every_listing_json_and_table(run: Any, run_json: Any, ws: ckpt
     make_task(ws, name="other", n=1)
     for n in (2, 3, 4):
         promote(ws, "unet", n)
-    trash.trash_model(ws, "unet-4", reason="test")
+    trash_models.trash_model(ws, "unet-4", reason="test")
     trash.trash_unused(ws, "unet", trash.KeepRules(), reason="test")
     assert [r["number"] for r in run_json("list", "unet", "--limit", "2")] == [2, 3]
     assert [r["number"] for r in run_json("list", "unet", "--desc", "--sort", "number", "--limit", "1")] == [5]

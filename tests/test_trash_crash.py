@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import fsutil, trash
+from ckpt import fsutil, trash, trash_models
 
 from .conftest import make_task
 
@@ -187,7 +187,7 @@ def test_failure_while_removing_a_model(ws: ckpt.Workspace, monkeypatch: pytest.
         with monkeypatch.context() as m:
             Injector(m, at, sticky=True)
             with pytest.raises(OSError):
-                trash.trash_model(ws, "unet-1")
+                trash_models.trash_model(ws, "unet-1")
         trash.recover_trash(ws)
         there = (ws.models_dir / "unet-1").is_dir()
         entries, _ = trash.list_entries(ws)

@@ -48,7 +48,7 @@ from ._table import (
 )
 
 if TYPE_CHECKING:
-    from ..workspace import CachedRows
+    from ..task import CachedRows
 
 
 @command(app, "init")

@@ -61,7 +61,7 @@ def _reason(*words: Any) -> str:
 
 
 def _numbers(numbers: list[int]) -> str:
-    from ..workspace import ranges
+    from ..task import ranges
 
     return ranges(numbers) if numbers else ""
 
@@ -435,7 +435,7 @@ def models_remove(
 
     Example: ckpt models remove unet-7
     """
-    from ..trash import trash_model
+    from ..trash_models import trash_model
 
     ws = open_workspace()
     if dry_run:

@@ -92,6 +92,14 @@ class Storage(ABC):
         for src, dst in pairs:
             self.copy(src, dst)
 
+    def claim(self, key: str, data: bytes = b"") -> bool:
+        """Create `key` holding `data` if nothing is there (If-None-Match); False when something is."""
+        try:
+            self.put(key, data, if_none_match=True)
+        except PreconditionFailed:
+            return False
+        return True
+
     def exists(self, key: str) -> bool:
         """Whether `key` is an object, or a folder of objects (`key/...`)."""
         return self.head(key) is not None or bool(self.list_prefix(key + "/"))

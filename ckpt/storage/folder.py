@@ -79,6 +79,17 @@ class FolderStorage(Storage):
             return None
         return _blob(key, st)
 
+    def claim(self, key: str, data: bytes = b"") -> bool:
+        """Create `key` if nothing is there (O_EXCL; its bytes are not fsynced: only its name counts, a marker's),
+        durable in its folder; False when it exists."""
+        path = self.path(key)
+        try:
+            fsutil.make_file_new(path, data)
+        except ConflictError:
+            return False
+        fsutil.fsync_dir(path.parent)
+        return True
+
     def exists(self, key: str) -> bool:
         """Whether `key` is a file or a folder (a folder checkpoint), not a symlink."""
         try:
@@ -115,19 +126,44 @@ class FolderStorage(Storage):
             return []
 
     def list_prefix(self, prefix: str) -> list[Blob]:
-        """Every regular file under folder `prefix` (which ends with '/'), in key order; links are skipped."""
+        """Every regular file under folder `prefix` (which ends with '/'; else the file `prefix` itself, or the
+        files under it), in key order; links are skipped, never followed."""
         base = prefix.rstrip("/")
+        path = self.path(base)
+        try:
+            top = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        if stat.S_ISREG(top.st_mode) and not prefix.endswith("/"):
+            return [_blob(base, top)]
+        if not stat.S_ISDIR(top.st_mode):
+            if prefix.endswith("/"):
+                raise IntegrityError(
+                    f"'{base}' is not a folder (ckpt keeps files in it); nothing was changed",
+                    path=path,
+                    hint="move it aside and run: ckpt doctor",
+                )
+            return []
         out: list[Blob] = []
-        tree = fsutil.lstat_tree(self.path(base))
-        if prefix.endswith("/") and tree and not stat.S_ISDIR(tree[0][1].st_mode):
-            raise IntegrityError(
-                f"'{base}' is not a folder (ckpt keeps files in it); nothing was changed",
-                path=self.root / base,
-                hint="move it aside and run: ckpt doctor",
-            )
-        for path, st in tree:
-            if stat.S_ISREG(st.st_mode):
-                out.append(_blob(path.relative_to(self.root).as_posix(), st))
+        # strings and scandir, not Path objects: this runs once per file of a task, thousands of times
+        folders = [(os.fspath(path), base)]
+        while folders:
+            folder, key = folders.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                if e.is_symlink():
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    folders.append((e.path, f"{key}/{e.name}"))
+                elif e.is_file(follow_symlinks=False):
+                    try:
+                        out.append(_blob(f"{key}/{e.name}", e.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue
         out.sort(key=lambda b: b.key)
         return out
 
