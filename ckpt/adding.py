@@ -97,14 +97,19 @@ def add_existing(task: Task, items: list[Incoming], *, mode: str = "link", uniqu
             number = state.max_number
             placed: list[Checkpoint] = []
             renamed: list[tuple[str, str | Path]] = []
+            committed = -1  # the manifest's size once the records are in it
             try:
                 _place_locked(task, staged, cdir, number, placed, renamed)
                 fsutil.fsync_dir(cdir)
                 # records are appended (in one write) only once every file is in place; a crash between
                 # leaves numbered files without records, which `ckpt scan TASK --add` takes back in
                 chunks = [record_bytes_fast(cp) for cp in placed]
-                after = fsutil.append_durably(task.manifest, b"".join(chunks))
+                blob = b"".join(chunks)
+                committed = os.stat(task.manifest).st_size + len(blob)
+                after = fsutil.append_durably(task.manifest, blob)
             except BaseException:
+                if os.stat(task.manifest).st_size == committed:
+                    raise  # an interrupt after the records landed: they name the files, which stay
                 for target, back in reversed(renamed):  # nothing was recorded: back to the staging names
                     with contextlib.suppress(OSError, CkptError):
                         if back == target:
@@ -182,11 +187,17 @@ def _place_locked(
                     back = target  # on failure there is nothing to put back: the new name goes
                 else:
                     how = "staged"
-                    fsutil.move_noreplace(tmp, target)
+                    renamed.append((target, back))  # first: an interrupt right after the rename still undoes it
+                    try:
+                        fsutil.move_noreplace(tmp, target)
+                    except ConflictError:
+                        renamed.pop()
+                        raise
                 break
             except ConflictError:
                 number += 1  # a file without a record: never reuse its number
-        renamed.append((target, back))
+        if how != "staged":
+            renamed.append((target, back))
         if how == "copy":  # the link was refused and the copy made under the lock must match the hash
             _check_copy(item, Path(target))
         placed.append(

@@ -120,14 +120,16 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
             hint="try again later, or wait longer with --wait SECONDS (or CKPT_LOCK_TIMEOUT)",
         ) from None
     holder_file = f"{lock_path}{HOLDER_SUFFIX}"
-    _write_holder(holder_file)
     try:
+        _write_holder(holder_file)  # inside: an interrupt while it writes still lets the lock go
         yield
     finally:
-        # removed while still held: a later holder's file is never removed by us
-        with contextlib.suppress(OSError):
-            os.unlink(holder_file)
-        lock.release()
+        try:
+            # removed while still held: a later holder's file is never removed by us
+            with contextlib.suppress(OSError):
+                os.unlink(holder_file)
+        finally:  # released even when an interrupt (Ctrl-C, SIGTERM) lands on the unlink: the process lives on
+            lock.release()
 
 
 def fsync_dir(path: Path) -> None:

@@ -624,10 +624,13 @@ class Task:
                 )
                 # the record is appended only once the file is complete and in place
                 data = record_bytes(cp)
+                size = os.stat(self.manifest).st_size
                 try:
                     after = fsutil.append_durably(self.manifest, data)
                 except BaseException:
-                    fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
+                    # an interrupt (Ctrl-C, SIGTERM) after the record landed: it names the file, which stays
+                    if os.stat(self.manifest).st_size != size + len(data):
+                        fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
                     raise
                 self._reader.note_append(cp, data, after)
         finally:

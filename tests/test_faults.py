@@ -10,7 +10,6 @@ a command reported done is undone. `test_every_fault_at_every_call` walks every 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -26,17 +25,16 @@ from ckpt import store_doctor, store_models, store_segments, store_task
 from ckpt.doctor import doctor
 from ckpt.errors import CkptError, ConflictError
 from ckpt.importer import import_path, scan
-from ckpt.manifest import TaskState, parse_task, parse_toml
+from ckpt.manifest import TaskState
 from ckpt.models import finish, promote, rename
 from ckpt.storage import PreconditionFailed
-from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, mounted
-from ckpt.store_log import log_prefix, number_of, parse_record
-from ckpt.store_segments import decode, id_of, segment_key, segment_prefix
+from ckpt.storage.memory import KINDS, Fault, Killed, MemoryStorage, keys, mounted
 from ckpt.trash import FILES_DIR, empty, plan_empty, restore
 from ckpt.trash import trash_unused as trash_unused_op
-from ckpt.trash_entry import ENTRY_FILE, MODEL_DIR, entry_from_doc
 from ckpt.trash_models import trash_model
 from ckpt.verify import verify
+
+from . import faultcheck
 
 _names = itertools.count()
 
@@ -78,102 +76,22 @@ def later(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def task_state(st: MemoryStorage, name: str) -> TaskState:
-    """Task `name`'s manifest with the log records it has not folded (read directly, no call counted)."""
-    objs = st.objects
-    state = parse_task(objs[f"tasks/{name}/task.toml"][0], Path(name), name)
-    for e in state.header.segments:  # a segment the root names and that is missing fails the test here
-        key = segment_key(name, e[3])
-        state.checkpoints.update(decode(objs[key][0], key, name, e))
-    skip = set(state.header.folded) | state.checkpoints.keys()
-    prefix = log_prefix(name)
-    for k, (rec, _, _) in sorted(objs.items()):
-        n = number_of(k, prefix) if k.startswith(prefix) else None
-        if n is not None and n not in skip:
-            state.checkpoints[n] = parse_record(rec, k, name, n)
-    return state
+    """Task `name`'s manifest with its segments and the log records it has not folded (read directly, no call
+    counted)."""
+    return faultcheck.task_state(keys(st), name)
 
 
-# --- the invariant -------------------------------------------------------------------------------------
+# --- the invariant (tests/faultcheck.py: the same on every store) ---------------------------------------
 
 
 def picture(st: MemoryStorage) -> dict[str, Any]:
-    """Where every checkpoint is (read from the objects directly, no call counted), checking as it goes that
-    no record names a missing or changed object."""
-    objs = st.objects
-    where: dict[str, list[str]] = {}  # sha256 -> places ("task:unet", "trash:<id>")
-    models: dict[str, str] = {}
-    problems: list[str] = []
-
-    def tree_digest(prefix: str) -> str | None:
-        if prefix in objs:
-            return hashlib.sha256(objs[prefix][0]).hexdigest()
-        inside = sorted(k for k in objs if k.startswith(prefix + "/"))
-        if not inside:
-            return None
-        from ckpt import fsutil
-
-        return fsutil.tree_digest([(k[len(prefix) + 1 :], hashlib.sha256(objs[k][0]).hexdigest()) for k in inside])
-
-    for key, (data, _, _) in sorted(objs.items()):
-        parts = key.split("/")
-        if parts[0] == "tasks" and parts[-1] == "task.toml" and len(parts) == 3:
-            state = task_state(st, parts[1])
-            for cp in state.checkpoints.values():
-                if tree_digest(f"tasks/{parts[1]}/{cp.file}") != cp.sha256:
-                    problems.append(f"{key}: record {cp.number} names a missing or changed object")
-                where.setdefault(cp.sha256, []).append(f"task:{parts[1]}")
-        elif parts[0] == "trash" and parts[-1] == ENTRY_FILE and len(parts) == 3:
-            entry = entry_from_doc(parse_toml(data, Path(key)), Path("trash") / parts[1])
-            if entry.state != "complete":
-                continue  # not restorable (pending, restoring, emptying): counted nowhere
-            if entry.kind == "checkpoints":
-                for cp in entry.checkpoints:
-                    if tree_digest(f"trash/{entry.id}/{FILES_DIR}/{cp.file}") != cp.sha256:
-                        problems.append(f"{key}: complete, but checkpoint {cp.number}'s copy is missing or changed")
-                    where.setdefault(cp.sha256, []).append(f"trash:{entry.id}")
-            else:
-                assert entry.model is not None
-                model = (entry.model["title"], entry.model["created"])
-                where.setdefault(f"model:{model}", []).append(f"trash:{entry.id}")
-                if f"trash/{entry.id}/{MODEL_DIR}/model.toml" not in objs:
-                    problems.append(f"{key}: complete, but its model record is missing")
-                digest = tree_digest(f"trash/{entry.id}/{MODEL_DIR}/{entry.model['file']}")
-                if digest != entry.model["sha256"]:
-                    problems.append(f"{key}: complete, but its model's weights are missing or changed")
-        elif parts[0] == "models" and parts[-1] == "model.toml" and len(parts) == 3:
-            doc = parse_toml(data, Path(key))
-            if tree_digest(f"models/{parts[1]}/{doc['file']}") != doc["sha256"]:
-                problems.append(f"{key}: names missing or changed weights")
-            models[parts[1]] = str(doc["sha256"])
-            where.setdefault(f"model:{(parts[1], doc['created'])}", []).append("models")
-    return {"where": where, "models": models, "problems": problems}
+    """Where every checkpoint is (read from the objects directly, no call counted); see faultcheck.picture."""
+    return faultcheck.picture(keys(st))
 
 
-def check(
-    st: MemoryStorage,
-    before: dict[str, Any],
-    *,
-    may_go: set[str] = frozenset(),
-    new: set[str] = frozenset(),
-    models_move: bool = False,
-) -> dict[str, Any]:
-    """The invariant after the command and its re-run: each checkpoint of `before` is in exactly one place
-    (one in `may_go` may also be gone: an empty), one in `new` at most once, each model (a title and its
-    record's time) live or in one complete entry, at most once (gone or new when `models_move`: a rename
-    or an empty), and no record is broken."""
-    after = picture(st)
-    assert not after["problems"], after["problems"]
-    for key in before["where"]:
-        places = after["where"].get(key, [])
-        if key in may_go or (key.startswith("model:") and models_move):
-            assert len(places) <= 1, (key, places)
-        else:
-            assert len(places) == 1, (key, places)
-    for key, places in after["where"].items():
-        if not key.startswith("model:"):
-            assert key in before["where"] or key in new, f"a checkpoint from nowhere: {key} {places}"
-        assert len(places) == 1, (key, places)
-    return after
+def check(st: MemoryStorage, before: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """faultcheck.check on the objects (no call counted)."""
+    return faultcheck.check(keys(st), before, **kw)
 
 
 # --- the operations, each as a command a user re-runs ----------------------------------------------------
@@ -312,40 +230,7 @@ OPERATIONS: dict[str, tuple[Callable[[MemoryStorage, Path], dict[str, Any]], Cal
 
 
 def done_as_reported(st: MemoryStorage, op: str, result: Any, ctx: dict[str, Any]) -> None:
-    """What a command that returned reported is so (read from the objects directly)."""
-    objs = st.objects
-    if op.startswith("save"):
-        state = task_state(st, "unet")
-        assert result in state.checkpoints
-    elif op == "promote":
-        assert "models/best/model.toml" in objs
-    elif op == "finish":
-        state = task_state(st, "unet")
-        assert state.header.status == "finished" and result.model is not None
-        assert f"models/{result.model.title}/model.toml" in objs
-    elif op == "rename":
-        assert "models/m2/model.toml" in objs and "models/m1/model.toml" not in objs
-    elif op == "models_remove":
-        assert "models/m1/model.toml" not in objs
-        assert f"trash/{result.entry}/{ENTRY_FILE}" in objs
-    elif op.startswith("trash_unused"):
-        assert result.entry is None or f"trash/{result.entry}/{ENTRY_FILE}" in objs
-    elif op.startswith("restore") and op != "restore_model":
-        assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
-        state = task_state(st, "unet")
-        assert len(state.checkpoints) == 4
-    elif op == "restore_model":
-        assert "models/m1/model.toml" in objs
-        assert not any(k.startswith(f"trash/{ctx['entry']}/") for k in objs)
-    elif op == "empty":
-        for entry_id in result.emptied:
-            assert not any(k.startswith(f"trash/{entry_id}/") for k in objs)
-    elif op == "scan_add":
-        state = task_state(st, "unet")
-        assert len(state.checkpoints) == 5 and "tasks/unet/step=50.pt" not in objs
-    elif op == "import":
-        state = task_state(st, "lit")
-        assert len(state.checkpoints) == 2
+    faultcheck.done_as_reported(keys(st), op, result, ctx)
 
 
 def attempt(op: str, st: MemoryStorage, ctx: dict[str, Any]) -> tuple[bool, Any]:
@@ -357,10 +242,7 @@ def attempt(op: str, st: MemoryStorage, ctx: dict[str, Any]) -> tuple[bool, Any]
         return False, None
 
 
-def expected_new(op: str) -> set[str]:
-    made = {"save": [b"the new one"], "import": [b"lightning 0", b"lightning 1"], "scan_add": [b"a stray file"]}
-    made = made.get("save" if op.startswith("save") else op, [])
-    return {hashlib.sha256(b).hexdigest() for b in made}
+expected_new = faultcheck.expected_new
 
 
 _setups: dict[tuple[str, Path], tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -408,16 +290,9 @@ def one_fault(
         after = check(st, before, may_go=may_go, new=expected_new(op), models_move=op in ("rename", "empty"))
         ws = fresh(st)
         assert doctor(ws) == [], "doctor left something to do"
-        # nothing is left half-done: no entry is pending, restoring or emptying, no claim without its model
-        for key in st.objects:
-            if key.endswith("/" + ENTRY_FILE):
-                assert b'state = "complete"' in st.objects[key][0], key
-            if key.startswith("models/") and key.endswith("/.claim"):
-                assert key.replace(".claim", "model.toml") in st.objects, key
-            if "/segments/" in key:  # no segment the root does not name: none is left behind
-                name = key.split("/")[1]
-                header = parse_task(st.objects[f"tasks/{name}/task.toml"][0], Path(name), name).header
-                assert id_of(key, segment_prefix(name)) in {e[3] for e in header.segments}, key
+        # nothing is left half-done: no entry is pending, restoring or emptying, no claim without its model, no
+        # segment the root does not name
+        assert faultcheck.left_half_done(keys(st)) == []
     del after
     return calls
 
