@@ -37,11 +37,13 @@ from .errors import (
 )
 from .layout import PENDING_PREFIX
 from .manifest import TaskState
+from .models import MODEL_FILE
 from .storage.base import PreconditionFailed
 from .timeutil import now_iso, parse_iso
 from .trash_entry import (
     ENTRY_ID,
     FILES_DIR,
+    MODEL_DIR,
     Entry,
     created_key,
     delete_entry,
@@ -164,7 +166,9 @@ def _recover_own(ws: Workspace, task: Task, entry_id: str) -> None:
     """After a failure of this process's own trash (it holds the task's lock where the store has one): the
     entry finished when its commit landed, else undone; then its marker goes."""
     entry = entry_or_none(ws, entry_id)
-    if entry is not None and entry.state == "pending":
+    if entry is None:  # it failed while creating its record: nothing had moved, and its folder goes
+        ws.storage.delete([f"trash/{entry_id}"])
+    elif entry.state == "pending":
         entry = _settle_locked(ws, task, entry, own=True)
     if ws.storage.can_rename and (entry is None or entry.state != "pending"):
         ws.storage.delete([_marker(task, entry_id)])
@@ -396,6 +400,15 @@ def _restore_locked(ws: Workspace, task: Task, entry: Entry, etag: str) -> None:
             raise ConflictError(f"restoring trash entry '{entry.id}' would overwrite: {shown}; nothing was changed")
     lacking = [cp for cp in entry.checkpoints if cp.file not in copied and cp.file not in there]
     if lacking:  # never a record without its file: nothing is restored from a damaged entry
+        try:
+            now = read_entry_tagged(ws, entry.id)[1]
+        except NotFoundError:
+            now = ""
+        if now != etag:  # an empty began meanwhile (it marked the entry before deleting): say that, not damage
+            raise ConflictError(
+                f"trash entry '{entry.id}' was emptied or changed by another command meanwhile; nothing was restored",
+                hint="see: ckpt trash list",
+            )
         raise IntegrityError(
             f"trash entry '{entry.id}' is missing the files of {len(lacking)} checkpoint(s) (first: checkpoint "
             f"{lacking[0].number}, {prefix}{lacking[0].file}); nothing was changed",
@@ -540,6 +553,7 @@ def recover_trash(ws: Workspace, *, dry_run: bool = False) -> list[Repair]:
             repairs.append(Repair(rel, str(e), "left alone"))
             continue
         if entry.state == "complete":
+            repairs += _check_complete(ws, entry)
             continue
         what = f"trash entry '{entry_id}' is {entry.state}"
         if dry_run:
@@ -562,6 +576,35 @@ def recover_trash(ws: Workspace, *, dry_run: bool = False) -> list[Repair]:
             }.get(settled, "left alone: it may still be running (or a file only it holds lost its record)")
         repairs.append(Repair(rel, what, action))
     return repairs
+
+
+def _check_complete(ws: Workspace, entry: Entry) -> list[Repair]:
+    """A complete entry that no longer holds what it names (files deleted by hand, or behind a symlink, which
+    ckpt never follows): restore would refuse it, so doctor says so."""
+    from .trash_results import Repair
+
+    try:
+        if entry.kind == "model":
+            lacking = 0 if ws.storage.exists(f"trash/{entry.id}/{MODEL_DIR}/{MODEL_FILE}") else 1
+        else:
+            copied = locate(ws.storage, f"trash/{entry.id}/{FILES_DIR}/", entry.checkpoints)
+            lacking = sum(cp.file not in copied for cp in entry.checkpoints)
+    except CkptError as e:  # a folder of it is a link, or a file: never followed
+        return [Repair(f"trash/{entry.id}", str(e), "left alone: it cannot be restored until that is put right")]
+    if not lacking:
+        return []
+    what = (
+        "its model"
+        if entry.kind == "model"
+        else f"the files of {lacking} of its {len(entry.checkpoints)} checkpoint(s)"
+    )
+    return [
+        Repair(
+            f"trash/{entry.id}",
+            f"trash entry '{entry.id}' lacks {what} (deleted, or reached through a symlink ckpt does not follow)",
+            f"left alone: it cannot be restored; put the files back, or empty it: ckpt trash empty {entry.id}",
+        )
+    ]
 
 
 def _loose_folder(ws: Workspace, entry_id: str, dry_run: bool) -> list[Repair]:

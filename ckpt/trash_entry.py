@@ -36,6 +36,10 @@ STATES = ("pending", "complete", "restoring", "emptying")
 STALE_AFTER = 3600.0  # seconds before doctor treats a temp file or staging folder as abandoned
 STALE_PENDING = 3600.0  # seconds before a pending entry a store without locks cannot tell from a running one is undone
 ENTRY_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
+# a record is about 250 bytes: 64 MiB holds a quarter of a million; a larger entry.toml is no entry ckpt wrote,
+# and is refused before it is parsed (parsing costs about 3 bytes of memory per byte)
+MAX_ENTRY_BYTES = 64 * 1024 * 1024
+HAND_HINT = "fix trash/{0}/entry.toml by hand (docs/trash.md), or move trash/{0} out of the workspace"
 
 
 @dataclass(slots=True)
@@ -100,8 +104,10 @@ def entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
 
     kind = get("kind", str)
     state = get("state", str)
-    if kind not in KINDS or state not in STATES:
-        raise ManifestError(f"{path}: unknown kind {kind!r} or state {state!r}", path=path)
+    if kind not in KINDS:
+        raise ManifestError(f"{path}: unknown kind {kind!r} (ckpt writes {' or '.join(KINDS)})", path=path)
+    if state not in STATES:
+        raise ManifestError(f"{path}: unknown state {state!r} (ckpt writes {', '.join(STATES)})", path=path)
     task = get("task", str, required=(kind == "checkpoints"))
     # every name read here becomes a path (the task folder, the model's title): checked as if typed
     if task is not None and not is_valid_name(task):
@@ -118,7 +124,9 @@ def entry_from_doc(doc: dict[str, Any], folder: Path) -> Entry:
         check_files(cps, path)
     except ManifestError as e:
         # not a task manifest's hint (doctor mends those): an entry is fixed or emptied by hand
-        e.hint = f"nothing is restored from it; its files are in trash/{folder.name}/{FILES_DIR}/; see: ckpt trash list"
+        e.hint = f"nothing is restored from it; its files are in trash/{folder.name}/{FILES_DIR}/; " + HAND_HINT.format(
+            folder.name
+        )
         raise
     model = get("model", dict, required=(kind == "model"))
     if model is not None and not isinstance(model.get("title"), str):
@@ -168,7 +176,18 @@ def read_entry_tagged(ws: Workspace, entry_id: str) -> tuple[Entry, str]:
     except FileNotFoundError:
         raise NotFoundError(f"trash entry '{entry_id}' does not exist", hint="see: ckpt trash list") from None
     folder = ws.root / "trash" / entry_id
-    return entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
+    if len(data) > MAX_ENTRY_BYTES:
+        raise ManifestError(
+            f"trash/{entry_id}/{ENTRY_FILE} is {len(data):,} bytes, more than any entry ckpt writes "
+            f"({MAX_ENTRY_BYTES:,}); nothing was read from it",
+            path=folder / ENTRY_FILE,
+            hint=HAND_HINT.format(entry_id),
+        )
+    try:
+        return entry_from_doc(parse_toml(data, folder / ENTRY_FILE), folder), etag
+    except ManifestError as e:
+        e.hint = e.hint or HAND_HINT.format(entry_id)  # no command mends an entry: a person does
+        raise
 
 
 def read_entry(ws: Workspace, entry_id: str) -> Entry:

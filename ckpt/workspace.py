@@ -171,7 +171,14 @@ class Workspace:
             fsutil.refuse_links(root, own)  # before anything is read or made through one
         settings, modes = workspace_doc(read_toml(root / WORKSPACE_FILE, "workspace"), root / WORKSPACE_FILE)
         for sub in ("tasks", "models", "trash"):
-            (root / sub).mkdir(exist_ok=True)
+            try:
+                (root / sub).mkdir(exist_ok=True)
+            except FileExistsError:  # something that is not a folder: no command can work around it
+                raise IntegrityError(
+                    f"'{root / sub}' is not a folder; ckpt keeps its {sub} there",
+                    path=root / sub,
+                    hint=f"move that file aside (it is not ckpt's), then run the command again: a new {sub}/ is made",
+                ) from None
         return cls(root, settings, modes)
 
     def __repr__(self) -> str:
@@ -539,11 +546,16 @@ class Workspace:
             return [], []
         links: list[CkptError] = [
             IntegrityError(
-                f"trash entry '{name}' is a symlink; ckpt does not follow it",
+                f"trash entry '{name}' is a symlink; ckpt does not follow it"
+                if link
+                else f"trash/{name} is a file, not a trash entry's folder",
                 path=self.trash_dir / name / "entry.toml",
-                hint=f"remove the link {self.rel(self.trash_dir / name)} by hand",
+                hint=f"remove the link {self.rel(self.trash_dir / name)} by hand"
+                if link
+                else f"move {self.rel(self.trash_dir / name)} out of trash/ (it is not ckpt's)",
             )
-            for name in sorted(n for n, link, _ in found if link)
+            for name, link, d in sorted(found)
+            if link or not d
         ]
         return sorted(n for n, _, d in found if d), links
 

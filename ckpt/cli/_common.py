@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -68,13 +71,47 @@ def open_workspace() -> Any:
     return Workspace.open(STATE.workspace)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (also SIGHUP, SIGUSR1) during a command: it unwinds as Ctrl-C does, so that what a command was
+    doing is put right or left for the next one to settle (a trash undone, an export's temporary files
+    removed), then exits 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM, SIGHUP (the terminal closed) and SIGUSR1 (a batch system's warning) into `Terminated`
+    inside the block; only in the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n)]
+    old = {n: signal.signal(n, on_term) for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in old.items():
+            signal.signal(n, handler)
+
+
 def handle_errors(fn: F) -> F:
     """The one place that turns exceptions into a one-line message on stderr and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with terminate_cleanly():
+                return fn(*args, **kwargs)
+        except Terminated as e:
+            err("terminated")
+            raise typer.Exit(128 + e.signum) from None
         except CkptError as e:
             err(f"error: {_one_line(str(e))}")
             raise typer.Exit(e.exit_code) from None

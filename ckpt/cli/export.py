@@ -28,41 +28,6 @@ def _writing_progress() -> Iterator[Callable[[int, int], None] | None]:
         yield lambda n, total: bar.update(job, advance=n, total=total)
 
 
-class _Terminated(BaseException):
-    """SIGTERM during an export: unwinds like Ctrl-C (each temporary name removed on the way out), but is
-    no Exception, so no reader turns it into an error about the file."""
-
-
-@contextlib.contextmanager
-def _terminate_cleanly() -> Iterator[None]:
-    """SIGTERM (also SIGHUP, SIGUSR1) raises _Terminated inside the block, so `finally` removes what the export
-    left; exit 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    caught: list[int] = []
-
-    def on_term(signum: int, frame: object) -> None:
-        caught.append(signum)
-        raise _Terminated
-
-    # SIGHUP: the terminal closed; SIGUSR1 (a batch system's warning): both end the process by default too
-    signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n)]
-    old = {n: signal.signal(n, on_term) for n in signums}
-    try:
-        yield
-    except _Terminated:
-        err("terminated")
-        raise typer.Exit(128 + caught[0]) from None
-    finally:
-        for n, handler in old.items():
-            signal.signal(n, handler)
-
-
 @command(app, "export")
 def export_(
     task: Annotated[
@@ -144,7 +109,7 @@ def export_(
     if as_model is not None:
         from ..exported import export_model
 
-        with _terminate_cleanly(), _writing_progress() as progress:
+        with _writing_progress() as progress:
             _, res, contents = export_model(
                 ws, t.name, cp.number, as_model, key=key, dtype=dtype, unsafe=unsafe_load, progress=progress
             )
@@ -159,7 +124,7 @@ def export_(
         else:
             check_readable(ws, t.path_of(cp), sha256=cp.sha256, size=cp.size, task=t.name)
             contents = open_contents(t.local_path(cp), key)
-        with _terminate_cleanly(), _writing_progress() as progress:
+        with _writing_progress() as progress:
             res = export(
                 contents,
                 out_path,

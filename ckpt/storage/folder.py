@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import fsutil
-from ..errors import ConflictError, IntegrityError
+from ..errors import ConflictError, IntegrityError, SymlinkError
 from .base import Blob, PreconditionFailed, Storage
 
 LOCK = ".lock"  # in trash/: conditional writes (entries) compare and replace under it; `locked` holds it
@@ -137,6 +137,12 @@ class FolderStorage(Storage):
         if stat.S_ISREG(top.st_mode) and not prefix.endswith("/"):
             return [_blob(base, top)]
         if not stat.S_ISDIR(top.st_mode):
+            if prefix.endswith("/") and stat.S_ISLNK(top.st_mode):
+                raise SymlinkError(
+                    f"'{base}' is a symlink; ckpt never reads, moves or deletes through links; nothing was changed",
+                    path=path,
+                    hint="replace the link by the folder it points to (or remove it), then run: ckpt doctor",
+                )
             if prefix.endswith("/"):
                 raise IntegrityError(
                     f"'{base}' is not a folder (ckpt keeps files in it); nothing was changed",
@@ -170,6 +176,15 @@ class FolderStorage(Storage):
     # -- writing --
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        try:
+            return self._put(key, data, if_match=if_match, if_none_match=if_none_match)
+        except OSError as e:
+            if e.filename is not None or isinstance(e, (FileNotFoundError, FileExistsError)):
+                raise
+            # a full disk or an I/O error while writing names no file: the message says which one
+            raise OSError(e.errno, e.strerror, str(self.root / key)) from None
+
+    def _put(self, key: str, data: bytes, *, if_match: str | None, if_none_match: bool) -> str:
         path = self.path(key)
         fsutil.make_dirs_durably(path.parent)  # a new entry's folder is on disk before anything goes in it
         if if_none_match:

@@ -1,0 +1,138 @@
+"""What an attack on the trash written once over ws.storage found, one test each: a full disk, a file where
+trash/ belongs, damage doctor must report, entries edited or grown by hand, SIGTERM, and a restore racing an
+empty."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ckpt
+from ckpt import fsutil, trash, trash_entry
+
+from .conftest import make_task
+from .test_trash_crash import SLOW_CKPT, check_consistent, originals
+
+
+def test_a_full_disk_while_making_the_entry_names_the_file_and_leaves_nothing(
+    ws: ckpt.Workspace, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_task(ws, n=4)
+
+    def full(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write raises it: no file named
+
+    monkeypatch.setattr(fsutil, "link_new", full)
+    r = run("trash-unused", "unet")
+    assert r.exit_code == 1 and "No space left on device" in r.stderr and "/trash/" in r.stderr, r.stderr
+    assert [p.name for p in ws.trash_dir.iterdir() if not p.name.startswith(".")] == []  # no entry folder left
+    assert not [p for p in (ws.root / "tasks" / "unet").iterdir() if p.name.startswith(".pending-")]
+    assert len(ws.task("unet").checkpoints) == 4
+
+
+def test_a_file_where_trash_belongs_is_exit_6_with_a_way_out(ws: ckpt.Workspace, run: Any) -> None:
+    make_task(ws, n=2)
+    shutil.rmtree(ws.trash_dir)
+    ws.trash_dir.write_text("not ckpt's")
+    for args in (["doctor"], ["list", "unet"], ["trash", "list"]):
+        r = run(*args)
+        assert r.exit_code == 6 and "is not a folder" in r.stderr and "move that file aside" in r.stderr, r.stderr
+    ws.trash_dir.unlink()
+    assert run("doctor").exit_code == 0 and ws.trash_dir.is_dir()
+
+
+def test_doctor_reports_an_entry_whose_files_are_behind_a_link_and_a_file_named_as_an_entry(
+    ws: ckpt.Workspace, run_json: Any, tmp_path: Path
+) -> None:
+    make_task(ws, n=3)
+    entry = run_json("trash-unused", "unet")["entry"]
+    files = ws.trash_dir / entry / "files" / "checkpoints"
+    outside = tmp_path / "outside"
+    files.rename(outside)
+    files.symlink_to(outside)
+    (ws.trash_dir / "20200101-000000-abcdef").write_text("a file, not an entry")
+    repairs = {r["path"]: (r["problem"], r["action"]) for r in run_json("doctor")["repairs"]}
+    problem, action = repairs[f"trash/{entry}"]
+    assert "files/checkpoints' is a symlink" in problem and action.startswith("left alone")
+    (ws.trash_dir / entry / "files" / "checkpoints").unlink()  # the files deleted by hand: the entry lacks them
+    repairs = {r["path"]: (r["problem"], r["action"]) for r in run_json("doctor")["repairs"]}
+    problem, action = repairs[f"trash/{entry}"]
+    assert "lacks the files of 2 of its 2 checkpoint(s)" in problem
+    assert action.startswith("left alone") and f"ckpt trash empty {entry}" in action
+    assert any("is a file, not a trash entry's folder" in p for p, _ in repairs.values())
+    assert sorted(p.name for p in outside.iterdir()) == ["000001.pt", "000002.pt"]  # never touched
+
+
+def test_an_entry_edited_by_hand_says_how_to_get_rid_of_it(ws: ckpt.Workspace, run: Any) -> None:
+    make_task(ws, n=3)
+    entry = trash.trash_unused(ws, "unet").entry
+    path = ws.trash_dir / str(entry) / "entry.toml"
+    path.write_text(path.read_text().replace('state = "complete"', 'state = "weird"'))
+    r = run("trash", "restore", str(entry))
+    assert r.exit_code == 6
+    assert "unknown state 'weird'" in r.stderr and "by hand" in r.stderr and "out of the workspace" in r.stderr
+
+
+def test_an_entry_too_large_is_refused_before_it_is_parsed(
+    ws: ckpt.Workspace, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_task(ws, n=3)
+    entry = trash.trash_unused(ws, "unet").entry
+    path = ws.trash_dir / str(entry) / "entry.toml"
+    monkeypatch.setattr(trash_entry, "MAX_ENTRY_BYTES", path.stat().st_size + 10)
+    with open(path, "a") as f:
+        f.write("# " + "x" * 100 + "\n")
+    r = run("trash", "restore", str(entry))
+    assert r.exit_code == 6 and "more than any entry ckpt writes" in r.stderr
+    listed = run("trash", "list")
+    assert listed.exit_code == 0 and "more than any entry" in listed.stderr
+
+
+def test_sigterm_during_trash_unused_unwinds_as_ctrl_c(ws: ckpt.Workspace, tmp_path: Path) -> None:
+    task = make_task(ws, n=30, size=100)
+    cps = originals(task)
+    script = tmp_path / "slow_ckpt.py"
+    script.write_text(SLOW_CKPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("CKPT_WORKSPACE", "PYTHONDONTWRITEBYTECODE")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "-w", str(ws.root), "trash-unused", "unet"],
+        env={**env, "SLOW_STEP": "0.01"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    assert proc.stderr.readline() == b"go\n"
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read().decode()
+    proc.wait()
+    assert proc.returncode == 143 and "terminated" in err, (proc.returncode, err)
+    # put right by the command itself: no marker, no pending entry, every checkpoint in one place
+    check_consistent(ws.root, "unet", cps)
+
+
+def test_a_restore_that_loses_to_an_empty_says_so(ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_task(ws, n=3)
+    entry = trash.trash_unused(ws, "unet").entry
+    assert entry is not None
+    real = trash.locate
+
+    def empty_meanwhile(storage: Any, base: str, cps: Any) -> Any:
+        if base.startswith(f"trash/{entry}/"):  # the restore lists the entry's files: an empty runs first
+            monkeypatch.setattr(trash, "locate", real)
+            trash.empty(ckpt.Workspace.open(ws.root), trash.plan_empty(ckpt.Workspace.open(ws.root), [entry]))
+        return real(storage, base, cps)
+
+    monkeypatch.setattr(trash, "locate", empty_meanwhile)
+    with pytest.raises(ckpt.errors.ConflictError, match="emptied or changed by another command meanwhile"):
+        trash.restore(ckpt.Workspace.open(ws.root), entry)
+    assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("unet").checkpoints] == [3]
