@@ -133,11 +133,13 @@ while time.monotonic() < end:
 CHILD = """
 import hashlib, os, sys, time
 import ckpt.fsutil as f
+import ckpt.placing as p
 delay = float(os.environ.get("SLOW_STEP", "0"))
 started = []
-for name in ("atomic_write", "move_noreplace", "remove_file", "make_dirs", "fsync_dir", "make_dir_new",
-             "append_durably", "write_new_file", "link_new", "remove_tree"):
-    def step(*a, _fn=getattr(f, name), **k):
+steps = [(f, n) for n in ("atomic_write", "move_noreplace", "remove_file", "make_dirs", "fsync_dir",
+                          "make_dir_new", "append_durably", "write_new_file", "remove_tree")]
+for mod, name in steps + [(p, "link_new")]:
+    def step(*a, _fn=getattr(mod, name), **k):
         if not started:
             started.append(1)
             sys.stderr.write("go\\n")
@@ -145,7 +147,7 @@ for name in ("atomic_write", "move_noreplace", "remove_file", "make_dirs", "fsyn
         if delay:
             time.sleep(delay)
         return _fn(*a, **k)
-    setattr(f, name, step)
+    setattr(mod, name, step)
 if sys.argv[1] == "save":
     import ckpt
     data = os.urandom(int(sys.argv[4]))

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import fsutil
+from . import fsutil, hashing, placing
 from .errors import (
     CkptError,
     ConflictError,
@@ -75,9 +75,9 @@ def add_existing(task: Task, items: list[Incoming], *, mode: str = "link", uniqu
                 continue
             if item.source.is_dir():
                 listed = [(r, n) for r, n, _ in item.files] if item.files is not None else None
-                how = fsutil.place_tree_new(item.source, tmp, mode, listed)
+                how = placing.place_tree_new(item.source, tmp, mode, listed)
             else:
-                how = fsutil.place_new(item.source, tmp, mode)
+                how = placing.place_new(item.source, tmp, mode)
             staged.append((item, tmp, how))
             if how == "copy":
                 _check_copy(item, tmp)
@@ -223,12 +223,12 @@ def _staging_name() -> str:
 def _link_or_copy_locked(src: Path, target: str) -> str:
     """Hard-link `src` as `target`; where the link is refused, copy (ConflictError when `target` exists)."""
     try:
-        fsutil.link_new(src, target)
+        placing.link_new(src, target)
         return "direct"
     except FileExistsError:
         raise ConflictError(f"'{target}' already exists", path=target) from None
     except OSError:
-        return fsutil.place_new(src, Path(target), "link")
+        return placing.place_new(src, Path(target), "link")
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -284,11 +284,11 @@ def _check_copy(item: Incoming, copied: Path) -> None:
     """A copy must hold the bytes that were hashed: the source may have changed in between."""
     if copied.is_dir():
         files = fsutil.tree_files(copied)
-        digests = fsutil.sha256_many([copied / rel for rel, _ in files])
+        digests = hashing.sha256_many([copied / rel for rel, _ in files])
         pairs = [(rel, d) for (rel, _), d in zip(files, digests, strict=True) if isinstance(d, str)]
-        ok = len(pairs) == len(files) and fsutil.tree_digest(pairs) == item.sha256
+        ok = len(pairs) == len(files) and hashing.tree_digest(pairs) == item.sha256
     else:
-        ok = fsutil.sha256_file(copied) == item.sha256
+        ok = hashing.sha256_file(copied) == item.sha256
     if not ok:
         raise IntegrityError(f"'{item.source}' changed while it was being imported", path=item.source)
 

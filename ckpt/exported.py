@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import fsutil
+from . import hashing
 from .errors import ConflictError
 from .export import ExportResult, Progress, export
 from .manifest import dumps
@@ -59,7 +59,7 @@ def export_model(
             task=t.name,
             checkpoint=cp.number,
             file=WEIGHTS,
-            sha256=fsutil.sha256_file(tmp / WEIGHTS),
+            sha256=hashing.sha256_file(tmp / WEIGHTS),
             size=(tmp / WEIGHTS).stat().st_size,
             created=now_iso(),
             storage="copy",

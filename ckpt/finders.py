@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import fsutil
+from . import fsutil, hashing
 from .errors import CkptError, IntegrityError
 from .import_names import hf_metrics, is_last, parse_lightning_name, parse_plain_name, read_metrics_csv, trainer_modes
 from .layouts import COMPOSER_FILE, find_run, link_below, step_epoch
@@ -420,7 +420,7 @@ def _skip(path: Path, name: str, note: str) -> ImportRow:
 
 
 def hash_found(found: list[Found], progress: Callable[[int, int], None] | None = None) -> None:
-    """Fill size and sha256 of every candidate (a folder's sha256 is fsutil.tree_digest), on all cores."""
+    """Fill size and sha256 of every candidate (a folder's sha256 is hashing.tree_digest), on all cores."""
     jobs: list[Path] = []
     trees: list[tuple[Found, list[tuple[str, int]]]] = []
     total = 0
@@ -440,7 +440,7 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
         def done(i: int) -> None:
             progress(sizes[i], total)
 
-    digests = fsutil.sha256_many(jobs, workers=fsutil.hash_workers(total), done=done)
+    digests = hashing.sha256_many(jobs, workers=hashing.hash_workers(total), done=done)
     for d in digests:
         if isinstance(d, CkptError):  # NotRegularFile: a FIFO or device among the files (exit 6)
             raise d
@@ -453,7 +453,7 @@ def hash_found(found: list[Found], progress: Callable[[int, int], None] | None =
             files = tree_of[id(c)]
             c.files = [(rel, size, str(next(it))) for rel, size in files]
             c.size = sum(size for _, size in files)
-            c.sha256 = fsutil.tree_digest([(rel, d) for rel, _, d in c.files])
+            c.sha256 = hashing.tree_digest([(rel, d) for rel, _, d in c.files])
             if files:
                 c.mtime = max(c.mtime, max(mtime_of(c.path / rel) for rel, _ in files))
         else:

@@ -1,135 +1,28 @@
-"""The file-system steps of the core, in one small module.
+"""The file-system steps of the core.
 
-Every file-system call the core makes that changes something goes through here, so that a second
-implementation (object storage) can replace it later.
+Every file-system call the core makes that changes something goes through here or through the modules
+beside it (locks.py: the workspace locks; placing.py: putting a checkpoint's files at a new path;
+hashing.py: reading them to hash), so that a second implementation (object storage) can replace it later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BusyError, CkptError, ConflictError, IntegrityError, NotRegularFile, SymlinkError, WriteError
+from .errors import CkptError, ConflictError, IntegrityError, NotRegularFile, SymlinkError, WriteError
 
 if TYPE_CHECKING:
     import ctypes
 
 CHUNK = 4 * 1024 * 1024
-DEFAULT_LOCK_TIMEOUT = 30.0
-HOLDER_SUFFIX = ".holder"  # next to a lock file: who holds it (pid, host, command), for the BusyError message
-
-_wait: float | None = None  # set by `ckpt --wait SECONDS` (set_lock_timeout); wins over CKPT_LOCK_TIMEOUT
-
-
-def set_lock_timeout(seconds: float | None) -> None:
-    """Make every later lock wait at most `seconds` (None: back to CKPT_LOCK_TIMEOUT, else 30 s)."""
-    global _wait
-    _wait = None if seconds is None else max(0.0, float(seconds))
-
-
-def lock_timeout() -> float:
-    """Seconds a mutating command waits for a lock: `--wait`, else `CKPT_LOCK_TIMEOUT`, else 30."""
-    if _wait is not None:
-        return _wait
-    raw = os.environ.get("CKPT_LOCK_TIMEOUT")
-    if raw:
-        try:
-            value = float(raw)
-            if value == value:  # not NaN
-                return max(0.0, value)
-        except ValueError:
-            pass
-    return DEFAULT_LOCK_TIMEOUT
-
-
-def _write_holder(path: str) -> None:
-    import sys
-    import time
-
-    argv = [os.path.basename(sys.argv[0]) if sys.argv else "?", *sys.argv[1:]]
-    command = " ".join(argv)[:200].replace("\n", " ")
-    text = f"{os.getpid()}\n{os.uname().nodename}\n{time.time():.0f}\n{command}\n"
-    with contextlib.suppress(OSError):
-        # O_NONBLOCK: a FIFO put there must not hang the command (it only names the holder: skipped)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                os.ftruncate(fd, 0)
-                os.write(fd, text.encode("utf-8", "replace"))
-        finally:
-            os.close(fd)
-
-
-def lock_holder(lock_path: Path) -> str | None:
-    """Who holds the lock at `lock_path`, as its holder file says ("pid 12 on host (command), for 3 s"), or None.
-
-    None when the file is missing or unreadable, or names a process of this host that is gone.
-    """
-    import time
-
-    try:
-        fd = os.open(f"{lock_path}{HOLDER_SUFFIX}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
-            raw = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""  # a FIFO: nothing to say
-        finally:
-            os.close(fd)
-        lines = raw.decode("utf-8", "replace").split("\n")
-        pid, host, since, command = int(lines[0]), lines[1], float(lines[2]), lines[3]
-    except (OSError, ValueError, IndexError):
-        return None
-    if host == os.uname().nodename:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None  # a stale file: its writer is gone (and so is its lock)
-        except OSError:
-            pass
-    age = max(0.0, time.time() - since)
-    return f"pid {pid} on {host} ({command or '?'}), holding it for {age:.0f} s"
-
-
-@contextlib.contextmanager
-def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path`; raise BusyError (naming the holder if known) after `timeout` s.
-
-    The lock is flock(2)-based: the kernel drops it when its holder dies, so a killed process never
-    leaves a workspace locked.
-    """
-    from filelock import FileLock, Timeout  # imported here: keeps `import ckpt` light
-
-    wait = lock_timeout() if timeout is None else timeout
-    if is_symlink(lock_path):  # filelock opens with O_TRUNC: a link would truncate what it points to
-        raise _link_error(lock_path, lock_path.name)
-    lock = FileLock(str(lock_path), timeout=wait)
-    try:
-        lock.acquire()
-    except Timeout:
-        holder = lock_holder(lock_path)
-        by = f"by {holder}" if holder else "by another ckpt process"
-        raise BusyError(
-            f"{what} is locked {by}; gave up after waiting {wait:g} s",
-            path=lock_path,
-            hint="try again later, or wait longer with --wait SECONDS (or CKPT_LOCK_TIMEOUT)",
-        ) from None
-    holder_file = f"{lock_path}{HOLDER_SUFFIX}"
-    try:
-        _write_holder(holder_file)  # inside: an interrupt while it writes still lets the lock go
-        yield
-    finally:
-        try:
-            # removed while still held: a later holder's file is never removed by us
-            with contextlib.suppress(OSError):
-                os.unlink(holder_file)
-        finally:  # released even when an interrupt (Ctrl-C, SIGTERM) lands on the unlink: the process lives on
-            lock.release()
 
 
 def fsync_dir(path: Path) -> None:
@@ -246,7 +139,7 @@ def append_durably(path: Path, data: bytes) -> os.stat_result:
 # --- the workspace's own paths: never through a link ---------------------------------------------------------
 
 
-def _link_error(path: str | Path, shown: str) -> SymlinkError:
+def link_error(path: str | Path, shown: str) -> SymlinkError:
     return SymlinkError(
         f"'{shown}' is a symlink; ckpt never reads or writes the workspace's own files through a link",
         path=path,
@@ -274,7 +167,7 @@ def refuse_links(root: Path, rel: str, shown_from: str = "") -> None:
         except OSError:
             return
         if stat.S_ISLNK(st.st_mode):
-            raise _link_error(path, done)
+            raise link_error(path, done)
 
 
 def _open_own(path: str | Path, flags: int) -> int:
@@ -284,7 +177,7 @@ def _open_own(path: str | Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise _link_error(path, os.path.basename(path)) from None
+            raise link_error(path, os.path.basename(path)) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
@@ -402,29 +295,6 @@ def open_regular(path: str | os.PathLike[str], flags: int = 0) -> int:
 def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     """`open_regular` as a buffered binary file object (closed with it)."""
     return os.fdopen(open_regular(path), "rb")
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes, read once."""
-    import hashlib
-
-    with os.fdopen(open_regular(path), "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def hash_tree(path: Path) -> tuple[str, int]:
-    """(sha256, size) of a file, or of a directory's files in sorted relative-path order."""
-    import hashlib
-
-    if not path.is_dir():
-        return sha256_file(path), path.stat().st_size
-    outer = hashlib.sha256()
-    total = 0
-    for rel in sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()):
-        digest = sha256_file(path / rel)
-        total += (path / rel).stat().st_size
-        outer.update(f"{digest}  {rel}\n".encode())
-    return outer.hexdigest(), total
 
 
 # --- renames that never overwrite -------------------------------------------------------------
@@ -586,61 +456,6 @@ class Mover:
         self.close()
 
 
-def link_new(src: str | Path, dst: str | Path) -> None:
-    """Hard-link `src` as `dst`; dst must not exist."""
-    os.link(src, dst, follow_symlinks=False)
-
-
-_FICLONE = 0x40049409
-
-
-def reflink_new(src: Path, dst: Path) -> bool:
-    """Make `dst` a reflink (copy-on-write clone) of `src`; False, with no file left, where unsupported."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    sfd = open_regular(src, os.O_NOFOLLOW)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except BaseException:
-        os.close(sfd)
-        raise
-    ok = False
-    try:
-        fcntl.ioctl(dfd, _FICLONE, sfd)
-        os.fsync(dfd)
-        ok = True
-    except OSError:
-        ok = False
-    finally:
-        os.close(dfd)
-        os.close(sfd)
-        if not ok:
-            # a failed clone leaves an empty file: remove it
-            with contextlib.suppress(OSError):
-                os.unlink(dst)
-    return ok
-
-
-def copy_new(src: Path, dst: Path) -> str:
-    """Copy `src` to a new file `dst` (via a temp name), fsynced; return the copy's sha256."""
-    tmp, _, digest = write_new_file(dst.parent, dst.name, lambda w: _copy_into(src, w))
-    try:
-        move_noreplace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return digest
-
-
-def _copy_into(src: Path, w: HashingWriter) -> None:
-    with open_regular_file(src) as f:
-        while chunk := f.read(CHUNK):
-            w.write(chunk)
-
-
 def is_symlink(path: Path) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode)
@@ -774,13 +589,6 @@ def atomic_write_nosync(path: Path, data: bytes) -> None:
     _replace(path, data, sync=False)
 
 
-# --- trees and parallel hashing (import, scan, verify) -----------------------------------------------
-
-# Reads for hashing: 256 KiB, as hashlib.file_digest reads. The buffer stays in the core's L2 cache between
-# the read and the hash; 1 MiB and larger buffers measured slower, on one thread and on several.
-HASH_BUFFER = 256 << 10
-
-
 def tree_files(path: Path) -> list[tuple[str, int]]:
     """(relative posix path, size) of every file under folder `path`, sorted; symlinks are refused."""
     out: list[tuple[str, int]] = []
@@ -803,140 +611,3 @@ def tree_files(path: Path) -> list[tuple[str, int]]:
     walk(path, "")
     out.sort()
     return out
-
-
-def tree_digest(files: list[tuple[str, str]]) -> str:
-    """The sha256 of a directory checkpoint from its files' (relative path, sha256) pairs.
-
-    It is sha256 over the lines `<file sha256>  <relative path>\\n` in sorted path order (the format
-    of `sha256sum`'s output), the same digest `hash_tree` gives.
-    """
-    import hashlib
-
-    outer = hashlib.sha256()
-    for rel, digest in sorted(files):
-        outer.update(f"{digest}  {rel}\n".encode())
-    return outer.hexdigest()
-
-
-def _sha256_path(path: str | Path, buf: bytearray, view: memoryview) -> str:
-    import hashlib
-
-    sha = hashlib.sha256()
-    fd = open_regular(path)
-    try:
-        n = os.readv(fd, [buf])
-        if n == len(buf):  # a large file: ask for a larger read-ahead (it may not be in the page cache)
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while n:
-            sha.update(view[:n])  # hashlib releases the GIL for large updates: threads hash in parallel
-            n = os.readv(fd, [buf])
-    finally:
-        os.close(fd)
-    return sha.hexdigest()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers narrow), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def hash_workers(total_bytes: int) -> int | None:
-    """Threads for hashing `total_bytes`: one for a few MiB (threads cost more than they save on small
-    files), else one per core (None: sha256_many's default)."""
-    return 1 if total_bytes < 16 * 2**20 else None
-
-
-def sha256_many(
-    paths: list[Path], workers: int | None = None, done: Callable[[int], None] | None = None
-) -> list[str | OSError]:
-    """The sha256 of each file in `paths` (or the OSError reading it), hashed on all cores, each read once.
-
-    Each thread takes the next file from a shared counter (no future per file, so thousands of small
-    files cost little more than their bytes); give the largest files first for an even finish. `done`
-    is called with each file's index once it is hashed (from the hashing threads).
-    """
-    n = min(workers or usable_cores(), len(paths))
-    results: list[str | OSError] = [""] * len(paths)
-    counter = itertools.count()
-
-    def work() -> None:
-        buf = bytearray(HASH_BUFFER)
-        view = memoryview(buf)
-        while (i := next(counter)) < len(paths):  # next() on a count is atomic in CPython
-            try:
-                results[i] = _sha256_path(paths[i], buf, view)
-            except OSError as e:
-                results[i] = e
-            if done is not None:
-                done(i)
-
-    if n <= 1:
-        work()
-        return results
-    import threading
-
-    # this thread hashes too, beside n - 1 others: one thread per core in all
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(n - 1)]
-    for t in threads:
-        t.start()
-    work()
-    for t in threads:
-        t.join()
-    return results
-
-
-def place_new(src: Path, dst: Path, mode: str) -> str:
-    """Put file `src` at new path `dst`: "link" (hard link, else reflink, else copy), "copy" or "move".
-
-    Returns how it was stored: "hardlink", "reflink", "copy" or "move". A "move" between file systems
-    copies and leaves the source for the caller to remove once the copy is committed ("copy" is returned).
-    """
-    if mode == "move":
-        if _moved(src, dst):
-            return "move"
-        mode = "copy"
-    if mode == "link":
-        try:
-            link_new(src, dst)
-            return "hardlink"
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                raise ConflictError(f"'{dst}' already exists", path=dst) from None
-        if reflink_new(src, dst):
-            return "reflink"
-    copy_new(src, dst)
-    return "copy"
-
-
-def _moved(src: Path, dst: Path) -> bool:
-    """Rename `src` to `dst` (never replacing: ConflictError); False, with nothing done, across file systems."""
-    try:
-        move_noreplace(src, dst)
-    except ConflictError:
-        raise
-    except CkptError:
-        return False
-    return True
-
-
-def place_tree_new(src: Path, dst: Path, mode: str, files: list[tuple[str, int]] | None = None) -> str:
-    """Put folder `src` at new path `dst` file by file (see place_new); returns the weakest storage used."""
-    if mode == "move":
-        if _moved(src, dst):
-            return "move"
-        mode = "copy"
-    os.mkdir(dst)
-    used = {"hardlink"}
-    for rel, _ in files if files is not None else tree_files(src):
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        used.add(place_new(src / rel, target, "copy" if mode == "copy" else "link"))
-    for kind in ("copy", "reflink", "hardlink"):
-        if kind in used:
-            return kind
-    return "hardlink"  # pragma: no cover

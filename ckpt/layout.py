@@ -31,7 +31,7 @@ class Incoming:
     source: Path
     original_name: str
     size: int
-    sha256: str  # of the file; of a folder, fsutil.tree_digest of its files
+    sha256: str  # of the file; of a folder, hashing.tree_digest of its files
     step: int | None = None
     epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import fsutil
+from . import fsutil, locks
 from .errors import CkptError, ManifestError
 from .layout import LOCK_FILE
 from .manifest import parse_task, parse_toml, salvage_task, task_bytes
@@ -36,7 +36,7 @@ def mend_manifest(task: Task, error: ManifestError, *, dry_run: bool, drop_bad: 
     problem = f"its last record is incomplete ({len(data) - cut} bytes; a save cut off while appending)"
     if dry_run:
         return [Repair(rel, problem, "would cut it off")], False
-    with fsutil.locked(task.folder / LOCK_FILE, f"task '{task.name}'"):
+    with locks.locked(task.folder / LOCK_FILE, f"task '{task.name}'"):
         data = fsutil.read_own(task.manifest)  # again, under the lock
         cut = incomplete_tail(data, task.manifest, task.name)
         if cut is None:

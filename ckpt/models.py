@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import fsutil
+from . import fsutil, hashing, locks, placing
 from .errors import (
     CheckpointNotFound,
     CkptError,
@@ -402,13 +402,13 @@ def _store(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
     if not copy:
         # ckpt's checkpoint files are immutable once written, so sharing their inode with a model is safe
         try:
-            fsutil.link_new(src, dst)
+            placing.link_new(src, dst)
             return "hardlink"
         except OSError:
             pass
-        if fsutil.reflink_new(src, dst):
+        if placing.reflink_new(src, dst):
             return "reflink"
-    digest = fsutil.copy_new(src, dst)
+    digest = placing.copy_new(src, dst)
     if digest != cp.sha256:
         fsutil.remove_file(dst)
         raise IntegrityError(
@@ -421,12 +421,12 @@ def _store(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
 
 def _store_tree(src: Path, dst: Path, cp: Checkpoint, copy: bool) -> str:
     """A directory checkpoint (a Hugging Face folder): linked file by file, else copied and verified."""
-    storage = fsutil.place_tree_new(src, dst, "copy" if copy else "link")
+    storage = placing.place_tree_new(src, dst, "copy" if copy else "link")
     if storage == "copy":
         files = fsutil.tree_files(dst)
-        digests = fsutil.sha256_many([dst / rel for rel, _ in files])
+        digests = hashing.sha256_many([dst / rel for rel, _ in files])
         pairs = [(rel, d) for (rel, _), d in zip(files, digests, strict=True) if isinstance(d, str)]
-        if len(pairs) != len(files) or fsutil.tree_digest(pairs) != cp.sha256:
+        if len(pairs) != len(files) or hashing.tree_digest(pairs) != cp.sha256:
             fsutil.remove_tree(dst)
             raise IntegrityError(
                 f"checkpoint {cp.number} of task '{cp.task}' does not match its recorded sha256",
@@ -493,7 +493,7 @@ def title_claim(ws: Workspace, title: str, renaming: str | None = None) -> Itera
     """Hold models/.create.lock (one new title at a time in the workspace) with `title` checked against the others
     in it: ConflictError when it differs from one (not `renaming`) only in case. Make the title's folder inside."""
     fsutil.refuse_links(ws.root, "models")
-    with fsutil.locked(ws.models_dir / CREATE_LOCK_FILE, "making a model title"):
+    with locks.locked(ws.models_dir / CREATE_LOCK_FILE, "making a model title"):
         check_case_twin(ws, title, renaming)
         yield
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import fsutil
+from . import hashing
 from .errors import IntegrityError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def check_readable(ws: Workspace, path: Path, *, sha256: str | None = None, size
     if [f.name for f in stored] == [""]:
         actual = str(digests[0])
     else:
-        actual = fsutil.tree_digest([(f.name, str(d)) for f, d in zip(stored, digests, strict=True)])
+        actual = hashing.tree_digest([(f.name, str(d)) for f, d in zip(stored, digests, strict=True)])
     if actual != sha256:
         raise IntegrityError(f"'{rel}' does not match its recorded sha256; run: ckpt verify {task}", path=path)
 

@@ -9,7 +9,7 @@ import tempfile
 from itertools import repeat
 from pathlib import Path
 
-from . import fsutil
+from . import fsutil, hashing
 from .errors import CkptError, IntegrityError
 from .manifest import COLUMNS, Checkpoint, TaskHeader, TaskState
 from .storage import Storage
@@ -112,7 +112,7 @@ def download_cached(storage: Storage, key: str, sha256: str, name: str, size: in
         tmp = fsutil.temp_path(folder, dest.name)
         try:
             storage.download(key, tmp)
-            if fsutil.sha256_file(tmp) != sha256:
+            if hashing.sha256_file(tmp) != sha256:
                 raise IntegrityError(f"{storage.url}/{key} does not match its recorded sha256", hint="run: ckpt verify")
             os.replace(tmp, dest)
         except FileNotFoundError:
@@ -153,7 +153,7 @@ def _download_tree(storage: Storage, key: str, keys: list[str], sha256: str, des
             target = tmp / k[len(key) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
             storage.download(k, target)
-        digest = fsutil.tree_digest([(k[len(key) + 1 :], fsutil.sha256_file(tmp / k[len(key) + 1 :])) for k in keys])
+        digest = hashing.tree_digest([(k[len(key) + 1 :], hashing.sha256_file(tmp / k[len(key) + 1 :])) for k in keys])
         if digest != sha256:
             raise IntegrityError(f"{storage.url}/{key}/ does not match its recorded sha256", hint="run: ckpt verify")
         with contextlib.suppress(OSError):  # another process finished the same download first: keep its copy

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from . import fsutil
+from . import hashing
 from .errors import ManifestError
 from .layout import CHECKPOINT_DIR, CLAIM_FILE, NUMBERS_DIR, TASK_FILE
 from .manifest import Checkpoint, salvage_task, task_bytes
@@ -79,7 +79,7 @@ def _digest_of(ws: StoreWorkspace, u: Unknown) -> str:
     if u.kind == "file":
         return ws.storage.sha256(u.rel)
     keys = [b.key for b in ws.storage.list_prefix(u.rel + "/")]
-    return fsutil.tree_digest([(k[len(u.rel) + 1 :], ws.storage.sha256(k)) for k in keys])
+    return hashing.tree_digest([(k[len(u.rel) + 1 :], ws.storage.sha256(k)) for k in keys])
 
 
 def unknown_objects(ws: StoreWorkspace, task: Task) -> tuple[list[Unknown], list[Unknown]]:
@@ -172,7 +172,7 @@ def _adopt(ws: StoreWorkspace, task: StoreTask, c: Found, u: Unknown) -> Checkpo
         digest, size, ext = ws.storage.sha256(u.rel), u.size, os.path.splitext(u.rel)[1]
     else:
         files = [(k[len(u.rel) + 1 :], ws.storage.sha256(k)) for k in keys]
-        digest, size, ext = fsutil.tree_digest(files), u.size, ""
+        digest, size, ext = hashing.tree_digest(files), u.size, ""
     cp = Checkpoint(0, "", size, digest, now_iso(), c.step, c.epoch, dict(c.metrics), c.name, task.name)
 
     def copy(dst: str) -> None:

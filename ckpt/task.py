@@ -6,13 +6,12 @@ import contextlib
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from . import adding, fsutil
+from . import adding, fsutil, hashing, locks
 from .errors import (
     CheckpointNotFound,
     CkptError,
@@ -28,8 +27,8 @@ from .manifest import (
     task_bytes,
 )
 from .metrics import Direction, direction
-from .row_caches import RowCache
 from .task_reader import TaskReader
+from .task_rows import CachedRows, ListRows
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -67,24 +66,6 @@ class TaskSummary:
     latest_metrics: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class CachedRows:
-    """What `Task.keep_rows` kept: the text of every checkpoint's row, and which ones are reached through a symlink."""
-
-    text: memoryview
-    linked: list[tuple[int, str]]
-    raw_index: memoryview
-
-    def index(self) -> tuple[list[int], list[int]] | None:
-        """(numbers, starts): the checkpoint numbers (ascending) and where each one's row starts in `text`."""
-        return RowCache.parse_index(self.raw_index)
-
-
-# a folder whose mtime is this recent may change again within the same timestamp (coarse clocks, FAT's 2 s):
-# its scan is not kept
-SETTLED_NS = 2_000_000_000
-
-
 class Task:
     """One training run in a workspace: its manifest and its checkpoint files."""
 
@@ -94,8 +75,7 @@ class Task:
         self.folder = ws.tasks_dir / name
         self.manifest = self.folder / TASK_FILE
         self._reader = TaskReader(self.manifest, self.folder / CACHE_FILE, name)
-        self._marks: dict[str, list[Any] | None] | None = None  # what the last `linked` depended on
-        self._marks_of: list[Checkpoint] | None = None  # ... and the checkpoints it was given
+        self._rows = ListRows(self.folder, self.manifest, self._reader)  # `ckpt list`'s rows, kept
         self._holder: int | None = None  # the thread that holds the task's lock through this handle (see lock)
 
     def __repr__(self) -> str:
@@ -189,43 +169,7 @@ class Task:
 
     def linked(self, cps: list[Checkpoint]) -> list[tuple[Checkpoint, str]]:
         """The checkpoints of `cps` reached through a symlink, with the linked part; one scandir per folder."""
-        folders: dict[str, tuple[str | None, set[str]]] = {}
-        marks: dict[str, list[Any] | None] = {}
-        out: list[tuple[Checkpoint, str]] = []
-        for cp in cps:
-            parent, _, name = cp.file.rpartition("/")
-            if parent not in folders:
-                through = fsutil.symlink_on_path(self.folder, parent) if parent else None
-                names: set[str] = set()
-                # the mark is taken before the scan: a change during or after it gives the folder a newer mtime
-                marks[parent] = self._folder_mark(parent, through, settled=True)
-                if through is None:
-                    with contextlib.suppress(OSError), os.scandir(self.folder / parent) as it:
-                        names = {e.name for e in it if e.is_symlink()}
-                folders[parent] = (through, names)
-            through, names = folders[parent]
-            if through is not None:
-                out.append((cp, through + "/"))
-            elif name in names:
-                out.append((cp, cp.file))
-        self._marks, self._marks_of = marks, cps
-        return out
-
-    def _folder_mark(self, parent: str, through: str | None, settled: bool = False) -> list[Any] | None:
-        """What `linked` found for folder `parent` depends on: its symlinked part, else its inode and mtime.
-
-        Making, removing or replacing an entry changes a folder's mtime, so an unchanged folder has the same
-        symlinks. With `settled`, None for a folder changed too recently to tell a later change apart.
-        """
-        if through is not None:
-            return ["link", through]
-        try:
-            st = os.lstat(self.folder / parent)
-        except OSError:
-            return ["none"]
-        if settled and st.st_mtime_ns > time.time_ns() - SETTLED_NS:
-            return None
-        return ["dir", st.st_ino, st.st_mtime_ns]
+        return self._rows.linked(cps)
 
     def keep_rows(
         self,
@@ -235,40 +179,16 @@ class Task:
         text: bytes,
         linked: list[tuple[Checkpoint, str]],
     ) -> None:
-        """Keep `text`, which holds the row of each of `cps` (every checkpoint, in number order), rendered as
-        `form` names, at `starts`, with `linked`, which `linked(cps)` has just returned (the same list), for
-        `cached_rows`. It is a derived file next to the manifest; failures are ignored."""
-        marks = self._marks
-        if not marks or any(m is None for m in marks.values()):
-            return
-        if cps is not self._marks_of:
-            return  # the marks are of other checkpoints' folders
-        extra = {"folders": marks, "linked": [[cp.number, link] for cp, link in linked]}
-        numbers = [cp.number for cp in cps]
-        RowCache(self.folder / LIST_CACHE_FILE).store(self._reader, form, numbers, starts, text, extra)
+        """Keep the rendered rows of `cps` for `cached_rows` (see ListRows.keep); failures are ignored."""
+        self._rows.keep(form, cps, starts, text, linked)
 
     def rows_before_appends(self, form: str) -> CachedRows | None:
-        """What `keep_rows` kept as `form`, when the manifest only grew since: the rows of the checkpoints it had
-        then, which have not changed (their `linked` is not kept: folders change when files are added)."""
-        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest, form, grown=True)
-        return None if got is None else CachedRows(got[0], [], got[1])
+        """What `keep_rows` kept as `form`, when the manifest only grew since (see ListRows.before_appends)."""
+        return self._rows.before_appends(form)
 
     def cached_rows(self, form: str) -> CachedRows | None:
-        """What `keep_rows` kept as `form`, while the manifest and the checkpoints' folders are unchanged since;
-        else None."""
-        got = RowCache(self.folder / LIST_CACHE_FILE).load(self.manifest, form)
-        if got is None:
-            return None
-        text, raw_index, extra = got
-        try:
-            for parent, mark in extra["folders"].items():
-                through = fsutil.symlink_on_path(self.folder, parent) if parent else None
-                if self._folder_mark(parent, through) != mark:
-                    return None
-            linked = [(int(n), str(link)) for n, link in extra["linked"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-        return CachedRows(text, linked, raw_index)
+        """What `keep_rows` kept as `form`, while the manifest and the checkpoints' folders are unchanged since."""
+        return self._rows.cached(form)
 
     def summary(self) -> TaskSummary:
         st = self.state()
@@ -296,7 +216,7 @@ class Task:
             yield
             return
         self.refuse_links()
-        with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
+        with locks.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
             self._holder = threading.get_ident()
             try:
                 pending, importing = self._markers()
@@ -356,7 +276,7 @@ class Task:
         if dry_run:
             repairs += self._recover_imports_locked(abandoned(self._markers()[1]), dry_run=True)
         else:
-            with fsutil.locked(self.folder / LOCK_FILE, f"task '{self.name}'"):
+            with locks.locked(self.folder / LOCK_FILE, f"task '{self.name}'"):
                 repairs += self._recover_imports_locked(self._markers()[1])
         for path in leftovers(self.folder / CHECKPOINT_DIR, claimed_names(self._markers()[1])):
             repairs.append(
@@ -385,8 +305,8 @@ class Task:
     def discard_if_empty(self) -> bool:
         """Remove this task if it holds nothing (no record, no number ever given, no file but ckpt's own):
         what an import that created it and then failed leaves. Whether it was removed."""
-        own = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, LOCK_FILE + fsutil.HOLDER_SUFFIX, CHECKPOINT_DIR}
-        with fsutil.locked(self.ws.tasks_dir / CREATE_LOCK_FILE, "task creation"), self.lock():
+        own = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, LOCK_FILE + locks.HOLDER_SUFFIX, CHECKPOINT_DIR}
+        with locks.locked(self.ws.tasks_dir / CREATE_LOCK_FILE, "task creation"), self.lock():
             state = self.state()
             if state.checkpoints or state.max_number or set(os.listdir(self.folder)) - own:
                 return False
@@ -556,7 +476,7 @@ class Task:
         files = fsutil.tree_files(src)
         if not files:
             raise CheckpointNotFound(f"'{src}' is an empty folder", path=src)
-        digests = fsutil.sha256_many([src / rel for rel, _ in files])
+        digests = hashing.sha256_many([src / rel for rel, _ in files])
         for d in digests:
             if isinstance(d, CkptError):
                 raise d
@@ -567,7 +487,7 @@ class Task:
             source=src,
             original_name=src.name,
             size=sum(size for _, size in files),
-            sha256=fsutil.tree_digest([(rel, d) for rel, _, d in entries]),
+            sha256=hashing.tree_digest([(rel, d) for rel, _, d in entries]),
             step=step,
             epoch=epoch,
             metrics=dict(clean),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import fsutil
+from . import hashing
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -158,7 +158,7 @@ def _check(
         if [f.name for f in stored] == [""]:
             actual = str(got[0])
         else:
-            actual = fsutil.tree_digest([(f.name, str(d)) for f, d in zip(stored, got, strict=True)])
+            actual = hashing.tree_digest([(f.name, str(d)) for f, d in zip(stored, got, strict=True)])
         if actual != tg.sha256:
             problems.append(Problem("changed", tg.rel, **where, expected=tg.sha256, actual=actual))  # type: ignore[arg-type]
     return problems, len(order), total

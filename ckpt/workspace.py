@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from . import fsutil
+from . import fsutil, hashing, locks
 from .errors import (
     CkptError,
     ConflictError,
@@ -39,7 +39,8 @@ from .names import case_twin, check_task_name
 from .row_caches import SummaryCache, TaskRowsCache
 from .storage import Storage, is_url
 from .storage.folder import FolderStorage
-from .task import SETTLED_NS, Task, TaskSummary
+from .task import Task, TaskSummary
+from .task_rows import SETTLED_NS
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -287,10 +288,10 @@ class Workspace:
         fsutil.make_dirs(self.tasks_dir)
         # one creation at a time in the workspace: two processes creating `A` and `a` must not both pass
         # the case check before either folder exists
-        with fsutil.locked(self.tasks_dir / CREATE_LOCK_FILE, "task creation"):
+        with locks.locked(self.tasks_dir / CREATE_LOCK_FILE, "task creation"):
             self._refuse_case_twin(name)
             (folder / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-            with fsutil.locked(folder / LOCK_FILE, f"task '{name}'"):
+            with locks.locked(folder / LOCK_FILE, f"task '{name}'"):
                 if (folder / TASK_FILE).exists():
                     if exist_ok:
                         return self.task(name)
@@ -480,7 +481,7 @@ class Workspace:
         workspace's lock, one change at a time; everything else in the file is kept. The new document."""
         path = self.root / WORKSPACE_FILE
         fsutil.refuse_links(self.root, WORKSPACE_FILE)
-        with fsutil.locked(self.tasks_dir / SETTINGS_LOCK, "the workspace's ckpt.toml"):
+        with locks.locked(self.tasks_dir / SETTINGS_LOCK, "the workspace's ckpt.toml"):
             doc = read_toml(path, "workspace")
             change(doc)
             workspace_doc(doc, path)  # never write what the next open would refuse
@@ -530,7 +531,7 @@ class Workspace:
 
     def hash_files(self, handles: list[Any], total: int, done: Callable[[int], None]) -> list[str | OSError]:
         """The store's step of verify: the sha256 of each file, on all cores; `done(i)` as each is hashed."""
-        return fsutil.sha256_many(handles, workers=fsutil.hash_workers(total), done=done)
+        return hashing.sha256_many(handles, workers=hashing.hash_workers(total), done=done)
 
     def trash_entry_ids(self) -> tuple[list[str], list[CkptError]]:
         """The folders under trash/ named as entries, oldest first, and an error for each that is a symlink

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ckpt import fsutil
+from ckpt import hashing
 from ckpt.manifest import TaskState, parse_task, parse_toml
 from ckpt.store_log import log_prefix, number_of, parse_record
 from ckpt.store_segments import decode, id_of, segment_key, segment_prefix
@@ -50,7 +50,7 @@ def picture(objs: Objects) -> dict[str, Any]:
         inside = sorted(k for k in objs if k.startswith(prefix + "/"))
         if not inside:
             return None
-        return fsutil.tree_digest([(k[len(prefix) + 1 :], hashlib.sha256(objs[k]).hexdigest()) for k in inside])
+        return hashing.tree_digest([(k[len(prefix) + 1 :], hashlib.sha256(objs[k]).hexdigest()) for k in inside])
 
     for key, data in sorted(objs.items()):
         parts = key.split("/")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import ckpt
 import ckpt.trash
-from ckpt import fsutil
+from ckpt import fsutil, placing
 from ckpt.errors import WriteError
 from ckpt.pathtext import escape_name, unescape_name
 
@@ -295,18 +295,20 @@ def test_a_failed_import_leaves_no_empty_task_behind(
 # --- point 5: an import killed at any step --------------------------------------------------------
 
 _STEPS = ("move_noreplace", "link_new", "copy_new", "append_durably", "fsync_dir", "remove_tree", "remove_file")
+_PLACING = ("link_new", "copy_new")  # steps of ckpt.placing; the rest are ckpt.fsutil's
 
 
 def _killed_at(k: int, work: Callable[[], object], steps: tuple[str, ...] = _STEPS) -> bool:
     """Run `work` in a forked child that is killed (os._exit, no cleanup) just before its k-th file-system
-    step (a call of one of fsutil's `steps`); whether it was killed (False: it finished first)."""
+    step (a call of one of fsutil's or placing's `steps`); whether it was killed (False: it finished first)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         code = 0
         try:
             count = [0]
             for name in steps:
-                real = getattr(fsutil, name)
+                home = placing if name in _PLACING else fsutil
+                real = getattr(home, name)
 
                 def step(*a: Any, _real: Any = real, **kw: Any) -> Any:
                     count[0] += 1
@@ -314,7 +316,7 @@ def _killed_at(k: int, work: Callable[[], object], steps: tuple[str, ...] = _STE
                         os._exit(77)
                     return _real(*a, **kw)
 
-                setattr(fsutil, name, step)
+                setattr(home, name, step)
             work()
         except BaseException:
             code = 1
@@ -531,7 +533,7 @@ def test_a_folder_copy_that_fails_half_way_leaves_nothing_staged(
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(os.urandom(30))
     make_task(ws, name="hf", n=1)
-    real = fsutil.place_new
+    real = placing.place_new
     calls = {"n": 0}
 
     def place_new(src: Path, dst: Path, mode: str) -> str:
@@ -540,7 +542,7 @@ def test_a_folder_copy_that_fails_half_way_leaves_nothing_staged(
             raise OSError(28, "No space left on device", str(dst))
         return real(src, dst, mode)
 
-    monkeypatch.setattr(fsutil, "place_new", place_new)
+    monkeypatch.setattr(placing, "place_new", place_new)
     res = run("import", str(out), "--task", "hf", "--copy")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
     task = ws.task("hf")

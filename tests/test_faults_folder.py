@@ -1,13 +1,13 @@
 """Folder workspaces under injected faults: the walk of tests/test_faults.py, on a sample of the calls.
 
-A fault strikes one call of the file-system primitives ckpt uses: the functions of ckpt.fsutil that write,
-rename, link, delete or lock, and the `os` calls that change something (replace, rename, unlink, link,
-mkdir, rmdir, fsync, write, ftruncate) made by any ckpt module, fsutil included. It either fails (OSError:
-ENOSPC or EIO) before the call, or kills the process (`Killed`, not an Exception) before or after it: a dead
-process makes no more of these calls, so no cleanup of its own reaches the disk, and its locks are dropped
-(as the kernel drops a dead process's flocks) when the next "process" starts. Then the command runs again
-(at once, or once every file is two hours old), then `ckpt doctor`, and tests/faultcheck.py checks the same
-invariant as on the memory store.
+A fault strikes one call of the file-system primitives ckpt uses: the functions of ckpt.fsutil, ckpt.placing
+and ckpt.locks that write, rename, link, delete or lock, and the `os` calls that change something (replace,
+rename, unlink, link, mkdir, rmdir, fsync, write, ftruncate) made by any ckpt module, fsutil included. It
+either fails (OSError: ENOSPC or EIO) before the call, or kills the process (`Killed`, not an Exception)
+before or after it: a dead process makes no more of these calls, so no cleanup of its own reaches the disk,
+and its locks are dropped (as the kernel drops a dead process's flocks) when the next "process" starts. Then
+the command runs again (at once, or once every file is two hours old), then `ckpt doctor`, and
+tests/faultcheck.py checks the same invariant as on the memory store.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import filelock
 import pytest
 
 import ckpt
-from ckpt import fsutil
+from ckpt import fsutil, locks, placing
 from ckpt.doctor import doctor
 from ckpt.errors import BusyError, CkptError
 from ckpt.importer import import_path, scan
@@ -52,16 +52,11 @@ FSUTIL_STEPS = (
     "atomic_write",
     "atomic_write_nosync",
     "append_durably",
-    "copy_new",
-    "link_new",
     "make_dir_new",
     "make_dirs",
     "make_dirs_durably",
     "make_file_new",
     "move_noreplace",
-    "place_new",
-    "place_tree_new",
-    "reflink_new",
     "remove_empty_dirs",
     "remove_file",
     "remove_tree",
@@ -69,6 +64,7 @@ FSUTIL_STEPS = (
     "temp_path",
     "write_new_file",
 )
+PLACING_STEPS = ("copy_new", "link_new", "place_new", "place_tree_new", "reflink_new")
 OS_CALLS = ("replace", "rename", "unlink", "remove", "link", "mkdir", "rmdir", "fsync", "write", "ftruncate")
 SAMPLE = 16  # faults tried per operation (of calls x KINDS)
 
@@ -105,7 +101,9 @@ class Faults:
         FAULTS[:] = [self]
         for name in FSUTIL_STEPS:
             monkeypatch.setattr(fsutil, name, self._wrap(name, getattr(fsutil, name)))
-        monkeypatch.setattr(fsutil, "locked", self._locked(fsutil.locked))
+        for name in PLACING_STEPS:
+            monkeypatch.setattr(placing, name, self._wrap(name, getattr(placing, name)))
+        monkeypatch.setattr(locks, "locked", self._locked(locks.locked))
         acquire = filelock.FileLock.acquire
 
         def acquired(lock: Any, *args: Any, **kwargs: Any) -> Any:

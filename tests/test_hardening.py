@@ -317,12 +317,12 @@ def test_wait_ends_with_exit_5_naming_the_holder_and_a_killed_holder_frees_the_l
 
 def test_the_holder_file_is_written_while_held_and_removed_after(ws: ckpt.Workspace) -> None:
     task = make_task(ws, n=1)
-    from ckpt import fsutil
+    from ckpt import locks
 
     with task.lock():
-        text = fsutil.lock_holder(task.folder / ".lock")
+        text = locks.lock_holder(task.folder / ".lock")
         assert text is not None and f"pid {os.getpid()}" in text
-    assert fsutil.lock_holder(task.folder / ".lock") is None
+    assert locks.lock_holder(task.folder / ".lock") is None
 
 
 # --- doctor: records and files --------------------------------------------------------------------------

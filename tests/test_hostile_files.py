@@ -146,11 +146,11 @@ def test_a_fifo_or_device_is_refused_without_blocking(tmp_path: Path) -> None:
         inspect_file(fifo)  # opening a FIFO without a writer would block forever
     with pytest.raises(NotRegularFile):
         top_level_scalars(fifo)
-    from ckpt import fsutil
+    from ckpt import hashing
 
     with pytest.raises(NotRegularFile):
-        fsutil.sha256_file(fifo)
-    assert isinstance(fsutil.sha256_many([fifo])[0], NotRegularFile)
+        hashing.sha256_file(fifo)
+    assert isinstance(hashing.sha256_many([fifo])[0], NotRegularFile)
     if os.path.exists("/dev/zero"):
         with pytest.raises(NotRegularFile, match="character device"):
             inspect_file(Path("/dev/zero"))

@@ -276,7 +276,7 @@ def test_hf_import_numeric_order_metrics_and_promote(tmp_path: Path, ws: ckpt.Wo
     assert cps[1]["path"] == "tasks/hf/checkpoints/000002"
     folder = out / "checkpoint-8"
     assert cps[1]["size"] == sum(p.stat().st_size for p in folder.iterdir())
-    assert ws.task("hf").checkpoint(2).sha256 == ckpt.fsutil.hash_tree(folder)[0]
+    assert ws.task("hf").checkpoint(2).sha256 == ckpt.hashing.hash_tree(folder)[0]
     notes = {r["original_name"]: r["note"] for r in res["checkpoints"]}
     assert notes["checkpoint-8"] == "the Trainer's best_model_checkpoint"
 

@@ -24,7 +24,7 @@ import ckpt
 from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
-from ckpt.fsutil import hash_tree
+from ckpt.hashing import hash_tree
 from ckpt.manifest import COLUMNS, Checkpoint, parse_task
 from ckpt.task_reader import TaskReader
 from ckpt.workspace import (

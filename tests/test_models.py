@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import fsutil
+from ckpt import fsutil, hashing, placing
 
 from .conftest import make_task
 
@@ -62,7 +62,7 @@ def test_promote_copy_is_verified(run_json: Any, ws: ckpt.Workspace) -> None:
     data = run_json("promote", "unet", "1", "--title", "copied", "--copy")
     assert data["storage"] == "copy"
     assert os.stat(ws.root / data["path"]).st_ino != os.stat(task.path_of(task.checkpoint(1))).st_ino
-    assert fsutil.sha256_file(ws.root / data["path"]) == data["sha256"]
+    assert hashing.sha256_file(ws.root / data["path"]) == data["sha256"]
 
 
 def test_copy_of_changed_file_is_refused(run: Any, ws: ckpt.Workspace) -> None:
@@ -80,7 +80,7 @@ def test_promote_falls_back_to_copy_without_links(run_json: Any, ws: ckpt.Worksp
     def no_link(src: Path, dst: Path) -> None:
         raise OSError("links not supported")
 
-    monkeypatch.setattr(fsutil, "link_new", no_link)
+    monkeypatch.setattr(placing, "link_new", no_link)
     data = run_json("promote", "unet", "1", "--title", "c")
     assert data["storage"] in ("reflink", "copy")
     assert not list(ws.models_dir.glob(".staging-*"))

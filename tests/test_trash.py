@@ -344,7 +344,7 @@ def test_library_api(ws: ckpt.Workspace) -> None:
 
 
 def test_directory_checkpoints_move_whole(ws: ckpt.Workspace, tmp_path: Path, run_json: Any) -> None:
-    from ckpt.fsutil import hash_tree
+    from ckpt.hashing import hash_tree
     from ckpt.workspace import Incoming
 
     task = make_task(ws, n=1)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from ckpt import fsutil, trash, trash_entry
+from ckpt import placing, trash, trash_entry
 
 from .conftest import make_task
 from .test_trash_crash import SLOW_CKPT, check_consistent, originals
@@ -31,7 +31,7 @@ def test_a_full_disk_while_making_the_entry_names_the_file_and_leaves_nothing(
     def full(src: object, dst: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")  # as a write raises it: no file named
 
-    monkeypatch.setattr(fsutil, "link_new", full)
+    monkeypatch.setattr(placing, "link_new", full)
     r = run("trash-unused", "unet")
     assert r.exit_code == 1 and "No space left on device" in r.stderr and "/trash/" in r.stderr, r.stderr
     assert [p.name for p in ws.trash_dir.iterdir() if not p.name.startswith(".")] == []  # no entry folder left

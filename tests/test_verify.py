@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import ckpt
-from ckpt import fsutil
+from ckpt import hashing
 
 from .conftest import make_task
 from .test_import import hf_tree
@@ -57,7 +57,7 @@ def test_verify_reports_missing_changed_unknown(ws: ckpt.Workspace, run: Any, ru
     ]
     assert all(set(p) == PROBLEM_KEYS for p in res["problems"])
     changed3 = next(p for p in res["problems"] if p["number"] == 3)
-    assert changed3["expected"] == task.checkpoint(3).sha256 and changed3["actual"] == fsutil.sha256_file(p3)
+    assert changed3["expected"] == task.checkpoint(3).sha256 and changed3["actual"] == hashing.sha256_file(p3)
     r = run("verify", "a")
     assert r.exit_code == 6 and "missing" in r.stdout and "stray.pt" in r.stdout
 
@@ -122,7 +122,7 @@ def test_scan_adds_a_numbered_file_left_without_record(ws: ckpt.Workspace, run_j
     (task.folder / "checkpoints" / "000003.pt").write_bytes(b"orphan")
     res = run_json("scan", "a", "--add")
     assert [(c["number"], c["original_name"]) for c in res["added"]] == [(3, "checkpoints/000003.pt")]
-    assert task.checkpoint(3).sha256 == fsutil.sha256_file(task.folder / "checkpoints/000003.pt")
+    assert task.checkpoint(3).sha256 == hashing.sha256_file(task.folder / "checkpoints/000003.pt")
     assert task.save(b"next") == 4
 
 
@@ -140,7 +140,7 @@ def test_sha256_many_across_buffer_sizes(tmp_path: Path) -> None:
     buffers hash right, on one thread and on several (the calling thread hashes too)."""
     import hashlib
 
-    buf = fsutil.HASH_BUFFER
+    buf = hashing.HASH_BUFFER
     sizes = [0, 1, 4096, buf - 1, buf, buf + 1, 3 * buf, 3 * buf + 7, 7]
     paths = []
     for i, size in enumerate(sizes):
@@ -149,6 +149,6 @@ def test_sha256_many_across_buffer_sizes(tmp_path: Path) -> None:
         paths.append(p)
     paths.append(tmp_path / "missing")
     for workers in (1, 2, 3):
-        got = fsutil.sha256_many(paths, workers=workers)
+        got = hashing.sha256_many(paths, workers=workers)
         assert got[:-1] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths[:-1]]
         assert isinstance(got[-1], FileNotFoundError)

@@ -60,6 +60,6 @@ def _root(
     Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict, 5 busy, 6 integrity.
     """
     STATE.workspace = workspace
-    from ..fsutil import set_lock_timeout
+    from ..locks import set_lock_timeout
 
     set_lock_timeout(wait)  # always set: in-process callers (tests) run several commands in one process

@@ -48,7 +48,7 @@ from ._table import (
 )
 
 if TYPE_CHECKING:
-    from ..task import CachedRows
+    from ..task_rows import CachedRows
 
 
 @command(app, "init")

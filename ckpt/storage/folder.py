@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .. import fsutil
+from .. import fsutil, hashing, locks, placing
 from ..errors import ConflictError, IntegrityError, SymlinkError
 from .base import Blob, PreconditionFailed, Storage
 
@@ -116,7 +116,7 @@ class FolderStorage(Storage):
         return "skipped: its file is not a regular file or folder"
 
     def sha256(self, key: str) -> str:
-        return fsutil.sha256_file(self.path(key))
+        return hashing.sha256_file(self.path(key))
 
     def children(self, prefix: str) -> list[str]:
         try:
@@ -196,7 +196,7 @@ class FolderStorage(Storage):
                     f.flush()
                     os.fsync(f.fileno())
                 try:
-                    fsutil.link_new(tmp, path)
+                    placing.link_new(tmp, path)
                 except FileExistsError:
                     raise PreconditionFailed(f"'{key}' exists already") from None
             finally:
@@ -227,7 +227,7 @@ class FolderStorage(Storage):
         fsutil.refuse_links(self.root, "trash")
         folder = self.root / "trash"
         fsutil.make_dirs(folder)
-        with fsutil.locked(folder / LOCK, what, timeout):
+        with locks.locked(folder / LOCK, what, timeout):
             self._holder = threading.get_ident()
             try:
                 yield
@@ -237,24 +237,24 @@ class FolderStorage(Storage):
     def upload(self, key: str, source: Path, *, if_none_match: bool = False) -> str:
         path = self.path(key)
         fsutil.make_dirs(path.parent)
-        fsutil.copy_new(source, path)
+        placing.copy_new(source, path)
         return _etag(os.lstat(path))
 
     def download(self, key: str, dest: Path) -> None:
-        fsutil.copy_new(self.path(key), dest)
+        placing.copy_new(self.path(key), dest)
 
     def copy(self, src: str, dst: str) -> None:
         """A hard link where the file system has them, else a copy; never replaces `dst`."""
         s, d = self.path(src), self.path(dst)
         fsutil.make_dirs(d.parent)
         try:
-            fsutil.link_new(s, d)
+            placing.link_new(s, d)
         except FileNotFoundError:
             raise FileNotFoundError(src) from None
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOTSUP):
                 raise
-            fsutil.copy_new(s, d)
+            placing.copy_new(s, d)
 
     def transfer(
         self,
