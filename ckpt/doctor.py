@@ -11,6 +11,7 @@ them in, with what their names say.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,9 @@ def doctor(
     With `drop_bad_records`, records a manifest must not hold (see manifest.salvage_task: a path outside the
     task or to its own structure, two records of one file) are dropped, so that the task works again."""
     repairs = recover_trash(ws, dry_run=dry_run) + ws.leftovers(dry_run=dry_run)
+    # on a dry run the interrupted trashes are still there: their checkpoints' files are in the trash, and are
+    # not reported missing (the real run puts them back, or finishes the trash)
+    in_flight = _in_flight(ws) if dry_run else {}
     for link in ws.linked_task_folders():
         repairs.append(Repair(ws.rel(Path(str(link.path))), str(link), "left alone: replace the link by its folder"))
     for name in ws.orphan_task_folders():
@@ -60,7 +64,7 @@ def doctor(
         readable = _readable(task)
         if readable:
             repairs.extend(task.recover_imports(dry_run=dry_run))
-        repairs.extend(_check_task(ws, task, dry_run, forget_missing, drop_bad_records))
+        repairs.extend(_check_task(ws, task, dry_run, forget_missing, drop_bad_records, in_flight.get(name, set())))
         if not readable:  # _check_task may have mended the manifest
             repairs.extend(task.recover_imports(dry_run=dry_run))
     models, errors = ws.models.read_all()
@@ -96,20 +100,42 @@ def _readable(task: Task) -> bool:
     return True
 
 
-def _check_task(ws: Workspace, task: Task, dry_run: bool, forget_missing: bool, drop_bad: bool) -> list[Repair]:
+def _in_flight(ws: Workspace) -> dict[str, set[int]]:
+    """The checkpoint numbers of each task that trash entries not yet complete hold (read, never settled)."""
+    out: dict[str, set[int]] = {}
+    for entry_id in ws.trash_entry_ids()[0]:
+        try:
+            entry = read_entry(ws, entry_id)
+        except CkptError:
+            continue
+        if entry.state in ("pending", "restoring") and entry.task:
+            out.setdefault(entry.task, set()).update(entry.numbers)
+    return out
+
+
+def _check_task(
+    ws: Workspace,
+    task: Task,
+    dry_run: bool,
+    forget_missing: bool,
+    drop_bad: bool,
+    in_flight: AbstractSet[int] = frozenset(),
+) -> list[Repair]:
     try:
         state = task.state()
     except ManifestError as e:
         repairs, mended = ws.mend(task.name, e, dry_run=dry_run, drop_bad=drop_bad)
         if mended:
-            repairs += _check_task(ws, task, dry_run, forget_missing, drop_bad)
+            repairs += _check_task(ws, task, dry_run, forget_missing, drop_bad, in_flight)
         return repairs
     repairs, dealt = task.leftovers(dry_run=dry_run)
     state = task.state()
     base = f"tasks/{task.name}/"
     files = locate(ws.storage, base, list(state.checkpoints.values()))
     missing = [
-        cp for cp in state.checkpoints.values() if cp.file not in files and not ws.storage.exists(base + cp.file)
+        cp
+        for cp in state.checkpoints.values()
+        if cp.file not in files and cp.number not in in_flight and not ws.storage.exists(base + cp.file)
     ]
     if missing:
         if forget_missing and not dry_run:

@@ -136,3 +136,29 @@ def test_a_restore_that_loses_to_an_empty_says_so(ws: ckpt.Workspace, monkeypatc
     with pytest.raises(ckpt.errors.ConflictError, match="emptied or changed by another command meanwhile"):
         trash.restore(ckpt.Workspace.open(ws.root), entry)
     assert [cp.number for cp in ckpt.Workspace.open(ws.root).task("unet").checkpoints] == [3]
+
+
+def test_doctor_dry_run_does_not_call_files_an_interrupted_trash_moved_missing(
+    ws: ckpt.Workspace, run_json: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trash-unused killed after it moved its files, before its commit: the dry run says it would settle it,
+    not that the records' files are missing (the real run puts them back)."""
+    make_task(ws, n=4)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self: Any, change: Any) -> Any:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.Task, "update", killed)
+        with pytest.raises(Killed):
+            trash.trash_unused(ckpt.Workspace.open(ws.root), "unet")
+    dry = run_json("doctor", "--dry-run")["repairs"]
+    assert not [r for r in dry if "has no file" in r["problem"]], dry
+    assert [r["action"] for r in dry if ".pending-" in r["path"]] == ["would finish or undo it"]
+    real = run_json("doctor")["repairs"]
+    assert not [r for r in real if "has no file" in r["problem"]]
+    assert run_json("doctor")["repairs"] == []
+    assert len(ckpt.Workspace.open(ws.root).task("unet").checkpoints) == 4
