@@ -173,6 +173,10 @@ def import_path(
         raise UsageError(
             f"'{src}' is inside the workspace", hint="for files a script wrote into a task, use: ckpt scan"
         )
+    if task is not None and not dry_run:
+        # a killed import's staged files go back to their sources first, so that this run reads them there
+        with contextlib.suppress(TaskNotFound):
+            ws.task(task).settle()
     fmt, found, skipped = plan(src, fmt, progress)
     name = task if task is not None else default_task_name(src, fmt)
     check_task_name(name)
@@ -182,6 +186,10 @@ def import_path(
     created = False
     try:
         t = ws.task(name)
+        if not dry_run and t.settle():
+            # a killed import's staged files went back to their sources just now: what to import is read again
+            fmt, found, skipped = plan(src, fmt, progress)
+            modes = found_modes(found)
     except TaskNotFound:
         if dry_run:
             return _would(name, fmt, mode, True, [], found, skipped)
@@ -313,6 +321,8 @@ def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
     numbers, ordered as plain files are (`Task.adopt`: moved on a folder; on a bucket copied on the server,
     recorded, and only then the original deleted). Raises TaskNotFound, BusyError."""
     t = ws.task(task_name)
+    if add:
+        t.settle()  # what a killed import or scan --add staged goes back first, so that this run sees it
     result = ScanResult(t.name, *t.unknown_files())
     if add:
         candidates = [u for u in result.unknown if u.addable]

@@ -13,6 +13,7 @@ from . import fsutil, locks
 from .errors import CkptError, ManifestError
 from .layout import LOCK_FILE
 from .manifest import parse_task, parse_toml, salvage_task, task_bytes
+from .model_sources import MODEL_FILE
 from .trash_entry import STAGING_PREFIX, is_temp
 from .trash_results import Repair
 
@@ -137,6 +138,20 @@ def folder_leftovers(ws: Workspace, *, dry_run: bool, stale_after: float) -> lis
         )
         if not dry_run:
             fsutil.remove_tree(folder)
+    try:
+        with os.scandir(ws.models_dir) as it:
+            folders = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        folders = []
+    for title in folders:  # no ckpt leaves one (a model is renamed into place whole): not deleted, reported
+        if not os.path.lexists(ws.models_dir / title / MODEL_FILE):
+            repairs.append(
+                Repair(
+                    ws.rel(ws.models_dir / title),
+                    f"a model folder without model.toml: no model, but the title '{title}' is taken",
+                    "left alone: move it out of models/ to free the title (its files are not ckpt's record)",
+                )
+            )
     for path in _temp_files(ws):
         if now - _mtime(path) < stale_after:
             continue

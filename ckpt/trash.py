@@ -557,7 +557,13 @@ def recover_trash(ws: Workspace, *, dry_run: bool = False) -> list[Repair]:
             continue
         what = f"trash entry '{entry_id}' is {entry.state}"
         if dry_run:
-            repairs.append(Repair(rel, what, "would recover it"))
+            young = entry.state == "pending" and not ws.storage.can_lock and is_young(entry.created)
+            would = {"emptying": "would finish the empty", "restoring": "would finish the restore"}.get(
+                entry.state, "would finish or undo it"
+            )
+            repairs.append(
+                Repair(rel, what, "would leave it: it may still be running (under an hour old)" if young else would)
+            )
             continue
         if entry.state == "emptying":
             _empty_entry(ws, entry_id, {})

@@ -162,3 +162,65 @@ def test_doctor_dry_run_does_not_call_files_an_interrupted_trash_moved_missing(
     assert not [r for r in real if "has no file" in r["problem"]]
     assert run_json("doctor")["repairs"] == []
     assert len(ckpt.Workspace.open(ws.root).task("unet").checkpoints) == 4
+
+
+KILLED_WHILE_PLACING = """
+import os, signal, sys
+import ckpt.adding
+from ckpt.cli import main
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)  # a kill: no cleanup runs, the staged files stay staged
+
+ckpt.adding._place_locked = die
+sys.argv = ["ckpt", *sys.argv[1:]]
+main()
+"""
+
+
+def _killed_run(tmp_path: Path, *args: str) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_WHILE_PLACING)
+    env = {k: v for k, v in os.environ.items() if k not in ("CKPT_WORKSPACE", "PYTHONDONTWRITEBYTECODE")}
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_an_import_run_again_after_a_kill_takes_every_file_in_one_run(
+    ws: ckpt.Workspace, run_json: Any, tmp_path: Path
+) -> None:
+    src = tmp_path / "run"
+    src.mkdir()
+    for i in range(1, 7):
+        (src / f"model_{i:04d}.pt").write_bytes(b"weights %d" % i)
+    ws.create_task("x")
+    _killed_run(tmp_path, "-w", str(ws.root), "import", str(src), "--task", "x", "--move")
+    assert len(list(src.iterdir())) < 6  # the killed run had moved (staged) some of them
+    again = run_json("import", str(src), "--task", "x", "--move")
+    assert len(again["checkpoints"]) == 6 and list(src.iterdir()) == []
+    assert len(ckpt.Workspace.open(ws.root).task("x").checkpoints) == 6
+    assert run_json("doctor")["repairs"] == [] and run_json("verify")["ok"]
+
+
+def test_scan_add_run_again_after_a_kill_takes_every_file_in_one_run(
+    ws: ckpt.Workspace, run_json: Any, tmp_path: Path
+) -> None:
+    task = ws.create_task("a")
+    for i in range(1, 7):
+        (task.folder / "checkpoints" / f"epoch={i}-step={i * 10}.ckpt").write_bytes(b"weights %d" % i)
+    _killed_run(tmp_path, "-w", str(ws.root), "scan", "a", "--add")
+    again = run_json("scan", "a", "--add")
+    assert len(again["added"]) == 6, again
+    assert len(ckpt.Workspace.open(ws.root).task("a").checkpoints) == 6
+    assert run_json("doctor")["repairs"] == [] and run_json("verify")["ok"]
+
+
+def test_doctor_reports_a_model_folder_without_its_record(ws: ckpt.Workspace, run_json: Any) -> None:
+    make_task(ws, n=2)
+    (ws.models_dir / "ghost").mkdir()
+    (ws.models_dir / "ghost" / "000001.pt").write_bytes(b"z")
+    for args in (["doctor", "--dry-run"], ["doctor"]):
+        repairs = run_json(*args)["repairs"]
+        assert [(r["path"], r["action"][:10]) for r in repairs] == [("models/ghost", "left alone")]
+        assert "title 'ghost' is taken" in repairs[0]["problem"]
+    assert (ws.models_dir / "ghost" / "000001.pt").read_bytes() == b"z"
