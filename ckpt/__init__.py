@@ -24,7 +24,7 @@ from .errors import (
 )
 from .manifest import Checkpoint
 from .models import Model
-from .task import Task, TaskSummary
+from .task_base import Task, TaskSummary
 from .workspace import Workspace
 
 __version__ = "0.1.0"

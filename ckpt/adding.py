@@ -25,7 +25,7 @@ from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .staging import Marker
-    from .task import Task
+    from .task import FolderTask
 
 from .layout import (
     CHECKPOINT_DIR,
@@ -36,7 +36,9 @@ from .layout import (
 T = TypeVar("T")
 
 
-def add_existing(task: Task, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
+def add_existing(
+    task: FolderTask, items: list[Incoming], *, mode: str = "link", unique: bool = False
+) -> list[Checkpoint]:
     """Add files or folders that already exist (import, scan --add) as new checkpoints, in order.
 
     With `unique`, an item whose sha256 and size a record already has (checked under the lock, so two
@@ -150,7 +152,7 @@ def add_existing(task: Task, items: list[Incoming], *, mode: str = "link", uniqu
     return added
 
 
-def _stage_marker(task: Task, plan: list[tuple[Incoming, Path | None]], move: bool) -> Marker | None:
+def _stage_marker(task: FolderTask, plan: list[tuple[Incoming, Path | None]], move: bool) -> Marker | None:
     """The marker naming what `plan` stages (ckpt.staging), written and held; None when nothing is staged."""
     staged = [(item, tmp) for item, tmp in plan if tmp is not None]
     if not staged:
@@ -165,7 +167,7 @@ def _stage_marker(task: Task, plan: list[tuple[Incoming, Path | None]], move: bo
 
 
 def _place_locked(
-    task: Task,
+    task: FolderTask,
     staged: list[tuple[Incoming, Path, str]],
     cdir: Path,
     number: int,

@@ -23,7 +23,7 @@ from .trash_plan import locate
 from .trash_results import Repair
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task_base import Task
     from .workspace import Workspace
 
 

@@ -51,7 +51,7 @@ from .pathtext import escape_path
 
 if TYPE_CHECKING:
     from .manifest import Checkpoint
-    from .task import Task
+    from .task_base import Task
     from .workspace import Workspace
 
 FORMATS = ("auto", "lightning", "huggingface", "files", *KINDS)

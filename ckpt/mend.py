@@ -18,7 +18,7 @@ from .trash_entry import STAGING_PREFIX, is_temp
 from .trash_results import Repair
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task_base import Task
     from .workspace import Workspace
 
 

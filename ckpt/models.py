@@ -26,7 +26,7 @@ from .names import case_twin, check_task_name, check_title, is_valid_name
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task_base import Task
     from .workspace import Workspace
 
 CREATE_LOCK_FILE = ".create.lock"  # in models/: serialises making a title (the case check and the rename)

@@ -32,7 +32,7 @@ from .metrics import check_modes, direction, value
 from .timeutil import parse_age
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task_base import Task
     from .trash import KeepRules, TrashResult
     from .workspace import Workspace
 

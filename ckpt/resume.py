@@ -17,7 +17,7 @@ from .errors import CkptError, IntegrityError
 
 if TYPE_CHECKING:
     from .manifest import Checkpoint
-    from .task import Task
+    from .task_base import Task
 
 
 def _size(path: Path) -> int | None:

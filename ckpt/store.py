@@ -35,7 +35,7 @@ from .store_cache import download_cached
 from .store_doctor import abort_stale_uploads, bad_records, unclaimed_models
 from .store_models import Lease, LeaseLost, StoreModelIndex, make_model, move_model, take_title
 from .store_task import COMMIT_TRIES, StoreTask
-from .task import Task, TaskSummary
+from .task_base import Task, TaskSummary
 from .timeutil import now_iso
 from .trash_entry import ENTRY_ID, put_once
 from .workspace import Workspace

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .importer import Unknown
     from .store import StoreWorkspace
     from .store_task import StoreTask
-    from .task import Task
+    from .task_base import Task
     from .trash_results import Repair
 
 

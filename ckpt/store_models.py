@@ -23,7 +23,7 @@ from .trash_models import drop_model
 
 if TYPE_CHECKING:
     from .store import StoreWorkspace
-    from .task import Task
+    from .task_base import Task
 
 MOVING_FILE = ".moving"  # in a model folder while a rename copies it (see _claim_source)
 LEASE = 600.0  # seconds a title claim holds without being renewed (see Lease)

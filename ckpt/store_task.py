@@ -31,7 +31,7 @@ from .store_cache import (
 from .store_doctor import Duplicate, adopt_objects, keys_of, task_leftovers, unknown_objects
 from .store_log import FOLD_EVERY, log_key, log_prefix, number_of, parse_record, record_bytes
 from .store_segments import HINT, decode, encode, id_of, merge, plan, segment_key, segment_prefix
-from .task import Task, TaskSummary
+from .task_base import Task, TaskSummary
 from .task_rows import CachedRows
 from .timeutil import now_iso
 from .trash_entry import put_once

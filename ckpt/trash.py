@@ -61,7 +61,7 @@ from .trash_models import restore_model, settle_model
 from .trash_plan import KeepRules, TrashPlan, TrashResult, count_links, held_by_links, locate, plan_unused
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task_base import Task
     from .trash_results import DiskUse, EmptyPlan, EmptyResult, Repair, RestoreResult
     from .workspace import Workspace
 

@@ -13,7 +13,7 @@ from .metrics import Direction, rank, require
 
 if TYPE_CHECKING:
     from .storage.base import Blob, Storage
-    from .task import Task
+    from .task_base import Task
     from .trash_results import Held
 
 

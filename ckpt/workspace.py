@@ -39,7 +39,8 @@ from .names import case_twin, check_task_name
 from .row_caches import SummaryCache, TaskRowsCache
 from .storage import Storage, is_url
 from .storage.folder import FolderStorage
-from .task import Task, TaskSummary
+from .task import FolderTask
+from .task_base import Task, TaskSummary
 from .task_rows import SETTLED_NS
 from .timeutil import now_iso
 
@@ -315,7 +316,7 @@ class Workspace:
         if name in self._tasks:
             return self._tasks[name]
         folder = self.tasks_dir / name
-        t = Task(self, name)
+        t = FolderTask(self, name)
         t.refuse_links()  # tasks/, the task folder, checkpoints/, its manifest, caches and lock: before any is read
         manifest = folder / TASK_FILE
         if not os.path.lexists(manifest) or os.path.isdir(manifest):  # a FIFO or device: refused when it is read
@@ -437,6 +438,7 @@ class Workspace:
                 errors.append(e)
                 rows.append(None)
                 continue
+            assert isinstance(task, FolderTask)  # this workspace's tasks (a bucket's `tasks` is its own)
             rows.append(summary)
             cache.put(name, task._reader, {k: getattr(summary, k) for k in _SUMMARY_FIELDS})
         cache.save(tasks)
@@ -575,7 +577,7 @@ class Workspace:
         found, and whether the manifest parses now."""
         from .mend import mend_manifest
 
-        task = self._tasks.get(name) or Task(self, name)
+        task = self._tasks.get(name) or FolderTask(self, name)
         return mend_manifest(task, error, dry_run=dry_run, drop_bad=drop_bad)
 
     def leftovers(self, *, dry_run: bool, stale_after: float | None = None) -> list[Repair]:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import ckpt
+import ckpt.task
 from ckpt import placing, trash, trash_entry
 
 from .conftest import make_task
@@ -152,7 +153,7 @@ def test_doctor_dry_run_does_not_call_files_an_interrupted_trash_moved_missing(
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(ckpt.Task, "update", killed)
+        m.setattr(ckpt.task.FolderTask, "update", killed)
         with pytest.raises(Killed):
             trash.trash_unused(ckpt.Workspace.open(ws.root), "unet")
     dry = run_json("doctor", "--dry-run")["repairs"]

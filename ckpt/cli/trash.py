@@ -61,7 +61,7 @@ def _reason(*words: Any) -> str:
 
 
 def _numbers(numbers: list[int]) -> str:
-    from ..task import ranges
+    from ..task_base import ranges
 
     return ranges(numbers) if numbers else ""
 
