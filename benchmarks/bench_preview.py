@@ -244,7 +244,7 @@ def demo_miou(device: str) -> None:
     """mIoU of the demo's checkpoints 3, 7, 10 with auto and with fp32, and the largest difference."""
     from ckpt.demo import demo_numbers, load_training_example
     from ckpt.preview import PreviewOptions, run_preview, task_sources
-    from ckpt.workspace import Workspace
+    from ckpt.workspace_base import Workspace
 
     given = _arg("--demo")
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-demo-") as tmp:

@@ -25,21 +25,23 @@ from .errors import (
 from .manifest import Checkpoint
 from .models import Model
 from .task_base import Task, TaskSummary
-from .workspace import Workspace
+from .workspace import FolderWorkspace
+from .workspace_base import Workspace
 
 __version__ = "0.1.0"
 
 
 def _open_url(url: str, create: bool) -> Workspace:
     """A workspace in object storage (`s3://bucket/prefix`): made with `create`, else opened. The package is
-    where both stores meet: ckpt.workspace (the folder) does not import ckpt.store (the bucket), which builds
-    on it; ckpt.store is imported only when a URL is opened."""
+    where both stores meet: ckpt.workspace_base (the workspace of any store) imports neither ckpt.workspace (the
+    folder) nor ckpt.store (the bucket), which build on it; ckpt.store is imported only when a URL is opened."""
     from .store import StoreWorkspace
 
     return StoreWorkspace.init_url(url) if create else StoreWorkspace.open_url(url)
 
 
 Workspace.url_opener = _open_url
+Workspace.folder_opener = FolderWorkspace.at
 
 __all__ = [
     "BusyError",

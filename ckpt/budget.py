@@ -19,7 +19,7 @@ from .timeutil import parse_age, parse_iso
 
 if TYPE_CHECKING:
     from .trash_results import EmptyPlan
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*", re.I)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}

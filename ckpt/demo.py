@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ConflictError, NotFoundError, UsageError
 from .preview import PreviewOptions, PreviewResult, Progress, run_preview, task_sources
-from .workspace import Workspace
+from .workspace_base import Workspace
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from .trash_results import Repair
 
 if TYPE_CHECKING:
     from .task_base import Task
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 def doctor(

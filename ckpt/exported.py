@@ -22,7 +22,7 @@ from .tensor_streams import Contents
 from .timeutil import now_iso
 
 if TYPE_CHECKING:
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 WEIGHTS = "model.safetensors"
 

@@ -52,7 +52,7 @@ from .pathtext import escape_path
 if TYPE_CHECKING:
     from .manifest import Checkpoint
     from .task_base import Task
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 FORMATS = ("auto", "lightning", "huggingface", "files", *KINDS)
 MODES = ("link", "copy", "move")

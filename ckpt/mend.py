@@ -19,7 +19,7 @@ from .trash_results import Repair
 
 if TYPE_CHECKING:
     from .task_base import Task
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 def mend_manifest(task: Task, error: ManifestError, *, dry_run: bool, drop_bad: bool) -> tuple[list[Repair], bool]:

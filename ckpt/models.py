@@ -27,7 +27,7 @@ from .timeutil import now_iso
 
 if TYPE_CHECKING:
     from .task_base import Task
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 CREATE_LOCK_FILE = ".create.lock"  # in models/: serialises making a title (the case check and the rename)
 STORAGES = ("hardlink", "reflink", "copy")

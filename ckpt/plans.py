@@ -18,7 +18,7 @@ from .names import case_twin, check_task_name, check_title
 if TYPE_CHECKING:
     from .manifest import Checkpoint
     from .task_base import Task
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from .metrics import Direction, rank, toml_key, value
 
 if TYPE_CHECKING:
     from .trash import KeepRules
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 X_KINDS = ("step", "epoch", "number")
 FORMATS = (".png", ".svg")

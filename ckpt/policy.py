@@ -34,7 +34,7 @@ from .timeutil import parse_age
 if TYPE_CHECKING:
     from .task_base import Task
     from .trash import KeepRules, TrashResult
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 KEYS = ("keep_last", "keep_best", "metric", "mode", "keep_every", "keep_interval")
 _UNITS = (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))

@@ -54,7 +54,7 @@ from .picture import (
 )
 
 if TYPE_CHECKING:
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 Progress = Callable[[int, int], None]  # (images × checkpoints done, total)

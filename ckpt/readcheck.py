@@ -16,7 +16,7 @@ from . import hashing
 from .errors import IntegrityError
 
 if TYPE_CHECKING:
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 def check_readable(ws: Workspace, path: Path, *, sha256: str | None = None, size: int | None = None, task: str) -> None:

@@ -25,7 +25,7 @@ from .timeutil import now_iso
 if TYPE_CHECKING:
     from .plot import PlotData, TaskCurves
     from .preview import PreviewResult
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 @dataclass(slots=True)

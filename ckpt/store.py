@@ -38,7 +38,7 @@ from .store_task import COMMIT_TRIES, StoreTask
 from .task_base import Task, TaskSummary
 from .timeutil import now_iso
 from .trash_entry import ENTRY_ID, put_once
-from .workspace import Workspace
+from .workspace_base import Workspace
 
 if TYPE_CHECKING:
     from .trash_results import Repair
@@ -116,29 +116,17 @@ class StoreWorkspace(Workspace):
 
     # -- tasks --
 
-    def create_task(
+    def make_task(
         self,
         name: str,
         *,
-        arch: str | None = None,
-        arch_kwargs: Mapping[str, Any] | None = None,
-        exist_ok: bool = False,
-        settings: Mapping[str, Any] | None = None,
-        metric_modes: Mapping[str, str] | None = None,
-        source: Mapping[str, str] | None = None,
-        policy: Any = None,
+        arch: str | None,
+        arch_kwargs: Mapping[str, Any] | None,
+        exist_ok: bool,
+        settings: Mapping[str, Any] | None,
+        metric_modes: Mapping[str, str] | None,
+        source: Mapping[str, str] | None,
     ) -> Task:
-        if policy is not None:  # made, then its policy recorded (ckpt.policy), as in a folder
-            return super().create_task(
-                name,
-                arch=arch,
-                arch_kwargs=arch_kwargs,
-                exist_ok=exist_ok,
-                settings=settings,
-                metric_modes=metric_modes,
-                source=source,
-                policy=policy,
-            )
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
             raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
@@ -177,6 +165,9 @@ class StoreWorkspace(Workspace):
         t.reload()  # raises TaskNotFound
         self._tasks[name] = t
         return t
+
+    def linked_task_folders(self) -> list[CkptError]:
+        return []  # a bucket has no links
 
     def orphan_task_folders(self) -> list[str]:
         return []  # a bucket has no folders: a prefix without task.toml is reported by tasks() as an error

@@ -32,7 +32,7 @@ from .timeutil import now_iso
 if TYPE_CHECKING:
     from .importer import Unknown
     from .trash_results import Repair
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 from .layout import (
     CACHE_FILE,

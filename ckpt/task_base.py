@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .importer import Unknown
     from .models import Model
     from .trash_results import Repair
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 from .layout import (
     TASK_FILE,

@@ -63,7 +63,7 @@ from .trash_plan import KeepRules, TrashPlan, TrashResult, count_links, held_by_
 if TYPE_CHECKING:
     from .task_base import Task
     from .trash_results import DiskUse, EmptyPlan, EmptyResult, Repair, RestoreResult
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 
 class _Overlap(Exception):

@@ -24,7 +24,7 @@ from .storage.base import PreconditionFailed, Storage
 from .timeutil import parse_iso
 
 if TYPE_CHECKING:
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 ENTRY_FILE = "entry.toml"
 FILES_DIR = "files"

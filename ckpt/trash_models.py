@@ -30,7 +30,7 @@ from .trash_plan import count_links
 
 if TYPE_CHECKING:
     from .trash_results import ModelTrashResult
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 OWN = frozenset({CLAIM_FILE})  # a title's claim stays with the title: never moved with a model's files
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from . import hashing
 
 if TYPE_CHECKING:
-    from .workspace import Workspace
+    from .workspace_base import Workspace
 
 __all__ = ["Problem", "Stored", "VerifyResult", "verify"]
 

@@ -1,4 +1,4 @@
-"""The workspace and its tasks: the library that training scripts call, and the core the CLI uses."""
+"""A workspace in a folder (`FolderWorkspace`): its tasks, settings, models and trash on the local disk."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import fsutil, hashing, locks
 from .errors import (
@@ -21,7 +21,6 @@ from .errors import (
     ManifestError,
     TaskNotFound,
     UsageError,
-    WorkspaceNotFound,
 )
 from .manifest import (
     FORMAT,
@@ -37,12 +36,12 @@ from .manifest import (
 from .metrics import check_modes
 from .names import case_twin, check_task_name
 from .row_caches import SummaryCache, TaskRowsCache
-from .storage import Storage, is_url
 from .storage.folder import FolderStorage
 from .task import FolderTask
 from .task_base import Task, TaskSummary
 from .task_rows import SETTLED_NS
 from .timeutil import now_iso
+from .workspace_base import Workspace, find_workspace
 
 if TYPE_CHECKING:
     from .models import Model, ModelIndex
@@ -69,32 +68,6 @@ from .layout import (  # noqa: F401 (re-exported: where tests and older callers 
 T = TypeVar("T")
 
 
-def find_workspace(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:
-    """Where the workspace is: `explicit`, else `CKPT_WORKSPACE`, else the nearest `ckpt.toml` upwards.
-
-    Raises WorkspaceNotFound when none is found.
-    """
-    chosen = explicit if explicit not in (None, "") else os.environ.get("CKPT_WORKSPACE") or None
-    if chosen is not None:
-        root = Path(chosen).expanduser()
-        if not (root / WORKSPACE_FILE).is_file():
-            raise WorkspaceNotFound(
-                f"'{root}' is not a ckpt workspace (no {WORKSPACE_FILE})",
-                path=root,
-                hint=f"run: ckpt init {root}",
-            )
-        return root.resolve()
-    here = (cwd or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / WORKSPACE_FILE).is_file():
-            return folder
-    raise WorkspaceNotFound(
-        f"no ckpt workspace here or above ({here})",
-        path=here,
-        hint="run: ckpt init, or pass --workspace/-w or set CKPT_WORKSPACE",
-    )
-
-
 _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
 
 
@@ -113,43 +86,15 @@ def _valid_summary(row: dict[str, Any], name: str) -> bool:
     )
 
 
-class Workspace:
-    """A ckpt workspace: a folder with `ckpt.toml` at its root, or a URL (`s3://bucket/prefix`, see ckpt.store)."""
+class FolderWorkspace(Workspace):
+    """A workspace in a folder: `ckpt.toml` at its root, `tasks/`, `models/`, `trash/` beside it."""
 
-    remote = False  # True for a workspace in object storage (ckpt.store.StoreWorkspace); informational only
-
-    def __init__(self, root: Path, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None):
-        self.root = root
-        self.storage: Storage = FolderStorage(root)  # the primitives the trash operations use (ckpt.trash)
-        self.settings = settings or {}
-        # ckpt.toml's [metrics]: the workspace's default direction per metric (see ckpt.metrics)
-        self.metric_modes = metric_modes or {}
-        self._tasks: dict[str, Task] = {}
-
-    # -- opening --
-
-    # How a workspace named by a URL is made or opened: (url, create) -> the workspace. Set once by the package
-    # (ckpt/__init__.py), which knows both stores; this module knows only the folder (no import of ckpt.store).
-    url_opener: ClassVar[Callable[[str, bool], Workspace] | None] = None
-
-    @classmethod
-    def _url(cls, url: str, create: bool) -> Workspace:
-        opener = Workspace.url_opener
-        if opener is None:  # pragma: no cover (ckpt/__init__.py sets it whenever ckpt.workspace is imported)
-            raise UsageError(f"cannot open {url!r}: import ckpt first")
-        return opener(url, create)
-
-    @classmethod
-    def init(cls, path: str | os.PathLike[str] = ".") -> Workspace:
-        """Create a workspace at `path` (the folder may exist) and return it; an existing one is opened.
-
-        `path` may be a URL (`s3://bucket/prefix`): the workspace is then made in object storage.
-        """
-        if is_url(path):
-            return cls._url(str(path), True)
+    @staticmethod
+    def init_folder(path: str | os.PathLike[str]) -> FolderWorkspace:
+        """Create a workspace in folder `path` (which may exist) and open it; an existing one is opened."""
         root = Path(path).expanduser()
         if (root / WORKSPACE_FILE).exists():
-            return cls.open(root)
+            return FolderWorkspace.open_folder(root)
         if root.exists() and not root.is_dir():
             raise ConflictError(f"'{root}' exists and is not a folder", path=root)
         root.mkdir(parents=True, exist_ok=True)
@@ -157,17 +102,11 @@ class Workspace:
             (root / sub).mkdir(exist_ok=True)
         # the workspace file comes last: a folder is a workspace only once its layout exists
         fsutil.atomic_write(root / WORKSPACE_FILE, dumps({"format": FORMAT, "settings": {}}))
-        return cls.open(root)
+        return FolderWorkspace.open_folder(root)
 
-    @classmethod
-    def open(cls, path: str | os.PathLike[str] | None = None) -> Workspace:
-        """Open the workspace at `path` (or found as find_workspace does); raises WorkspaceNotFound, ManifestError.
-
-        `path` (or `CKPT_WORKSPACE`) may be a URL such as `s3://bucket/prefix` (needs the `s3` extra).
-        """
-        chosen = path if path not in (None, "") else os.environ.get("CKPT_WORKSPACE") or None
-        if is_url(chosen):
-            return cls._url(str(chosen), False)
+    @staticmethod
+    def open_folder(path: str | os.PathLike[str] | None) -> FolderWorkspace:
+        """Open the workspace in folder `path` (or found as find_workspace does)."""
         root = find_workspace(path)
         for own in (WORKSPACE_FILE, "tasks", "models", "trash"):
             fsutil.refuse_links(root, own)  # before anything is read or made through one
@@ -181,7 +120,19 @@ class Workspace:
                     path=root / sub,
                     hint=f"move that file aside (it is not ckpt's), then run the command again: a new {sub}/ is made",
                 ) from None
-        return cls(root, settings, modes)
+        return FolderWorkspace(root, settings, modes)
+
+    @staticmethod
+    def at(path: str | os.PathLike[str] | None, create: bool) -> FolderWorkspace:
+        """`Workspace.folder_opener`: the folder at `path`, made first with `create`."""
+        if create:
+            assert path is not None
+            return FolderWorkspace.init_folder(path)
+        return FolderWorkspace.open_folder(path)
+
+    def __init__(self, root: Path, settings: dict[str, Any] | None = None, metric_modes: dict[str, str] | None = None):
+        super().__init__(root, settings, metric_modes)
+        self.storage = FolderStorage(root)
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -199,20 +150,6 @@ class Workspace:
         """Whether local `path` is inside this workspace."""
         return path.resolve().is_relative_to(self.root.resolve())
 
-    # -- paths --
-
-    @property
-    def tasks_dir(self) -> Path:
-        return self.root / "tasks"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def trash_dir(self) -> Path:
-        return self.root / "trash"
-
     def rel(self, path: Path) -> str:
         """`path` relative to the workspace root, with forward slashes, as text (pathtext: a name may not be UTF-8)."""
         from .pathtext import escape_path  # here: `import ckpt` need not pay for it
@@ -222,44 +159,17 @@ class Workspace:
         except ValueError:
             return escape_path(path)
 
-    # -- tasks --
-
-    def create_task(
+    def make_task(
         self,
         name: str,
         *,
-        arch: str | None = None,
-        arch_kwargs: Mapping[str, Any] | None = None,
-        exist_ok: bool = False,
-        settings: Mapping[str, Any] | None = None,
-        metric_modes: Mapping[str, str] | None = None,
-        source: Mapping[str, str] | None = None,
-        policy: Any = None,
+        arch: str | None,
+        arch_kwargs: Mapping[str, Any] | None,
+        exist_ok: bool,
+        settings: Mapping[str, Any] | None,
+        metric_modes: Mapping[str, str] | None,
+        source: Mapping[str, str] | None,
     ) -> Task:
-        """Create task `name` and return it. With `exist_ok`, an existing task is returned instead.
-
-        `arch` is the network's factory as "package.module:factory", `arch_kwargs` its keyword
-        arguments (JSON-serialisable; None is kept); `metric_modes` says which way each metric is better
-        ("min" or "max"); `source` is where an import's files come from ({"path", "how"}); `policy` is
-        the task's retention policy (ckpt.policy: `{"keep_last": 3, "keep_best": 2, "metric": "val_loss"}`),
-        applied in the background after each save (also to an existing task, with `exist_ok`). Raises
-        UsageError for a bad name, ConflictError when it exists (without `exist_ok`).
-        """
-        if policy is not None:
-            from .policy import rules_of, set_policy
-
-            rules_of(policy)  # a malformed policy is refused before the task is made
-            task = self.create_task(
-                name,
-                arch=arch,
-                arch_kwargs=arch_kwargs,
-                exist_ok=exist_ok,
-                settings=settings,
-                metric_modes=metric_modes,
-                source=source,
-            )
-            set_policy(self, name, policy)
-            return task
         check_task_name(name)
         if arch is not None and (not isinstance(arch, str) or ":" not in arch):
             raise UsageError(f"invalid architecture {arch!r}", hint="use 'package.module:factory'")
@@ -444,32 +354,12 @@ class Workspace:
         cache.save(tasks)
         return rows, errors
 
-    # -- models (see models.py) --
-
     @property
     def models(self) -> ModelIndex:
         """Every model of the workspace: iterable, `len()`, and indexable by title."""
         from .models import ModelIndex
 
         return ModelIndex(self)
-
-    def promote(
-        self,
-        task: str,
-        number: int | None = None,
-        *,
-        title: str | None = None,
-        best: str | None = None,
-        mode: str | None = None,
-        minimize: bool = False,
-        copy: bool = False,
-    ) -> Model:
-        """Make model `title` (default `TASK-N`) from checkpoint `number` of `task`, or the best by metric `best`
-        (`mode` "min"/"max" or `minimize`; else the direction the task, the workspace or the name gives).
-        Promoting the same checkpoint under its title again returns the existing model."""
-        from .models import promote
-
-        return promote(self, task, number, title=title, best=best, mode=mode, minimize=minimize, copy=copy).model
 
     def read_settings(self) -> dict[str, Any]:
         """`ckpt.toml` as read now (checked as `open` checks it)."""
@@ -640,9 +530,3 @@ class Workspace:
         from .models import move_folder_model
 
         return move_folder_model(self, model, new)
-
-    def models_of(self, task: str) -> dict[int, list[str]]:
-        """Titles of the models made from each checkpoint number of `task`."""
-        from .models import models_by_checkpoint
-
-        return models_by_checkpoint(self, task)

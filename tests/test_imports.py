@@ -25,17 +25,11 @@ from ckpt import workspace
 from ckpt.cli import _render
 from ckpt.cli._render import checkpoint_json
 from ckpt.hashing import hash_tree
+from ckpt.layout import CACHE_FILE, LIST_CACHE_FILE, SUMMARY_CACHE_FILE, TASK_ROWS_CACHE_FILE, Incoming
 from ckpt.manifest import COLUMNS, Checkpoint, parse_task
+from ckpt.task_base import Task
 from ckpt.task_reader import TaskReader
-from ckpt.workspace import (
-    CACHE_FILE,
-    LIST_CACHE_FILE,
-    SUMMARY_CACHE_FILE,
-    TASK_ROWS_CACHE_FILE,
-    Incoming,
-    Task,
-    Workspace,
-)
+from ckpt.workspace import FolderWorkspace
 
 from .conftest import make_task
 
@@ -579,13 +573,13 @@ def _plain_tasks(ws: ckpt.Workspace) -> bytes:
 def _read_tasks(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """A probe: the names of the tasks each later `ckpt tasks` had to summarise (not from its kept rows)."""
     calls: list[list[str]] = []
-    summaries = Workspace._summaries
+    summaries = FolderWorkspace._summaries
 
-    def recording(self: Workspace, names: list[str], tasks: list[str]) -> Any:
+    def recording(self: FolderWorkspace, names: list[str], tasks: list[str]) -> Any:
         calls.append(list(names))
         return summaries(self, names, tasks)
 
-    monkeypatch.setattr(Workspace, "_summaries", recording)
+    monkeypatch.setattr(FolderWorkspace, "_summaries", recording)
     return calls
 
 

@@ -11,7 +11,7 @@ import pytest
 import ckpt
 from ckpt import fsutil
 from ckpt.errors import ConflictError, ManifestError, UsageError, WorkspaceNotFound
-from ckpt.workspace import find_workspace
+from ckpt.workspace_base import find_workspace
 
 from .conftest import make_task
 

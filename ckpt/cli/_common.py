@@ -66,7 +66,7 @@ def plural(n: int, word: str, words: str | None = None) -> str:
 
 
 def open_workspace() -> Any:
-    from ..workspace import Workspace
+    from ..workspace_base import Workspace
 
     return Workspace.open(STATE.workspace)
 

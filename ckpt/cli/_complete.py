@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..storage import is_url
-from ..workspace import find_workspace
+from ..workspace_base import find_workspace
 
 
 def _root(ctx: Any) -> Path | None:

@@ -63,7 +63,7 @@ def init(
 
     Example: ckpt init runs
     """
-    from ..workspace import Workspace
+    from ..workspace_base import Workspace
 
     ws = Workspace.init(path or ".")
     if json:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConflictError
 
 if TYPE_CHECKING:
-    from ..workspace import Task
+    from ..task_base import Task
 
 
 def refuse_unless_running(task: Task) -> None:

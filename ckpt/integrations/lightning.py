@@ -29,7 +29,8 @@ except ImportError:  # pragma: no cover (the older package name)
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
 
 from ..metrics import MODES, mode_from_name
-from ..workspace import Task, Workspace
+from ..task_base import Task
+from ..workspace_base import Workspace
 from .common import refuse_unless_running
 
 

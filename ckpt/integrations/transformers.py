@@ -32,7 +32,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..importer import import_path
-from ..workspace import Task, Workspace
+from ..task_base import Task
+from ..workspace_base import Workspace
 from .common import refuse_unless_running
 
 _CHECKPOINT = re.compile(r"checkpoint-([0-9]+)")
