@@ -225,3 +225,23 @@ def test_doctor_reports_a_model_folder_without_its_record(ws: ckpt.Workspace, ru
         assert [(r["path"], r["action"][:10]) for r in repairs] == [("models/ghost", "left alone")]
         assert "title 'ghost' is taken" in repairs[0]["problem"]
     assert (ws.models_dir / "ghost" / "000001.pt").read_bytes() == b"z"
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_with_a_next_step(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "CKPT_WORKSPACE"},
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens on the discard port
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "ckpt", "-w", "s3://bkt/ws", "list", "a"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert (
+        r.stderr.startswith("error: cannot reach the S3 endpoint (http://127.0.0.1:9)")
+        and "AWS_ENDPOINT_URL" in r.stderr
+    )

@@ -141,6 +141,13 @@ def handle_errors(fn: F) -> F:
                     "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for MinIO (see docs/s3.md)"
                 )
                 raise typer.Exit(1) from None
+            if type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):  # botocore
+                where = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+                err(
+                    f"error: cannot reach the S3 endpoint ({where}): {e}; check the network and AWS_ENDPOINT_URL "
+                    "(see docs/s3.md), then run the command again"
+                )
+                raise typer.Exit(1) from None
             err(f"internal error: {type(e).__name__}: {e} (set CKPT_DEBUG=1 for a traceback)")
             raise typer.Exit(1) from None
 
