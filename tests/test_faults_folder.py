@@ -473,7 +473,6 @@ def test_models_remove_killed_after_its_move_is_finished_by_running_it_again(tmp
     assert [e.state for e in entries] == ["complete"]
 
 
-@pytest.mark.xfail(strict=True, reason="a re-run of `scan --add` does not see a killed one's staged file (issue 16)")
 def test_scan_add_killed_after_staging_takes_the_file_in_when_run_again(tmp_path: Path, faults: Faults) -> None:
     setup_stray(tmp_path)
     ws = ckpt.Workspace.open(tmp_path / "ws")
