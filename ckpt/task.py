@@ -219,7 +219,7 @@ class FolderTask(Task):
             fsutil.remove_file(self.manifest)
             for name in (CACHE_FILE, LIST_CACHE_FILE):
                 fsutil.remove_file(self.folder / name)
-        self.ws._tasks.pop(self.name, None)
+        self.ws.forget_task(self.name)
         fsutil.remove_file(self.folder / LOCK_FILE)
         with contextlib.suppress(OSError):
             os.rmdir(self.folder)
@@ -337,6 +337,11 @@ class FolderTask(Task):
         from .importer import adopt_files
 
         return adopt_files(self, candidates)
+
+    @property
+    def reader(self) -> TaskReader:
+        """What reads this task's manifest incrementally (the workspace's summary cache keys on it)."""
+        return self._reader
 
     def forget_read(self) -> None:
         """Read the manifest again next time (it was replaced behind this handle's back)."""

@@ -350,7 +350,7 @@ class FolderWorkspace(Workspace):
                 continue
             assert isinstance(task, FolderTask)  # this workspace's tasks (a bucket's `tasks` is its own)
             rows.append(summary)
-            cache.put(name, task._reader, {k: getattr(summary, k) for k in _SUMMARY_FIELDS})
+            cache.put(name, task.reader, {k: getattr(summary, k) for k in _SUMMARY_FIELDS})
         cache.save(tasks)
         return rows, errors
 

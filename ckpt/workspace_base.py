@@ -165,6 +165,10 @@ class Workspace(ABC):
 
         return models_by_checkpoint(self, task)
 
+    def forget_task(self, name: str) -> None:
+        """Drop the handle of task `name` (it was removed): the next `task(name)` looks again."""
+        self._tasks.pop(name, None)
+
     # -- the steps each store gives --
 
     @property
