@@ -306,7 +306,7 @@ class Run:
             if any(p.name.startswith(".pending-") for p in (self.root / "tasks" / TASK).iterdir()):
                 stats["mid-operation"] += 1
             self.note(f"{op} (killed)" if killed else op, proc.returncode, argparse.Namespace(stdout=out, stderr=err))
-            if op == "empty" and asked and not (self.root / "trash" / asked[0]["id"]).exists():
+            if op == "empty" and asked and _being_emptied(self.root / "trash" / asked[0]["id"]):
                 self.emptied.update(asked[0]["checkpoints"] or [])
             # the invariants hold after the next command, which recovers: a doctor, or a save (it takes the
             # task's lock, which finishes or undoes an interrupted trash or restore of the task)
@@ -361,6 +361,15 @@ class Run:
             if not found:
                 problems.append(f"checkpoint {n} is lost (looked in {[str(p) for p in places.get(n, [])]})")
         return problems
+
+
+def _being_emptied(entry: Path) -> bool:
+    """Whether the empty of this entry got far enough to commit to it: the entry is gone, or marked "emptying"
+    (its files are going; the next empty or doctor finishes it, and restore refuses it)."""
+    try:
+        return b'state = "emptying"' in (entry / "entry.toml").read_bytes()
+    except FileNotFoundError:
+        return not entry.exists() or not (entry / "entry.toml").exists()
 
 
 def _sha256(data: bytes) -> str:

@@ -3,6 +3,8 @@ a remove that stopped; written once for every store, as ckpt.trash is (see its c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,18 @@ if TYPE_CHECKING:
 OWN = frozenset({CLAIM_FILE})  # a title's claim stays with the title: never moved with a model's files
 
 
+@contextlib.contextmanager
+def _model_locks(ws: Workspace, task_name: str | None) -> Iterator[None]:
+    """The lock of the model's source task where the store has locks and the task exists (a trash-unused of it
+    then sees a consistent set of models), then the trash's; always in that order."""
+    with contextlib.ExitStack() as stack:
+        if task_name:
+            with contextlib.suppress(CkptError):
+                stack.enter_context(ws.task(task_name).lock())
+        stack.enter_context(ws.exclusive("the trash"))
+        yield
+
+
 def trash_model(ws: Workspace, title: str, reason: str = "") -> ModelTrashResult:
     """Move model `title` (its whole folder) to a new trash entry; its source checkpoint is untouched.
 
@@ -54,7 +68,7 @@ def trash_model(ws: Workspace, title: str, reason: str = "") -> ModelTrashResult
     blobs = storage.list_prefix(folder + "/")
     links: dict[object, list[int]] = {}
     count_links(links, [b for b in blobs if b.key != f"{folder}/{MODEL_FILE}"])
-    with ws.exclusive("the trash"):
+    with _model_locks(ws, model.task):
         entry = create_entry(
             ws,
             lambda entry_id: Entry(
@@ -190,7 +204,7 @@ def restore_model(ws: Workspace, entry_id: str) -> Entry:
         hint="rename that model first: ckpt models rename",
     )
     # the claim's token is the entry's id: an interrupted restore takes its own claim back at once
-    with ws.exclusive("the trash"), ws.title_lease(title, token=f"restore-{entry.id}", taken=exists) as renew:
+    with _model_locks(ws, entry.task), ws.title_lease(title, token=f"restore-{entry.id}", taken=exists) as renew:
         entry, etag = read_entry_tagged(ws, entry_id)
         if entry.state not in ("complete", "restoring"):
             raise ConflictError(f"trash entry '{entry_id}' is {entry.state}", hint="run: ckpt doctor")

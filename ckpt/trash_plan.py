@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import IntegrityError, UsageError
+from .errors import IntegrityError, ModelNotFound, UsageError
 from .layout import CHECKPOINT_DIR
 from .manifest import Checkpoint
 from .metrics import Direction, rank, require
@@ -102,7 +102,12 @@ def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: 
     out = Reasons(why)
     if cps:
         why[cps[-1].number].append("latest")
-    models, model_errors = task.ws.models.read_all()
+    for _ in range(3):
+        models, model_errors = task.ws.models.read_all()
+        # a model removed or renamed by another command between the listing and its reading is no damage:
+        # read again (a rename is one step, so the next listing sees the model under its new title)
+        if not all(isinstance(e, ModelNotFound) for e in model_errors) or not model_errors:
+            break
     if model_errors:  # its checkpoint may be one this would trash: refuse rather than guess
         raise IntegrityError(
             f"a model could not be read, so the checkpoint it came from is not known: {model_errors[0]}; "
