@@ -271,21 +271,7 @@ def _match(held: list[Checkpoint], found: list[Found]) -> tuple[list[ImportRow],
             row.action = "duplicate"
             row.note = f"same bytes as {first[key].name}"
         else:
-            new.append(
-                Incoming(
-                    source=c.path,
-                    original_name=c.name,
-                    size=c.size,
-                    sha256=c.sha256,
-                    step=c.step,
-                    epoch=c.epoch,
-                    metrics=dict(c.metrics),
-                    created=_iso(c.mtime) if c.mtime else None,
-                    files=c.files,
-                    is_dir=c.is_dir,
-                    dev=c.dev,
-                )
-            )
+            new.append(_incoming(c))
         rows.append(row)
     return rows, new
 
@@ -340,25 +326,27 @@ def adopt_files(t: Task, candidates: list[Unknown]) -> tuple[list[Checkpoint], s
     found = [_found_of(u, t) for u in candidates]
     order_by_plain_name(found)
     hash_found(found)
-    items = [
-        Incoming(
-            source=c.path,
-            original_name=c.name,
-            size=c.size,
-            sha256=c.sha256,
-            step=c.step,
-            epoch=c.epoch,
-            metrics=dict(c.metrics),
-            created=_iso(c.mtime) if c.mtime else None,
-            files=c.files,
-            is_dir=c.is_dir,
-            dev=c.dev,
-        )
-        for c in found
-    ]
+    items = [_incoming(c) for c in found]
     added = t.add_existing(items, mode="move")
     t.refresh_cache()
     return added, {u.rel for u in candidates}
+
+
+def _incoming(c: Found) -> Incoming:
+    """What `Task.add_existing` is handed for a checkpoint found in a source (an import) or a task (scan --add)."""
+    return Incoming(
+        source=c.path,
+        original_name=c.name,
+        size=c.size,
+        sha256=c.sha256,
+        step=c.step,
+        epoch=c.epoch,
+        metrics=dict(c.metrics),
+        created=_iso(c.mtime) if c.mtime else None,
+        files=c.files,
+        is_dir=c.is_dir,
+        dev=c.dev,
+    )
 
 
 def _found_of(u: Unknown, t: Task) -> Found:

@@ -27,22 +27,7 @@ if TYPE_CHECKING:
     from .trash_results import Repair
     from .verify import Stored
 
-from .layout import (  # noqa: F401 (re-exported: where tests and older callers find them)
-    CACHE_FILE,
-    CHECKPOINT_DIR,
-    CREATE_LOCK_FILE,
-    IMPORT_MARKER_PREFIX,
-    LIST_CACHE_FILE,
-    LOCK_FILE,
-    PENDING_PREFIX,
-    SETTINGS_LOCK,
-    STAGING_PREFIX,
-    SUMMARY_CACHE_FILE,
-    TASK_FILE,
-    TASK_ROWS_CACHE_FILE,
-    WORKSPACE_FILE,
-    Incoming,
-)
+from .layout import WORKSPACE_FILE
 
 T = TypeVar("T")
 
