@@ -318,7 +318,8 @@ def reuse_freed_memory(device: torch.device) -> Iterator[None]:
     layer of every batch page-faults and zeroes its output again: that cost as much time as half the
     convolutions. Inside, large blocks come from the heap and the heap is not trimmed; on the way out
     the free memory goes back to the OS and the thresholds are set to where glibc's own sliding
-    thresholds end up.
+    thresholds end up. The heap does not grow with the batches: a preview of 12 checkpoints peaks
+    26 MiB above one of 3, as without this (measured on the bench_preview UNet, 32 images).
     """
     libc = _glibc() if device.type == "cpu" else None
     if libc is None:
