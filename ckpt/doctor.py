@@ -81,6 +81,9 @@ def _orphan(ws: Workspace, name: str, dry_run: bool, recreate: bool) -> Repair:
     """A task folder without its manifest: reported; with `recreate`, a new manifest makes it a task again
     (running, no records, numbers after the highest file there), whose files `scan --add` then takes in."""
     where, problem = ws.rel(ws.tasks_dir / name), "a task folder without its manifest (task.toml)"
+    if ws.remove_unfinished_task(name, dry_run=dry_run):
+        problem = "a task folder whose creation stopped before its manifest (nothing in it)"
+        return Repair(where, problem, "would remove it" if dry_run else "removed")
     if not recreate:
         return Repair(where, problem, f"left alone: ckpt doctor --recreate-manifests, then ckpt scan {name} --add")
     if dry_run:

@@ -41,6 +41,7 @@ from .layout import (
     LIST_CACHE_FILE,
     LOCK_FILE,
     PENDING_PREFIX,
+    SAVING_FILE,
     STAGING_PREFIX,
     TASK_FILE,
     Incoming,
@@ -299,7 +300,7 @@ class ScanResult:
     added: list[Checkpoint] = field(default_factory=list)
 
 
-_OWNED = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR}
+_OWNED = {TASK_FILE, CACHE_FILE, LIST_CACHE_FILE, LOCK_FILE, CHECKPOINT_DIR, SAVING_FILE}
 
 
 def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:

@@ -22,6 +22,7 @@ CLAIM_FILE = ".claim"  # models/<title>/.claim: the lease of a title in a bucket
 
 STAGING_PREFIX = ".import-"  # an item being imported, in checkpoints/ (ckpt.staging)
 IMPORT_MARKER_PREFIX = ".importing-"  # in the task folder: what a running import staged (ckpt.staging)
+SAVING_FILE = ".saving.toml"  # in the task folder: the record of a save between its rename and its record
 
 
 @dataclass(slots=True)

@@ -172,6 +172,9 @@ class StoreWorkspace(Workspace):
     def orphan_task_folders(self) -> list[str]:
         return []  # a bucket has no folders: a prefix without task.toml is reported by tasks() as an error
 
+    def remove_unfinished_task(self, name: str, *, dry_run: bool) -> bool:
+        return False  # a task is created in a bucket by one write (its task.toml): none is left half-made
+
     def task_names(self) -> list[str]:
         # one LIST with a delimiter: the task "folders"; a folder without task.toml is reported by tasks()
         return [n for n in self.storage.children("tasks/") if not n.startswith(".")]

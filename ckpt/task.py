@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import adding, fsutil, locks
 from .errors import (
+    CkptError,
     ConflictError,
     ManifestError,
     UsageError,
@@ -21,7 +23,9 @@ from .manifest import (
     Checkpoint,
     TaskHeader,
     TaskState,
+    parse_toml,
     record_bytes,
+    records_in,
     task_bytes,
 )
 from .task_base import Task, TaskSummary
@@ -42,6 +46,7 @@ from .layout import (
     LIST_CACHE_FILE,
     LOCK_FILE,
     PENDING_PREFIX,
+    SAVING_FILE,
     TASK_FILE,
     Incoming,
 )
@@ -267,49 +272,121 @@ class FolderTask(Task):
         cdir.mkdir(exist_ok=True)
         # the bytes are written and fsynced outside the lock, so a slow save never blocks other commands
         tmp, size, digest = fsutil.write_new_file(cdir, "checkpoint" + ext, produce)
+        saving = self.folder / SAVING_FILE
         try:
             with self.lock():
+                self._finish_save()  # one a kill stopped between its rename and its record (one failed open if none)
                 state = self.state()
                 if state.header.status != "running":
                     raise ConflictError(
                         f"task '{self.name}' is {state.header.status}; it takes no new checkpoints",
                         hint="create a new task",
                     )
-                number = state.max_number + 1
+                number = state.max_number
                 while True:
-                    target = cdir / f"{number:06d}{ext}"
+                    number += 1
+                    cp = Checkpoint(
+                        number=number,
+                        file=f"{CHECKPOINT_DIR}/{number:06d}{ext}",
+                        size=size,
+                        sha256=digest,
+                        created=now_iso(),
+                        step=step,
+                        epoch=epoch,
+                        metrics=metrics,
+                        original_name=original_name,
+                        task=self.name,
+                    )
+                    target = self.folder / cp.file
+                    # the record first, beside the manifest: a kill after the rename leaves what the next save (or
+                    # doctor) needs to record the file (_finish_save). Not fsynced: a killed process's writes stay
+                    fsutil.make_file_new(saving, record_bytes(cp))
                     try:
                         fsutil.move_noreplace(tmp, target)
                         break
                     except ConflictError:
-                        number += 1  # a file without a record (a crash after the rename): never reuse its number
-                fsutil.fsync_dir(cdir)
-                cp = Checkpoint(
-                    number=number,
-                    file=f"{CHECKPOINT_DIR}/{target.name}",
-                    size=size,
-                    sha256=digest,
-                    created=now_iso(),
-                    step=step,
-                    epoch=epoch,
-                    metrics=metrics,
-                    original_name=original_name,
-                    task=self.name,
-                )
-                # the record is appended only once the file is complete and in place
-                data = record_bytes(cp)
-                size = os.stat(self.manifest).st_size
+                        fsutil.remove_file(saving)  # a file no record names (put there by hand): its number is skipped
+                    except BaseException:
+                        fsutil.remove_file(saving)
+                        raise
                 try:
-                    after = fsutil.append_durably(self.manifest, data)
+                    fsutil.fsync_dir(cdir)
+                    self._append_record(cp, target)  # only once the file is complete and in place
                 except BaseException:
-                    # an interrupt (Ctrl-C, SIGTERM) after the record landed: it names the file, which stays
-                    if os.stat(self.manifest).st_size != size + len(data):
-                        fsutil.remove_file(target)  # no record names it (the append was undone): nothing is left
+                    # an interrupt (Ctrl-C, SIGTERM) before the record landed: the save did not happen
+                    if not self._recorded(cp):
+                        fsutil.remove_file(target)
                     raise
-                self._reader.note_append(cp, data, after)
+                finally:
+                    fsutil.remove_file(saving)
         finally:
             fsutil.remove_file(tmp)
         return number
+
+    def _append_record(self, cp: Checkpoint, target: Path) -> None:
+        """Append the record of `cp`, whose file `target` is in place (caller holds the lock)."""
+        data = record_bytes(cp)
+        after = fsutil.append_durably(self.manifest, data)
+        self._reader.note_append(cp, data, after)
+
+    def _recorded(self, cp: Checkpoint) -> bool:
+        """Whether the manifest holds the record of `cp` (after an interrupted append: it landed, or was undone)."""
+        try:
+            return cp.number in self.state().checkpoints
+        except (CkptError, OSError):
+            return True  # unreadable: the file is kept, for doctor
+
+    def _finish_save(self, *, dry_run: bool = False) -> Repair | None:
+        """A save a kill stopped between its rename and its record (caller holds the lock): its file recorded
+        from the record it left in SAVING_FILE; that record dropped when the save landed or never renamed."""
+        from .trash_results import Repair
+
+        saving = self.folder / SAVING_FILE
+        there, cp = self._left_record(saving)
+        if not there:
+            return None
+        if cp is None:
+            if not dry_run:
+                fsutil.remove_file(saving)
+            return None
+        rel = self.ws.rel(self.folder / cp.file)
+        what = f"a save to task '{self.name}' killed before its record"
+        if dry_run:
+            return Repair(rel, what, "would record it")
+        self._append_record(cp, self.folder / cp.file)
+        fsutil.remove_file(saving)
+        return Repair(rel, what, f"recorded it as checkpoint {cp.number}")
+
+    def _left_record(self, saving: Path) -> tuple[bool, Checkpoint | None]:
+        """Whether a killed save left a record in `saving`, and that record when its file is in place exactly
+        as it says (the number unused, size and sha256 the same); None when not so (torn, landed, never
+        renamed, damaged: input like any other)."""
+        from .hashing import sha256_file
+
+        try:
+            if os.lstat(saving).st_size > 1 << 20:  # a record is a few hundred bytes
+                return True, None
+            data = fsutil.read_own(saving)
+        except FileNotFoundError:
+            return False, None
+        except (CkptError, OSError):
+            return True, None
+        try:
+            (cp,) = records_in(parse_toml(data, saving), saving, self.name).values()
+        except (CkptError, ValueError):
+            return True, None
+        if cp.file.count("/") != 1 or not cp.file.startswith(f"{CHECKPOINT_DIR}/"):
+            return True, None
+        if cp.number <= self.state().max_number:
+            return True, None  # it landed (or a later save took the number: never)
+        target = self.folder / cp.file
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return True, None  # never renamed
+        if not stat.S_ISREG(st.st_mode) or st.st_size != cp.size or sha256_file(target) != cp.sha256:
+            return True, None
+        return True, cp
 
     def add_existing(self, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
         """Add files and folders as they are (see ckpt.adding.add_existing)."""
@@ -348,9 +425,14 @@ class FolderTask(Task):
         self._reader.forget()
 
     def leftovers(self, *, dry_run: bool) -> tuple[list[Repair], set[str]]:
-        """The store's step of doctor for what this task's interrupted writes left beyond its marks: nothing on
-        a folder (a killed import's are `recover_imports`'); and the files it dealt with."""
-        return [], set()
+        """The store's step of doctor for what this task's interrupted writes left beyond its marks: a save
+        killed between its rename and its record (a killed import's are `recover_imports`'); and the files it
+        dealt with."""
+        if not os.path.lexists(self.folder / SAVING_FILE):
+            return [], set()
+        with self.lock():
+            repair = self._finish_save(dry_run=dry_run)
+        return ([repair], {repair.path}) if repair is not None else ([], set())
 
     def set_status_locked(self, status: str) -> TaskHeader:
         """Set the task's status (caller holds the lock)."""

@@ -105,9 +105,30 @@ class Task(ABC):
             have = f"it has {ranges(sorted(cps))}"
         else:
             have = "it has none"
+        held = self._trash_entry_holding(number) if 0 < number <= self.state().max_number else None
+        if held is not None:
+            raise CheckpointNotFound(
+                f"task '{self.name}' has no checkpoint {number} ({have}): it is in trash entry {held}",
+                hint=f"put it back: ckpt trash restore {held}",
+            )
         raise CheckpointNotFound(
             f"task '{self.name}' has no checkpoint {number} ({have})", hint=f"see: ckpt list {self.name}"
         )
+
+    def _trash_entry_holding(self, number: int) -> str | None:
+        """The trash entry that holds checkpoint `number` of this task, if one does (for an error's message:
+        entries that cannot be read are passed over)."""
+        from .trash_entry import read_entry  # here: only this error's path reads the trash (`import ckpt` is lighter)
+
+        ids, _ = self.ws.trash_entry_ids()
+        for entry_id in sorted(ids, reverse=True):  # the newest first: ids begin with their time
+            try:
+                entry = read_entry(self.ws, entry_id)
+            except (CkptError, OSError):
+                continue
+            if entry.kind == "checkpoints" and entry.task == self.name and number in entry.numbers:
+                return entry_id
+        return None
 
     def latest(self) -> Checkpoint | None:
         """The checkpoint with the highest number, or None."""

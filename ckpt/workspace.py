@@ -230,7 +230,7 @@ class FolderWorkspace(Workspace):
         t.refuse_links()  # tasks/, the task folder, checkpoints/, its manifest, caches and lock: before any is read
         manifest = folder / TASK_FILE
         if not os.path.lexists(manifest) or os.path.isdir(manifest):  # a FIFO or device: refused when it is read
-            if folder.is_dir() and (folder / CHECKPOINT_DIR).is_dir():
+            if folder.is_dir() and (folder / CHECKPOINT_DIR).is_dir() and not self._unfinished_task(name):
                 raise ManifestError(
                     f"task manifest {self.rel(folder / TASK_FILE)} is missing", path=folder, hint="run: ckpt doctor"
                 )
@@ -257,6 +257,40 @@ class FolderWorkspace(Workspace):
             for name, linked in self._task_folders()
             if not linked and not os.path.lexists(os.path.join(folder, name, TASK_FILE))
         ]
+
+    def _unfinished_task(self, name: str) -> bool:
+        """Whether tasks/<name> holds only what a task creation that stopped before its manifest leaves: the
+        task's lock and an empty checkpoints/ (no task: creating it again takes the folder)."""
+        folder = self.tasks_dir / name
+        try:
+            if os.path.lexists(folder / TASK_FILE) or fsutil.is_symlink(folder):
+                return False
+            names = set(os.listdir(folder))
+            if names - {LOCK_FILE, LOCK_FILE + locks.HOLDER_SUFFIX, CHECKPOINT_DIR}:
+                return False
+            cdir = folder / CHECKPOINT_DIR
+            return CHECKPOINT_DIR not in names or (not fsutil.is_symlink(cdir) and not os.listdir(cdir))
+        except OSError:
+            return False
+
+    def remove_unfinished_task(self, name: str, *, dry_run: bool) -> bool:
+        if not self._unfinished_task(name):
+            return False
+        if dry_run:
+            return True
+        # every creation runs under this lock, from its first mkdir to its manifest: none is under way
+        with locks.locked(self.tasks_dir / CREATE_LOCK_FILE, "task creation"):
+            if not self._unfinished_task(name):
+                return False
+            folder = self.tasks_dir / name
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(folder / CHECKPOINT_DIR)
+            for lock_file in (LOCK_FILE + locks.HOLDER_SUFFIX, LOCK_FILE):
+                fsutil.remove_file(folder / lock_file)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        self.forget_task(name)
+        return True
 
     def linked_task_folders(self) -> list[CkptError]:
         """A SymlinkError for each symlink in tasks/ where a task folder would be: reported, never followed."""

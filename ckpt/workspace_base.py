@@ -231,6 +231,11 @@ class Workspace(ABC):
     def orphan_task_folders(self) -> list[str]: ...
 
     @abstractmethod
+    def remove_unfinished_task(self, name: str, *, dry_run: bool) -> bool:
+        """Remove task folder `name` when it is only what a task creation that stopped before its manifest
+        leaves (on a dry run: say so); whether it was (or would be)."""
+
+    @abstractmethod
     def linked_task_folders(self) -> list[CkptError]: ...
 
     @abstractmethod

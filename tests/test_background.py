@@ -133,8 +133,18 @@ def test_a_kill_during_background_writes_leaves_no_record_without_its_file(ws: c
     for cp in cps:
         saved = torch.load(task.path_of(cp), weights_only=True)
         assert torch.equal(saved["w"], torch.full((2048, 2048), float(cp.step)))  # type: ignore[arg-type]
+    from ckpt.doctor import doctor
     from ckpt.verify import verify
 
+    # a kill between a file's rename and its record left that save's record beside the manifest: doctor (or
+    # the next save) records it, as the save would have
+    repairs = doctor(ckpt.Workspace.open(ws.root))
+    assert [r.action for r in repairs] in ([], [f"recorded it as checkpoint {len(cps) + 1}"]), repairs
+    after = ckpt.Workspace.open(ws.root).task("run").checkpoints
+    assert [cp.number for cp in after] == list(range(1, len(after) + 1))
+    for cp in after[len(cps) :]:
+        saved = torch.load(task.path_of(cp), weights_only=True)
+        assert torch.equal(saved["w"], torch.full((2048, 2048), float(cp.step)))  # type: ignore[arg-type]
     assert verify(ckpt.Workspace.open(ws.root), ["run"]).ok
 
 

@@ -440,25 +440,101 @@ def killed(faults: Faults, method: str, command: Callable[[], Any], at: int = 1,
     faults.revive()
 
 
-@pytest.mark.xfail(strict=True, reason="doctor leaves a killed save's numbered file to `scan --add` (issue 16)")
-def test_doctor_finishes_or_undoes_a_save_killed_before_its_record(tmp_path: Path, faults: Faults) -> None:
+def test_doctor_finishes_a_save_killed_before_its_record(tmp_path: Path, faults: Faults) -> None:
     ws = seeded(tmp_path)
     killed(faults, "move_noreplace", lambda: ws.task("unet").save(b"the new one", step=99))
     assert (tmp_path / "ws/tasks/unet/checkpoints/000005.pt").read_bytes() == b"the new one"  # no record names it
-    doctor(ckpt.Workspace.open(tmp_path / "ws"))
-    assert doctor(ckpt.Workspace.open(tmp_path / "ws")) == []  # today: "a file no record of task 'unet' names"
+    assert [r.action for r in doctor(ckpt.Workspace.open(tmp_path / "ws"), dry_run=True)] == ["would record it"]
+    assert [cp.number for cp in ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints] == [1, 2, 3, 4]
+    repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"))
+    recorded = ("tasks/unet/checkpoints/000005.pt", "recorded it as checkpoint 5")
+    assert [(r.path, r.action) for r in repairs] == [recorded]
+    last = ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints[-1]
+    assert (last.number, last.step, last.sha256) == (5, 99, sha256(b"the new one"))  # as the save would have
+    assert doctor(ckpt.Workspace.open(tmp_path / "ws")) == []
+    assert not (tmp_path / "ws/tasks/unet/.saving.toml").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a task creation that failed before its manifest blocks the name (issue 16)")
+def test_the_next_save_finishes_a_save_killed_before_its_record(tmp_path: Path, faults: Faults) -> None:
+    ws = seeded(tmp_path)
+    killed(faults, "move_noreplace", lambda: ws.task("unet").save(b"killed", step=98, metrics={"loss": 0.5}))
+    # the training script runs again: its next save records the killed one first, then takes the next number
+    assert ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next", step=99) == 6
+    cps = ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints
+    assert [(cp.number, cp.step, cp.metrics) for cp in cps[-2:]] == [(5, 98, {"loss": 0.5}), (6, 99, {})]
+    assert doctor(ckpt.Workspace.open(tmp_path / "ws")) == []
+
+
+def test_a_save_killed_before_its_rename_leaves_nothing_to_record(tmp_path: Path, faults: Faults) -> None:
+    ws = seeded(tmp_path)
+    killed(faults, "move_noreplace", lambda: ws.task("unet").save(b"never placed"), kind="kill_before")
+    assert (tmp_path / "ws/tasks/unet/.saving.toml").exists()
+    assert ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next") == 5  # the number was never used
+    assert not (tmp_path / "ws/tasks/unet/.saving.toml").exists()
+    assert [r.problem for r in doctor(ckpt.Workspace.open(tmp_path / "ws"))] == []
+
+
+@pytest.mark.parametrize(
+    "left",
+    [
+        b"not toml [",  # torn
+        b"",
+        b'\n[[checkpoints]]\nnumber = 5\nfile = "../../../etc/passwd"\nsize = 1\nsha256 = "' + b"0" * 64 + b'"\n',
+        b'\n[[checkpoints]]\nnumber = 5\nfile = "checkpoints/000005.pt"\nsize = 11\nsha256 = "' + b"0" * 64 + b'"\n',
+        b'\n[[checkpoints]]\nnumber = 2\nfile = "checkpoints/000005.pt"\nsize = 11\nsha256 = "' + b"0" * 64 + b'"\n',
+        b"x" * (2 << 20),
+        "link",
+    ],
+    ids=["torn", "empty", "outside", "other-bytes", "used-number", "huge", "link"],
+)
+def test_a_damaged_record_of_a_killed_save_records_nothing(tmp_path: Path, left: bytes | str) -> None:
+    seeded(tmp_path)
+    folder = tmp_path / "ws/tasks/unet"
+    (folder / "checkpoints/000005.pt").write_bytes(b"hand placed")  # 11 bytes, no record names it
+    if left == "link":
+        (tmp_path / "elsewhere.toml").write_bytes(b"")
+        (folder / ".saving.toml").symlink_to(tmp_path / "elsewhere.toml")
+    else:
+        (folder / ".saving.toml").write_bytes(left)  # type: ignore[arg-type]
+    repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"))
+    assert [r.path for r in repairs] == ["tasks/unet/checkpoints/000005.pt"]  # reported as unknown, left alone
+    assert repairs[0].action.startswith("left alone")
+    assert not os.path.lexists(folder / ".saving.toml")
+    assert [cp.number for cp in ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints] == [1, 2, 3, 4]
+    assert ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next") == 6  # 5 is the unknown file's
+
+
 def test_an_import_whose_task_creation_failed_can_be_run_again(tmp_path: Path, faults: Faults) -> None:
     setup_import(tmp_path)
     ws = ckpt.Workspace.open(tmp_path / "ws")
     # the task's lock cannot be opened (ENOSPC): the folder is made, its manifest is not
     killed(faults, "locked", lambda: import_path(ws, tmp_path / "run", task="lit", mode="move"), at=2, kind="fail")
     assert (tmp_path / "ws/tasks/lit").is_dir() and not (tmp_path / "ws/tasks/lit/task.toml").exists()
-    # today: "task manifest tasks/lit/task.toml is missing; run: ckpt doctor", and doctor leaves the folder alone
+    # no task: the name is free, and the import run again takes the folder
+    with pytest.raises(CkptError, match="does not exist"):
+        ckpt.Workspace.open(tmp_path / "ws").task("lit")
     result = import_path(ckpt.Workspace.open(tmp_path / "ws"), tmp_path / "run", task="lit", mode="move")
     assert len(result.rows) == 2
+    assert doctor(ckpt.Workspace.open(tmp_path / "ws")) == []
+
+
+def test_doctor_removes_a_task_folder_whose_creation_stopped_before_its_manifest(tmp_path: Path) -> None:
+    seeded(tmp_path)
+    half = tmp_path / "ws/tasks/half"
+    (half / "checkpoints").mkdir(parents=True)
+    (half / ".lock").write_bytes(b"")
+    kept = tmp_path / "ws/tasks/kept"  # a folder that lost its manifest but holds a file: left alone, as before
+    (kept / "checkpoints").mkdir(parents=True)
+    (kept / "checkpoints/000001.pt").write_bytes(b"w")
+    dry = doctor(ckpt.Workspace.open(tmp_path / "ws"), dry_run=True)
+    found = {(r.path, r.action.split(":")[0]) for r in dry}
+    assert found == {("tasks/half", "would remove it"), ("tasks/kept", "left alone")}
+    assert half.is_dir()
+    done = doctor(ckpt.Workspace.open(tmp_path / "ws"))
+    assert {(r.path, r.action.split(":")[0]) for r in done} == {("tasks/half", "removed"), ("tasks/kept", "left alone")}
+    assert not half.exists() and (kept / "checkpoints/000001.pt").read_bytes() == b"w"
+    with pytest.raises(CkptError, match="is missing"):
+        ckpt.Workspace.open(tmp_path / "ws").task("kept")
 
 
 def test_models_remove_killed_after_its_move_is_finished_by_running_it_again(tmp_path: Path, faults: Faults) -> None:

@@ -81,6 +81,18 @@ def test_trash_unused_moves_unused_files_and_records(ws: ckpt.Workspace, run_jso
     assert ws.task("unet").save(b"new") == 9
 
 
+def test_a_trashed_number_names_its_entry(any_ws: ckpt.Workspace, run: Any, run_json: Any) -> None:
+    make_task(any_ws, n=4)
+    entry = run_json("trash-unused", "unet", "--keep-last", "1")["entry"]
+    res = run("promote", "unet", "2", "--title", "u2")
+    assert res.exit_code == 3, res.output
+    assert f"task 'unet' has no checkpoint 2 (it has 4): it is in trash entry {entry}" in res.stderr
+    assert f"ckpt trash restore {entry}" in res.stderr
+    # a number never given says only what the task has
+    res = run("promote", "unet", "9", "--title", "u9")
+    assert res.exit_code == 3 and "trash" not in res.stderr, res.output
+
+
 def test_latest_only_by_default_and_nothing_left_to_trash(ws: ckpt.Workspace, run_json: Any) -> None:
     make_task(ws, n=3)
     assert run_json("trash-unused", "unet")["trashed"] == [1, 2]
