@@ -16,6 +16,7 @@ from . import adding, fsutil, locks
 from .errors import (
     CkptError,
     ConflictError,
+    IntegrityError,
     ManifestError,
     UsageError,
 )
@@ -347,15 +348,26 @@ class FolderTask(Task):
             return None
         if cp is None:
             if not dry_run:
-                fsutil.remove_file(saving)
+                self._drop_saving(saving)
             return None
         rel = self.ws.rel(self.folder / cp.file)
         what = f"a save to task '{self.name}' killed before its record"
         if dry_run:
             return Repair(rel, what, "would record it")
         self._append_record(cp, self.folder / cp.file)
-        fsutil.remove_file(saving)
+        self._drop_saving(saving)
         return Repair(rel, what, f"recorded it as checkpoint {cp.number}")
+
+    def _drop_saving(self, saving: Path) -> None:
+        try:
+            fsutil.remove_file(saving)
+        except OSError as e:  # a folder put there
+            rel = self.ws.rel(saving)
+            raise IntegrityError(
+                f"{rel} cannot be removed ({e.strerror}): ckpt keeps the record of a save in progress there",
+                path=saving,
+                hint=f"move it out of the task folder: mv {rel} <elsewhere>",
+            ) from None
 
     def _left_record(self, saving: Path) -> tuple[bool, Checkpoint | None]:
         """Whether a killed save left a record in `saving`, and that record when its file is in place exactly
@@ -430,8 +442,13 @@ class FolderTask(Task):
         dealt with."""
         if not os.path.lexists(self.folder / SAVING_FILE):
             return [], set()
-        with self.lock():
-            repair = self._finish_save(dry_run=dry_run)
+        from .trash_results import Repair
+
+        try:
+            with self.lock():
+                repair = self._finish_save(dry_run=dry_run)
+        except IntegrityError as e:
+            return [Repair(self.ws.rel(self.folder / SAVING_FILE), str(e), f"left alone: {e.hint}")], set()
         return ([repair], {repair.path}) if repair is not None else ([], set())
 
     def set_status_locked(self, status: str) -> TaskHeader:

@@ -518,6 +518,18 @@ def test_an_import_whose_task_creation_failed_can_be_run_again(tmp_path: Path, f
     assert doctor(ckpt.Workspace.open(tmp_path / "ws")) == []
 
 
+def test_a_folder_where_the_record_of_a_save_belongs_is_refused_with_a_way_out(tmp_path: Path) -> None:
+    seeded(tmp_path)
+    (tmp_path / "ws/tasks/unet/.saving.toml").mkdir()
+    with pytest.raises(CkptError, match=r"tasks/unet/.saving.toml cannot be removed") as e:
+        ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next")
+    assert e.value.exit_code == 6 and "mv tasks/unet/.saving.toml" in (e.value.hint or "")
+    repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"))
+    assert [(r.path, r.action.split(":")[0]) for r in repairs] == [("tasks/unet/.saving.toml", "left alone")]
+    (tmp_path / "ws/tasks/unet/.saving.toml").rmdir()
+    assert ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next") == 5
+
+
 def test_doctor_removes_a_task_folder_whose_creation_stopped_before_its_manifest(tmp_path: Path) -> None:
     seeded(tmp_path)
     half = tmp_path / "ws/tasks/half"
