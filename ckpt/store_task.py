@@ -156,6 +156,7 @@ class StoreTask(Task):
                 parts[e[3]] = cached
             else:
                 need.append(e)
+        self._uncache_segments(root.header.retired)
         keys = [segment_key(self.name, e[3]) for e in need]
         for e, key, data in zip(need, keys, self.storage.get_many(keys), strict=True):
             if data is None:
@@ -163,6 +164,14 @@ class StoreTask(Task):
             parts[e[3]] = decode(data, key, self.name, e)
             save_log_cache(self._segment_cache_file(e[3]), list(parts[e[3]].values()))
         return None, parts
+
+    def _uncache_segments(self, sids: list[str]) -> None:
+        """Remove this machine's parsed copies of segments a commit replaced (`retired`): no manifest names them
+        again, and the cache would otherwise grow with every merge. A copy whose retirement this machine never
+        read stays (harmless: deleting the cache folder is always safe)."""
+        for sid in sids:
+            with contextlib.suppress(OSError):
+                os.unlink(self._segment_cache_file(sid))
 
     def _segment_cache_file(self, sid: str) -> Path:
         digest = hashlib.sha256(f"{self.ws.url}/{segment_key(self.name, sid)}".encode()).hexdigest()[:32]
@@ -279,6 +288,7 @@ class StoreTask(Task):
             self._pending, self._stale = [], [log_key(self.name, n) for n in pending]
             if layout.new:
                 save_log_cache(self._segment_cache_file(layout.new[0]), [state.checkpoints[n] for n in layout.new[1]])
+            self._uncache_segments(layout.retired)
             save_manifest_cache(self._cache_file(), state, etag, self._members)
             if pending:
                 with contextlib.suppress(Exception):

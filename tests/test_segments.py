@@ -64,7 +64,9 @@ def test_folds_write_segments_and_the_root_stays_small(st: MemoryStorage) -> Non
         check_format(parse_toml(text, Path("task.toml")), Path("task.toml"), 3)
 
 
-def test_a_band_of_segments_is_merged_into_one(st: MemoryStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_band_of_segments_is_merged_into_one(
+    st: MemoryStorage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(store_segments, "FAN", 3)
     monkeypatch.setattr(store_segments, "BAND_BASE", 4)  # bands: < 12 records, < 36, ...
     saved(st, 29)
@@ -74,6 +76,8 @@ def test_a_band_of_segments_is_merged_into_one(st: MemoryStorage, monkeypatch: p
     assert all(sum(1 for s in sizes if store_segments.band(s) == b) < 3 for b in range(3))
     assert len(segments(st)) == len(sizes)  # the merged ones were deleted
     assert numbers(st) == list(range(1, 30))
+    # and so were their parsed copies in this machine's cache: one per segment the manifest names
+    assert len(list((tmp_path / "cache" / "segments").iterdir())) == len(sizes)
 
 
 def test_trash_and_restore_across_segments(st: MemoryStorage) -> None:
