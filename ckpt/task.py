@@ -4,6 +4,7 @@ its lock."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -19,6 +20,7 @@ from .errors import (
     IntegrityError,
     ManifestError,
     UsageError,
+    WriteError,
 )
 from .manifest import (
     Checkpoint,
@@ -53,6 +55,7 @@ from .layout import (
 )
 
 T = TypeVar("T")
+_DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # a save's bytes the disk would not take
 
 
 class FolderTask(Task):
@@ -272,7 +275,22 @@ class FolderTask(Task):
         self.refuse_links()  # the file is written into checkpoints/ before the lock is taken
         cdir.mkdir(exist_ok=True)
         # the bytes are written and fsynced outside the lock, so a slow save never blocks other commands
-        tmp, size, digest = fsutil.write_new_file(cdir, "checkpoint" + ext, produce)
+        try:
+            tmp, size, digest = fsutil.write_new_file(cdir, "checkpoint" + ext, produce)
+        except OSError as e:
+            if (
+                isinstance(e, CkptError)
+                or e.errno not in _DISK_REFUSED
+                or not str(e.filename or cdir).startswith(str(cdir))
+            ):
+                raise
+            rel = self.ws.rel(cdir)
+            raise WriteError(
+                f"cannot save to task '{self.name}': {e.strerror} ({rel}); nothing was saved",
+                errno=e.errno,
+                path=cdir,
+                hint="free space (ckpt trash-unused TASK, then ckpt trash empty) and save again",
+            ) from e
         saving = self.folder / SAVING_FILE
         try:
             with self.lock():

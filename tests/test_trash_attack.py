@@ -245,3 +245,23 @@ def test_an_unreachable_s3_endpoint_is_one_line_with_a_next_step(tmp_path: Path)
         r.stderr.startswith("error: cannot reach the S3 endpoint (http://127.0.0.1:9)")
         and "AWS_ENDPOINT_URL" in r.stderr
     )
+
+
+def test_a_library_save_on_a_full_disk_is_a_write_error_naming_the_task(
+    ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt.errors import WriteError
+
+    task = make_task(ws, n=2)
+
+    def full(self: object, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write raises it: no file named
+
+    monkeypatch.setattr(ckpt.fsutil.HashingWriter, "write", full)
+    with pytest.raises(WriteError) as e:
+        task.save(b"weights")
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC  # still an OSError, for `except OSError`
+    assert "cannot save to task 'unet': No space left on device (tasks/unet/checkpoints)" in str(e.value)
+    assert "trash-unused" in (e.value.hint or "")
+    assert sorted(p.name for p in (ws.root / "tasks/unet/checkpoints").iterdir()) == ["000001.pt", "000002.pt"]
+    assert len(ckpt.Workspace.open(ws.root).task("unet").checkpoints) == 2
