@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 COMMIT_TRIES = 100
 COMMIT_IDS = 8  # the ids of the last commits kept in a manifest (see StoreTask.update)
+READ_TRIES = 3  # reads of a task's log and manifest when a fold overtook one (see StoreTask.reload)
 HOLD = 1.0  # seconds a task handle reuses its last read of the manifest before revalidating it
 
 
@@ -84,25 +85,42 @@ class StoreTask(Task):
         return self._pending
 
     def reload(self) -> TaskState:
-        """Read the manifest and its log: a GET (a 304 without a body when unchanged), a LIST of the log and the
-        records not seen yet (concurrently); raises TaskNotFound, ManifestError."""
-        manifest = self._read_manifest()
-        self._state = self._merge(manifest)
+        """Read the log and the manifest: a LIST of the log, a GET of the manifest (a 304 without a body when
+        unchanged), and the log's records not seen yet (concurrently); raises TaskNotFound, ManifestError.
+
+        Another writer's fold may land between these requests and delete the log objects it took in, so the
+        log is listed first: an object deleted after the LIST was folded by a commit that landed before, which
+        the manifest read after it holds. An object listed but gone by its GET was folded after the manifest
+        was read: everything is read again (READ_TRIES times at most; a record is missed only then, and only
+        by this read)."""
+        for attempt in range(READ_TRIES):
+            prefix = log_prefix(self.name)
+            listed = {n: b.key for b in self.storage.list_prefix(prefix) if (n := number_of(b.key, prefix)) is not None}
+            manifest = self._read_manifest()
+            state = self._merge(manifest, listed, last=attempt == READ_TRIES - 1)
+            if state is not None:
+                break
+        assert state is not None
+        self._state = state
         self._read_at = time.monotonic()
         return self._state
 
-    def _merge(self, manifest: TaskState) -> TaskState:
-        """`manifest` with the records of the log objects it has not folded (see ckpt.store_log)."""
-        prefix = log_prefix(self.name)
-        listed = {n: b.key for b in self.storage.list_prefix(prefix) if (n := number_of(b.key, prefix)) is not None}
+    def _merge(self, manifest: TaskState, listed: dict[int, str], *, last: bool) -> TaskState | None:
+        """`manifest` with the records of the log objects `listed` (number: key) that it has not folded (see
+        ckpt.store_log); None when one of them was deleted meanwhile (unless `last`: then it is left out)."""
         folded = set(manifest.header.folded) | manifest.checkpoints.keys()
         pending = sorted(n for n in listed if n not in folded)
         if pending and not self._log:
             self._log = load_log_cache(self._log_cache_file(), self.name)
         unseen = [n for n in pending if n not in self._log]
+        vanished = False
         for n, data in zip(unseen, self.storage.get_many([listed[n] for n in unseen]), strict=True):
-            if data is not None:  # else a fold took it in after this manifest was read: the next read has it
+            if data is None:  # a fold took it in after this manifest was read
+                vanished = True
+            else:
                 self._log[n] = parse_record(data, listed[n], self.name, n)
+        if vanished and not last:
+            return None
         self._pending = [n for n in pending if n in self._log]
         if unseen:
             save_log_cache(self._log_cache_file(), [self._log[n] for n in self._pending])

@@ -67,10 +67,34 @@ def s3_endpoint() -> Any:
     pytest.importorskip("s3fs")
     server_mod = pytest.importorskip("moto.server")
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        _atomic_conditional_writes(mp)
+        server.start()
+        _, port = server.get_host_and_port()
+        yield f"http://127.0.0.1:{port}"
+        server.stop()
+
+
+def _atomic_conditional_writes(mp: pytest.MonkeyPatch) -> None:
+    """S3 decides a conditional write (If-Match, If-None-Match) atomically. moto's server checks the condition,
+    then writes, in a thread per request, so two writes racing on one key could both pass the check (two
+    processes then both claimed one checkpoint number, now and then): its writes go one at a time here."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    lock = threading.RLock()
+
+    def serialised(real: Any) -> Any:
+        def one_at_a_time(self: Any, *args: Any, **kw: Any) -> Any:
+            with lock:
+                return real(self, *args, **kw)
+
+        return one_at_a_time
+
+    # PUT (If-Match, If-None-Match), DELETE (If-Match), POST (a multipart upload completed with If-None-Match)
+    for name in ("put_object", "delete_object", "_key_response_post"):
+        mp.setattr(S3Response, name, serialised(getattr(S3Response, name)))
 
 
 S3_BUCKET = "ckpt-tests"

@@ -390,6 +390,50 @@ def test_s3_lost_manifest_race_is_retried(s3_url: str) -> None:
     assert [cp.number for cp in ckpt.Workspace.open(s3_url).task("unet").checkpoints] == [1, 2]
 
 
+def test_s3_of_two_racing_conditional_writes_one_wins(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 decides a conditional write atomically. moto's server checks the condition, then writes, in a thread
+    per request: two writes racing on one key could both pass the check (tests/conftest.py makes its writes
+    atomic). Here the first check is held open until the second write reaches its own check, or 1 s passed."""
+    import threading
+
+    from moto.s3.models import S3Backend
+
+    from ckpt.storage import PreconditionFailed, open_storage
+
+    real = S3Backend.get_object
+    checks: list[str] = []
+    second = threading.Event()
+
+    def check(self: Any, bucket: str, key: str, *args: Any, **kw: Any) -> Any:
+        found = real(self, bucket, key, *args, **kw)
+        if key.endswith("/raced") and sys._getframe(1).f_code.co_name == "put_object":  # the condition's check
+            checks.append(key)
+            if len(checks) == 1:
+                second.wait(timeout=1.0)  # not a timing assumption: either outcome of the wait is a valid run
+            else:
+                second.set()
+        return found
+
+    monkeypatch.setattr(S3Backend, "get_object", check)
+    st = open_storage(s3_url)
+    results: list[str] = []
+
+    def put(who: str) -> None:
+        try:
+            st.put("raced", who.encode(), if_none_match=True)
+            results.append("won")
+        except PreconditionFailed:
+            results.append("lost")
+
+    threads = [threading.Thread(target=put, args=(who,)) for who in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == ["lost", "won"]
+    assert len(checks) == 2
+
+
 _WORKER = r"""
 import sys, ckpt
 url, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -297,17 +297,16 @@ def test_wait_ends_with_exit_5_naming_the_holder_and_a_killed_holder_frees_the_l
         assert_clean_error(result, 5)
         assert f"pid {holder.pid}" in result.stderr and "holder.py" in result.stderr, result.stderr
         assert "--wait" in result.stderr
-        assert 0.3 <= waited < 5
+        assert "gave up after waiting 0.3 s" in result.stderr  # the wait asked for, not the default 30 s
+        assert waited >= 0.3
         os.environ["CKPT_LOCK_TIMEOUT"] = "0.2"  # the environment form, when --wait is not given
         assert_clean_error(run("promote", "unet", "1", "-t", "m"), 5)
         # reading commands take no lock
         assert run("list", "unet").exit_code == 0
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        t0 = time.monotonic()
-        result = run("--wait", "5", "trash-unused", "unet")
-        assert result.exit_code == 0, result.output
-        assert time.monotonic() - t0 < 2  # the kernel dropped the dead holder's lock at once
+        result = run("--wait", "0", "trash-unused", "unet")  # one try, no wait
+        assert result.exit_code == 0, result.output  # the kernel dropped the dead holder's lock at once
     finally:
         if holder.poll() is None:
             holder.kill()
