@@ -365,8 +365,8 @@ class StoreTask(Task):
     def pending_markers(self) -> list[Path]:
         return []
 
-    def _markers(self) -> tuple[list[Path], list[Path]]:
-        return [], []  # no trash or import markers in object storage
+    def _markers(self) -> tuple[list[Path], list[Path], list[Path]]:
+        return [], [], []  # no trash, import or save marks in object storage (doctor's leftovers find a save's)
 
     def recover_imports(self, *, dry_run: bool = False) -> list[Repair]:
         return []

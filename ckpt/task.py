@@ -55,6 +55,7 @@ from .layout import (
 )
 
 T = TypeVar("T")
+_SKIPPED_MAX = 1000  # a save skips the numbers of files no record names (put there by hand): never this many
 _DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # a save's bytes the disk would not take
 
 
@@ -149,7 +150,9 @@ class FolderTask(Task):
         with locks.locked(self.folder / LOCK_FILE, f"task '{self.name}'", timeout):
             self._holder = threading.get_ident()
             try:
-                pending, importing = self._markers()
+                pending, importing, saving = self._markers()
+                if saving and settle:
+                    self._finish_save()  # a save killed between its rename and its record: recorded first
                 if pending and settle:
                     # an interrupted multi-step change (trash) left a marker: finish or undo it first
                     from .trash import settle_marker
@@ -238,10 +241,12 @@ class FolderTask(Task):
         """Markers (`.pending-<entry id>`) of interrupted trash operations on this task."""
         return self._markers()[0]
 
-    def _markers(self) -> tuple[list[Path], list[Path]]:
-        """The markers of interrupted trash operations and of imports (running or killed), in one scandir."""
+    def _markers(self) -> tuple[list[Path], list[Path], list[Path]]:
+        """The markers of interrupted trash operations, of imports (running or killed) and the record of a save
+        (running or killed: SAVING_FILE), in one scandir."""
         pending: list[Path] = []
         importing: list[Path] = []
+        saving: list[Path] = []
         try:
             with os.scandir(self.folder) as it:
                 for e in it:
@@ -249,9 +254,11 @@ class FolderTask(Task):
                         pending.append(Path(e.path))
                     elif e.name.startswith(IMPORT_MARKER_PREFIX):
                         importing.append(Path(e.path))
+                    elif e.name == SAVING_FILE:
+                        saving.append(Path(e.path))
         except FileNotFoundError:
             pass
-        return pending, importing
+        return pending, importing, saving
 
     def unknown_files(self) -> tuple[list[Unknown], list[Unknown]]:
         """What the task folder holds that its manifest does not know: (unknown, ckpt's own temporary names)."""
@@ -293,8 +300,7 @@ class FolderTask(Task):
             ) from e
         saving = self.folder / SAVING_FILE
         try:
-            with self.lock():
-                self._finish_save()  # one a kill stopped between its rename and its record (one failed open if none)
+            with self.lock():  # which records a save a kill stopped between its rename and its record, first
                 state = self.state()
                 if state.header.status != "running":
                     raise ConflictError(
@@ -357,66 +363,71 @@ class FolderTask(Task):
 
     def _finish_save(self, *, dry_run: bool = False) -> Repair | None:
         """A save a kill stopped between its rename and its record (caller holds the lock): its file recorded
-        from the record it left in SAVING_FILE; that record dropped when the save landed or never renamed."""
+        from the record it left in SAVING_FILE. A record that does not describe such a file exactly (the save
+        landed, never renamed, or the file is anything else: input like any other) is dropped."""
         from .trash_results import Repair
 
         saving = self.folder / SAVING_FILE
-        there, cp = self._left_record(saving)
-        if not there:
-            return None
-        if cp is None:
-            if not dry_run:
-                self._drop_saving(saving)
-            return None
-        rel = self.ws.rel(self.folder / cp.file)
-        what = f"a save to task '{self.name}' killed before its record"
-        if dry_run:
-            return Repair(rel, what, "would record it")
-        self._append_record(cp, self.folder / cp.file)
-        self._drop_saving(saving)
-        return Repair(rel, what, f"recorded it as checkpoint {cp.number}")
-
-    def _drop_saving(self, saving: Path) -> None:
         try:
-            fsutil.remove_file(saving)
-        except OSError as e:  # a folder put there
-            rel = self.ws.rel(saving)
+            st = os.lstat(saving)
+        except FileNotFoundError:
+            return None
+        rel = self.ws.rel(saving)
+        if stat.S_ISDIR(st.st_mode):
             raise IntegrityError(
-                f"{rel} cannot be removed ({e.strerror}): ckpt keeps the record of a save in progress there",
+                f"{rel} is a folder, where ckpt keeps the record of a save in progress",
                 path=saving,
                 hint=f"move it out of the task folder: mv {rel} <elsewhere>",
-            ) from None
+            )
+        cp, why = self._left_record(saving, st)
+        if cp is None:
+            if not dry_run:
+                fsutil.remove_file(saving)
+            if why is None:  # what a save that landed (or never renamed its file) leaves: nothing to say
+                return None
+            return Repair(rel, f"the record of a save that {why}", "would drop it" if dry_run else "dropped it")
+        target = self.folder / cp.file
+        what = f"a save to task '{self.name}' killed before its record"
+        if dry_run:
+            return Repair(self.ws.rel(target), what, f"would record it as checkpoint {cp.number}")
+        self._append_record(cp, target)
+        fsutil.remove_file(saving)
+        return Repair(self.ws.rel(target), what, f"recorded it as checkpoint {cp.number}")
 
-    def _left_record(self, saving: Path) -> tuple[bool, Checkpoint | None]:
-        """Whether a killed save left a record in `saving`, and that record when its file is in place exactly
-        as it says (the number unused, size and sha256 the same); None when not so (torn, landed, never
-        renamed, damaged: input like any other)."""
+    def _left_record(self, saving: Path, st: os.stat_result) -> tuple[Checkpoint | None, str | None]:
+        """The record a killed save left in `saving`, when its file is in place exactly as a save leaves it:
+        the task's next number (or one after numbers whose files no record names), named as a save names
+        it, a file of its own (one link) of the recorded size and sha256. Else (None, why it is not usable),
+        and (None, None) for what a save that landed, or never renamed its file, leaves."""
         from .hashing import sha256_file
 
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:  # a record is a few hundred bytes
+            return None, "is not a file ckpt wrote (a link, a FIFO, or too large)"
         try:
-            if os.lstat(saving).st_size > 1 << 20:  # a record is a few hundred bytes
-                return True, None
             data = fsutil.read_own(saving)
-        except FileNotFoundError:
-            return False, None
-        except (CkptError, OSError):
-            return True, None
-        try:
             (cp,) = records_in(parse_toml(data, saving), saving, self.name).values()
-        except (CkptError, ValueError):
-            return True, None
-        if cp.file.count("/") != 1 or not cp.file.startswith(f"{CHECKPOINT_DIR}/"):
-            return True, None
-        if cp.number <= self.state().max_number:
-            return True, None  # it landed (or a later save took the number: never)
-        target = self.folder / cp.file
+        except (CkptError, OSError, ValueError):
+            return None, "cannot be read (cut short, or damaged)"
+        state = self.state()
+        if cp.number <= state.max_number:
+            return None, None  # it landed
+        name = cp.file.removeprefix(f"{CHECKPOINT_DIR}/")
+        suffix = name[6:] if len(name) > 6 and name[:6].isdigit() else ""
+        if name != f"{cp.number:06d}{suffix}" or not suffix.startswith(".") or "/" in suffix or len(suffix) > 20:
+            return None, f"names {cp.file}, which no save of checkpoint {cp.number} writes"
+        if cp.number > state.max_number + _SKIPPED_MAX:
+            return None, f"is numbered {cp.number}, far beyond the task's last number {state.max_number}"
         try:
-            st = os.lstat(target)
+            file = os.lstat(self.folder / cp.file)
+        except FileNotFoundError:
+            return None, None  # never renamed
         except OSError:
-            return True, None  # never renamed
-        if not stat.S_ISREG(st.st_mode) or st.st_size != cp.size or sha256_file(target) != cp.sha256:
-            return True, None
-        return True, cp
+            return None, f"names {cp.file}, which cannot be read"
+        if not stat.S_ISREG(file.st_mode) or file.st_nlink != 1:
+            return None, f"names {cp.file}, which is not a file of its own (a link, a folder, or hard-linked)"
+        if file.st_size != cp.size or sha256_file(self.folder / cp.file) != cp.sha256:
+            return None, f"names {cp.file}, whose bytes are not the ones it records"
+        return cp, None
 
     def add_existing(self, items: list[Incoming], *, mode: str = "link", unique: bool = False) -> list[Checkpoint]:
         """Add files and folders as they are (see ckpt.adding.add_existing)."""
@@ -463,10 +474,11 @@ class FolderTask(Task):
         from .trash_results import Repair
 
         try:
-            with self.lock():
+            with self.lock(settle=False):  # the lock would finish the save first, without a word
                 repair = self._finish_save(dry_run=dry_run)
         except IntegrityError as e:
-            return [Repair(self.ws.rel(self.folder / SAVING_FILE), str(e), f"left alone: {e.hint}")], set()
+            what = "a folder where ckpt keeps the record of a save in progress"
+            return [Repair(self.ws.rel(self.folder / SAVING_FILE), what, f"left alone: {e.hint}")], set()
         return ([repair], {repair.path}) if repair is not None else ([], set())
 
     def set_status_locked(self, status: str) -> TaskHeader:

@@ -131,7 +131,9 @@ class Task(ABC):
         return None
 
     def latest(self) -> Checkpoint | None:
-        """The checkpoint with the highest number, or None."""
+        """The checkpoint with the highest number, or None: after what an interrupted save, trash or import
+        left is settled (a training run that resumes from it must not start one checkpoint behind)."""
+        self.settle()
         cps = self.state().checkpoints
         return cps[max(cps)] if cps else None
 
@@ -139,17 +141,17 @@ class Task(ABC):
         return self.folder / cp.file
 
     def settle(self) -> bool:
-        """Finish or undo an interrupted trash or restore of this task, if one left a marker; whether one did.
+        """Finish or undo an interrupted save, trash or restore of this task, if one left a mark; whether one did.
 
         What `lock()` does before every change, for the commands that only read (`list`, `show`), so that
         they never show a record whose file an interrupted trash left in the trash. Costs one scandir of
         the task folder when there is nothing to do; takes the task's lock (waiting as `lock` does) only
         when there is.
         """
-        pending, importing = self._markers()
-        if not pending and not importing:
+        pending, importing, saving = self._markers()
+        if not pending and not importing and not saving:
             return False
-        if not pending:
+        if not pending and not saving:
             from .staging import abandoned
 
             if not abandoned(importing):
@@ -374,7 +376,7 @@ class Task(ABC):
     def pending_markers(self) -> list[Path]: ...
 
     @abstractmethod
-    def _markers(self) -> tuple[list[Path], list[Path]]: ...
+    def _markers(self) -> tuple[list[Path], list[Path], list[Path]]: ...
 
     @abstractmethod
     def recover_imports(self, *, dry_run: bool = False) -> list[Repair]: ...

@@ -444,7 +444,8 @@ def test_doctor_finishes_a_save_killed_before_its_record(tmp_path: Path, faults:
     ws = seeded(tmp_path)
     killed(faults, "move_noreplace", lambda: ws.task("unet").save(b"the new one", step=99))
     assert (tmp_path / "ws/tasks/unet/checkpoints/000005.pt").read_bytes() == b"the new one"  # no record names it
-    assert [r.action for r in doctor(ckpt.Workspace.open(tmp_path / "ws"), dry_run=True)] == ["would record it"]
+    dry = doctor(ckpt.Workspace.open(tmp_path / "ws"), dry_run=True)
+    assert [r.action for r in dry] == ["would record it as checkpoint 5"]
     assert [cp.number for cp in ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints] == [1, 2, 3, 4]
     repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"))
     recorded = ("tasks/unet/checkpoints/000005.pt", "recorded it as checkpoint 5")
@@ -474,58 +475,113 @@ def test_a_save_killed_before_its_rename_leaves_nothing_to_record(tmp_path: Path
     assert [r.problem for r in doctor(ckpt.Workspace.open(tmp_path / "ws"))] == []
 
 
+def _record(number: int, file: str, data: bytes) -> bytes:
+    return (
+        f'\n[[checkpoints]]\nnumber = {number}\nfile = "{file}"\nsize = {len(data)}\n'
+        f'sha256 = "{sha256(data)}"\ncreated = "2026-12-05T00:00:00Z"\n'
+    ).encode()
+
+
+HAND = b"hand placed"  # checkpoints/000005.pt, which no record names
+
+
 @pytest.mark.parametrize(
     "left",
     [
         b"not toml [",  # torn
         b"",
-        b'\n[[checkpoints]]\nnumber = 5\nfile = "../../../etc/passwd"\nsize = 1\nsha256 = "' + b"0" * 64 + b'"\n',
-        b'\n[[checkpoints]]\nnumber = 5\nfile = "checkpoints/000005.pt"\nsize = 11\nsha256 = "' + b"0" * 64 + b'"\n',
-        b'\n[[checkpoints]]\nnumber = 2\nfile = "checkpoints/000005.pt"\nsize = 11\nsha256 = "' + b"0" * 64 + b'"\n',
+        _record(5, "../../../etc/passwd", HAND),
+        _record(5, "checkpoints/000005.pt", b"other bytes"),
+        _record(2, "checkpoints/000005.pt", HAND),  # a number in use
+        _record(5, "checkpoints/000002.pt", b"weights 1"),  # a recorded file, under an unused number
+        _record(6, "checkpoints/000005.pt", HAND),  # a name no save of 6 writes
+        _record(5, "checkpoints/.000005.pt.abc.tmp", HAND),  # a temporary name
+        _record(999_999, "checkpoints/999999.pt", HAND),  # far beyond the last number
+        _record(5, "checkpoints/000005.pt", HAND).replace(b"number = 5", b"number = 99999999999999999999"),
+        "hard link",  # the right record, of a file linked elsewhere
         b"x" * (2 << 20),
         "link",
     ],
-    ids=["torn", "empty", "outside", "other-bytes", "used-number", "huge", "link"],
-)
+    ids=[
+        "torn", "empty", "outside", "other-bytes", "used-number", "recorded-file", "other-name", "temporary",
+        "far-number", "huge-number", "hard-link", "huge", "link",
+    ],
+)  # fmt: skip
 def test_a_damaged_record_of_a_killed_save_records_nothing(tmp_path: Path, left: bytes | str) -> None:
     seeded(tmp_path)
     folder = tmp_path / "ws/tasks/unet"
-    (folder / "checkpoints/000005.pt").write_bytes(b"hand placed")  # 11 bytes, no record names it
+    (folder / "checkpoints/000005.pt").write_bytes(HAND)
+    (folder / "checkpoints/.000005.pt.abc.tmp").write_bytes(HAND)
     if left == "link":
-        (tmp_path / "elsewhere.toml").write_bytes(b"")
+        (tmp_path / "elsewhere.toml").write_bytes(_record(5, "checkpoints/000005.pt", HAND))
         (folder / ".saving.toml").symlink_to(tmp_path / "elsewhere.toml")
+    elif left == "hard link":
+        os.link(folder / "checkpoints/000005.pt", tmp_path / "elsewhere.pt")
+        (folder / ".saving.toml").write_bytes(_record(5, "checkpoints/000005.pt", HAND))
     else:
         (folder / ".saving.toml").write_bytes(left)  # type: ignore[arg-type]
+    dry = doctor(ckpt.Workspace.open(tmp_path / "ws"), dry_run=True)
+    assert [r.action for r in dry if r.path == "tasks/unet/.saving.toml"] in ([], ["would drop it"])
+    assert os.path.lexists(folder / ".saving.toml")
     repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"))
-    assert [r.path for r in repairs] == ["tasks/unet/checkpoints/000005.pt"]  # reported as unknown, left alone
-    assert repairs[0].action.startswith("left alone")
+    assert not any(r.action.startswith("recorded") for r in repairs), repairs
+    unknown = [r for r in repairs if r.path == "tasks/unet/checkpoints/000005.pt"]
+    assert len(unknown) == 1 and unknown[0].action.startswith("left alone")  # reported as ever, left alone
     assert not os.path.lexists(folder / ".saving.toml")
     assert [cp.number for cp in ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints] == [1, 2, 3, 4]
     assert ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next") == 6  # 5 is the unknown file's
+    assert doctor(ckpt.Workspace.open(tmp_path / "ws"))[0].path == "tasks/unet/checkpoints/000005.pt"
 
 
-def test_an_import_whose_task_creation_failed_can_be_run_again(tmp_path: Path, faults: Faults) -> None:
-    setup_import(tmp_path)
-    ws = ckpt.Workspace.open(tmp_path / "ws")
-    # the task's lock cannot be opened (ENOSPC): the folder is made, its manifest is not
-    killed(faults, "locked", lambda: import_path(ws, tmp_path / "run", task="lit", mode="move"), at=2, kind="fail")
-    assert (tmp_path / "ws/tasks/lit").is_dir() and not (tmp_path / "ws/tasks/lit/task.toml").exists()
-    # no task: the name is free, and the import run again takes the folder
-    with pytest.raises(CkptError, match="does not exist"):
-        ckpt.Workspace.open(tmp_path / "ws").task("lit")
-    result = import_path(ckpt.Workspace.open(tmp_path / "ws"), tmp_path / "run", task="lit", mode="move")
-    assert len(result.rows) == 2
+def _killed_save(tmp_path: Path, faults: Faults) -> None:
+    ws = seeded(tmp_path)
+    killed(faults, "move_noreplace", lambda: ws.task("unet").save(b"killed", step=98, metrics={"val_iou": 0.9}))
+
+
+def _last(tmp_path: Path) -> tuple[int, int | None, dict[str, float]]:
+    cp = ckpt.Workspace.open(tmp_path / "ws").task("unet").checkpoints[-1]
+    return cp.number, cp.step, cp.metrics
+
+
+def test_finish_after_a_killed_save_records_it_first_and_promotes_it(tmp_path: Path, faults: Faults) -> None:
+    _killed_save(tmp_path, faults)
+    done = finish(ckpt.Workspace.open(tmp_path / "ws"), "unet")
+    assert done.model is not None and done.model.checkpoint == 5  # the killed save is the latest
+    assert _last(tmp_path) == (5, 98, {"val_iou": 0.9})
     assert doctor(ckpt.Workspace.open(tmp_path / "ws")) == []
+
+
+def test_scan_add_and_import_after_a_killed_save_record_it_with_its_step_and_metrics(
+    tmp_path: Path, faults: Faults
+) -> None:
+    _killed_save(tmp_path, faults)
+    assert scan(ckpt.Workspace.open(tmp_path / "ws"), "unet", add=True).added == []  # nothing left to add
+    assert _last(tmp_path) == (5, 98, {"val_iou": 0.9})
+    _killed_save(tmp_path / "again", faults)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "epoch=9.pt").write_bytes(b"imported")
+    import_path(ckpt.Workspace.open(tmp_path / "again/ws"), tmp_path / "run", task="unet", mode="copy")
+    numbers = [(cp.number, cp.step) for cp in ckpt.Workspace.open(tmp_path / "again/ws").task("unet").checkpoints]
+    assert numbers[-2:] == [(5, 98), (6, None)]
+    assert doctor(ckpt.Workspace.open(tmp_path / "again/ws")) == []
+
+
+def test_latest_after_a_killed_save_is_that_save(tmp_path: Path, faults: Faults) -> None:
+    _killed_save(tmp_path, faults)
+    latest = ckpt.Workspace.open(tmp_path / "ws").task("unet").latest()  # a training script resuming
+    assert latest is not None and (latest.number, latest.step) == (5, 98)
 
 
 def test_a_folder_where_the_record_of_a_save_belongs_is_refused_with_a_way_out(tmp_path: Path) -> None:
     seeded(tmp_path)
     (tmp_path / "ws/tasks/unet/.saving.toml").mkdir()
-    with pytest.raises(CkptError, match=r"tasks/unet/.saving.toml cannot be removed") as e:
+    with pytest.raises(CkptError, match=r"tasks/unet/.saving.toml is a folder, where ckpt keeps") as e:
         ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next")
     assert e.value.exit_code == 6 and "mv tasks/unet/.saving.toml" in (e.value.hint or "")
-    repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"))
-    assert [(r.path, r.action.split(":")[0]) for r in repairs] == [("tasks/unet/.saving.toml", "left alone")]
+    for dry_run in (True, False):
+        repairs = doctor(ckpt.Workspace.open(tmp_path / "ws"), dry_run=dry_run)
+        assert [(r.path, r.action.split(":")[0]) for r in repairs] == [("tasks/unet/.saving.toml", "left alone")]
+        assert repairs[0].problem == "a folder where ckpt keeps the record of a save in progress"
     (tmp_path / "ws/tasks/unet/.saving.toml").rmdir()
     assert ckpt.Workspace.open(tmp_path / "ws").task("unet").save(b"next") == 5
 

@@ -88,6 +88,10 @@ def test_a_trashed_number_names_its_entry(any_ws: ckpt.Workspace, run: Any, run_
     assert res.exit_code == 3, res.output
     assert f"task 'unet' has no checkpoint 2 (it has 4): it is in trash entry {entry}" in res.stderr
     assert f"ckpt trash restore {entry}" in res.stderr
+    # the way back names the workspace as the user did
+    where = str(any_ws.root) if not any_ws.remote else any_ws.url
+    res = run("-w", where, "promote", "unet", "2", "--title", "u2")
+    assert f"put it back: ckpt -w {where} trash restore {entry}" in res.stderr, res.stderr
     # a number never given says only what the task has
     res = run("promote", "unet", "9", "--title", "u9")
     assert res.exit_code == 3 and "trash" not in res.stderr, res.output

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -113,7 +114,7 @@ def handle_errors(fn: F) -> F:
             err("terminated")
             raise typer.Exit(128 + e.signum) from None
         except CkptError as e:
-            err(f"error: {_one_line(str(e))}")
+            err(f"error: {_one_line(_naming_the_workspace(e))}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err("interrupted")
@@ -152,6 +153,22 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# the commands a hint may suggest, which then name the workspace as the user did (`ckpt -w WS doctor`)
+_SUGGESTED = re.compile(
+    r"(?<![\w./-])ckpt (?=(doctor|models|trash|trash-unused|verify|list|policy|tasks|import|export|scan|promote|"
+    r"preview|plot|show|finish|latest|du)\b)"
+)
+
+
+def _naming_the_workspace(e: CkptError) -> str:
+    """The error's text, its hint's commands given the `-w` the user gave (else they would act elsewhere)."""
+    if not e.hint or not STATE.workspace:
+        return str(e)
+    import shlex
+
+    return f"{e.message}; {_SUGGESTED.sub(f'ckpt -w {shlex.quote(STATE.workspace)} ', e.hint)}"
 
 
 def _one_line(text: str) -> str:
@@ -260,7 +277,7 @@ def table(
         kind = NUM if name in right or (numbers and rows) else WHOLE if name in whole else TEXT
         kind = ITEMS if name in items else kind
         cols.append(Column(name, ["" if v is None else str(v) for v in values], kind, rank=i))
-    render(cols, title=title)
+    render(cols, title=title, how="a wider terminal shows them (e.g. COLUMNS=200)")  # no --columns or --wide here
 
 
 def is_tty() -> bool:

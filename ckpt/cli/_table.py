@@ -207,8 +207,8 @@ def choose(cols: Sequence[Column], columns: str | None) -> list[Column] | None:
     return picked
 
 
-def left_out_line(left_out: Iterable[Column]) -> str:
-    """`+9 metrics, created; --columns or --wide`: what a narrow terminal left out."""
+def left_out_line(left_out: Iterable[Column], how: str = "--columns or --wide") -> str:
+    """`+9 metrics, created; --columns or --wide`: what a narrow terminal left out, and `how` to see it."""
     counts: dict[str, int] = {}
     for c in left_out:
         counts[c.group] = counts.get(c.group, 0) + 1
@@ -219,7 +219,7 @@ def left_out_line(left_out: Iterable[Column]) -> str:
         elif counts[c.group] > 1:
             parts.append(f"{counts[c.group]} {c.group}")
             counts[c.group] = 0  # named once
-    return f"+{', '.join(parts)}; --columns or --wide"
+    return f"+{', '.join(parts)}; {how}"
 
 
 def _fit_cells(c: Column, w: int) -> list[str]:
@@ -246,9 +246,10 @@ def render(
     wide: bool = False,
     stream: TextIO | None = None,
     note: Callable[[str], None] | None = None,
+    how: str = "--columns or --wide",
 ) -> None:
     """Write the table to `stream` (stdout), fitted to the terminal unless `wide`; `note` (stderr) gets the
-    line that says which columns were left out."""
+    line that says which columns were left out, and `how` to see them (the command's own options)."""
     out = stream if stream is not None else sys.stdout
     chosen = choose(cols, columns)
     for c in cols:
@@ -280,7 +281,7 @@ def render(
         out.write("\n".join(chunk) + "\n")
     if left_out:
         out.flush()
-        (note or _err)(left_out_line(left_out))
+        (note or _err)(left_out_line(left_out, how))
 
 
 def _err(text: str) -> None:
