@@ -46,7 +46,9 @@ def doctor(
     for link in ws.linked_task_folders():
         repairs.append(Repair(ws.rel(Path(str(link.path))), str(link), "left alone: replace the link by its folder"))
     for name in ws.orphan_task_folders():
-        repairs.append(_orphan(ws, name, dry_run, recreate_manifests))
+        orphan = _orphan(ws, name, dry_run, recreate_manifests)
+        if orphan is not None:
+            repairs.append(orphan)
     for name in ws.task_names():
         try:
             task = ws.task(name)
@@ -77,13 +79,16 @@ def doctor(
     return repairs
 
 
-def _orphan(ws: Workspace, name: str, dry_run: bool, recreate: bool) -> Repair:
+def _orphan(ws: Workspace, name: str, dry_run: bool, recreate: bool) -> Repair | None:
     """A task folder without its manifest: reported; with `recreate`, a new manifest makes it a task again
-    (running, no records, numbers after the highest file there), whose files `scan --add` then takes in."""
+    (running, no records, numbers after the highest file there), whose files `scan --add` then takes in.
+    None when it was a creation still running, which has since written its manifest."""
     where, problem = ws.rel(ws.tasks_dir / name), "a task folder without its manifest (task.toml)"
     if ws.remove_unfinished_task(name, dry_run=dry_run):
         problem = "a task folder whose creation stopped before its manifest (nothing in it)"
         return Repair(where, problem, "would remove it" if dry_run else "removed")
+    if name in ws.task_names():  # a creation that was under way (remove_unfinished_task waited for it)
+        return None
     if not recreate:
         return Repair(where, problem, f"left alone: ckpt doctor --recreate-manifests, then ckpt scan {name} --add")
     if dry_run:

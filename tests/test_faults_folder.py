@@ -664,3 +664,31 @@ def test_an_import_interrupted_right_after_a_rename_puts_its_source_back(tmp_pat
     numbered = tmp_path / "ws/tasks/lit/checkpoints"
     assert not numbered.exists() or not list(numbered.iterdir())
     assert len(run_import(ckpt.Workspace.open(tmp_path / "ws"), tmp_path, {}).rows) == 2
+
+
+def test_doctor_says_nothing_of_a_task_whose_creation_is_under_way(tmp_path: Path) -> None:
+    import threading
+
+    seeded(tmp_path)
+    half = tmp_path / "ws/tasks/new"
+    started = threading.Event()
+    done: list[Any] = []
+
+    def doctor_now() -> None:
+        started.set()
+        done.append(doctor(ckpt.Workspace.open(tmp_path / "ws")))
+
+    ckpt.Workspace.open(tmp_path / "ws").create_task("other")  # its manifest, to write as new's
+    manifest = (tmp_path / "ws/tasks/other/task.toml").read_bytes().replace(b'"other"', b'"new"')
+    # a creation holds tasks/.create.lock from its first mkdir to its manifest, as make_task does
+    with locks.locked(tmp_path / "ws/tasks/.create.lock", "task creation"):
+        (half / "checkpoints").mkdir(parents=True)
+        runner = threading.Thread(target=doctor_now)
+        runner.start()
+        started.wait()
+        runner.join(0.5)  # doctor waits for the creation to end before it removes anything
+        assert runner.is_alive()
+        (half / "task.toml").write_bytes(manifest)
+    runner.join(30)
+    assert done and [r.path for r in done[0]] == [], done
+    assert half.is_dir()
