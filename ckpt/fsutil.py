@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 CHUNK = 4 * 1024 * 1024
 
 
+def user_path(path: str | os.PathLike[str]) -> Path:
+    """`path` with a leading `~` or `~user` expanded, as a shell does; left as it is when there is no such user
+    (`~tilde` is then a name, as bash leaves it)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in directory `path` durable."""
     try:

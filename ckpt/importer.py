@@ -168,7 +168,7 @@ def import_path(
     """
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="use --link, --copy or --move")
-    src = Path(path).expanduser()
+    src = fsutil.user_path(path)
     _refuse_link(src)  # before resolving it: a link loop is refused as a link, not a resolve error
     if ws.holds(src):
         raise UsageError(
@@ -371,6 +371,12 @@ def _found_of(u: Unknown, t: Task) -> Found:
     return Found(u.path, name, epoch=epoch, step=step, mtime=_mtime(u.path), size=u.size)
 
 
+def _found(ws: Workspace, path: Path, into: list[Unknown]) -> None:
+    """`path` described into `into`, unless it is gone (a temporary file renamed meanwhile)."""
+    with contextlib.suppress(FileNotFoundError):
+        into.append(_unknown(ws, path))
+
+
 def _unknown(ws: Workspace, path: Path) -> Unknown:
     st = os.stat(path, follow_symlinks=False)
     if path.is_dir() and not path.is_symlink():
@@ -390,7 +396,17 @@ def _unknown(ws: Workspace, path: Path) -> Unknown:
 
 
 def scan_folder(ws: Workspace, t: Task) -> ScanResult:
-    """What a folder task holds that its manifest does not know (a folder's `Task.unknown_files`)."""
+    """What a folder task holds that its manifest does not know (a folder's `Task.unknown_files`). A save or
+    import running meanwhile is no damage: a name gone by the time it is looked at is passed over, and a file
+    recorded by the time the listing is done is known."""
+    result = _scan_folder(ws, t)
+    if result.unknown:  # a save may have recorded it meanwhile (between its rename and its record)
+        known = {cp.file for cp in t.reload().checkpoints.values()}
+        result.unknown = [u for u in result.unknown if u.rel.removeprefix(f"tasks/{t.name}/") not in known]
+    return result
+
+
+def _scan_folder(ws: Workspace, t: Task) -> ScanResult:
     known = {cp.file for cp in t.checkpoints}
     unknown: list[Unknown] = []
     temporary: list[Unknown] = []
@@ -399,7 +415,7 @@ def scan_folder(ws: Workspace, t: Task) -> ScanResult:
     for e in top:
         if e.name in _OWNED or e.name.startswith((PENDING_PREFIX, IMPORT_MARKER_PREFIX, ".lock")):
             continue
-        (temporary if e.name.startswith(".") else unknown).append(_unknown(ws, Path(e.path)))
+        _found(ws, Path(e.path), temporary if e.name.startswith(".") else unknown)
     cdir = t.folder / CHECKPOINT_DIR
     if cdir.is_dir() and not cdir.is_symlink():
         with os.scandir(cdir) as it:
@@ -408,7 +424,7 @@ def scan_folder(ws: Workspace, t: Task) -> ScanResult:
             if f"{CHECKPOINT_DIR}/{e.name}" in known:
                 continue
             if e.name.startswith(".") and (e.name.endswith(".tmp") or e.name.startswith(STAGING_PREFIX)):
-                temporary.append(_unknown(ws, Path(e.path)))
+                _found(ws, Path(e.path), temporary)
             else:
-                unknown.append(_unknown(ws, Path(e.path)))
+                _found(ws, Path(e.path), unknown)
     return ScanResult(t.name, unknown, temporary)

@@ -83,6 +83,7 @@ def plan_promote(
         check_title(title)
     check_task_name(task_name)
     task = ws.task(task_name)
+    task.take_in_save()  # as the real promote's lock does first: a dry run sees what the run will see
     c = choose(ws, task, number, best, mode, title)
     if c.same is not None:
         return c.unchanged()

@@ -365,6 +365,9 @@ class StoreTask(Task):
     def pending_markers(self) -> list[Path]:
         return []
 
+    def finish_save(self, *, dry_run: bool = False) -> Repair | None:
+        return None  # a save's object without a record is doctor's (task_leftovers): it has no record to take in
+
     def _markers(self) -> tuple[list[Path], list[Path], list[Path]]:
         return [], [], []  # no trash, import or save marks in object storage (doctor's leftovers find a save's)
 

@@ -152,7 +152,7 @@ class FolderTask(Task):
             try:
                 pending, importing, saving = self._markers()
                 if saving and settle:
-                    self._finish_save()  # a save killed between its rename and its record: recorded first
+                    self.finish_save()  # a save killed between its rename and its record: recorded first
                 if pending and settle:
                     # an interrupted multi-step change (trash) left a marker: finish or undo it first
                     from .trash import settle_marker
@@ -285,19 +285,10 @@ class FolderTask(Task):
         try:
             tmp, size, digest = fsutil.write_new_file(cdir, "checkpoint" + ext, produce)
         except OSError as e:
-            if (
-                isinstance(e, CkptError)
-                or e.errno not in _DISK_REFUSED
-                or not str(e.filename or cdir).startswith(str(cdir))
-            ):
+            refused = self._refused(e, cdir)
+            if refused is e or isinstance(e, CkptError) or not str(e.filename or cdir).startswith(str(cdir)):
                 raise
-            rel = self.ws.rel(cdir)
-            raise WriteError(
-                f"cannot save to task '{self.name}': {e.strerror} ({rel}); nothing was saved",
-                errno=e.errno,
-                path=cdir,
-                hint="free space (ckpt trash-unused TASK, then ckpt trash empty) and save again",
-            ) from e
+            raise refused from e
         saving = self.folder / SAVING_FILE
         try:
             with self.lock():  # which records a save a kill stopped between its rename and its record, first
@@ -324,8 +315,17 @@ class FolderTask(Task):
                     )
                     target = self.folder / cp.file
                     # the record first, beside the manifest: a kill after the rename leaves what the next save (or
-                    # doctor) needs to record the file (_finish_save). Not fsynced: a killed process's writes stay
-                    fsutil.make_file_new(saving, record_bytes(cp))
+                    # doctor) needs to record the file (finish_save). Not fsynced: a killed process's writes stay
+                    try:
+                        fsutil.make_file_new(saving, record_bytes(cp))
+                    except OSError as e:
+                        if isinstance(e, CkptError):
+                            raise
+                        fsutil.remove_file(saving)  # what a full disk let it write, if anything
+                        refused = self._refused(e, saving)
+                        if refused is e:
+                            raise
+                        raise refused from e
                     try:
                         fsutil.move_noreplace(tmp, target)
                         break
@@ -348,6 +348,20 @@ class FolderTask(Task):
             fsutil.remove_file(tmp)
         return number
 
+    def _refused(self, e: OSError, where: Path) -> OSError:
+        """The error of a save whose bytes the disk would not take: WriteError naming the task (still an OSError),
+        or `e` itself for any other failure."""
+        if e.errno not in _DISK_REFUSED:
+            return e
+        what = {errno.EROFS: "make the file system writable", errno.EFBIG: "raise the file size limit (ulimit -f)"}
+        hint = what.get(e.errno or 0, f"free space (ckpt trash-unused {self.name}, then ckpt trash empty)")
+        return WriteError(
+            f"cannot save to task '{self.name}': {e.strerror} ({self.ws.rel(where)}); nothing was saved",
+            errno=e.errno,
+            path=where,
+            hint=f"{hint} and save again",
+        )
+
     def _append_record(self, cp: Checkpoint, target: Path) -> None:
         """Append the record of `cp`, whose file `target` is in place (caller holds the lock)."""
         data = record_bytes(cp)
@@ -361,7 +375,7 @@ class FolderTask(Task):
         except (CkptError, OSError):
             return True  # unreadable: the file is kept, for doctor
 
-    def _finish_save(self, *, dry_run: bool = False) -> Repair | None:
+    def finish_save(self, *, dry_run: bool = False) -> Repair | None:
         """A save a kill stopped between its rename and its record (caller holds the lock): its file recorded
         from the record it left in SAVING_FILE. A record that does not describe such a file exactly (the save
         landed, never renamed, or the file is anything else: input like any other) is dropped."""
@@ -475,7 +489,7 @@ class FolderTask(Task):
 
         try:
             with self.lock(settle=False):  # the lock would finish the save first, without a word
-                repair = self._finish_save(dry_run=dry_run)
+                repair = self.finish_save(dry_run=dry_run)
         except IntegrityError as e:
             what = "a folder where ckpt keeps the record of a save in progress"
             return [Repair(self.ws.rel(self.folder / SAVING_FILE), what, f"left alone: {e.hint}")], set()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from . import fsutil, hashing
-from .errors import CheckpointNotFound, CkptError, UsageError
+from .errors import BusyError, CheckpointNotFound, CkptError, UsageError
 from .manifest import (
     Checkpoint,
     TaskHeader,
@@ -132,8 +132,8 @@ class Task(ABC):
 
     def latest(self) -> Checkpoint | None:
         """The checkpoint with the highest number, or None: after what an interrupted save, trash or import
-        left is settled (a training run that resumes from it must not start one checkpoint behind)."""
-        self.settle()
+        left is taken in (a training run that resumes from it must not start one checkpoint behind)."""
+        self.take_in_save()
         cps = self.state().checkpoints
         return cps[max(cps)] if cps else None
 
@@ -149,16 +149,30 @@ class Task(ABC):
         when there is.
         """
         pending, importing, saving = self._markers()
-        if not pending and not importing and not saving:
-            return False
-        if not pending and not saving:
+        if importing and not pending:
             from .staging import abandoned
 
             if not abandoned(importing):
-                return False  # imports that are running: theirs to finish
-        with self.lock():
-            pass
-        return True
+                importing = []  # imports that are running: theirs to finish
+        if pending or importing:
+            with self.lock():
+                pass
+            return True
+        return bool(saving) and self.take_in_save()
+
+    def take_in_save(self) -> bool:
+        """Record the file of a save a kill stopped between its rename and its record (see docs/formats.md), as
+        every lock of the task does first; whether one was. What reads, `latest()` and dry runs call: nothing
+        but that record is written. The record may be a save's that is committing now (it holds the lock and
+        is done in a moment): taken in only when the lock is free at once; else, or where the lock cannot be
+        taken at all (a read-only mount, another user's workspace), the records committed are the answer."""
+        if not self._markers()[2]:
+            return False
+        try:
+            with self.lock(timeout=0, settle=False):
+                return self.finish_save() is not None
+        except (BusyError, OSError):
+            return False
 
     @overload
     def save(
@@ -377,6 +391,11 @@ class Task(ABC):
 
     @abstractmethod
     def _markers(self) -> tuple[list[Path], list[Path], list[Path]]: ...
+
+    @abstractmethod
+    def finish_save(self, *, dry_run: bool = False) -> Repair | None:
+        """Record the file of a save a kill stopped between its rename and its record, from what it left
+        (caller holds the lock); what it did, None when there was nothing to do."""
 
     @abstractmethod
     def recover_imports(self, *, dry_run: bool = False) -> list[Repair]: ...

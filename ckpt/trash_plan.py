@@ -151,7 +151,8 @@ def keep_reasons(task: Task, cps: list[Checkpoint], rules: KeepRules, warnings: 
 
 def plan_unused(task: Task, rules: KeepRules, reason: str) -> TrashPlan:
     """Decide, for each checkpoint of `task`, keep or trash and why, from one listing of its files. Changes
-    nothing."""
+    nothing (but a killed save's record, taken in as the real run's lock does first)."""
+    task.take_in_save()
     state = task.state()
     cps = [state.checkpoints[n] for n in sorted(state.checkpoints)]
     warnings: list[str] = []

@@ -92,7 +92,7 @@ class FolderWorkspace(Workspace):
     @staticmethod
     def init_folder(path: str | os.PathLike[str]) -> FolderWorkspace:
         """Create a workspace in folder `path` (which may exist) and open it; an existing one is opened."""
-        root = Path(path).expanduser()
+        root = fsutil.user_path(path)
         if (root / WORKSPACE_FILE).exists():
             return FolderWorkspace.open_folder(root)
         if root.exists() and not root.is_dir():

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from . import fsutil
 from .errors import (
     CkptError,
     ManifestError,
@@ -39,7 +40,7 @@ def find_workspace(explicit: str | os.PathLike[str] | None = None, cwd: Path | N
     """
     chosen = explicit if explicit not in (None, "") else os.environ.get("CKPT_WORKSPACE") or None
     if chosen is not None:
-        root = Path(chosen).expanduser()
+        root = fsutil.user_path(chosen)
         if not (root / WORKSPACE_FILE).is_file():
             raise WorkspaceNotFound(
                 f"'{root}' is not a ckpt workspace (no {WORKSPACE_FILE})",

@@ -198,3 +198,10 @@ def test_short_commands_run_without_the_cyclic_collector(argv: list[str], collec
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == f"{collecting}\n", res.stderr
+
+
+def test_a_tilde_of_no_user_is_a_name_as_in_bash(run: Any, tmp_path: Path) -> None:
+    res = run("init", "~no-such-user-of-ckpt")  # the tests run in tmp_path
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "~no-such-user-of-ckpt" / "ckpt.toml").is_file()
+    assert run("-w", "~no-such-user-of-ckpt", "tasks").exit_code == 0

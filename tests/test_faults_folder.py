@@ -17,6 +17,7 @@ import errno
 import gc
 import hashlib
 import importlib
+import json
 import os
 import pkgutil
 import random
@@ -692,3 +693,94 @@ def test_doctor_says_nothing_of_a_task_whose_creation_is_under_way(tmp_path: Pat
     runner.join(30)
     assert done and [r.path for r in done[0]] == [], done
     assert half.is_dir()
+
+
+def test_reading_a_task_a_killed_save_left_works_where_its_lock_cannot_be_taken(
+    tmp_path: Path, faults: Faults, monkeypatch: pytest.MonkeyPatch, run: Any
+) -> None:
+    _killed_save(tmp_path, faults)
+
+    def read_only(path: object, what: str, timeout: float | None = None) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    with monkeypatch.context() as m:  # a read-only mount, another user's workspace: list what is committed
+        m.setattr(locks, "locked", read_only)
+        m.setenv("CKPT_WORKSPACE", str(tmp_path / "ws"))
+        latest = ckpt.Workspace.open(tmp_path / "ws").task("unet").latest()
+        assert latest is not None and latest.number == 4
+        res = run("list", "unet", "--json")
+        assert res.exit_code == 0 and [r["number"] for r in json.loads(res.stdout)] == [1, 2, 3, 4], res.output
+    assert _last(tmp_path)[0] == 4 and ckpt.Workspace.open(tmp_path / "ws").task("unet").latest().number == 5
+
+
+def test_reading_a_task_does_not_wait_for_a_save_that_is_committing(tmp_path: Path) -> None:
+    import threading
+
+    seeded(tmp_path)
+    task = ckpt.Workspace.open(tmp_path / "ws").task("unet")
+    (task.folder / ".saving.toml").write_bytes(b"")  # as a save leaves it while it commits
+    holding, release = threading.Event(), threading.Event()
+
+    def saver() -> None:
+        with ckpt.Workspace.open(tmp_path / "ws").task("unet").lock(settle=False):
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=saver)
+    thread.start()
+    try:
+        holding.wait(30)
+        other = ckpt.Workspace.open(tmp_path / "ws").task("unet")
+        assert other.settle() is False  # at once: the lock is busy, the committed records are the answer
+        assert [cp.number for cp in other.checkpoints] == [1, 2, 3, 4]
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_dry_runs_after_a_killed_save_plan_what_the_runs_do(tmp_path: Path, faults: Faults) -> None:
+    from ckpt.plans import plan_finish, plan_promote
+    from ckpt.trash import KeepRules
+    from ckpt.trash_plan import plan_unused
+
+    _killed_save(tmp_path, faults)
+    ws = ckpt.Workspace.open(tmp_path / "ws")
+    assert plan_promote(ws, "unet", 5, title="m5", best=None, mode=None).model.checkpoint == 5
+    plan = plan_unused(ws.task("unet"), KeepRules(keep_last=1), "test")
+    assert [d.number for d in plan.decisions if d.action == "keep"] == [5]
+    assert "checkpoint 5" in " ".join(plan_finish(ws, "unet", failed=False, title=None).would)
+
+
+def test_verify_while_a_save_commits_reports_no_unknown_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt import importer
+    from ckpt.verify import verify
+
+    seeded(tmp_path)
+    folder = tmp_path / "ws/tasks/unet"
+    (folder / "checkpoints/.checkpoint.pt.abc.tmp").write_bytes(b"x")  # a save writing, renamed meanwhile
+    real_listing, real_describe = importer._scan_folder, importer._unknown
+
+    def describe(ws: Any, path: Path) -> Any:
+        if path.name.endswith(".tmp"):
+            path.unlink()  # gone between the listing and the look at it
+        return real_describe(ws, path)
+
+    def listing(ws: Any, t: Any) -> Any:
+        (folder / "checkpoints/000005.pt").write_bytes(b"saved")  # renamed into place during the listing
+        found = real_listing(ws, t)
+        saver = ckpt.Workspace.open(tmp_path / "ws").task("unet")  # another process's, as a save has it
+        with saver.lock(settle=False):
+            saver.state()
+            saver._append_record(  # type: ignore[attr-defined]
+                ckpt.manifest.Checkpoint(
+                    number=5, file="checkpoints/000005.pt", size=5, sha256=sha256(b"saved"),
+                    created="2026-12-05T00:00:00Z", task="unet",
+                ),
+                folder / "checkpoints/000005.pt",
+            )  # fmt: skip
+        return found
+
+    monkeypatch.setattr(importer, "_scan_folder", listing)
+    monkeypatch.setattr(importer, "_unknown", describe)
+    result = verify(ckpt.Workspace.open(tmp_path / "ws"), ["unet"])
+    assert result.ok, result.problems

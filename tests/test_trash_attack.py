@@ -265,3 +265,28 @@ def test_a_library_save_on_a_full_disk_is_a_write_error_naming_the_task(
     assert "trash-unused" in (e.value.hint or "")
     assert sorted(p.name for p in (ws.root / "tasks/unet/checkpoints").iterdir()) == ["000001.pt", "000002.pt"]
     assert len(ckpt.Workspace.open(ws.root).task("unet").checkpoints) == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "hint"), [(errno.ENOSPC, "ckpt trash-unused unet"), (errno.EROFS, "make the file system writable")]
+)
+def test_a_full_disk_at_the_record_of_a_save_is_a_write_error_and_leaves_nothing(
+    ws: ckpt.Workspace, monkeypatch: pytest.MonkeyPatch, code: int, hint: str
+) -> None:
+    from ckpt.errors import WriteError
+
+    task = make_task(ws, n=2)
+    real = ckpt.fsutil.make_file_new
+
+    def full(path: Path, data: bytes = b"") -> None:
+        real(path, b"")  # made, then the disk is full
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ckpt.fsutil, "make_file_new", full)
+    with pytest.raises(WriteError) as e:
+        task.save(b"weights")
+    assert "cannot save to task 'unet'" in str(e.value) and hint in (e.value.hint or "")
+    monkeypatch.undo()
+    assert not (ws.root / "tasks/unet/.saving.toml").exists()
+    assert sorted(p.name for p in (ws.root / "tasks/unet/checkpoints").iterdir()) == ["000001.pt", "000002.pt"]
+    assert ckpt.Workspace.open(ws.root).task("unet").save(b"next") == 3
