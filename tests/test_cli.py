@@ -205,3 +205,17 @@ def test_a_tilde_of_no_user_is_a_name_as_in_bash(run: Any, tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     assert (tmp_path / "~no-such-user-of-ckpt" / "ckpt.toml").is_file()
     assert run("-w", "~no-such-user-of-ckpt", "tasks").exit_code == 0
+
+
+def test_the_commands_doctor_and_scan_suggest_name_the_workspace_as_given(run: Any, tmp_path: Path) -> None:
+    ws = ckpt.Workspace.init(tmp_path / "my ws")
+    make_task(ws, n=2)
+    (ws.root / "tasks/lost/checkpoints").mkdir(parents=True)
+    (ws.root / "tasks/lost/checkpoints/000001.pt").write_bytes(b"w")
+    (ws.root / "tasks/unet/checkpoints/stray.pt").write_bytes(b"s")
+    res = run("-w", str(ws.root), "doctor", "--dry-run")
+    assert f"ckpt -w '{ws.root}' doctor --recreate-manifests" in res.stdout.replace("\n", " "), res.output
+    res = run("-w", str(ws.root), "scan", "unet")
+    assert f"add them with: ckpt -w '{ws.root}' scan unet --add" in res.stderr, res.output
+    res = run("-w", str(ws.root), "tasks")
+    assert f"see: ckpt -w '{ws.root}' doctor" in res.stderr, res.output

@@ -131,7 +131,8 @@ def handle_errors(fn: F) -> F:
                 err(f"error: cannot write the output: {e.strerror or e} (stdout); the command's work is done")
                 raise typer.Exit(1) from None
             where = f": '{e.filename}'" if e.filename else ""
-            err(f"error: {e.strerror or e}{where}; check that path, and run `ckpt doctor` to see what is out of place")
+            doctor = again("doctor")
+            err(f"error: {e.strerror or e}{where}; check that path, and run `{doctor}` to see what is out of place")
             raise typer.Exit(1) from None
         except Exception as e:  # a bug: still one line, the traceback only on request
             if os.environ.get("CKPT_DEBUG"):
@@ -164,11 +165,16 @@ _SUGGESTED = re.compile(
 
 def _naming_the_workspace(e: CkptError) -> str:
     """The error's text, its hint's commands given the `-w` the user gave (else they would act elsewhere)."""
-    if not e.hint or not STATE.workspace:
-        return str(e)
+    return f"{e.message}; {naming_the_workspace(e.hint)}" if e.hint else str(e)
+
+
+def naming_the_workspace(text: str) -> str:
+    """`text` (a hint, a repair's action) with the ckpt commands it suggests given the `-w` the user gave."""
+    if not STATE.workspace:
+        return text
     import shlex
 
-    return f"{e.message}; {_SUGGESTED.sub(f'ckpt -w {shlex.quote(STATE.workspace)} ', e.hint)}"
+    return _SUGGESTED.sub(f"ckpt -w {shlex.quote(STATE.workspace)} ", text)
 
 
 def _one_line(text: str) -> str:

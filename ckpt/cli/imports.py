@@ -13,6 +13,7 @@ from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
+    again,
     command,
     console,
     err,
@@ -201,7 +202,7 @@ def scan(
     if not res.unknown and not res.added:
         err(f"task '{task}': every file is known to the manifest")
     elif res.unknown and not add and any(u.addable for u in res.unknown):
-        err(f"add them with: ckpt scan {task} --add")
+        err(f"add them with: {again('scan', task, '--add')}")
 
 
 @command(app, "verify")

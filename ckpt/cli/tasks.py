@@ -10,6 +10,7 @@ from ._app import app
 from ._common import (
     DryRunOpt,
     JsonOpt,
+    again,
     command,
     err,
     fmt_metric,
@@ -83,7 +84,7 @@ def tasks_list(
     check_view(json, columns, wide)
     ws = open_workspace()
     for name in ws.orphan_task_folders():
-        err(f"warning: tasks/{name} has no task.toml, so it is no task; see: ckpt doctor")
+        err(f"warning: tasks/{name} has no task.toml, so it is no task; see: {again('doctor')}")
     if json and not json_to_terminal():
         # a script's listing: each task's row is kept as text while its manifest is unchanged
         texts, errors = ws.tasks_rendered(TASKS_FORM, task_text)

@@ -20,6 +20,7 @@ from ._common import (
     direction_json,
     err,
     human_size,
+    naming_the_workspace,
     open_workspace,
     out,
     plural,
@@ -537,4 +538,4 @@ def doctor(
     if not repairs:
         out("nothing to repair")
         return
-    table(["path", "problem", "action"], [[r.path, r.problem, r.action] for r in repairs])
+    table(["path", "problem", "action"], [[r.path, r.problem, naming_the_workspace(r.action)] for r in repairs])
