@@ -187,7 +187,9 @@ def import_path(
     created = False
     try:
         t = ws.task(name)
-        if not dry_run and t.settle():
+        if dry_run:
+            t.take_in_save()  # as the import's lock will: the numbers it plans are the ones it gives
+        elif t.settle():
             # a killed import's staged files went back to their sources just now: what to import is read again
             fmt, found, skipped = plan(src, fmt, progress)
             modes = found_modes(found)
@@ -310,6 +312,8 @@ def scan(ws: Workspace, task_name: str, *, add: bool = False) -> ScanResult:
     t = ws.task(task_name)
     if add:
         t.settle()  # what a killed import or scan --add staged goes back first, so that this run sees it
+    else:
+        t.take_in_save()  # as reads do: a killed save's file is its checkpoint, not a file to add
     result = ScanResult(t.name, *t.unknown_files())
     if add:
         candidates = [u for u in result.unknown if u.addable]
@@ -380,16 +384,16 @@ def _found(ws: Workspace, path: Path, into: list[Unknown]) -> None:
 def _unknown(ws: Workspace, path: Path) -> Unknown:
     st = os.stat(path, follow_symlinks=False)
     if path.is_dir() and not path.is_symlink():
+        size = 0
         try:
-            files = fsutil.tree_files(path)
-            size = sum(s for _, s in files)
+            size = sum(s for _, s in fsutil.tree_files(path))
             from .formats import weights_file
 
             if folder_kind(path) is None:
                 weights_file(path)
             addable = True
         except CkptError:
-            size, addable = 0, False
+            addable = False  # its size stays what could be counted
         return Unknown(path, ws.rel(path), "dir", size, _iso(st.st_mtime), addable)
     addable = path.suffix in FILE_SUFFIXES and not path.is_symlink() and not path.name.startswith(".")
     return Unknown(path, ws.rel(path), "file", st.st_size, _iso(st.st_mtime), addable)

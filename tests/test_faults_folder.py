@@ -784,3 +784,24 @@ def test_verify_while_a_save_commits_reports_no_unknown_file(tmp_path: Path, mon
     monkeypatch.setattr(importer, "_unknown", describe)
     result = verify(ckpt.Workspace.open(tmp_path / "ws"), ["unet"])
     assert result.ok, result.problems
+
+
+def test_scan_and_an_import_dry_run_after_a_killed_save_see_it_recorded(tmp_path: Path, faults: Faults) -> None:
+    _killed_save(tmp_path, faults)
+    assert scan(ckpt.Workspace.open(tmp_path / "ws"), "unet").unknown == []  # its checkpoint, not a stray file
+    assert _last(tmp_path)[0] == 5
+    _killed_save(tmp_path / "again", faults)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "epoch=9.pt").write_bytes(b"imported")
+    plan = import_path(ckpt.Workspace.open(tmp_path / "again/ws"), tmp_path / "run", task="unet", dry_run=True)
+    assert len(plan.rows) == 1
+    assert _last(tmp_path / "again")[0] == 5  # taken in, as the import's lock would: the plan is the import's
+
+
+def test_an_unknown_folder_shows_its_size_even_when_it_cannot_be_added(tmp_path: Path) -> None:
+    seeded(tmp_path)
+    stray = tmp_path / "ws/tasks/unet/checkpoints/notes"
+    stray.mkdir()
+    (stray / "a.txt").write_bytes(b"x" * 300)
+    (found,) = scan(ckpt.Workspace.open(tmp_path / "ws"), "unet").unknown
+    assert (found.kind, found.size, found.addable) == ("dir", 300, False)

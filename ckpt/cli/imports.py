@@ -114,7 +114,7 @@ def import_(
         )
         return
     table(
-        ["#", "original name", "step", "epoch", "metrics", "size", "", "note"],
+        ["#", "original name", "step", "epoch", "metrics", "size", "action", "note"],
         [
             [
                 r.number,
