@@ -421,7 +421,7 @@ class FolderTask(Task):
             data = fsutil.read_own(saving)
             (cp,) = records_in(parse_toml(data, saving), saving, self.name).values()
         except (CkptError, OSError, ValueError):
-            return None, "cannot be read (cut short, or damaged)"
+            return None, None  # cut short: the save was killed while it wrote this, before its rename
         state = self.state()
         if cp.number <= state.max_number:
             return None, None  # it landed
